@@ -1,0 +1,75 @@
+// Index math for Swin's shifted windows, shared by the CPU (.cpp) and CUDA (.cu / .cuh) kernels.
+//
+// Conventions (timm SwinTransformerBlock._attn): the image is (B, H, W, C) in NHWC order. The block rolls it by
+// (-shift_h, -shift_w), pads the bottom/right to (Hp, Wp) = multiples of the window, and partitions into windows
+// of wh x ww tokens, window-major then row-major inside a window:
+//   window w = (b * nWh + wy) * nWw + wx,  token t = iy * ww + ix,
+//   shifted-padded coordinate (r, s) = (wy * wh + iy, wx * ww + ix).
+// A padded position (r >= H or s >= W) has no source token. A real one reads the original token
+//   (y, x) = ((r + shift_h) mod H, (s + shift_w) mod W),
+// and the inverse maps an original (y, x) to (r, s) = ((y - shift_h) mod H, (x - shift_w) mod W).
+//
+// Needs only a C++ compiler (or nvcc): no torch and no CUDA runtime headers.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define VK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define VK_HOST_DEVICE inline
+#endif
+
+namespace vitkernels {
+
+struct WindowGeometry {
+  int64_t B, H, W;             // image
+  int64_t wh, ww;              // window
+  int64_t shift_h, shift_w;    // cyclic shift, 0 <= shift < window
+  int64_t Hp, Wp;              // padded image: multiples of the window
+  int64_t nWh, nWw;            // windows per column / row
+
+  VK_HOST_DEVICE static WindowGeometry make(int64_t B, int64_t H, int64_t W, int64_t wh, int64_t ww,
+                                            int64_t shift_h, int64_t shift_w) {
+    WindowGeometry g;
+    g.B = B; g.H = H; g.W = W; g.wh = wh; g.ww = ww; g.shift_h = shift_h; g.shift_w = shift_w;
+    g.nWh = (H + wh - 1) / wh;
+    g.nWw = (W + ww - 1) / ww;
+    g.Hp = g.nWh * wh;
+    g.Wp = g.nWw * ww;
+    return g;
+  }
+
+  VK_HOST_DEVICE int64_t tokens_per_window() const { return wh * ww; }
+  VK_HOST_DEVICE int64_t windows_per_image() const { return nWh * nWw; }
+  VK_HOST_DEVICE int64_t num_window_rows() const { return B * nWh * nWw * wh * ww; }  // = B * Hp * Wp
+
+  // Row `row` of the (B * nW * N) partitioned rows -> flat source token b*H*W + y*W + x, or -1 for padding.
+  VK_HOST_DEVICE int64_t source_token(int64_t row) const {
+    const int64_t N = wh * ww;
+    const int64_t t = row % N;
+    const int64_t w = row / N;
+    const int64_t wx = w % nWw;
+    const int64_t wy = (w / nWw) % nWh;
+    const int64_t b = w / (nWw * nWh);
+    const int64_t r = wy * wh + t / ww;
+    const int64_t s = wx * ww + t % ww;
+    if (r >= H || s >= W) return -1;
+    int64_t y = r + shift_h; if (y >= H) y -= H;
+    int64_t x = s + shift_w; if (x >= W) x -= W;
+    return (b * H + y) * W + x;
+  }
+
+  // Flat original token b*H*W + y*W + x -> its row among the partitioned rows.
+  VK_HOST_DEVICE int64_t window_row(int64_t token) const {
+    const int64_t x = token % W;
+    const int64_t y = (token / W) % H;
+    const int64_t b = token / (W * H);
+    int64_t r = y - shift_h; if (r < 0) r += H;
+    int64_t s = x - shift_w; if (s < 0) s += W;
+    const int64_t w = (b * nWh + r / wh) * nWw + s / ww;
+    return w * (wh * ww) + (r % wh) * ww + (s % ww);
+  }
+};
+
+}  // namespace vitkernels

@@ -1,0 +1,51 @@
+// Schemas of every op in vitkernels._C. Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake (meta) implementations and autograd are registered from Python in vitkernels/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+// `import vitkernels._C` loads this shared library, which runs the registrations below; the module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "vitkernels C++/CUDA ops: see torch.ops.vitkernels", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace vitkernels {
+
+// Semicolon-separated key=value pairs describing the build, read by vitkernels.info.
+std::string build_info() {
+  std::string info;
+#ifdef VITKERNELS_WITH_CUDA
+  info += "cuda=1;";
+#else
+  info += "cuda=0;";
+#endif
+#ifdef _OPENMP
+  info += "openmp=" + std::to_string(_OPENMP) + ";";
+#else
+  info += "openmp=0;";
+#endif
+#if defined(__clang__)
+  info += "compiler=clang " __clang_version__ ";";
+#elif defined(__GNUC__)
+  info += "compiler=gcc " __VERSION__ ";";
+#endif
+#ifdef VITKERNELS_CUDA_ARCH_LIST
+  info += "cuda_arch=" VITKERNELS_CUDA_ARCH_LIST ";";
+#endif
+  return info;
+}
+
+}  // namespace vitkernels
+
+TORCH_LIBRARY(vitkernels, m) {
+  m.def("build_info() -> str", &vitkernels::build_info);
+
+  // x (B, H, W, C) -> windows (B * nWh * nWw, wh * ww, C): roll by -shift, zero-pad to whole windows, partition.
+  m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
+  // windows (B * nWh * nWw, wh * ww, C) -> (B, height, width, C): the inverse (crop padding, roll by +shift).
+  m.def("window_reverse(Tensor windows, int height, int width, int[2] window_size, int[2] shift_size) -> Tensor");
+}

@@ -1,0 +1,112 @@
+"""Build and install vitkernels, with the C++/CUDA extension ``vitkernels._C``.
+
+Install torch first, then build without build isolation (an isolated build would download its own torch)::
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+
+Environment switches:
+    VITKERNELS_SKIP_EXT=1     build no extension (the reference and Triton backends still work)
+    VITKERNELS_CUDA=1 / 0     force / skip the CUDA sources (default: built when torch is a CUDA build and
+                              a CUDA toolkit is found)
+    VITKERNELS_CUDA_ARCH      CUDA architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)
+    MAX_JOBS                  parallel compile jobs (read by torch's ninja build)
+    VITKERNELS_DEBUG=1        -O0 -g
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_sources():
+    """The extension's sources from csrc/SOURCES: (cpu, cuda) lists of paths relative to the repository root."""
+    sources = {"cpu": [], "cuda": []}
+    with open(os.path.join(ROOT, "csrc", "SOURCES")) as f:
+        for raw in f:
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            kind, path = (part.strip() for part in line.split(":", 1))
+            if kind not in sources:
+                raise ValueError(f"csrc/SOURCES: unknown kind {kind!r} in line {raw!r}")
+            sources[kind].append(os.path.join("csrc", path))
+    return sources["cpu"], sources["cuda"]
+
+
+def env_switch(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+
+
+def extension_modules():
+    if env_switch("VITKERNELS_SKIP_EXT"):
+        print("vitkernels: VITKERNELS_SKIP_EXT=1, not building vitkernels._C", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("vitkernels: torch is not installed in the build environment, not building vitkernels._C "
+              "(install torch first and use --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    cpu_sources, cuda_sources = read_sources()
+    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    want_cuda = env_switch("VITKERNELS_CUDA")
+    if want_cuda and not cuda_possible:
+        raise RuntimeError(
+            "VITKERNELS_CUDA=1 but CUDA sources cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}")
+    with_cuda = cuda_possible if want_cuda is None else want_cuda
+    arch = os.environ.get("VITKERNELS_CUDA_ARCH")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+
+    debug = bool(env_switch("VITKERNELS_DEBUG"))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    nvcc_flags = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    macros = []
+    if with_cuda:
+        macros.append(("VITKERNELS_WITH_CUDA", None))
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            macros.append(("VITKERNELS_CUDA_ARCH_LIST", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'))
+    extension = (CUDAExtension if with_cuda else CppExtension)(
+        name="vitkernels._C",
+        sources=cpu_sources + (cuda_sources if with_cuda else []),
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    print(f"vitkernels: building vitkernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'})", file=sys.stderr)
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="vitkernels",
+    version="0.1.0",
+    description="Fused Triton / C++ / CUDA kernels for Vision Transformers (ViT, DeiT, Swin, DINO, MAE, MSN)",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vitkernels", "vitkernels.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,44 @@
+"""Test session setup.
+
+* With no CUDA device, Triton kernels run on CPU tensors under the Triton interpreter: ``TRITON_INTERPRET=1`` must be
+  set before triton is first imported, so it is set here, before anything imports vitkernels.
+* timm imports torchvision, whose PyPI wheel does not import beside a CPU build of torch; when the real torchvision
+  is unusable, ``tests/stubs`` provides an import-only stand-in so that timm's Swin / ViT / DeiT can be compared.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_STUBS = os.path.join(os.path.dirname(__file__), "stubs")
+
+
+def _ensure_torchvision_importable() -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.path.insert(0, _STUBS)
+
+
+_ensure_torchvision_importable()
+
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,1 @@
+"""Interoperability with timm and the official repositories' checkpoints."""
