@@ -6,15 +6,29 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 """
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
+from vitkernels.modules.swin import (
+    PatchMerging,
+    SwinBlock,
+    SwinTransformerBlock,
+    SwinTransformerStage,
+    WindowAttention,
+)
+from vitkernels.ops.window_attention import window_attention
 from vitkernels.ops.window_partition import window_partition, window_reverse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "PatchMerging",
+    "SwinBlock",
+    "SwinTransformerBlock",
+    "SwinTransformerStage",
+    "WindowAttention",
     "dispatch",
     "ops",
     "reference",
+    "window_attention",
     "window_partition",
     "window_reverse",
 ]

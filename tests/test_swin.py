@@ -1,0 +1,134 @@
+"""Swin modules (reference and fast) against timm: constructor, state dict, buffers, outputs and gradients."""
+import pytest
+import torch
+
+import vitkernels
+from vitkernels.reference import swin as reference
+
+from helpers import import_timm
+
+pytestmark = pytest.mark.timm
+
+BLOCK_CASES = [  # (input_resolution, window, shift, always_partition)
+    ((14, 14), 7, 3, False),
+    ((9, 10), 7, 3, False),     # padding
+    ((14, 7), 7, 3, False),     # W <= window: shift clamped to 0 on that axis only
+    ((5, 6), 7, 3, False),      # window clamped to the resolution, no shift
+    ((9, 10), 7, 3, True),      # always_partition keeps the window and shift, pads
+    ((10, 13), (3, 4), (1, 2), False),
+]
+IMPLS = {"reference": reference.SwinTransformerBlock, "fast": vitkernels.SwinBlock}
+
+
+def timm_block(*args, **kwargs):
+    import_timm()
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    return SwinTransformerBlock(*args, **kwargs)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[f"{c[0]}w{c[1]}s{c[2]}{'A' if c[3] else ''}" for c in BLOCK_CASES])
+def test_block_matches_timm(impl, case):
+    res, window, shift, always = case
+    kwargs = dict(dim=24, input_resolution=res, num_heads=3, window_size=window, shift_size=shift,
+                  always_partition=always)
+    theirs = timm_block(**kwargs).double()
+    ours = IMPLS[impl](**kwargs).double()
+    assert ours.window_size == theirs.window_size and ours.shift_size == theirs.shift_size
+    # same keys, same shapes, both directions; non-persistent buffers stay out of the state dict
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert "attn.relative_position_index" not in ours.state_dict() and "attn_mask" not in ours.state_dict()
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(ours.attn.relative_position_index, theirs.attn.relative_position_index)
+    if theirs.attn_mask is None:
+        assert ours.attn_mask is None
+    else:
+        assert torch.equal(ours.attn_mask, theirs.attn_mask)
+
+    x = torch.randn(2, *res, 24, dtype=torch.float64)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-9, atol=1e-9)
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_block_matches_timm_sdpa_path_float32(impl):
+    theirs = timm_block(32, (14, 14), 4, window_size=7, shift_size=3)
+    theirs.attn.fused_attn = True  # timm's scaled_dot_product_attention path
+    ours = IMPLS[impl](32, (14, 14), 4, window_size=7, shift_size=3)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 14, 14, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_window_attention_module_matches_timm(impl):
+    import_timm()
+    from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+
+    cls = reference.WindowAttention if impl == "reference" else vitkernels.WindowAttention
+    theirs = TimmWindowAttention(24, 3, window_size=(3, 4)).double()
+    ours = cls(24, 3, window_size=(3, 4)).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 12, 24, dtype=torch.float64)
+    mask = torch.where(torch.rand(3, 12, 12) > 0.5, 0.0, -100.0).double()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours(x, mask), theirs(x, mask), rtol=1e-10, atol=1e-10)
+
+
+def test_patch_merging_matches_timm():
+    import_timm()
+    from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
+
+    theirs = TimmPatchMerging(8, out_dim=12).double()
+    ours = vitkernels.PatchMerging(8, out_dim=12).double()
+    ours.load_state_dict(theirs.state_dict())
+    for shape in [(2, 6, 8, 8), (1, 7, 5, 8)]:  # odd sizes are padded
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [reference.SwinTransformerStage, vitkernels.SwinTransformerStage])
+def test_stage_matches_timm(cls):
+    import_timm()
+    from timm.models.swin_transformer import SwinTransformerStage as TimmStage
+
+    kwargs = dict(dim=16, out_dim=32, input_resolution=(18, 20), depth=2, downsample=True, num_heads=2,
+                  window_size=7, drop_path=[0.0, 0.1])
+    theirs, ours = TimmStage(**kwargs).double().eval(), cls(**kwargs).double().eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 18, 20, 16, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fast_block_backend_attribute_reaches_the_op():
+    block = vitkernels.SwinBlock(16, (14, 14), 2, window_size=7, shift_size=3, backend="reference")
+    assert block.attn.backend == "reference"
+    block.backend = "triton"
+    assert block.attn.backend == "triton"
+    if vitkernels.ops.window_attention.op.reasons(vitkernels.dispatch.Call(torch.device("cpu"), torch.float32))["triton"]:
+        with pytest.raises(vitkernels.BackendUnavailableError, match="window_attention"):
+            block(torch.randn(1, 14, 14, 16))
+
+
+def test_attention_dropout_in_training_takes_the_reference_path():
+    torch.manual_seed(0)
+    ours = vitkernels.SwinBlock(16, (14, 14), 2, window_size=7, shift_size=3, attn_drop=0.5).train()
+    ref = reference.SwinTransformerBlock(16, (14, 14), 2, window_size=7, shift_size=3, attn_drop=0.5).train()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 14, 14, 16)
+    torch.manual_seed(1)
+    a = ours(x)
+    torch.manual_seed(1)
+    b = ref(x)
+    torch.testing.assert_close(a, b)

@@ -1,0 +1,96 @@
+"""Fast Swin modules: drop-in replacements for timm's ``SwinTransformerBlock``, ``WindowAttention``,
+``SwinTransformerStage`` (same constructor, state-dict keys and numbers) whose attention runs through
+:func:`vitkernels.ops.window_attention.window_attention`.
+
+The block's attention branch becomes ``proj(window_attention(qkv(LN(x))))`` with the qkv Linear applied in the original
+token order, so the fused backends never materialise the rolled, padded or partitioned image, the bias or the mask.
+Each module takes an extra keyword ``backend`` (default ``None``: ``$VITKERNELS_BACKEND`` or ``auto``), also settable
+later as the attribute ``module.backend``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vitkernels.ops.window_attention import window_attention
+from vitkernels.reference import swin as reference
+
+
+class WindowAttention(reference.WindowAttention):
+    """Drop-in for timm ``WindowAttention``: input (B_, N, C) windows, optional (nW, N, N) mask, output (B_, N, C).
+
+    Without a mask each window is attended by the fused op (a window is a one-window image with no shift).
+    An explicit mask, or attention dropout while training, takes the reference path, which supports both.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is not None or (self.training and self.attn_drop.p > 0.0):
+            return super().forward(x, mask)
+        B_, N, _ = x.shape
+        wh, ww = self.window_size
+        qkv = self.qkv(x).view(B_, wh, ww, -1)
+        out = window_attention(
+            qkv, self.relative_position_bias_table, self.window_size, 0, self.num_heads, self.scale,
+            self.qkv.bias, backend=self.backend,
+        )
+        return self.proj_drop(self.proj(out.view(B_, N, -1)))
+
+
+class SwinTransformerBlock(reference.SwinTransformerBlock):
+    """Drop-in for timm ``SwinTransformerBlock`` (input/output (B, H, W, C)) with fused shifted-window attention."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        self._backend = backend
+        super().__init__(*args, **kwargs)
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = value
+        self.attn.backend = value
+
+    def _make_attention(self, dim, **kwargs) -> nn.Module:
+        return WindowAttention(dim, backend=self._backend, **kwargs)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        if self.training and attn.attn_drop.p > 0.0:
+            return super()._attn(x)  # attention dropout: not fused
+        out = window_attention(
+            attn.qkv(x), attn.relative_position_bias_table, self.window_size, self.shift_size, attn.num_heads,
+            attn.scale, attn.qkv.bias, backend=self._backend,
+        )
+        return attn.proj_drop(attn.proj(out))
+
+
+SwinBlock = SwinTransformerBlock
+PatchMerging = reference.PatchMerging
+
+
+class SwinTransformerStage(reference.SwinTransformerStage):
+    """Drop-in for timm ``SwinTransformerStage`` built from fast :class:`SwinTransformerBlock` s."""
+
+    block_cls = SwinTransformerBlock
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = value
+        for block in self.blocks:
+            block.backend = value
