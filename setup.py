@@ -104,7 +104,10 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+        # Tests and benchmarks. timm is installed separately with --no-deps (its torchvision requirement would
+        # replace a CPU torch by a CUDA build); these are the packages it needs for its Swin / ViT / DeiT code.
+        "dev": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib",
+                "pillow", "pyyaml", "huggingface_hub", "safetensors"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,117 @@
+"""The backend dispatcher: selection order, explicit requests, the environment variable, reasons, info and demo."""
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import dispatch
+
+CPU = torch.device("cpu")
+
+
+def make_op(**availability):
+    """A throwaway op whose backends return their own name; availability maps backend -> reason or None."""
+    op = dispatch.Op("toy")
+    for backend, reason in availability.items():
+        op.register(backend, lambda call, r=reason: r)(lambda backend=backend: backend)
+    return op
+
+
+def test_auto_prefers_native_then_reference_on_cpu():
+    op = make_op(triton=None, native=None, reference=None)
+    assert op.select(dispatch.Call(CPU, torch.float32))() == "native"
+    op = make_op(triton=None, native="not built", reference=None)
+    assert op.select(dispatch.Call(CPU, torch.float32))() == "reference"
+
+
+def test_auto_prefers_triton_on_cuda():
+    op = make_op(triton=None, native=None, reference=None)
+    assert op.select(dispatch.Call(torch.device("cuda"), torch.bfloat16))() == "triton"
+    op = make_op(triton="too big", native=None, reference=None)
+    assert op.select(dispatch.Call(torch.device("cuda"), torch.bfloat16))() == "native"
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    op = make_op(triton=None, reference=None)
+    assert op.select(dispatch.Call(CPU, torch.float32))() == "reference"
+    choice, reasons = op.auto_choice(dispatch.Call(CPU, torch.float32))
+    assert choice == "reference" and "interpreter" in reasons["triton"]
+
+
+def test_explicit_backend_and_its_reason():
+    op = make_op(triton="head_dim 300 > 256", reference=None)
+    assert op.select(dispatch.Call(CPU, torch.float32), "reference")() == "reference"
+    with pytest.raises(dispatch.BackendUnavailableError, match="head_dim 300 > 256"):
+        op.select(dispatch.Call(CPU, torch.float32), "triton")
+    op.mark_missing("native", "not written yet")
+    with pytest.raises(dispatch.BackendUnavailableError, match="not written yet"):
+        op.select(dispatch.Call(CPU, torch.float32), "native")
+
+
+def test_no_backend_lists_every_reason():
+    op = make_op(native="no CPU kernel", reference="float8 unsupported")
+    with pytest.raises(dispatch.BackendUnavailableError) as info:
+        op.select(dispatch.Call(CPU, torch.float32))
+    assert "no CPU kernel" in str(info.value) and "float8 unsupported" in str(info.value)
+
+
+def test_environment_variable(monkeypatch):
+    op = make_op(native=None, reference=None)
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "reference")
+    assert op.select(dispatch.Call(CPU, torch.float32))() == "reference"
+    assert op.select(dispatch.Call(CPU, torch.float32), "native")() == "native"  # the argument wins
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match="VITKERNELS_BACKEND must be one of"):
+        op.select(dispatch.Call(CPU, torch.float32))
+
+
+def test_environment_variable_reaches_real_ops(monkeypatch):
+    x = torch.randn(1, 7, 7, 2)
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "triton")
+    if vitkernels.triton.triton_unavailable_reason(CPU) is not None:
+        with pytest.raises(dispatch.BackendUnavailableError, match="triton"):
+            vitkernels.window_partition(x, 7, 3)
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "reference")
+    assert torch.equal(vitkernels.window_partition(x, 7, 3), vitkernels.window_partition(x, 7, 3, backend="native")
+                       if vitkernels._native.is_loaded() else vitkernels.window_partition(x, 7, 3))
+
+
+def test_support_checks():
+    call = dispatch.Call(CPU, torch.float64)
+    assert dispatch.dtypes_check(torch.float32)(call) == "dtype float64 not supported (supports float32)"
+    assert dispatch.dtypes_check(torch.float64)(call) is None
+    assert "cuda" in dispatch.devices_check("cuda")(call)
+
+
+def test_every_registered_op_has_a_reference_backend():
+    for name, op in dispatch.REGISTRY.items():
+        assert op.reasons(dispatch.Call(CPU, torch.float32))["reference"] is None, name
+
+
+def test_info_report_lists_versions_and_every_op():
+    from vitkernels import info
+
+    text = info.report()
+    assert f"torch                 : {torch.__version__}" in text
+    for name in dispatch.REGISTRY:
+        assert f"\n{name}" in text
+    assert "auto ->" in text
+
+
+def test_info_main_runs_as_module():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vitkernels.info"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "window_attention" in proc.stdout and "auto ->" in proc.stdout
+
+
+def test_demo_runs_every_backend_and_agrees():
+    from vitkernels import demo
+
+    text = demo.run(["--batch", "1", "--size", "9", "--dim", "16", "--heads", "2", "--window", "7", "--repeats", "1"])
+    rows = {line.split()[0]: line for line in text.splitlines()[-6:]}
+    assert set(rows) >= {"auto", "triton", "native", "reference"}
+    for name in ("auto", "reference"):
+        out_err, dx_err = (float(v) for v in rows[name].split()[2:4])
+        assert out_err < 1e-4 and dx_err < 1e-4, rows[name]
