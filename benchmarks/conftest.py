@@ -5,7 +5,10 @@
   lists every peer of a shape side by side; ``benchmark.extra_info`` carries ``peer``, ``bytes`` (the op's
   bandwidth floor: what must be read and written at least once), ``flops`` where meaningful, ``device``, and
   ``gbps`` / ``tflops`` computed from the measured median (see :func:`record`).
-* A peer that cannot run here (not installed, no CPU kernels, no GPU) is skipped with the reason, never dropped.
+* A peer that cannot run here (not installed, no CPU kernels, no GPU) is skipped with the reason, never dropped:
+  skipped benchmarks are written into the ``--benchmark-json`` file under ``"skipped"`` (group, peer, reason), and
+  ``machine_info["vitkernels"]`` records the device, versions and the device's measured copy bandwidth, so
+  ``benchmarks/report.py`` can show every peer and the fraction of the bandwidth floor achieved.
 """
 import os
 import sys
@@ -88,3 +91,84 @@ def compiled_or_skip(fn, **kwargs):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+# --- recording: device copy bandwidth, versions, skipped peers ----------------------------------------------------
+
+_SKIPPED = []
+_COPY_GBPS = None
+
+
+def copy_bandwidth_gbps() -> float:
+    """The device's achievable memory bandwidth, measured as a large tensor copy (read + write), in GB/s.
+
+    The "% of bandwidth floor" in reports is an op's bytes-at-least-once / time, divided by this.
+    """
+    global _COPY_GBPS
+    if _COPY_GBPS is None:
+        import time
+
+        n = (256 if DEVICE.type == "cuda" else 64) * 2**20 // 4
+        src = torch.randn(n, device=DEVICE)
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(5):
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        _COPY_GBPS = 2 * n * 4 / best / 1e9
+    return _COPY_GBPS
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import platform
+
+    info = {
+        "device": DEVICE_NAME,
+        "device_type": DEVICE.type,
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "copy_gbps": round(copy_bandwidth_gbps(), 1),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    machine_info["vitkernels"] = info
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "benchmark" in getattr(item, "funcargs", {}):
+        bench = item.funcargs["benchmark"]
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append({
+            "nodeid": item.nodeid,
+            "group": getattr(bench, "group", None),
+            "peer": _peer_name(item, bench),
+            "reason": reason.replace("Skipped: ", "", 1),
+        })
+
+
+def _peer_name(item, bench):
+    """The skipped peer's name: extra_info["peer"] if the test set it, else its "peer" parameter, else the test id."""
+    peer = getattr(bench, "extra_info", {}).get("peer")
+    callspec = getattr(item, "callspec", None)
+    if peer is None and callspec is not None:
+        peer = callspec.params.get("peer")
+        peer = peer if isinstance(peer, str) else callspec.id
+    return peer
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = list(_SKIPPED)
