@@ -4,4 +4,4 @@ One file per op, named like the op; importing it registers its implementations w
 functions are re-exported from the top-level package (``vitkernels.window_partition``); this package does not
 re-export them, so that ``vitkernels.ops.window_partition`` stays the module.
 """
-from vitkernels.ops import window_partition  # noqa: F401  (registers the op)
+from vitkernels.ops import patch_embed, window_partition  # noqa: F401  (registers the ops)
