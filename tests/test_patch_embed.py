@@ -399,3 +399,274 @@ def test_backend_names():
         vitkernels.patch_embed(**args, backend="native")
     with pytest.raises(ValueError, match="backend"):
         vitkernels.patch_embed(**args, backend="cuda")
+
+
+# === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
+
+from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
+
+
+def assert_close_scaled(actual, expected, dtype):
+    """Per-dtype tolerance, absolute part scaled by the magnitude of the expected values (sums over many terms)."""
+    t = tol(dtype)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
+
+
+def run_fwd_bwd(inputs, no_embed_class, dynamic_img_pad, backend, grad_out=None):
+    """Forward + backward of the public op; returns (out, grads of the given leaves (None stays None), grad_out)."""
+    x, weight, bias, pos, prefix = inputs
+    out = vitkernels.patch_embed(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad, backend=backend)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    it = iter(grads)
+    return out, [next(it) if (t is not None and t.requires_grad) else None for t in inputs], grad_out
+
+
+def check_triton_against_reference(shape, P, no_embed_class, dtype, device="cpu", with_bias=True, with_pos=True,
+                                   x_transform=None):
+    B, C, H, W, D, patch, dynamic = shape
+    inputs = make_inputs(B, C, H, W, D, patch, P, no_embed_class, dynamic, dtype=dtype, device=device,
+                         with_bias=with_bias, with_pos=with_pos)
+    if x_transform is not None:
+        inputs = (x_transform(inputs[0]),) + tuple(inputs[1:])
+    leaves = tuple(None if t is None else t.detach().requires_grad_(True) for t in inputs)
+    out, grads, grad_out = run_fwd_bwd(leaves, no_embed_class, dynamic, "triton")
+    rdt = reference_dtype(dtype)
+    ref_leaves = tuple(None if t is None else t.detach().to(rdt).requires_grad_(True) for t in inputs)
+    ref_out, ref_grads, _ = run_fwd_bwd(ref_leaves, no_embed_class, dynamic, "reference", grad_out.to(rdt))
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close_scaled(out, ref_out, dtype)
+    names = ("x", "weight", "bias", "pos_embed", "prefix_tokens")
+    for name, g, rg, t in zip(names, grads, ref_grads, inputs):
+        if t is None:
+            continue
+        assert g is not None and g.shape == t.shape and g.dtype == dtype, name
+        assert_close_scaled(g, rg, dtype)
+
+
+# (B, C, H, W, D, patch, dynamic_img_pad): patch 14 / 16 / 32, non-square images, padding, odd sizes
+TRITON_SHAPES = [
+    (2, 3, 32, 48, 24, (16, 16), False),
+    (1, 3, 28, 42, 20, (14, 14), False),
+    (2, 2, 64, 32, 16, (32, 32), False),
+    (2, 3, 37, 21, 12, (16, 16), True),
+    (1, 3, 30, 45, 16, (14, 14), True),
+    (3, 2, 10, 15, 40, (4, 6), True),  # rectangular patches, D > one 32-column tile, M across tiles
+]
+_SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-D{s[4]}-p{s[5][0]}x{s[5][1]}-pad{int(s[6])}" for s in TRITON_SHAPES]
+
+
+@pytest.mark.parametrize("P,no_embed_class", [(0, False), (1, False), (2, False), (5, True), (2, True), (0, True)],
+                         ids=["P0", "vit-cls", "deit-cls-dist", "cls-reg4-noembedcls", "deit-noembedcls",
+                              "P0-noembedcls"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=_SHAPE_IDS)
+def test_triton_fp32_forward_backward(shape, P, no_embed_class):
+    triton_interpreter_or_cuda("cpu")
+    check_triton_against_reference(shape, P, no_embed_class, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape,P,no_embed_class", [
+    (TRITON_SHAPES[0], 1, False), (TRITON_SHAPES[1], 5, True), (TRITON_SHAPES[2], 2, False),
+    (TRITON_SHAPES[3], 0, False),
+], ids=["p16-vit", "p14-reg-noembedcls", "p32-deit", "pad-P0"])
+def test_triton_half_forward_backward(shape, P, no_embed_class, dtype):
+    triton_interpreter_or_cuda("cpu")
+    check_triton_against_reference(shape, P, no_embed_class, dtype)
+
+
+@pytest.mark.parametrize("with_bias,with_pos", [(False, True), (True, False), (False, False)])
+def test_triton_optional_bias_pos(with_bias, with_pos):
+    triton_interpreter_or_cuda("cpu")
+    check_triton_against_reference(TRITON_SHAPES[3], 1, False, torch.float32, with_bias=with_bias, with_pos=with_pos)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "cropped_view"])
+def test_triton_strided_image(layout):
+    """The gather reads the image through its strides: no copy for channels_last or a cropped view."""
+    triton_interpreter_or_cuda("cpu")
+    if layout == "channels_last":
+        transform = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    else:
+        transform = lambda x: torch.nn.functional.pad(x, (1, 3, 2, 0))[:, :, 2:, 1:-3]  # noqa: E731
+    check_triton_against_reference(TRITON_SHAPES[0], 2, False, torch.float32, x_transform=transform)
+
+
+def test_triton_partial_gradients():
+    """Only some inputs require grad: the others get none and the kernels for them are skipped."""
+    triton_interpreter_or_cuda("cpu")
+    x, weight, bias, pos, prefix = make_inputs(2, 3, 32, 16, 8, (16, 16), 1, False, False, dtype=torch.float32)
+    weight.requires_grad_(True)
+    pos.requires_grad_(True)
+    out = vitkernels.patch_embed(x, weight, bias, pos, prefix, backend="triton")
+    g = torch.randn_like(out)
+    gw, gp = torch.autograd.grad(out, (weight, pos), g)
+    wd, pd = weight.detach().double().requires_grad_(), pos.detach().double().requires_grad_()
+    ref = vitkernels.patch_embed(x.double(), wd, bias.double(), pd, prefix.double(), backend="reference")
+    rgw, rgp = torch.autograd.grad(ref, (wd, pd), g.double())
+    assert_close(gw, rgw, torch.float32)
+    assert_close(gp, rgp, torch.float32)
+
+
+def test_triton_opcheck():
+    triton_interpreter_or_cuda("cpu")
+    x, weight, bias, pos, prefix = make_inputs(2, 3, 20, 12, 8, (8, 8), 2, False, True, dtype=torch.float32)
+    args = [t.requires_grad_(True) for t in (x, weight, bias, pos[0], prefix[0])]
+    torch.library.opcheck(torch.ops.vitkernels.triton_patch_embed.default, (*args, False, True))
+    # no prefix / no pos / no bias, no_embed_class order
+    torch.library.opcheck(torch.ops.vitkernels.triton_patch_embed.default, (x, weight, None, None, None, True, True))
+    grad = torch.randn(2, 2 + 6, 8)
+    torch.library.opcheck(torch.ops.vitkernels.triton_patch_embed_backward.default,
+                          (grad, x.detach(), weight.detach(), 2, True, True, True))
+
+
+def test_triton_compile_fullgraph():
+    triton_interpreter_or_cuda("cpu")
+    inputs = make_inputs(2, 3, 24, 40, 8, (8, 8), 2, True, True, dtype=torch.float32)
+    inputs = tuple(t.requires_grad_(True) for t in inputs)
+
+    def f(x, w, b, pos, prefix):
+        return vitkernels.patch_embed(x, w, b, pos, prefix, True, True, backend="triton") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    expected = f(*inputs)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        torch.testing.assert_close(got, want)
+
+
+def test_triton_backend_refuses_float64():
+    triton_interpreter_or_cuda("cpu")
+    with pytest.raises(vitkernels.BackendUnavailableError, match="float64"):
+        vitkernels.patch_embed(**{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()},
+                               backend="triton")
+
+
+# --- fast modules ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["reference", "triton"])
+def module_backend(request, monkeypatch):
+    """Run the fast modules' op on this backend (through VITKERNELS_BACKEND, as a user would)."""
+    if request.param == "triton":
+        triton_interpreter_or_cuda("cpu")
+    monkeypatch.setenv("VITKERNELS_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("cfg", [c for c in PATCH_EMBED_CONFIGS if not c["strict_img_size"]], ids=_cfg_id)
+def test_fast_patch_embed_matches_timm(cfg, module_backend):
+    timm = import_timm()
+    kw = dict(img_size=(32, 48), patch_size=16, in_chans=3, embed_dim=12, **cfg)
+    theirs = timm.layers.PatchEmbed(**kw)
+    ours = vitkernels.PatchEmbed(**kw)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    sizes = [(32, 48), (48, 16)] + ([(37, 50)] if cfg["dynamic_img_pad"] else [])
+    for H, W in sizes:
+        x = torch.randn(2, 3, H, W, requires_grad=True)
+        out, expected = ours(x), theirs(x)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, ours.proj.weight, ours.proj.bias), g)
+        want = torch.autograd.grad(expected, (x, theirs.proj.weight, theirs.proj.bias), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=5e-5)
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("name", list(TIMM_VITS))
+def test_fast_vit_embedding_matches_timm(name, module_backend):
+    model, (H, W) = build_timm_vit(name)
+    ours = vitkernels.ViTEmbedding.from_timm(model)
+    assert type(ours.patch_embed) is vitkernels.PatchEmbed
+    x = torch.randn(2, 3, H, W)
+    torch.testing.assert_close(ours(x), _timm_embed(model, x), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.timm
+@pytest.mark.parametrize("name", ["vit_tiny", "deit_tiny_distilled", "reg4_no_embed_class", "no_pos_embed",
+                                  "pre_norm_embed_norm", "dynamic_img_size_pad"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "proj-only"])
+def test_patched_timm_model_gives_identical_features(name, fuse, module_backend):
+    """A timm ViT / DeiT whose embedding is swapped for ours: same state dict, same features, same gradients."""
+    import copy
+
+    from vitkernels.compat.timm import patch_vit_embedding
+
+    model, (H, W) = build_timm_vit(name)
+    swapped = patch_vit_embedding(copy.deepcopy(model), fuse_pos_embed=fuse)
+    assert isinstance(swapped.patch_embed, vitkernels.PatchEmbed)
+    assert swapped.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, H, W)
+    out, expected = swapped.forward_features(x), model.forward_features(x)
+    torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-4)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    theirs = dict(model.named_parameters())
+    for key, p in swapped.named_parameters():
+        if key.startswith("patch_embed") or key in reference.EMBEDDING_KEYS:
+            torch.testing.assert_close(p.grad, theirs[key].grad, rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.timm
+def test_patched_timm_model_compiles_fullgraph(module_backend):
+    from vitkernels.compat.timm import patch_vit_embedding
+
+    model, (H, W) = build_timm_vit("deit_tiny_distilled")
+    patch_vit_embedding(model)
+    x = torch.randn(2, 3, H, W)
+    compiled = torch.compile(model.patch_embed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model.patch_embed(x))
+
+
+# --- CUDA (issue-sized shapes) -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,P,no_embed_class", [
+    ((8, 3, 224, 224, 768, (16, 16), False), 1, False),     # ViT-B/16
+    ((4, 3, 224, 224, 384, (14, 14), False), 5, True),      # ViT-S/14 + 4 registers (DINOv2 order)
+    ((4, 3, 384, 384, 768, (32, 32), False), 2, False),     # DeiT-style B/32 at 384
+    ((3, 3, 250, 181, 192, (16, 16), True), 2, False),      # non-square, dynamic pad
+], ids=["vitb16", "vits14-reg4", "b32-384-deit", "pad-250x181"])
+def test_triton_cuda(shape, P, no_embed_class, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 checked at fp32 accuracy
+    check_triton_against_reference(shape, P, no_embed_class, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+def test_triton_cuda_opcheck_and_inductor():
+    inputs = make_inputs(4, 3, 64, 48, 96, (16, 16), 2, False, False, dtype=torch.bfloat16, device="cuda")
+    args = [t.requires_grad_(True) for t in (inputs[0], inputs[1], inputs[2], inputs[3][0], inputs[4][0])]
+    torch.library.opcheck(torch.ops.vitkernels.triton_patch_embed.default, (*args, False, False))
+
+    def f(x, w, b, pos, prefix):
+        return vitkernels.patch_embed(x, w, b, pos, prefix, backend="triton").float().square().mean()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss, want = compiled(*args), f(*args)
+    torch.testing.assert_close(loss, want, rtol=1e-2, atol=1e-2)
+    for got, exp in zip(torch.autograd.grad(loss, args), torch.autograd.grad(want, args)):
+        torch.testing.assert_close(got, exp, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.timm
+def test_patched_timm_vit_cuda():
+    import copy
+
+    from vitkernels.compat.timm import patch_vit_embedding
+
+    timm = import_timm()
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2).cuda().eval()
+    swapped = patch_vit_embedding(copy.deepcopy(model))
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        torch.testing.assert_close(swapped.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-4)

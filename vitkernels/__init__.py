@@ -6,9 +6,9 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 """
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
+from vitkernels.modules.patch_embed import PatchEmbed, ViTEmbedding
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_partition import window_partition, window_reverse
-from vitkernels.reference.patch_embed import PatchEmbed, ViTEmbedding
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,8 @@ Public functions:
 
 * :func:`patch_embed` -- the whole embedding stem (timm ``PatchEmbed`` followed by ``_pos_embed``), dispatched to
   ``reference`` (:mod:`vitkernels.reference.patch_embed`: pad + reshape/permute patchify + matmul + cat + add),
-  ``triton`` (not written yet) or ``native`` (not written yet).
+  ``triton`` (``torch.ops.vitkernels.triton_patch_embed``: the implicit-im2col GEMM kernels of
+  :mod:`vitkernels.triton.patch_embed`, with fake implementation and autograd) or ``native`` (not written yet).
 * :func:`pos_embed` -- the ``_pos_embed`` step alone (prefix-token concat + position embedding) on given tokens;
   plain PyTorch, used where something (an embedding norm layer) sits between the projection and the position
   embedding.
@@ -18,6 +19,7 @@ import torch
 from vitkernels import dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_tensor
 from vitkernels.reference import patch_embed as reference
+from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
 embed_op = dispatch.op(
     "patch_embed", "patchify + GEMM + bias + prefix-token concat + pos-embed add (B,C,H,W)->(B,P+L,D)"
@@ -164,4 +166,87 @@ def _embed_reference(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_p
 
 
 embed_op.mark_missing("native", "no C++ implementation of patch_embed yet")
-embed_op.mark_missing("triton", "the Triton patch_embed kernels are not written yet")
+
+
+# --- triton backend: vitkernels/triton/patch_embed.py -------------------------------------------------------------
+
+def _embed_fake(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad):
+    return x.new_empty(output_shape(x.shape, weight.shape, 0 if prefix is None else prefix.shape[0], dynamic_img_pad))
+
+
+def _embed_backward_fake(grad, x, weight, num_prefix, dynamic_img_pad, need_input, need_weight):
+    grad_x = x.new_empty(x.shape) if need_input else x.new_empty((0,))
+    grad_w = weight.new_empty(weight.shape) if need_weight else weight.new_empty((0,))
+    return grad_x, grad_w
+
+
+def _register_fake_and_autograd(forward, backward) -> None:
+    """Fakes for both ops; autograd of ``forward`` through ``backward`` (image and weight gradients, two GEMMs) and
+    batch sums of the output gradient's rows (bias, pos_embed and prefix-token gradients)."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.num_prefix = 0 if prefix is None else prefix.shape[0]
+        ctx.no_embed_class = no_embed_class
+        ctx.dynamic_img_pad = dynamic_img_pad
+
+    def backward_fn(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_bias, need_pos, need_prefix = ctx.needs_input_grad[:5]
+        P = ctx.num_prefix
+        grad_x = grad_w = grad_bias = grad_pos = grad_prefix = None
+        if need_x or need_w:
+            grad_x, grad_w = backward(grad.contiguous(), x, weight, P, ctx.dynamic_img_pad, need_x, need_w)
+        if need_bias or need_pos or need_prefix:
+            rows = torch.sum(grad, dim=0, dtype=torch.float32)  # (P + L, D): every row's gradient, summed over B
+            if need_bias:
+                grad_bias = rows[P:].sum(0).to(grad.dtype)
+            if need_pos:
+                grad_pos = (rows[P:] if ctx.no_embed_class else rows).to(grad.dtype)
+            if need_prefix:
+                grad_prefix = rows[:P].to(grad.dtype)
+        return (grad_x if need_x else None, grad_w if need_w else None, grad_bias, grad_pos, grad_prefix, None, None)
+
+    torch.library.register_fake(forward)(_embed_fake)
+    torch.library.register_fake(backward)(_embed_backward_fake)
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.triton import patch_embed as triton_kernels
+
+    @kernel_op("vitkernels::triton_patch_embed")
+    def triton_patch_embed(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        pos_embed: Optional[torch.Tensor],
+        prefix_tokens: Optional[torch.Tensor],
+        no_embed_class: bool,
+        dynamic_img_pad: bool,
+    ) -> torch.Tensor:
+        return triton_kernels.patch_embed_fwd(x, weight, bias, pos_embed, prefix_tokens, no_embed_class, dynamic_img_pad)
+
+    @kernel_op("vitkernels::triton_patch_embed_backward")
+    def triton_patch_embed_backward(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        num_prefix: int,
+        dynamic_img_pad: bool,
+        need_input: bool,
+        need_weight: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return triton_kernels.patch_embed_bwd(grad, x, weight, num_prefix, dynamic_img_pad, need_input, need_weight)
+
+    _register_fake_and_autograd(triton_patch_embed, triton_patch_embed_backward)
+
+    embed_op.register(
+        "triton",
+        lambda call: triton_unavailable_reason(call.device),
+        dispatch.dtypes_check(torch.float16, torch.bfloat16, torch.float32),
+    )(triton_patch_embed)
+else:
+    embed_op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
