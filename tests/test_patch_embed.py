@@ -454,7 +454,9 @@ TRITON_SHAPES = [
     (2, 2, 64, 32, 16, (32, 32), False),
     (2, 3, 37, 21, 12, (16, 16), True),
     (1, 3, 30, 45, 16, (14, 14), True),
-    (3, 2, 10, 15, 40, (4, 6), True),  # rectangular patches, D > one 32-column tile, M across tiles
+    # rectangular patches; M = 75 rows over 3 row tiles (the weight gradient's split-M reduction), D = 72 over
+    # 2 column tiles, images straddling tiles
+    (3, 2, 20, 30, 72, (4, 6), True),
 ]
 _SHAPE_IDS = ["x".join(map(str, s[:4])) + f"-D{s[4]}-p{s[5][0]}x{s[5][1]}-pad{int(s[6])}" for s in TRITON_SHAPES]
 
@@ -670,3 +672,15 @@ def test_patched_timm_vit_cuda():
     x = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.backends.cudnn.flags(allow_tf32=False):
         torch.testing.assert_close(swapped.forward_features(x), model.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timm
+def test_fast_vit_embedding_under_autocast(module_backend):
+    """Under autocast the op runs in the autocast dtype, like timm's convolution (cat / add then promote to fp32)."""
+    model, (H, W) = build_timm_vit("deit_tiny_distilled")
+    ours = vitkernels.ViTEmbedding.from_timm(model)
+    x = torch.randn(2, 3, H, W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = ours(x), _timm_embed(model, x)
+    assert out.dtype == torch.bfloat16
+    assert_close_scaled(out.float(), expected.float(), torch.bfloat16)

@@ -33,17 +33,23 @@ from vitkernels.triton._launch import launcher
 
 
 @triton.jit
-def _gather_patch_tile(
-    x_ptr, row_off, gy, gx, rk, row_mask, K, H, W, sx_c, sx_h, sx_w,
-    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr,
-):
-    """A[rows, rk] = x[b, c, gy*PH + py, gx*PW + px] for k = (c*PH + py)*PW + px; zero outside the image."""
-    c = rk // (PH * PW)
-    r = rk % (PH * PW)
+def _decode_k(kk, K, PH: tl.constexpr, PW: tl.constexpr):
+    """Feature index k = (c*PH + py)*PW + px (the flattened Conv2d weight's column) -> (c, py, px, k, k < K)."""
+    c = kk // (PH * PW)
+    r = kk % (PH * PW)
     py = r // PW
     px = r % PW
+    return c, py, px, kk, kk < K
+
+
+@triton.jit
+def _gather_patch_tile(
+    x_ptr, row_off, gy, gx, c, py, px, k_valid, row_mask, H, W, sx_c, sx_h, sx_w,
+    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr,
+):
+    """A[rows, k] = x[b, c, gy*PH + py, gx*PW + px]; zero outside the image."""
     col_off = c * sx_c + py * sx_h + px * sx_w
-    mask = row_mask[:, None] & (rk < K)[None, :]
+    mask = row_mask[:, None] & k_valid[None, :]
     if PAD:
         mask = mask & ((gy * PH)[:, None] + py[None, :] < H) & ((gx * PW)[:, None] + px[None, :] < W)
     return tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0.0)
@@ -80,7 +86,8 @@ def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     M, L, GW, T, P, POS_ROW0, D, K, H, W,
     sx_b, sx_c, sx_h, sx_w,
-    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -91,10 +98,11 @@ def _patch_embed_fwd_kernel(
     col_mask = rn < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = _gather_patch_tile(x_ptr, row_off, gy, gx, rk, row_mask, K, H, W, sx_c, sx_h, sx_w, PH, PW, PAD)
+        c, py, px, k, k_valid = _decode_k(k0 + tl.arange(0, BLOCK_K), K, PH, PW)
+        a = _gather_patch_tile(x_ptr, row_off, gy, gx, c, py, px, k_valid, row_mask, H, W, sx_c, sx_h, sx_w,
+                               PH, PW, PAD)
         # W^T tile: weight is (D, K) row-major
-        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None], mask=col_mask[None, :] & (rk < K)[:, None],
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + k[:, None], mask=col_mask[None, :] & k_valid[:, None],
                     other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -130,30 +138,26 @@ def _patch_embed_bwd_input_kernel(
     dy_ptr, w_ptr, dx_ptr,
     M, L, GW, T, P, D, K, H, W,
     sdx_b, sdx_c, sdx_h, sdx_w,
-    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dA = dY_p @ W for a (BLOCK_M patches x BLOCK_K pixels) tile, stored straight into the NCHW image gradient."""
     pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rm, l, gy, gx, row_off, out_row, row_mask = _patch_rows(
         pid_m, M, L, GW, T, P, sdx_b, sdx_h, sdx_w, PH, PW, BLOCK_M)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = rk < K
+    c, py, px, k, k_mask = _decode_k(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, PH, PW)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_mask = rn < D
         dy = tl.load(dy_ptr + out_row[:, None] * D + rn[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
         if UPCAST:
             dy = dy.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-    c = rk // (PH * PW)
-    r = rk % (PH * PW)
-    py = r // PW
-    px = r % PW
     mask = row_mask[:, None] & k_mask[None, :]
     if PAD:
         mask = mask & ((gy * PH)[:, None] + py[None, :] < H) & ((gx * PW)[:, None] + px[None, :] < W)
@@ -166,7 +170,8 @@ def _patch_embed_bwd_weight_kernel(
     dy_ptr, x_ptr, dw_ptr,
     M, L, GW, T, P, D, K, H, W, ROWS_PER_SPLIT,
     sx_b, sx_c, sx_h, sx_w,
-    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, PAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial dW[split] = dY_p[rows of split]^T @ A[rows of split] for one (BLOCK_N x BLOCK_K) tile, fp32."""
@@ -174,21 +179,22 @@ def _patch_embed_bwd_weight_kernel(
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    c, py, px, k, k_valid = _decode_k(pid_k * BLOCK_K + tl.arange(0, BLOCK_K), K, PH, PW)
     n_mask = rn < D
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     first_tile = split * (ROWS_PER_SPLIT // BLOCK_M)
     for t in range(0, ROWS_PER_SPLIT // BLOCK_M):
         rm, l, gy, gx, row_off, out_row, row_mask = _patch_rows(
             first_tile + t, M, L, GW, T, P, sx_b, sx_h, sx_w, PH, PW, BLOCK_M)
-        a = _gather_patch_tile(x_ptr, row_off, gy, gx, rk, row_mask, K, H, W, sx_c, sx_h, sx_w, PH, PW, PAD)
+        a = _gather_patch_tile(x_ptr, row_off, gy, gx, c, py, px, k_valid, row_mask, H, W, sx_c, sx_h, sx_w,
+                               PH, PW, PAD)
         dy = tl.load(dy_ptr + out_row[:, None] * D + rn[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             dy = dy.to(tl.float32)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
-    mask = n_mask[:, None] & (rk < K)[None, :]
-    tl.store(dw_ptr + split.to(tl.int64) * D * K + rn[:, None] * K + rk[None, :], acc, mask=mask)
+    mask = n_mask[:, None] & k_valid[None, :]
+    tl.store(dw_ptr + split.to(tl.int64) * D * K + rn[:, None] * K + k[None, :], acc, mask=mask)
 
 
 # --- host side ----------------------------------------------------------------------------------------------------
@@ -200,15 +206,30 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Tile sizes. On a GPU: 128x128 output tiles, K step 64 (32 for fp32, twice the bytes); under the interpreter
-    the smallest tiles tl.dot accepts that cover tiny test shapes in few programs (each program costs time)."""
+def _configs(N: int, dtype: torch.dtype, pad: bool) -> dict:
+    """Tile sizes and launch options of the three GEMM kernels, by kernel name.
+
+    On a GPU: 128 x 128 output tiles for the forward with a K step of 64 (32 for fp32: same bytes per stage);
+    128 patches x 64 pixels for the image gradient (its scattered store needs a pointer per element: bigger tiles
+    spill); 128 x 128 weight-gradient tiles with 64 patches per step; half as many patches per tile where the
+    image is padded (the extra bounds masks spill registers otherwise). Under the interpreter: the smallest tiles
+    tl.dot accepts that cover the tiny test shapes in few programs (each program costs time)."""
     if interpreter_active():
-        return dict(BLOCK_M=32, BLOCK_N=max(16, min(64, triton.next_power_of_2(N))),
-                    BLOCK_K=max(16, min(64, triton.next_power_of_2(K))), GROUP_M=4, num_warps=4, num_stages=1)
-    block_k = 32 if dtype == torch.float32 else 64
+        n = max(16, min(64, triton.next_power_of_2(N)))
+        common = dict(num_warps=4, num_stages=1)
+        return {
+            "fwd": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, GROUP_M=4, **common),
+            "bwd_input": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, GROUP_M=4, **common),
+            "bwd_weight": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, **common),
+        }
+    wide = dtype == torch.float32
     block_n = 128 if N >= 128 else max(16, triton.next_power_of_2(N))
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+    block_m = 64 if pad else 128
+    return {
+        "fwd": dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if wide else 64, GROUP_M=8, num_warps=8, num_stages=3),
+        "bwd_input": dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        "bwd_weight": dict(BLOCK_M=32 if wide else 64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,15 +237,27 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _geometry(x_shape, patch: Tuple[int, int], dynamic_img_pad: bool):
-    B, C, H, W = x_shape
-    ph, pw = patch
-    if dynamic_img_pad:
-        gh, gw = -(-H // ph), -(-W // pw)
-    else:
-        gh, gw = H // ph, W // pw
-    pad = dynamic_img_pad and (H % ph != 0 or W % pw != 0)
-    return gh, gw, pad
+class _Geometry:
+    """Sizes shared by the launchers: grid (gh, gw), L, P, T = P + L rows per image, GEMM sizes M, K."""
+
+    def __init__(self, x_shape, weight_shape, num_prefix: int, dynamic_img_pad: bool):
+        B, C, H, W = x_shape
+        D, _, ph, pw = weight_shape
+        self.B, self.C, self.H, self.W, self.D, self.ph, self.pw = B, C, H, W, D, ph, pw
+        if dynamic_img_pad:
+            self.gh, self.gw = -(-H // ph), -(-W // pw)
+        else:
+            self.gh, self.gw = H // ph, W // pw
+        # mask pixels outside the image only where the padding is real
+        self.pad = bool(dynamic_img_pad) and (H % ph != 0 or W % pw != 0)
+        self.L = self.gh * self.gw
+        self.P = num_prefix
+        self.T = self.P + self.L
+        self.M = B * self.L
+        self.K = C * ph * pw
+
+    def constexprs(self) -> dict:
+        return dict(PH=self.ph, PW=self.pw, PAD=self.pad)
 
 
 def patch_embed_fwd(
@@ -240,33 +273,26 @@ def patch_embed_fwd(
 
     ``x`` may have any strides (a cropped view, channels_last): the gather reads it in place.
     """
-    B, C, H, W = x.shape
-    D = weight.shape[0]
-    ph, pw = weight.shape[2], weight.shape[3]
-    gh, gw, pad = _geometry(x.shape, (ph, pw), dynamic_img_pad)
-    L = gh * gw
-    P = 0 if prefix is None else prefix.shape[0]
-    T = P + L
-    out = torch.empty((B, T, D), device=x.device, dtype=x.dtype)
-    if B == 0:
+    g = _Geometry(x.shape, weight.shape, 0 if prefix is None else prefix.shape[0], dynamic_img_pad)
+    out = torch.empty((g.B, g.T, g.D), device=x.device, dtype=x.dtype)
+    if g.B == 0:
         return out
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     pos = pos.contiguous() if pos is not None else None
-    M, K = B * L, C * ph * pw
-    cfg = _config(M, D, K, x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_N"]),)
+    cfg = _configs(g.D, x.dtype, g.pad)["fwd"]
+    grid = (triton.cdiv(g.M, cfg["BLOCK_M"]) * triton.cdiv(g.D, cfg["BLOCK_N"]),)
     launcher(_patch_embed_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, pos if pos is not None else weight, out,
-        M, L, gw, T, P, 0 if no_embed_class else P, D, K, H, W,
+        g.M, g.L, g.gw, g.T, g.P, 0 if no_embed_class else g.P, g.D, g.K, g.H, g.W,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        PH=ph, PW=pw, PAD=pad, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+        **g.constexprs(), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
         UPCAST=interpreter_active(), PRECISION=_dot_precision(x.dtype), **cfg,
     )
-    if P:
-        block_d = min(1024, triton.next_power_of_2(D))
-        launcher(_patch_embed_prefix_kernel)[(B * P, triton.cdiv(D, block_d))](
-            prefix.contiguous(), pos if pos is not None else weight, out, P, T, D,
+    if g.P:
+        block_d = min(1024, triton.next_power_of_2(g.D))
+        launcher(_patch_embed_prefix_kernel)[(g.B * g.P, triton.cdiv(g.D, block_d))](
+            prefix.contiguous(), pos if pos is not None else weight, out, g.P, g.T, g.D,
             ADD_POS=pos is not None and not no_embed_class, BLOCK_D=block_d,
         )
     return out
@@ -283,54 +309,39 @@ def patch_embed_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad_image (B, C, H, W), grad_weight (D, C, ph, pw)) from ``grad`` (B, P + L, D); an empty tensor in place of
     a gradient that is not needed."""
-    B, C, H, W = x.shape
-    D, _, ph, pw = weight.shape
-    gh, gw, pad = _geometry(x.shape, (ph, pw), dynamic_img_pad)
-    L, P = gh * gw, num_prefix
-    T = P + L
-    M, K = B * L, C * ph * pw
+    g = _Geometry(x.shape, weight.shape, num_prefix, dynamic_img_pad)
     grad = grad.contiguous()
-    upcast, precision = interpreter_active(), _dot_precision(x.dtype)
-    cfg = _config(M, D, K, x.dtype)
+    common = dict(UPCAST=interpreter_active(), PRECISION=_dot_precision(x.dtype), **g.constexprs())
+    configs = _configs(g.D, x.dtype, g.pad)
     grad_x = x.new_empty((0,))
     grad_w = weight.new_empty((0,))
     if need_input:
-        grad_x = torch.empty((B, C, H, W), device=x.device, dtype=x.dtype)
-        if M:
-            w = weight.contiguous()
-            # tile over (M, K); the K step of the forward becomes the N step here
-            block_k = cfg["BLOCK_N"] if not interpreter_active() else cfg["BLOCK_K"]
-            block_n = cfg["BLOCK_K"] if not interpreter_active() else cfg["BLOCK_N"]
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, block_k),)
+        grad_x = torch.empty((g.B, g.C, g.H, g.W), device=x.device, dtype=x.dtype)
+        if g.M:
+            cfg = configs["bwd_input"]
+            grid = (triton.cdiv(g.M, cfg["BLOCK_M"]) * triton.cdiv(g.K, cfg["BLOCK_K"]),)
             launcher(_patch_embed_bwd_input_kernel)[grid](
-                grad, w, grad_x, M, L, gw, T, P, D, K, H, W,
-                grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
-                PH=ph, PW=pw, PAD=pad, UPCAST=upcast, PRECISION=precision,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                grad, weight.contiguous(), grad_x, g.M, g.L, g.gw, g.T, g.P, g.D, g.K, g.H, g.W,
+                grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), **common, **cfg,
             )
-        elif grad_x.numel():
-            grad_x.zero_()
     if need_weight:
-        if M == 0:
+        if g.M == 0:
             return grad_x, torch.zeros_like(weight)
-        block_m = cfg["BLOCK_M"] if interpreter_active() else 64
-        block_n, block_k = (cfg["BLOCK_N"], cfg["BLOCK_K"]) if interpreter_active() else (128, 128 if x.dtype != torch.float32 else 64)
-        tiles = triton.cdiv(D, block_n) * triton.cdiv(K, block_k)
-        m_tiles = triton.cdiv(M, block_m)
+        cfg = configs["bwd_weight"]
+        tiles = triton.cdiv(g.D, cfg["BLOCK_N"]) * triton.cdiv(g.K, cfg["BLOCK_K"])
+        m_tiles = triton.cdiv(g.M, cfg["BLOCK_M"])
         if interpreter_active():
             split = min(2, m_tiles)  # exercises the split-M reduction on tiny shapes
         else:
+            # enough programs for two waves over the SMs; each split sums >= 1 row tile
             split = max(1, min(m_tiles, (2 * _multiprocessor_count(x.device.index or 0)) // tiles))
-        rows_per_split = triton.cdiv(m_tiles, split) * block_m
-        split = triton.cdiv(M, rows_per_split)
-        partial = torch.empty((split, D, K), device=x.device, dtype=torch.float32)
-        launcher(_patch_embed_bwd_weight_kernel)[(triton.cdiv(D, block_n), triton.cdiv(K, block_k), split)](
-            grad, x, partial, M, L, gw, T, P, D, K, H, W, rows_per_split,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-            PH=ph, PW=pw, PAD=pad, UPCAST=upcast, PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        rows_per_split = triton.cdiv(m_tiles, split) * cfg["BLOCK_M"]
+        split = triton.cdiv(g.M, rows_per_split)
+        partial = torch.empty((split, g.D, g.K), device=x.device, dtype=torch.float32)
+        launcher(_patch_embed_bwd_weight_kernel)[(triton.cdiv(g.D, cfg["BLOCK_N"]), triton.cdiv(g.K, cfg["BLOCK_K"]),
+                                                  split)](
+            grad, x, partial, g.M, g.L, g.gw, g.T, g.P, g.D, g.K, g.H, g.W, rows_per_split,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3), **common, **cfg,
         )
         grad_w = (partial[0] if split == 1 else partial.sum(0)).to(weight.dtype).reshape(weight.shape)
     return grad_x, grad_w
