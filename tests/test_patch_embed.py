@@ -497,15 +497,21 @@ def test_triton_strided_image(layout):
     check_triton_against_reference(TRITON_SHAPES[0], 2, False, torch.float32, x_transform=transform)
 
 
-def test_triton_partial_gradients():
+def test_triton_partial_gradients(monkeypatch):
     """Only some inputs require grad: the others get none and the kernels for them are skipped."""
     triton_interpreter_or_cuda("cpu")
+    from vitkernels.triton import patch_embed as kernels
+
+    calls = []
+    real_bwd = kernels.patch_embed_bwd
+    monkeypatch.setattr(kernels, "patch_embed_bwd", lambda *a: calls.append(a[-2:]) or real_bwd(*a))
     x, weight, bias, pos, prefix = make_inputs(2, 3, 32, 16, 8, (16, 16), 1, False, False, dtype=torch.float32)
     weight.requires_grad_(True)
     pos.requires_grad_(True)
     out = vitkernels.patch_embed(x, weight, bias, pos, prefix, backend="triton")
     g = torch.randn_like(out)
     gw, gp = torch.autograd.grad(out, (weight, pos), g)
+    assert calls == [(False, True)]  # (need_input, need_weight): no image-gradient kernel
     wd, pd = weight.detach().double().requires_grad_(), pos.detach().double().requires_grad_()
     ref = vitkernels.patch_embed(x.double(), wd, bias.double(), pd, prefix.double(), backend="reference")
     rgw, rgp = torch.autograd.grad(ref, (wd, pd), g.double())

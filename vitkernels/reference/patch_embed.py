@@ -24,6 +24,7 @@ Output: (B, P + L, D).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -463,7 +464,7 @@ class ViTEmbedding(nn.Module):
             dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
             dynamic_img_pad=bool(pe.dynamic_img_pad),
             bias=pe.proj.bias is not None,
-            embed_norm_layer=None if isinstance(norm, nn.Identity) else (lambda dim, **kw: _copy_module(norm)),
+            embed_norm_layer=None if isinstance(norm, nn.Identity) else (lambda dim, **kw: copy.deepcopy(norm)),
             pos_drop_rate=model.pos_drop.p if isinstance(getattr(model, "pos_drop", None), nn.Dropout) else 0.0,
             device=param.device,
             dtype=param.dtype,
@@ -471,8 +472,3 @@ class ViTEmbedding(nn.Module):
         embed.load_state_dict(vit_embedding_state_dict(model.state_dict()))
         return embed
 
-
-def _copy_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)

@@ -13,7 +13,7 @@ Backward, with dY the (B, P + L, D) output gradient and dY_p its patch rows:
 * grad_image: ``dA = dY_p @ W`` (M x K), scattered to NCHW by the same index math (patches do not overlap, so
   col2im is a plain store; padded pixels are dropped);
 * grad_weight: ``dW = dY_p^T @ A`` (D x K) with A gathered again; the reduction over M = B*L is split over
-  ``SPLIT_M`` programs per tile writing fp32 partials that are summed after (deterministic, no atomics);
+  programs per tile (grid axis 2) writing fp32 partials that are summed after (deterministic, no atomics);
 * bias / pos_embed / prefix gradients are sums over the batch of dY's rows, done by the op (``torch.sum``).
 
 Everything accumulates in fp32. Under the Triton interpreter (CPU) ``tl.dot`` on bf16 is wrong, so the operands are
@@ -91,6 +91,8 @@ def _patch_embed_fwd_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """out[b, P + l, n] = sum_k A[b*L + l, k] W[n, k] + bias[n] + pos[POS_ROW0 + l, n] for a (BLOCK_M x BLOCK_N) tile;
+    A gathered from the image, never stored."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_N), GROUP_M)
     rm, l, gy, gx, row_off, out_row, row_mask = _patch_rows(
         pid_m, M, L, GW, T, P, sx_b, sx_h, sx_w, PH, PW, BLOCK_M)
