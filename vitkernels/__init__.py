@@ -6,6 +6,7 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 """
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
+from vitkernels.modules.patch_embed import PatchEmbed, ViTEmbedding
 from vitkernels.modules.swin import (
     PatchMerging,
     SwinBlock,
@@ -13,6 +14,7 @@ from vitkernels.modules.swin import (
     SwinTransformerStage,
     WindowAttention,
 )
+from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.ops.window_partition import window_partition, window_reverse
 
@@ -20,13 +22,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "PatchEmbed",
     "PatchMerging",
     "SwinBlock",
     "SwinTransformerBlock",
     "SwinTransformerStage",
+    "ViTEmbedding",
     "WindowAttention",
     "dispatch",
     "ops",
+    "patch_embed",
     "reference",
     "window_attention",
     "window_partition",

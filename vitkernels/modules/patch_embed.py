@@ -1,0 +1,110 @@
+"""Fast ViT / DeiT embedding modules on the fused :func:`vitkernels.patch_embed` op.
+
+Same constructors, attributes and state dicts as :mod:`vitkernels.reference.patch_embed` (hence as timm's
+``PatchEmbed`` and the embedding part of ``VisionTransformer`` / ``VisionTransformerDistilled``); the forward runs
+the op (Triton on CUDA, reference elsewhere; see :mod:`vitkernels.dispatch`) instead of Conv2d + flatten + cat + add.
+
+Under ``torch.autocast`` the image and the parameters are cast to the autocast dtype and the op runs in it, like the
+convolution it replaces; the token output is then in the autocast dtype too (timm's ``_pos_embed`` would promote it
+back to the fp32 of its parameters in its ``cat``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vitkernels.ops import patch_embed as ops
+from vitkernels.reference import patch_embed as reference
+from vitkernels.reference.layers import Format
+
+__all__ = ["PatchEmbed", "ViTEmbedding", "embed"]
+
+
+def _autocast(*tensors: Optional[torch.Tensor]):
+    """Cast floating tensors to the autocast dtype where autocast is on for their device (as a conv would)."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _whole_patches(module: reference.PatchEmbed, x: torch.Tensor) -> torch.Tensor:
+    """Without dynamic_img_pad, a stride-p conv ignores the incomplete last patch row / column: crop them (a view)."""
+    if module.dynamic_img_pad:
+        return x
+    ph, pw = module.patch_size
+    H, W = x.shape[-2:]
+    if H % ph or W % pw:
+        x = x[:, :, : H - H % ph, : W - W % pw]
+    return x
+
+
+def embed(
+    module: reference.PatchEmbed,
+    x: torch.Tensor,
+    pos_embed_for_grid: Callable[[Tuple[int, int]], Optional[torch.Tensor]],
+    prefix_tokens: Optional[torch.Tensor],
+    no_embed_class: bool,
+) -> torch.Tensor:
+    """timm ``patch_embed`` + ``_pos_embed`` (without ``pos_drop``) through the fused op.
+
+    Args:
+        module: the patch embedding (its checks, ``proj`` and ``norm``; output format ignored: tokens are NLC).
+        x: (B, C, H, W).
+        pos_embed_for_grid: (gh, gw) -> the (1, N, D) position embedding to add, or None.
+        prefix_tokens: (1, P, D) or None.
+        no_embed_class: timm's flag.
+
+    Returns:
+        (B, P + L, D). With an embedding norm layer the norm sits between projection and position embedding, so
+        the op computes the patch tokens and the position step runs after the norm.
+    """
+    module.check_input(x)
+    x = _whole_patches(module, x)
+    grid = module.dynamic_feat_size(tuple(x.shape[-2:]))
+    pos = pos_embed_for_grid(grid)
+    x, weight, bias, pos, prefix_tokens = _autocast(x, module.proj.weight, module.proj.bias, pos, prefix_tokens)
+    if isinstance(module.norm, nn.Identity):
+        return ops.patch_embed(x, weight, bias, pos, prefix_tokens, no_embed_class, module.dynamic_img_pad)
+    tokens = module.norm(ops.patch_embed(x, weight, bias, dynamic_img_pad=module.dynamic_img_pad))
+    if pos is not None:
+        pos = pos.to(tokens.dtype)
+    if prefix_tokens is not None:
+        prefix_tokens = prefix_tokens.to(tokens.dtype)
+    return ops.pos_embed(tokens, pos, prefix_tokens, no_embed_class)
+
+
+class PatchEmbed(reference.PatchEmbed):
+    """timm-compatible ``PatchEmbed`` (constructor, attributes, ``proj`` / ``norm`` state dict) on the fused op.
+
+    Output as timm: (B, L, D) by default, else ``output_fmt`` (the NCHW / NCL outputs are transposed views of the
+    op's (B, L, D) result, not contiguous copies).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = _whole_patches(self, x)
+        grid = self.dynamic_feat_size(tuple(x.shape[-2:]))
+        x, weight, bias = _autocast(x, self.proj.weight, self.proj.bias)
+        tokens = ops.patch_embed(x, weight, bias, dynamic_img_pad=self.dynamic_img_pad)
+        if self.flatten or self.output_fmt == Format.NLC:
+            return self.norm(tokens)
+        return self.norm(self.format_tokens(tokens, grid))
+
+
+class ViTEmbedding(reference.ViTEmbedding):
+    """timm ViT / DeiT embedding stem (``patch_embed``, ``cls_token``, ``dist_token``, ``reg_token``, ``pos_embed``)
+    as one fused op: (B, C, H, W) -> (B, P + L, D). Same constructor and state dict as
+    :class:`vitkernels.reference.patch_embed.ViTEmbedding`; :meth:`from_timm` builds one from a timm model."""
+
+    @staticmethod
+    def patch_embed_class() -> type:
+        return PatchEmbed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = embed(self.patch_embed, x, self.grid_pos_embed, self.prefix_tokens(), self.no_embed_class)
+        return self.pos_drop(out)
