@@ -132,3 +132,17 @@ def test_attention_dropout_in_training_takes_the_reference_path():
     torch.manual_seed(1)
     b = ref(x)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [reference.SwinTransformer, vitkernels.SwinTransformer])
+def test_whole_model_loads_timm_weights_and_matches(cls):
+    timm = import_timm()
+    kwargs = dict(img_size=(64, 96), window_size=4, depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8),
+                  num_classes=10)
+    theirs = timm.create_model("swin_tiny_patch4_window7_224", **kwargs).double().eval()
+    ours = cls(**kwargs).double().eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-10, atol=1e-10)

@@ -11,6 +11,7 @@ from vitkernels.modules.swin import (
     PatchMerging,
     SwinBlock,
     SwinTransformerBlock,
+    SwinTransformer,
     SwinTransformerStage,
     WindowAttention,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "PatchEmbed",
     "PatchMerging",
     "SwinBlock",
+    "SwinTransformer",
     "SwinTransformerBlock",
     "SwinTransformerStage",
     "ViTEmbedding",

@@ -94,3 +94,23 @@ class SwinTransformerStage(reference.SwinTransformerStage):
         self._backend = value
         for block in self.blocks:
             block.backend = value
+
+
+class SwinTransformer(reference.SwinTransformer):
+    """Drop-in for timm ``SwinTransformer`` (same constructor subset and state dict) built from fast stages."""
+
+    stage_cls = SwinTransformerStage
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = value
+        for stage in self.layers:
+            stage.backend = value

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vitkernels.reference.layers import DropPath, Mlp, to_2tuple
+from vitkernels.reference.patch_embed import PatchEmbed
 from vitkernels.reference.window_attention import (
     attention_in_windows,
     relative_position_bias,
@@ -293,3 +294,111 @@ class SwinTransformerStage(nn.Module):
             return x
         return self.blocks(x)
 
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool over (H, W) of NHWC features, dropout, Linear (timm ``ClassifierHead``, keys ``fc.*``)."""
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if pool_type not in ("avg", ""):
+            raise ValueError(f"pool_type must be 'avg' or '', got {pool_type!r}")
+        self.in_features = in_features
+        self.num_features = in_features
+        self.pool_type = pool_type
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.pool_type == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer classifier: PatchEmbed (NHWC) -> stages -> LayerNorm -> head (timm ``SwinTransformer``).
+
+    Same constructor arguments (the commonly used subset), module names and state-dict keys as timm, so timm
+    checkpoints (``swin_tiny_patch4_window7_224`` ...) load with ``load_state_dict``. Stage i > 0 starts with
+    PatchMerging; stage i works at the patch grid halved i times (rounded up).
+    """
+
+    stage_cls: Type[SwinTransformerStage] = SwinTransformerStage
+
+    def __init__(
+        self,
+        img_size: _int_or_tuple_2_t = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 96,
+        depths: Tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+        head_dim: Optional[int] = None,
+        window_size: _int_or_tuple_2_t = 7,
+        always_partition: bool = False,
+        strict_img_size: bool = True,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.output_fmt = "NHWC"
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        dims = [int(embed_dim * 2 ** i) for i in range(self.num_layers)]
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0],
+                                      norm_layer=norm_layer, strict_img_size=strict_img_size, output_fmt="NHWC", **dd)
+        grid = self.patch_embed.grid_size
+        windows = (window_size,) * self.num_layers if not isinstance(window_size, (list, tuple)) or (
+            len(window_size) == 2 and not isinstance(window_size[0], (list, tuple))) else tuple(window_size)
+        total = sum(depths)
+        rates = torch.linspace(0, drop_path_rate, total).tolist()
+        dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(self.num_layers)]
+        layers, in_dim, scale = [], dims[0], 1
+        for i in range(self.num_layers):
+            layers.append(self.stage_cls(
+                dim=in_dim, out_dim=dims[i], input_resolution=((grid[0] + scale - 1) // scale, (grid[1] + scale - 1) // scale),
+                depth=depths[i], downsample=i > 0, num_heads=num_heads[i], head_dim=head_dim,
+                window_size=to_2tuple(windows[i]), always_partition=always_partition, dynamic_mask=not strict_img_size,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], norm_layer=norm_layer, **dd,
+            ))
+            in_dim = dims[i]
+            if i > 0:
+                scale *= 2
+        self.layers = nn.Sequential(*layers)
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.apply(_init_weights)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> (B, H', W', num_features) NHWC features."""
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """timm's default ViT-style init: truncated normal (std 0.02) Linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
