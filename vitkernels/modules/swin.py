@@ -9,13 +9,33 @@ later as the attribute ``module.backend``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
+
+
+class _BackendAttribute:
+    """A ``backend`` attribute (``None``, ``"auto"``, ``"triton"``, ``"native"``, ``"reference"``) that is handed down
+    to the submodules that call ops, so setting it on a model, stage or block switches everything below."""
+
+    _backend: Optional[str] = None
+
+    def _backend_children(self) -> Iterable[nn.Module]:
+        return ()
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._backend = value
+        for child in self._backend_children():
+            child.backend = value
 
 
 class WindowAttention(reference.WindowAttention):
@@ -42,21 +62,15 @@ class WindowAttention(reference.WindowAttention):
         return self.proj_drop(self.proj(out.view(B_, N, -1)))
 
 
-class SwinTransformerBlock(reference.SwinTransformerBlock):
+class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
     """Drop-in for timm ``SwinTransformerBlock`` (input/output (B, H, W, C)) with fused shifted-window attention."""
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
-        self._backend = backend
+        self._backend = backend  # read by _make_attention during the base constructor
         super().__init__(*args, **kwargs)
 
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self._backend = value
-        self.attn.backend = value
+    def _backend_children(self) -> Iterable[nn.Module]:
+        return (self.attn,)
 
     def _make_attention(self, dim, **kwargs) -> nn.Module:
         return WindowAttention(dim, backend=self._backend, **kwargs)
@@ -76,7 +90,7 @@ SwinBlock = SwinTransformerBlock
 PatchMerging = reference.PatchMerging
 
 
-class SwinTransformerStage(reference.SwinTransformerStage):
+class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):
     """Drop-in for timm ``SwinTransformerStage`` built from fast :class:`SwinTransformerBlock` s."""
 
     block_cls = SwinTransformerBlock
@@ -85,18 +99,11 @@ class SwinTransformerStage(reference.SwinTransformerStage):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self._backend = value
-        for block in self.blocks:
-            block.backend = value
+    def _backend_children(self) -> Iterable[nn.Module]:
+        return self.blocks
 
 
-class SwinTransformer(reference.SwinTransformer):
+class SwinTransformer(_BackendAttribute, reference.SwinTransformer):
     """Drop-in for timm ``SwinTransformer`` (same constructor subset and state dict) built from fast stages."""
 
     stage_cls = SwinTransformerStage
@@ -105,12 +112,5 @@ class SwinTransformer(reference.SwinTransformer):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    @property
-    def backend(self) -> Optional[str]:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self._backend = value
-        for stage in self.layers:
-            stage.backend = value
+    def _backend_children(self) -> Iterable[nn.Module]:
+        return self.layers
