@@ -48,4 +48,11 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
   // windows (B * nWh * nWw, wh * ww, C) -> (B, height, width, C): the inverse (crop padding, roll by +shift).
   m.def("window_reverse(Tensor windows, int height, int width, int[2] window_size, int[2] shift_size) -> Tensor");
+
+  // ViT patch embedding: image (B, C, H, W) -> tokens (B, P + L, D) with bias, position embedding and prefix tokens.
+  m.def("patch_embed(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens, "
+        "bool no_embed_class, bool dynamic_img_pad) -> Tensor");
+  // Its image and weight gradients (empty tensors where not needed); the other gradients are batch sums.
+  m.def("patch_embed_backward(Tensor grad, Tensor x, Tensor weight, int num_prefix, bool dynamic_img_pad, "
+        "bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }

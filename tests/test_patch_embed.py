@@ -395,8 +395,6 @@ def test_dynamic_img_pad_accepts_any_size():
 
 def test_backend_names():
     args = _good()
-    with pytest.raises(vitkernels.BackendUnavailableError, match="native"):
-        vitkernels.patch_embed(**args, backend="native")
     with pytest.raises(ValueError, match="backend"):
         vitkernels.patch_embed(**args, backend="cuda")
 
@@ -426,14 +424,14 @@ def run_fwd_bwd(inputs, no_embed_class, dynamic_img_pad, backend, grad_out=None)
 
 
 def check_triton_against_reference(shape, P, no_embed_class, dtype, device="cpu", with_bias=True, with_pos=True,
-                                   x_transform=None):
+                                   x_transform=None, backend="triton"):
     B, C, H, W, D, patch, dynamic = shape
     inputs = make_inputs(B, C, H, W, D, patch, P, no_embed_class, dynamic, dtype=dtype, device=device,
                          with_bias=with_bias, with_pos=with_pos)
     if x_transform is not None:
         inputs = (x_transform(inputs[0]),) + tuple(inputs[1:])
     leaves = tuple(None if t is None else t.detach().requires_grad_(True) for t in inputs)
-    out, grads, grad_out = run_fwd_bwd(leaves, no_embed_class, dynamic, "triton")
+    out, grads, grad_out = run_fwd_bwd(leaves, no_embed_class, dynamic, backend)
     rdt = reference_dtype(dtype)
     ref_leaves = tuple(None if t is None else t.detach().to(rdt).requires_grad_(True) for t in inputs)
     ref_out, ref_grads, _ = run_fwd_bwd(ref_leaves, no_embed_class, dynamic, "reference", grad_out.to(rdt))
@@ -557,11 +555,13 @@ def test_triton_backend_refuses_float64():
 
 # --- fast modules ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "native"])
 def module_backend(request, monkeypatch):
     """Run the fast modules' op on this backend (through VITKERNELS_BACKEND, as a user would)."""
     if request.param == "triton":
         triton_interpreter_or_cuda("cpu")
+    if request.param == "native":
+        native_or_skip()
     monkeypatch.setenv("VITKERNELS_BACKEND", request.param)
     return request.param
 
@@ -690,3 +690,57 @@ def test_fast_vit_embedding_under_autocast(module_backend):
         out, expected = ours(x), _timm_embed(model, x)
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out.float(), expected.float(), torch.bfloat16)
+
+
+# === native backend (csrc/cpu/patch_embed.cpp) ====================================================================
+
+def native_or_skip(device="cpu"):
+    reason = vitkernels._native.native_unavailable_reason("patch_embed", torch.device(device))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("P,no_embed_class", [(0, False), (1, False), (2, False), (5, True)],
+                         ids=["P0", "vit-cls", "deit-cls-dist", "cls-reg4-noembedcls"])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=_SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_forward_backward(shape, P, no_embed_class, dtype):
+    native_or_skip()
+    check_triton_against_reference(shape, P, no_embed_class, dtype, backend="native")
+
+
+@pytest.mark.parametrize("with_bias,with_pos", [(False, True), (True, False), (False, False)])
+def test_native_optional_bias_pos(with_bias, with_pos):
+    native_or_skip()
+    check_triton_against_reference(TRITON_SHAPES[0], 1, False, torch.float32, with_bias=with_bias, with_pos=with_pos,
+                                   backend="native")
+
+
+def test_native_strided_image():
+    native_or_skip()
+    check_triton_against_reference(TRITON_SHAPES[3], 2, False, torch.float32, backend="native",
+                                   x_transform=lambda x: x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("no_embed_class,dynamic", [(False, False), (True, True)])
+def test_native_gradcheck_float64(no_embed_class, dynamic):
+    native_or_skip()
+    inputs = make_inputs(2, 2, 9 if dynamic else 8, 7 if dynamic else 12, 5, (4, 4), 2, no_embed_class, dynamic,
+                         dtype=torch.float64)
+    leaves = tuple(t.detach().requires_grad_(True) for t in inputs)
+    assert torch.autograd.gradcheck(
+        lambda *a: vitkernels.patch_embed(*a, no_embed_class, dynamic, backend="native"), leaves
+    )
+
+
+def test_native_opcheck_and_compile():
+    native_or_skip()
+    x, w, b, pos, prefix = make_inputs(2, 3, 32, 48, 24, (16, 16), 1, False, False, dtype=torch.float32)
+    args = (x.requires_grad_(), w.requires_grad_(), b, pos[0], prefix[0], False, False)
+    torch.library.opcheck(torch.ops.vitkernels.patch_embed.default, args)
+
+    def f(x, w, b, pos, prefix):
+        return vitkernels.patch_embed(x, w, b, pos, prefix, backend="native") * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b, pos, prefix), f(x, w, b, pos, prefix))

@@ -5,7 +5,9 @@ Public functions:
 * :func:`patch_embed` -- the whole embedding stem (timm ``PatchEmbed`` followed by ``_pos_embed``), dispatched to
   ``reference`` (:mod:`vitkernels.reference.patch_embed`: pad + reshape/permute patchify + matmul + cat + add),
   ``triton`` (``torch.ops.vitkernels.triton_patch_embed``: the implicit-im2col GEMM kernels of
-  :mod:`vitkernels.triton.patch_embed`, with fake implementation and autograd) or ``native`` (not written yet).
+  :mod:`vitkernels.triton.patch_embed`, with fake implementation and autograd) or ``native``
+  (``torch.ops.vitkernels.patch_embed`` from ``csrc/cpu/patch_embed.cpp``: im2col + GEMMs with the bias / position
+  embedding as the GEMM's accumulator input; same fake implementation and autograd).
 * :func:`pos_embed` -- the ``_pos_embed`` step alone (prefix-token concat + position embedding) on given tokens;
   plain PyTorch, used where something (an embedding norm layer) sits between the projection and the position
   embedding.
@@ -16,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_tensor
 from vitkernels.reference import patch_embed as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
@@ -165,7 +167,6 @@ def _embed_reference(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_p
     return reference.patch_embed(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad)
 
 
-embed_op.mark_missing("native", "no C++ implementation of patch_embed yet")
 
 
 # --- triton backend: vitkernels/triton/patch_embed.py -------------------------------------------------------------
@@ -199,7 +200,9 @@ def _register_fake_and_autograd(forward, backward) -> None:
         if need_x or need_w:
             grad_x, grad_w = backward(grad.contiguous(), x, weight, P, ctx.dynamic_img_pad, need_x, need_w)
         if need_bias or need_pos or need_prefix:
-            rows = torch.sum(grad, dim=0, dtype=torch.float32)  # (P + L, D): every row's gradient, summed over B
+            # (P + L, D): every row's gradient summed over B, in fp32 for half inputs
+            acc_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+            rows = torch.sum(grad, dim=0, dtype=acc_dtype)
             if need_bias:
                 grad_bias = rows[P:].sum(0).to(grad.dtype)
             if need_pos:
@@ -250,3 +253,20 @@ if HAS_TRITON:
     )(triton_patch_embed)
 else:
     embed_op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
+
+
+# --- native backend: csrc/cpu/patch_embed.cpp ---------------------------------------------------------------------
+
+if _native.is_loaded():
+    _register_fake_and_autograd(torch.ops.vitkernels.patch_embed.default, torch.ops.vitkernels.patch_embed_backward.default)
+
+    @embed_op.register(
+        "native",
+        lambda call: _native.native_unavailable_reason("patch_embed", call.device),
+        dispatch.dtypes_check(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    )
+    def _embed_native(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad):
+        return torch.ops.vitkernels.patch_embed(x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad)
+
+else:
+    embed_op.mark_missing("native", _native.IMPORT_ERROR)
