@@ -146,3 +146,75 @@ def test_whole_model_loads_timm_weights_and_matches(cls):
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), rtol=1e-10, atol=1e-10)
+
+
+# --- vitkernels.compat.timm: swapping a timm model's blocks, official checkpoints ----------------------------------
+
+from vitkernels.compat.timm import convert_official_swin_checkpoint, patch_model  # noqa: E402
+
+SMALL_SWIN = dict(img_size=(32, 48), window_size=4, depths=(2, 2), embed_dim=16, num_heads=(1, 2), num_classes=5)
+
+
+def _small_timm_swin(dtype=torch.float64):
+    timm = import_timm()
+    return timm.create_model("swin_tiny_patch4_window7_224", **SMALL_SWIN).to(dtype).eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_patched_timm_model_matches_unpatched_outputs_and_gradients(backend):
+    import copy
+
+    if backend == "triton":
+        from helpers import triton_interpreter_or_cuda
+
+        triton_interpreter_or_cuda("cpu")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    original = _small_timm_swin(dtype)
+    patched = patch_model(copy.deepcopy(original), backend=backend)
+    blocks = [m for m in patched.modules() if isinstance(m, vitkernels.SwinBlock)]
+    assert len(blocks) == 4 and all(b.backend == backend for b in blocks)
+    assert not any(type(m).__name__ == "SwinTransformerBlock" and not isinstance(m, vitkernels.SwinBlock)
+                   for m in patched.modules())
+    assert list(patched.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 32, 48, dtype=dtype)
+    out_p, out_o = patched(x), original(x)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_p, out_o, **tol)
+    grad = torch.randn_like(out_o)
+    out_p.backward(grad)
+    out_o.backward(grad)
+    grads_p = dict(patched.named_parameters())
+    for name, param in original.named_parameters():
+        torch.testing.assert_close(grads_p[name].grad, param.grad, **tol, msg=name)
+
+
+def test_patch_model_shares_parameters_and_patches_a_stage_or_block():
+    original = _small_timm_swin()
+    params_before = {id(p) for p in original.parameters()}
+    stage = patch_model(original.layers[0])
+    assert all(isinstance(b, vitkernels.SwinBlock) for b in stage.blocks)
+    assert {id(p) for p in original.parameters()} == params_before  # same Parameter objects: optimizers still valid
+    timm_block = _small_timm_swin().layers[1].blocks[1]  # 4 x 6 input, window 4: shift clamped to (0, 2)
+    block = patch_model(timm_block)
+    assert isinstance(block, vitkernels.SwinBlock)
+    assert (block.window_size, block.shift_size) == (timm_block.window_size, timm_block.shift_size) == ((4, 4), (0, 2))
+
+
+def test_official_swin_checkpoint_keys_load():
+    """An official-layout checkpoint (downsample at the end of a stage, ``head.``, index / mask buffers saved)."""
+    import re
+
+    theirs = _small_timm_swin()
+    official = {}
+    for key, value in theirs.state_dict().items():
+        key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        official[key.replace("head.fc.", "head.")] = value
+    official["layers.0.blocks.1.attn_mask"] = torch.zeros(6, 16, 16)
+    official["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    assert "layers.0.downsample.reduction.weight" in official and "head.weight" in official
+    ours = vitkernels.SwinTransformer(**SMALL_SWIN).double().eval()
+    ours.load_state_dict(convert_official_swin_checkpoint({"model": official}))
+    x = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    # a timm-layout dict passes through (minus buffers)
+    assert convert_official_swin_checkpoint(theirs.state_dict()).keys() == theirs.state_dict().keys()

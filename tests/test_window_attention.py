@@ -137,3 +137,161 @@ def test_bad_inputs(mutate, exc, match):
     with pytest.raises(exc, match=match):
         vitkernels.window_attention(args["qkv"], args["table"], args["window_size"], args["shift_size"],
                                     args["num_heads"], args["scale"], args["qkv_bias"])
+
+
+# === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
+
+from helpers import triton_interpreter_or_cuda  # noqa: E402
+
+TRITON_CASES = [  # (B, H, W, num_heads, head_dim, window, shift)
+    (1, 14, 14, 2, 16, (7, 7), (3, 3)),
+    (1, 9, 10, 2, 16, (7, 7), (3, 3)),     # padding (qkv-bias tokens), shifted
+    (2, 5, 11, 1, 16, (3, 4), (1, 2)),     # non-square window, several images
+    (1, 12, 9, 1, 16, (4, 4), (2, 0)),     # shift on one axis only
+    (1, 7, 7, 1, 32, (7, 7), (0, 0)),      # one window, head_dim 32
+    (1, 13, 12, 1, 16, (12, 12), (6, 6)),  # ws 12: N = 144 > one query tile (atomic bias-gradient path), padding
+]
+
+
+def run_forward_backward(case, dtype, backend, table_dtype=None, with_bias=True, grad=None, device="cpu"):
+    """Forward and the gradients of (qkv, table, qkv_bias) of one case; None where an input does not exist."""
+    B, H, W, nH, hd, window, shift = case
+    torch.manual_seed(1)
+    qkv = torch.randn(B, H, W, 3 * nH * hd, device=device).to(dtype).requires_grad_()
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), nH, device=device).to(table_dtype or dtype)
+    table.requires_grad_()
+    bias = torch.randn(3 * nH * hd, device=device).to(table_dtype or dtype).requires_grad_() if with_bias else None
+    out = vitkernels.window_attention(qkv, table, window, shift, nH, qkv_bias=bias, backend=backend)
+    if grad is None:
+        grad = torch.randn(out.shape, device=device)
+    leaves = [t for t in (qkv, table, bias) if t is not None]
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return out, grads, grad, (qkv, table, bias)
+
+
+def check_against_reference(case, dtype, backend, table_dtype=None, with_bias=True, device="cpu", error_ratio=None):
+    """The fast backend vs the float64 reference (fp32 for half). For half inputs the error is also bounded by a
+    multiple of eager PyTorch's own error in that dtype (flash-attn's rule), when ``error_ratio`` is given."""
+    out, grads, grad, inputs = run_forward_backward(case, dtype, backend, table_dtype, with_bias, device=device)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    ref_out, ref_grads, _, _ = run_forward_backward(case, ref_dtype, "reference", with_bias=with_bias, grad=grad,
+                                                    device=device)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert [g.dtype for g in grads] == [t.dtype for t in inputs if t is not None]
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-4 * max(1.0, rg.abs().max().item()))
+        return
+    eager_out, eager_grads, _, _ = run_forward_backward(case, dtype, "reference", with_bias=with_bias, grad=grad,
+                                                        device=device)
+    for name, ours, eager, ref in [("out", out, eager_out, ref_out)] + [
+        (f"grad{i}", g, eg, rg) for i, (g, eg, rg) in enumerate(zip(grads, eager_grads, ref_grads))
+    ]:
+        our_err = (ours.float() - ref).abs().max().item()
+        eager_err = (eager.float() - ref).abs().max().item()
+        bound = error_ratio * eager_err + 1e-3 * max(1.0, ref.abs().max().item())
+        assert our_err <= bound, f"{name}: error {our_err:.3g} > {error_ratio} x eager {eager_err:.3g} (+atol)"
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in TRITON_CASES])
+def test_triton_fp32_matches_reference(case):
+    triton_interpreter_or_cuda("cpu")
+    check_against_reference(case, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("table_dtype", [None, torch.float32], ids=["same", "fp32-params"])
+def test_triton_half_matches_reference(dtype, table_dtype):
+    triton_interpreter_or_cuda("cpu")
+    # The interpreter truncates fp32 -> bf16 casts instead of rounding: up to ~2x the rounding error, so the CPU
+    # bound is 3x eager PyTorch's error; the CUDA test applies flash-attn's 2x.
+    check_against_reference(TRITON_CASES[1], dtype, "triton", table_dtype=table_dtype, error_ratio=3.0)
+
+
+def test_triton_without_qkv_bias():
+    triton_interpreter_or_cuda("cpu")
+    check_against_reference(TRITON_CASES[1], torch.float32, "triton", with_bias=False)
+
+
+def test_triton_opcheck():
+    triton_interpreter_or_cuda("cpu")
+    qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
+    table = torch.randn(169, 2, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.vitkernels.triton_window_attention.default,
+                              (qkv, table, b, [7, 7], [3, 3], 2, 0.25))
+
+
+def test_triton_swin_block_compiles_fullgraph():
+    triton_interpreter_or_cuda("cpu")
+    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="triton")
+    ref = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="reference")
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(1, 9, 10, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    ref(x_ref).sum().backward()
+    torch.testing.assert_close(out, ref(x_ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_unsupported_configurations_fall_back_with_reasons():
+    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 24, "tokens_per_window": 49})
+    from vitkernels.ops.window_attention import op
+
+    reason = op.reasons(call)["triton"]
+    assert reason is not None and ("head_dim 24" in reason or "triton" in reason.lower())
+    from vitkernels.triton import HAS_TRITON
+
+    if HAS_TRITON:
+        from vitkernels.triton import window_attention as kernels
+
+        assert "head_dim 24" in kernels.supported_reason(24, 49, torch.float32)
+        assert "257 tokens" in kernels.supported_reason(32, 257, torch.float32)
+        assert "float64" in kernels.supported_reason(32, 49, torch.float64)
+        assert kernels.supported_reason(32, 144, torch.bfloat16) is None
+
+
+CUDA_CASES = [  # Swin-T stage 1 and 3 shapes (scaled batch), Swin-B 384 window 12, padding
+    (4, 56, 56, 3, 32, (7, 7), (3, 3)),
+    (8, 14, 14, 12, 32, (7, 7), (3, 3)),
+    (2, 24, 24, 4, 32, (12, 12), (6, 6)),
+    (2, 30, 27, 2, 64, (7, 7), (0, 0)),
+    (2, 30, 27, 2, 64, (7, 7), (3, 3)),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in CUDA_CASES])
+def test_triton_cuda_matches_reference(case, dtype):
+    check_against_reference(case, dtype, "triton", device="cuda", error_ratio=2.0)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_grid_beyond_65535_windows():
+    # 1 x 7 x (7 * 70000) image: 70,000 windows on one grid axis
+    check_against_reference((1, 7, 7 * 70000, 1, 16, (7, 7), (0, 0)), torch.float16, "triton", device="cuda",
+                            error_ratio=2.0)
+
+
+@pytest.mark.cuda
+def test_triton_cuda_int64_offsets():
+    """qkv with more than 2**31 elements: offsets past 2**31 must not wrap."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    H, W, nH, hd = 448, 448, 6, 64  # 231,211,008 qkv elements per image
+    B = -(-(2**31 + 1) // (H * W * 3 * nH * hd))  # 10 images: ~2.3e9 elements
+    qkv = torch.randn(B, H, W, 3 * nH * hd, device="cuda", dtype=torch.bfloat16)
+    assert qkv.numel() > 2**31
+    table = torch.randn(169, nH, device="cuda", dtype=torch.bfloat16)
+    out = vitkernels.window_attention(qkv, table, 7, 3, nH, backend="triton")
+    # check the last image (offsets beyond 2**31) against the reference computed on that image alone
+    ref = vitkernels.window_attention(qkv[-1:].float(), table.float(), 7, 3, nH, backend="reference")
+    torch.testing.assert_close(out[-1:].float(), ref, rtol=2e-2, atol=2e-2)

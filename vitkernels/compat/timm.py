@@ -4,8 +4,9 @@ Imports nothing of timm: the functions read the timm model's attributes.
 """
 from __future__ import annotations
 
+import re
 import types
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -92,3 +93,97 @@ class FusedViTPatchEmbed(PatchEmbed):
             )
 
         return embed(self, x, pos_for_grid, _vit_prefix_tokens(model), no_embed_class)
+
+
+# --- Swin ---------------------------------------------------------------------------------------------------------
+
+def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, in place.
+
+    The new blocks hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
+    ``attn.relative_position_bias_table``, ``mlp`` ...), so state-dict keys, optimizers and weight tying are
+    unaffected, and compute the same numbers with fused window attention. Blocks are recognised by class name and
+    attributes, so timm is not imported. ``model`` may itself be a block. Returns the (possibly new) root module.
+    """
+    if _is_timm_swin_block(model):
+        return swin_block_from_timm(model, backend)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_timm_swin_block(child):
+                setattr(parent, name, swin_block_from_timm(child, backend))
+    return model
+
+
+def _is_timm_swin_block(module: nn.Module) -> bool:
+    from vitkernels.modules.swin import SwinTransformerBlock
+
+    return (
+        type(module).__name__ == "SwinTransformerBlock"
+        and not isinstance(module, SwinTransformerBlock)
+        and hasattr(module, "attn")
+        and hasattr(module.attn, "relative_position_bias_table")
+        and hasattr(module, "shift_size")
+    )
+
+
+def swin_block_from_timm(block: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.SwinBlock` sharing ``block``'s submodules, configuration and buffers."""
+    from vitkernels.modules.swin import SwinTransformerBlock
+
+    new = SwinTransformerBlock.__new__(SwinTransformerBlock)
+    nn.Module.__init__(new)
+    for name in ("dim", "input_resolution", "target_shift_size", "always_partition", "dynamic_mask", "window_size",
+                 "shift_size", "window_area", "mlp_ratio"):
+        setattr(new, name, getattr(block, name))
+    new._backend = backend
+    new.norm1 = block.norm1
+    new.attn = window_attention_from_timm(block.attn, backend)
+    new.drop_path1 = block.drop_path1
+    new.norm2 = block.norm2
+    new.mlp = block.mlp
+    new.drop_path2 = block.drop_path2
+    new.register_buffer("attn_mask", block.attn_mask, persistent=False)
+    new.train(block.training)
+    return new
+
+
+def window_attention_from_timm(attn: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.WindowAttention` sharing a timm ``WindowAttention``'s parameters and buffers."""
+    from vitkernels.modules.swin import WindowAttention
+
+    new = WindowAttention.__new__(WindowAttention)
+    nn.Module.__init__(new)
+    for name in ("dim", "window_size", "window_area", "num_heads", "scale"):
+        setattr(new, name, getattr(attn, name))
+    new.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+    new.backend = backend
+    new.relative_position_bias_table = attn.relative_position_bias_table
+    new.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+    new.qkv = attn.qkv
+    new.attn_drop = attn.attn_drop
+    new.proj = attn.proj
+    new.proj_drop = attn.proj_drop
+    new.train(attn.training)
+    return new
+
+
+def convert_official_swin_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map a microsoft/Swin-Transformer checkpoint's keys to timm's (and vitkernels') ``SwinTransformer`` keys.
+
+    The official code downsamples at the *end* of a stage (``layers.i.downsample`` belongs to stage i + 1 here,
+    where timm and vitkernels downsample at the start) and names the classifier ``head`` (``head.fc`` here); the
+    ``relative_position_index`` / ``attn_mask`` buffers are dropped (non-persistent here). Accepts the raw file's
+    dict (``{"model": ...}``) too. A checkpoint already in timm's layout is returned unchanged but for the buffers.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    state_dict = state_dict.get("state_dict", state_dict)
+    official = "layers.0.downsample.reduction.weight" in state_dict
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if "relative_position_index" in key or "attn_mask" in key:
+            continue
+        if official:
+            key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+            key = re.sub(r"^head\.", "head.fc.", key)
+        out[key] = value
+    return out

@@ -11,7 +11,7 @@ Backends:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ from vitkernels._validation import (
     to_pair,
 )
 from vitkernels.reference import window_attention as reference
+from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
 op = dispatch.op("window_attention", "Swin (shifted) window attention with relative position bias, qkv -> out (NHWC)")
 
@@ -103,5 +104,88 @@ def _window_attention_reference(qkv, table, window_size, shift_size, num_heads, 
     return reference.window_attention(qkv, table, tuple(window_size), tuple(shift_size), num_heads, scale, qkv_bias)
 
 
-op.mark_missing("triton", "the fused Triton window attention kernel is not built yet")
+# --- triton backend: vitkernels/triton/window_attention.py -------------------------------------------------------
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.triton import window_attention as triton_kernels
+
+    @kernel_op("vitkernels::triton_window_attention")
+    def triton_window_attention(
+        qkv: torch.Tensor,
+        table: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+        scale: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Forward: (out (B, H, W, C), row log-sum-exp (B*nW, nH, N) fp32, kept for the backward)."""
+        return triton_kernels.window_attention_fwd(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+
+    @kernel_op("vitkernels::triton_window_attention_backward")
+    def triton_window_attention_backward(
+        grad_out: torch.Tensor,
+        qkv: torch.Tensor,
+        table: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+        scale: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias)."""
+        index = reference.relative_position_index(window_size[0], window_size[1], device=qkv.device)
+        grad_qkv, grad_table, grad_bias = triton_kernels.window_attention_bwd(
+            grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale, index
+        )
+        return grad_qkv, grad_table, grad_bias if grad_bias is not None else qkv.new_empty(0)
+
+    @triton_window_attention.register_fake
+    def _triton_window_attention_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
+        B, H, W, three_c = qkv.shape
+        n_windows = B * -(-H // window_size[0]) * -(-W // window_size[1])
+        out = qkv.new_empty((B, H, W, three_c // 3))
+        lse = qkv.new_empty((n_windows, num_heads, window_size[0] * window_size[1]), dtype=torch.float32)
+        return out, lse
+
+    @triton_window_attention_backward.register_fake
+    def _triton_window_attention_backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size,
+                                               num_heads, scale):
+        bias_grad = qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0)
+        return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
+
+    def _setup_context(ctx, inputs, output):
+        qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs
+        out, lse = output
+        ctx.has_bias = qkv_bias is not None
+        ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+
+    def _backward(ctx, grad_out, grad_lse):
+        qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+        grad_qkv, grad_table, grad_bias = triton_window_attention_backward(
+            grad_out.contiguous(), qkv, table, qkv_bias, out, lse, ctx.window_size, ctx.shift_size, ctx.num_heads,
+            ctx.scale,
+        )
+        return grad_qkv, grad_table, (grad_bias if ctx.has_bias else None), None, None, None, None
+
+    triton_window_attention.register_autograd(_backward, setup_context=_setup_context)
+
+    def _triton_supports(call: dispatch.Call) -> Optional[str]:
+        reason = triton_unavailable_reason(call.device)
+        if reason is None and "head_dim" in call.details:  # reports (vitkernels.info) ask without shapes
+            reason = triton_kernels.supported_reason(
+                call.details["head_dim"], call.details["tokens_per_window"], call.dtype
+            )
+        return reason
+
+    @op.register("triton", _triton_supports)
+    def _window_attention_triton(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
+        out, _ = triton_window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+        return out
+
+else:
+    op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
 op.mark_missing("native", "no C++ window attention kernel yet")
