@@ -1,0 +1,182 @@
+"""Swin window attention, qkv (B, H, W, 3C) in original order -> output (B, H, W, C): every peer side by side.
+
+Peers: ``reference eager`` (roll + pad + partition, materialised bias and mask, matmul-softmax-matmul, reverse:
+timm's eager arithmetic), ``reference torch.compile``, ``timm sdpa`` (timm's fused path: the same copies around
+``scaled_dot_product_attention`` with the bias + mask materialised as its float mask), ``flex_attention`` (windows
+partitioned, bias and mask as a ``score_mod`` by index math, compiled), ``xformers`` (memory-efficient attention on
+the partitioned windows with the materialised bias), and the vitkernels backends. The bandwidth floor is qkv read
+once plus the output written once (forward), plus grad_out read, qkv read again and grad_qkv written (backward).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkernels
+from vitkernels.reference import window_attention as reference
+from vitkernels.reference.window_partition import padded_size, window_partition, window_reverse
+
+from conftest import DEVICE, compiled_or_skip, run_benchmark
+
+ON_GPU = DEVICE.type == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+# (name, B, H, W, C, heads, window, shift): Swin-T stage 1 and stage 3 at batch 128 on a GPU; on CPU (2 cores, a
+# suite that must finish in minutes) stage 1 at batch 1
+if ON_GPU:
+    SHAPES = [
+        ("swin-t stage1 56x56 C96 h3 ws7", 128, 56, 56, 96, 3, 7, 3),
+        ("swin-t stage3 14x14 C384 h12 ws7", 128, 14, 14, 384, 12, 7, 3),
+    ]
+else:
+    SHAPES = [("swin-t stage1 56x56 C96 h3 ws7", 1, 56, 56, 96, 3, 7, 3)]
+MODES = ["fwd", "fwd+bwd"]
+
+
+def _reference(qkv, table, bias, ws, shift, heads):
+    return reference.window_attention(qkv, table, (ws, ws), (shift, shift), heads, (qkv.shape[-1] // 3 // heads) ** -0.5,
+                                      bias)
+
+
+def _timm_sdpa(qkv, table, bias, ws, shift, heads):
+    """timm's ``fused_attn`` path around the qkv Linear: copies, materialised bias + mask, SDPA, copies back."""
+    B, H, W, three_c = qkv.shape
+    windows = window_partition(qkv, (ws, ws), (shift, shift))
+    B_, N, _ = windows.shape
+    q, k, v = windows.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    index = reference.relative_position_index(ws, ws, device=qkv.device)
+    attn_mask = reference.relative_position_bias(table, index).unsqueeze(0).to(qkv.dtype)
+    Hp, Wp = padded_size(H, W, (ws, ws))
+    mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=qkv.device, dtype=qkv.dtype)
+    if mask is not None:
+        nw = mask.shape[0]
+        mask = mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, heads, -1, -1).reshape(-1, heads, N, N)
+        attn_mask = attn_mask + mask
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return window_reverse(out.transpose(1, 2).reshape(B_, N, -1), H, W, (ws, ws), (shift, shift))
+
+
+def _flex(ws, shift, heads, H, W):
+    """flex_attention on partitioned windows; bias and shifted-window mask computed in ``score_mod``."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"flex_attention unavailable: {exc}")
+    flex = compiled_or_skip(flex_attention)
+    Hp, Wp = padded_size(H, W, (ws, ws))
+    n_windows = (Hp // ws) * (Wp // ws)
+    mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=DEVICE, dtype=torch.float32)
+    index = reference.relative_position_index(ws, ws, device=DEVICE)
+
+    def attend(qkv, table, bias):
+        B = qkv.shape[0]
+        windows = window_partition(qkv, (ws, ws), (shift, shift))
+        B_, N, _ = windows.shape
+        q, k, v = windows.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        table_f = table.float()
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            s = score + table_f[index[q_idx, kv_idx], h]
+            if mask is not None:
+                s = s + mask[b % n_windows, q_idx, kv_idx]
+            return s
+
+        out = flex(q, k, v, score_mod=score_mod)
+        return window_reverse(out.transpose(1, 2).reshape(B_, N, -1), H, W, (ws, ws), (shift, shift))
+
+    return attend
+
+
+def _xformers(ws, shift, heads):
+    try:
+        import xformers.ops as xops
+    except Exception as exc:
+        pytest.skip(f"xformers not importable: {type(exc).__name__}: {exc}")
+    if not ON_GPU:
+        pytest.skip("xformers has no CPU kernels")
+
+    def attend(qkv, table, bias):
+        B, H, W, _ = qkv.shape
+        windows = window_partition(qkv, (ws, ws), (shift, shift))
+        B_, N, _ = windows.shape
+        q, k, v = windows.reshape(B_, N, 3, heads, -1).unbind(2)  # (B_, N, heads, hd)
+        index = reference.relative_position_index(ws, ws, device=qkv.device)
+        attn_bias = reference.relative_position_bias(table, index).unsqueeze(0).to(qkv.dtype)
+        Hp, Wp = padded_size(H, W, (ws, ws))
+        mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=qkv.device, dtype=qkv.dtype)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn_bias = (attn_bias.view(1, 1, heads, N, N) + mask.view(1, nw, 1, N, N)).expand(B_ // nw, -1, -1, -1, -1)
+        attn_bias = attn_bias.expand(B_, heads, N, N) if attn_bias.dim() == 4 else attn_bias.reshape(B_, heads, N, N)
+        out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias)
+        return window_reverse(out.reshape(B_, N, -1), H, W, (ws, ws), (shift, shift))
+
+    return attend
+
+
+def _vitkernels(backend):
+    def attend(qkv, table, bias, ws, shift, heads):
+        return vitkernels.window_attention(qkv, table, ws, shift, heads, qkv_bias=bias, backend=backend)
+
+    return attend
+
+
+PEERS = ["reference eager", "reference torch.compile", "timm sdpa", "flex_attention", "xformers",
+         "vitkernels auto", "vitkernels triton", "vitkernels native"]
+
+
+def _make(peer, shape):
+    _, B, H, W, C, heads, ws, shift = shape
+    if peer == "reference eager":
+        return lambda q, t, b: _reference(q, t, b, ws, shift, heads)
+    if peer == "reference torch.compile":
+        compiled = compiled_or_skip(_reference, dynamic=False)
+        return lambda q, t, b: compiled(q, t, b, ws, shift, heads)
+    if peer == "timm sdpa":
+        return lambda q, t, b: _timm_sdpa(q, t, b, ws, shift, heads)
+    if peer == "flex_attention":
+        return _flex(ws, shift, heads, H, W)
+    if peer == "xformers":
+        return _xformers(ws, shift, heads)
+    backend = peer.split()[1]
+    if backend == "triton" and not ON_GPU:
+        pytest.skip("triton on CPU is the Triton interpreter, a correctness tool: not benchmarked")
+    fn = _vitkernels(None if backend == "auto" else backend)
+    return lambda q, t, b: fn(q, t, b, ws, shift, heads)
+
+
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_window_attention(benchmark, shape, mode, peer):
+    name, B, H, W, C, heads, ws, shift = shape
+    benchmark.group = f"window_attention {mode} | {name} b{B}"
+    benchmark.extra_info["peer"] = peer
+    fn = _make(peer, shape)
+    qkv = torch.randn(B, H, W, 3 * C, device=DEVICE, dtype=DTYPE, requires_grad=mode == "fwd+bwd")
+    table = torch.randn((2 * ws - 1) ** 2, heads, device=DEVICE, dtype=torch.float32, requires_grad=mode == "fwd+bwd")
+    bias = torch.randn(3 * C, device=DEVICE, dtype=torch.float32)
+    try:
+        out = fn(qkv, table, bias)
+    except vitkernels.BackendUnavailableError as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    except Exception as exc:
+        if peer == "flex_attention" and mode == "fwd+bwd" and not ON_GPU:
+            pytest.skip(f"flex_attention backward does not run on CPU: {type(exc).__name__}")
+        raise
+    elem = qkv.element_size()
+    floor = B * H * W * 4 * C * elem  # qkv read once + output written once
+    n_windows = B * -(-H // ws) * -(-W // ws)
+    flops = 4 * n_windows * heads * (ws * ws) ** 2 * (C // heads)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(qkv, table, bias)
+    else:
+        grad = torch.randn_like(out)
+
+        def run():
+            qkv.grad = table.grad = None
+            fn(qkv, table, bias).backward(grad)
+        # backward at least reads grad_out and qkv again and writes grad_qkv: 4C + (C + 3C + 3C) per token
+        floor = floor * 11 // 4
+        flops = flops * 7 // 2  # two matmuls forward, five backward (the scores recomputed)
+    run_benchmark(benchmark, run, peer=peer, bytes_moved=floor, flops=flops)
