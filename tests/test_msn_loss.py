@@ -1,0 +1,306 @@
+"""MSN loss: reference vs the official arithmetic re-derived, closed forms, Sinkhorn, gradients, extremes, modules,
+validation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkernels
+from vitkernels.reference import msn_loss as reference
+
+from helpers import assert_close
+
+
+# --- independent formulations -------------------------------------------------------------------------------------
+
+def official_style(anchors, targets, prototypes, proto_labels, num_views, tau, T, me_max, use_entropy,
+                   use_sinkhorn=False):
+    """The official ``loss(...)`` arithmetic written out literally: softmax @ labels, p ** (1/T), log(p ** -t)."""
+    K = prototypes.shape[0]
+    labels = torch.eye(K, dtype=anchors.dtype) if proto_labels is None else proto_labels
+
+    def snn(q):
+        return torch.softmax(F.normalize(q) @ F.normalize(prototypes).T / tau, dim=1) @ labels
+
+    probs = snn(anchors)
+    with torch.no_grad():
+        t = snn(targets) ** (1.0 / T)
+        t = t / t.sum(1, keepdim=True)
+        if use_sinkhorn:
+            t = sinkhorn_scaling(t)
+        t = t.repeat(num_views, 1)
+    ce = torch.mean(torch.sum(torch.log(probs ** (-t)), dim=1))
+    rloss = torch.zeros((), dtype=anchors.dtype)
+    if me_max:
+        avg = probs.mean(0)
+        rloss = -torch.sum(torch.log(avg ** (-avg))) + math.log(float(len(avg)))
+    sloss = torch.zeros((), dtype=anchors.dtype)
+    if use_entropy:
+        sloss = torch.mean(torch.sum(torch.log(probs ** (-probs)), dim=1))
+    return ce, rloss, sloss
+
+
+def sinkhorn_scaling(P, num_itr=3):
+    """Sinkhorn-Knopp as diagonal scalings u (samples) and v (prototypes) of the (B, K) matrix, never dividing the
+    matrix itself: Q = diag(u) P diag(v), prototype marginals -> 1/K, sample marginals -> 1/B, then times B."""
+    B, K = P.shape
+    P = P / P.sum()
+    u = torch.ones(B, dtype=P.dtype)
+    v = torch.ones(K, dtype=P.dtype)
+    for _ in range(num_itr):
+        v = (1.0 / K) / (u @ P) * 1.0  # prototype sums (over samples) of diag(u) P diag(v) become 1/K
+        u = (1.0 / B) / (P @ v)  # sample sums become 1/B
+    return B * u[:, None] * P * v[None, :]
+
+
+def make_inputs(B, num_views, K, D, dtype=torch.float64, scale=1.0):
+    anchors = scale * torch.randn(num_views * B, D, dtype=dtype)
+    targets = scale * torch.randn(B, D, dtype=dtype)
+    prototypes = scale * torch.randn(K, D, dtype=dtype)
+    return anchors, targets, prototypes
+
+
+def smoothed_labels(K, smoothing, dtype=torch.float64):
+    """The official ``one_hot(range(K), K)`` with label smoothing."""
+    off = smoothing / K
+    return torch.full((K, K), off, dtype=dtype).fill_diagonal_(1.0 - smoothing + off)
+
+
+# (B, num_views, K, D)
+SHAPES = [(4, 3, 16, 8), (3, 1, 10, 5), (2, 11, 33, 12), (5, 2, 7, 3)]
+FLAGS = [(True, False), (False, False), (True, True), (False, True)]  # (me_max, use_entropy)
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: f"memax{int(f[0])}-ent{int(f[1])}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_reference_matches_official_arithmetic(shape, flags):
+    B, V, K, D = shape
+    me_max, use_entropy = flags
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    ours = reference.msn_loss(anchors, targets, prototypes, None, V, 0.1, 0.25, me_max, use_entropy)
+    theirs = official_style(anchors, targets, prototypes, None, V, 0.1, 0.25, me_max, use_entropy)
+    for a, b in zip(ours, theirs):
+        assert a.shape == () and a.dtype == torch.float64
+        assert_close(a, b)
+    via_op = vitkernels.msn_loss(anchors, targets, prototypes, None, V, 0.1, 0.25, me_max, use_entropy,
+                                 backend="reference")
+    for a, b in zip(via_op, ours):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_reference_with_proto_labels(smoothing):
+    B, V, K, D = 3, 2, 12, 6
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    labels = smoothed_labels(K, smoothing)
+    ours = reference.msn_loss(anchors, targets, prototypes, labels, V, 0.2, 0.3, True, True)
+    theirs = official_style(anchors, targets, prototypes, labels, V, 0.2, 0.3, True, True)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b)
+    if smoothing == 0.0:  # one-hot labels are the identity
+        for a, b in zip(ours, reference.msn_loss(anchors, targets, prototypes, None, V, 0.2, 0.3, True, True)):
+            assert_close(a, b)
+
+
+def test_reference_closed_forms():
+    """sharpen(softmax(z), T) = softmax(z / T); me-max = log K - H(avg); entropy = mean of H(probs)."""
+    B, V, K, D = 4, 3, 9, 5
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    tau, T = 0.15, 0.3
+    z = F.normalize(anchors) @ F.normalize(prototypes).T / tau
+    zt = F.normalize(targets) @ F.normalize(prototypes).T / tau
+    t = torch.softmax(zt / T, dim=1).repeat(V, 1)
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    avg = p.mean(0)
+    ce, rloss, sloss = reference.msn_loss(anchors, targets, prototypes, None, V, tau, T, True, True)
+    assert_close(ce, -(t * logp).sum(1).mean())
+    assert_close(rloss, math.log(K) + (avg * avg.log()).sum())
+    assert_close(sloss, torch.distributions.Categorical(probs=p).entropy().mean())
+    assert_close(reference.sharpen(torch.softmax(zt, 1), T), torch.softmax(zt / T, 1))
+
+
+def test_sinkhorn_matches_scaling_formulation():
+    P = torch.softmax(torch.randn(6, 10, dtype=torch.float64) * 2, dim=1)
+    before = P.clone()
+    Q = reference.distributed_sinkhorn(P)
+    assert_close(Q, sinkhorn_scaling(P))
+    torch.testing.assert_close(P, before, rtol=0, atol=0)  # the input is left alone
+    assert_close(Q.sum(1), torch.ones(6, dtype=torch.float64))  # every sample's assignment sums to 1
+
+
+def test_reference_with_sinkhorn():
+    B, V, K, D = 4, 2, 10, 6
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    ours = reference.msn_loss(anchors, targets, prototypes, None, V, 0.1, 0.25, True, False, use_sinkhorn=True)
+    theirs = official_style(anchors, targets, prototypes, None, V, 0.1, 0.25, True, False, use_sinkhorn=True)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b)
+    plain = reference.msn_loss(anchors, targets, prototypes, None, V, 0.1, 0.25, True, False)
+    assert not torch.allclose(ours[0], plain[0])  # Sinkhorn changed the targets
+
+
+# --- gradients ------------------------------------------------------------------------------------------------------
+
+def analytic_logit_grad(anchors, targets, prototypes, V, tau, T, g_ce, g_r, g_s):
+    """Gradient w.r.t. the anchor logits z = cos / tau of g_ce * ce + g_r * rloss + g_s * sloss:
+    (1/N) [g_ce (S_i p - t) + g_r p (log a - <p, log a>) - g_s p (log p + H_i)]."""
+    z = F.normalize(anchors) @ F.normalize(prototypes).T / tau
+    t = torch.softmax(F.normalize(targets) @ F.normalize(prototypes).T / (tau * T), dim=1).repeat(V, 1)
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    N = z.shape[0]
+    loga = p.mean(0).log()
+    H = -(p * logp).sum(1, keepdim=True)
+    S = t.sum(1, keepdim=True)
+    grad = g_ce * (S * p - t) + g_r * p * (loga - (p * loga).sum(1, keepdim=True)) - g_s * p * (logp + H)
+    return z, grad / N
+
+
+def test_reference_logit_gradient_matches_analytic():
+    B, V, K, D = 3, 4, 11, 6
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    tau, T = 0.1, 0.25
+    z, expected = analytic_logit_grad(anchors, targets, prototypes, V, tau, T, 1.0, 0.7, 0.3)
+    # autograd through the reference, seen from the logits: d loss / d anchors = d z/d anchors^T grad
+    anchors.requires_grad_(True)
+    prototypes.requires_grad_(True)
+    ce, rloss, sloss = reference.msn_loss(anchors, targets, prototypes, None, V, tau, T, True, True)
+    grads = torch.autograd.grad(ce + 0.7 * rloss + 0.3 * sloss, (anchors, prototypes))
+    zz = F.normalize(anchors) @ F.normalize(prototypes).T / tau
+    via_logits = torch.autograd.grad(zz, (anchors, prototypes), expected)
+    for a, b in zip(grads, via_logits):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("flags", [(True, True, False), (True, False, True)], ids=["memax-ent", "memax-sinkhorn"])
+def test_reference_gradcheck(flags):
+    me_max, use_entropy, use_sinkhorn = flags
+    """w.r.t. the anchors (the prototypes also move the no-grad targets, which finite differences would see; their
+    gradient is checked against the analytic formula above)."""
+    anchors, targets, prototypes = make_inputs(2, 2, 5, 3)
+    anchors.requires_grad_(True)
+
+    def f(a):
+        ce, r, s = reference.msn_loss(a, targets, prototypes, None, 2, 0.3, 0.5, me_max, use_entropy, use_sinkhorn)
+        return ce + r + 0.5 * s
+
+    assert torch.autograd.gradcheck(f, (anchors,))
+
+
+def test_targets_get_no_gradient():
+    anchors, targets, prototypes = make_inputs(2, 2, 5, 3)
+    targets.requires_grad_(True)
+    anchors.requires_grad_(True)
+    ce, r, _ = vitkernels.msn_loss(anchors, targets, prototypes, None, 2, backend="reference")
+    (ce + r).backward()
+    assert targets.grad is None and anchors.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_inputs_are_finite(dtype):
+    """Huge representations (normalised away) and a tiny temperature (logits up to 1/tau = 200): the softmax
+    underflows to 0 for most prototypes, where the official log(probs ** -targets) would give inf."""
+    B, V, K, D = 4, 3, 40, 8
+    anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=dtype, scale=1e4)
+    anchors.requires_grad_(True)
+    prototypes.requires_grad_(True)
+    ce, rloss, sloss = vitkernels.msn_loss(anchors, targets, prototypes, None, V, 0.005, 0.25, True, True,
+                                           backend="reference")
+    (ce + rloss + sloss).backward()
+    for v in (ce, rloss, sloss, anchors.grad, prototypes.grad):
+        assert torch.isfinite(v).all()
+    # the float64 closed form agrees
+    z = F.normalize(anchors.detach().double()) @ F.normalize(prototypes.detach().double()).T / 0.005
+    t = torch.softmax(F.normalize(targets.double()) @ F.normalize(prototypes.detach().double()).T / 0.00125, 1)
+    expected_ce = -(t.repeat(V, 1) * torch.log_softmax(z, 1)).sum(1).mean()
+    assert_close(ce.double(), expected_ce, rtol=1e-4, atol=1e-4 * expected_ce.abs().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    anchors, targets, prototypes = make_inputs(3, 2, 9, 4, dtype=torch.float32)
+    a = anchors.to(dtype).requires_grad_(True)
+    terms = vitkernels.msn_loss(a, targets.to(dtype), prototypes.to(dtype), None, 2, backend="reference")
+    assert all(t.dtype == torch.float32 for t in terms)
+    terms[0].backward()
+    assert a.grad.dtype == dtype
+    expected = reference.msn_loss(a.detach().double(), targets.to(dtype).double(), prototypes.to(dtype).double(),
+                                  None, 2)
+    for x, y in zip(terms, expected):
+        assert_close(x.double(), y, rtol=1e-5, atol=1e-5)
+
+
+# --- modules --------------------------------------------------------------------------------------------------------
+
+def test_module_defaults_are_official():
+    m = vitkernels.MSNLoss()
+    assert (m.num_views, m.tau, m.T, m.me_max, m.use_sinkhorn, m.use_entropy) == (1, 0.1, 0.25, True, False, False)
+    assert (m.me_max_weight, m.ent_weight) == (1.0, 0.0)
+    assert not list(m.parameters()) and not list(m.buffers())
+
+
+@pytest.mark.parametrize("module_cls", [reference.MSNLoss, vitkernels.MSNLoss], ids=["reference", "fast"])
+@pytest.mark.parametrize("kw", [dict(), dict(use_entropy=True, ent_weight=0.5, me_max_weight=2.0),
+                                dict(me_max=False, use_sinkhorn=True)], ids=["defaults", "weights", "sinkhorn"])
+def test_module_combines_terms_with_weights(module_cls, kw):
+    B, V, K, D = 3, 4, 10, 6
+    anchors, targets, prototypes = make_inputs(B, V, K, D)
+    module = module_cls(num_views=V, **kw)
+    loss = module(anchors, targets, prototypes)
+    flags = dict(me_max=module.me_max, use_entropy=module.use_entropy, use_sinkhorn=module.use_sinkhorn)
+    ce, r, s = official_style(anchors, targets, prototypes, None, V, 0.1, 0.25, **flags)
+    assert_close(loss, ce + module.me_max_weight * r + module.ent_weight * s)
+    # a per-step sharpening temperature, as the official annealed schedule
+    ce2, r2, s2 = official_style(anchors, targets, prototypes, None, V, 0.1, 0.4, **flags)
+    assert_close(module(anchors, targets, prototypes, T=0.4), ce2 + module.me_max_weight * r2 + module.ent_weight * s2)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------------------
+
+def _good(**over):
+    args = dict(anchor_views=torch.randn(6, 4), target_views=torch.randn(3, 4), prototypes=torch.randn(5, 4),
+                proto_labels=None, num_views=2, tau=0.1, T=0.25, me_max=True, use_entropy=False, use_sinkhorn=False)
+    args.update(over)
+    return args
+
+
+BAD_INPUTS = [
+    (dict(anchor_views=torch.randn(6)), ValueError, "anchor_views must have 2 dimensions"),
+    (dict(anchor_views=torch.randn(7, 4)), ValueError, "anchor_views must have shape"),
+    (dict(anchor_views=torch.randn(6, 3)), ValueError, "anchor_views must have shape"),
+    (dict(anchor_views=torch.randn(6, 4).long()), TypeError, "anchor_views must have dtype"),
+    (dict(target_views=torch.randn(3, 5)), ValueError, "target_views must have D = 4"),
+    (dict(target_views=torch.randn(0, 4), anchor_views=torch.randn(0, 4)), ValueError, "target_views must have at"),
+    (dict(target_views=torch.randn(3, 4).double()), TypeError, "target_views has dtype"),
+    (dict(prototypes=torch.randn(5, 4, 1)), ValueError, "prototypes must have 2 dimensions"),
+    (dict(prototypes=torch.randn(0, 4)), ValueError, "prototypes must have a non-empty"),
+    (dict(proto_labels=torch.eye(4)), ValueError, "proto_labels must have shape"),
+    (dict(proto_labels=torch.eye(5).double()), TypeError, "proto_labels has dtype"),
+    (dict(proto_labels=torch.ones(5)), ValueError, "proto_labels must have 2 dimensions"),
+    (dict(num_views=0), ValueError, "num_views must be >= 1"),
+    (dict(num_views=3), ValueError, "anchor_views must have shape"),
+    (dict(tau=0.0), ValueError, "tau must be > 0"),
+    (dict(T=-1.0), ValueError, "T must be > 0"),
+    (dict(me_max=1), TypeError, "me_max must be a bool"),
+    (dict(use_entropy=None), TypeError, "use_entropy must be a bool"),
+    (dict(use_sinkhorn="no"), TypeError, "use_sinkhorn must be a bool"),
+]
+
+
+@pytest.mark.parametrize("over,exc,match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_inputs(over, exc, match):
+    with pytest.raises(exc, match=match):
+        vitkernels.msn_loss(**_good(**over))
+
+
+def test_bad_device_mix():
+    device = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(ValueError, match="prototypes is on"):
+        vitkernels.msn_loss(**_good(prototypes=torch.randn(5, 4, device=device)))
+
+
+def test_backend_names():
+    with pytest.raises(vitkernels.BackendUnavailableError, match="native"):
+        vitkernels.msn_loss(**_good(), backend="native")
