@@ -281,3 +281,183 @@ def test_backend_names():
         vitkernels.dino_loss(**_good(), backend="native")
     with pytest.raises(ValueError, match="backend"):
         vitkernels.dino_loss(**_good(), backend="gpu")
+
+
+# === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
+
+from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
+
+
+def assert_close_scaled(actual, expected, dtype):
+    """Per-dtype tolerance with the absolute part scaled by the magnitude of the expected values."""
+    t = tol(dtype)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
+
+
+def check_triton(ncrops, B, K, dtype, device="cpu", scale=3.0, student_temp=0.1, teacher_temp=0.04,
+                 center_shape="k", center_dtype=torch.float32):
+    student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, scale=scale, center_shape=center_shape)
+    student, teacher = student.to(device, dtype), teacher.to(device, dtype)
+    center = center.to(device, center_dtype)
+    s = student.clone().requires_grad_(True)
+    loss = vitkernels.dino_loss(s, teacher, center, ncrops, student_temp, teacher_temp, backend="triton")
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    g = torch.rand((), device=device) + 0.5
+    (grad,) = torch.autograd.grad(loss, s, g)
+    rdt = reference_dtype(dtype)
+    sr = student.to(rdt).requires_grad_(True)
+    ref = reference.dino_loss(sr, teacher.to(rdt), center.to(rdt), ncrops, student_temp, teacher_temp)
+    (ref_grad,) = torch.autograd.grad(ref, sr, g.to(rdt))
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad.dtype == dtype and grad.shape == student.shape
+    lt = tol(torch.float32) if dtype != torch.float64 else tol(dtype)  # the loss is accumulated in fp32
+    torch.testing.assert_close(loss.to(rdt), ref, atol=lt["atol"] * max(1.0, ref.abs().item()), rtol=lt["rtol"])
+    assert_close_scaled(grad, ref_grad, dtype)
+
+
+# (ncrops, B, K): multi-tile / multi-chunk class dimensions (interpreter tiles are 64 classes), ncrops 1 and 2
+TRITON_SHAPES = [(4, 3, 37), (10, 2, 150), (2, 3, 64), (1, 2, 9), (3, 1, 200)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_fp32_forward_backward(shape):
+    triton_interpreter_or_cuda("cpu")
+    check_triton(*shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half_forward_backward(dtype):
+    triton_interpreter_or_cuda("cpu")
+    check_triton(4, 2, 70, dtype, center_shape="1k")
+
+
+def test_triton_temperatures_and_center_dtype():
+    triton_interpreter_or_cuda("cpu")
+    check_triton(3, 2, 33, torch.float32, student_temp=0.5, teacher_temp=0.07, center_dtype=torch.float64)
+
+
+def test_triton_extreme_logits_are_finite():
+    triton_interpreter_or_cuda("cpu")
+    check_triton(4, 2, 90, torch.float32, scale=1e4)
+    # one dominating teacher class, all-negative huge student rows
+    ncrops, B, K = 3, 2, 40
+    student = -1e4 - 1e3 * torch.rand(ncrops * B, K)
+    teacher = -1e4 * torch.rand(2 * B, K)
+    teacher[:, 5] = 1e4
+    center = torch.zeros(K)
+    s = student.clone().requires_grad_(True)
+    loss = vitkernels.dino_loss(s, teacher, center, ncrops, backend="triton")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    expected = collapsed(student.double(), teacher.double(), center.double(), ncrops, 0.1, 0.04)
+    assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().item())
+
+
+@pytest.mark.parametrize("block_k,chunk", [(8, 8), (8, 32), (16, 48)])
+def test_triton_kernels_tilings(block_k, chunk):
+    """The launchers with explicit small tiles: many chunks per row and several tiles per chunk are merged."""
+    triton_interpreter_or_cuda("cpu")
+    from vitkernels.triton import dino_loss as kernels
+
+    ncrops, B, K = 4, 2, 77
+    student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, center_shape="k")
+    loss, student_lse, teacher_lse, center_copy = kernels.dino_loss_fwd(student, teacher, center, ncrops, 0.1, 0.04,
+                                                                        block_k, chunk)
+    torch.testing.assert_close(center_copy, center, rtol=0, atol=0)
+    args64 = (student.double(), teacher.double(), center.double(), ncrops, 0.1, 0.04)
+    assert_close(loss.double(), reference.dino_loss(*args64), torch.float32)
+    assert_close(student_lse.double(), torch.logsumexp(student.double() / 0.1, 1), torch.float32)
+    assert_close(teacher_lse.double(), torch.logsumexp((teacher.double() - center.double()) / 0.04, 1),
+                 torch.float32)
+    g = torch.tensor(0.75)
+    grad = kernels.dino_loss_bwd(g, student, teacher, center_copy, student_lse, teacher_lse, ncrops, 0.1, 0.04,
+                                 block_k, chunk)
+    assert_close(grad.double(), 0.75 * analytic_student_grad(*args64), torch.float32)
+
+
+@pytest.mark.parametrize("center_shape", ["1k", "k"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_center_update(dtype, center_shape):
+    triton_interpreter_or_cuda("cpu")
+    _, teacher, center = make_inputs(1, 9, 150, dtype=torch.float32, center_shape=center_shape)
+    teacher = teacher.to(dtype)
+    new = vitkernels.dino_center_update(center, teacher, 0.8, backend="triton")
+    expected = vitkernels.dino_center_update(center.double(), teacher.double(), 0.8, backend="reference")
+    assert new.shape == center.shape and new.dtype == torch.float32
+    assert_close(new, expected.float(), torch.float32)
+
+
+def test_triton_opcheck():
+    triton_interpreter_or_cuda("cpu")
+    student, teacher, center = make_inputs(3, 2, 20, dtype=torch.float32, center_shape="k")
+    torch.library.opcheck(torch.ops.vitkernels.triton_dino_loss.default,
+                          (student.requires_grad_(True), teacher, center, 3, 0.1, 0.04))
+    _, student_lse, teacher_lse, center_copy = torch.ops.vitkernels.triton_dino_loss(student, teacher, center, 3, 0.1,
+                                                                                     0.04)
+    torch.library.opcheck(torch.ops.vitkernels.triton_dino_loss_backward.default,
+                          (torch.tensor(1.0), student.detach(), teacher, center_copy, student_lse, teacher_lse, 3, 0.1,
+                           0.04))
+    torch.library.opcheck(torch.ops.vitkernels.triton_dino_center_update.default, (center, teacher, 0.9))
+
+
+def test_triton_compile_fullgraph():
+    triton_interpreter_or_cuda("cpu")
+    student, teacher, center = make_inputs(4, 2, 24, dtype=torch.float32, center_shape="1k")
+
+    def f(s, t, c):
+        loss = vitkernels.dino_loss(s * 2.0, t, c, 4, backend="triton")
+        return loss, vitkernels.dino_center_update(c, t, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    (loss, new_center), (expected, expected_center) = compiled(s1, teacher, center), f(s2, teacher, center)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(new_center, expected_center)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_triton_module_fullgraph(monkeypatch):
+    """The fast module (loss + in-place centre update) on the triton backend, compiled without graph breaks."""
+    triton_interpreter_or_cuda("cpu")
+    monkeypatch.setenv("VITKERNELS_BACKEND", "triton")
+    ncrops, B, K = 4, 2, 24
+    ours = vitkernels.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4)
+    theirs = reference.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for epoch in range(3):
+        student, teacher, _ = make_inputs(ncrops, B, K, dtype=torch.float32)
+        s = student.clone().requires_grad_(True)
+        loss = compiled(s, teacher, epoch)
+        expected = theirs(student, teacher, epoch)
+        assert_close(loss, expected, torch.float32)
+        assert_close(ours.center, theirs.center, torch.float32)
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+
+
+def test_triton_backend_refuses_float64():
+    triton_interpreter_or_cuda("cpu")
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    with pytest.raises(vitkernels.BackendUnavailableError, match="float64"):
+        vitkernels.dino_loss(**args, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_cuda_issue_size(dtype):
+    """K = 65,536, 2 global + 8 local crops (B = 8 here to keep the float64 reference small)."""
+    check_triton(10, 8, 65536, dtype, device="cuda")
+
+
+@pytest.mark.cuda
+def test_triton_cuda_odd_sizes_and_extremes():
+    check_triton(6, 5, 1000, torch.float32, device="cuda")
+    check_triton(1, 3, 7, torch.float32, device="cuda")
+    check_triton(4, 16, 4099, torch.float32, device="cuda", scale=1e4)
+    _, teacher, center = make_inputs(1, 64, 65536, dtype=torch.float32, center_shape="1k")
+    new = vitkernels.dino_center_update(center.cuda(), teacher.cuda(), backend="triton")
+    assert_close(new.cpu().double(), 0.9 * center.double() + 0.1 * teacher.double().mean(0, keepdim=True),
+                 torch.float32)

@@ -4,12 +4,16 @@ Public functions :func:`dino_loss` and :func:`dino_center_update` validate their
 
 * ``reference`` -- :mod:`vitkernels.reference.dino_loss` (the official ``DINOLoss`` arithmetic: one
   ``log_softmax`` and one product per (teacher view, student view) pair),
-* ``triton``    -- not written yet,
+* ``triton``    -- ``torch.ops.vitkernels.triton_dino_loss`` (+ ``_backward``) and
+  ``torch.ops.vitkernels.triton_dino_center_update``: the kernels of :mod:`vitkernels.triton.dino_loss` (each
+  student row's log-sum-exp and the teacher softmax computed once, the pair sum collapsed to per-row dot products,
+  the student gradient in one more pass; the centre update one fused column reduction + EMA), registered with fake
+  implementations and autograd so ``torch.compile(fullgraph=True)`` sees no graph break,
 * ``native``    -- no C++ implementation (not planned: the loss is bandwidth-bound GPU work).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -23,6 +27,7 @@ from vitkernels._validation import (
     check_tensor,
 )
 from vitkernels.reference import dino_loss as reference
+from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
 loss_op = dispatch.op(
     "dino_loss", "DINO multi-crop soft cross-entropy, teacher centred + sharpened, same-view pairs skipped"
@@ -160,5 +165,95 @@ def _center_reference(center, teacher, momentum):
 
 loss_op.mark_missing("native", "no C++ implementation of dino_loss (the fused loss is a Triton kernel)")
 center_op.mark_missing("native", "no C++ implementation of dino_center_update (the fused loss is a Triton kernel)")
-loss_op.mark_missing("triton", "the Triton DINO loss is not written yet")
-center_op.mark_missing("triton", "the Triton DINO centre update is not written yet")
+
+
+# --- triton backend: vitkernels/triton/dino_loss.py ---------------------------------------------------------------
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _loss_fake(student, teacher, center, ncrops, student_temp, teacher_temp):
+    f32 = dict(dtype=torch.float32)
+    return (student.new_empty((), **f32), student.new_empty((student.shape[0],), **f32),
+            teacher.new_empty((teacher.shape[0],), **f32), center.new_empty((center.shape[0],), **f32))
+
+
+def _loss_backward_fake(grad, student, teacher, center, student_lse, teacher_lse, ncrops, student_temp, teacher_temp):
+    return torch.empty_like(student)
+
+
+def _center_fake(center, teacher, momentum):
+    return center.new_empty(center.shape, dtype=torch.promote_types(center.dtype, teacher.dtype))
+
+
+def _register_fake_and_autograd(forward, backward, center_update) -> None:
+    """Fakes for the three ops; autograd of ``forward`` (loss, student log-sum-exps, teacher log-sum-exps, centre
+    copy) through ``backward``: only the student gets a gradient (the official code detaches the teacher; the
+    centre is a buffer), and the other outputs are saved statistics, not differentiable. The backward uses the
+    forward's copy of the centre, so that updating the centre in place after the loss (as the modules do) is safe."""
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, _, ctx.ncrops, ctx.student_temp, ctx.teacher_temp = inputs
+        _, student_lse, teacher_lse, center_copy = output
+        ctx.save_for_backward(student, teacher, center_copy, student_lse, teacher_lse)
+        ctx.mark_non_differentiable(student_lse, teacher_lse, center_copy)
+
+    def backward_fn(ctx, grad_loss, *_grads_of_statistics):
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            student, teacher, center, student_lse, teacher_lse = ctx.saved_tensors
+            grad_student = backward(grad_loss, student, teacher, center, student_lse, teacher_lse, ctx.ncrops,
+                                    ctx.student_temp, ctx.teacher_temp)
+        return grad_student, None, None, None, None, None
+
+    torch.library.register_fake(forward)(_loss_fake)
+    torch.library.register_fake(backward)(_loss_backward_fake)
+    torch.library.register_fake(center_update)(_center_fake)
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.triton import dino_loss as triton_kernels
+
+    @kernel_op("vitkernels::triton_dino_loss")
+    def triton_dino_loss(
+        student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, ncrops: int, student_temp: float,
+        teacher_temp: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_kernels.dino_loss_fwd(student, teacher, center, ncrops, student_temp, teacher_temp)
+
+    @kernel_op("vitkernels::triton_dino_loss_backward")
+    def triton_dino_loss_backward(
+        grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+        student_lse: torch.Tensor, teacher_lse: torch.Tensor, ncrops: int, student_temp: float, teacher_temp: float,
+    ) -> torch.Tensor:
+        return triton_kernels.dino_loss_bwd(grad, student, teacher, center, student_lse, teacher_lse, ncrops,
+                                            student_temp, teacher_temp)
+
+    @kernel_op("vitkernels::triton_dino_center_update")
+    def triton_dino_center_update(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> torch.Tensor:
+        return triton_kernels.dino_center_update(center, teacher, momentum)
+
+    _register_fake_and_autograd(triton_dino_loss, triton_dino_loss_backward, triton_dino_center_update)
+
+    _TRITON_DTYPES = dispatch.dtypes_check(torch.float16, torch.bfloat16, torch.float32)
+
+    @loss_op.register("triton", lambda call: triton_unavailable_reason(call.device), _TRITON_DTYPES)
+    def _loss_triton(student, teacher, center, ncrops, student_temp, teacher_temp):
+        loss, _, _, _ = triton_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp)
+        return loss
+
+    @center_op.register("triton", lambda call: triton_unavailable_reason(call.device), _TRITON_DTYPES)
+    def _center_triton(center, teacher, momentum):
+        if _world_size() > 1:
+            # the row sums must be all-reduced between the reduction and the EMA: the reference does exactly that
+            return reference.dino_center_update(center, teacher, momentum)
+        return triton_dino_center_update(center, teacher, momentum)
+
+else:
+    loss_op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
+    center_op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
