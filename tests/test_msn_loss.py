@@ -304,3 +304,159 @@ def test_bad_device_mix():
 def test_backend_names():
     with pytest.raises(vitkernels.BackendUnavailableError, match="native"):
         vitkernels.msn_loss(**_good(), backend="native")
+
+
+# === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
+
+from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
+
+WEIGHTS = (1.0, 0.7, 0.3)  # upstream gradients of (ce, rloss, sloss)
+
+
+def assert_close_scaled(actual, expected, dtype):
+    t = tol(dtype)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
+
+
+def run_terms(anchors, targets, prototypes, V, tau, T, flags, backend):
+    me_max, use_entropy, use_sinkhorn = flags
+    a = anchors.detach().clone().requires_grad_(True)
+    p = prototypes.detach().clone().requires_grad_(True)
+    terms = vitkernels.msn_loss(a, targets, p, None, V, tau, T, me_max, use_entropy, use_sinkhorn, backend=backend)
+    total = sum(w * t for w, t in zip(WEIGHTS, terms))
+    return terms, torch.autograd.grad(total, (a, p))
+
+
+def check_triton(B, V, K, D, dtype, flags=(True, True, False), device="cpu", scale=1.0, tau=0.1, T=0.25,
+                 zero_row=False):
+    anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=torch.float32, scale=scale)
+    if zero_row:
+        anchors[1] = 0.0  # F.normalize's clamped norm
+    anchors, targets, prototypes = (x.to(device, dtype) for x in (anchors, targets, prototypes))
+    terms, grads = run_terms(anchors, targets, prototypes, V, tau, T, flags, "triton")
+    rdt = reference_dtype(dtype)
+    ref_terms, ref_grads = run_terms(anchors.to(rdt), targets.to(rdt), prototypes.to(rdt), V, tau, T, flags,
+                                     "reference")
+    lt = tol(torch.float32)
+    for t, r in zip(terms, ref_terms):
+        assert t.dtype == torch.float32 and t.shape == () and torch.isfinite(t)
+        torch.testing.assert_close(t.to(rdt), r, atol=lt["atol"] * max(1.0, r.abs().item()), rtol=lt["rtol"])
+    for g, r, x in zip(grads, ref_grads, (anchors, prototypes)):
+        assert g.dtype == dtype and g.shape == x.shape and torch.isfinite(g).all()
+        assert_close_scaled(g, r, dtype)
+
+
+# (B, num_views, K, D): row / class / feature tiles of the interpreter are 8-16 / 32 / 16 wide
+TRITON_SHAPES = [(4, 3, 20, 10), (3, 1, 37, 5), (2, 11, 16, 17), (5, 2, 70, 24)]
+TRITON_FLAGS = [(True, True, False), (True, False, False), (False, True, False), (False, False, False),
+                (True, False, True)]
+
+
+@pytest.mark.parametrize("flags", TRITON_FLAGS, ids=lambda f: f"memax{int(f[0])}-ent{int(f[1])}-sk{int(f[2])}")
+def test_triton_flags(flags):
+    triton_interpreter_or_cuda("cpu")
+    check_triton(4, 3, 20, 10, torch.float32, flags)
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_shapes(shape):
+    triton_interpreter_or_cuda("cpu")
+    check_triton(*shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_half(dtype):
+    triton_interpreter_or_cuda("cpu")
+    check_triton(3, 2, 24, 12, dtype)
+
+
+def test_triton_extreme_inputs_are_finite():
+    triton_interpreter_or_cuda("cpu")
+    check_triton(4, 2, 40, 8, torch.float32, scale=1e4, tau=0.005)
+    check_triton(3, 2, 20, 6, torch.float32, zero_row=True)
+
+
+def test_triton_only_anchor_or_prototype_gradient():
+    triton_interpreter_or_cuda("cpu")
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    for leaf in (anchors, prototypes):
+        x = leaf.clone().requires_grad_(True)
+        args = (x, targets, prototypes) if leaf is anchors else (anchors, targets, x)
+        ce, r, _ = vitkernels.msn_loss(*args, None, 2, backend="triton")
+        (g,) = torch.autograd.grad(ce + r, x)
+        xr = x.detach().double().requires_grad_(True)
+        args = (xr, targets.double(), prototypes.double()) if leaf is anchors else (
+            anchors.double(), targets.double(), xr)
+        ce, r, _ = vitkernels.msn_loss(*args, None, 2, backend="reference")
+        (gr,) = torch.autograd.grad(ce + r, xr)
+        assert_close_scaled(g, gr, torch.float32)
+
+
+def test_triton_opcheck():
+    triton_interpreter_or_cuda("cpu")
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    args = (anchors.requires_grad_(True), targets, prototypes.requires_grad_(True), 2, 0.1, 0.25)
+    torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss.default, (*args, True, True, False))
+    torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss.default, (*args, False, False, True))
+    stats = torch.ops.vitkernels.triton_msn_loss(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args],
+                                                 True, True, False)[1:]
+    torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss_backward.default,
+                          (torch.tensor([1.0, 0.5, 0.2]), anchors.detach(), prototypes.detach(), *stats, 0.1, True,
+                           True, True, False))
+
+
+def test_triton_compile_fullgraph():
+    triton_interpreter_or_cuda("cpu")
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    module = vitkernels.MSNLoss(num_views=2, use_entropy=True, ent_weight=0.5)
+
+    def f(a, t, p):
+        ce, r, s = vitkernels.msn_loss(a * 1.5, t, p, None, 2, backend="triton")
+        return ce + r
+
+    for fn in (f, lambda a, t, p: module(a, t, p)):
+        leaves = [(anchors.clone().requires_grad_(True), prototypes.clone().requires_grad_(True)) for _ in range(2)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VITKERNELS_BACKEND", "triton")
+            out = torch.compile(fn, fullgraph=True, backend="aot_eager")(leaves[0][0], targets, leaves[0][1])
+            expected = fn(leaves[1][0], targets, leaves[1][1])
+        torch.testing.assert_close(out, expected)
+        for got, want in zip(torch.autograd.grad(out, leaves[0]), torch.autograd.grad(expected, leaves[1])):
+            torch.testing.assert_close(got, want)
+
+
+def test_triton_module_matches_reference_module(monkeypatch):
+    triton_interpreter_or_cuda("cpu")
+    monkeypatch.setenv("VITKERNELS_BACKEND", "triton")
+    B, V, K, D = 3, 4, 24, 8
+    anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=torch.float32)
+    kw = dict(num_views=V, use_entropy=True, ent_weight=0.5, use_sinkhorn=True)
+    ours = vitkernels.MSNLoss(**kw)(anchors, targets, prototypes)
+    theirs = reference.MSNLoss(**kw)(anchors.double(), targets.double(), prototypes.double())
+    assert_close(ours.double(), theirs, torch.float32)
+
+
+def test_triton_backend_refusals():
+    triton_interpreter_or_cuda("cpu")
+    with pytest.raises(vitkernels.BackendUnavailableError, match="proto_labels"):
+        vitkernels.msn_loss(**_good(proto_labels=torch.eye(5)), backend="triton")
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    with pytest.raises(vitkernels.BackendUnavailableError, match="float64"):
+        vitkernels.msn_loss(**args, backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_cuda_issue_size(dtype):
+    """1,024 prototypes of dimension 256, 11 anchor views of B = 64 (the official ViT-S/16 config)."""
+    check_triton(64, 11, 1024, 256, dtype, device="cuda")
+    check_triton(64, 11, 1024, 256, dtype, (True, False, True), device="cuda")
+
+
+@pytest.mark.cuda
+def test_triton_cuda_odd_sizes_and_extremes():
+    check_triton(5, 3, 1000, 200, torch.float32, device="cuda")
+    check_triton(7, 2, 37, 1100, torch.float32, device="cuda")
+    check_triton(16, 4, 4096, 64, torch.float32, device="cuda", scale=1e4, tau=0.005)
+    check_triton(3, 2, 100, 33, torch.float32, device="cuda", zero_row=True)
