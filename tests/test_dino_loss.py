@@ -31,7 +31,8 @@ def collapsed(student, teacher, center, ncrops, student_temp, teacher_temp):
     B, K = student.shape[0] // ncrops, student.shape[1]
     s = (student / student_temp).reshape(ncrops, B, K)
     q = torch.softmax((teacher - center.reshape(1, -1)) / teacher_temp, dim=1).reshape(2, B, K)
-    other = torch.tensor([[float(t != v) for t in range(2)] for v in range(ncrops)], dtype=student.dtype)  # (V, 2)
+    other = torch.tensor([[float(t != v) for t in range(2)] for v in range(ncrops)], dtype=student.dtype,
+                         device=student.device)  # (V, 2)
     Q = torch.einsum("vt,tbk->vbk", other, q)
     w = other.sum(1)
     per_row = w[:, None] * torch.logsumexp(s, dim=2) - (Q * s).sum(2)
@@ -43,18 +44,19 @@ def analytic_student_grad(student, teacher, center, ncrops, student_temp, teache
     B, K = student.shape[0] // ncrops, student.shape[1]
     s = (student / student_temp).reshape(ncrops, B, K)
     q = torch.softmax((teacher - center.reshape(1, -1)) / teacher_temp, dim=1).reshape(2, B, K)
-    other = torch.tensor([[float(t != v) for t in range(2)] for v in range(ncrops)], dtype=student.dtype)
+    other = torch.tensor([[float(t != v) for t in range(2)] for v in range(ncrops)], dtype=student.dtype,
+                         device=student.device)
     Q = torch.einsum("vt,tbk->vbk", other, q)
     w = other.sum(1)
     grad = w[:, None, None] * torch.softmax(s, dim=2) - Q
     return (grad / (w.sum() * B * student_temp)).reshape(ncrops * B, K)
 
 
-def make_inputs(ncrops, B, K, dtype=torch.float64, scale=3.0, center_shape="1k"):
+def make_inputs(ncrops, B, K, dtype=torch.float64, scale=3.0, center_shape="1k", device="cpu"):
     student = scale * torch.randn(ncrops * B, K, dtype=dtype)
     teacher = scale * torch.randn(2 * B, K, dtype=dtype)
     center = torch.randn(1, K, dtype=dtype) if center_shape == "1k" else torch.randn(K, dtype=dtype)
-    return student, teacher, center
+    return student.to(device), teacher.to(device), center.to(device)
 
 
 # (ncrops, B, K): 2 global + locals, odd sizes; ncrops 1 (one pair) and 2 (globals only)
@@ -287,6 +289,9 @@ def test_backend_names():
 
 from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
 
+# Triton runs on CUDA tensors where a GPU exists, else on CPU tensors under the interpreter (tiny shapes).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def assert_close_scaled(actual, expected, dtype):
     """Per-dtype tolerance with the absolute part scaled by the magnitude of the expected values."""
@@ -295,7 +300,7 @@ def assert_close_scaled(actual, expected, dtype):
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
 
 
-def check_triton(ncrops, B, K, dtype, device="cpu", scale=3.0, student_temp=0.1, teacher_temp=0.04,
+def check_triton(ncrops, B, K, dtype, device=DEV, scale=3.0, student_temp=0.1, teacher_temp=0.04,
                  center_shape="k", center_dtype=torch.float32):
     student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, scale=scale, center_shape=center_shape)
     student, teacher = student.to(device, dtype), teacher.to(device, dtype)
@@ -311,7 +316,7 @@ def check_triton(ncrops, B, K, dtype, device="cpu", scale=3.0, student_temp=0.1,
     (ref_grad,) = torch.autograd.grad(ref, sr, g.to(rdt))
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad.dtype == dtype and grad.shape == student.shape
-    lt = tol(torch.float32) if dtype != torch.float64 else tol(dtype)  # the loss is accumulated in fp32
+    lt = tol(torch.float32)  # the loss is accumulated in fp32 whatever the input dtype
     torch.testing.assert_close(loss.to(rdt), ref, atol=lt["atol"] * max(1.0, ref.abs().item()), rtol=lt["rtol"])
     assert_close_scaled(grad, ref_grad, dtype)
 
@@ -322,30 +327,30 @@ TRITON_SHAPES = [(4, 3, 37), (10, 2, 150), (2, 3, 64), (1, 2, 9), (3, 1, 200)]
 
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_fp32_forward_backward(shape):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(*shape, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_half_forward_backward(dtype):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(4, 2, 70, dtype, center_shape="1k")
 
 
 def test_triton_temperatures_and_center_dtype():
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(3, 2, 33, torch.float32, student_temp=0.5, teacher_temp=0.07, center_dtype=torch.float64)
 
 
 def test_triton_extreme_logits_are_finite():
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(4, 2, 90, torch.float32, scale=1e4)
     # one dominating teacher class, all-negative huge student rows
     ncrops, B, K = 3, 2, 40
-    student = -1e4 - 1e3 * torch.rand(ncrops * B, K)
-    teacher = -1e4 * torch.rand(2 * B, K)
+    student = -1e4 - 1e3 * torch.rand(ncrops * B, K, device=DEV)
+    teacher = -1e4 * torch.rand(2 * B, K, device=DEV)
     teacher[:, 5] = 1e4
-    center = torch.zeros(K)
+    center = torch.zeros(K, device=DEV)
     s = student.clone().requires_grad_(True)
     loss = vitkernels.dino_loss(s, teacher, center, ncrops, backend="triton")
     loss.backward()
@@ -357,11 +362,11 @@ def test_triton_extreme_logits_are_finite():
 @pytest.mark.parametrize("block_k,chunk", [(8, 8), (8, 32), (16, 48)])
 def test_triton_kernels_tilings(block_k, chunk):
     """The launchers with explicit small tiles: many chunks per row and several tiles per chunk are merged."""
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     from vitkernels.triton import dino_loss as kernels
 
     ncrops, B, K = 4, 2, 77
-    student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, center_shape="k")
+    student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, center_shape="k", device=DEV)
     loss, student_lse, teacher_lse, center_copy = kernels.dino_loss_fwd(student, teacher, center, ncrops, 0.1, 0.04,
                                                                         block_k, chunk)
     torch.testing.assert_close(center_copy, center, rtol=0, atol=0)
@@ -370,7 +375,7 @@ def test_triton_kernels_tilings(block_k, chunk):
     assert_close(student_lse.double(), torch.logsumexp(student.double() / 0.1, 1), torch.float32)
     assert_close(teacher_lse.double(), torch.logsumexp((teacher.double() - center.double()) / 0.04, 1),
                  torch.float32)
-    g = torch.tensor(0.75)
+    g = torch.tensor(0.75, device=DEV)
     grad = kernels.dino_loss_bwd(g, student, teacher, center_copy, student_lse, teacher_lse, ncrops, 0.1, 0.04,
                                  block_k, chunk)
     assert_close(grad.double(), 0.75 * analytic_student_grad(*args64), torch.float32)
@@ -379,8 +384,8 @@ def test_triton_kernels_tilings(block_k, chunk):
 @pytest.mark.parametrize("center_shape", ["1k", "k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_center_update(dtype, center_shape):
-    triton_interpreter_or_cuda("cpu")
-    _, teacher, center = make_inputs(1, 9, 150, dtype=torch.float32, center_shape=center_shape)
+    triton_interpreter_or_cuda(DEV)
+    _, teacher, center = make_inputs(1, 9, 150, dtype=torch.float32, center_shape=center_shape, device=DEV)
     teacher = teacher.to(dtype)
     new = vitkernels.dino_center_update(center, teacher, 0.8, backend="triton")
     expected = vitkernels.dino_center_update(center.double(), teacher.double(), 0.8, backend="reference")
@@ -389,21 +394,21 @@ def test_triton_center_update(dtype, center_shape):
 
 
 def test_triton_opcheck():
-    triton_interpreter_or_cuda("cpu")
-    student, teacher, center = make_inputs(3, 2, 20, dtype=torch.float32, center_shape="k")
-    torch.library.opcheck(torch.ops.vitkernels.triton_dino_loss.default,
-                          (student.requires_grad_(True), teacher, center, 3, 0.1, 0.04))
-    _, student_lse, teacher_lse, center_copy = torch.ops.vitkernels.triton_dino_loss(student, teacher, center, 3, 0.1,
-                                                                                     0.04)
+    triton_interpreter_or_cuda(DEV)
+    student, teacher, center = make_inputs(3, 2, 20, dtype=torch.float32, center_shape="k", device=DEV)
+    forward_args = (student.requires_grad_(True), teacher, center, 3, 0.1, 0.04)
+    torch.library.opcheck(torch.ops.vitkernels.triton_dino_loss.default, forward_args)
+    _, student_lse, teacher_lse, center_copy = torch.ops.vitkernels.triton_dino_loss(student.detach(),
+                                                                                     *forward_args[1:])
+    grad = torch.tensor(1.0, device=DEV)
     torch.library.opcheck(torch.ops.vitkernels.triton_dino_loss_backward.default,
-                          (torch.tensor(1.0), student.detach(), teacher, center_copy, student_lse, teacher_lse, 3, 0.1,
-                           0.04))
+                          (grad, student.detach(), teacher, center_copy, student_lse, teacher_lse, 3, 0.1, 0.04))
     torch.library.opcheck(torch.ops.vitkernels.triton_dino_center_update.default, (center, teacher, 0.9))
 
 
 def test_triton_compile_fullgraph():
-    triton_interpreter_or_cuda("cpu")
-    student, teacher, center = make_inputs(4, 2, 24, dtype=torch.float32, center_shape="1k")
+    triton_interpreter_or_cuda(DEV)
+    student, teacher, center = make_inputs(4, 2, 24, dtype=torch.float32, center_shape="1k", device=DEV)
 
     def f(s, t, c):
         loss = vitkernels.dino_loss(s * 2.0, t, c, 4, backend="triton")
@@ -421,14 +426,14 @@ def test_triton_compile_fullgraph():
 
 def test_triton_module_fullgraph(monkeypatch):
     """The fast module (loss + in-place centre update) on the triton backend, compiled without graph breaks."""
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     monkeypatch.setenv("VITKERNELS_BACKEND", "triton")
     ncrops, B, K = 4, 2, 24
-    ours = vitkernels.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4)
-    theirs = reference.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4)
+    ours = vitkernels.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4).to(DEV)
+    theirs = reference.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4).to(DEV)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     for epoch in range(3):
-        student, teacher, _ = make_inputs(ncrops, B, K, dtype=torch.float32)
+        student, teacher, _ = make_inputs(ncrops, B, K, dtype=torch.float32, device=DEV)
         s = student.clone().requires_grad_(True)
         loss = compiled(s, teacher, epoch)
         expected = theirs(student, teacher, epoch)
@@ -439,8 +444,8 @@ def test_triton_module_fullgraph(monkeypatch):
 
 
 def test_triton_backend_refuses_float64():
-    triton_interpreter_or_cuda("cpu")
-    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    triton_interpreter_or_cuda(DEV)
+    args = {k: (v.to(DEV, torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     with pytest.raises(vitkernels.BackendUnavailableError, match="float64"):
         vitkernels.dino_loss(**args, backend="triton")
 

@@ -54,11 +54,11 @@ def sinkhorn_scaling(P, num_itr=3):
     return B * u[:, None] * P * v[None, :]
 
 
-def make_inputs(B, num_views, K, D, dtype=torch.float64, scale=1.0):
+def make_inputs(B, num_views, K, D, dtype=torch.float64, scale=1.0, device="cpu"):
     anchors = scale * torch.randn(num_views * B, D, dtype=dtype)
     targets = scale * torch.randn(B, D, dtype=dtype)
     prototypes = scale * torch.randn(K, D, dtype=dtype)
-    return anchors, targets, prototypes
+    return anchors.to(device), targets.to(device), prototypes.to(device)
 
 
 def smoothed_labels(K, smoothing, dtype=torch.float64):
@@ -310,6 +310,9 @@ def test_backend_names():
 
 from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
 
+# Triton runs on CUDA tensors where a GPU exists, else on CPU tensors under the interpreter (tiny shapes).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 WEIGHTS = (1.0, 0.7, 0.3)  # upstream gradients of (ce, rloss, sloss)
 
 
@@ -328,7 +331,7 @@ def run_terms(anchors, targets, prototypes, V, tau, T, flags, backend):
     return terms, torch.autograd.grad(total, (a, p))
 
 
-def check_triton(B, V, K, D, dtype, flags=(True, True, False), device="cpu", scale=1.0, tau=0.1, T=0.25,
+def check_triton(B, V, K, D, dtype, flags=(True, True, False), device=DEV, scale=1.0, tau=0.1, T=0.25,
                  zero_row=False):
     anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=torch.float32, scale=scale)
     if zero_row:
@@ -355,31 +358,31 @@ TRITON_FLAGS = [(True, True, False), (True, False, False), (False, True, False),
 
 @pytest.mark.parametrize("flags", TRITON_FLAGS, ids=lambda f: f"memax{int(f[0])}-ent{int(f[1])}-sk{int(f[2])}")
 def test_triton_flags(flags):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(4, 3, 20, 10, torch.float32, flags)
 
 
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_shapes(shape):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(*shape, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_triton_half(dtype):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(3, 2, 24, 12, dtype)
 
 
 def test_triton_extreme_inputs_are_finite():
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     check_triton(4, 2, 40, 8, torch.float32, scale=1e4, tau=0.005)
     check_triton(3, 2, 20, 6, torch.float32, zero_row=True)
 
 
 def test_triton_only_anchor_or_prototype_gradient():
-    triton_interpreter_or_cuda("cpu")
-    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    triton_interpreter_or_cuda(DEV)
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32, device=DEV)
     for leaf in (anchors, prototypes):
         x = leaf.clone().requires_grad_(True)
         args = (x, targets, prototypes) if leaf is anchors else (anchors, targets, x)
@@ -394,21 +397,21 @@ def test_triton_only_anchor_or_prototype_gradient():
 
 
 def test_triton_opcheck():
-    triton_interpreter_or_cuda("cpu")
-    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    triton_interpreter_or_cuda(DEV)
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32, device=DEV)
     args = (anchors.requires_grad_(True), targets, prototypes.requires_grad_(True), 2, 0.1, 0.25)
     torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss.default, (*args, True, True, False))
     torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss.default, (*args, False, False, True))
     stats = torch.ops.vitkernels.triton_msn_loss(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args],
                                                  True, True, False)[1:]
+    grad_terms = torch.tensor([1.0, 0.5, 0.2], device=DEV)
     torch.library.opcheck(torch.ops.vitkernels.triton_msn_loss_backward.default,
-                          (torch.tensor([1.0, 0.5, 0.2]), anchors.detach(), prototypes.detach(), *stats, 0.1, True,
-                           True, True, False))
+                          (grad_terms, anchors.detach(), prototypes.detach(), *stats, 0.1, True, True, True, False))
 
 
 def test_triton_compile_fullgraph():
-    triton_interpreter_or_cuda("cpu")
-    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32)
+    triton_interpreter_or_cuda(DEV)
+    anchors, targets, prototypes = make_inputs(3, 2, 20, 6, dtype=torch.float32, device=DEV)
     module = vitkernels.MSNLoss(num_views=2, use_entropy=True, ent_weight=0.5)
 
     def f(a, t, p):
@@ -427,10 +430,10 @@ def test_triton_compile_fullgraph():
 
 
 def test_triton_module_matches_reference_module(monkeypatch):
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     monkeypatch.setenv("VITKERNELS_BACKEND", "triton")
     B, V, K, D = 3, 4, 24, 8
-    anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=torch.float32)
+    anchors, targets, prototypes = make_inputs(B, V, K, D, dtype=torch.float32, device=DEV)
     kw = dict(num_views=V, use_entropy=True, ent_weight=0.5, use_sinkhorn=True)
     ours = vitkernels.MSNLoss(**kw)(anchors, targets, prototypes)
     theirs = reference.MSNLoss(**kw)(anchors.double(), targets.double(), prototypes.double())
@@ -438,10 +441,11 @@ def test_triton_module_matches_reference_module(monkeypatch):
 
 
 def test_triton_backend_refusals():
-    triton_interpreter_or_cuda("cpu")
+    triton_interpreter_or_cuda(DEV)
     with pytest.raises(vitkernels.BackendUnavailableError, match="proto_labels"):
-        vitkernels.msn_loss(**_good(proto_labels=torch.eye(5)), backend="triton")
-    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+        vitkernels.msn_loss(**{k: (v.to(DEV) if isinstance(v, torch.Tensor) else v)
+                               for k, v in _good(proto_labels=torch.eye(5)).items()}, backend="triton")
+    args = {k: (v.to(DEV, torch.float64) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     with pytest.raises(vitkernels.BackendUnavailableError, match="float64"):
         vitkernels.msn_loss(**args, backend="triton")
 

@@ -106,7 +106,9 @@ def _check_center(center: torch.Tensor, K: int) -> None:
     if center.dim() == 2 and center.shape[0] != 1:
         raise ValueError(f"center must have shape (K,) or (1, K), got {tuple(center.shape)}")
     if center.shape[-1] != K:
-        raise ValueError(f"center must have K = {K} entries (the logits' last dimension), got shape {tuple(center.shape)}")
+        raise ValueError(
+            f"center must have K = {K} entries (the logits' last dimension), got shape {tuple(center.shape)}"
+        )
 
 
 def _check_momentum(momentum) -> float:

@@ -14,7 +14,9 @@ Backward, for upstream gradients (g_ce, g_r, g_s) of (mean ce, rloss, mean H)::
 
 then through ``z = (A_i . P_k) r_i r_k / tau`` (r = 1 / max(||.||, 1e-12), as ``F.normalize``) to the anchors and
 prototypes: ``G = dL/dz @ P_hat / tau`` and ``dA_i = r_i (G_i - A_hat_i <A_hat_i, G_i>)``, and likewise for the
-prototypes with ``dL/dz^T @ A_hat``.
+prototypes with ``dL/dz^T @ A_hat``. The projections need no full row of G: ``<A_hat_i, G_i> = sum_k dC_ik cos_ik``
+with ``dC = dL/dz / tau`` and ``cos = tau z`` (and the column sums for the prototypes), so they come out of the
+kernel that writes dC, and the gradient GEMMs tile D like any GEMM.
 
 Kernels:
 
@@ -24,8 +26,9 @@ Kernels:
 * ``_msn_anchor_fwd_kernel``  grid (N / BR,): per anchor row log-sum-exp, cross-entropy, entropy; per row block the
   column sums of p (deterministic partials, no atomics);
 * ``_msn_finalize_kernel``    grid (1,): the three terms and the mean probabilities a;
-* ``_msn_anchor_bwd_kernel``  grid (N / BR,): dL/dz (times 1/tau) for the anchor logits;
-* ``_msn_grad_gemm_kernel``   twice: the anchor and prototype gradients, GEMM + normalisation backward.
+* ``_msn_anchor_bwd_kernel``  grid (N / BR,): dC = dL/dz / tau for the anchor logits and the projections;
+* ``_msn_grad_gemm_kernel``   grid (rows / BM, D / BD), twice: the anchor and prototype gradients, GEMM with the
+  normalisation backward as epilogue.
 
 All math in fp32. fp32 products use TF32 exactly when torch's matmuls would (``torch.backends.cuda.matmul
 .allow_tf32``, off by default), so the logits match the eager loss. Under the interpreter the operands are fp32.
