@@ -58,10 +58,9 @@ def _online_lse_step(m_vec, l_vec, x):
 
 
 @triton.jit
-def _teacher_probs(t_row_ptr, c_ptr, offs, mask, lse, inv_tt):
+def _teacher_probs(t_row_ptr, c, offs, mask, lse, inv_tt):
     """softmax((teacher_row - c) / tau_t) at classes ``offs`` (0 where masked), from the row's log-sum-exp."""
     t = tl.load(t_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     return tl.exp(tl.where(mask, (t - c) * inv_tt - lse, float("-inf")))
 
 
@@ -112,9 +111,10 @@ def _dino_fwd_kernel(
         for k0 in range(0, CHUNK, BLOCK_K):
             offs = split * CHUNK + k0 + lanes
             mask = offs < K
+            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             # Q_v: the teacher distributions of the global views other than v (view v itself is skipped)
-            q = _teacher_probs(t_ptr + b * K, c_ptr, offs, mask & (v != 0), lse0, inv_tt)
-            q += _teacher_probs(t_ptr + (B + b) * K, c_ptr, offs, mask & (v != 1), lse1, inv_tt)
+            q = _teacher_probs(t_ptr + b * K, c, offs, mask & (v != 0), lse0, inv_tt)
+            q += _teacher_probs(t_ptr + (B + b) * K, c, offs, mask & (v != 1), lse1, inv_tt)
             s = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
             d_vec += q * s
             x = tl.where(mask, s, float("-inf"))
@@ -166,8 +166,9 @@ def _dino_bwd_kernel(
         offs = split * CHUNK + k0 + lanes
         mask = offs < K
         # the teacher tile is read once for all student views of image b
-        p0 = _teacher_probs(t_ptr + b * K, c_ptr, offs, mask, lse0, inv_tt)
-        p1 = _teacher_probs(t_ptr + (B + b) * K, c_ptr, offs, mask, lse1, inv_tt)
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
+        p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
         for v in range(0, NCROPS):
             row = v * B + b
             lse = tl.load(lse_ptr + row)
