@@ -15,7 +15,7 @@ import torch
 import vitkernels
 from vitkernels.reference import msn_loss as reference
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark
+from conftest import DEVICE, compiled_or_skip, peak_memory_mib, run_benchmark
 
 K, D, VIEWS = 1024, 256, 11
 B = 64 if DEVICE.type == "cuda" else 16
@@ -52,16 +52,6 @@ def _backend_or_skip(backend, cfg):
         return ce + module.me_max_weight * rloss + module.ent_weight * sloss
 
     return loss
-
-
-def peak_memory_mib(fn):
-    """Peak memory allocated by one call of ``fn`` above what was allocated before it, in MiB (CUDA only)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 @pytest.mark.parametrize("peer,make", list(_peers()), ids=[p for p, _ in _peers()])
