@@ -287,17 +287,10 @@ def test_backend_names():
 
 # === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
 
-from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
+from helpers import assert_close_scaled, reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
 
 # Triton runs on CUDA tensors where a GPU exists, else on CPU tensors under the interpreter (tiny shapes).
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def assert_close_scaled(actual, expected, dtype):
-    """Per-dtype tolerance with the absolute part scaled by the magnitude of the expected values."""
-    t = tol(dtype)
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
 
 
 def check_triton(ncrops, B, K, dtype, device=DEV, scale=3.0, student_temp=0.1, teacher_temp=0.04,

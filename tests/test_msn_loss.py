@@ -308,18 +308,12 @@ def test_backend_names():
 
 # === Triton kernels (CPU interpreter on tiny shapes; CUDA when present) ==========================================
 
-from helpers import reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
+from helpers import assert_close_scaled, reference_dtype, tol, triton_interpreter_or_cuda  # noqa: E402
 
 # Triton runs on CUDA tensors where a GPU exists, else on CPU tensors under the interpreter (tiny shapes).
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 WEIGHTS = (1.0, 0.7, 0.3)  # upstream gradients of (ce, rloss, sloss)
-
-
-def assert_close_scaled(actual, expected, dtype):
-    t = tol(dtype)
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=t["atol"] * scale, rtol=t["rtol"])
 
 
 def run_terms(anchors, targets, prototypes, V, tau, T, flags, backend):
