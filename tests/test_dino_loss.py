@@ -459,3 +459,26 @@ def test_triton_cuda_odd_sizes_and_extremes():
     new = vitkernels.dino_center_update(center.cuda(), teacher.cuda(), backend="triton")
     assert_close(new.cpu().double(), 0.9 * center.double() + 0.1 * teacher.double().mean(0, keepdim=True),
                  torch.float32)
+
+
+# --- two processes (gloo): the centre's batch mean is taken over all ranks -----------------------------------------
+
+def _center_update_two_ranks(rank, init_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        teacher = torch.randn(2, 6, 11, dtype=torch.float64)  # (ranks, rows per rank, K): the same on both ranks
+        center = torch.randn(1, 11, dtype=torch.float64)
+        new = vitkernels.dino_center_update(center, teacher[rank], 0.7, backend="reference")
+        expected = 0.7 * center + 0.3 * teacher.reshape(12, 11).mean(0, keepdim=True)
+        torch.testing.assert_close(new, expected, rtol=1e-12, atol=1e-12)
+        if reference.world_size() != 2:
+            raise AssertionError("world_size() should see both ranks")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_center_update_all_reduces_over_ranks(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    torch.multiprocessing.spawn(_center_update_two_ranks, args=(str(tmp_path / "init"),), nprocs=2)

@@ -458,3 +458,45 @@ def test_triton_cuda_odd_sizes_and_extremes():
     check_triton(7, 2, 37, 1100, torch.float32, device="cuda")
     check_triton(16, 4, 4096, 64, torch.float32, device="cuda", scale=1e4, tau=0.005)
     check_triton(3, 2, 100, 33, torch.float32, device="cuda", zero_row=True)
+
+
+# --- two processes (gloo): me-max averages and Sinkhorn sums run over all ranks --------------------------------------
+
+def _msn_two_ranks(rank, init_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        B, V, K, D = 3, 2, 8, 5  # per rank
+        # the same global data on both ranks; rank r holds targets rows r*B.. and its own anchors (view-major)
+        anchors = torch.randn(2, V * B, D, dtype=torch.float64)
+        targets = torch.randn(2, B, D, dtype=torch.float64)
+        prototypes = torch.randn(K, D, dtype=torch.float64)
+        a = anchors[rank].clone().requires_grad_(True)
+        ce, rloss, _ = vitkernels.msn_loss(a, targets[rank], prototypes, None, V, 0.2, 0.3, True, False, True,
+                                           backend="reference")
+        # single-process expectation: Sinkhorn over all 2B targets, me-max over all 2VB anchors
+        cos = lambda x: F.normalize(x) @ F.normalize(prototypes).T  # noqa: E731
+        t_all = sinkhorn_scaling(torch.softmax(cos(targets.reshape(2 * B, D)) / (0.2 * 0.3), 1))
+        t_local = t_all[rank * B:(rank + 1) * B].repeat(V, 1)
+        expected_ce = -(t_local * torch.log_softmax(cos(anchors[rank]) / 0.2, 1)).sum(1).mean()
+        avg = torch.softmax(cos(anchors.reshape(2 * V * B, D)) / 0.2, 1).mean(0)
+        expected_rloss = (avg * avg.log()).sum() + math.log(K)
+        torch.testing.assert_close(ce, expected_ce, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(rloss, expected_rloss, rtol=1e-10, atol=1e-10)
+        (ce + rloss).backward()  # the official AllReduce passes the gradient through unchanged
+        if not torch.isfinite(a.grad).all():
+            raise AssertionError("non-finite gradient")
+        from vitkernels.triton import triton_unavailable_reason
+
+        if triton_unavailable_reason(a.device) is None:  # the fused kernels do not all-reduce: they refuse, naming why
+            with pytest.raises(vitkernels.BackendUnavailableError, match="torch.distributed"):
+                vitkernels.msn_loss(a.detach().float(), targets[rank].float(), prototypes.float(), None, V,
+                                    backend="triton")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_terms_over_ranks(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    torch.multiprocessing.spawn(_msn_two_ranks, args=(str(tmp_path / "init"),), nprocs=2)

@@ -171,12 +171,6 @@ center_op.mark_missing("native", "no C++ implementation of dino_center_update (t
 
 # --- triton backend: vitkernels/triton/dino_loss.py ---------------------------------------------------------------
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _loss_fake(student, teacher, center, ncrops, student_temp, teacher_temp):
     f32 = dict(dtype=torch.float32)
     return (student.new_empty((), **f32), student.new_empty((student.shape[0],), **f32),
@@ -251,7 +245,7 @@ if HAS_TRITON:
 
     @center_op.register("triton", lambda call: triton_unavailable_reason(call.device), _TRITON_DTYPES)
     def _center_triton(center, teacher, momentum):
-        if _world_size() > 1:
+        if reference.world_size() > 1:
             # the row sums must be all-reduced between the reduction and the EMA: the reference does exactly that
             return reference.dino_center_update(center, teacher, momentum)
         return triton_dino_center_update(center, teacher, momentum)

@@ -135,16 +135,11 @@ loss_op.mark_missing("native", "no C++ implementation of msn_loss (the fused los
 
 # --- triton backend: vitkernels/triton/msn_loss.py ----------------------------------------------------------------
 
-def _multi_process() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
-
-
 def _triton_support(call: dispatch.Call) -> Optional[str]:
     details = call.details
     if details.get("proto_labels"):
         return "proto_labels must be None (identity labels) for the fused kernels"
-    if (details.get("me_max") or details.get("sinkhorn")) and _multi_process():
+    if (details.get("me_max") or details.get("sinkhorn")) and reference.multi_process():
         return ("torch.distributed runs several processes: the me-max mean / Sinkhorn sums need all-reduces inside "
                 "the loss, which the fused kernels do not do")
     return None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOLoss", "dino_center_update", "dino_loss", "num_pairs", "teacher_temp_schedule"]
+__all__ = ["DINOLoss", "dino_center_update", "dino_loss", "num_pairs", "teacher_temp_schedule", "world_size"]
 
 
 def num_pairs(ncrops: int) -> int:
@@ -71,7 +71,8 @@ def dino_loss(
     return total_loss / n_loss_terms
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Number of processes of the initialised ``torch.distributed`` group, 1 without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
@@ -86,10 +87,10 @@ def dino_center_update(center: torch.Tensor, teacher_output: torch.Tensor, momen
     ``update_center``. The result has the shape of ``center``; the inputs are not modified.
     """
     batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-    world_size = _world_size()
-    if world_size > 1:
+    ranks = world_size()
+    if ranks > 1:
         torch.distributed.all_reduce(batch_center)
-    batch_center = batch_center / (len(teacher_output) * world_size)
+    batch_center = batch_center / (len(teacher_output) * ranks)
     new_center = center * momentum + batch_center.reshape(center.shape) * (1 - momentum)
     return new_center
 

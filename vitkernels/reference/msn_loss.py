@@ -38,14 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MSNLoss", "distributed_sinkhorn", "msn_loss", "sharpen", "snn_log_probs"]
+__all__ = ["MSNLoss", "distributed_sinkhorn", "msn_loss", "multi_process", "sharpen", "snn_log_probs"]
 
 
 def _tiny(t: torch.Tensor) -> float:
     return torch.finfo(t.dtype).tiny
 
 
-def _distributed() -> bool:
+def multi_process() -> bool:
+    """Whether ``torch.distributed`` runs with more than one process (the official ``_got_dist`` test)."""
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
@@ -83,7 +84,7 @@ def distributed_sinkhorn(Q: torch.Tensor, num_itr: int = 3, use_dist: bool = Tru
     Returns a new (B, K) tensor whose rows sum to 1 and whose prototype columns each carry ``B / K`` of the total
     mass after the last row step (summed over ranks when ``torch.distributed`` runs with more than one process).
     """
-    use_dist = use_dist and _distributed()
+    use_dist = use_dist and multi_process()
     world_size = torch.distributed.get_world_size() if use_dist else 1
     Q = Q.T.clone()
     B = Q.shape[1] * world_size  # samples to assign
@@ -111,7 +112,7 @@ class _AllReduceMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        if _distributed():
+        if multi_process():
             x = x.contiguous() / torch.distributed.get_world_size()
             torch.distributed.all_reduce(x)
         return x
