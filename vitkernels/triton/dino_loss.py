@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkernels.reference.dino_loss import num_pairs
 from vitkernels.triton import interpreter_active
 from vitkernels.triton._launch import launcher
 
@@ -200,10 +201,6 @@ def _dino_center_kernel(
 
 # --- host side ----------------------------------------------------------------------------------------------------
 
-def num_pairs(ncrops: int) -> int:
-    return 2 * ncrops - 2 if ncrops >= 2 else 1
-
-
 class _Tiling:
     """Class-dimension tiling: BLOCK_K lanes per tile, CHUNK classes per program, NSPLIT chunks per row.
 
@@ -234,7 +231,7 @@ def dino_loss_fwd(
     teacher_temp: float,
     block_k: Optional[int] = None,
     chunk: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss (fp32 scalar), and for the backward: the student rows' log-sum-exps of s / tau_s (ncrops * B,), the
     teacher rows' log-sum-exps of (t - c) / tau_t (2B,) and an fp32 copy of the centre (K,) (the official module
     moves its centre right after the loss; the gradient needs the one the loss used)."""
