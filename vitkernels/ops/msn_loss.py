@@ -201,7 +201,7 @@ if HAS_TRITON:
         logits, rnorm = triton_kernels.msn_logits(anchors, targets, prototypes, tau)
         sharp = triton_kernels.msn_targets(logits, N, T)
         if use_sinkhorn:
-            sharp = reference.distributed_sinkhorn(sharp, use_dist=False)
+            sharp = reference.distributed_sinkhorn(sharp, use_dist=False).contiguous()
         terms, stats, avg = triton_kernels.msn_anchor_fwd(logits, sharp, N, me_max, use_entropy)
         return terms, logits, sharp, rnorm, stats, avg
 

@@ -322,6 +322,7 @@ def msn_anchor_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``terms`` (3,) = (ce, rloss, sloss) fp32 (0 for a term that is off), per-anchor statistics (N, 4) =
     (lse, sum of targets, entropy, ce) and the mean probabilities (K,) (zeros without me-max)."""
+    logits, targets = logits.contiguous(), targets.contiguous()
     N, (B, K) = num_anchors, targets.shape
     dev = logits.device
     br, bk = _row_block(K)
@@ -358,6 +359,7 @@ def msn_bwd(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients w.r.t. the anchors (N, D) and the prototypes (K, D), in their dtypes (None where not needed)."""
     anchors, prototypes = anchors.contiguous(), prototypes.contiguous()
+    logits, targets = logits.contiguous(), targets.contiguous()
     N, D = anchors.shape
     B, K = targets.shape
     NB = N + B
