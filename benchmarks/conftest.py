@@ -71,6 +71,16 @@ def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int 
     return result
 
 
+def peak_memory_mib(fn):
+    """Peak memory allocated by one call of ``fn`` above what was allocated before it, in MiB (CUDA only)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def timm_or_skip():
     try:
         import timm  # noqa: F401

@@ -6,6 +6,7 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 """
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
+from vitkernels.modules.losses import DINOLoss, MSNLoss
 from vitkernels.modules.patch_embed import PatchEmbed, ViTEmbedding
 from vitkernels.modules.swin import (
     PatchMerging,
@@ -15,6 +16,8 @@ from vitkernels.modules.swin import (
     SwinTransformerStage,
     WindowAttention,
 )
+from vitkernels.ops.dino_loss import dino_center_update, dino_loss
+from vitkernels.ops.msn_loss import msn_loss
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.ops.window_partition import window_partition, window_reverse
@@ -23,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DINOLoss",
+    "MSNLoss",
     "PatchEmbed",
     "PatchMerging",
     "SwinBlock",
@@ -31,7 +36,10 @@ __all__ = [
     "SwinTransformerStage",
     "ViTEmbedding",
     "WindowAttention",
+    "dino_center_update",
+    "dino_loss",
     "dispatch",
+    "msn_loss",
     "ops",
     "patch_embed",
     "reference",

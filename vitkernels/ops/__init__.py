@@ -5,6 +5,8 @@ functions are re-exported from the top-level package (``vitkernels.window_partit
 re-export them, so that ``vitkernels.ops.window_partition`` stays the module.
 """
 # One import per line (they register the ops), so that parallel branches merge cleanly.
+from vitkernels.ops import dino_loss  # noqa: F401
+from vitkernels.ops import msn_loss  # noqa: F401
 from vitkernels.ops import patch_embed  # noqa: F401
 from vitkernels.ops import window_attention  # noqa: F401
 from vitkernels.ops import window_partition  # noqa: F401

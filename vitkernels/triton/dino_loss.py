@@ -1,0 +1,313 @@
+"""Triton kernels for the fused DINO loss and its centre update (semantics: :mod:`vitkernels.reference.dino_loss`).
+
+With ``s_v = student_v / tau_s`` (view v = 0..V-1 of B rows), ``p_t = softmax((teacher_t - c) / tau_t)`` (global
+view t = 0, 1), ``w_v = #{t < 2 : t != v}`` and ``Q_v = sum_{t < 2, t != v} p_t``, the official sum over the
+``n_pairs = sum_v w_v`` (teacher view, student view) pairs collapses to per-row terms::
+
+    loss = 1 / (n_pairs * B) * sum_{v, b} [ w_v * lse(s_v[b]) - <Q_v[b], s_v[b]> ]            (sum_k p_t = 1)
+    d loss / d student_v[b] = g / (n_pairs * B * tau_s) * (w_v * softmax(s_v[b]) - Q_v[b])
+
+so one read of the student and two of the teacher give the loss, and one more of each the gradient; nothing of
+size (pairs x B x K) exists. The class dimension K (up to 65,536 and beyond) is split into chunks of ``CHUNK``
+classes, each program owning one (image b, chunk) and looping over it in ``BLOCK_K`` tiles; per-chunk partial
+(max, sum of exp, dot) triples are merged after (two-pass log-sum-exp: no atomics, deterministic).
+
+Kernels:
+
+* ``_dino_teacher_stats_kernel``  grid (2B, n_chunks): partial max / sum-exp of (teacher - c) / tau_t per chunk;
+* ``_dino_fwd_kernel``            grid (B, n_chunks): merges the teacher partials of rows b and B + b into their
+  log-sum-exps, then for every student view v the chunk's online (max, sum-exp) of s_v and <Q_v, s_v>;
+* ``_dino_finalize_kernel``       grid (1,): merges the student partials into each row's log-sum-exp (kept for the
+  backward) and reduces the loss;
+* ``_dino_bwd_kernel``            grid (B, n_chunks): the student gradient, tile by tile;
+* ``_dino_center_kernel``         grid (K / BLOCK_K,): column sums of the teacher logits and the EMA, one pass.
+
+Running maxima / sums are kept per lane (vectors of BLOCK_K) and reduced once per chunk, so the inner loops are
+elementwise; all math is fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.reference.dino_loss import num_pairs
+from vitkernels.triton import interpreter_active
+from vitkernels.triton._launch import launcher
+
+
+@triton.jit
+def _merge_lse(m_ptr, l_ptr, row, NSPLIT, NSPLIT_P2: tl.constexpr):
+    """log-sum-exp of a row from its per-chunk partials (max m_j, sum exp(x - m_j) l_j)."""
+    js = tl.arange(0, NSPLIT_P2)
+    jmask = js < NSPLIT
+    m = tl.load(m_ptr + row * NSPLIT + js, mask=jmask, other=float("-inf"))
+    l = tl.load(l_ptr + row * NSPLIT + js, mask=jmask, other=0.0)
+    top = tl.max(m, axis=0)
+    return top + tl.log(tl.sum(l * tl.exp(m - top), axis=0))
+
+
+@triton.jit
+def _online_lse_step(m_vec, l_vec, x):
+    """Per-lane online log-sum-exp: fold ``x`` (-inf where masked) into running maxima and sums of exp."""
+    m_new = tl.maximum(m_vec, x)
+    # lanes that have seen only -inf keep (-inf, 0): shift by 0 there instead of computing -inf - -inf
+    shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+    return m_new, l_vec * tl.exp(m_vec - shift) + tl.exp(x - shift)
+
+
+@triton.jit
+def _teacher_probs(t_row_ptr, c, offs, mask, lse, inv_tt):
+    """softmax((teacher_row - c) / tau_t) at classes ``offs`` (0 where masked), from the row's log-sum-exp."""
+    t = tl.load(t_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.exp(tl.where(mask, (t - c) * inv_tt - lse, float("-inf")))
+
+
+@triton.jit
+def _dino_teacher_stats_kernel(
+    t_ptr, c_ptr, c_copy_ptr, pm_ptr, pl_ptr, K, NSPLIT, inv_tt,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK_K)
+    m_vec = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    l_vec = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, CHUNK, BLOCK_K):
+        offs = split * CHUNK + k0 + lanes
+        mask = offs < K
+        t = tl.load(t_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # the backward's copy of the centre (the caller updates its centre in place right after the loss)
+        if row == 0:
+            tl.store(c_copy_ptr + offs, c, mask=mask)
+        x = tl.where(mask, (t - c) * inv_tt, float("-inf"))
+        m_vec, l_vec = _online_lse_step(m_vec, l_vec, x)
+    top = tl.max(m_vec, axis=0)
+    tl.store(pm_ptr + row * NSPLIT + split, top)
+    tl.store(pl_ptr + row * NSPLIT + split, tl.sum(l_vec * tl.exp(m_vec - top), axis=0))
+
+
+@triton.jit
+def _dino_fwd_kernel(
+    s_ptr, t_ptr, c_ptr, tpm_ptr, tpl_ptr, tlse_ptr, pm_ptr, pl_ptr, pd_ptr,
+    B, K, NSPLIT, NCROPS, inv_ts, inv_tt,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, NSPLIT_P2: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lse0 = _merge_lse(tpm_ptr, tpl_ptr, b, NSPLIT, NSPLIT_P2)
+    lse1 = _merge_lse(tpm_ptr, tpl_ptr, B + b, NSPLIT, NSPLIT_P2)
+    first = split == 0
+    tl.store(tlse_ptr + b, lse0, mask=first)
+    tl.store(tlse_ptr + B + b, lse1, mask=first)
+    lanes = tl.arange(0, BLOCK_K)
+    for v in range(0, NCROPS):
+        row = v * B + b
+        m_vec = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+        l_vec = tl.zeros((BLOCK_K,), tl.float32)
+        d_vec = tl.zeros((BLOCK_K,), tl.float32)
+        for k0 in range(0, CHUNK, BLOCK_K):
+            offs = split * CHUNK + k0 + lanes
+            mask = offs < K
+            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # Q_v: the teacher distributions of the global views other than v (view v itself is skipped)
+            q = _teacher_probs(t_ptr + b * K, c, offs, mask & (v != 0), lse0, inv_tt)
+            q += _teacher_probs(t_ptr + (B + b) * K, c, offs, mask & (v != 1), lse1, inv_tt)
+            s = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
+            d_vec += q * s
+            x = tl.where(mask, s, float("-inf"))
+            m_vec, l_vec = _online_lse_step(m_vec, l_vec, x)
+        top = tl.max(m_vec, axis=0)
+        tl.store(pm_ptr + row * NSPLIT + split, top)
+        tl.store(pl_ptr + row * NSPLIT + split, tl.sum(l_vec * tl.exp(m_vec - top), axis=0))
+        tl.store(pd_ptr + row * NSPLIT + split, tl.sum(d_vec, axis=0))
+
+
+@triton.jit
+def _dino_finalize_kernel(
+    pm_ptr, pl_ptr, pd_ptr, lse_ptr, loss_ptr, B, R, NSPLIT, scale,
+    NSPLIT_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    js = tl.arange(0, NSPLIT_P2)
+    jmask = js < NSPLIT
+    acc = tl.zeros((BLOCK_R,), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < R
+        offs = rows[:, None] * NSPLIT + js[None, :]
+        mask = rmask[:, None] & jmask[None, :]
+        m = tl.load(pm_ptr + offs, mask=mask, other=float("-inf"))
+        l = tl.load(pl_ptr + offs, mask=mask, other=0.0)
+        d = tl.load(pd_ptr + offs, mask=mask, other=0.0)
+        top = tl.where(rmask, tl.max(m, axis=1), 0.0)
+        lse = top + tl.log(tl.where(rmask, tl.sum(l * tl.exp(m - top[:, None]), axis=1), 1.0))
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        # w_v teacher views are compared with student view v = row // B: 1 for the two global views, else 2
+        w = tl.where(rows // B < 2, 1.0, 2.0)
+        acc += tl.where(rmask, w * lse - tl.sum(d, axis=1), 0.0)
+    tl.store(loss_ptr, tl.sum(acc, axis=0) * scale)
+
+
+@triton.jit
+def _dino_bwd_kernel(
+    g_ptr, s_ptr, t_ptr, c_ptr, tlse_ptr, lse_ptr, ds_ptr,
+    B, K, NCROPS, inv_ts, inv_tt, scale,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    g = tl.load(g_ptr).to(tl.float32) * scale * inv_ts
+    lse0 = tl.load(tlse_ptr + b)
+    lse1 = tl.load(tlse_ptr + B + b)
+    lanes = tl.arange(0, BLOCK_K)
+    for k0 in range(0, CHUNK, BLOCK_K):
+        offs = split * CHUNK + k0 + lanes
+        mask = offs < K
+        # the teacher tile is read once for all student views of image b
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
+        p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
+        for v in range(0, NCROPS):
+            row = v * B + b
+            lse = tl.load(lse_ptr + row)
+            s = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
+            probs = tl.exp(tl.where(mask, s - lse, float("-inf")))
+            q = tl.where(v != 0, p0, 0.0) + tl.where(v != 1, p1, 0.0)
+            w = tl.where(v < 2, 1.0, 2.0)
+            ds = g * (w * probs - q)
+            tl.store(ds_ptr + row * K + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dino_center_kernel(
+    t_ptr, c_ptr, out_ptr, R, K, momentum, scale,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        acc += tl.load(t_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    batch_center = tl.sum(acc, axis=0) * scale
+    c = tl.load(c_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    new = c * momentum + batch_center * (1.0 - momentum)
+    tl.store(out_ptr + cols, new.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+# --- host side ----------------------------------------------------------------------------------------------------
+
+class _Tiling:
+    """Class-dimension tiling: BLOCK_K lanes per tile, CHUNK classes per program, NSPLIT chunks per row.
+
+    About 1024 programs (B x NSPLIT) on a GPU, so that 2 global + 8 local views of B = 64 images at K = 65,536 use
+    4096-class chunks; ``block_k`` / ``chunk`` override (tests use tiny ones to exercise the merging)."""
+
+    def __init__(self, B: int, K: int, block_k: Optional[int] = None, chunk: Optional[int] = None):
+        if block_k is None:
+            block_k = min(1024, triton.next_power_of_2(K)) if not interpreter_active() else min(
+                64, triton.next_power_of_2(K))
+        if chunk is None:
+            tiles = triton.cdiv(K, block_k)
+            nsplit = max(1, min(tiles, triton.cdiv(1024, B)))
+            chunk = triton.cdiv(tiles, nsplit) * block_k
+        assert chunk % block_k == 0
+        self.block_k, self.chunk = block_k, chunk
+        self.nsplit = triton.cdiv(K, chunk)
+        self.nsplit_p2 = triton.next_power_of_2(self.nsplit)
+        self.num_warps = 4 if block_k >= 512 else (2 if block_k >= 128 else 1)
+
+
+def dino_loss_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    block_k: Optional[int] = None,
+    chunk: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (fp32 scalar), and for the backward: the student rows' log-sum-exps of s / tau_s (ncrops * B,), the
+    teacher rows' log-sum-exps of (t - c) / tau_t (2B,) and an fp32 copy of the centre (K,) (the official module
+    moves its centre right after the loss; the gradient needs the one the loss used)."""
+    student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
+    R, K = student.shape
+    B = R // ncrops
+    tiling = _Tiling(B, K, block_k, chunk)
+    dev = student.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    tpm = torch.empty((2 * B, tiling.nsplit), **f32)
+    tpl = torch.empty((2 * B, tiling.nsplit), **f32)
+    inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    center_copy = torch.empty((K,), **f32)
+    launcher(_dino_teacher_stats_kernel)[(2 * B, tiling.nsplit)](
+        teacher, center, center_copy, tpm, tpl, K, tiling.nsplit, inv_tt,
+        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, num_warps=tiling.num_warps,
+    )
+    teacher_lse = torch.empty((2 * B,), **f32)
+    pm = torch.empty((R, tiling.nsplit), **f32)
+    pl = torch.empty((R, tiling.nsplit), **f32)
+    pd = torch.empty((R, tiling.nsplit), **f32)
+    launcher(_dino_fwd_kernel)[(B, tiling.nsplit)](
+        student, teacher, center, tpm, tpl, teacher_lse, pm, pl, pd,
+        B, K, tiling.nsplit, ncrops, inv_ts, inv_tt,
+        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, NSPLIT_P2=tiling.nsplit_p2, num_warps=tiling.num_warps,
+    )
+    student_lse = torch.empty((R,), **f32)
+    loss = torch.empty((), **f32)
+    block_r = max(1, min(triton.next_power_of_2(R), 2048 // tiling.nsplit_p2, 256))
+    launcher(_dino_finalize_kernel)[(1,)](
+        pm, pl, pd, student_lse, loss, B, R, tiling.nsplit, 1.0 / (num_pairs(ncrops) * B),
+        NSPLIT_P2=tiling.nsplit_p2, BLOCK_R=block_r, num_warps=4,
+    )
+    return loss, student_lse, teacher_lse, center_copy
+
+
+def dino_loss_bwd(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_lse: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    block_k: Optional[int] = None,
+    chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Gradient of the loss w.r.t. the student logits, (ncrops * B, K) in the student's dtype."""
+    student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
+    R, K = student.shape
+    B = R // ncrops
+    tiling = _Tiling(B, K, block_k, chunk)
+    grad_student = torch.empty_like(student)
+    launcher(_dino_bwd_kernel)[(B, tiling.nsplit)](
+        grad.reshape(()), student, teacher, center, teacher_lse, student_lse, grad_student,
+        B, K, ncrops, 1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (num_pairs(ncrops) * B),
+        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, num_warps=tiling.num_warps,
+    )
+    return grad_student
+
+
+def dino_center_update(center: torch.Tensor, teacher: torch.Tensor, momentum: float,
+                       block_k: Optional[int] = None) -> torch.Tensor:
+    """``momentum * center + (1 - momentum) * teacher.sum(0) / R`` in one pass (single process: a multi-process
+    run must all-reduce the column sums between the two steps); shape of ``center``, dtype
+    ``promote(center, teacher)``."""
+    teacher = teacher.contiguous()
+    R, K = teacher.shape
+    out = torch.empty(center.shape, device=center.device, dtype=torch.promote_types(center.dtype, teacher.dtype))
+    if block_k is None:
+        block_k = min(256 if not interpreter_active() else 64, triton.next_power_of_2(K))
+    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_k, 32))
+    launcher(_dino_center_kernel)[(triton.cdiv(K, block_k),)](
+        teacher, center.contiguous(), out, R, K, float(momentum), 1.0 / R,
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
