@@ -7,14 +7,22 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
 from vitkernels.ops.window_partition import window_partition, window_reverse
+from vitkernels.ops.mae_loss import mae_loss
+from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, patchify, random_masking, unpatchify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "dispatch",
+    "mae_loss",
+    "mae_unshuffle",
+    "msn_patch_drop",
     "ops",
+    "patchify",
+    "random_masking",
     "reference",
+    "unpatchify",
     "window_partition",
     "window_reverse",
 ]

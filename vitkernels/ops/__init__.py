@@ -5,3 +5,4 @@ functions are re-exported from the top-level package (``vitkernels.window_partit
 re-export them, so that ``vitkernels.ops.window_partition`` stays the module.
 """
 from vitkernels.ops import window_partition  # noqa: F401  (registers the op)
+from vitkernels.ops import mae_loss, masking  # noqa: F401  (register the MAE / MSN ops)

@@ -1,0 +1,78 @@
+"""Op: the MAE masked reconstruction loss (patchify + optional norm-pix + per-patch MSE + masked mean), fused.
+
+The public function :func:`mae_loss` validates its arguments and dispatches to
+
+* ``reference`` -- :mod:`vitkernels.reference.mae_loss` (the official ``forward_loss`` steps),
+* ``native``    -- not written yet (the C++ masking kernels are a separate issue),
+* ``triton``    -- not written yet.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vitkernels import dispatch
+from vitkernels._validation import check_int, check_same_device, check_shape, check_tensor
+from vitkernels.reference import mae_loss as reference
+
+mae_loss_op = dispatch.op(
+    "mae_loss", "MAE loss: patchify target (+ norm-pix, unbiased var), per-patch MSE, mean over removed patches"
+)
+
+
+def mae_loss(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """MAE loss: mean over removed patches of the per-patch MSE between ``pred`` and the (normalised) pixels.
+
+    Args:
+        imgs: (N, C, H, W) float images, ``H`` and ``W`` positive multiples of ``patch_size`` (non-square allowed).
+        pred: (N, L, p * p * C) float predictions, ``L = (H / p) * (W / p)``, features in patchify order
+            (row in patch, column in patch, channel); its dtype may differ from ``imgs``'s.
+        mask: (N, L) float weights, 1 = removed (loss taken), 0 = kept, as :func:`vitkernels.random_masking` returns.
+        patch_size: p, a positive int.
+        norm_pix_loss: normalise each target patch by its mean and unbiased variance (eps 1e-6); needs
+            ``p * p * C >= 2``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"native"`` or ``"reference"``.
+
+    Returns:
+        Scalar loss in the promoted dtype of (imgs, pred, mask). NaN when ``mask.sum() == 0``, as the official code.
+    """
+    check_tensor("imgs", imgs, ndim=4)
+    check_tensor("pred", pred, ndim=3)
+    check_tensor("mask", mask, ndim=2)
+    p = check_int("patch_size", patch_size, minimum=1)
+    if not isinstance(norm_pix_loss, bool):
+        raise TypeError(f"norm_pix_loss must be a bool, got {norm_pix_loss!r}")
+    N, C, H, W = imgs.shape
+    if H % p != 0 or W % p != 0 or H == 0 or W == 0:
+        raise ValueError(f"imgs height and width must be positive multiples of patch_size={p}, got shape {tuple(imgs.shape)}")
+    L, P = (H // p) * (W // p), p * p * C
+    check_shape("pred", pred, (N, L, P), f"(N, (H/p)*(W/p), p*p*C) for imgs {tuple(imgs.shape)} and patch_size {p}")
+    check_shape("mask", mask, (N, L), "(N, L) of pred")
+    if norm_pix_loss and P < 2:
+        raise ValueError(f"norm_pix_loss needs at least 2 values per patch for the unbiased variance, got p*p*C = {P}")
+    check_same_device(imgs=imgs, pred=pred, mask=mask)
+    call = dispatch.Call(
+        pred.device,
+        pred.dtype,
+        {"grad_imgs": imgs.requires_grad, "grad_mask": mask.requires_grad, "patch_numel": P},
+    )
+    impl = mae_loss_op.select(call, backend)
+    return impl(imgs, pred, mask, p, norm_pix_loss)
+
+
+@mae_loss_op.register("reference")
+def _mae_loss_reference(imgs, pred, mask, patch_size, norm_pix_loss):
+    return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+
+
+mae_loss_op.mark_missing("native", "no C++ kernel for mae_loss yet (a separate issue)")
+mae_loss_op.mark_missing("triton", "no Triton kernel for mae_loss yet")
