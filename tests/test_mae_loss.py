@@ -99,6 +99,7 @@ def backends_for(device):
 CASES = [(d, b) for d in DEVICES for b in backends_for(d)]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # ratio 0: 0 / 0 on purpose
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ratio", RATIOS)
@@ -165,3 +166,72 @@ def test_bad_inputs_raise():
         vitkernels.mae_loss(torch.randn(1, 1, 2, 2), torch.randn(1, 4, 1), torch.ones(1, 4), 1, True)
     with pytest.raises(ValueError, match="mask is on meta"):
         vitkernels.mae_loss(imgs, pred, mask.to("meta"), 4)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_backend_soft_weights_and_offset_pixels(device, backend):
+    """Non-binary weights, and pixels far from 0 (the variance must not cancel catastrophically in fp32)."""
+    imgs, pred, _ = _inputs(2, 3, 8, 8, 4, 0.5, dtype=torch.float32, device=device)
+    imgs = imgs * 0.1 + 100.0
+    weights = torch.rand(2, 4, device=device)
+    loss = vitkernels.mae_loss(imgs, pred, weights, 4, True, backend=backend)
+    want = reference.mae_loss(imgs.cpu().double(), pred.cpu().double(), weights.cpu().double(), 4, True)
+    torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-4, atol=1e-5)
+
+
+# --- Triton custom ops ---------------------------------------------------------------------------------------------
+
+TRITON_DEVICES = [d for d, b in CASES if b == "triton"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_opcheck(device):
+    ops = torch.ops.vitkernels
+    imgs, pred, mask = _inputs(2, 3, 4, 6, 2, 0.5, dtype=torch.float32, device=device)
+    pred.requires_grad_()
+    for norm_pix in (False, True):
+        torch.library.opcheck(ops.triton_mae_loss, (imgs, pred, mask, 2, norm_pix))
+    torch.library.opcheck(ops.triton_mae_loss, (imgs, pred.detach().bfloat16(), mask.bfloat16(), 2, True))
+    grad = torch.tensor(1.5, device=device)
+    torch.library.opcheck(ops.triton_mae_loss_backward, (grad, imgs, pred.detach(), mask, 2, True))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_gradcheck_pred(device):
+    imgs, pred, mask = _inputs(2, 2, 4, 6, 2, 0.5, device=device)
+    pred.requires_grad_()
+    for norm_pix in (False, True):
+        torch.autograd.gradcheck(lambda b: vitkernels.mae_loss(imgs, b, mask, 2, norm_pix, backend="triton"), (pred,))
+
+
+def test_triton_refuses_grads_it_does_not_compute():
+    """The Triton loss differentiates w.r.t. pred only: a call needing d/dimgs or d/dmask must not silently drop it."""
+    imgs, pred, mask = _inputs(1, 3, 4, 4, 2, 0.5, dtype=torch.float32)
+    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"grad_imgs": True, "grad_mask": False})
+    reason = vitkernels.ops.mae_loss.mae_loss_op.reasons(call)["triton"]
+    assert reason is not None and ("pred only" in reason or "triton" in reason.lower())
+    if TRITON_DEVICES:
+        with pytest.raises(vitkernels.BackendUnavailableError, match="pred only"):
+            vitkernels.mae_loss(imgs.requires_grad_(), pred, mask, 2, backend="triton")
+    # auto serves it (reference), with the gradient w.r.t. imgs
+    loss = vitkernels.mae_loss(imgs, pred, mask, 2)
+    (g,) = torch.autograd.grad(loss, imgs)
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_vit_large_shapes(norm_pix, pred_dtype):
+    N, p = 32, 16
+    imgs = torch.randn(N, 3, 224, 224, device="cuda")
+    pred = torch.randn(N, 196, 768, device="cuda", dtype=pred_dtype, requires_grad=True)
+    _, mask, _ = vitkernels.random_masking(torch.empty(N, 196, 1, device="cuda"), 0.75)
+    loss = vitkernels.mae_loss(imgs, pred, mask, p, norm_pix, backend="triton")
+    pred_ref = pred.detach().double().requires_grad_()
+    want = reference.mae_loss(imgs.double(), pred_ref, mask.double(), p, norm_pix)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(loss, pred)
+    (w,) = torch.autograd.grad(want, pred_ref)
+    tol = dict(rtol=1e-4, atol=1e-9) if pred_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-7)
+    torch.testing.assert_close(g.double(), w, **tol)

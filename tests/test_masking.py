@@ -294,6 +294,19 @@ def test_random_masking_dtypes(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("noise_dtype", FLOATS)
+@pytest.mark.parametrize("kind", ["ties", "nan"])
+def test_random_masking_noise_dtypes(device, backend, noise_dtype, kind):
+    N, L, D = 3, 13, 2
+    x = torch.randn(N, L, D, device=device)
+    noise = _noise(N, L, kind).to(device=device, dtype=noise_dtype)
+    got = vitkernels.random_masking(x, 0.5, noise, backend=backend)
+    want = loop_random_masking(x.cpu(), 0.5, noise.cpu().double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_random_masking_backend_gradients(device, backend, ratio):
     N, L, D = 2, 13, 4
@@ -409,7 +422,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="pos_embed"):
         vitkernels.random_masking(x, 0.5, pos_embed=torch.randn(1, 8, 3))
     with pytest.raises(TypeError, match="pos_embed"):
-        vitkernels.random_masking(x, 0.5, pos_embed=torch.randn(1, 7, 3, dtype=torch.float64))
+        vitkernels.random_masking(x, 0.5, pos_embed=torch.ones(1, 7, 3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="noise"):
+        vitkernels.random_masking(x, 0.5, noise=torch.ones(2, 7, dtype=torch.int64))
     with pytest.raises(ValueError, match="noise is on meta"):
         vitkernels.random_masking(x, 0.5, noise=torch.rand(2, 7, device="meta"))
     with pytest.raises(ValueError, match="backend"):
@@ -430,7 +445,7 @@ def test_bad_unshuffle_inputs_raise():
     with pytest.raises(ValueError, match="mask_token"):
         vitkernels.mae_unshuffle(x, ids, torch.randn(1, 1, D + 1))
     with pytest.raises(TypeError, match="mask_token"):
-        vitkernels.mae_unshuffle(x, ids, token.double())
+        vitkernels.mae_unshuffle(x, ids, token.int())
     with pytest.raises(ValueError, match="pos_embed"):
         vitkernels.mae_unshuffle(x, ids, token, torch.randn(1, L, D))
     with pytest.raises(ValueError, match="x must hold the CLS"):
@@ -457,3 +472,294 @@ def test_bad_msn_and_patchify_inputs_raise():
         vitkernels.unpatchify(torch.randn(1, 6, 12), 2)
     with pytest.raises(ValueError, match="patch_size"):
         vitkernels.unpatchify(torch.randn(1, 4, 10), 2)
+
+
+# --- mixed dtypes (autocast: half-precision tokens, fp32 tables and mask token) ------------------------------------
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_random_masking_mixed_dtypes(device, backend):
+    N, L, D = 2, 13, 6
+    x = torch.randn(N, L, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(1, L, D, device=device, requires_grad=True)
+    noise = torch.rand(N, L, device=device)
+    got = vitkernels.random_masking(x, 0.75, noise, pos, backend=backend)
+    x_ref, pos_ref = x.detach().cpu().requires_grad_(), pos.detach().cpu().requires_grad_()
+    want = reference.random_masking(x_ref, 0.75, noise.cpu(), pos_ref)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32  # as the official x + pos_embed
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+    grad = torch.randn_like(want[0])
+    gx, gpos = torch.autograd.grad(got[0], (x, pos), grad.to(device))
+    wx, wpos = torch.autograd.grad(want[0], (x_ref, pos_ref), grad)
+    assert gx.dtype == torch.bfloat16 and gpos.dtype == torch.float32
+    torch.testing.assert_close(gx.cpu(), wx, rtol=1e-2, atol=1e-2)  # bf16 casts truncate under the interpreter
+    torch.testing.assert_close(gpos.cpu(), wpos)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_mae_unshuffle_mixed_dtypes(device, backend):
+    N, L, D = 2, 13, 6
+    _, _, ids_restore = reference.random_masking(torch.randn(N, L, 1), 0.75)
+    x = torch.randn(N, 1 + 3, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    token = torch.randn(1, 1, D, device=device, requires_grad=True)
+    pos = torch.randn(1, 1 + L, D, device=device, requires_grad=True)
+    out = vitkernels.mae_unshuffle(x, ids_restore.to(device), token, pos, backend=backend)
+    refs = [t.detach().cpu().requires_grad_() for t in (x, token, pos)]
+    want = reference.mae_unshuffle(refs[0], ids_restore, refs[1], refs[2])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (x, token, pos), grad.to(device))
+    exp = torch.autograd.grad(want, refs, grad)
+    for a, b in zip(got, exp):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-2, atol=1e-2)
+
+
+# --- Triton custom ops: gradcheck, opcheck, torch.compile ----------------------------------------------------------
+
+TRITON_DEVICES = [d for d, b in CASES if b == "triton"]
+
+
+def _triton_ops():
+    from vitkernels.ops import masking as ops_masking
+
+    return ops_masking
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_triton_gradcheck(device, ratio):
+    N, L, D = 2, 7, 3
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(N, L, D, **f64, requires_grad=True)
+    pos = torch.randn(1, L, D, **f64, requires_grad=True)
+    noise = torch.rand(N, L, device=device)
+    torch.autograd.gradcheck(
+        lambda a, b: vitkernels.random_masking(a, ratio, noise, b, backend="triton")[0], (x, pos), fast_mode=True
+    )
+
+    _, _, ids_restore = reference.random_masking(x.detach().cpu(), ratio, noise.cpu())
+    ids_restore = ids_restore.to(device)
+    keep = reference.num_kept(L, ratio)
+    y = torch.randn(N, 1 + keep, D, **f64, requires_grad=True)
+    token = torch.randn(D, **f64, requires_grad=True)
+    dpos = torch.randn(N, 1 + L, D, **f64, requires_grad=True)
+
+    def unshuffle(a, t, b):
+        return vitkernels.mae_unshuffle(a, ids_restore, t, b, backend="triton")
+
+    torch.autograd.gradcheck(unshuffle, (y, token, dpos), fast_mode=True)
+    torch.autograd.gradgradcheck(unshuffle, (y, token, dpos), fast_mode=True)
+
+    z = torch.randn(N, 1 + L, D, **f64, requires_grad=True)
+    perm = torch.randperm(L).to(device)
+    drop = lambda a: vitkernels.msn_patch_drop(a, ratio, perm, backend="triton")[0]  # noqa: E731
+    torch.autograd.gradcheck(drop, (z,), fast_mode=True)
+    torch.autograd.gradgradcheck(drop, (z,), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_opcheck(device):
+    ops = torch.ops.vitkernels
+    N, L, D, keep = 2, 7, 4, 3
+    x = torch.randn(N, L, D, device=device, requires_grad=True)
+    pos = torch.randn(1, L, D, device=device, dtype=torch.float64, requires_grad=True)
+    noise = torch.rand(N, L, device=device)
+    torch.library.opcheck(ops.triton_random_masking, (x, noise, keep, pos))
+    torch.library.opcheck(ops.triton_random_masking, (x.detach(), noise, 0, None))
+
+    _, _, ids_restore = reference.random_masking(torch.randn(N, L, 1), 1 - keep / L + 1e-9, noise.cpu())
+    ids_restore = ids_restore.to(device)
+    y = torch.randn(N, 1 + keep, D, device=device, requires_grad=True)
+    token = torch.randn(D, device=device, requires_grad=True)
+    dpos = torch.randn(1, 1 + L, D, device=device, requires_grad=True)
+    torch.library.opcheck(ops.triton_mae_unshuffle, (y, ids_restore, token, dpos))
+    torch.library.opcheck(ops.triton_mae_unshuffle, (y.detach().bfloat16(), ids_restore, token.detach(), None))
+    grad = torch.randn(N, 1 + L, D, device=device, requires_grad=True)
+    torch.library.opcheck(
+        ops.triton_mae_unshuffle_backward, (grad, ids_restore, keep, torch.float32, torch.float32)
+    )
+
+    idx = torch.tensor([0, 3, 1, 5], device=device)
+    inverse = torch.tensor([0, 2, -1, 1, -1, 3, -1, -1], device=device)
+    z = torch.randn(N, 1 + L, D, device=device, requires_grad=True)
+    torch.library.opcheck(ops.triton_gather_rows, (z, idx, inverse, None, None))
+    add = torch.randn(N, 1 + L, D, device=device, requires_grad=True)
+    torch.library.opcheck(ops.triton_gather_rows, (z, idx, inverse, add, None))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_torch_compile_fullgraph(device):
+    """The whole MAE masking path (encoder masking, decoder unshuffle, loss) compiles without a graph break."""
+
+    def pipeline(imgs, tokens, noise, pos, cls, token, dpos, backend):
+        x_masked, mask, ids_restore = vitkernels.random_masking(tokens, 0.75, noise, pos, backend=backend)
+        x = torch.cat([cls.expand(x_masked.shape[0], -1, -1), x_masked], 1)
+        x = vitkernels.mae_unshuffle(x, ids_restore, token, dpos, backend=backend) * 2.0
+        kept, _ = vitkernels.msn_patch_drop(x, 0.5, torch.arange(x.shape[1] - 1, device=x.device), backend=backend)
+        return vitkernels.mae_loss(imgs, x[:, 1:, :], mask, 2, True, backend=backend) + kept.square().mean()
+
+    N, L, P = 2, 9, 4
+    imgs = torch.randn(N, 1, 6, 6, device=device)
+    tokens = torch.randn(N, L, P, device=device, requires_grad=True)
+    token = torch.randn(1, 1, P, device=device, requires_grad=True)
+    args = (torch.rand(N, L, device=device), torch.randn(1, L, P, device=device), torch.randn(1, 1, P, device=device),
+            token, torch.randn(1, 1 + L, P, device=device))
+    compiled = torch.compile(pipeline, fullgraph=True)
+    loss = compiled(imgs, tokens, *args[:3], *args[3:], "triton")
+    grads = torch.autograd.grad(loss, (tokens, token))
+    want = pipeline(imgs, tokens, *args[:3], *args[3:], "reference")
+    want_grads = torch.autograd.grad(want, (tokens, token))
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_triton_support_checks():
+    call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"num_tokens": 100_000})
+    reason = vitkernels.ops.masking.random_masking_op.reasons(call)["triton"]
+    assert reason is not None and ("L^2" in reason or "triton" in reason.lower())
+    assert vitkernels.ops.masking.random_masking_op.reasons(call)["native"] is not None
+    # auto never takes the Triton interpreter on CPU tensors
+    choice, _ = vitkernels.ops.masking.random_masking_op.auto_choice(
+        vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"num_tokens": 16})
+    )
+    assert choice == "reference"
+
+
+# --- modules -------------------------------------------------------------------------------------------------------
+
+class TinyMAE(torch.nn.Module):
+    """A two-layer MAE with the official forward_encoder / forward_decoder / forward_loss steps (Linear blocks)."""
+
+    def __init__(self, img=8, p=2, C=3, D=6, Dd=5, ratio=0.75, norm_pix=True):
+        super().__init__()
+        self.p, self.ratio, self.norm_pix = p, ratio, norm_pix
+        L = (img // p) ** 2
+        self.embed = torch.nn.Linear(p * p * C, D)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, D) * 0.02)
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, 1 + L, D), requires_grad=False)
+        self.block = torch.nn.Linear(D, D)
+        self.decoder_embed = torch.nn.Linear(D, Dd)
+        self.mask_token = torch.nn.Parameter(torch.randn(1, 1, Dd) * 0.02)
+        self.decoder_pos_embed = torch.nn.Parameter(torch.randn(1, 1 + L, Dd), requires_grad=False)
+        self.decoder_pred = torch.nn.Linear(Dd, p * p * C)
+
+    def official(self, imgs, noise):
+        x = self.embed(reference.patchify(imgs, self.p))
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = official_random_masking(x, self.ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self.block(torch.cat([cls, x], dim=1))
+        x = self.decoder_embed(x)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        pred = self.decoder_pred(x)[:, 1:, :]
+        target = reference.patchify(imgs, self.p)
+        if self.norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def with_modules(self, imgs, noise, backend):
+        from vitkernels.modules.masking import MAEDecoderUnshuffle, MAELoss, MAEMasking
+
+        unshuffle = MAEDecoderUnshuffle(self.mask_token.shape[-1], backend=backend)
+        unshuffle.mask_token = self.mask_token  # share the parameter
+        x = self.embed(vitkernels.patchify(imgs, self.p))
+        x, mask, ids_restore = MAEMasking(self.ratio, backend=backend)(x, self.pos_embed, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self.block(torch.cat([cls, x], dim=1))
+        x = unshuffle(self.decoder_embed(x), ids_restore, self.decoder_pos_embed)
+        pred = self.decoder_pred(x)[:, 1:, :]
+        return MAELoss(self.p, self.norm_pix, backend=backend)(imgs, pred, mask)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_modules_in_an_mae(device, backend):
+    torch.manual_seed(1)
+    model = TinyMAE().double().to(device)
+    imgs = torch.randn(3, 3, 8, 8, dtype=torch.float64, device=device)
+    noise = torch.rand(3, 16, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = model.official(imgs, noise)
+    want_grads = torch.autograd.grad(want, params)
+    got = model.with_modules(imgs, noise, backend)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_msn_patch_drop_module(device, backend):
+    from vitkernels.modules.masking import MSNPatchDrop
+
+    x = torch.randn(2, 1 + 13, 4, device=device)
+    torch.manual_seed(5)
+    kept, idx = MSNPatchDrop(0.4, backend=backend)(x, return_indices=True)
+    torch.manual_seed(5)
+    want = official_msn_patch_drop(x.cpu(), 0.4, torch.randperm(13))
+    torch.testing.assert_close(kept.cpu(), want, rtol=0, atol=0)
+    assert idx.shape == (1 + 7,)
+    assert MSNPatchDrop(0.0, backend=backend)(x) is x  # ratio 0: the official code skips the drop
+
+
+def test_module_state_dict_and_repr():
+    from vitkernels.modules.masking import MAEDecoderUnshuffle, MAELoss, MAEMasking, MSNPatchDrop
+
+    unshuffle = MAEDecoderUnshuffle(16)
+    assert list(unshuffle.state_dict()) == ["mask_token"] and unshuffle.mask_token.shape == (1, 1, 16)
+    assert 0 < unshuffle.mask_token.std().item() < 0.1
+    assert not list(MAEMasking(0.75).state_dict()) and "mask_ratio=0.75" in repr(MAEMasking(0.75))
+    assert "norm_pix_loss=True" in repr(MAELoss(16, True)) and "drop_ratio=0.5" in repr(MSNPatchDrop(0.5))
+    assert vitkernels.MAEMasking is MAEMasking and vitkernels.MSNPatchDrop is MSNPatchDrop
+
+
+# --- CUDA, issue-sized shapes (ViT-L MAE: B=256 at 224, L=196, D=1024, decoder D=512) --------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_vit_large_shapes_bit_exact(dtype):
+    N, L, D, Dd = 64, 196, 1024, 512
+    x = torch.randn(N, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, L, D, device="cuda", dtype=dtype)
+    noise = torch.rand(N, L, device="cuda")
+    got = vitkernels.random_masking(x, 0.75, noise, pos, backend="triton")
+    want = reference.random_masking(x, 0.75, noise, pos)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    grad = torch.randn_like(want[0])
+    torch.testing.assert_close(torch.autograd.grad(got[0], x, grad)[0], torch.autograd.grad(want[0], x, grad)[0],
+                               rtol=0, atol=0)
+
+    y = torch.randn(N, 1 + 49, Dd, device="cuda", dtype=dtype, requires_grad=True)
+    token = torch.randn(1, 1, Dd, device="cuda", dtype=dtype, requires_grad=True)
+    dpos = torch.randn(1, 1 + L, Dd, device="cuda", dtype=dtype)
+    out = vitkernels.mae_unshuffle(y, got[2], token, dpos, backend="triton")
+    ref = reference.mae_unshuffle(y, want[2], token, dpos)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    gy, gt = torch.autograd.grad(out, (y, token), g)
+    wy, wt = torch.autograd.grad(ref, (y, token), g)
+    torch.testing.assert_close(gy, wy, rtol=0, atol=0)
+    torch.testing.assert_close(gt.float(), wt.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+
+    z = torch.randn(N, 1 + L, D, device="cuda", dtype=dtype)
+    perm = torch.randperm(L, device="cuda")
+    kept, idx = vitkernels.msn_patch_drop(z, 0.3, perm, backend="triton")
+    torch.testing.assert_close(kept, z[:, idx], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_auto_picks_triton_and_compiles():
+    x = torch.randn(8, 196, 64, device="cuda")
+    call = vitkernels.dispatch.Call(x.device, x.dtype, {"num_tokens": 196})
+    assert vitkernels.ops.masking.random_masking_op.auto_choice(call)[0] == "triton"
+    f = torch.compile(lambda t, n: vitkernels.random_masking(t, 0.75, n), fullgraph=True)
+    noise = torch.rand(8, 196, device="cuda")
+    for g, w in zip(f(x, noise), reference.random_masking(x, 0.75, noise)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -9,11 +9,16 @@ from vitkernels.dispatch import BackendUnavailableError
 from vitkernels.ops.window_partition import window_partition, window_reverse
 from vitkernels.ops.mae_loss import mae_loss
 from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, patchify, random_masking, unpatchify
+from vitkernels.modules.masking import MAEDecoderUnshuffle, MAELoss, MAEMasking, MSNPatchDrop
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "MAEDecoderUnshuffle",
+    "MAELoss",
+    "MAEMasking",
+    "MSNPatchDrop",
     "dispatch",
     "mae_loss",
     "mae_unshuffle",

@@ -4,7 +4,12 @@ Public functions validate their arguments and dispatch to
 
 * ``reference`` -- :mod:`vitkernels.reference.masking` (the official argsort + gather + repeat + cat steps),
 * ``native``    -- not written yet (the C++ masking kernels are a separate issue),
-* ``triton``    -- not written yet.
+* ``triton``    -- custom ops ``torch.ops.vitkernels.triton_random_masking`` / ``triton_gather_rows`` /
+  ``triton_mae_unshuffle`` / ``triton_mae_unshuffle_backward`` launching the kernels of
+  :mod:`vitkernels.triton.masking` (rank by comparison instead of two argsorts, gathers with the pos-embed add fused,
+  the decoder input built in one pass). Registered with fake implementations and autograd (each gather's backward
+  is the gather by the inverse index; the unshuffle and its backward are each other's adjoint), so
+  ``torch.compile(fullgraph=True)`` traces them.
 
 Random draws (MAE noise, MSN permutation) happen here, before dispatch, with the official code's calls
 (``torch.rand(N, L, device=x.device)``, ``torch.randperm(L)``), so every backend sees the same randomness and a seed
@@ -18,16 +23,15 @@ import torch
 
 from vitkernels import dispatch
 from vitkernels._validation import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
     check_int,
     check_ratio,
     check_same_device,
-    check_same_dtype,
     check_shape,
     check_tensor,
 )
 from vitkernels.reference import masking as reference
+from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
 random_masking_op = dispatch.op(
     "random_masking", "MAE per-sample random masking: rank noise, gather kept tokens (+ pos-embed), binary mask"
@@ -38,7 +42,9 @@ mae_unshuffle_op = dispatch.op(
 msn_patch_drop_op = dispatch.op("msn_patch_drop", "MSN patch drop: keep a batch-shared random subset, CLS in front")
 
 NATIVE_MISSING = "no C++ kernels for the masking ops yet (a separate issue)"
-TRITON_MISSING = "no Triton kernels for the masking ops yet"
+# The Triton ranking compares every patch's noise with its whole row: O(L^2) per sample, fine for ViT token counts
+# (196 for ViT-L/16 at 224, 1024 at 512) but not for very long sequences, where torch.sort (reference) is better.
+TRITON_MAX_TOKENS = 8192
 
 
 # --- public API ---------------------------------------------------------------------------------------------------
@@ -57,13 +63,15 @@ def random_masking(
         x: (N, L, D) patch tokens (no CLS), float.
         mask_ratio: fraction of patches removed, in [0, 1); ``len_keep = int(L * (1 - mask_ratio))``.
         noise: optional (N, L) float noise on ``x``'s device; ``torch.rand(N, L, device=x.device)`` when None.
-        pos_embed: optional (1, L, D) or (N, L, D) in ``x``'s dtype, added to ``x`` before the gather (pass the
-            official encoder's ``pos_embed[:, 1:, :]``).
+        pos_embed: optional (1, L, D) or (N, L, D), added to ``x`` before the gather (pass the official encoder's
+            ``pos_embed[:, 1:, :]``). Its dtype may differ from ``x``'s (an fp32 table under autocast): the tokens
+            then come out in the promoted dtype, as the official ``x + pos_embed``.
         backend: ``"auto"`` (default), ``"triton"``, ``"native"`` or ``"reference"``.
 
     Returns:
-        ``(x_masked (N, len_keep, D), mask (N, L) in x.dtype (1 = removed), ids_restore (N, L) int64)``, as
-        :func:`vitkernels.reference.masking.random_masking` (stable tie-break by patch index).
+        ``(x_masked (N, len_keep, D), mask (N, L) (1 = removed), ids_restore (N, L) int64)``, as
+        :func:`vitkernels.reference.masking.random_masking` (stable tie-break by patch index); ``x_masked`` and
+        ``mask`` in ``x``'s dtype (promoted with ``pos_embed``'s).
     """
     check_tensor("x", x, ndim=3)
     ratio = check_ratio("mask_ratio", mask_ratio)
@@ -76,7 +84,6 @@ def random_masking(
     if pos_embed is not None:
         check_tensor("pos_embed", pos_embed, ndim=3)
         _check_pos_embed("pos_embed", pos_embed, N, L, D)
-        check_same_dtype(x=x, pos_embed=pos_embed)
     check_same_device(x=x, noise=noise, pos_embed=pos_embed)
     if noise is None:
         noise = torch.rand(N, L, device=x.device)
@@ -100,8 +107,10 @@ def mae_unshuffle(
         ids_restore: (N, L) int64 (or int32) from :func:`random_masking`, ``L >= len_keep``. It must be a
             permutation of ``range(L)`` per row (as :func:`random_masking` returns); this is not checked, since
             that would need a device synchronisation; the kernels never read or write out of bounds.
-        mask_token: (1, 1, D) or (D,) in ``x``'s dtype.
-        pos_embed: optional (1, 1 + L, D) or (N, 1 + L, D) decoder positional embedding in ``x``'s dtype.
+        mask_token: (1, 1, D) or (D,).
+        pos_embed: optional (1, 1 + L, D) or (N, 1 + L, D) decoder positional embedding.
+        Dtypes may differ (a bf16 ``x`` under autocast with fp32 parameters): the result is in the promoted dtype,
+        as the official ``torch.cat`` and ``+`` give.
         backend: see :func:`random_masking`.
 
     Returns:
@@ -124,7 +133,6 @@ def mae_unshuffle(
     if pos_embed is not None:
         check_tensor("pos_embed", pos_embed, ndim=3)
         _check_pos_embed("pos_embed", pos_embed, N, L + 1, D)
-    check_same_dtype(x=x, mask_token=mask_token, pos_embed=pos_embed)
     check_same_device(x=x, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
     impl = mae_unshuffle_op.select(dispatch.Call(x.device, x.dtype), backend)
     return impl(x, ids_restore, mask_token.reshape(D), pos_embed)
@@ -242,4 +250,212 @@ def _msn_patch_drop_reference(x, idx):
 
 for _op in (random_masking_op, mae_unshuffle_op, msn_patch_drop_op):
     _op.mark_missing("native", NATIVE_MISSING)
-    _op.mark_missing("triton", TRITON_MISSING)
+
+
+# --- triton backend: vitkernels/triton/masking.py -----------------------------------------------------------------
+
+def _triton_device_check(call: dispatch.Call) -> Optional[str]:
+    return triton_unavailable_reason(call.device)
+
+
+def _triton_num_tokens_check(call: dispatch.Call) -> Optional[str]:
+    L = call.details.get("num_tokens", 0)
+    if L > TRITON_MAX_TOKENS:
+        return (
+            f"the Triton ranking is O(L^2) per sample; L={L} exceeds {TRITON_MAX_TOKENS} tokens (use the reference, "
+            "which sorts)"
+        )
+    return None
+
+
+def _embed_grad(grad_rows: torch.Tensor, embed_batch: int) -> torch.Tensor:
+    """Gradient of an embedding added per row: summed over the batch where it was broadcast from batch 1."""
+    if embed_batch == 1 and grad_rows.shape[0] != 1:
+        return grad_rows.sum(0, keepdim=True)
+    return grad_rows
+
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.triton import masking as triton_kernels
+
+    @kernel_op("vitkernels::triton_gather_rows")
+    def triton_gather_rows(
+        src: torch.Tensor,
+        idx: torch.Tensor,
+        inverse_idx: torch.Tensor,
+        add: Optional[torch.Tensor],
+        out_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
+        """``out[n, k] = src[n, idx[n, k]] (+ add[., idx[n, k]])``, 0 where idx is outside [0, S).
+
+        src (N, S, D); idx (N, K) or (K,) shared by the batch; ``inverse_idx`` (N, S) or (S,) its inverse
+        (``idx[inverse_idx[s]] == s`` where ``0 <= inverse_idx[s] < K``, else out of range), used by the backward,
+        which is the gather by the inverse; add None or (1 or N, S, D); out_dtype None = promoted (src, add).
+        """
+        return triton_kernels.gather_rows(src, idx, add, out_dtype)
+
+    def _gather_out_dtype(src, add, out_dtype):
+        if out_dtype is not None:
+            return out_dtype
+        return src.dtype if add is None else torch.promote_types(src.dtype, add.dtype)
+
+    @triton_gather_rows.register_fake
+    def _(src, idx, inverse_idx, add, out_dtype):
+        dtype = _gather_out_dtype(src, add, out_dtype)
+        return src.new_empty((src.shape[0], idx.shape[-1], src.shape[2]), dtype=dtype)
+
+    def _gather_backward_rows(grad, idx, inverse_idx, src_dtype, add_dtype, add_batch, needs_src, needs_add):
+        """(grad_src, grad_add) of a row gather: the gather of ``grad`` by the inverse index."""
+        grad = grad.contiguous()
+        if not needs_add:
+            grad_src = triton_gather_rows(grad, inverse_idx, idx, None, src_dtype) if needs_src else None
+            return grad_src, None
+        grad_rows = triton_gather_rows(grad, inverse_idx, idx, None, None)
+        grad_src = grad_rows.to(src_dtype) if needs_src else None
+        return grad_src, _embed_grad(grad_rows, add_batch).to(add_dtype)
+
+    def _gather_setup(ctx, inputs, output):
+        src, idx, inverse_idx, add, _ = inputs
+        ctx.save_for_backward(idx, inverse_idx)
+        ctx.src_dtype = src.dtype
+        ctx.add_dtype = None if add is None else add.dtype
+        ctx.add_batch = None if add is None else add.shape[0]
+
+    def _gather_backward(ctx, grad):
+        idx, inverse_idx = ctx.saved_tensors
+        needs_src, _, _, needs_add, _ = ctx.needs_input_grad
+        grad_src, grad_add = _gather_backward_rows(
+            grad, idx, inverse_idx, ctx.src_dtype, ctx.add_dtype, ctx.add_batch, needs_src, needs_add
+        )
+        return grad_src, None, None, grad_add, None
+
+    torch.library.register_autograd(triton_gather_rows, _gather_backward, setup_context=_gather_setup)
+
+    @kernel_op("vitkernels::triton_random_masking")
+    def triton_random_masking(
+        x: torch.Tensor, noise: torch.Tensor, len_keep: int, pos_embed: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_masked, mask, ids_restore, ids_keep): rank the noise, then gather the kept tokens (+ pos_embed)."""
+        out_dtype = _gather_out_dtype(x, pos_embed, None)
+        ids_restore, ids_keep, mask = triton_kernels.rank_noise(noise, len_keep, out_dtype)
+        x_masked = triton_kernels.gather_rows(x, ids_keep, pos_embed, out_dtype)
+        return x_masked, mask, ids_restore, ids_keep
+
+    @triton_random_masking.register_fake
+    def _(x, noise, len_keep, pos_embed):
+        N, L, D = x.shape
+        dtype = _gather_out_dtype(x, pos_embed, None)
+        ids = x.new_empty((N, L), dtype=torch.int64)
+        keep_ids = x.new_empty((N, len_keep), dtype=torch.int64)
+        return x.new_empty((N, len_keep, D), dtype=dtype), x.new_empty((N, L), dtype=dtype), ids, keep_ids
+
+    def _random_masking_setup(ctx, inputs, output):
+        x, _, _, pos_embed = inputs
+        _, mask, ids_restore, ids_keep = output
+        ctx.mark_non_differentiable(mask, ids_restore, ids_keep)
+        ctx.save_for_backward(ids_restore, ids_keep)
+        ctx.x_dtype = x.dtype
+        ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
+
+    def _random_masking_backward(ctx, grad, _grad_mask, _grad_ids_restore, _grad_ids_keep):
+        ids_restore, ids_keep = ctx.saved_tensors
+        needs_x, _, _, needs_pos = ctx.needs_input_grad
+        # the adjoint of gathering by ids_keep is gathering by its inverse, ids_restore (ranks >= len_keep -> 0)
+        grad_x, grad_pos = _gather_backward_rows(
+            grad, ids_keep, ids_restore, ctx.x_dtype, ctx.pos_dtype, ctx.pos_batch, needs_x, needs_pos
+        )
+        return grad_x, None, None, grad_pos
+
+    torch.library.register_autograd(
+        triton_random_masking, _random_masking_backward, setup_context=_random_masking_setup
+    )
+
+    @kernel_op("vitkernels::triton_mae_unshuffle")
+    def triton_mae_unshuffle(
+        x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """x (N, 1 + keep, D), ids_restore (N, L) int64, mask_token (D,) -> (N, 1 + L, D), promoted dtype."""
+        return triton_kernels.mae_unshuffle(x, ids_restore, mask_token, pos_embed)
+
+    def _unshuffle_dtype(x, mask_token, pos_embed):
+        dtype = torch.promote_types(x.dtype, mask_token.dtype)
+        return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+    @triton_mae_unshuffle.register_fake
+    def _(x, ids_restore, mask_token, pos_embed):
+        dtype = _unshuffle_dtype(x, mask_token, pos_embed)
+        return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
+
+    @kernel_op("vitkernels::triton_mae_unshuffle_backward")
+    def triton_mae_unshuffle_backward(
+        grad: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype, token_dtype: torch.dtype
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """grad (N, 1 + L, D) -> (grad_x (N, 1 + keep, D) in x_dtype, grad_mask_token (D,) in token_dtype)."""
+        grad_x, grad_token = triton_kernels.mae_unshuffle_backward(grad, ids_restore, keep, x_dtype)
+        return grad_x, grad_token.to(token_dtype)
+
+    @triton_mae_unshuffle_backward.register_fake
+    def _(grad, ids_restore, keep, x_dtype, token_dtype):
+        N, _, D = grad.shape
+        return grad.new_empty((N, keep + 1, D), dtype=x_dtype), grad.new_empty((D,), dtype=token_dtype)
+
+    def _unshuffle_setup(ctx, inputs, output):
+        x, ids_restore, mask_token, pos_embed = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.keep = x.shape[1] - 1
+        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
+
+    def _unshuffle_backward(ctx, grad):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype, pos_dtype = ctx.dtypes
+        grad_x, grad_token = triton_mae_unshuffle_backward(grad.contiguous(), ids_restore, ctx.keep, x_dtype, token_dtype)
+        grad_pos = None
+        if ctx.needs_input_grad[3]:
+            grad_pos = _embed_grad(grad, ctx.pos_batch).to(pos_dtype)
+        return grad_x, None, grad_token, grad_pos
+
+    def _unshuffle_backward_setup(ctx, inputs, output):
+        grad, ids_restore, keep, x_dtype, token_dtype = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.grad_dtype = grad.dtype
+        ctx.x_shape = (grad.shape[0], keep + 1, grad.shape[2])
+        ctx.dtypes = (x_dtype, token_dtype)
+
+    def _unshuffle_backward_backward(ctx, grad_grad_x, grad_grad_token):
+        # the unshuffle is linear in (x, mask_token): the adjoint of its backward is the unshuffle itself
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype = ctx.dtypes
+        if grad_grad_x is None:
+            grad_grad_x = ids_restore.new_zeros(ctx.x_shape, dtype=x_dtype)
+        if grad_grad_token is None:
+            grad_grad_token = ids_restore.new_zeros((ctx.x_shape[2],), dtype=token_dtype)
+        out = triton_mae_unshuffle(grad_grad_x.contiguous(), ids_restore, grad_grad_token.contiguous(), None)
+        return out.to(ctx.grad_dtype), None, None, None, None
+
+    torch.library.register_autograd(triton_mae_unshuffle, _unshuffle_backward, setup_context=_unshuffle_setup)
+    torch.library.register_autograd(
+        triton_mae_unshuffle_backward, _unshuffle_backward_backward, setup_context=_unshuffle_backward_setup
+    )
+
+    @random_masking_op.register("triton", _triton_device_check, _triton_num_tokens_check)
+    def _random_masking_triton(x, noise, len_keep, pos_embed):
+        x_masked, mask, ids_restore, _ = triton_random_masking(x, noise, len_keep, pos_embed)
+        return x_masked, mask, ids_restore
+
+    @mae_unshuffle_op.register("triton", _triton_device_check)
+    def _mae_unshuffle_triton(x, ids_restore, mask_token, pos_embed):
+        return triton_mae_unshuffle(x, ids_restore.long(), mask_token, pos_embed)
+
+    @msn_patch_drop_op.register("triton", _triton_device_check)
+    def _msn_patch_drop_triton(x, idx):
+        # inverse of the kept-token index, -1 for dropped tokens: the backward gathers by it
+        inverse = torch.full((x.shape[1],), -1, dtype=torch.int64, device=x.device)
+        inverse = inverse.scatter(0, idx, torch.arange(idx.shape[0], device=x.device))
+        return triton_gather_rows(x, idx, inverse, None, None)
+
+else:
+    for _op in (random_masking_op, mae_unshuffle_op, msn_patch_drop_op):
+        _op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
