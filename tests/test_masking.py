@@ -317,7 +317,8 @@ def test_random_masking_backend_gradients(device, backend, ratio):
     g = torch.randn_like(out)
     gx, gpos = torch.autograd.grad(out, (x, pos), g)
     x_ref, pos_ref = x.detach().cpu().requires_grad_(), pos.detach().cpu().requires_grad_()
-    want = torch.autograd.grad(reference.random_masking(x_ref, ratio, noise.cpu(), pos_ref)[0], (x_ref, pos_ref), g.cpu())
+    want_out = reference.random_masking(x_ref, ratio, noise.cpu(), pos_ref)[0]
+    want = torch.autograd.grad(want_out, (x_ref, pos_ref), g.cpu())
     torch.testing.assert_close(gx.cpu(), want[0])
     torch.testing.assert_close(gpos.cpu(), want[1])
 
@@ -472,6 +473,31 @@ def test_bad_msn_and_patchify_inputs_raise():
         vitkernels.unpatchify(torch.randn(1, 6, 12), 2)
     with pytest.raises(ValueError, match="patch_size"):
         vitkernels.unpatchify(torch.randn(1, 4, 10), 2)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_vit_token_count_multi_block(device, backend):
+    """L = 196 (ViT/16 at 224) and D = 160: several blocks of the ranking loop, the row tiles and the channel tiles."""
+    N, L, D = 2, 196, 160
+    x = torch.randn(N, L, D, device=device, requires_grad=True)
+    pos = torch.randn(1, L, D, device=device)
+    noise = _noise(N, L, "ties").to(device)
+    got = vitkernels.random_masking(x, 0.75, noise, pos, backend=backend)
+    want = reference.random_masking(x.detach().cpu(), 0.75, noise.cpu(), pos.cpu())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+    y = torch.randn(N, 1 + 49, D, device=device, requires_grad=True)
+    token = torch.randn(D, device=device, requires_grad=True)
+    out = vitkernels.mae_unshuffle(y, got[2], token, backend=backend)
+    want_out = loop_unshuffle(y.detach().cpu(), want[2], token.detach().cpu())
+    torch.testing.assert_close(out.cpu(), want_out, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    gy, gt = torch.autograd.grad(out, (y, token), g)
+    torch.testing.assert_close(gy[:, 0], g[:, 0], rtol=0, atol=0)
+    kept = (want[2] < 49).to(device)
+    for n in range(N):  # visible rows' gradient lands on their slot, mask-token rows sum into the token's
+        torch.testing.assert_close(gy[n, 1 + got[2][n][kept[n]]], g[n, 1:][kept[n]], rtol=0, atol=0)
+    torch.testing.assert_close(gt, g[:, 1:][~kept].sum(0))
 
 
 # --- mixed dtypes (autocast: half-precision tokens, fp32 tables and mask token) ------------------------------------

@@ -57,7 +57,9 @@ def mae_loss(
         raise TypeError(f"norm_pix_loss must be a bool, got {norm_pix_loss!r}")
     N, C, H, W = imgs.shape
     if H % p != 0 or W % p != 0 or H == 0 or W == 0:
-        raise ValueError(f"imgs height and width must be positive multiples of patch_size={p}, got shape {tuple(imgs.shape)}")
+        raise ValueError(
+            f"imgs height and width must be positive multiples of patch_size={p}, got shape {tuple(imgs.shape)}"
+        )
     L, P = (H // p) * (W // p), p * p * C
     check_shape("pred", pred, (N, L, P), f"(N, (H/p)*(W/p), p*p*C) for imgs {tuple(imgs.shape)} and patch_size {p}")
     check_shape("mask", mask, (N, L), "(N, L) of pred")

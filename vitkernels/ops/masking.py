@@ -228,7 +228,9 @@ def _check_pos_embed(name: str, pos_embed: torch.Tensor, N: int, rows: int, D: i
 def _check_divisible(imgs: torch.Tensor, p: int) -> None:
     H, W = imgs.shape[2], imgs.shape[3]
     if H % p != 0 or W % p != 0 or H == 0 or W == 0:
-        raise ValueError(f"imgs height and width must be positive multiples of patch_size={p}, got shape {tuple(imgs.shape)}")
+        raise ValueError(
+            f"imgs height and width must be positive multiples of patch_size={p}, got shape {tuple(imgs.shape)}"
+        )
 
 
 # --- reference backend --------------------------------------------------------------------------------------------
@@ -411,7 +413,9 @@ if HAS_TRITON:
     def _unshuffle_backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, token_dtype, pos_dtype = ctx.dtypes
-        grad_x, grad_token = triton_mae_unshuffle_backward(grad.contiguous(), ids_restore, ctx.keep, x_dtype, token_dtype)
+        grad_x, grad_token = triton_mae_unshuffle_backward(
+            grad.contiguous(), ids_restore, ctx.keep, x_dtype, token_dtype
+        )
         grad_pos = None
         if ctx.needs_input_grad[3]:
             grad_pos = _embed_grad(grad, ctx.pos_batch).to(pos_dtype)

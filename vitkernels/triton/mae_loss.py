@@ -38,20 +38,21 @@ def _upcast(v, F64: tl.constexpr):
 
 @triton.jit
 def _patch_residual(
-    imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, C, H, W, P, p,
-    NORM_PIX: tl.constexpr, F64: tl.constexpr, BLOCK_E: tl.constexpr,
+    imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, H, W,
+    C: tl.constexpr, p: tl.constexpr, NORM_PIX: tl.constexpr, F64: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """For patch rows ``rows``: (mask weight, active rows, (rows x BLOCK_E) tile mask, pred - target)."""
     in_rows = rows < n_patches
     m = _upcast(tl.load(mask_ptr + rows, mask=in_rows, other=0.0), F64)
     active = in_rows & (m != 0)
+    P: tl.constexpr = p * p * C
     e = tl.arange(0, BLOCK_E)
     in_e = e < P
     n = rows // L
     l = rows % L
     i = l // grid_w
     j = l % grid_w
-    pi = e // (p * C)
+    pi = e // (p * C)  # constexpr divisors: cheap index math
     qi = (e // C) % p
     c = e % C
     pixel = (n * C * H * W + i * p * W + j * p)[:, None] + (c * H * W + pi * W + qi)[None, :]
@@ -68,13 +69,15 @@ def _patch_residual(
 
 @triton.jit
 def _mae_loss_fwd_kernel(
-    imgs_ptr, pred_ptr, mask_ptr, num_ptr, den_ptr, n_patches, L, grid_w, C, H, W, P, p,
-    NORM_PIX: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    imgs_ptr, pred_ptr, mask_ptr, num_ptr, den_ptr, n_patches, L, grid_w, H, W,
+    C: tl.constexpr, p: tl.constexpr, NORM_PIX: tl.constexpr, F64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    P: tl.constexpr = p * p * C
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     m, active, tile, diff = _patch_residual(
-        imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, C, H, W, P, p, NORM_PIX, F64, BLOCK_E
+        imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, H, W, C, p, NORM_PIX, F64, BLOCK_E
     )
     per_patch = tl.sum(diff * diff, axis=1) / P
     tl.store(num_ptr + pid, tl.sum(tl.where(active, per_patch * m, 0.0), axis=0))
@@ -83,13 +86,15 @@ def _mae_loss_fwd_kernel(
 
 @triton.jit
 def _mae_loss_bwd_kernel(
-    imgs_ptr, pred_ptr, mask_ptr, scale_ptr, grad_ptr, n_patches, L, grid_w, C, H, W, P, p,
-    NORM_PIX: tl.constexpr, F64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    imgs_ptr, pred_ptr, mask_ptr, scale_ptr, grad_ptr, n_patches, L, grid_w, H, W,
+    C: tl.constexpr, p: tl.constexpr, NORM_PIX: tl.constexpr, F64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
+    P: tl.constexpr = p * p * C
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     m, active, tile, diff = _patch_residual(
-        imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, C, H, W, P, p, NORM_PIX, F64, BLOCK_E
+        imgs_ptr, pred_ptr, mask_ptr, rows, n_patches, L, grid_w, H, W, C, p, NORM_PIX, F64, BLOCK_E
     )
     scale = _upcast(tl.load(scale_ptr), F64)  # 2 * grad_loss / (P * sum(mask)), on the device: no sync
     grad = diff * (scale * m)[:, None]
@@ -124,7 +129,7 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     den = torch.empty(n_programs, device=pred.device, dtype=compute)
     if n_programs > 0:
         launcher(_mae_loss_fwd_kernel)[(n_programs,)](
-            imgs, pred, mask, num, den, n_patches, L, grid_w, C, H, W, P, patch_size,
+            imgs, pred, mask, num, den, n_patches, L, grid_w, H, W, C=C, p=patch_size,
             NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_P=block_p, BLOCK_E=block_e,
             num_warps=8 if block_p * block_e >= 4096 else 4,
         )
@@ -145,7 +150,7 @@ def mae_loss_backward(
     n_programs = triton.cdiv(n_patches, block_p)
     if n_programs > 0:
         launcher(_mae_loss_bwd_kernel)[(n_programs,)](
-            imgs, pred, mask, scale, grad, n_patches, L, grid_w, C, H, W, P, patch_size,
+            imgs, pred, mask, scale, grad, n_patches, L, grid_w, H, W, C=C, p=patch_size,
             NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_P=block_p, BLOCK_E=block_e,
             num_warps=8 if block_p * block_e >= 4096 else 4,
         )
