@@ -153,6 +153,9 @@ def _unshuffle_bwd_kernel(
 # --- host launchers ------------------------------------------------------------------------------------------------
 
 RANK_BLOCK_L = 16
+# 4096-element row tiles (16 rows x 256 channels): 8 warps = 16 values (two 16-byte bf16 vectors) per thread; ptxas
+# reports ~124 registers and no spills for sm_90 (AOT-compiled, not timed: no GPU was at hand), 16 warps per SM
+_ROW_TILE_WARPS = 8
 
 
 def _row_blocks(D: int) -> Tuple[int, int]:
@@ -210,6 +213,7 @@ def gather_rows(
         K if idx.dim() == 2 else 0,
         (S * D if add.shape[0] != 1 else 0) if add is not None else 0,
         HAS_ADD=add is not None, F64=_is_f64(src, add, out), BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_ROW_TILE_WARPS,
     )
     return out
 
@@ -239,6 +243,7 @@ def mae_unshuffle(
         x, ids_restore, mask_token, pos_embed if pos_embed is not None else x, out, n_rows, L, keep_plus_cls - 1, D,
         ((L + 1) * D if pos_embed.shape[0] != 1 else 0) if pos_embed is not None else 0,
         HAS_PE=pos_embed is not None, F64=out_dtype == torch.float64, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=_ROW_TILE_WARPS,
     )
     return out
 
@@ -253,8 +258,10 @@ def mae_unshuffle_backward(grad: torch.Tensor, ids_restore: torch.Tensor, keep: 
     grad_x = torch.empty((N, keep + 1, D), device=grad.device, dtype=x_dtype)
     partial = torch.empty((N, D), device=grad.device, dtype=torch.float64 if f64 else torch.float32)
     if N * D > 0:
-        block_d = min(triton.next_power_of_2(D), 128)
-        block_r = max(1, min(triton.next_power_of_2(max(L, 1)), 4096 // block_d))
+        # narrow channel blocks: N * D / 64 programs (2048 for the ViT-L decoder at B=256), each walking its sample's
+        # L rows in (32 x 64) tiles with few registers (48 on sm_90 by ptxas), several CTAs per SM hide latency
+        block_d = min(triton.next_power_of_2(D), 64)
+        block_r = min(triton.next_power_of_2(max(L, 1)), 32)
         launcher(_unshuffle_bwd_kernel)[(N, triton.cdiv(D, block_d))](
             grad, ids_restore, grad_x, partial, L, keep, D, F64=f64, BLOCK_R=block_r, BLOCK_D=block_d,
         )
