@@ -206,19 +206,22 @@ def test_triton_gradcheck_pred(device):
         )
 
 
-def test_triton_refuses_grads_it_does_not_compute():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_refuses_grads_it_does_not_compute(device):
     """The Triton loss differentiates w.r.t. pred only: a call needing d/dimgs or d/dmask must not silently drop it."""
-    imgs, pred, mask = _inputs(1, 3, 4, 4, 2, 0.5, dtype=torch.float32)
-    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"grad_imgs": True, "grad_mask": False})
-    reason = vitkernels.ops.mae_loss.mae_loss_op.reasons(call)["triton"]
-    assert reason is not None and ("pred only" in reason or "triton" in reason.lower())
-    if TRITON_DEVICES:
-        with pytest.raises(vitkernels.BackendUnavailableError, match="pred only"):
-            vitkernels.mae_loss(imgs.requires_grad_(), pred, mask, 2, backend="triton")
-    # auto serves it (reference), with the gradient w.r.t. imgs
+    imgs, pred, mask = _inputs(1, 3, 4, 4, 2, 0.5, dtype=torch.float32, device=device)
+    op = vitkernels.ops.mae_loss.mae_loss_op
+    for details in ({"grad_imgs": True}, {"grad_mask": True}):
+        assert "pred only" in op.reasons(vitkernels.dispatch.Call(torch.device(device), torch.float32, details))["triton"]
+    with pytest.raises(vitkernels.BackendUnavailableError, match="pred only"):
+        vitkernels.mae_loss(imgs.requires_grad_(), pred, mask, 2, backend="triton")
+    with pytest.raises(vitkernels.BackendUnavailableError, match="pred only"):
+        vitkernels.mae_loss(imgs.detach(), pred, mask.clone().requires_grad_(), 2, backend="triton")
+    # auto serves it (the reference on CPU; on CUDA too, since triton declines), with the gradient w.r.t. imgs
     loss = vitkernels.mae_loss(imgs, pred, mask, 2)
     (g,) = torch.autograd.grad(loss, imgs)
-    assert g.abs().sum() > 0
+    want = torch.autograd.grad(reference.mae_loss(imgs, pred, mask, 2), imgs)[0]
+    torch.testing.assert_close(g, want)
 
 
 @pytest.mark.cuda
