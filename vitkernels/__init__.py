@@ -7,16 +7,21 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
 from vitkernels.modules.losses import DINOLoss, MSNLoss
+from vitkernels.modules.masking import MAEDecoderUnshuffle, MAELoss, MAEMasking, MSNPatchDrop
 from vitkernels.modules.patch_embed import PatchEmbed, ViTEmbedding
 from vitkernels.modules.swin import (
     PatchMerging,
     SwinBlock,
-    SwinTransformerBlock,
     SwinTransformer,
+    SwinTransformerBlock,
     SwinTransformerStage,
     WindowAttention,
 )
 from vitkernels.ops.dino_loss import dino_center_update, dino_loss
+from vitkernels.ops.mae_loss import mae_loss
+from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, random_masking
+from vitkernels.ops.masking import patchify as mae_patchify
+from vitkernels.ops.masking import unpatchify as mae_unpatchify
 from vitkernels.ops.msn_loss import msn_loss
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
@@ -27,7 +32,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DINOLoss",
+    "MAEDecoderUnshuffle",
+    "MAELoss",
+    "MAEMasking",
     "MSNLoss",
+    "MSNPatchDrop",
     "PatchEmbed",
     "PatchMerging",
     "SwinBlock",
@@ -39,9 +48,15 @@ __all__ = [
     "dino_center_update",
     "dino_loss",
     "dispatch",
+    "mae_loss",
+    "mae_patchify",
+    "mae_unpatchify",
+    "mae_unshuffle",
     "msn_loss",
+    "msn_patch_drop",
     "ops",
     "patch_embed",
+    "random_masking",
     "reference",
     "window_attention",
     "window_partition",
