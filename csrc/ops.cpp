@@ -55,4 +55,13 @@ TORCH_LIBRARY(vitkernels, m) {
   // Its image and weight gradients (empty tensors where not needed); the other gradients are batch sums.
   m.def("patch_embed_backward(Tensor grad, Tensor x, Tensor weight, int num_prefix, bool dynamic_img_pad, "
         "bool need_input, bool need_weight) -> (Tensor, Tensor)");
+
+  // MAE / MSN masking (same schemas as the Triton custom ops triton_<name>).
+  // out[n, k] = src[n, idx[n or shared, k]] (+ add), 0 where the index is out of range; inverse_idx is for autograd.
+  m.def("gather_rows(Tensor src, Tensor idx, Tensor inverse_idx, Tensor? add, ScalarType? out_dtype) -> Tensor");
+  // (x_masked, mask, ids_restore, ids_keep) from the noise's stable sort.
+  m.def("random_masking(Tensor x, Tensor noise, int len_keep, Tensor? pos_embed) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mae_unshuffle(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
+  m.def("mae_unshuffle_backward(Tensor grad, Tensor ids_restore, int keep, ScalarType x_dtype, "
+        "ScalarType token_dtype) -> (Tensor, Tensor)");
 }

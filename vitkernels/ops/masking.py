@@ -3,13 +3,16 @@
 Public functions validate their arguments and dispatch to
 
 * ``reference`` -- :mod:`vitkernels.reference.masking` (the official argsort + gather + repeat + cat steps),
-* ``native``    -- not written yet (the C++ masking kernels are a separate issue),
 * ``triton``    -- custom ops ``torch.ops.vitkernels.triton_random_masking`` / ``triton_gather_rows`` /
   ``triton_mae_unshuffle`` / ``triton_mae_unshuffle_backward`` launching the kernels of
   :mod:`vitkernels.triton.masking` (rank by comparison instead of two argsorts, gathers with the pos-embed add fused,
-  the decoder input built in one pass). Registered with fake implementations and autograd (each gather's backward
-  is the gather by the inverse index; the unshuffle and its backward are each other's adjoint), so
-  ``torch.compile(fullgraph=True)`` traces them.
+  the decoder input built in one pass),
+* ``native``    -- the same four ops without the ``triton_`` prefix from ``csrc/cpu/masking.cpp`` and
+  ``csrc/cuda/masking.cu`` (a stable sort, then the same row gathers / scatters in C++ / CUDA).
+
+Both op sets get the same fake implementations and autograd (:func:`_register_fakes_and_autograd`: each gather's
+backward is the gather by the inverse index; the unshuffle and its backward are each other's adjoint), so
+``torch.compile(fullgraph=True)`` traces them.
 
 Random draws (MAE noise, MSN permutation) happen here, before dispatch, with the official code's calls
 (``torch.rand(N, L, device=x.device)``, ``torch.randperm(L)``), so every backend sees the same randomness and a seed
@@ -17,11 +20,11 @@ gives the same masks as the official code.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import _native, dispatch
 from vitkernels._validation import (
     INDEX_DTYPES,
     check_int,
@@ -41,7 +44,6 @@ mae_unshuffle_op = dispatch.op(
 )
 msn_patch_drop_op = dispatch.op("msn_patch_drop", "MSN patch drop: keep a batch-shared random subset, CLS in front")
 
-NATIVE_MISSING = "no C++ kernels for the masking ops yet (a separate issue)"
 # The Triton ranking compares every patch's noise with its whole row: O(L^2) per sample, fine for ViT token counts
 # (196 for ViT-L/16 at 224, 1024 at 512) but not for very long sequences, where torch.sort (reference) is better.
 TRITON_MAX_TOKENS = 8192
@@ -250,8 +252,165 @@ def _msn_patch_drop_reference(x, idx):
     return x[:, idx, :]
 
 
-for _op in (random_masking_op, mae_unshuffle_op, msn_patch_drop_op):
-    _op.mark_missing("native", NATIVE_MISSING)
+# --- fake implementations and autograd, shared by the triton and native op sets ----------------------------------
+
+class MaskingOps(NamedTuple):
+    """One backend's four custom ops (same schemas): ``gather_rows(src, idx, inverse_idx, add, out_dtype)``,
+    ``random_masking(x, noise, len_keep, pos_embed) -> (x_masked, mask, ids_restore, ids_keep)``,
+    ``mae_unshuffle(x, ids_restore, mask_token, pos_embed)`` and
+    ``mae_unshuffle_backward(grad, ids_restore, keep, x_dtype, token_dtype) -> (grad_x, grad_mask_token)``."""
+
+    gather_rows: Callable
+    random_masking: Callable
+    mae_unshuffle: Callable
+    mae_unshuffle_backward: Callable
+
+
+def _embed_grad(grad_rows: torch.Tensor, embed_batch: int) -> torch.Tensor:
+    """Gradient of an embedding added per row: summed over the batch where it was broadcast from batch 1."""
+    if embed_batch == 1 and grad_rows.shape[0] != 1:
+        return grad_rows.sum(0, keepdim=True)
+    return grad_rows
+
+
+def _gather_out_dtype(src, add, out_dtype):
+    if out_dtype is not None:
+        return out_dtype
+    return src.dtype if add is None else torch.promote_types(src.dtype, add.dtype)
+
+
+def _unshuffle_dtype(x, mask_token, pos_embed):
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)
+    return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
+
+
+def _register_fakes_and_autograd(ops: MaskingOps) -> None:
+    def gather_fake(src, idx, inverse_idx, add, out_dtype):
+        dtype = _gather_out_dtype(src, add, out_dtype)
+        return src.new_empty((src.shape[0], idx.shape[-1], src.shape[2]), dtype=dtype)
+
+    def gather_backward_rows(grad, idx, inverse_idx, src_dtype, add_dtype, add_batch, needs_src, needs_add):
+        """(grad_src, grad_add) of a row gather: the gather of ``grad`` by the inverse index."""
+        grad = grad.contiguous()
+        if not needs_add:
+            grad_src = ops.gather_rows(grad, inverse_idx, idx, None, src_dtype) if needs_src else None
+            return grad_src, None
+        grad_rows = ops.gather_rows(grad, inverse_idx, idx, None, None)
+        grad_src = grad_rows.to(src_dtype) if needs_src else None
+        return grad_src, _embed_grad(grad_rows, add_batch).to(add_dtype)
+
+    def gather_setup(ctx, inputs, output):
+        src, idx, inverse_idx, add, _ = inputs
+        ctx.save_for_backward(idx, inverse_idx)
+        ctx.src_dtype = src.dtype
+        ctx.add_dtype = None if add is None else add.dtype
+        ctx.add_batch = None if add is None else add.shape[0]
+
+    def gather_backward(ctx, grad):
+        idx, inverse_idx = ctx.saved_tensors
+        needs_src, _, _, needs_add, _ = ctx.needs_input_grad
+        grad_src, grad_add = gather_backward_rows(
+            grad, idx, inverse_idx, ctx.src_dtype, ctx.add_dtype, ctx.add_batch, needs_src, needs_add
+        )
+        return grad_src, None, None, grad_add, None
+
+    def random_masking_fake(x, noise, len_keep, pos_embed):
+        N, L, D = x.shape
+        dtype = _gather_out_dtype(x, pos_embed, None)
+        ids = x.new_empty((N, L), dtype=torch.int64)
+        keep_ids = x.new_empty((N, len_keep), dtype=torch.int64)
+        return x.new_empty((N, len_keep, D), dtype=dtype), x.new_empty((N, L), dtype=dtype), ids, keep_ids
+
+    def random_masking_setup(ctx, inputs, output):
+        x, _, _, pos_embed = inputs
+        _, mask, ids_restore, ids_keep = output
+        ctx.mark_non_differentiable(mask, ids_restore, ids_keep)
+        ctx.save_for_backward(ids_restore, ids_keep)
+        ctx.x_dtype = x.dtype
+        ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
+        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
+
+    def random_masking_backward(ctx, grad, _grad_mask, _grad_ids_restore, _grad_ids_keep):
+        ids_restore, ids_keep = ctx.saved_tensors
+        needs_x, _, _, needs_pos = ctx.needs_input_grad
+        # the adjoint of gathering by ids_keep is gathering by its inverse, ids_restore (ranks >= len_keep -> 0)
+        grad_x, grad_pos = gather_backward_rows(
+            grad, ids_keep, ids_restore, ctx.x_dtype, ctx.pos_dtype, ctx.pos_batch, needs_x, needs_pos
+        )
+        return grad_x, None, None, grad_pos
+
+    def unshuffle_fake(x, ids_restore, mask_token, pos_embed):
+        dtype = _unshuffle_dtype(x, mask_token, pos_embed)
+        return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
+
+    def unshuffle_backward_fake(grad, ids_restore, keep, x_dtype, token_dtype):
+        N, _, D = grad.shape
+        return grad.new_empty((N, keep + 1, D), dtype=x_dtype), grad.new_empty((D,), dtype=token_dtype)
+
+    def unshuffle_setup(ctx, inputs, output):
+        x, ids_restore, mask_token, pos_embed = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.keep = x.shape[1] - 1
+        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
+        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
+
+    def unshuffle_backward(ctx, grad):
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype, pos_dtype = ctx.dtypes
+        grad_x, grad_token = ops.mae_unshuffle_backward(grad.contiguous(), ids_restore, ctx.keep, x_dtype, token_dtype)
+        grad_pos = None
+        if ctx.needs_input_grad[3]:
+            grad_pos = _embed_grad(grad, ctx.pos_batch).to(pos_dtype)
+        return grad_x, None, grad_token, grad_pos
+
+    def unshuffle_backward_setup(ctx, inputs, output):
+        grad, ids_restore, keep, x_dtype, token_dtype = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.grad_dtype = grad.dtype
+        ctx.x_shape = (grad.shape[0], keep + 1, grad.shape[2])
+        ctx.dtypes = (x_dtype, token_dtype)
+
+    def unshuffle_backward_backward(ctx, grad_grad_x, grad_grad_token):
+        # the unshuffle is linear in (x, mask_token): the adjoint of its backward is the unshuffle itself
+        (ids_restore,) = ctx.saved_tensors
+        x_dtype, token_dtype = ctx.dtypes
+        if grad_grad_x is None:
+            grad_grad_x = ids_restore.new_zeros(ctx.x_shape, dtype=x_dtype)
+        if grad_grad_token is None:
+            grad_grad_token = ids_restore.new_zeros((ctx.x_shape[2],), dtype=token_dtype)
+        out = ops.mae_unshuffle(grad_grad_x.contiguous(), ids_restore, grad_grad_token.contiguous(), None)
+        return out.to(ctx.grad_dtype), None, None, None, None
+
+    torch.library.register_fake(ops.gather_rows)(gather_fake)
+    torch.library.register_fake(ops.random_masking)(random_masking_fake)
+    torch.library.register_fake(ops.mae_unshuffle)(unshuffle_fake)
+    torch.library.register_fake(ops.mae_unshuffle_backward)(unshuffle_backward_fake)
+    torch.library.register_autograd(ops.gather_rows, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(ops.random_masking, random_masking_backward, setup_context=random_masking_setup)
+    torch.library.register_autograd(ops.mae_unshuffle, unshuffle_backward, setup_context=unshuffle_setup)
+    torch.library.register_autograd(
+        ops.mae_unshuffle_backward, unshuffle_backward_backward, setup_context=unshuffle_backward_setup
+    )
+
+
+def _register_backend(backend: str, ops: MaskingOps, *support_checks, masking_checks=()) -> None:
+    """Serve the three public ops on ``backend`` through ``ops``."""
+
+    @random_masking_op.register(backend, *support_checks, *masking_checks)
+    def _random_masking(x, noise, len_keep, pos_embed):
+        x_masked, mask, ids_restore, _ = ops.random_masking(x, noise, len_keep, pos_embed)
+        return x_masked, mask, ids_restore
+
+    @mae_unshuffle_op.register(backend, *support_checks)
+    def _mae_unshuffle(x, ids_restore, mask_token, pos_embed):
+        return ops.mae_unshuffle(x, ids_restore.long(), mask_token, pos_embed)
+
+    @msn_patch_drop_op.register(backend, *support_checks)
+    def _msn_patch_drop(x, idx):
+        # inverse of the kept-token index, -1 for dropped tokens: the backward gathers by it
+        inverse = torch.full((x.shape[1],), -1, dtype=torch.int64, device=x.device)
+        inverse = inverse.scatter(0, idx, torch.arange(idx.shape[0], device=x.device))
+        return ops.gather_rows(x, idx, inverse, None, None)
 
 
 # --- triton backend: vitkernels/triton/masking.py -----------------------------------------------------------------
@@ -268,13 +427,6 @@ def _triton_num_tokens_check(call: dispatch.Call) -> Optional[str]:
             "which sorts)"
         )
     return None
-
-
-def _embed_grad(grad_rows: torch.Tensor, embed_batch: int) -> torch.Tensor:
-    """Gradient of an embedding added per row: summed over the batch where it was broadcast from batch 1."""
-    if embed_batch == 1 and grad_rows.shape[0] != 1:
-        return grad_rows.sum(0, keepdim=True)
-    return grad_rows
 
 
 if HAS_TRITON:
@@ -297,43 +449,6 @@ if HAS_TRITON:
         """
         return triton_kernels.gather_rows(src, idx, add, out_dtype)
 
-    def _gather_out_dtype(src, add, out_dtype):
-        if out_dtype is not None:
-            return out_dtype
-        return src.dtype if add is None else torch.promote_types(src.dtype, add.dtype)
-
-    @triton_gather_rows.register_fake
-    def _(src, idx, inverse_idx, add, out_dtype):
-        dtype = _gather_out_dtype(src, add, out_dtype)
-        return src.new_empty((src.shape[0], idx.shape[-1], src.shape[2]), dtype=dtype)
-
-    def _gather_backward_rows(grad, idx, inverse_idx, src_dtype, add_dtype, add_batch, needs_src, needs_add):
-        """(grad_src, grad_add) of a row gather: the gather of ``grad`` by the inverse index."""
-        grad = grad.contiguous()
-        if not needs_add:
-            grad_src = triton_gather_rows(grad, inverse_idx, idx, None, src_dtype) if needs_src else None
-            return grad_src, None
-        grad_rows = triton_gather_rows(grad, inverse_idx, idx, None, None)
-        grad_src = grad_rows.to(src_dtype) if needs_src else None
-        return grad_src, _embed_grad(grad_rows, add_batch).to(add_dtype)
-
-    def _gather_setup(ctx, inputs, output):
-        src, idx, inverse_idx, add, _ = inputs
-        ctx.save_for_backward(idx, inverse_idx)
-        ctx.src_dtype = src.dtype
-        ctx.add_dtype = None if add is None else add.dtype
-        ctx.add_batch = None if add is None else add.shape[0]
-
-    def _gather_backward(ctx, grad):
-        idx, inverse_idx = ctx.saved_tensors
-        needs_src, _, _, needs_add, _ = ctx.needs_input_grad
-        grad_src, grad_add = _gather_backward_rows(
-            grad, idx, inverse_idx, ctx.src_dtype, ctx.add_dtype, ctx.add_batch, needs_src, needs_add
-        )
-        return grad_src, None, None, grad_add, None
-
-    torch.library.register_autograd(triton_gather_rows, _gather_backward, setup_context=_gather_setup)
-
     @kernel_op("vitkernels::triton_random_masking")
     def triton_random_masking(
         x: torch.Tensor, noise: torch.Tensor, len_keep: int, pos_embed: Optional[torch.Tensor]
@@ -344,51 +459,12 @@ if HAS_TRITON:
         x_masked = triton_kernels.gather_rows(x, ids_keep, pos_embed, out_dtype)
         return x_masked, mask, ids_restore, ids_keep
 
-    @triton_random_masking.register_fake
-    def _(x, noise, len_keep, pos_embed):
-        N, L, D = x.shape
-        dtype = _gather_out_dtype(x, pos_embed, None)
-        ids = x.new_empty((N, L), dtype=torch.int64)
-        keep_ids = x.new_empty((N, len_keep), dtype=torch.int64)
-        return x.new_empty((N, len_keep, D), dtype=dtype), x.new_empty((N, L), dtype=dtype), ids, keep_ids
-
-    def _random_masking_setup(ctx, inputs, output):
-        x, _, _, pos_embed = inputs
-        _, mask, ids_restore, ids_keep = output
-        ctx.mark_non_differentiable(mask, ids_restore, ids_keep)
-        ctx.save_for_backward(ids_restore, ids_keep)
-        ctx.x_dtype = x.dtype
-        ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
-        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
-
-    def _random_masking_backward(ctx, grad, _grad_mask, _grad_ids_restore, _grad_ids_keep):
-        ids_restore, ids_keep = ctx.saved_tensors
-        needs_x, _, _, needs_pos = ctx.needs_input_grad
-        # the adjoint of gathering by ids_keep is gathering by its inverse, ids_restore (ranks >= len_keep -> 0)
-        grad_x, grad_pos = _gather_backward_rows(
-            grad, ids_keep, ids_restore, ctx.x_dtype, ctx.pos_dtype, ctx.pos_batch, needs_x, needs_pos
-        )
-        return grad_x, None, None, grad_pos
-
-    torch.library.register_autograd(
-        triton_random_masking, _random_masking_backward, setup_context=_random_masking_setup
-    )
-
     @kernel_op("vitkernels::triton_mae_unshuffle")
     def triton_mae_unshuffle(
         x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """x (N, 1 + keep, D), ids_restore (N, L) int64, mask_token (D,) -> (N, 1 + L, D), promoted dtype."""
         return triton_kernels.mae_unshuffle(x, ids_restore, mask_token, pos_embed)
-
-    def _unshuffle_dtype(x, mask_token, pos_embed):
-        dtype = torch.promote_types(x.dtype, mask_token.dtype)
-        return dtype if pos_embed is None else torch.promote_types(dtype, pos_embed.dtype)
-
-    @triton_mae_unshuffle.register_fake
-    def _(x, ids_restore, mask_token, pos_embed):
-        dtype = _unshuffle_dtype(x, mask_token, pos_embed)
-        return x.new_empty((x.shape[0], ids_restore.shape[1] + 1, x.shape[2]), dtype=dtype)
 
     @kernel_op("vitkernels::triton_mae_unshuffle_backward")
     def triton_mae_unshuffle_backward(
@@ -398,68 +474,26 @@ if HAS_TRITON:
         grad_x, grad_token = triton_kernels.mae_unshuffle_backward(grad, ids_restore, keep, x_dtype)
         return grad_x, grad_token.to(token_dtype)
 
-    @triton_mae_unshuffle_backward.register_fake
-    def _(grad, ids_restore, keep, x_dtype, token_dtype):
-        N, _, D = grad.shape
-        return grad.new_empty((N, keep + 1, D), dtype=x_dtype), grad.new_empty((D,), dtype=token_dtype)
-
-    def _unshuffle_setup(ctx, inputs, output):
-        x, ids_restore, mask_token, pos_embed = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.keep = x.shape[1] - 1
-        ctx.dtypes = (x.dtype, mask_token.dtype, None if pos_embed is None else pos_embed.dtype)
-        ctx.pos_batch = None if pos_embed is None else pos_embed.shape[0]
-
-    def _unshuffle_backward(ctx, grad):
-        (ids_restore,) = ctx.saved_tensors
-        x_dtype, token_dtype, pos_dtype = ctx.dtypes
-        grad_x, grad_token = triton_mae_unshuffle_backward(
-            grad.contiguous(), ids_restore, ctx.keep, x_dtype, token_dtype
-        )
-        grad_pos = None
-        if ctx.needs_input_grad[3]:
-            grad_pos = _embed_grad(grad, ctx.pos_batch).to(pos_dtype)
-        return grad_x, None, grad_token, grad_pos
-
-    def _unshuffle_backward_setup(ctx, inputs, output):
-        grad, ids_restore, keep, x_dtype, token_dtype = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.grad_dtype = grad.dtype
-        ctx.x_shape = (grad.shape[0], keep + 1, grad.shape[2])
-        ctx.dtypes = (x_dtype, token_dtype)
-
-    def _unshuffle_backward_backward(ctx, grad_grad_x, grad_grad_token):
-        # the unshuffle is linear in (x, mask_token): the adjoint of its backward is the unshuffle itself
-        (ids_restore,) = ctx.saved_tensors
-        x_dtype, token_dtype = ctx.dtypes
-        if grad_grad_x is None:
-            grad_grad_x = ids_restore.new_zeros(ctx.x_shape, dtype=x_dtype)
-        if grad_grad_token is None:
-            grad_grad_token = ids_restore.new_zeros((ctx.x_shape[2],), dtype=token_dtype)
-        out = triton_mae_unshuffle(grad_grad_x.contiguous(), ids_restore, grad_grad_token.contiguous(), None)
-        return out.to(ctx.grad_dtype), None, None, None, None
-
-    torch.library.register_autograd(triton_mae_unshuffle, _unshuffle_backward, setup_context=_unshuffle_setup)
-    torch.library.register_autograd(
-        triton_mae_unshuffle_backward, _unshuffle_backward_backward, setup_context=_unshuffle_backward_setup
-    )
-
-    @random_masking_op.register("triton", _triton_device_check, _triton_num_tokens_check)
-    def _random_masking_triton(x, noise, len_keep, pos_embed):
-        x_masked, mask, ids_restore, _ = triton_random_masking(x, noise, len_keep, pos_embed)
-        return x_masked, mask, ids_restore
-
-    @mae_unshuffle_op.register("triton", _triton_device_check)
-    def _mae_unshuffle_triton(x, ids_restore, mask_token, pos_embed):
-        return triton_mae_unshuffle(x, ids_restore.long(), mask_token, pos_embed)
-
-    @msn_patch_drop_op.register("triton", _triton_device_check)
-    def _msn_patch_drop_triton(x, idx):
-        # inverse of the kept-token index, -1 for dropped tokens: the backward gathers by it
-        inverse = torch.full((x.shape[1],), -1, dtype=torch.int64, device=x.device)
-        inverse = inverse.scatter(0, idx, torch.arange(idx.shape[0], device=x.device))
-        return triton_gather_rows(x, idx, inverse, None, None)
-
+    TRITON_OPS = MaskingOps(triton_gather_rows, triton_random_masking, triton_mae_unshuffle,
+                            triton_mae_unshuffle_backward)
+    _register_fakes_and_autograd(TRITON_OPS)
+    _register_backend("triton", TRITON_OPS, _triton_device_check, masking_checks=(_triton_num_tokens_check,))
 else:
     for _op in (random_masking_op, mae_unshuffle_op, msn_patch_drop_op):
         _op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
+
+
+# --- native backend: csrc/cpu/masking.cpp, csrc/cuda/masking.cu ---------------------------------------------------
+
+if _native.is_loaded():
+    NATIVE_OPS = MaskingOps(
+        torch.ops.vitkernels.gather_rows.default,
+        torch.ops.vitkernels.random_masking.default,
+        torch.ops.vitkernels.mae_unshuffle.default,
+        torch.ops.vitkernels.mae_unshuffle_backward.default,
+    )
+    _register_fakes_and_autograd(NATIVE_OPS)
+    _register_backend("native", NATIVE_OPS, lambda call: _native.native_unavailable_reason("gather_rows", call.device))
+else:
+    for _op in (random_masking_op, mae_unshuffle_op, msn_patch_drop_op):
+        _op.mark_missing("native", _native.IMPORT_ERROR)

@@ -12,3 +12,26 @@ cudaError_t compile_check_window_partition(const void* x, void* out, cudaStream_
 }
 }  // namespace cuda
 }  // namespace vitkernels
+
+#include "../masking.cuh"
+
+namespace vitkernels {
+namespace cuda {
+template <typename T>
+cudaError_t compile_check_masking(const T* a, const int64_t* idx, T* b, int64_t* restore,
+                                  typename Acc<T>::type* partial, cudaStream_t stream) {
+  cudaError_t err = launch_gather_rows<T>(a, idx, a, b, 2, 3, 7, 8, 3, 0, stream);
+  if (err == cudaSuccess) err = launch_restore_and_mask<T>(idx, restore, b, 2, 7, 3, stream);
+  if (err == cudaSuccess) err = launch_unshuffle_fwd<T>(a, idx, a, nullptr, b, 2, 7, 3, 8, 0, stream);
+  if (err == cudaSuccess) err = launch_unshuffle_bwd<T>(a, idx, b, partial, 2, 7, 3, 8, stream);
+  return err;
+}
+template cudaError_t compile_check_masking<float>(const float*, const int64_t*, float*, int64_t*, float*, cudaStream_t);
+template cudaError_t compile_check_masking<double>(const double*, const int64_t*, double*, int64_t*, double*,
+                                                   cudaStream_t);
+template cudaError_t compile_check_masking<__half>(const __half*, const int64_t*, __half*, int64_t*, float*,
+                                                   cudaStream_t);
+template cudaError_t compile_check_masking<__nv_bfloat16>(const __nv_bfloat16*, const int64_t*, __nv_bfloat16*,
+                                                          int64_t*, float*, cudaStream_t);
+}  // namespace cuda
+}  // namespace vitkernels
