@@ -15,6 +15,10 @@ PyObject* PyInit__C(void) {
 
 namespace vitkernels {
 
+namespace cpu {
+std::string window_attention_cpu_isa();  // csrc/cpu/window_attention.cpp
+}
+
 // Semicolon-separated key=value pairs describing the build, read by vitkernels.info.
 std::string build_info() {
   std::string info;
@@ -36,6 +40,7 @@ std::string build_info() {
 #ifdef VITKERNELS_CUDA_ARCH_LIST
   info += "cuda_arch=" VITKERNELS_CUDA_ARCH_LIST ";";
 #endif
+  info += "cpu_isa=" + cpu::window_attention_cpu_isa() + ";";  // the CPU kernels' instruction set, chosen at run time
   return info;
 }
 
@@ -48,6 +53,14 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
   // windows (B * nWh * nWw, wh * ww, C) -> (B, height, width, C): the inverse (crop padding, roll by +shift).
   m.def("window_reverse(Tensor windows, int height, int width, int[2] window_size, int[2] shift_size) -> Tensor");
+
+  // Swin shifted-window attention, qkv (B, H, W, 3C) in original token order -> (out (B, H, W, C), row log-sum-exp
+  // (B * nW, nH, N), fp32 or fp64 for fp64 inputs). Same schema as the Triton custom op triton_window_attention.
+  m.def("window_attention(Tensor qkv, Tensor table, Tensor? qkv_bias, int[2] window_size, int[2] shift_size, "
+        "int num_heads, float scale) -> (Tensor, Tensor)");
+  // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias).
+  m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor? qkv_bias, Tensor out, "
+        "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
 
   // ViT patch embedding: image (B, C, H, W) -> tokens (B, P + L, D) with bias, position embedding and prefix tokens.
   m.def("patch_embed(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens, "

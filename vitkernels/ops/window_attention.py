@@ -5,9 +5,14 @@ Backends:
 
 * ``reference`` -- :func:`vitkernels.reference.window_attention.window_attention` (roll, pad, partition, materialised
   bias and mask, softmax, reverse: timm's arithmetic).
-* ``triton`` / ``native`` -- fused kernels that fold shift, padding and partition into their addressing, gather the
-  bias from the table and compute the mask from token coordinates (registered by the files of the same name in
-  ``vitkernels/triton`` and ``csrc/``).
+* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention`` (+ ``_backward``), launching the kernels of
+  :mod:`vitkernels.triton.window_attention`;
+* ``native`` -- ``torch.ops.vitkernels.window_attention`` (+ ``_backward``) from ``csrc/cpu/window_attention.cpp``
+  (OpenMP, AVX-512 / AVX2 / baseline chosen at run time).
+
+Both fused backends fold shift, padding and partition into their addressing, gather the bias from the table by
+index math and compute the mask from token coordinates; they share one fake implementation and one autograd
+formula (below).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import _native, dispatch
 from vitkernels._validation import (
     IntPair,
     check_int,
@@ -104,6 +109,65 @@ def _window_attention_reference(qkv, table, window_size, shift_size, num_heads, 
     return reference.window_attention(qkv, table, tuple(window_size), tuple(shift_size), num_heads, scale, qkv_bias)
 
 
+# --- fake implementations and autograd, shared by the native and triton ops ----------------------------------------
+# Both op sets have the schemas
+#   forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale) -> (out, lse)
+#   backward(grad_out, qkv, table, qkv_bias?, out, lse, window_size, shift_size, num_heads, scale)
+#       -> (grad_qkv, grad_table, grad_qkv_bias or an empty tensor)
+# lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs).
+
+def _lse_dtype(qkv: torch.Tensor) -> torch.dtype:
+    return torch.float64 if qkv.dtype == torch.float64 else torch.float32
+
+
+def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
+    B, H, W, three_c = qkv.shape
+    n_windows = B * -(-H // window_size[0]) * -(-W // window_size[1])
+    out = qkv.new_empty((B, H, W, three_c // 3))
+    lse = qkv.new_empty((n_windows, num_heads, window_size[0] * window_size[1]), dtype=_lse_dtype(qkv))
+    return out, lse
+
+
+def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale):
+    bias_grad = qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
+
+
+def _register_fakes_and_autograd(forward, backward) -> None:
+    def setup_context(ctx, inputs, output):
+        qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs
+        out, lse = output
+        ctx.has_bias = qkv_bias is not None
+        ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+
+    def backward_fn(ctx, grad_out, grad_lse):
+        qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+        grad_qkv, grad_table, grad_bias = backward(
+            grad_out.contiguous(), qkv, table, qkv_bias, out, lse, ctx.window_size, ctx.shift_size, ctx.num_heads,
+            ctx.scale,
+        )
+        return grad_qkv, grad_table, (grad_bias if ctx.has_bias else None), None, None, None, None
+
+    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(backward)(_backward_fake)
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+# --- native backend: csrc/cpu/window_attention.cpp -----------------------------------------------------------------
+
+if _native.is_loaded():
+    _register_fakes_and_autograd(torch.ops.vitkernels.window_attention.default,
+                                 torch.ops.vitkernels.window_attention_backward.default)
+
+    @op.register("native", lambda call: _native.native_unavailable_reason("window_attention", call.device))
+    def _window_attention_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
+        out, _ = torch.ops.vitkernels.window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+        return out
+
+else:
+    op.mark_missing("native", _native.IMPORT_ERROR)
+
+
 # --- triton backend: vitkernels/triton/window_attention.py -------------------------------------------------------
 
 if HAS_TRITON:
@@ -143,35 +207,7 @@ if HAS_TRITON:
         )
         return grad_qkv, grad_table, grad_bias if grad_bias is not None else qkv.new_empty(0)
 
-    @triton_window_attention.register_fake
-    def _triton_window_attention_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
-        B, H, W, three_c = qkv.shape
-        n_windows = B * -(-H // window_size[0]) * -(-W // window_size[1])
-        out = qkv.new_empty((B, H, W, three_c // 3))
-        lse = qkv.new_empty((n_windows, num_heads, window_size[0] * window_size[1]), dtype=torch.float32)
-        return out, lse
-
-    @triton_window_attention_backward.register_fake
-    def _triton_window_attention_backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size,
-                                               num_heads, scale):
-        bias_grad = qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0)
-        return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
-
-    def _setup_context(ctx, inputs, output):
-        qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs
-        out, lse = output
-        ctx.has_bias = qkv_bias is not None
-        ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
-
-    def _backward(ctx, grad_out, grad_lse):
-        qkv, table, qkv_bias, out, lse = ctx.saved_tensors
-        grad_qkv, grad_table, grad_bias = triton_window_attention_backward(
-            grad_out.contiguous(), qkv, table, qkv_bias, out, lse, ctx.window_size, ctx.shift_size, ctx.num_heads,
-            ctx.scale,
-        )
-        return grad_qkv, grad_table, (grad_bias if ctx.has_bias else None), None, None, None, None
-
-    triton_window_attention.register_autograd(_backward, setup_context=_setup_context)
+    _register_fakes_and_autograd(triton_window_attention, triton_window_attention_backward)
 
     def _triton_supports(call: dispatch.Call) -> Optional[str]:
         reason = triton_unavailable_reason(call.device)
@@ -188,4 +224,3 @@ if HAS_TRITON:
 
 else:
     op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
-op.mark_missing("native", "no C++ window attention kernel yet")

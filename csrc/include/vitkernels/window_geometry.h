@@ -44,6 +44,11 @@ struct WindowGeometry {
   VK_HOST_DEVICE int64_t windows_per_image() const { return nWh * nWw; }
   VK_HOST_DEVICE int64_t num_window_rows() const { return B * nWh * nWw * wh * ww; }  // = B * Hp * Wp
 
+  // Index into the ((2wh-1)(2ww-1), nH) relative position bias table of the pair (query i, key j) of a window.
+  VK_HOST_DEVICE int64_t relative_index(int64_t i, int64_t j) const {
+    return (i / ww - j / ww + wh - 1) * (2 * ww - 1) + (i % ww - j % ww + ww - 1);
+  }
+
   // Row `row` of the (B * nW * N) partitioned rows -> flat source token b*H*W + y*W + x, or -1 for padding.
   VK_HOST_DEVICE int64_t source_token(int64_t row) const {
     const int64_t N = wh * ww;
@@ -54,6 +59,29 @@ struct WindowGeometry {
     const int64_t b = w / (nWw * nWh);
     const int64_t r = wy * wh + t / ww;
     const int64_t s = wx * ww + t % ww;
+    if (r >= H || s >= W) return -1;
+    int64_t y = r + shift_h; if (y >= H) y -= H;
+    int64_t x = s + shift_w; if (x >= W) x -= W;
+    return (b * H + y) * W + x;
+  }
+
+  // Region id (0..8) of the padded, shifted coordinate (r, s) for the shifted-window mask: tokens of one window
+  // attend to each other with -100 added when their ids differ (timm's slices; an axis without shift is one region).
+  VK_HOST_DEVICE int region(int64_t r, int64_t s) const {
+    int id = 0;
+    if (shift_h > 0) id += 3 * (r < Hp - wh ? 0 : (r < Hp - shift_h ? 1 : 2));
+    if (shift_w > 0) id += (s < Wp - ww ? 0 : (s < Wp - shift_w ? 1 : 2));
+    return id;
+  }
+
+  // Token t of window w: its source token (as source_token, -1 for padding) and its mask region.
+  VK_HOST_DEVICE int64_t window_token(int64_t w, int64_t t, int* region_id) const {
+    const int64_t wx = w % nWw;
+    const int64_t wy = (w / nWw) % nWh;
+    const int64_t b = w / (nWw * nWh);
+    const int64_t r = wy * wh + t / ww;
+    const int64_t s = wx * ww + t % ww;
+    *region_id = region(r, s);
     if (r >= H || s >= W) return -1;
     int64_t y = r + shift_h; if (y >= H) y -= H;
     int64_t x = s + shift_w; if (x >= W) x -= W;
