@@ -160,7 +160,7 @@ def _small_timm_swin(dtype=torch.float64):
     return timm.create_model("swin_tiny_patch4_window7_224", **SMALL_SWIN).to(dtype).eval()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 def test_patched_timm_model_matches_unpatched_outputs_and_gradients(backend):
     import copy
 
@@ -168,7 +168,9 @@ def test_patched_timm_model_matches_unpatched_outputs_and_gradients(backend):
         from helpers import triton_interpreter_or_cuda
 
         triton_interpreter_or_cuda("cpu")
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    if backend == "native" and not vitkernels._native.is_loaded():
+        pytest.skip(vitkernels._native.IMPORT_ERROR)
+    dtype = torch.float32 if backend == "triton" else torch.float64
     original = _small_timm_swin(dtype)
     patched = patch_model(copy.deepcopy(original), backend=backend)
     blocks = [m for m in patched.modules() if isinstance(m, vitkernels.SwinBlock)]

@@ -295,3 +295,162 @@ def test_triton_cuda_int64_offsets():
     # check the last image (offsets beyond 2**31) against the reference computed on that image alone
     ref = vitkernels.window_attention(qkv[-1:].float(), table.float(), 7, 3, nH, backend="reference")
     torch.testing.assert_close(out[-1:].float(), ref, rtol=2e-2, atol=2e-2)
+
+
+# === Native kernels (csrc/cpu/window_attention.cpp; CUDA when built with it) =====================================
+
+from vitkernels import _native  # noqa: E402
+
+NATIVE_CASES = CASES + TRITON_CASES + [
+    (2, 56, 56, 3, 32, (7, 7), (3, 3)),    # Swin-T stage 1 (batch 2)
+    (2, 14, 14, 12, 32, (7, 7), (3, 3)),   # Swin-T stage 3
+    (1, 30, 27, 2, 64, (7, 7), (3, 3)),    # head_dim 64, padding on both axes
+    (1, 17, 16, 1, 8, (16, 16), (8, 8)),   # N = 256, the largest window the Triton kernel takes
+    (3, 4, 4, 2, 24, (4, 4), (0, 0)),      # one window per image, head_dim not a multiple of 16
+]
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+
+
+def native_or_skip(device="cpu"):
+    reason = _native.native_unavailable_reason("window_attention", torch.device(device))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[f"b{c[0]}-{c[1]}x{c[2]}w{c[5]}s{c[6]}h{c[3]}hd{c[4]}"
+                                                    for c in NATIVE_CASES])
+def test_native_fp32_matches_reference(case):
+    native_or_skip()
+    check_against_reference(case, torch.float32, "native")
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", [CASES[1], TRITON_CASES[5], (1, 9, 10, 2, 24, (7, 7), (3, 3))],
+                         ids=["pad-shift-hd5", "w12-N144", "hd24"])
+def test_native_every_instruction_set_matches_reference(case, isa, monkeypatch):
+    """The kernel body is compiled for AVX-512, AVX2 and the baseline; VITKERNELS_CPU_ISA caps the choice, so every
+    build this CPU can run is checked (a cap above what the CPU has runs the best it has)."""
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    chosen = dict(i.split("=") for i in torch.ops.vitkernels.build_info().split(";") if "=" in i)["cpu_isa"]
+    assert CPU_ISAS.index(chosen) >= CPU_ISAS.index(isa)
+    check_against_reference(case, torch.float32, "native")
+
+
+def test_native_rejects_unknown_instruction_set(monkeypatch):
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", "avx9000")
+    qkv, table, bias = make_inputs(CASES[0], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="VITKERNELS_CPU_ISA must be avx512, avx2 or baseline"):
+        vitkernels.window_attention(qkv, table, 7, 3, 2, backend="native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("table_dtype", [None, torch.float32], ids=["same", "fp32-params"])
+@pytest.mark.parametrize("case", [CASES[1], (2, 14, 14, 3, 32, (7, 7), (3, 3))], ids=["pad-shift", "14x14hd32"])
+def test_native_half_matches_reference(case, dtype, table_dtype):
+    """Half storage, fp32 math: within flash-attn's rule of 2x eager PyTorch's own error in that dtype."""
+    native_or_skip()
+    check_against_reference(case, dtype, "native", table_dtype=table_dtype, error_ratio=2.0)
+
+
+def test_native_without_qkv_bias():
+    native_or_skip()
+    check_against_reference(CASES[1], torch.float32, "native", with_bias=False)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", [(1, 5, 6, 2, 3, (4, 4), (2, 1)), (2, 4, 7, 1, 4, (3, 3), (0, 0))],
+                         ids=["pad-shift", "pad-noshift"])
+def test_native_gradcheck_float64(case, isa, monkeypatch):
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    B, H, W, nH, hd, window, shift = case
+    qkv, table, bias = make_inputs(case)
+    inputs = tuple(t.requires_grad_() for t in (qkv, table, bias))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: vitkernels.window_attention(a, b, window, shift, nH, qkv_bias=c, backend="native"), inputs
+    )
+
+
+def test_native_opcheck():
+    native_or_skip()
+    qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
+    table = torch.randn(169, 2, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.vitkernels.window_attention.default, (qkv, table, b, [7, 7], [3, 3], 2, 0.25))
+
+
+def test_native_swin_block_compiles_fullgraph():
+    native_or_skip()
+    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="native")
+    ref = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="reference")
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(1, 9, 10, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    expected = ref(x_ref)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_native_is_the_cpu_default_and_matches_the_reference_block():
+    """auto on CPU picks the native kernel for the fast SwinBlock; the block's output and gradients agree."""
+    native_or_skip()
+    from vitkernels.ops.window_attention import op
+
+    call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"head_dim": 32, "tokens_per_window": 49})
+    assert op.auto_choice(call)[0] == "native"
+    block = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3)
+    ref = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3, backend="reference")
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 14, 14, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = block(x), ref(x_ref)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), p_ref in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(qkv=torch.randn(1, 7, 7, 95)), "is not 3 \\* num_heads \\* head_dim"),
+        (dict(table=torch.randn(168, 1)), "relative_position_bias_table must be"),
+        (dict(window_size=[7, 7, 7]), "window_size and shift_size must be pairs"),
+        (dict(shift_size=[7, 0]), "0 <= shift < window_size"),
+        (dict(qkv_bias=torch.randn(5)), "qkv_bias must be"),
+    ],
+)
+def test_native_op_checks_its_arguments(args, match):
+    """The C++ op (reachable without the Python checks through torch.ops) refuses bad arguments with a message."""
+    native_or_skip()
+    call = dict(qkv=torch.randn(1, 7, 7, 96), table=torch.randn(169, 1), qkv_bias=None, window_size=[7, 7],
+                shift_size=[3, 3], num_heads=1, scale=0.25)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vitkernels.window_attention(call["qkv"], call["table"], call["qkv_bias"], call["window_size"],
+                                              call["shift_size"], call["num_heads"], call["scale"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in CUDA_CASES])
+def test_native_cuda_matches_reference(case, dtype):
+    native_or_skip("cuda")
+    check_against_reference(case, dtype, "native", device="cuda", error_ratio=2.0)
+
+
+@pytest.mark.cuda
+def test_native_cuda_grid_beyond_65535_windows():
+    native_or_skip("cuda")
+    check_against_reference((1, 7, 7 * 70000, 1, 16, (7, 7), (0, 0)), torch.float16, "native", device="cuda",
+                            error_ratio=2.0)
