@@ -7,8 +7,9 @@ view t = 0, 1), ``w_v = #{t < 2 : t != v}`` and ``Q_v = sum_{t < 2, t != v} p_t`
     loss = 1 / (n_pairs * B) * sum_{v, b} [ w_v * lse(s_v[b]) - <Q_v[b], s_v[b]> ]            (sum_k p_t = 1)
     d loss / d student_v[b] = g / (n_pairs * B * tau_s) * (w_v * softmax(s_v[b]) - Q_v[b])
 
-so one read of the student and two of the teacher give the loss, and one more of each the gradient; nothing of
-size (pairs x B x K) exists. The class dimension K (up to 65,536 and beyond) is split into chunks of ``CHUNK``
+so one read of the student and of the teacher (after a statistics pass over the teacher) give the loss, and one
+more of each the gradient; each teacher softmax is computed once per pass, for all student views; nothing of size
+(pairs x B x K) exists. The class dimension K (up to 65,536 and beyond) is split into chunks of ``CHUNK``
 classes, each program owning one (image b, chunk) and looping over it in ``BLOCK_K`` tiles; per-chunk partial
 (max, sum of exp, dot) triples are merged after (two-pass log-sum-exp: no atomics, deterministic).
 
@@ -16,7 +17,8 @@ Kernels:
 
 * ``_dino_teacher_stats_kernel``  grid (2B, n_chunks): partial max / sum-exp of (teacher - c) / tau_t per chunk;
 * ``_dino_fwd_kernel``            grid (B, n_chunks): merges the teacher partials of rows b and B + b into their
-  log-sum-exps, then for every student view v the chunk's online (max, sum-exp) of s_v and <Q_v, s_v>;
+  log-sum-exps, then walks the chunk once: each teacher tile becomes probabilities once, and all student views
+  of image b (a (views, BLOCK_K) tile) fold it into their online (max, sum-exp) of s_v and <Q_v, s_v>;
 * ``_dino_finalize_kernel``       grid (1,): merges the student partials into each row's log-sum-exp (kept for the
   backward) and reduces the loss;
 * ``_dino_bwd_kernel``            grid (B, n_chunks): the student gradient, tile by tile;
@@ -94,7 +96,7 @@ def _dino_teacher_stats_kernel(
 def _dino_fwd_kernel(
     s_ptr, t_ptr, c_ptr, tpm_ptr, tpl_ptr, tlse_ptr, pm_ptr, pl_ptr, pd_ptr,
     B, K, NSPLIT, NCROPS, inv_ts, inv_tt,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, NSPLIT_P2: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, NSPLIT_P2: tl.constexpr, VIEWS_P2: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -104,26 +106,33 @@ def _dino_fwd_kernel(
     tl.store(tlse_ptr + b, lse0, mask=first)
     tl.store(tlse_ptr + B + b, lse1, mask=first)
     lanes = tl.arange(0, BLOCK_K)
-    for v in range(0, NCROPS):
-        row = v * B + b
-        m_vec = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        l_vec = tl.zeros((BLOCK_K,), tl.float32)
-        d_vec = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, CHUNK, BLOCK_K):
-            offs = split * CHUNK + k0 + lanes
-            mask = offs < K
-            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            # Q_v: the teacher distributions of the global views other than v (view v itself is skipped)
-            q = _teacher_probs(t_ptr + b * K, c, offs, mask & (v != 0), lse0, inv_tt)
-            q += _teacher_probs(t_ptr + (B + b) * K, c, offs, mask & (v != 1), lse1, inv_tt)
-            s = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
-            d_vec += q * s
-            x = tl.where(mask, s, float("-inf"))
-            m_vec, l_vec = _online_lse_step(m_vec, l_vec, x)
-        top = tl.max(m_vec, axis=0)
-        tl.store(pm_ptr + row * NSPLIT + split, top)
-        tl.store(pl_ptr + row * NSPLIT + split, tl.sum(l_vec * tl.exp(m_vec - top), axis=0))
-        tl.store(pd_ptr + row * NSPLIT + split, tl.sum(d_vec, axis=0))
+    views = tl.arange(0, VIEWS_P2)
+    vmask = views < NCROPS
+    rows = views.to(tl.int64) * B + b  # student row of each view of image b
+    # every student view of image b at once: running (max, sum-exp) of s_v and <Q_v, s_v> per (view, lane)
+    m = tl.full((VIEWS_P2, BLOCK_K), float("-inf"), tl.float32)
+    l = tl.zeros((VIEWS_P2, BLOCK_K), tl.float32)
+    d = tl.zeros((VIEWS_P2, BLOCK_K), tl.float32)
+    not_view0 = (views != 0)[:, None]
+    not_view1 = (views != 1)[:, None]
+    for k0 in range(0, CHUNK, BLOCK_K):
+        offs = split * CHUNK + k0 + lanes
+        mask = offs < K
+        # the teacher tile: read and turned into probabilities once, for all student views
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
+        p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
+        # Q_v: the teacher distributions of the global views other than v (view v itself is skipped)
+        q = tl.where(not_view0, p0[None, :], 0.0) + tl.where(not_view1, p1[None, :], 0.0)
+        smask = vmask[:, None] & mask[None, :]
+        s = tl.load(s_ptr + rows[:, None] * K + offs[None, :], mask=smask, other=0.0).to(tl.float32) * inv_ts
+        d += q * s
+        m, l = _online_lse_step(m, l, tl.where(smask, s, float("-inf")))
+    top = tl.max(m, axis=1)
+    top_safe = tl.where(vmask, top, 0.0)  # padding views (v >= NCROPS) saw only -inf: no -inf - -inf
+    tl.store(pm_ptr + rows * NSPLIT + split, top, mask=vmask)
+    tl.store(pl_ptr + rows * NSPLIT + split, tl.sum(l * tl.exp(m - top_safe[:, None]), axis=1), mask=vmask)
+    tl.store(pd_ptr + rows * NSPLIT + split, tl.sum(d, axis=1), mask=vmask)
 
 
 @triton.jit
@@ -253,10 +262,15 @@ def dino_loss_fwd(
     pm = torch.empty((R, tiling.nsplit), **f32)
     pl = torch.empty((R, tiling.nsplit), **f32)
     pd = torch.empty((R, tiling.nsplit), **f32)
+    # The forward holds (views, BLOCK_K) state: narrower tiles (a power of two <= block_k, so they divide the chunk)
+    # keep it at <= 4096 fp32 per array.
+    views_p2 = triton.next_power_of_2(ncrops)
+    fwd_block = min(tiling.block_k, max(16, 4096 // views_p2))
     launcher(_dino_fwd_kernel)[(B, tiling.nsplit)](
         student, teacher, center, tpm, tpl, teacher_lse, pm, pl, pd,
         B, K, tiling.nsplit, ncrops, inv_ts, inv_tt,
-        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, NSPLIT_P2=tiling.nsplit_p2, num_warps=tiling.num_warps,
+        CHUNK=tiling.chunk, BLOCK_K=fwd_block, NSPLIT_P2=tiling.nsplit_p2, VIEWS_P2=views_p2,
+        num_warps=8 if views_p2 * fwd_block >= 4096 else tiling.num_warps,
     )
     student_lse = torch.empty((R,), **f32)
     loss = torch.empty((), **f32)
