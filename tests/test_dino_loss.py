@@ -474,6 +474,17 @@ def _center_update_two_ranks(rank, init_file):
         torch.testing.assert_close(new, expected, rtol=1e-12, atol=1e-12)
         if reference.world_size() != 2:
             raise AssertionError("world_size() should see both ranks")
+        # the one-pass Triton kernel cannot all-reduce between its reduction and the EMA: it refuses, with the reason
+        from vitkernels.triton import triton_unavailable_reason
+
+        if triton_unavailable_reason(teacher.device) is None:
+            try:
+                vitkernels.dino_center_update(center.float(), teacher[rank].float(), 0.7, backend="triton")
+            except vitkernels.BackendUnavailableError as exc:
+                if "all-reduced" not in str(exc):
+                    raise AssertionError(f"unexpected refusal: {exc}")
+            else:
+                raise AssertionError("the Triton centre update must refuse a multi-process run")
     finally:
         torch.distributed.destroy_process_group()
 

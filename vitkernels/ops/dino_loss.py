@@ -243,11 +243,15 @@ if HAS_TRITON:
         loss, _, _, _ = triton_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp)
         return loss
 
-    @center_op.register("triton", lambda call: triton_unavailable_reason(call.device), _TRITON_DTYPES)
-    def _center_triton(center, teacher, momentum):
+    def _single_process(call: dispatch.Call) -> Optional[str]:
         if reference.world_size() > 1:
-            # the row sums must be all-reduced between the reduction and the EMA: the reference does exactly that
-            return reference.dino_center_update(center, teacher, momentum)
+            return ("torch.distributed has more than one process: the column sums must be all-reduced between the "
+                    "reduction and the EMA, which the one-pass Triton kernel fuses (the reference does the all-reduce)")
+        return None
+
+    @center_op.register("triton", lambda call: triton_unavailable_reason(call.device), _TRITON_DTYPES,
+                        _single_process)
+    def _center_triton(center, teacher, momentum):
         return triton_dino_center_update(center, teacher, momentum)
 
 else:
