@@ -682,13 +682,14 @@ def test_patched_timm_vit_cuda():
 
 @pytest.mark.timm
 def test_fast_vit_embedding_under_autocast(module_backend):
-    """Under autocast the op runs in the autocast dtype, like timm's convolution (cat / add then promote to fp32)."""
+    """Under autocast the op runs in the autocast dtype, like timm's convolution, and returns the tokens in the dtype
+    timm's cat / add promote them to (fp32, the parameters' dtype): a patched model's residual stream stays fp32."""
     model, (H, W) = build_timm_vit("deit_tiny_distilled")
     ours = vitkernels.ViTEmbedding.from_timm(model)
     x = torch.randn(2, 3, H, W)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = ours(x), _timm_embed(model, x)
-    assert out.dtype == torch.bfloat16
+    assert expected.dtype == torch.float32 and out.dtype == expected.dtype
     assert_close_scaled(out.float(), expected.float(), torch.bfloat16)
 
 

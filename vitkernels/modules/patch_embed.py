@@ -5,8 +5,10 @@ Same constructors, attributes and state dicts as :mod:`vitkernels.reference.patc
 the op (Triton on CUDA, reference elsewhere; see :mod:`vitkernels.dispatch`) instead of Conv2d + flatten + cat + add.
 
 Under ``torch.autocast`` the image and the parameters are cast to the autocast dtype and the op runs in it, like the
-convolution it replaces; the token output is then in the autocast dtype too (timm's ``_pos_embed`` would promote it
-back to the fp32 of its parameters in its ``cat``).
+convolution it replaces; the tokens are then returned in the dtype timm's ``_pos_embed`` gives them (its ``cat`` and
+add promote the convolution's output to the fp32 of the prefix / position parameters), so a patched model keeps an
+fp32 residual stream exactly as timm does. Without prefix tokens and position embedding the output stays in the
+autocast dtype, like timm's ``PatchEmbed``.
 """
 from __future__ import annotations
 
@@ -67,15 +69,24 @@ def embed(
     x = _whole_patches(module, x)
     grid = module.dynamic_feat_size(tuple(x.shape[-2:]))
     pos = pos_embed_for_grid(grid)
-    x, weight, bias, pos, prefix_tokens = _autocast(x, module.proj.weight, module.proj.bias, pos, prefix_tokens)
+    x, weight, bias = _autocast(x, module.proj.weight, module.proj.bias)
     if isinstance(module.norm, nn.Identity):
-        return ops.patch_embed(x, weight, bias, pos, prefix_tokens, no_embed_class, module.dynamic_img_pad)
+        # the output dtype timm gets: its cat / add promote the conv's output to the prefix / pos parameters' dtype
+        out_dtype = _promoted(x.dtype, pos, prefix_tokens)
+        pos_in, prefix_in = (t.to(x.dtype) if t is not None else None for t in (pos, prefix_tokens))
+        out = ops.patch_embed(x, weight, bias, pos_in, prefix_in, no_embed_class, module.dynamic_img_pad)
+        return out.to(out_dtype)
     tokens = module.norm(ops.patch_embed(x, weight, bias, dynamic_img_pad=module.dynamic_img_pad))
-    if pos is not None:
-        pos = pos.to(tokens.dtype)
-    if prefix_tokens is not None:
-        prefix_tokens = prefix_tokens.to(tokens.dtype)
-    return ops.pos_embed(tokens, pos, prefix_tokens, no_embed_class)
+    dtype = _promoted(tokens.dtype, pos, prefix_tokens)
+    pos, prefix_tokens = (t.to(dtype) if t is not None else None for t in (pos, prefix_tokens))
+    return ops.pos_embed(tokens.to(dtype), pos, prefix_tokens, no_embed_class)
+
+
+def _promoted(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> torch.dtype:
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 class PatchEmbed(reference.PatchEmbed):
