@@ -193,6 +193,30 @@ def test_patched_timm_model_matches_unpatched_outputs_and_gradients(backend):
         torch.testing.assert_close(grads_p[name].grad, param.grad, **tol, msg=name)
 
 
+@pytest.mark.parametrize("resize", [dict(img_size=(48, 40)), dict(img_size=(48, 40), window_size=6)],
+                         ids=["new-resolution", "new-resolution-and-window"])
+def test_set_input_size_on_a_patched_timm_model_matches_timm(resize):
+    """timm's model.set_input_size reaches the swapped blocks (set_input_size / set_window_size, bias-table resize)
+    and the resized models still agree."""
+    import copy
+
+    original = _small_timm_swin()
+    patched = patch_model(copy.deepcopy(original))
+    original.set_input_size(**resize)
+    patched.set_input_size(**resize)
+    blocks = [m for m in patched.modules() if isinstance(m, vitkernels.SwinBlock)]
+    theirs = [m for m in original.modules() if type(m).__name__ == "SwinTransformerBlock"]
+    assert [(b.window_size, b.shift_size, b.input_resolution) for b in blocks] == \
+        [(b.window_size, b.shift_size, b.input_resolution) for b in theirs]
+    for ours_block, their_block in zip(blocks, theirs):
+        assert torch.equal(ours_block.attn.relative_position_bias_table, their_block.attn.relative_position_bias_table)
+        assert torch.equal(ours_block.attn.relative_position_index, their_block.attn.relative_position_index)
+    if "window_size" in resize:
+        assert blocks[0].window_size == (6, 6)
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    torch.testing.assert_close(patched(x), original(x), rtol=1e-9, atol=1e-9)
+
+
 def test_patch_model_shares_parameters_and_patches_a_stage_or_block():
     original = _small_timm_swin()
     params_before = {id(p) for p in original.parameters()}

@@ -78,6 +78,35 @@ class WindowAttention(nn.Module):
     def init_non_persistent_buffers(self) -> None:
         self._init_buffers()
 
+    def set_window_size(self, window_size: _int_or_tuple_2_t) -> None:
+        """Change the window (timm ``WindowAttention.set_window_size``): the bias table is resized with timm's
+        ``resize_rel_pos_bias_table`` (BEiT's geometric interpolation), so the numbers stay timm's; the relative
+        position index is rebuilt."""
+        window_size = to_2tuple(window_size)
+        if window_size == self.window_size:
+            return
+        try:
+            from timm.layers import resize_rel_pos_bias_table
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            raise RuntimeError(
+                "changing a Swin window resizes the relative position bias table with timm's "
+                f"resize_rel_pos_bias_table, and timm is not importable ({type(exc).__name__}: {exc})"
+            ) from exc
+        old_window_size = self.window_size
+        self.window_size = window_size
+        win_h, win_w = window_size
+        self.window_area = win_h * win_w
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            resized = resize_rel_pos_bias_table(
+                table, new_window_size=window_size, new_bias_shape=((2 * win_h - 1) * (2 * win_w - 1), self.num_heads),
+                old_window_size=old_window_size,
+            )
+        self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(win_h, win_w, device=table.device), persistent=False
+        )
+
     def _get_rel_pos_bias(self) -> torch.Tensor:
         """(1, nH, N, N) relative position bias."""
         return relative_position_bias(self.relative_position_bias_table, self.relative_position_index).unsqueeze(0)
@@ -184,6 +213,19 @@ class SwinTransformerBlock(nn.Module):
         shift_size = [0 if r <= w else s for r, w, s in zip(self.input_resolution, window_size, target_shift_size)]
         return tuple(window_size), tuple(shift_size)
 
+    def set_input_size(
+        self, feat_size: Tuple[int, int], window_size: _int_or_tuple_2_t, always_partition: Optional[bool] = None
+    ) -> None:
+        """New input resolution and target window (timm ``SwinTransformerBlock.set_input_size``): the window and
+        shift are clamped again, the attention's window (and bias table) follow, the mask is rebuilt."""
+        self.input_resolution = to_2tuple(feat_size)
+        if always_partition is not None:
+            self.always_partition = always_partition
+        self.window_size, self.shift_size = self._calc_window_shift(window_size)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.attn.set_window_size(self.window_size)
+        self._init_buffers()
+
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x_windows = window_partition(x, self.window_size, self.shift_size)
@@ -285,6 +327,19 @@ class SwinTransformerStage(nn.Module):
             )
             for i in range(depth)
         ])
+
+    def set_input_size(
+        self, feat_size: Tuple[int, int], window_size: _int_or_tuple_2_t, always_partition: Optional[bool] = None
+    ) -> None:
+        """New input resolution and window for every block (timm ``SwinTransformerStage.set_input_size``)."""
+        self.input_resolution = to_2tuple(feat_size)
+        if isinstance(self.downsample, nn.Identity):
+            self.output_resolution = self.input_resolution
+        else:
+            self.output_resolution = tuple((i + 1) // 2 for i in self.input_resolution)
+        for block in self.blocks:
+            block.set_input_size(feat_size=self.output_resolution, window_size=window_size,
+                                 always_partition=always_partition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
