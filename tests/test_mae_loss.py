@@ -49,7 +49,7 @@ def _inputs(N, C, H, W, p, ratio, dtype=torch.float64, device="cpu"):
     L = (H // p) * (W // p)
     pred = torch.randn(N, L, p * p * C, dtype=dtype, device=device)
     _, mask, _ = vitkernels.reference.masking.random_masking(torch.empty(N, L, 1, dtype=dtype), ratio)
-    return imgs, pred, mask.to(device)
+    return imgs, pred, mask.to(device=device, dtype=dtype)
 
 
 SHAPES = [(2, 3, 8, 8, 4), (1, 2, 6, 9, 3), (3, 1, 10, 10, 2), (2, 3, 14, 7, 7), (1, 3, 32, 48, 16)]

@@ -39,7 +39,7 @@ def loop_random_masking(x, mask_ratio, noise, pos_embed=None):
     len_keep = int(L * (1 - mask_ratio))
     src = x if pos_embed is None else x + pos_embed.expand(N, L, D)
     x_masked = torch.empty(N, len_keep, D, dtype=x.dtype)
-    mask = torch.empty(N, L, dtype=x.dtype)
+    mask = torch.empty(N, L)  # the default dtype, as the official torch.ones([N, L])
     ids_restore = torch.empty(N, L, dtype=torch.int64)
 
     def key(v, i):  # torch.sort order: NaN last, ties by index (stable)
@@ -261,6 +261,20 @@ CASES = list(_cases())
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+def test_public_random_masking_draws_official_noise(device, backend):
+    """Without noise, every backend gives the official code's result for the same seed (noise = torch.rand(N, L,
+    device)), mask dtype included."""
+    x = torch.randn(4, 13, 6, device=device)
+    torch.manual_seed(123)
+    got = vitkernels.random_masking(x, 0.75, backend=backend)
+    torch.manual_seed(123)
+    want = official_random_masking(x, 0.75, torch.rand(4, 13, device=device))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("L", NUM_TOKENS)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_random_masking_backend(device, backend, L, ratio):
@@ -284,7 +298,8 @@ def test_random_masking_dtypes(device, backend, dtype):
     noise = _noise(N, L, "ties").to(device)
     x_masked, mask, ids_restore = vitkernels.random_masking(x, 0.75, noise, pos, backend=backend)
     want = loop_random_masking(x.cpu(), 0.75, noise.cpu(), pos.cpu())
-    assert x_masked.dtype == dtype and mask.dtype == dtype and ids_restore.dtype == torch.int64
+    # the official mask is torch.ones([N, L]): the default dtype, whatever x's
+    assert x_masked.dtype == dtype and mask.dtype == torch.get_default_dtype() and ids_restore.dtype == torch.int64
     torch.testing.assert_close(ids_restore.cpu(), want[2], rtol=0, atol=0)
     torch.testing.assert_close(mask.cpu(), want[1], rtol=0, atol=0)
     # x + pos in the input dtype: one rounding, as torch's add; bf16 casts truncate under the Triton interpreter
@@ -406,6 +421,11 @@ def test_bad_ratios_raise(ratio):
         vitkernels.random_masking(x, ratio)
     with pytest.raises(ValueError, match="drop_ratio"):
         vitkernels.msn_patch_drop(torch.randn(2, 8, 3), ratio)
+    # the modules refuse at construction, not at their first forward
+    with pytest.raises(ValueError, match="mask_ratio"):
+        vitkernels.MAEMasking(ratio)
+    with pytest.raises(ValueError, match="drop_ratio"):
+        vitkernels.MSNPatchDrop(ratio)
 
 
 def test_bad_inputs_raise():
@@ -453,6 +473,10 @@ def test_bad_unshuffle_inputs_raise():
         vitkernels.mae_unshuffle(torch.randn(N, 0, D), ids, token)
     with pytest.raises(ValueError, match="ids_restore is on meta"):
         vitkernels.mae_unshuffle(x, ids.to("meta"), token)
+    duplicated = ids.clone()
+    duplicated[0, 0] = duplicated[0, 1]  # not a permutation: the scatter would silently keep one of the two
+    with pytest.raises(ValueError, match="ids_restore must be a permutation"):
+        vitkernels.mae_unshuffle(x, duplicated, token)
 
 
 def test_bad_msn_and_patchify_inputs_raise():

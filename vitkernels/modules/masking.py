@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from vitkernels._validation import check_ratio
 from vitkernels.ops.mae_loss import mae_loss
 from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, random_masking
 
@@ -36,7 +37,7 @@ class MAEMasking(nn.Module):
 
     def __init__(self, mask_ratio: float = 0.75, *, backend: Optional[str] = None):
         super().__init__()
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = check_ratio("mask_ratio", mask_ratio)
         self.backend = backend
 
     def forward(
@@ -99,7 +100,7 @@ class MSNPatchDrop(nn.Module):
 
     def __init__(self, drop_ratio: float = 0.0, *, backend: Optional[str] = None):
         super().__init__()
-        self.drop_ratio = drop_ratio
+        self.drop_ratio = check_ratio("drop_ratio", drop_ratio)
         self.backend = backend
 
     def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None, return_indices: bool = False):

@@ -72,8 +72,9 @@ def random_masking(
 
     Returns:
         ``(x_masked (N, len_keep, D), mask (N, L) (1 = removed), ids_restore (N, L) int64)``, as
-        :func:`vitkernels.reference.masking.random_masking` (stable tie-break by patch index); ``x_masked`` and
-        ``mask`` in ``x``'s dtype (promoted with ``pos_embed``'s).
+        :func:`vitkernels.reference.masking.random_masking` (stable tie-break by patch index); ``x_masked`` in
+        ``x``'s dtype (promoted with ``pos_embed``'s), ``mask`` in the default dtype (the official
+        ``torch.ones([N, L])``).
     """
     check_tensor("x", x, ndim=3)
     ratio = check_ratio("mask_ratio", mask_ratio)
@@ -91,7 +92,9 @@ def random_masking(
         noise = torch.rand(N, L, device=x.device)
     len_keep = reference.num_kept(L, ratio)
     impl = random_masking_op.select(dispatch.Call(x.device, x.dtype, {"num_tokens": L}), backend)
-    return impl(x, noise, len_keep, pos_embed)
+    x_masked, mask, ids_restore = impl(x, noise, len_keep, pos_embed)
+    # the official mask is torch.ones([N, L]): the default dtype whatever x's (0 / 1 convert exactly)
+    return x_masked, mask.to(torch.get_default_dtype()), ids_restore
 
 
 def mae_unshuffle(
@@ -107,8 +110,8 @@ def mae_unshuffle(
     Args:
         x: (N, 1 + len_keep, D) decoder-embedded encoder output, CLS first.
         ids_restore: (N, L) int64 (or int32) from :func:`random_masking`, ``L >= len_keep``. It must be a
-            permutation of ``range(L)`` per row (as :func:`random_masking` returns); this is not checked, since
-            that would need a device synchronisation; the kernels never read or write out of bounds.
+            permutation of ``range(L)`` per row (as :func:`random_masking` returns): checked for CPU tensors in
+            eager mode; on a GPU not (that would synchronise), and the kernels never read or write out of bounds.
         mask_token: (1, 1, D) or (D,).
         pos_embed: optional (1, 1 + L, D) or (N, 1 + L, D) decoder positional embedding.
         Dtypes may differ (a bf16 ``x`` under autocast with fp32 parameters): the result is in the promoted dtype,
@@ -136,6 +139,10 @@ def mae_unshuffle(
         check_tensor("pos_embed", pos_embed, ndim=3)
         _check_pos_embed("pos_embed", pos_embed, N, L + 1, D)
     check_same_device(x=x, ids_restore=ids_restore, mask_token=mask_token, pos_embed=pos_embed)
+    if ids_restore.device.type == "cpu" and not torch.compiler.is_compiling():
+        rows = torch.arange(L, dtype=ids_restore.dtype).expand(N, L)
+        if not torch.equal(torch.sort(ids_restore, dim=1).values, rows):
+            raise ValueError("ids_restore must be a permutation of range(L) in every row")
     impl = mae_unshuffle_op.select(dispatch.Call(x.device, x.dtype), backend)
     return impl(x, ids_restore, mask_token.reshape(D), pos_embed)
 

@@ -76,7 +76,7 @@ def mask_by_noise(
     ids_keep = ids_shuffle[:, :len_keep]
     x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
 
-    mask = torch.ones([N, L], device=x.device, dtype=x.dtype)
+    mask = torch.ones([N, L], device=x.device)  # the default dtype, as the official code
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)  # unshuffle to the original patch order
     return x_masked, mask, ids_restore
