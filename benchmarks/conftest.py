@@ -51,14 +51,14 @@ def synchronized(fn):
 def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int = 0, rounds: int = None):
     """Time ``fn`` with pytest-benchmark and record peer, bandwidth floor and throughput in extra_info.
 
-    On CPU the rounds are few (the machine has 2 cores and the suite must finish in minutes); on CUDA
-    pytest-benchmark's calibration decides.
+    On CPU a fixed 15 rounds after 2 warm-ups (the whole CPU suite takes about two minutes on 2 cores; a shared
+    machine is noisy, so the median of 15 is quoted); on CUDA pytest-benchmark's calibration decides.
     """
     run = synchronized(fn)
     run()  # warm-up: compilation, autotuning, allocator
     benchmark.extra_info.update(peer=peer, device=DEVICE_NAME, bytes=int(bytes_moved), flops=int(flops))
     if DEVICE.type == "cpu":
-        result = benchmark.pedantic(run, rounds=rounds or 5, iterations=1, warmup_rounds=1)
+        result = benchmark.pedantic(run, rounds=rounds or 15, iterations=1, warmup_rounds=2)
     else:
         result = benchmark(run)
     stats = getattr(benchmark, "stats", None)
