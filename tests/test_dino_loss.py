@@ -291,6 +291,9 @@ from helpers import assert_close_scaled, reference_dtype, tol, triton_interprete
 
 # Triton runs on CUDA tensors where a GPU exists, else on CPU tensors under the interpreter (tiny shapes).
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# inductor (the default) on a GPU, where the ops are triton_ops it traces; aot_eager under the interpreter, whose
+# launches need real data pointers
+COMPILE_BACKEND = "inductor" if DEV == "cuda" else "aot_eager"
 
 
 def check_triton(ncrops, B, K, dtype, device=DEV, scale=3.0, student_temp=0.1, teacher_temp=0.04,
@@ -407,7 +410,7 @@ def test_triton_compile_fullgraph():
         loss = vitkernels.dino_loss(s * 2.0, t, c, 4, backend="triton")
         return loss, vitkernels.dino_center_update(c, t, backend="triton")
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND)
     s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
     (loss, new_center), (expected, expected_center) = compiled(s1, teacher, center), f(s2, teacher, center)
     torch.testing.assert_close(loss, expected)
@@ -424,7 +427,7 @@ def test_triton_module_fullgraph(monkeypatch):
     ncrops, B, K = 4, 2, 24
     ours = vitkernels.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4).to(DEV)
     theirs = reference.DINOLoss(K, ncrops, 0.04, 0.07, 2, 4).to(DEV)
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=COMPILE_BACKEND)
     for epoch in range(3):
         student, teacher, _ = make_inputs(ncrops, B, K, dtype=torch.float32, device=DEV)
         s = student.clone().requires_grad_(True)
