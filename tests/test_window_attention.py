@@ -476,3 +476,18 @@ def test_native_cuda_grid_beyond_65535_windows():
     native_or_skip("cuda")
     check_against_reference((1, 7, 7 * 70000, 1, 16, (7, 7), (0, 0)), torch.float16, "native", device="cuda",
                             error_ratio=2.0)
+
+
+def test_native_cuda_limits_are_reported_before_the_call():
+    """The CUDA kernel's limits (N <= 256, head_dim <= 128) are support checks: auto falls back with the reason."""
+    from vitkernels.ops.window_attention import op
+
+    if not _native.is_loaded():
+        pytest.skip(_native.IMPORT_ERROR)
+    big = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 32, "tokens_per_window": 289})
+    wide = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 160, "tokens_per_window": 49})
+    reasons = op.reasons(big)["native"], op.reasons(wide)["native"]
+    if _native.has_kernel("window_attention", "CUDA"):
+        assert "at most 256 tokens" in reasons[0] and "head_dim <= 128" in reasons[1]
+    else:
+        assert all("CUDA" in r for r in reasons)

@@ -8,7 +8,8 @@ Backends:
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention`` (+ ``_backward``), launching the kernels of
   :mod:`vitkernels.triton.window_attention`;
 * ``native`` -- ``torch.ops.vitkernels.window_attention`` (+ ``_backward``) from ``csrc/cpu/window_attention.cpp``
-  (OpenMP, AVX-512 / AVX2 / baseline chosen at run time).
+  (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) and ``csrc/cuda/window_attention.cu`` (a plain CUDA
+  fallback: windows of up to 256 tokens, head_dim <= 128).
 
 Both fused backends fold shift, padding and partition into their addressing, gather the bias from the table by
 index math and compute the mask from token coordinates; they share one fake implementation and one autograd
@@ -159,7 +160,17 @@ if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention.default,
                                  torch.ops.vitkernels.window_attention_backward.default)
 
-    @op.register("native", lambda call: _native.native_unavailable_reason("window_attention", call.device))
+    def _native_supports(call: dispatch.Call) -> Optional[str]:
+        reason = _native.native_unavailable_reason("window_attention", call.device)
+        if reason is None and call.device.type == "cuda" and "head_dim" in call.details:
+            # csrc/cuda/window_attention.cuh: a query row's head dim lives in registers of up to 4 threads
+            if call.details["tokens_per_window"] > 256:
+                reason = f"the CUDA kernel takes windows of at most 256 tokens, got {call.details['tokens_per_window']}"
+            elif call.details["head_dim"] > 128:
+                reason = f"the CUDA kernel takes head_dim <= 128, got {call.details['head_dim']}"
+        return reason
+
+    @op.register("native", _native_supports)
     def _window_attention_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
         out, _ = torch.ops.vitkernels.window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
         return out

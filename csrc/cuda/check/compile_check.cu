@@ -35,3 +35,34 @@ template cudaError_t compile_check_masking<__nv_bfloat16>(const __nv_bfloat16*, 
                                                           int64_t*, float*, cudaStream_t);
 }  // namespace cuda
 }  // namespace vitkernels
+
+#include "../window_attention.cuh"
+
+namespace vitkernels {
+namespace cuda {
+template <typename T>
+cudaError_t compile_check_window_attention(const T* a, T* b, typename Acc<T>::type* acc, double* d,
+                                           cudaStream_t stream) {
+  // Every slice count G: head_dim 32 (G = 1; N = 49, shifted, padded), 48 (G = 2; N = 144), 128 (G = 4; N = 256,
+  // 4 chunks of rows).
+  const WindowAttentionShape shapes[3] = {
+      make_window_attention_shape(WindowGeometry::make(2, 9, 10, 7, 7, 3, 3), 3, 32),
+      make_window_attention_shape(WindowGeometry::make(1, 24, 24, 12, 12, 6, 6), 2, 48),
+      make_window_attention_shape(WindowGeometry::make(1, 16, 16, 16, 16, 0, 0), 1, 128)};
+  cudaError_t err = cudaSuccess;
+  for (const WindowAttentionShape& p : shapes) {
+    const int64_t per_group = window_attention_windows_per_group(p.windows, p.nH, 264);
+    if (err == cudaSuccess) err = launch_window_attention_fwd<T>(a, a, acc, b, acc, p, 0.125, stream);
+    if (err == cudaSuccess)
+      err = launch_window_attention_bwd<T>(a, a, a, acc, a, acc, acc, b, acc, acc, p, 0.125, per_group, stream);
+    if (err == cudaSuccess) err = launch_window_attention_bias_grad(d, d, p.g.wh, p.g.ww, p.nH, stream);
+  }
+  return err;
+}
+template cudaError_t compile_check_window_attention<float>(const float*, float*, float*, double*, cudaStream_t);
+template cudaError_t compile_check_window_attention<double>(const double*, double*, double*, double*, cudaStream_t);
+template cudaError_t compile_check_window_attention<__half>(const __half*, __half*, float*, double*, cudaStream_t);
+template cudaError_t compile_check_window_attention<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, float*,
+                                                                   double*, cudaStream_t);
+}  // namespace cuda
+}  // namespace vitkernels
