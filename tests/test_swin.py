@@ -247,3 +247,22 @@ def test_official_swin_checkpoint_keys_load():
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
     # a timm-layout dict passes through (minus buffers)
     assert convert_official_swin_checkpoint(theirs.state_dict()).keys() == theirs.state_dict().keys()
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_fast_block_inference_path_is_bitwise_the_training_arithmetic(backend):
+    """Eval + no_grad takes the in-place inference path; it must give exactly the numbers of the autograd path."""
+    if backend == "native" and not vitkernels._native.is_loaded():
+        pytest.skip(vitkernels._native.IMPORT_ERROR)
+    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend=backend).eval()
+    x = torch.randn(2, 9, 10, 32)
+    x_copy = x.clone()
+    with torch.no_grad():
+        fast = block(x)
+    assert torch.equal(x, x_copy)  # the in-place adds never touch the input
+    slow = block(x)  # grad enabled: the inherited forward
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, slow.detach())
+    with torch.inference_mode():
+        assert torch.equal(block(x), fast)
+    assert torch.equal(x, x_copy)

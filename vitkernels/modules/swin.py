@@ -85,6 +85,27 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         )
         return attn.proj_drop(attn.proj(out))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            return super().forward(x)
+        return self._forward_inference(x)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode without autograd: the same arithmetic as :meth:`forward` (x + y and y + x are the same float),
+        with the residual adds and the MLP's GELU done in place on tensors this call created. Fewer fresh large
+        tensors: on CPU each one is page-faulted in by the allocator, which can cost as much as the op filling it."""
+        B, H, W, C = x.shape
+        y = self.drop_path1(self._attn(self.norm1(x)))  # drop path is the identity in eval mode
+        x = y.add_(x).reshape(B, -1, C)
+        mlp = self.mlp
+        h = mlp.fc1(self.norm2(x))
+        if type(mlp.act) is nn.GELU:
+            h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
+        else:
+            h = mlp.act(h)
+        z = self.drop_path2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h)))))
+        return z.add_(x).reshape(B, H, W, C)
+
 
 SwinBlock = SwinTransformerBlock
 PatchMerging = reference.PatchMerging
