@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "vitkernels/window_attention_args.h"
 #include "vitkernels/window_geometry.h"
 
 #if defined(__x86_64__) || defined(__SSE__)
@@ -195,39 +196,7 @@ class FlushDenormals {
   bool active_ = false;
 };
 
-struct Problem {
-  WindowGeometry g;
-  int64_t N, nH, hd, C;
-  int64_t windows() const { return g.B * g.windows_per_image(); }
-};
-
-Problem check_problem(const char* op, const at::Tensor& qkv, const at::Tensor& table,
-                      const std::optional<at::Tensor>& qkv_bias, at::IntArrayRef window_size,
-                      at::IntArrayRef shift_size, int64_t num_heads) {
-  TORCH_CHECK(qkv.dim() == 4, op, ": qkv must be (B, H, W, 3 * num_heads * head_dim), got ", qkv.sizes());
-  TORCH_CHECK(at::isFloatingType(qkv.scalar_type()), op, ": qkv must be a floating tensor, got ", qkv.scalar_type());
-  TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, op, ": window_size and shift_size must be pairs");
-  TORCH_CHECK(window_size[0] > 0 && window_size[1] > 0, op, ": window_size must be positive, got ", window_size);
-  TORCH_CHECK(shift_size[0] >= 0 && shift_size[0] < window_size[0] && shift_size[1] >= 0 &&
-                  shift_size[1] < window_size[1],
-              op, ": shift_size must satisfy 0 <= shift < window_size, got ", shift_size);
-  TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, op, ": qkv.size(3) = ", qkv.size(3),
-              " is not 3 * num_heads * head_dim for num_heads = ", num_heads);
-  TORCH_CHECK(qkv.size(1) > 0 && qkv.size(2) > 0, op, ": empty image ", qkv.sizes());
-  Problem p;
-  p.g = WindowGeometry::make(qkv.size(0), qkv.size(1), qkv.size(2), window_size[0], window_size[1], shift_size[0],
-                             shift_size[1]);
-  p.N = p.g.tokens_per_window();
-  p.nH = num_heads;
-  p.hd = qkv.size(3) / (3 * num_heads);
-  p.C = num_heads * p.hd;
-  const int64_t table_rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1);
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == table_rows && table.size(1) == num_heads, op,
-              ": relative_position_bias_table must be (", table_rows, ", ", num_heads, "), got ", table.sizes());
-  TORCH_CHECK(!qkv_bias.has_value() || (qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * p.C), op,
-              ": qkv_bias must be (", 3 * p.C, "), got ", qkv_bias->sizes());
-  return p;
-}
+using Problem = WindowAttentionProblem;
 
 // (nH, N, NP) rows of the relative position bias, -inf in the padding columns (they then drop out of the softmax).
 template <typename T>
@@ -257,11 +226,6 @@ WindowAttentionArgs<S, T> make_args(const Problem& p, double scale, const at::Te
   return a;
 }
 
-// What a padded token's q, k, v are: the qkv bias in qkv's dtype, or zeros.
-at::Tensor pad_row_of(const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
-  return qkv_bias.has_value() ? qkv_bias->to(qkv.scalar_type()).contiguous() : at::zeros({qkv.size(3)}, qkv.options());
-}
-
 }  // namespace
 
 std::string window_attention_cpu_isa() { return isa_name(selected_isa()); }
@@ -270,12 +234,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv_in
                                                         const std::optional<at::Tensor>& qkv_bias,
                                                         at::IntArrayRef window_size, at::IntArrayRef shift_size,
                                                         int64_t num_heads, double scale) {
-  const Problem p = check_problem("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
+  const Problem p =
+      check_window_attention_args("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
-  const at::Tensor pad_row = pad_row_of(qkv, qkv_bias);
-  const auto lse_dtype = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({p.g.B, p.g.H, p.g.W, p.C}, qkv.options());
-  at::Tensor lse = at::empty({p.g.B * p.g.windows_per_image(), p.nH, p.N}, qkv.options().dtype(lse_dtype));
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
+  at::Tensor out = at::empty(p.out_shape(), qkv.options());
+  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(window_attention_acc_type(qkv)));
   if (p.windows() == 0) return {out, lse};
   const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_cpu", [&] {
@@ -303,20 +267,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& table,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_in, const at::Tensor& lse_in,
     at::IntArrayRef window_size, at::IntArrayRef shift_size, int64_t num_heads, double scale) {
-  const Problem p =
-      check_problem("window_attention_backward", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
-  const std::vector<int64_t> out_shape{p.g.B, p.g.H, p.g.W, p.C};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) && out_in.sizes() == at::IntArrayRef(out_shape),
-              "window_attention_backward: grad_out and out must be ", at::IntArrayRef(out_shape), ", got ",
-              grad_out_in.sizes(), " and ", out_in.sizes());
-  const auto lse_dtype = qkv_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse_in.numel() == p.g.B * p.g.windows_per_image() * p.nH * p.N && lse_in.scalar_type() == lse_dtype,
-              "window_attention_backward: lse must be the forward's (B * nW, nH, N) ", lse_dtype, " log-sum-exp");
+  const char* op = "window_attention_backward";
+  const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
+  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
   const at::Tensor qkv = qkv_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
   const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
   at::Tensor lse = lse_in.contiguous();
-  const at::Tensor pad_row = pad_row_of(qkv, qkv_bias);
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
   const int64_t threads = at::get_num_threads();
   // Per-thread sums over windows: d_bias (nH, N, N) and the padded tokens' (dk, dv) (nH, 2, hd), in double.

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "vitkernels/window_attention_args.h"
 #include "window_attention.cuh"
 
 namespace vitkernels {
@@ -30,46 +31,14 @@ typename CudaType<scalar_t>::type* mptr(at::Tensor& t) {
   return reinterpret_cast<typename CudaType<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
 }
 
-struct Problem {
-  WindowGeometry g;
-  int64_t N, nH, hd, C;
-  int64_t windows() const { return g.B * g.windows_per_image(); }
-};
+using Problem = WindowAttentionProblem;
 
-void check_same_device(const char* op, const at::Tensor& qkv, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == qkv.device(), op, ": ", name, " must be on qkv's device ", qkv.device(), ", got ",
-              t.device());
-}
-
-// The CPU file's checks (csrc/cpu/window_attention.cpp), plus devices and this kernel's limits.
+// The checks both bindings share (vitkernels/window_attention_args.h), plus CUDA tensors and this kernel's limits.
 Problem check_problem(const char* op, const at::Tensor& qkv, const at::Tensor& table,
                       const std::optional<at::Tensor>& qkv_bias, at::IntArrayRef window_size,
                       at::IntArrayRef shift_size, int64_t num_heads) {
-  TORCH_CHECK(qkv.dim() == 4, op, ": qkv must be (B, H, W, 3 * num_heads * head_dim), got ", qkv.sizes());
-  TORCH_CHECK(at::isFloatingType(qkv.scalar_type()), op, ": qkv must be a floating tensor, got ", qkv.scalar_type());
+  const Problem p = check_window_attention_args(op, qkv, table, qkv_bias, window_size, shift_size, num_heads);
   TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got ", qkv.device());
-  TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, op, ": window_size and shift_size must be pairs");
-  TORCH_CHECK(window_size[0] > 0 && window_size[1] > 0, op, ": window_size must be positive, got ", window_size);
-  TORCH_CHECK(shift_size[0] >= 0 && shift_size[0] < window_size[0] && shift_size[1] >= 0 &&
-                  shift_size[1] < window_size[1],
-              op, ": shift_size must satisfy 0 <= shift < window_size, got ", shift_size);
-  TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, op, ": qkv.size(3) = ", qkv.size(3),
-              " is not 3 * num_heads * head_dim for num_heads = ", num_heads);
-  TORCH_CHECK(qkv.size(1) > 0 && qkv.size(2) > 0, op, ": empty image ", qkv.sizes());
-  Problem p;
-  p.g = WindowGeometry::make(qkv.size(0), qkv.size(1), qkv.size(2), window_size[0], window_size[1], shift_size[0],
-                             shift_size[1]);
-  p.N = p.g.tokens_per_window();
-  p.nH = num_heads;
-  p.hd = qkv.size(3) / (3 * num_heads);
-  p.C = p.nH * p.hd;
-  const int64_t table_rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1);
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == table_rows && table.size(1) == num_heads, op,
-              ": relative_position_bias_table must be (", table_rows, ", ", num_heads, "), got ", table.sizes());
-  TORCH_CHECK(!qkv_bias.has_value() || (qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * p.C), op,
-              ": qkv_bias must be (", 3 * p.C, "), got ", qkv_bias->sizes());
-  check_same_device(op, qkv, table, "relative_position_bias_table");
-  if (qkv_bias.has_value()) check_same_device(op, qkv, *qkv_bias, "qkv_bias");
   TORCH_CHECK(p.N <= cuda::kWindowAttentionMaxTokens, op, ": the CUDA kernel supports windows of at most ",
               cuda::kWindowAttentionMaxTokens, " tokens, got ", window_size[0], " x ", window_size[1], " = ", p.N);
   TORCH_CHECK(p.hd <= cuda::kWindowAttentionMaxHeadDim, op, ": the CUDA kernel supports head_dim <= ",
@@ -78,14 +47,6 @@ Problem check_problem(const char* op, const at::Tensor& qkv, const at::Tensor& t
   TORCH_CHECK(p.windows() <= INT32_MAX, op, ": too many windows for one launch: ", p.windows());
   return p;
 }
-
-// What a padded token's q, k, v are: the qkv bias in qkv's dtype, or zeros.
-at::Tensor pad_row_of(const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
-  return qkv_bias.has_value() ? qkv_bias->to(qkv.scalar_type()).contiguous() : at::zeros({qkv.size(3)}, qkv.options());
-}
-
-// The kernels' compute type: float, double for double.
-at::ScalarType acc_type(const at::Tensor& qkv) { return qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
@@ -96,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& qkv_i
   const Problem p = check_problem("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
-  const at::Tensor pad_row = pad_row_of(qkv, qkv_bias);
-  const auto acc = acc_type(qkv);
-  at::Tensor out = at::empty({p.g.B, p.g.H, p.g.W, p.C}, qkv.options());
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
+  const auto acc = window_attention_acc_type(qkv);
+  at::Tensor out = at::empty(p.out_shape(), qkv.options());
   at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(acc));
   if (p.windows() == 0) return {out, lse};
   const at::Tensor tab = table.to(acc).contiguous();
@@ -119,22 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cuda(
     at::IntArrayRef window_size, at::IntArrayRef shift_size, int64_t num_heads, double scale) {
   const char* op = "window_attention_backward";
   const Problem p = check_problem(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
-  const std::vector<int64_t> out_shape{p.g.B, p.g.H, p.g.W, p.C};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape) && out_in.sizes() == at::IntArrayRef(out_shape),
-              "window_attention_backward: grad_out and out must be ", at::IntArrayRef(out_shape), ", got ",
-              grad_out_in.sizes(), " and ", out_in.sizes());
-  const auto acc = acc_type(qkv_in);
-  TORCH_CHECK(lse_in.numel() == p.windows() * p.nH * p.N && lse_in.scalar_type() == acc,
-              "window_attention_backward: lse must be the forward's (B * nW, nH, N) ", acc, " log-sum-exp");
-  check_same_device(op, qkv_in, grad_out_in, "grad_out");
-  check_same_device(op, qkv_in, out_in, "out");
-  check_same_device(op, qkv_in, lse_in, "lse");
+  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
+  const auto acc = window_attention_acc_type(qkv_in);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
   const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor pad_row = pad_row_of(qkv, qkv_bias);
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());  // every real token's row is written
   at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
   // Padded tokens' (dk, dv) summed over windows: (nH, 2, hd); zero without padding.
