@@ -11,25 +11,12 @@
 #include <tuple>
 #include <vector>
 
+#include "torch_cuda_types.h"
 #include "vitkernels/window_attention_args.h"
 #include "window_attention.cuh"
 
 namespace vitkernels {
 namespace {
-
-// torch's scalar types -> the CUDA types the kernels are written for (same layout).
-template <typename T> struct CudaType { using type = T; };
-template <> struct CudaType<c10::Half> { using type = __half; };
-template <> struct CudaType<c10::BFloat16> { using type = __nv_bfloat16; };
-
-template <typename scalar_t>
-const typename CudaType<scalar_t>::type* cptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
-}
-template <typename scalar_t>
-typename CudaType<scalar_t>::type* mptr(at::Tensor& t) {
-  return reinterpret_cast<typename CudaType<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
-}
 
 using Problem = WindowAttentionProblem;
 
