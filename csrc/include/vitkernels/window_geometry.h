@@ -49,20 +49,27 @@ struct WindowGeometry {
     return (i / ww - j / ww + wh - 1) * (2 * ww - 1) + (i % ww - j % ww + ww - 1);
   }
 
-  // Row `row` of the (B * nW * N) partitioned rows -> flat source token b*H*W + y*W + x, or -1 for padding.
-  VK_HOST_DEVICE int64_t source_token(int64_t row) const {
-    const int64_t N = wh * ww;
-    const int64_t t = row % N;
-    const int64_t w = row / N;
-    const int64_t wx = w % nWw;
-    const int64_t wy = (w / nWw) % nWh;
-    const int64_t b = w / (nWw * nWh);
-    const int64_t r = wy * wh + t / ww;
-    const int64_t s = wx * ww + t % ww;
+  // Token t of window w: its image b and padded, shifted coordinate (r, s).
+  VK_HOST_DEVICE void window_coords(int64_t w, int64_t t, int64_t* b, int64_t* r, int64_t* s) const {
+    *b = w / (nWw * nWh);
+    *r = ((w / nWw) % nWh) * wh + t / ww;
+    *s = (w % nWw) * ww + t % ww;
+  }
+
+  // The original token at the padded, shifted coordinate (r, s) of image b: flat b*H*W + y*W + x, -1 for padding.
+  VK_HOST_DEVICE int64_t token_at(int64_t b, int64_t r, int64_t s) const {
     if (r >= H || s >= W) return -1;
     int64_t y = r + shift_h; if (y >= H) y -= H;
     int64_t x = s + shift_w; if (x >= W) x -= W;
     return (b * H + y) * W + x;
+  }
+
+  // Row `row` of the (B * nW * N) partitioned rows -> flat source token b*H*W + y*W + x, or -1 for padding.
+  VK_HOST_DEVICE int64_t source_token(int64_t row) const {
+    const int64_t N = wh * ww;
+    int64_t b, r, s;
+    window_coords(row / N, row % N, &b, &r, &s);
+    return token_at(b, r, s);
   }
 
   // Region id (0..8) of the padded, shifted coordinate (r, s) for the shifted-window mask: tokens of one window
@@ -76,16 +83,10 @@ struct WindowGeometry {
 
   // Token t of window w: its source token (as source_token, -1 for padding) and its mask region.
   VK_HOST_DEVICE int64_t window_token(int64_t w, int64_t t, int* region_id) const {
-    const int64_t wx = w % nWw;
-    const int64_t wy = (w / nWw) % nWh;
-    const int64_t b = w / (nWw * nWh);
-    const int64_t r = wy * wh + t / ww;
-    const int64_t s = wx * ww + t % ww;
+    int64_t b, r, s;
+    window_coords(w, t, &b, &r, &s);
     *region_id = region(r, s);
-    if (r >= H || s >= W) return -1;
-    int64_t y = r + shift_h; if (y >= H) y -= H;
-    int64_t x = s + shift_w; if (x >= W) x -= W;
-    return (b * H + y) * W + x;
+    return token_at(b, r, s);
   }
 
   // Flat original token b*H*W + y*W + x -> its row among the partitioned rows.
