@@ -266,3 +266,16 @@ def test_fast_block_inference_path_is_bitwise_the_training_arithmetic(backend):
     with torch.inference_mode():
         assert torch.equal(block(x), fast)
     assert torch.equal(x, x_copy)
+
+
+def test_fast_block_inference_under_autocast_keeps_the_promotions():
+    """Under autocast an fp32 input plus the bf16 attention / MLP branches is fp32 (out-of-place promotion): the
+    eval / no-grad path must give what the autograd path gives, dtype included."""
+    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3).eval()
+    x = torch.randn(2, 9, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = block(x)
+        slow = block(x)
+    assert fast.dtype == slow.dtype == torch.float32
+    assert torch.equal(fast, slow.detach())

@@ -86,14 +86,16 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         return attn.proj_drop(attn.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         return self._forward_inference(x)
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode without autograd: the same arithmetic as :meth:`forward` (x + y and y + x are the same float),
         with the residual adds and the MLP's GELU done in place on tensors this call created. Fewer fresh large
-        tensors: on CPU each one is page-faulted in by the allocator, which can cost as much as the op filling it."""
+        tensors: on CPU each one is page-faulted in by the allocator, which can cost as much as the op filling it.
+        Not under autocast, where the out-of-place ops' type promotion (an fp32 residual plus a bf16 branch is fp32)
+        would differ from an in-place add's (bf16)."""
         B, H, W, C = x.shape
         y = self.drop_path1(self._attn(self.norm1(x)))  # drop path is the identity in eval mode
         x = y.add_(x).reshape(B, -1, C)
