@@ -243,23 +243,29 @@ def test_triton_opcheck():
                                [7, 7], [3, 3], 2, 0.25))
 
 
-def test_triton_swin_block_compiles_fullgraph():
-    """fullgraph compile of a block on the Triton op, forward and backward: inductor on a GPU, aot_eager under the
-    interpreter (inductor cannot trace the interpreter's data-pointer-based launches)."""
-    triton_interpreter_or_cuda(TRITON_DEV)
-    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="triton").to(TRITON_DEV)
-    ref = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="reference").to(TRITON_DEV)
-    ref.load_state_dict(block.state_dict())
-    x = torch.randn(1, 9, 10, 32, device=TRITON_DEV, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
+def assert_block_compiles_fullgraph(backend, device, compiler, tol):
+    """A SwinBlock on ``backend`` compiled with fullgraph=True: forward and input gradient equal the reference
+    block's (same weights)."""
     torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, backend="inductor" if TRITON_DEV == "cuda" else "aot_eager")
+    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend=backend).to(device)
+    ref = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="reference").to(device)
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(1, 9, 10, 32, device=device, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
     out = compiled(x)
     out.sum().backward()
     expected = ref(x_ref)
     expected.sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+
+
+def test_triton_swin_block_compiles_fullgraph():
+    """fullgraph compile of a block on the Triton op, forward and backward: inductor on a GPU, aot_eager under the
+    interpreter (inductor cannot trace the interpreter's data-pointer-based launches)."""
+    triton_interpreter_or_cuda(TRITON_DEV)
+    assert_block_compiles_fullgraph("triton", TRITON_DEV, "inductor" if TRITON_DEV == "cuda" else "aot_eager", 1e-4)
 
 
 def test_triton_unsupported_configurations_fall_back_with_reasons():
@@ -418,19 +424,7 @@ def test_native_swin_block_compiles_fullgraph(compiler):
     """The C++ op under torch.compile: no graph break, forward and backward, with inductor's generated code around
     it too (CPU inductor compiles C++: ~10 s)."""
     native_or_skip()
-    torch._dynamo.reset()
-    block = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="native")
-    ref = vitkernels.SwinBlock(32, (9, 10), 2, window_size=7, shift_size=3, backend="reference")
-    ref.load_state_dict(block.state_dict())
-    x = torch.randn(1, 9, 10, 32, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    compiled = torch.compile(block, fullgraph=True, backend=compiler)
-    out = compiled(x)
-    out.sum().backward()
-    expected = ref(x_ref)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_block_compiles_fullgraph("native", "cpu", compiler, 1e-5)
 
 
 def test_native_is_the_cpu_default_and_matches_the_reference_block():
