@@ -68,6 +68,15 @@ def _teacher_probs(t_row_ptr, c, offs, mask, lse, inv_tt):
 
 
 @triton.jit
+def _teacher_tile(t_ptr, c_ptr, b, B, K, offs, mask, lse0, lse1, inv_tt):
+    """Image b's two global-view teacher distributions at classes ``offs``: (p_0, p_1), read once per tile."""
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
+    p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
+    return p0, p1
+
+
+@triton.jit
 def _dino_teacher_stats_kernel(
     t_ptr, c_ptr, c_copy_ptr, pm_ptr, pl_ptr, K, NSPLIT, inv_tt,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -119,9 +128,7 @@ def _dino_fwd_kernel(
         offs = split * CHUNK + k0 + lanes
         mask = offs < K
         # the teacher tile: read and turned into probabilities once, for all student views
-        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
-        p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
+        p0, p1 = _teacher_tile(t_ptr, c_ptr, b, B, K, offs, mask, lse0, lse1, inv_tt)
         # Q_v: the teacher distributions of the global views other than v (view v itself is skipped)
         q = tl.where(not_view0, p0[None, :], 0.0) + tl.where(not_view1, p1[None, :], 0.0)
         smask = vmask[:, None] & mask[None, :]
@@ -176,9 +183,7 @@ def _dino_bwd_kernel(
         offs = split * CHUNK + k0 + lanes
         mask = offs < K
         # the teacher tile is read once for all student views of image b
-        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p0 = _teacher_probs(t_ptr + b * K, c, offs, mask, lse0, inv_tt)
-        p1 = _teacher_probs(t_ptr + (B + b) * K, c, offs, mask, lse1, inv_tt)
+        p0, p1 = _teacher_tile(t_ptr, c_ptr, b, B, K, offs, mask, lse0, lse1, inv_tt)
         for v in range(0, NCROPS):
             row = v * B + b
             lse = tl.load(lse_ptr + row)
