@@ -454,7 +454,7 @@ def test_native_is_the_cpu_default_and_matches_the_reference_block():
     [
         (dict(qkv=torch.randn(1, 7, 7, 95)), "is not 3 \\* num_heads \\* head_dim"),
         (dict(table=torch.randn(168, 1)), "relative_position_bias_table must be"),
-        (dict(window_size=[7, 7, 7]), "window_size and shift_size must be pairs"),
+        (dict(window_size=[7, 7, 7]), "window_size must be a pair"),
         (dict(shift_size=[7, 0]), "0 <= shift < window_size"),
         (dict(qkv_bias=torch.randn(5)), "qkv_bias must be"),
     ],

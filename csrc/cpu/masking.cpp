@@ -5,18 +5,28 @@
 //   mae_unshuffle          decoder input: CLS, then visible token or mask token per position (+ decoder pos)
 //   mae_unshuffle_backward the scatter back to the visible tokens and the mask token's gradient (a sum)
 // Every output row is produced by one contiguous row copy/add, rows split across threads.
+//
+// Every index the kernels follow is validated here (these entry points are reachable from torch.compile'd code and
+// direct torch.ops.vitkernels.* calls, which skip the Python checks): gather_rows masks out-of-range ids and checks
+// that inverse_idx is idx's inverse (what makes its backward, a gather by inverse_idx, the adjoint); ids_restore
+// must be a permutation of range(L) in every row (an O(N L) pass, small next to the O(N L D) copies).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
+#include "vitkernels/masking_args.h"
+
 namespace vitkernels {
 namespace {
+
+using masking_args::promoted;
 
 int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 
@@ -31,26 +41,68 @@ inline void write_row(scalar_t* dst, const scalar_t* a, const scalar_t* b, int64
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(a[d]) + static_cast<acc_t>(b[d]));
 }
 
-at::ScalarType promoted(const at::Tensor& a, const std::optional<at::Tensor>& b) {
-  return b.has_value() ? at::promote_types(a.scalar_type(), b->scalar_type()) : a.scalar_type();
+// Every row of ids (N, L), int64 and contiguous, is a permutation of range(L).
+void check_permutation_rows(const char* op, const char* name, const at::Tensor& ids) {
+  const int64_t N = ids.size(0), L = ids.size(1);
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<char> seen(L);
+    for (int64_t n = begin; n < end && bad_row.load(std::memory_order_relaxed) < 0; ++n) {
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t rank = ip[n * L + l];
+        if (rank < 0 || rank >= L || seen[rank]) {
+          bad_row.store(n);
+          break;
+        }
+        seen[rank] = 1;
+      }
+    }
+  });
+  const int64_t bad = bad_row.load();
+  TORCH_CHECK(bad < 0, op, ": ", name, " must be a permutation of range(", L, ") in every row; row ", bad, " is not");
+}
+
+// idx (K,) or (N, K) and inverse (S,) or (N, S) (int64, contiguous, batch-shared alike) are each other's inverse
+// where in range: 0 <= idx[k] < S implies inverse[idx[k]] == k, and 0 <= inverse[s] < K implies idx[inverse[s]] == s.
+// Out-of-range entries select nothing (a zero row). This is what makes a gather's backward (the gather by inverse)
+// its adjoint; it also means idx selects each source row at most once.
+void check_inverse_pair(const char* op, const at::Tensor& idx, const at::Tensor& inverse) {
+  const int64_t rows = idx.dim() == 2 ? idx.size(0) : 1, K = idx.size(-1), S = inverse.size(-1);
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const int64_t* vp = inverse.const_data_ptr<int64_t>();
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(K + S, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end && bad_row.load(std::memory_order_relaxed) < 0; ++n) {
+      const int64_t* i = ip + n * K;
+      const int64_t* v = vp + n * S;
+      bool ok = true;
+      for (int64_t k = 0; k < K && ok; ++k) ok = i[k] < 0 || i[k] >= S || v[i[k]] == k;
+      for (int64_t s = 0; s < S && ok; ++s) ok = v[s] < 0 || v[s] >= K || i[v[s]] == s;
+      if (!ok) bad_row.store(n);
+    }
+  });
+  const int64_t bad = bad_row.load();
+  TORCH_CHECK(bad < 0, op, ": inverse_idx must be the inverse of idx (idx[inverse_idx[s]] == s wherever inverse_idx[s] "
+              "is in [0, K), inverse_idx[idx[k]] == k wherever idx[k] is in [0, S)); row ", bad, " is not");
 }
 
 }  // namespace
 
 at::Tensor gather_rows_cpu(const at::Tensor& src, const at::Tensor& idx, const at::Tensor& inverse_idx,
                            const std::optional<at::Tensor>& add, std::optional<at::ScalarType> out_dtype) {
-  (void)inverse_idx;  // used by the backward (a gather by the inverse index), not here
-  TORCH_CHECK(src.dim() == 3, "gather_rows: src must be (N, S, D), got ", src.sizes());
-  TORCH_CHECK(idx.dim() == 1 || idx.dim() == 2, "gather_rows: idx must be (K,) or (N, K), got ", idx.sizes());
+  const auto dtype = masking_args::check_gather_rows(src, idx, inverse_idx, add, out_dtype);
   const int64_t N = src.size(0), S = src.size(1), D = src.size(2), K = idx.size(-1);
-  const auto dtype = out_dtype.value_or(promoted(src, add));
+  const bool shared = idx.dim() == 1;
+  const at::Tensor ix = idx.to(at::kLong).contiguous();
+  check_inverse_pair("gather_rows", ix, inverse_idx.to(at::kLong).contiguous());
+  at::Tensor out = at::empty({N, K, D}, src.options().dtype(dtype));
+  if (out.numel() == 0) return out;
   // Inputs in the output dtype (a no-op unless autocast mixed them): the loop then copies or adds rows.
   const at::Tensor s = src.to(dtype).contiguous();
-  const at::Tensor ix = idx.to(at::kLong).contiguous();
   std::optional<at::Tensor> a;
   if (add.has_value()) a = add->to(dtype).contiguous();
-  at::Tensor out = at::empty({N, K, D}, src.options().dtype(dtype));
-  const bool shared = idx.dim() == 1;
   const int64_t add_stride = a.has_value() && a->size(0) != 1 ? S * D : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "vitkernels_gather_rows", [&] {
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
@@ -75,10 +127,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& src, const at::Tensor& idx, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
     const at::Tensor& x, const at::Tensor& noise, int64_t len_keep, const std::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK(x.dim() == 3 && noise.dim() == 2 && noise.size(0) == x.size(0) && noise.size(1) == x.size(1),
-              "random_masking: x must be (N, L, D) and noise (N, L), got ", x.sizes(), " and ", noise.sizes());
+  masking_args::check_random_masking(x, noise, len_keep, pos_embed);
   const int64_t N = x.size(0), L = x.size(1);
-  TORCH_CHECK(len_keep >= 0 && len_keep <= L, "random_masking: len_keep must be in [0, ", L, "], got ", len_keep);
   // A stable ascending sort, as the reference: equal noise keeps patch order, NaN sorts last.
   const at::Tensor ids_shuffle = std::get<1>(at::sort(noise, /*stable=*/true, /*dim=*/1, /*descending=*/false))
                                      .contiguous();
@@ -106,19 +156,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
 
 at::Tensor mae_unshuffle_cpu(const at::Tensor& x, const at::Tensor& ids_restore, const at::Tensor& mask_token,
                              const std::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK(x.dim() == 3 && ids_restore.dim() == 2 && ids_restore.size(0) == x.size(0),
-              "mae_unshuffle: x must be (N, 1 + keep, D) and ids_restore (N, L), got ", x.sizes(), " and ",
-              ids_restore.sizes());
+  const auto dtype = masking_args::check_mae_unshuffle(x, ids_restore, mask_token, pos_embed);
   const int64_t N = x.size(0), keep = x.size(1) - 1, D = x.size(2), L = ids_restore.size(1);
-  auto dtype = at::promote_types(x.scalar_type(), mask_token.scalar_type());
-  if (pos_embed.has_value()) dtype = at::promote_types(dtype, pos_embed->scalar_type());
+  const at::Tensor ids = ids_restore.to(at::kLong).contiguous();
+  check_permutation_rows("mae_unshuffle", "ids_restore", ids);
+  at::Tensor out = at::empty({N, L + 1, D}, x.options().dtype(dtype));
+  if (out.numel() == 0) return out;
   const at::Tensor xs = x.to(dtype).contiguous();
   const at::Tensor token = mask_token.to(dtype).reshape({D}).contiguous();
-  const at::Tensor ids = ids_restore.to(at::kLong).contiguous();
   std::optional<at::Tensor> pos;
   if (pos_embed.has_value()) pos = pos_embed->to(dtype).contiguous();
   const int64_t pos_stride = pos.has_value() && pos->size(0) != 1 ? (L + 1) * D : 0;
-  at::Tensor out = at::empty({N, L + 1, D}, x.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "vitkernels_mae_unshuffle", [&] {
     const scalar_t* xp = xs.const_data_ptr<scalar_t>();
     const scalar_t* tp = token.const_data_ptr<scalar_t>();
@@ -145,16 +193,17 @@ at::Tensor mae_unshuffle_cpu(const at::Tensor& x, const at::Tensor& ids_restore,
 std::tuple<at::Tensor, at::Tensor> mae_unshuffle_backward_cpu(const at::Tensor& grad, const at::Tensor& ids_restore,
                                                               int64_t keep, at::ScalarType x_dtype,
                                                               at::ScalarType token_dtype) {
-  TORCH_CHECK(grad.dim() == 3 && ids_restore.dim() == 2 && grad.size(1) == ids_restore.size(1) + 1,
-              "mae_unshuffle_backward: grad must be (N, 1 + L, D) for ids_restore (N, L), got ", grad.sizes(),
-              " and ", ids_restore.sizes());
+  masking_args::check_mae_unshuffle_backward(grad, ids_restore, keep, x_dtype, token_dtype);
   const int64_t N = grad.size(0), L = ids_restore.size(1), D = grad.size(2);
-  const at::Tensor g = grad.contiguous();
   const at::Tensor ids = ids_restore.to(at::kLong).contiguous();
+  // A permutation writes every visible token's row exactly once (grad_x is not zero-filled).
+  check_permutation_rows("mae_unshuffle_backward", "ids_restore", ids);
   at::Tensor grad_x = at::empty({N, keep + 1, D}, grad.options());
   // The mask token's gradient: a sum over every masked position; per-sample partial sums in the accumulation type.
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partial = at::zeros({N, D}, grad.options().dtype(acc_type));
+  if (N == 0 || D == 0) return {grad_x.to(x_dtype), partial.sum(0).to(token_dtype)};
+  const at::Tensor g = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "vitkernels_unshuffle_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();

@@ -25,17 +25,26 @@ struct PatchGrid {
   int64_t K() const { return C * ph * pw; }
 };
 
-PatchGrid grid_of(const at::Tensor& x, const at::Tensor& weight, bool dynamic_img_pad) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "patch_embed: x must be (B, C, H, W) and weight (D, C, ph, pw)");
-  TORCH_CHECK(weight.size(1) == x.size(1), "patch_embed: weight has ", weight.size(1), " input channels, x has ",
-              x.size(1));
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ", t.device());
+}
+
+// The patch grid of x (B, C, H, W) under weight (D, C, ph, pw), or a clear error naming the argument.
+PatchGrid grid_of(const char* op, const at::Tensor& x, const at::Tensor& weight, bool dynamic_img_pad) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be (D, C, ph, pw), got ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating tensor, got ", x.scalar_type());
+  check_like(op, "weight", weight, x);
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight has ", weight.size(1), " input channels, x has ", x.size(1));
   PatchGrid g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3), 0, 0};
-  TORCH_CHECK(g.ph > 0 && g.pw > 0, "patch_embed: empty patch size");
+  TORCH_CHECK(g.ph > 0 && g.pw > 0, op, ": weight has an empty patch size (", g.ph, ", ", g.pw, ")");
   if (dynamic_img_pad) {
-    g.gh = (g.H + g.ph - 1) / g.ph;
-    g.gw = (g.W + g.pw - 1) / g.pw;
+    g.gh = g.H / g.ph + (g.H % g.ph != 0);  // ceil without forming H + ph - 1
+    g.gw = g.W / g.pw + (g.W % g.pw != 0);
   } else {
-    TORCH_CHECK(g.H % g.ph == 0 && g.W % g.pw == 0, "patch_embed: image size (", g.H, ", ", g.W,
+    TORCH_CHECK(g.H % g.ph == 0 && g.W % g.pw == 0, op, ": image size (", g.H, ", ", g.W,
                 ") is not a multiple of the patch size (", g.ph, ", ", g.pw, ")");
     g.gh = g.H / g.ph;
     g.gw = g.W / g.pw;
@@ -105,9 +114,26 @@ at::Tensor patch_rows(const at::Tensor& x, const PatchGrid& g) {
 at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& pos, const std::optional<at::Tensor>& prefix,
                            bool no_embed_class, bool dynamic_img_pad) {
-  const PatchGrid g = grid_of(x, weight, dynamic_img_pad);
-  const int64_t P = prefix.has_value() ? prefix->size(0) : 0;
+  const char* op = "patch_embed";
+  const PatchGrid g = grid_of(op, x, weight, dynamic_img_pad);
   const int64_t L = g.L();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.D, op, ": bias must be (", g.D, "), got ", bias->sizes());
+    check_like(op, "bias", *bias, x);
+  }
+  if (prefix.has_value()) {
+    TORCH_CHECK(prefix->dim() == 2 && prefix->size(1) == g.D, op, ": prefix_tokens must be (P, ", g.D, "), got ",
+                prefix->sizes());
+    check_like(op, "prefix_tokens", *prefix, x);
+  }
+  const int64_t P = prefix.has_value() ? prefix->size(0) : 0;
+  if (pos.has_value()) {
+    const int64_t rows = no_embed_class ? L : P + L;
+    TORCH_CHECK(pos->dim() == 2 && pos->size(0) == rows && pos->size(1) == g.D, op, ": pos_embed must be (", rows,
+                ", ", g.D, ") for ", P, " prefix and ", L, " patch tokens (no_embed_class=", no_embed_class, "), got ",
+                pos->sizes());
+    check_like(op, "pos_embed", *pos, x);
+  }
   at::Tensor out = at::empty({g.B, P + L, g.D}, x.options());
   const at::Tensor A = patch_rows(x, g);
   const at::Tensor Wt = weight.reshape({g.D, g.K()}).t();  // (K, D) view
@@ -140,11 +166,14 @@ at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 std::tuple<at::Tensor, at::Tensor> patch_embed_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& weight, int64_t num_prefix,
                                                             bool dynamic_img_pad, bool need_input, bool need_weight) {
-  const PatchGrid g = grid_of(x, weight, dynamic_img_pad);
+  const char* op = "patch_embed_backward";
+  const PatchGrid g = grid_of(op, x, weight, dynamic_img_pad);
   const int64_t L = g.L();
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == g.B && grad.size(1) == num_prefix + L && grad.size(2) == g.D,
-              "patch_embed_backward: grad must be (B, P + L, D) = (", g.B, ", ", num_prefix + L, ", ", g.D, "), got ",
-              grad.sizes());
+  TORCH_CHECK(num_prefix >= 0 && grad.dim() == 3 && num_prefix <= grad.size(1), op, ": num_prefix must be in [0, ",
+              "grad.size(1)], got ", num_prefix, " for grad ", grad.sizes());
+  TORCH_CHECK(grad.size(0) == g.B && grad.size(1) == num_prefix + L && grad.size(2) == g.D, op,
+              ": grad must be (B, P + L, D) = (", g.B, ", ", num_prefix + L, ", ", g.D, "), got ", grad.sizes());
+  check_like(op, "grad", grad, x);
   const at::Tensor G = grad.narrow(1, num_prefix, L);  // (B, L, D), rows contiguous per image
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, weight.options());

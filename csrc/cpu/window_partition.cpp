@@ -8,19 +8,11 @@
 
 #include <cstring>
 
+#include "vitkernels/window_attention_args.h"
 #include "vitkernels/window_geometry.h"
 
 namespace vitkernels {
 namespace {
-
-WindowGeometry geometry_from(int64_t B, int64_t H, int64_t W, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
-  TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, "window_size and shift_size must be pairs");
-  TORCH_CHECK(window_size[0] > 0 && window_size[1] > 0, "window_size must be positive, got ", window_size);
-  TORCH_CHECK(shift_size[0] >= 0 && shift_size[0] < window_size[0] && shift_size[1] >= 0 && shift_size[1] < window_size[1],
-              "shift_size must satisfy 0 <= shift < window_size, got ", shift_size);
-  TORCH_CHECK(H > 0 && W > 0, "height and width must be positive, got ", H, "x", W);
-  return WindowGeometry::make(B, H, W, window_size[0], window_size[1], shift_size[0], shift_size[1]);
-}
 
 // Rows per parallel task: enough bytes per task to amortise scheduling.
 int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_bytes, 1)); }
@@ -29,10 +21,12 @@ int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / std::
 
 at::Tensor window_partition_cpu(const at::Tensor& x, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
   TORCH_CHECK(x.dim() == 4, "window_partition: x must be (B, H, W, C), got ", x.sizes());
-  const auto g = geometry_from(x.size(0), x.size(1), x.size(2), window_size, shift_size);
+  const auto g = checked_window_geometry("window_partition", x.size(0), x.size(1), x.size(2), x.size(3), window_size,
+                                         shift_size);
   const int64_t C = x.size(3);
-  const at::Tensor src = x.contiguous();
   at::Tensor out = at::empty({g.B * g.windows_per_image(), g.tokens_per_window(), C}, x.options());
+  if (out.numel() == 0) return out;  // B == 0 or C == 0: nothing to copy (and no null pointer to memcpy)
+  const at::Tensor src = x.contiguous();
   const int64_t row_bytes = C * x.element_size();
   const char* src_ptr = static_cast<const char*>(src.const_data_ptr());
   char* dst_ptr = static_cast<char*>(out.mutable_data_ptr());
@@ -52,16 +46,18 @@ at::Tensor window_partition_cpu(const at::Tensor& x, at::IntArrayRef window_size
 
 at::Tensor window_reverse_cpu(const at::Tensor& windows, int64_t height, int64_t width, at::IntArrayRef window_size,
                               at::IntArrayRef shift_size) {
-  TORCH_CHECK(windows.dim() == 3, "window_reverse: windows must be (B * num_windows, wh * ww, C), got ", windows.sizes());
-  auto g = geometry_from(1, height, width, window_size, shift_size);
-  TORCH_CHECK(windows.size(1) == g.tokens_per_window(), "window_reverse: windows.size(1) must be wh * ww = ",
-              g.tokens_per_window(), ", got ", windows.size(1));
-  TORCH_CHECK(windows.size(0) % g.windows_per_image() == 0, "window_reverse: windows.size(0) = ", windows.size(0),
-              " is not a multiple of the ", g.windows_per_image(), " windows per image");
-  g = WindowGeometry::make(windows.size(0) / g.windows_per_image(), height, width, g.wh, g.ww, g.shift_h, g.shift_w);
+  const char* op = "window_reverse";
+  TORCH_CHECK(windows.dim() == 3, op, ": windows must be (B * num_windows, wh * ww, C), got ", windows.sizes());
   const int64_t C = windows.size(2);
-  const at::Tensor src = windows.contiguous();
+  auto g = checked_window_geometry(op, 1, height, width, C, window_size, shift_size);
+  TORCH_CHECK(windows.size(1) == g.tokens_per_window(), op, ": windows.size(1) must be wh * ww = ",
+              g.tokens_per_window(), ", got ", windows.size(1));
+  TORCH_CHECK(windows.size(0) % g.windows_per_image() == 0, op, ": windows.size(0) = ", windows.size(0),
+              " is not a multiple of the ", g.windows_per_image(), " windows per image");
+  g = checked_window_geometry(op, windows.size(0) / g.windows_per_image(), height, width, C, window_size, shift_size);
   at::Tensor out = at::empty({g.B, height, width, C}, windows.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor src = windows.contiguous();
   const int64_t row_bytes = C * windows.element_size();
   const char* src_ptr = static_cast<const char*>(src.const_data_ptr());
   char* dst_ptr = static_cast<char*>(out.mutable_data_ptr());

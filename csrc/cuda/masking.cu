@@ -9,24 +9,30 @@
 
 #include "masking.cuh"
 #include "torch_cuda_types.h"
+#include "vitkernels/masking_args.h"
 
 namespace vitkernels {
 namespace {
 
-at::ScalarType promoted(const at::Tensor& a, const std::optional<at::Tensor>& b) {
-  return b.has_value() ? at::promote_types(a.scalar_type(), b->scalar_type()) : a.scalar_type();
+using masking_args::promoted;
+
+// Ranks outside [0, L) become L, which every kernel treats as a masked position (no row of x is read or written):
+// validating the values of a GPU tensor would synchronise with the host, so out-of-range ranks are masked instead
+// (the CPU binding raises). One elementwise pass over the (N, L) ids.
+at::Tensor masked_ranks(const at::Tensor& ids_restore) {
+  const at::Tensor ids = ids_restore.to(at::kLong);
+  const int64_t L = ids.size(1);
+  return at::where(ids.ge(0).logical_and(ids.lt(L)), ids, L).contiguous();
 }
 
 }  // namespace
 
 at::Tensor gather_rows_cuda(const at::Tensor& src, const at::Tensor& idx, const at::Tensor& inverse_idx,
                             const std::optional<at::Tensor>& add, std::optional<at::ScalarType> out_dtype) {
-  (void)inverse_idx;  // used by the backward
-  TORCH_CHECK(src.dim() == 3 && (idx.dim() == 1 || idx.dim() == 2),
-              "gather_rows: src must be (N, S, D) and idx (K,) or (N, K)");
+  // The kernel zero-fills rows whose id is outside [0, S): no id addresses memory.
+  const auto dtype = masking_args::check_gather_rows(src, idx, inverse_idx, add, out_dtype);
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t N = src.size(0), S = src.size(1), D = src.size(2), K = idx.size(-1);
-  const auto dtype = out_dtype.value_or(promoted(src, add));
   const at::Tensor s = src.to(dtype).contiguous();
   const at::Tensor ix = idx.to(at::kLong).contiguous();
   std::optional<at::Tensor> a;
@@ -44,11 +50,9 @@ at::Tensor gather_rows_cuda(const at::Tensor& src, const at::Tensor& idx, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
     const at::Tensor& x, const at::Tensor& noise, int64_t len_keep, const std::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK(x.dim() == 3 && noise.dim() == 2 && noise.size(0) == x.size(0) && noise.size(1) == x.size(1),
-              "random_masking: x must be (N, L, D) and noise (N, L)");
+  masking_args::check_random_masking(x, noise, len_keep, pos_embed);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), L = x.size(1);
-  TORCH_CHECK(len_keep >= 0 && len_keep <= L, "random_masking: len_keep must be in [0, ", L, "]");
   const at::Tensor shuffle = std::get<1>(at::sort(noise, /*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
   at::Tensor restore = at::empty({N, L}, noise.options().dtype(at::kLong));
   const auto dtype = promoted(x, pos_embed);
@@ -67,15 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
 
 at::Tensor mae_unshuffle_cuda(const at::Tensor& x, const at::Tensor& ids_restore, const at::Tensor& mask_token,
                               const std::optional<at::Tensor>& pos_embed) {
-  TORCH_CHECK(x.dim() == 3 && ids_restore.dim() == 2 && ids_restore.size(0) == x.size(0),
-              "mae_unshuffle: x must be (N, 1 + keep, D) and ids_restore (N, L)");
+  const auto dtype = masking_args::check_mae_unshuffle(x, ids_restore, mask_token, pos_embed);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), keep = x.size(1) - 1, D = x.size(2), L = ids_restore.size(1);
-  auto dtype = at::promote_types(x.scalar_type(), mask_token.scalar_type());
-  if (pos_embed.has_value()) dtype = at::promote_types(dtype, pos_embed->scalar_type());
   const at::Tensor xs = x.to(dtype).contiguous();
   const at::Tensor token = mask_token.to(dtype).reshape({D}).contiguous();
-  const at::Tensor ids = ids_restore.to(at::kLong).contiguous();
+  const at::Tensor ids = masked_ranks(ids_restore);
   std::optional<at::Tensor> pos;
   if (pos_embed.has_value()) pos = pos_embed->to(dtype).contiguous();
   at::Tensor out = at::empty({N, L + 1, D}, x.options().dtype(dtype));
@@ -92,13 +93,13 @@ at::Tensor mae_unshuffle_cuda(const at::Tensor& x, const at::Tensor& ids_restore
 std::tuple<at::Tensor, at::Tensor> mae_unshuffle_backward_cuda(const at::Tensor& grad, const at::Tensor& ids_restore,
                                                                int64_t keep, at::ScalarType x_dtype,
                                                                at::ScalarType token_dtype) {
-  TORCH_CHECK(grad.dim() == 3 && ids_restore.dim() == 2 && grad.size(1) == ids_restore.size(1) + 1,
-              "mae_unshuffle_backward: grad must be (N, 1 + L, D) for ids_restore (N, L)");
+  masking_args::check_mae_unshuffle_backward(grad, ids_restore, keep, x_dtype, token_dtype);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t N = grad.size(0), L = ids_restore.size(1), D = grad.size(2);
   const at::Tensor g = grad.contiguous();
-  const at::Tensor ids = ids_restore.to(at::kLong).contiguous();
-  at::Tensor grad_x = at::empty({N, keep + 1, D}, grad.options());
+  const at::Tensor ids = masked_ranks(ids_restore);
+  // zeros, not empty: with ranks that are not a permutation (unchecked on the GPU) no row is left uninitialised
+  at::Tensor grad_x = at::zeros({N, keep + 1, D}, grad.options());
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partial = at::zeros({N, D}, grad.options().dtype(acc_type));
   if (N * D > 0) {

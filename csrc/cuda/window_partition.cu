@@ -6,19 +6,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "vitkernels/window_attention_args.h"
 #include "window_partition.cuh"
 
 namespace vitkernels {
 
 at::Tensor window_partition_cuda(const at::Tensor& x, at::IntArrayRef window_size, at::IntArrayRef shift_size) {
   TORCH_CHECK(x.dim() == 4, "window_partition: x must be (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, "window_size and shift_size must be pairs");
-  TORCH_CHECK(window_size[0] > 0 && window_size[1] > 0 && shift_size[0] >= 0 && shift_size[1] >= 0 &&
-                  shift_size[0] < window_size[0] && shift_size[1] < window_size[1],
-              "window_partition: need window_size > 0 and 0 <= shift_size < window_size");
+  const auto g = checked_window_geometry("window_partition", x.size(0), x.size(1), x.size(2), x.size(3), window_size,
+                                         shift_size);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto g = WindowGeometry::make(x.size(0), x.size(1), x.size(2), window_size[0], window_size[1], shift_size[0],
-                                      shift_size[1]);
   const at::Tensor src = x.contiguous();
   at::Tensor out = at::empty({g.B * g.windows_per_image(), g.tokens_per_window(), x.size(3)}, x.options());
   if (out.numel() == 0) return out;
@@ -30,13 +27,13 @@ at::Tensor window_partition_cuda(const at::Tensor& x, at::IntArrayRef window_siz
 at::Tensor window_reverse_cuda(const at::Tensor& windows, int64_t height, int64_t width, at::IntArrayRef window_size,
                                at::IntArrayRef shift_size) {
   TORCH_CHECK(windows.dim() == 3, "window_reverse: windows must be (B * num_windows, wh * ww, C), got ", windows.sizes());
-  TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, "window_size and shift_size must be pairs");
-  const c10::cuda::CUDAGuard guard(windows.device());
-  auto g = WindowGeometry::make(1, height, width, window_size[0], window_size[1], shift_size[0], shift_size[1]);
+  auto g = checked_window_geometry("window_reverse", 1, height, width, windows.size(2), window_size, shift_size);
   TORCH_CHECK(windows.size(1) == g.tokens_per_window() && windows.size(0) % g.windows_per_image() == 0,
               "window_reverse: windows must be (B * ", g.windows_per_image(), ", ", g.tokens_per_window(), ", C), got ",
               windows.sizes());
-  g = WindowGeometry::make(windows.size(0) / g.windows_per_image(), height, width, g.wh, g.ww, g.shift_h, g.shift_w);
+  g = checked_window_geometry("window_reverse", windows.size(0) / g.windows_per_image(), height, width,
+                              windows.size(2), window_size, shift_size);
+  const c10::cuda::CUDAGuard guard(windows.device());
   const at::Tensor src = windows.contiguous();
   at::Tensor out = at::empty({g.B, height, width, windows.size(2)}, windows.options());
   if (out.numel() == 0) return out;

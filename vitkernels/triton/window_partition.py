@@ -47,8 +47,8 @@ def _window_reverse_fwd_kernel(
     x = tokens % W
     y = (tokens // W) % H
     b = tokens // (W * H)
-    r = (y - SH + H) % H
-    s = (x - SW + W) % W
+    r = (y + H - SH % H) % H  # the shift may exceed the image (window larger than the map): roll by shift mod H
+    s = (x + W - SW % W) % W
     row = ((b * nWh + r // WH) * nWw + s // WW) * (WH * WW) + (r % WH) * WW + s % WW
     mask = (tokens < n_tokens)[:, None] & (cols < C)[None, :]
     vals = tl.load(win_ptr + row[:, None] * C + cols[None, :], mask=mask)

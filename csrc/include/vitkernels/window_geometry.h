@@ -8,6 +8,9 @@
 // A padded position (r >= H or s >= W) has no source token. A real one reads the original token
 //   (y, x) = ((r + shift_h) mod H, (s + shift_w) mod W),
 // and the inverse maps an original (y, x) to (r, s) = ((y - shift_h) mod H, (x - shift_w) mod W).
+// The shift can exceed the image (shift < window, and a window may be larger than the image: timm with
+// always_partition=True): the roll is by shift mod H, as torch.roll does, precomputed as roll_h, roll_w.
+// The mask regions use the shift itself, on the padded image (timm's slices of the (Hp, Wp) mask image).
 //
 // Needs only a C++ compiler (or nvcc): no torch and no CUDA runtime headers.
 #pragma once
@@ -25,7 +28,8 @@ namespace vitkernels {
 struct WindowGeometry {
   int64_t B, H, W;             // image
   int64_t wh, ww;              // window
-  int64_t shift_h, shift_w;    // cyclic shift, 0 <= shift < window
+  int64_t shift_h, shift_w;    // cyclic shift, 0 <= shift < window (may be >= H or W)
+  int64_t roll_h, roll_w;      // the roll it makes: shift mod H, shift mod W, in [0, H) x [0, W)
   int64_t Hp, Wp;              // padded image: multiples of the window
   int64_t nWh, nWw;            // windows per column / row
 
@@ -33,8 +37,10 @@ struct WindowGeometry {
                                             int64_t shift_h, int64_t shift_w) {
     WindowGeometry g;
     g.B = B; g.H = H; g.W = W; g.wh = wh; g.ww = ww; g.shift_h = shift_h; g.shift_w = shift_w;
-    g.nWh = (H + wh - 1) / wh;
-    g.nWw = (W + ww - 1) / ww;
+    g.roll_h = H > 0 ? shift_h % H : 0;
+    g.roll_w = W > 0 ? shift_w % W : 0;
+    g.nWh = H / wh + (H % wh != 0);  // ceil without forming H + wh - 1 (no overflow for huge windows)
+    g.nWw = W / ww + (W % ww != 0);
     g.Hp = g.nWh * wh;
     g.Wp = g.nWw * ww;
     return g;
@@ -59,8 +65,8 @@ struct WindowGeometry {
   // The original token at the padded, shifted coordinate (r, s) of image b: flat b*H*W + y*W + x, -1 for padding.
   VK_HOST_DEVICE int64_t token_at(int64_t b, int64_t r, int64_t s) const {
     if (r >= H || s >= W) return -1;
-    int64_t y = r + shift_h; if (y >= H) y -= H;
-    int64_t x = s + shift_w; if (x >= W) x -= W;
+    int64_t y = r + roll_h; if (y >= H) y -= H;  // r, roll_h < H: one subtraction is the modulo
+    int64_t x = s + roll_w; if (x >= W) x -= W;
     return (b * H + y) * W + x;
   }
 
@@ -94,8 +100,8 @@ struct WindowGeometry {
     const int64_t x = token % W;
     const int64_t y = (token / W) % H;
     const int64_t b = token / (W * H);
-    int64_t r = y - shift_h; if (r < 0) r += H;
-    int64_t s = x - shift_w; if (s < 0) s += W;
+    int64_t r = y - roll_h; if (r < 0) r += H;
+    int64_t s = x - roll_w; if (s < 0) s += W;
     const int64_t w = (b * nWh + r / wh) * nWw + s / ww;
     return w * (wh * ww) + (r % wh) * ww + (s % ww);
   }
