@@ -111,3 +111,23 @@ def check_positive_float(name: str, value) -> float:
     if not float(value) > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return float(value)
+
+
+INT64_MAX = 2 ** 63 - 1
+
+
+def check_window_sizes(height: int, width: int, window: Tuple[int, int], batch: int = 1, channels: int = 1) -> None:
+    """Check that cutting ``batch`` (height x width) images of ``channels`` into ``window`` windows gives sizes that
+    fit int64: the padded image, the tokens per window and the partitioned tensor (the kernels index with int64)."""
+    wh, ww = window
+    Hp, Wp = -(-height // wh) * wh, -(-width // ww) * ww
+    for what, value in (
+        ("tokens per window (window_size[0] * window_size[1])", wh * ww),
+        ("partitioned rows (B * padded H * padded W)", batch * Hp * Wp),
+        ("partitioned elements (rows * channels)", batch * Hp * Wp * channels),
+    ):
+        if value > INT64_MAX:
+            raise ValueError(
+                f"window_size {tuple(window)} is too large for a {height}x{width} image: its {what} would be "
+                f"{value}, more than int64 can index"
+            )

@@ -162,6 +162,9 @@ def op(name: str, doc: str = "") -> Op:
 
 def resolve_backend_name(backend: Optional[str]) -> str:
     """``backend`` if given, else ``$VITKERNELS_BACKEND``, else ``"auto"``; validated."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (one of 'auto', {', '.join(repr(b) for b in BACKENDS)}) or None, "
+                        f"got {type(backend).__name__} {backend!r}")
     name = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR, "auto")
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:

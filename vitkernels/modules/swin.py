@@ -18,6 +18,31 @@ from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
 
 
+def _check_heads(dim, num_heads, head_dim) -> None:
+    """Constructor arguments of the attention: a clear error instead of timm's ZeroDivisionError (head_dim 0)."""
+    for name, value in (("dim", dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1):
+        raise ValueError(f"head_dim must be a positive int or None, got {head_dim!r}")
+    if head_dim is None and dim < num_heads:
+        raise ValueError(f"head_dim = dim // num_heads = {dim} // {num_heads} is 0: pass fewer heads or head_dim")
+
+
+def _check_tokens(x, shape: str, last: int) -> None:
+    """``x`` is a tensor of the given layout, e.g. (B, H, W, C), whose last dimension is ``last``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    rank = shape.count(",") + 1
+    if x.dim() != rank or x.shape[-1] != last:
+        hint = ""
+        if rank == 4 and x.dim() == 3:
+            hint = ": got (B, L, C) tokens, reshape them to (B, H, W, C) first"
+        elif rank == 4 and x.dim() == 4 and x.shape[1] == last:
+            hint = ": this looks like NCHW, the block takes channels-last NHWC (x.permute(0, 2, 3, 1))"
+        raise ValueError(f"x must have shape {shape} with C = {last}, got {tuple(x.shape)}{hint}")
+
+
 class _BackendAttribute:
     """A ``backend`` attribute (``None``, ``"auto"``, ``"triton"``, ``"native"``, ``"reference"``) that is handed down
     to the submodules that call ops, so setting it on a model, stage or block switches everything below."""
@@ -45,11 +70,16 @@ class WindowAttention(reference.WindowAttention):
     An explicit mask, or attention dropout while training, takes the reference path, which supports both.
     """
 
-    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dim: int, num_heads: int, head_dim: Optional[int] = None, *args, backend: Optional[str] = None,
+                 **kwargs):
+        _check_heads(dim, num_heads, head_dim)
+        super().__init__(dim, num_heads, head_dim, *args, **kwargs)
         self.backend = backend
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_tokens(x, "(B_, N, C)", self.dim)
+        if x.shape[1] != self.window_area:
+            raise ValueError(f"x must hold N = {self.window_area} tokens per window, got shape {tuple(x.shape)}")
         if mask is not None or (self.training and self.attn_drop.p > 0.0):
             return super().forward(x, mask)
         B_, N, _ = x.shape
@@ -86,6 +116,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         return attn.proj_drop(attn.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(x, "(B, H, W, C)", self.dim)
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         return self._forward_inference(x)
@@ -98,7 +129,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         would differ from an in-place add's (bf16)."""
         B, H, W, C = x.shape
         y = self.drop_path1(self._attn(self.norm1(x)))  # drop path is the identity in eval mode
-        x = y.add_(x).reshape(B, -1, C)
+        x = y.add_(x).reshape(B, H * W, C)
         mlp = self.mlp
         h = mlp.fc1(self.norm2(x))
         if type(mlp.act) is nn.GELU:

@@ -23,3 +23,24 @@ def kernel_op(qualname: str, *, mutates_args: Iterable[str] = ()) -> Callable[[C
         return torch.library.triton_op(qualname, mutates_args=tuple(mutates_args))(fn)
 
     return decorator
+
+
+def refuse_double_backward(backward_op, op_name: str, backend: str) -> None:
+    """Make differentiating ``backward_op`` (a second-order gradient through ``op_name``) raise a clear error.
+
+    Without this, a C++ backward op without an autograd kernel silently contributes zeros to a second-order
+    gradient (PyTorch only warns), and a Python custom op raises a generic "no autograd formula" message. The error
+    is raised when the second backward reaches the op, so ``create_graph=True`` alone (e.g. for a gradient that is
+    never differentiated again) still works.
+    """
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward (a second-order gradient) is not supported by the {backend} backend of {op_name}; "
+            "use backend='reference' for higher-order gradients"
+        )
+
+    torch.library.register_autograd(backward_op, backward, setup_context=setup_context)

@@ -92,7 +92,7 @@ def _triton_grad_check(call: dispatch.Call) -> Optional[str]:
 
 
 if HAS_TRITON:
-    from vitkernels.ops._library import kernel_op
+    from vitkernels.ops._library import kernel_op, refuse_double_backward
     from vitkernels.triton import mae_loss as triton_kernels
 
     def _triton_patch_check(call: dispatch.Call) -> Optional[str]:
@@ -135,6 +135,7 @@ if HAS_TRITON:
         return None, grad_pred, None, None, None
 
     torch.library.register_autograd(triton_mae_loss, _loss_backward, setup_context=_loss_setup)
+    refuse_double_backward(triton_mae_loss_backward, "mae_loss", "triton")
 
     @mae_loss_op.register("triton", lambda call: triton_unavailable_reason(call.device), _triton_grad_check,
                           _triton_patch_check)

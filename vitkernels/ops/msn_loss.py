@@ -183,10 +183,11 @@ def _register_fake_and_autograd(forward, backward) -> None:
     torch.library.register_fake(forward)(_loss_fake)
     torch.library.register_fake(backward)(_loss_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    refuse_double_backward(backward, "msn_loss", "triton")
 
 
 if HAS_TRITON:
-    from vitkernels.ops._library import kernel_op
+    from vitkernels.ops._library import kernel_op, refuse_double_backward
     from vitkernels.triton import msn_loss as triton_kernels
 
     @kernel_op("vitkernels::triton_msn_loss")

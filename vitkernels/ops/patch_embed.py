@@ -183,7 +183,15 @@ def _embed_backward_fake(grad, x, weight, num_prefix, dynamic_img_pad, need_inpu
 
 def _register_fake_and_autograd(forward, backward) -> None:
     """Fakes for both ops; autograd of ``forward`` through ``backward`` (image and weight gradients, two GEMMs) and
-    batch sums of the output gradient's rows (bias, pos_embed and prefix-token gradients)."""
+    batch sums of the output gradient's rows (bias, pos_embed and prefix-token gradients); and autograd of
+    ``backward`` itself (second-order gradients), through the two ops again.
+
+    The backward is bilinear: with G the patch rows of ``grad`` and A = im2col(x),
+    ``grad_x = col2im(G W)`` and ``grad_w = sum_b G_b^T A_b``. Its adjoints, for incoming (gg_x, gg_w):
+    ``d grad = [0 (prefix rows); im2col(gg_x) W^T + A gg_w^T]`` (two forward calls without bias),
+    ``d x = col2im(G gg_w)`` and ``d weight = sum_b G_b^T im2col(gg_x)_b`` (two backward calls), so every order of
+    gradient runs on the same kernels.
+    """
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, pos, prefix, no_embed_class, dynamic_img_pad = inputs
@@ -211,9 +219,35 @@ def _register_fake_and_autograd(forward, backward) -> None:
                 grad_prefix = rows[:P].to(grad.dtype)
         return (grad_x if need_x else None, grad_w if need_w else None, grad_bias, grad_pos, grad_prefix, None, None)
 
+    def backward_setup(ctx, inputs, output):
+        grad, x, weight, ctx.num_prefix, ctx.dynamic_img_pad, ctx.need_input, ctx.need_weight = inputs
+        ctx.save_for_backward(grad, x, weight)
+
+    def backward_backward(ctx, gg_x, gg_w):
+        grad, x, weight = ctx.saved_tensors
+        need_grad, need_x, need_w = ctx.needs_input_grad[:3]
+        P, dynamic_img_pad = ctx.num_prefix, ctx.dynamic_img_pad
+        use_gg_x = ctx.need_input and gg_x is not None  # an output that was not asked for is an empty tensor
+        use_gg_w = ctx.need_weight and gg_w is not None
+        d_grad = d_x = d_w = None
+        if need_grad and (use_gg_x or use_gg_w):
+            rows = None
+            if use_gg_x:
+                rows = forward(gg_x.contiguous(), weight, None, None, None, False, dynamic_img_pad)
+            if use_gg_w:
+                from_w = forward(x, gg_w.contiguous(), None, None, None, False, dynamic_img_pad)
+                rows = from_w if rows is None else rows + from_w
+            d_grad = torch.nn.functional.pad(rows, (0, 0, P, 0))  # the prefix rows do not reach x or weight
+        if need_x and use_gg_w:
+            d_x = backward(grad, x, gg_w.contiguous(), P, dynamic_img_pad, True, False)[0]
+        if need_w and use_gg_x:
+            d_w = backward(grad, gg_x.contiguous(), weight, P, dynamic_img_pad, False, True)[1]
+        return d_grad, d_x, d_w, None, None, None, None
+
     torch.library.register_fake(forward)(_embed_fake)
     torch.library.register_fake(backward)(_embed_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(backward, backward_backward, setup_context=backward_setup)
 
 
 if HAS_TRITON:

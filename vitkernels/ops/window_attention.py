@@ -28,8 +28,10 @@ from vitkernels._validation import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_window_sizes,
     to_pair,
 )
+from vitkernels.ops._library import refuse_double_backward
 from vitkernels.reference import window_attention as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -76,10 +78,12 @@ def window_attention(
     B, H, W, three_c = qkv.shape
     if H == 0 or W == 0:
         raise ValueError(f"qkv must have a non-empty (H, W), got shape {tuple(qkv.shape)}")
-    if three_c % (3 * num_heads) != 0:
+    if three_c == 0 or three_c % (3 * num_heads) != 0:
         raise ValueError(
-            f"qkv.shape[-1] must be 3 * num_heads * head_dim, got {three_c} with num_heads={num_heads}"
+            f"qkv.shape[-1] must be 3 * num_heads * head_dim with head_dim >= 1, got {three_c} with "
+            f"num_heads={num_heads}"
         )
+    check_window_sizes(H, W, window, B, three_c)
     head_dim = three_c // (3 * num_heads)
     check_shape(
         "relative_position_bias_table",
@@ -134,7 +138,7 @@ def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
 
 
-def _register_fakes_and_autograd(forward, backward) -> None:
+def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     def setup_context(ctx, inputs, output):
         qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs
         out, lse = output
@@ -152,13 +156,15 @@ def _register_fakes_and_autograd(forward, backward) -> None:
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(backward)(_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    # second-order gradients would need the backward of the backward kernels: refused clearly, never silent zeros
+    refuse_double_backward(backward, "window_attention", backend)
 
 
 # --- native backend: csrc/cpu/window_attention.cpp -----------------------------------------------------------------
 
 if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention.default,
-                                 torch.ops.vitkernels.window_attention_backward.default)
+                                 torch.ops.vitkernels.window_attention_backward.default, "native")
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
         reason = _native.native_unavailable_reason("window_attention", call.device)
@@ -218,7 +224,7 @@ if HAS_TRITON:
         )
         return grad_qkv, grad_table, grad_bias if grad_bias is not None else qkv.new_empty(0)
 
-    _register_fakes_and_autograd(triton_window_attention, triton_window_attention_backward)
+    _register_fakes_and_autograd(triton_window_attention, triton_window_attention_backward, "triton")
 
     def _triton_supports(call: dispatch.Call) -> Optional[str]:
         reason = triton_unavailable_reason(call.device)

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from vitkernels import _native, dispatch
-from vitkernels._validation import IntPair, check_tensor, to_pair
+from vitkernels._validation import IntPair, check_tensor, check_window_sizes, to_pair
 from vitkernels.reference import window_partition as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -48,6 +48,8 @@ def window_partition(
     window, shift = _check_window_args(window_size, shift_size)
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"x must have a non-empty (H, W), got shape {tuple(x.shape)}")
+    B, H, W, C = x.shape
+    check_window_sizes(H, W, window, B, C)
     impl = partition_op.select(dispatch.Call(x.device, x.dtype), backend)
     return impl(x, window, shift)
 
@@ -76,6 +78,7 @@ def window_reverse(
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_window_sizes(height, width, window)
     n_windows = _num_windows(height, width, window)
     if windows.shape[1] != window[0] * window[1]:
         raise ValueError(f"windows.shape[1] must be wh * ww = {window[0] * window[1]}, got shape {tuple(windows.shape)}")
@@ -172,12 +175,16 @@ if HAS_TRITON:
 
     @kernel_op("vitkernels::triton_window_partition")
     def triton_window_partition(x: torch.Tensor, window_size: List[int], shift_size: List[int]) -> torch.Tensor:
+        if x.numel() == 0:  # B == 0 or C == 0: no kernel launch (its tiles are sized by C)
+            return _partition_fake(x, window_size, shift_size)
         return triton_kernels.window_partition(x, window_size, shift_size)
 
     @kernel_op("vitkernels::triton_window_reverse")
     def triton_window_reverse(
         windows: torch.Tensor, height: int, width: int, window_size: List[int], shift_size: List[int]
     ) -> torch.Tensor:
+        if windows.numel() == 0:
+            return _reverse_fake(windows, height, width, window_size, shift_size)
         return triton_kernels.window_reverse(windows, height, width, window_size, shift_size)
 
     _register_fake_and_autograd(triton_window_partition, triton_window_reverse)

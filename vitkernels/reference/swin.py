@@ -240,7 +240,7 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x.reshape(B, -1, C)
+        x = x.reshape(B, H * W, C)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x.reshape(B, H, W, C)
 

@@ -108,12 +108,12 @@ def attention_in_windows(
     attn = attn + bias.unsqueeze(0)
     if mask is not None:
         num_windows = mask.shape[0]
-        attn = attn.view(-1, num_windows, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, N, N)
+        attn = attn.view(B_ // num_windows, num_windows, num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(B_, num_heads, N, N)
     attn = attn.softmax(dim=-1)
     if attn_drop > 0.0 and training:
         attn = torch.nn.functional.dropout(attn, attn_drop, training=True)
-    return (attn @ v).transpose(1, 2).reshape(B_, N, -1)
+    return (attn @ v).transpose(1, 2).reshape(B_, N, three_c // 3)
 
 
 def window_attention(

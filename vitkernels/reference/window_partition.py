@@ -33,7 +33,7 @@ def window_partition(x: torch.Tensor, window_size: Tuple[int, int], shift_size: 
     Hp, Wp = padded_size(H, W, window_size)
     x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
     x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, C)
+    return x.reshape(B * (Hp // wh) * (Wp // ww), wh * ww, C)  # explicit sizes: B == 0 or C == 0 work too
 
 
 def window_reverse(
@@ -47,7 +47,8 @@ def window_reverse(
     wh, ww = window_size
     C = windows.shape[-1]
     Hp, Wp = padded_size(height, width, window_size)
-    x = windows.view(-1, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, Hp, Wp, C)
+    B = windows.shape[0] // ((Hp // wh) * (Wp // ww))
+    x = windows.view(B, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
     x = x[:, :height, :width, :]
     if shift_size[0] or shift_size[1]:
         x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
