@@ -1,0 +1,342 @@
+"""Seeded differential fuzzing of the native (C++) backend against the reference.
+
+Every case draws random shapes within the supported range (windows larger than the map, shifts past its edge, odd
+head dims, empty batches and channels, every float dtype, optional tensors present or not, strided inputs) from its
+own seed, runs the op forward and backward natively and through the reference (float64, or float32 for half inputs)
+and compares. Window attention runs every CPU instruction-set build (VITKERNELS_CPU_ISA=avx512 | avx2 | baseline).
+A second corpus calls the registered ops directly with random, mostly invalid index tensors and sizes: each call
+must either raise a RuntimeError naming the argument or, when the input happens to be valid, agree with the
+reference; it must never read or write out of bounds (``.ci/sanitize`` runs both corpora under ASan + UBSan).
+
+The number of cases per op is ``$VITKERNELS_FUZZ_CASES`` (default 20; CI's sanitizer stage runs 300). A failure
+names its seed: ``pytest tests/test_fuzz_native.py -k "window_attention and 17"`` replays it.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import _native
+from vitkernels.reference import masking as ref_masking
+from vitkernels.reference import patch_embed as ref_embed
+from vitkernels.reference import window_attention as ref_attention
+
+from helpers import reference_dtype, tol
+
+pytestmark = pytest.mark.skipif(not _native.is_loaded(), reason=_native.IMPORT_ERROR or "")
+
+CASES = int(os.environ.get("VITKERNELS_FUZZ_CASES", "20"))
+SEEDS = range(CASES)
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+ops = torch.ops.vitkernels
+
+
+def strided(rng, x):
+    """x, or the same values in a non-contiguous layout (sliced from a wider tensor, or a flipped flip)."""
+    kind = rng.choice(["contiguous", "contiguous", "sliced", "flipped"])
+    if kind == "sliced" and x.dim() > 0:
+        return torch.cat([x, torch.zeros_like(x)], dim=-1)[..., : x.shape[-1]]
+    if kind == "flipped" and x.dim() > 1:
+        return x.flip(1).flip(1) if x.shape[1] > 0 else x
+    return x
+
+
+def leaf(x):
+    return x.detach().requires_grad_()
+
+
+def compare(name, got, want, dtype, describe, scaled=True):
+    """got (native, computed from dtype inputs) vs want (reference, in reference_dtype(dtype)): the looser tolerance
+    of dtype and got's own dtype (an fp32 table's gradient from fp64 qkv), scaled by the magnitude of the expected
+    values (results of sums)."""
+    t = max(tol(dtype), tol(got.dtype), key=lambda d: d["rtol"])
+    scale = max(1.0, want.abs().max().item()) if scaled and want.numel() else 1.0
+    torch.testing.assert_close(got.to(want.dtype), want, rtol=t["rtol"], atol=t["atol"] * scale,
+                               msg=lambda m: f"{name} differs for {describe}: {m}")
+
+
+# --- valid inputs: native == reference --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_window_partition(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    B, H, W, C = rng.randint(0, 3), rng.randint(1, 9), rng.randint(1, 9), rng.choice([0, 1, 3, 5, 8])
+    window = (rng.randint(1, 8), rng.randint(1, 8))  # often larger than the map
+    shift = (rng.randrange(window[0]), rng.randrange(window[1]))
+    dtype = rng.choice(DTYPES)
+    describe = f"seed {seed}: x {(B, H, W, C)} {dtype} window {window} shift {shift}"
+    x = strided(rng, torch.randn(B, H, W, C, dtype=dtype))
+    got_in, want_in = leaf(x), leaf(x)
+    got = vitkernels.window_partition(got_in, window, shift, backend="native")
+    want = vitkernels.window_partition(want_in, window, shift, backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(got_in.grad, want_in.grad, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+    back = vitkernels.window_reverse(got, H, W, window, shift, backend="native")
+    torch.testing.assert_close(back, x, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_window_attention(seed, monkeypatch):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    B, H, W = rng.randint(0, 2), rng.randint(1, 9), rng.randint(1, 9)
+    window = (rng.randint(1, 8), rng.randint(1, 8))
+    shift = (rng.randrange(window[0]), rng.randrange(window[1]))
+    nH, hd = rng.randint(1, 3), rng.choice([1, 2, 3, 5, 7, 8, 9, 16, 17])
+    dtype = rng.choice(DTYPES)
+    table_dtype = rng.choice([dtype, torch.float32])  # fp32 parameters beside half activations, as under autocast
+    with_bias = rng.random() < 0.7
+    scale = rng.choice([None, 0.3])
+    describe = (f"seed {seed}: qkv {(B, H, W, 3 * nH * hd)} {dtype} window {window} shift {shift} heads {nH} "
+                f"table {table_dtype} bias {with_bias}")
+    qkv = strided(rng, torch.randn(B, H, W, 3 * nH * hd).to(dtype))
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), nH).to(table_dtype)
+    bias = torch.randn(3 * nH * hd).to(dtype) if with_bias else None
+    ref_type = reference_dtype(dtype)
+    ref_inputs = [leaf(t.to(ref_type)) if t is not None else None for t in (qkv, table, bias)]
+    want = vitkernels.window_attention(ref_inputs[0], ref_inputs[1], window, shift, nH, scale, ref_inputs[2],
+                                       backend="reference")
+    grad = torch.randn_like(want)
+    needed = [t for t in ref_inputs if t is not None]
+    want_grads = torch.autograd.grad(want, needed, grad, allow_unused=True)
+    for isa in CPU_ISAS:
+        monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+        inputs = [leaf(t) if t is not None else None for t in (qkv, table, bias)]
+        got = vitkernels.window_attention(inputs[0], inputs[1], window, shift, nH, scale, inputs[2], backend="native")
+        assert got.dtype == dtype
+        compare("out", got, want, dtype, f"{describe} isa {isa}")
+        got_grads = torch.autograd.grad(got, [t for t in inputs if t is not None], grad.to(dtype))
+        for name, g, w, v in zip(("qkv", "table", "qkv_bias"), got_grads, want_grads, needed):
+            compare(f"grad {name}", g, torch.zeros_like(v) if w is None else w, dtype, f"{describe} isa {isa}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_random_masking(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    N, L, D = rng.randint(0, 3), rng.randint(1, 40), rng.choice([0, 1, 4, 7])
+    ratio = rng.choice([0.0, 0.25, 0.5, 0.75, 0.9, rng.random()])
+    dtype = rng.choice(DTYPES)
+    pos_kind = rng.choice([None, "shared", "per-sample"])
+    pos_dtype = rng.choice([dtype, torch.float32])
+    describe = f"seed {seed}: x {(N, L, D)} {dtype} ratio {ratio} pos {pos_kind} {pos_dtype}"
+    x = strided(rng, torch.randn(N, L, D, dtype=dtype))
+    noise = torch.rand(N, L)
+    if rng.random() < 0.2 and N * L:
+        noise[0, rng.randrange(L)] = noise[0, 0]  # ties: the stable sort keeps patch order
+    pos = None if pos_kind is None else torch.randn(1 if pos_kind == "shared" else N, L, D, dtype=pos_dtype)
+    got_in = [leaf(x), leaf(pos) if pos is not None else None]
+    want_in = [leaf(x), leaf(pos) if pos is not None else None]
+    got = vitkernels.random_masking(got_in[0], ratio, noise, got_in[1], backend="native")
+    want = ref_masking.random_masking(want_in[0], ratio, noise, want_in[1])
+    for name, g, w in zip(("x_masked", "mask", "ids_restore"), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"{name} differs for {describe}: {m}")
+    grad = torch.randn_like(want[0])
+    got_grads = torch.autograd.grad(got[0], [t for t in got_in if t is not None], grad)
+    want_grads = torch.autograd.grad(want[0], [t for t in want_in if t is not None], grad)
+    for g, w in zip(got_grads, want_grads):
+        compare("grad", g, w, w.dtype, describe)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_mae_unshuffle(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    N, L, D = rng.randint(0, 3), rng.randint(1, 40), rng.choice([0, 1, 4, 7])
+    keep = rng.randint(0, L)
+    dtype = rng.choice(DTYPES)
+    token_dtype = rng.choice([dtype, torch.float32])
+    pos_kind = rng.choice([None, "shared", "per-sample"])
+    describe = f"seed {seed}: x {(N, 1 + keep, D)} L {L} {dtype} token {token_dtype} pos {pos_kind}"
+    x = strided(rng, torch.randn(N, 1 + keep, D, dtype=dtype))
+    ids = torch.stack([torch.randperm(L) for _ in range(N)]) if N else torch.zeros(0, L, dtype=torch.long)
+    ids = ids.to(rng.choice([torch.int64, torch.int32]))
+    token = torch.randn(1, 1, D, dtype=token_dtype)
+    pos = None if pos_kind is None else torch.randn(1 if pos_kind == "shared" else N, L + 1, D)
+    got_in = [leaf(x), leaf(token)] + ([leaf(pos)] if pos is not None else [])
+    want_in = [leaf(x), leaf(token)] + ([leaf(pos)] if pos is not None else [])
+    got = vitkernels.mae_unshuffle(got_in[0], ids, got_in[1], got_in[2] if pos is not None else None,
+                                   backend="native")
+    want = ref_masking.mae_unshuffle(want_in[0], ids.long(), want_in[1].reshape(D),
+                                     want_in[2] if pos is not None else None)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+    grad = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad(got, got_in, grad), torch.autograd.grad(want, want_in, grad)):
+        compare("grad", g, w, w.dtype, describe)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_msn_patch_drop(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    B, L, D = rng.randint(0, 3), rng.randint(0, 30), rng.choice([0, 1, 4, 7])
+    ratio = rng.choice([0.0, 0.3, 0.5, 0.9])
+    dtype = rng.choice(DTYPES)
+    describe = f"seed {seed}: x {(B, 1 + L, D)} {dtype} ratio {ratio}"
+    x = strided(rng, torch.randn(B, 1 + L, D, dtype=dtype))
+    perm = torch.randperm(L).to(rng.choice([torch.int64, torch.int32]))
+    got_in, want_in = leaf(x), leaf(x)
+    got, idx = vitkernels.msn_patch_drop(got_in, ratio, perm, backend="native")
+    want, want_idx = vitkernels.msn_patch_drop(want_in, ratio, perm, backend="reference")
+    torch.testing.assert_close(idx, want_idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+    grad = torch.randn_like(want)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(got_in.grad, want_in.grad, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_patch_embed(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    ph, pw = rng.randint(1, 5), rng.randint(1, 5)
+    dynamic = rng.random() < 0.5
+    B, C, D = rng.randint(0, 2), rng.randint(1, 4), rng.randint(1, 9)
+    if dynamic:
+        H, W = rng.randint(1, 12), rng.randint(1, 12)
+    else:
+        H, W = ph * rng.randint(1, 3), pw * rng.randint(1, 3)
+    P = rng.randint(0, 3)
+    no_embed_class = rng.random() < 0.5
+    with_bias, with_pos = rng.random() < 0.7, rng.random() < 0.7
+    dtype = rng.choice(DTYPES)
+    gh, gw = ref_embed.grid_size(H, W, (ph, pw), dynamic)
+    describe = (f"seed {seed}: x {(B, C, H, W)} {dtype} patch {(ph, pw)} D {D} prefix {P} dynamic {dynamic} "
+                f"no_embed_class {no_embed_class} bias {with_bias} pos {with_pos}")
+    x = torch.randn(B, C, H, W, dtype=dtype)
+    if rng.random() < 0.3:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tensors = {
+        "x": x,
+        "weight": torch.randn(D, C, ph, pw, dtype=dtype) / (C * ph * pw) ** 0.5,
+        "bias": torch.randn(D, dtype=dtype) if with_bias else None,
+        "pos_embed": torch.randn(1, (gh * gw) + (0 if no_embed_class else P), D, dtype=dtype) if with_pos else None,
+        "prefix_tokens": torch.randn(1, P, D, dtype=dtype) if P else None,
+    }
+    ref_type = reference_dtype(dtype)
+
+    def run(backend, cast):
+        inputs = {k: leaf(cast(v)) if v is not None else None for k, v in tensors.items()}
+        out = vitkernels.patch_embed(*inputs.values(), no_embed_class=no_embed_class, dynamic_img_pad=dynamic,
+                                     backend=backend)
+        return out, {k: v for k, v in inputs.items() if v is not None}
+
+    got, got_in = run("native", lambda t: t)
+    want, want_in = run("reference", lambda t: t.to(ref_type))
+    compare("out", got, want, dtype, describe)
+    grad = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, list(got_in.values()), grad.to(dtype))
+    want_grads = torch.autograd.grad(want, list(want_in.values()), grad)
+    for name, g, w in zip(got_in, got_grads, want_grads):
+        compare(f"grad {name}", g, w, dtype, describe)
+
+
+# --- invalid inputs: a clear error or the reference's answer, never an out-of-bounds access ----------------------
+
+def random_ids(rng, N, L):
+    """(N, L) ranks: a permutation per row, then sometimes corrupted (out of range, repeated, huge)."""
+    ids = torch.stack([torch.randperm(L) for _ in range(N)]) if N else torch.zeros(0, L, dtype=torch.long)
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        if N * L == 0:
+            break
+        n, l = rng.randrange(N), rng.randrange(L)
+        ids[n, l] = rng.choice([-1, -L - 5, L, L + 3, 2 ** 40, -(2 ** 40), ids[n, rng.randrange(L)].item()])
+    return ids
+
+
+def is_permutation(ids):
+    L = ids.shape[1]
+    return bool(torch.equal(ids.sort(dim=1).values, torch.arange(L).expand_as(ids))) if ids.numel() else True
+
+
+def raises_or(thunk, match):
+    """Call thunk: return its result, or None when it raised a RuntimeError matching ``match``."""
+    try:
+        return thunk()
+    except RuntimeError as exc:
+        assert any(m in str(exc) for m in match), f"unexpected error: {exc}"
+        return None
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_bad_unshuffle_ids(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    N, L, D = rng.randint(1, 3), rng.randint(1, 20), rng.randint(1, 5)
+    keep = rng.randint(0, L)
+    ids = random_ids(rng, N, L)
+    x, token, grad = torch.randn(N, 1 + keep, D), torch.randn(D), torch.randn(N, L + 1, D)
+    valid = is_permutation(ids)
+    out = raises_or(lambda: ops.mae_unshuffle(x, ids, token, None), ["ids_restore must be a permutation"])
+    assert (out is not None) == valid, f"seed {seed}: ids {ids.tolist()}"
+    if valid:
+        torch.testing.assert_close(out, ref_masking.mae_unshuffle(x, ids, token, None))
+    back = raises_or(lambda: ops.mae_unshuffle_backward(grad, ids, keep, torch.float32, torch.float32),
+                     ["ids_restore must be a permutation"])
+    assert (back is not None) == valid, f"seed {seed}: ids {ids.tolist()}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_bad_gather_ids(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    N, S, K, D = rng.randint(1, 3), rng.randint(1, 12), rng.randint(0, 12), rng.randint(1, 4)
+    shared = rng.random() < 0.4
+    rows = 1 if shared else N
+    idx = torch.randint(-3, S + 3, (rows, K))
+    inverse = torch.full((rows, S), -1, dtype=torch.long)
+    for r in range(rows):
+        for k in range(K):
+            if 0 <= idx[r, k] < S and rng.random() < 0.9:
+                inverse[r, idx[r, k]] = k
+    if rng.random() < 0.3 and S:
+        inverse[0, rng.randrange(S)] = rng.randint(-2, K + 2)
+    if shared:
+        idx, inverse = idx[0], inverse[0]
+    src = torch.randn(N, S, D)
+    add = rng.choice([None, torch.randn(1, S, D), torch.randn(N, S, D)])
+    # valid when idx and inverse are each other's inverse where in range
+    consistent = all(
+        all(not (0 <= i < S) or v[i] == k for k, i in enumerate(ix.tolist()))
+        and all(not (0 <= j < K) or ix[j] == s for s, j in enumerate(v.tolist()))
+        for ix, v in zip(idx.reshape(rows, K), inverse.reshape(rows, S))
+    )
+    out = raises_or(lambda: ops.gather_rows(src, idx, inverse, add, None), ["inverse_idx must be the inverse"])
+    assert (out is not None) == consistent, f"seed {seed}: idx {idx.tolist()} inverse {inverse.tolist()}"
+    if consistent:
+        ix = idx.expand(N, K) if shared else idx
+        ok = (ix >= 0) & (ix < S)
+        gathered = torch.gather(src + (add if add is not None else 0), 1,
+                                ix.clamp(0, max(S - 1, 0)).unsqueeze(-1).expand(N, K, D))
+        torch.testing.assert_close(out, torch.where(ok.unsqueeze(-1), gathered, 0.0))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_bad_window_sizes(seed):
+    """Random window / shift / image sizes, some absurd: a clear error or the reference's windows."""
+    rng = random.Random(seed)
+    H, W, C = rng.randint(0, 6), rng.randint(0, 6), rng.randint(0, 3)
+    window = [rng.choice([0, 1, 3, 8, -1]) for _ in range(2)]
+    if rng.random() < 0.3:  # tokens per window past int64 (sizes that fit but would not be allocatable are left out)
+        window = list(rng.choice([(2 ** 40, 2 ** 40), (2 ** 62, 3), (3, 2 ** 62), (2 ** 32, 2 ** 31)]))
+    shift = [rng.choice([0, 1, 2, 7, -1, window[i] - 1 if window[i] > 0 else 0]) for i in range(2)]
+    x = torch.randn(1, H, W, C)
+    expected_errors = ["window_size must be", "shift_size must satisfy", "image must be non-empty", "overflows int64"]
+    out = raises_or(lambda: ops.window_partition(x, window, shift), expected_errors)
+    valid = H > 0 and W > 0 and all(w > 0 for w in window) and all(0 <= s < w for s, w in zip(shift, window))
+    if out is not None:
+        assert valid
+        torch.testing.assert_close(out, vitkernels.window_partition(x, tuple(window), tuple(shift),
+                                                                    backend="reference"))
+        back = ops.window_reverse(out, H, W, window, shift)
+        torch.testing.assert_close(back, x, rtol=0, atol=0)
+    elif valid:  # refused only for sizes that overflow int64
+        assert window[0] * window[1] > 2 ** 63 - 1, f"seed {seed}: a valid call {window} {shift} {(H, W)} was refused"
