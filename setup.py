@@ -11,6 +11,13 @@ Environment switches:
     VITKERNELS_CUDA_ARCH      CUDA architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST)
     MAX_JOBS                  parallel compile jobs (read by torch's ninja build)
     VITKERNELS_DEBUG=1        -O0 -g
+    VITKERNELS_SANITIZE=1     AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU sources (-O1 -g; any
+                              UB report aborts). Build it outside the source tree so it does not replace the normal
+                              in-place build, and preload the runtimes into the (uninstrumented) Python, as
+                              .ci/sanitize does:
+                                  python setup.py build_ext --build-lib build/sanitize --build-temp build/sanitize-tmp
+                                  LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+                                  ASAN_OPTIONS=detect_leaks=0 python ...
 """
 import os
 import sys
@@ -71,9 +78,20 @@ def extension_modules():
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch
 
     debug = bool(env_switch("VITKERNELS_DEBUG"))
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = bool(env_switch("VITKERNELS_SANITIZE"))
+    opt = ["-O0", "-g"] if debug else ["-O1", "-g"] if sanitize else ["-O3"]
     cxx_flags = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
     nvcc_flags = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    link_flags = ["-fopenmp"]
+    if sanitize:
+        # CPython leaks by design (run with ASAN_OPTIONS=detect_leaks=0); vptr checks need the RTTI of every torch
+        # class the extension touches, which the (uninstrumented) torch libraries do not export: off.
+        sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                      "-fno-omit-frame-pointer"]
+        cxx_flags += sanitizers
+        link_flags += sanitizers
+        if with_cuda:
+            raise RuntimeError("VITKERNELS_SANITIZE=1 builds the CPU sources only: set VITKERNELS_CUDA=0")
     macros = []
     if with_cuda:
         macros.append(("VITKERNELS_WITH_CUDA", None))
@@ -85,9 +103,10 @@ def extension_modules():
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
-    print(f"vitkernels: building vitkernels._C ({'CPU + CUDA' if with_cuda else 'CPU only'})", file=sys.stderr)
+    kind = ("CPU + CUDA" if with_cuda else "CPU only") + (", ASan + UBSan" if sanitize else "")
+    print(f"vitkernels: building vitkernels._C ({kind})", file=sys.stderr)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
