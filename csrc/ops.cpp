@@ -1,5 +1,9 @@
 // Schemas of every op in vitkernels._C. Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu;
 // fake (meta) implementations and autograd are registered from Python in vitkernels/ops/<op>.py.
+//
+// Every kernel validates the arguments it relies on itself (TORCH_CHECK, naming the argument): the ops are reachable
+// without the Python checks, from torch.compile'd code and as torch.ops.vitkernels.<name>. Shared checks:
+// csrc/include/vitkernels/window_attention_args.h (window ops) and masking_args.h (masking ops).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -50,6 +54,7 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("build_info() -> str", &vitkernels::build_info);
 
   // x (B, H, W, C) -> windows (B * nWh * nWw, wh * ww, C): roll by -shift, zero-pad to whole windows, partition.
+  // 0 <= shift < window; a window (and so a shift) may be larger than the map: the roll is by shift mod H, W.
   m.def("window_partition(Tensor x, int[2] window_size, int[2] shift_size) -> Tensor");
   // windows (B * nWh * nWw, wh * ww, C) -> (B, height, width, C): the inverse (crop padding, roll by +shift).
   m.def("window_reverse(Tensor windows, int height, int width, int[2] window_size, int[2] shift_size) -> Tensor");
@@ -70,10 +75,12 @@ TORCH_LIBRARY(vitkernels, m) {
         "bool need_input, bool need_weight) -> (Tensor, Tensor)");
 
   // MAE / MSN masking (same schemas as the Triton custom ops triton_<name>).
-  // out[n, k] = src[n, idx[n or shared, k]] (+ add), 0 where the index is out of range; inverse_idx is for autograd.
+  // out[n, k] = src[n, idx[n or shared, k]] (+ add), 0 where the index is out of range; inverse_idx, idx's inverse
+  // where in range (checked on CPU), is what the backward gathers by.
   m.def("gather_rows(Tensor src, Tensor idx, Tensor inverse_idx, Tensor? add, ScalarType? out_dtype) -> Tensor");
   // (x_masked, mask, ids_restore, ids_keep) from the noise's stable sort.
   m.def("random_masking(Tensor x, Tensor noise, int len_keep, Tensor? pos_embed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ids_restore must be a permutation of range(L) per row: checked on CPU; on CUDA ranks outside [0, L) are masked.
   m.def("mae_unshuffle(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
   m.def("mae_unshuffle_backward(Tensor grad, Tensor ids_restore, int keep, ScalarType x_dtype, "
         "ScalarType token_dtype) -> (Tensor, Tensor)");

@@ -110,8 +110,11 @@ def mae_unshuffle(
     Args:
         x: (N, 1 + len_keep, D) decoder-embedded encoder output, CLS first.
         ids_restore: (N, L) int64 (or int32) from :func:`random_masking`, ``L >= len_keep``. It must be a
-            permutation of ``range(L)`` per row (as :func:`random_masking` returns): checked for CPU tensors in
-            eager mode; on a GPU not (that would synchronise), and the kernels never read or write out of bounds.
+            permutation of ``range(L)`` per row (as :func:`random_masking` returns). CPU tensors are checked: here
+            in eager mode (ValueError), and by the native op itself (RuntimeError, also under torch.compile and for
+            direct ``torch.ops`` calls). GPU tensors are not (that would synchronise): the kernels treat a rank
+            outside ``[0, L)`` as a masked position and never read or write out of bounds, but a repeated rank
+            gives wrong numbers there.
         mask_token: (1, 1, D) or (D,).
         pos_embed: optional (1, 1 + L, D) or (N, 1 + L, D) decoder positional embedding.
         Dtypes may differ (a bf16 ``x`` under autocast with fp32 parameters): the result is in the promoted dtype,
@@ -160,8 +163,9 @@ def msn_patch_drop(
         x: (B, 1 + L, D) tokens, CLS first.
         drop_ratio: fraction of patches dropped, in [0, 1).
         perm: optional (L,) int64 (or int32) permutation of ``range(L)`` on ``x``'s device; ``torch.randperm(L)``
-            (CPU generator, as the official code) when None. A CPU ``perm`` is checked to be a permutation; one on
-            a GPU is not (that would synchronise), the kernels never read out of bounds.
+            (CPU generator, as the official code) when None. A CPU ``perm`` is checked to be a permutation (in eager
+            mode here; compiled, the native gather refuses a repeated index); one on a GPU is not (that would
+            synchronise), the kernels never read out of bounds.
         backend: see :func:`random_masking`.
 
     Returns:
