@@ -21,7 +21,6 @@ import vitkernels
 from vitkernels import _native
 from vitkernels.reference import masking as ref_masking
 from vitkernels.reference import patch_embed as ref_embed
-from vitkernels.reference import window_attention as ref_attention
 
 from helpers import reference_dtype, tol
 
