@@ -17,8 +17,12 @@ namespace wa_detail {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: grid (windows, nH, chunks), thread = (query row i, slice).
 
+// Launch bounds: at most 256 threads and, for G = 1, at least one block per multiprocessor. Left to its own
+// heuristic, ptxas (CUDA 13.0) caps the G = 1 instantiations at 128 registers and spills 68 / 80 bytes (sm_80 /
+// sm_90; tools/compile_gate_cuda.py fails on that); with the hint they keep everything in registers (178 / 210). A
+// minimum of 0 blocks emits no .minnctapersm, so G = 2, 4 compile exactly as without it (~100 registers, no spill).
 template <typename T, int G>
-__global__ void __launch_bounds__(kWindowAttentionMaxThreads)
+__global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
     window_attention_fwd_kernel(const T* __restrict__ qkv, const T* __restrict__ pad_row,
                                 const typename Acc<T>::type* __restrict__ table, T* __restrict__ out,
                                 typename Acc<T>::type* __restrict__ lse, const WindowAttentionShape p,
