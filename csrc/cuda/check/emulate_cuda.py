@@ -1,6 +1,6 @@
 """Run the CUDA window attention kernels on the CPU, in an emulation of CUDA, against the float64 reference.
 
-    python csrc/cuda/check/emulate_cuda.py [--quick] [--sanitize address]
+    python csrc/cuda/check/emulate_cuda.py [--quick] [--only NAME] [--sanitize address]
 
 The kernels have not run on a GPU yet; this runs their bodies as written: the runtime-only headers and the explicit
 instantiations (csrc/cuda/window_attention*.cuh, window_attention_{fwd,bwd}_kernels.cu) are compiled with g++ against
@@ -37,7 +37,8 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;(){}]*?>)?)<<<(.*?)>>>\(", re.S)
 
 
 def rewrite_launches(text):
-    """`kernel<T><<<grid, block, smem, stream>>>(args` -> `::vk_emu::launch(grid, block, smem, stream, kernel<T>, args`."""
+    """``kernel<T><<<grid, block, smem, stream>>>(args`` -> ``::vk_emu::launch(grid, block, smem, stream, kernel<T>,
+    args``."""
     return LAUNCH.sub(lambda m: f"::vk_emu::launch({m.group(2).strip()}, {m.group(1)}, ", text)
 
 
@@ -104,11 +105,16 @@ class Emulated:
         windows = B * math.ceil(H / window[0]) * math.ceil(W / window[1])
         return windows, window[0] * window[1], three_c // (3 * nH)
 
+    def _pad_row(self, qkv, qkv_bias):  # window_attention_pad_row: the qkv bias in qkv's dtype, or zeros
+        if qkv_bias is not None:
+            return qkv_bias.to(qkv.dtype).contiguous()
+        return self.torch.zeros(qkv.shape[3], dtype=qkv.dtype)
+
     def forward(self, qkv, table, qkv_bias, window, shift, nH, scale):
         torch = self.torch
         acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
         windows, N, hd = self._geometry(qkv, window, nH)
-        pad_row = qkv_bias.to(qkv.dtype).contiguous() if qkv_bias is not None else torch.zeros(qkv.shape[3], dtype=qkv.dtype)
+        pad_row = self._pad_row(qkv, qkv_bias)
         out = torch.full(qkv.shape[:3] + (nH * hd,), float("nan"), dtype=qkv.dtype)
         lse = torch.full((windows, nH, N), float("nan"), dtype=acc)
         tab = table.to(acc).contiguous()
@@ -125,7 +131,7 @@ class Emulated:
         windows, N, hd = self._geometry(qkv, window, nH)
         C = nH * hd
         dims = self._dims(qkv, window, shift, nH)
-        pad_row = qkv_bias.to(qkv.dtype).contiguous() if qkv_bias is not None else torch.zeros(3 * C, dtype=qkv.dtype)
+        pad_row = self._pad_row(qkv, qkv_bias)
         grad_qkv = torch.full(qkv.shape, float("nan"), dtype=qkv.dtype)
         groups = math.ceil(windows / windows_per_group)
         delta = torch.full((windows, nH, N), float("nan"), dtype=acc)
@@ -203,7 +209,7 @@ def torch_isfinite_all(t):
     return bool(torch.isfinite(t).all())
 
 
-def run(quick=False, sanitize=None):
+def run(quick=False, sanitize=None, only=None):
     import torch
 
     torch.set_num_threads(1)
@@ -215,7 +221,7 @@ def run(quick=False, sanitize=None):
         emu = Emulated(lib)
         failures = 0
         for seed, (name, B, H, W, window, shift, nH, hd, dtypes) in enumerate(CASES):
-            if quick and name not in QUICK:
+            if (quick and name not in QUICK) or (only and only not in name):
                 continue
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
@@ -236,7 +242,9 @@ def run(quick=False, sanitize=None):
                                  compare(f"grad_bias (windows/group {per_group})", db, gb, tol)]
                 problems = [p for p in problems if p]
                 failures += bool(problems)
-                status = "FAIL " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "") if problems else "ok"
+                status = "ok"
+                if problems:
+                    status = "FAIL " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
                 print(f"  {name:32s} {dtype_name:9s} {status} ({time.time() - t1:.1f} s)", flush=True)
         print(f"emulate_cuda: {failures} failing configuration(s), {time.time() - t0:.0f} s", flush=True)
         return 1 if failures else 0
@@ -248,6 +256,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two configurations only")
     parser.add_argument("--sanitize", choices=["address"], help="build with a sanitizer")
+    parser.add_argument("--only", help="the configurations whose name contains this")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     if args.sanitize == "address" and "VK_EMU_ASAN" not in os.environ:
@@ -255,7 +264,7 @@ def main():
                                  text=True).stdout.strip()
         env = dict(os.environ, VK_EMU_ASAN="1", LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0")
         return subprocess.call([sys.executable] + sys.argv, env=env)
-    return run(args.quick, args.sanitize)
+    return run(args.quick, args.sanitize, args.only)
 
 
 if __name__ == "__main__":

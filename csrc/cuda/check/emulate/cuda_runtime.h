@@ -22,6 +22,15 @@
 
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>  // fiber switches announced to AddressSanitizer
+#define VK_EMU_SWITCH_START(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define VK_EMU_SWITCH_FINISH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define VK_EMU_SWITCH_START(save, bottom, size) ((void)0)
+#define VK_EMU_SWITCH_FINISH(save, bottom, size) ((void)0)
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -51,6 +60,7 @@ struct Fiber {
   void* stack = nullptr;
   uint3 tid{0, 0, 0};
   Wait wait = kRunnable;
+  void* fake_stack = nullptr;  // AddressSanitizer's bookkeeping of the switch
 };
 
 struct Launch {
@@ -61,6 +71,8 @@ struct Launch {
   std::vector<double> lanes;  // one 8-byte slot per thread for shuffles
   int vote = 0;               // __syncthreads_or
   ucontext_t scheduler;
+  const void* scheduler_stack = nullptr;  // for AddressSanitizer: the scheduler's stack, learnt on the first switch
+  std::size_t scheduler_stack_size = 0;
   std::function<void()> body;
 };
 inline Launch* current = nullptr;  // the launch in progress (one at a time)
@@ -76,11 +88,16 @@ inline void fail(const char* what) {
 // Parks the running fiber until the scheduler releases it.
 inline void park(Wait why) {
   Launch* l = current;
-  l->fibers[l->running].wait = why;
-  swapcontext(&l->fibers[l->running].ctx, &l->scheduler);
+  Fiber& f = l->fibers[l->running];
+  f.wait = why;
+  // A finished fiber never comes back: no fake-stack slot, so AddressSanitizer releases it.
+  VK_EMU_SWITCH_START(why == kDone ? nullptr : &f.fake_stack, l->scheduler_stack, l->scheduler_stack_size);
+  swapcontext(&f.ctx, &l->scheduler);
+  VK_EMU_SWITCH_FINISH(f.fake_stack, nullptr, nullptr);
 }
 
 inline void fiber_entry() {
+  VK_EMU_SWITCH_FINISH(nullptr, &current->scheduler_stack, &current->scheduler_stack_size);
   current->body();
   park(kDone);
 }
@@ -150,7 +167,10 @@ inline void run_block(Launch& l) {
     for (unsigned int t = 0; t < l.threads; ++t) {
       if (l.fibers[t].wait != kRunnable) continue;
       l.running = t;
+      void* fake_stack = nullptr;
+      VK_EMU_SWITCH_START(&fake_stack, l.fibers[t].stack, kFiberStack);
       swapcontext(&l.scheduler, &l.fibers[t].ctx);
+      VK_EMU_SWITCH_FINISH(fake_stack, nullptr, nullptr);
     }
     // Everyone is parked or done: release whole warps parked at a shuffle, else the whole block at __syncthreads.
     bool released = false, all_done = true, block_ready = true;
