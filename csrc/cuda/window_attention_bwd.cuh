@@ -30,27 +30,21 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
   constexpr int RS = G * kSliceStride;
   __shared__ A k_s[KT * RS];
   __shared__ A v_s[KT * RS];
-  __shared__ A tab_s[kWindowAttentionMaxTableRows];
-  __shared__ int64_t src_s[kWindowAttentionMaxTokens];
-  __shared__ int code_s[kWindowAttentionMaxTokens];
-  __shared__ signed char region_s[kWindowAttentionMaxTokens];
+  __shared__ WindowShared<A> win;
 
   const int64_t w = blockIdx.x;
   const int h = blockIdx.y;
   const int slice = threadIdx.x % G;
   const int i = blockIdx.z * (blockDim.x / G) + threadIdx.x / G;
-  load_window_tokens(p, w, src_s, region_s);
-  load_codes(p, code_s);
-  load_table_column(p, table, h, tab_s);
-  __syncthreads();
+  load_window(p, table, w, h, win);
 
   // Only real query rows have a gradient: a padded row was cropped from the output (dO = 0, so dS = 0). The other
   // threads compute on zeros (every thread takes part in the shuffles) and store nothing.
   const int ic = i < p.N ? i : p.N - 1;
-  const int64_t src_i = src_s[ic];
+  const int64_t src_i = win.src[ic];
   const bool row = i < p.N && src_i >= 0;
-  const int code_i = code_s[ic] + p.rel_offset;
-  const int region_i = region_s[ic];
+  const int code_i = win.code[ic] + p.rel_offset;
+  const int region_i = win.region[ic];
   const int64_t head = static_cast<int64_t>(h) * p.hd;
   A q[kSlice], dout[kSlice], dq[kSlice];
   A delta_i = A(0), lse_i = A(0);
@@ -72,8 +66,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
 
   for (int j0 = 0; j0 < p.N; j0 += KT) {
     __syncthreads();
-    load_qkv_tile<T, G, KT>(p, qkv, pad_row, src_s, j0, h, 1, A(1), false, k_s);
-    load_qkv_tile<T, G, KT>(p, qkv, pad_row, src_s, j0, h, 2, A(1), false, v_s);
+    load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 1, A(1), false, k_s);
+    load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 2, A(1), false, v_s);
     __syncthreads();
     const int nk = p.N - j0 < KT ? p.N - j0 : KT;
     for (int jj = 0; jj < nk; ++jj) {
@@ -88,8 +82,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
       }
       s = row_sum<G>(s);
       dp = row_sum<G>(dp);
-      s = s + tab_s[code_i - code_s[j]];
-      s = s + (region_s[j] != region_i ? mask_value<A>() : A(0));
+      s = s + win.tab[code_i - win.code[j]];
+      s = s + (win.region[j] != region_i ? mask_value<A>() : A(0));
       const A ds = exp_acc(s - lse_i) * (dp - delta_i);
 #pragma unroll
       for (int d = 0; d < kSlice; ++d) dq[d] += ds * k[d];
@@ -131,11 +125,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
   __shared__ A do_s[QT * RS];  // dO of real query rows, 0 for padded ones
   __shared__ A lse_s[QT];
   __shared__ A delta_s[QT];
-  __shared__ A tab_s[kWindowAttentionMaxTableRows];
   __shared__ A pad_s[2 * HDP];  // this block's sums of the padded key rows' dk (first HDP) and dv
-  __shared__ int64_t src_s[kWindowAttentionMaxTokens];
-  __shared__ int code_s[kWindowAttentionMaxTokens];
-  __shared__ signed char region_s[kWindowAttentionMaxTokens];
+  __shared__ WindowShared<A> win;
 
   const int64_t group = blockIdx.x;
   const int h = blockIdx.y;
@@ -146,8 +137,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
   const int64_t w_begin = group * windows_per_group;
   const int64_t w_end = w_begin + windows_per_group < p.windows ? w_begin + windows_per_group : p.windows;
 
-  load_codes(p, code_s);
-  load_table_column(p, table, h, tab_s);
+  load_codes_and_table(p, table, h, win);
   for (int e = threadIdx.x; e < 2 * HDP; e += blockDim.x) pad_s[e] = A(0);
 
   // Rows past N compute on row N - 1's data (every thread takes part in the shuffles) and store nothing.
@@ -156,12 +146,12 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
   A* bias_col = d_bias + (group * p.nH + h) * p.N * p.N + jc;  // + i * N: dS_ij summed over the group's windows
   for (int64_t w = w_begin; w < w_end; ++w) {
     __syncthreads();  // the previous window's tokens, tiles and staging are consumed; codes, table are loaded
-    load_window_tokens(p, w, src_s, region_s);
+    load_window_tokens(p, w, win);
     __syncthreads();
 
-    const int64_t src_j = src_s[jc];
-    const int code_j = code_s[jc] - p.rel_offset;
-    const int region_j = region_s[jc];
+    const int64_t src_j = win.src[jc];
+    const int code_j = win.code[jc] - p.rel_offset;
+    const int region_j = win.region[jc];
     A k[kSlice], v[kSlice], dk[kSlice], dv[kSlice];
     load_slice(p, qkv, pad_row, src_j, h, 1, slice, A(1), k);
     load_slice(p, qkv, pad_row, src_j, h, 2, slice, A(1), v);
@@ -171,17 +161,17 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
     const int64_t lse_base = (w * p.nH + h) * p.N;
     for (int i0 = 0; i0 < p.N; i0 += QT) {
       __syncthreads();
-      load_qkv_tile<T, G, QT>(p, qkv, pad_row, src_s, i0, h, 0, scale, true, q_s);
+      load_qkv_tile<T, G, QT>(p, qkv, pad_row, win.src, i0, h, 0, scale, true, q_s);
       for (int e = threadIdx.x; e < QT * HDP; e += blockDim.x) {
         const int ii = e / HDP, dim = e - ii * HDP;
         const int i = i0 + ii;
         A val = A(0);
-        if (i < p.N && dim < p.hd && src_s[i] >= 0) val = to_acc(grad_out[src_s[i] * p.C + head + dim]);
+        if (i < p.N && dim < p.hd && win.src[i] >= 0) val = to_acc(grad_out[win.src[i] * p.C + head + dim]);
         do_s[ii * RS + (dim / kSlice) * kSliceStride + dim % kSlice] = val;
       }
       for (int ii = threadIdx.x; ii < QT; ii += blockDim.x) {
         const int i = i0 + ii;
-        const bool real = i < p.N && src_s[i] >= 0;
+        const bool real = i < p.N && win.src[i] >= 0;
         lse_s[ii] = real ? lse[lse_base + i] : A(0);
         delta_s[ii] = real ? delta[lse_base + i] : A(0);
       }
@@ -189,7 +179,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
       const int nq = p.N - i0 < QT ? p.N - i0 : QT;
       for (int ii = 0; ii < nq; ++ii) {
         const int i = i0 + ii;
-        if (src_s[i] < 0) continue;  // a padded query row (the same for the whole block): P dO = 0 and dS = 0
+        if (win.src[i] < 0) continue;  // a padded query row (the same for the whole block): P dO = 0 and dS = 0
         const A* qi = q_s + ii * RS + slice * kSliceStride;
         const A* doi = do_s + ii * RS + slice * kSliceStride;
         A s = A(0), dp = A(0);
@@ -200,8 +190,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
         }
         s = row_sum<G>(s);
         dp = row_sum<G>(dp);
-        s = s + tab_s[code_s[i] - code_j];
-        s = s + (region_s[i] != region_j ? mask_value<A>() : A(0));
+        s = s + win.tab[win.code[i] - code_j];
+        s = s + (win.region[i] != region_j ? mask_value<A>() : A(0));
         const A pr = exp_acc(s - lse_s[ii]);
         const A ds = pr * (dp - delta_s[ii]);
 #pragma unroll

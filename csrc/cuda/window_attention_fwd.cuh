@@ -33,26 +33,20 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
   static_assert(KT % kSub == 0, "key tiles are whole softmax steps");
   __shared__ A k_s[KT * RS];
   __shared__ A v_s[KT * RS];
-  __shared__ A tab_s[kWindowAttentionMaxTableRows];
-  __shared__ int64_t src_s[kWindowAttentionMaxTokens];
-  __shared__ int code_s[kWindowAttentionMaxTokens];
-  __shared__ signed char region_s[kWindowAttentionMaxTokens];
+  __shared__ WindowShared<A> win;
 
   const int64_t w = blockIdx.x;
   const int h = blockIdx.y;
   const int slice = threadIdx.x % G;
   const int i = blockIdx.z * (blockDim.x / G) + threadIdx.x / G;
-  load_window_tokens(p, w, src_s, region_s);
-  load_codes(p, code_s);
-  load_table_column(p, table, h, tab_s);
-  __syncthreads();
+  load_window(p, table, w, h, win);
 
   // Rows past N compute on row N - 1's data (every thread takes part in the shuffles) and store nothing.
   const bool row = i < p.N;
   const int ic = row ? i : p.N - 1;
-  const int64_t src_i = src_s[ic];
-  const int code_i = code_s[ic] + p.rel_offset;
-  const int region_i = region_s[ic];
+  const int64_t src_i = win.src[ic];
+  const int code_i = win.code[ic] + p.rel_offset;
+  const int region_i = win.region[ic];
   A q[kSlice], o[kSlice];
   load_slice(p, qkv, pad_row, src_i, h, 0, slice, scale, q);
 #pragma unroll
@@ -61,8 +55,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
   A m = A(0), l = A(0);  // running max and sum of exp(S - m); m is set by the first step
   for (int j0 = 0; j0 < p.N; j0 += KT) {
     __syncthreads();  // the previous tile is consumed
-    load_qkv_tile<T, G, KT>(p, qkv, pad_row, src_s, j0, h, 1, A(1), false, k_s);
-    load_qkv_tile<T, G, KT>(p, qkv, pad_row, src_s, j0, h, 2, A(1), false, v_s);
+    load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 1, A(1), false, k_s);
+    load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 2, A(1), false, v_s);
     __syncthreads();
     const int nk = p.N - j0 < KT ? p.N - j0 : KT;
 #pragma unroll 1
@@ -79,8 +73,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
         s[jj] = A(0);
         if (js + jj < nk) {
           const int j = j0 + js + jj;
-          dot = dot + tab_s[code_i - code_s[j]];
-          dot = dot + (region_s[j] != region_i ? mask_value<A>() : A(0));
+          dot = dot + win.tab[code_i - win.code[j]];
+          dot = dot + (win.region[j] != region_i ? mask_value<A>() : A(0));
           s[jj] = dot;
           step_max = jj == 0 ? dot : max_acc(step_max, dot);
         }

@@ -39,27 +39,45 @@ template <int G, typename A> __device__ __forceinline__ A row_sum(A x) {
   return x;
 }
 
+// What every block keeps of its window in shared memory besides its tiles: the window's source tokens (-1 for
+// padding) and mask regions, the relative-position codes of its N tokens, and head h's column of the bias table (in
+// the compute type). The forward and dq kernels load it once (load_window); the dk / dv kernel loads the codes and
+// the table once and the tokens per window of its group.
+template <typename A>
+struct WindowShared {
+  A tab[kWindowAttentionMaxTableRows];
+  int64_t src[kWindowAttentionMaxTokens];
+  int code[kWindowAttentionMaxTokens];
+  signed char region[kWindowAttentionMaxTokens];
+};
+
 // Window w's tokens, t < N: source token (-1 for padding) and mask region.
-__device__ __forceinline__ void load_window_tokens(const WindowAttentionShape& p, int64_t w, int64_t* src_s,
-                                                   signed char* region_s) {
+template <typename A>
+__device__ __forceinline__ void load_window_tokens(const WindowAttentionShape& p, int64_t w, WindowShared<A>& win) {
   for (int t = threadIdx.x; t < p.N; t += blockDim.x) {
     int region;
-    src_s[t] = p.g.window_token(w, t, &region);
-    region_s[t] = static_cast<signed char>(region);
+    win.src[t] = p.g.window_token(w, t, &region);
+    win.region[t] = static_cast<signed char>(region);
   }
 }
 
-// Relative-position codes of the N tokens (the same for every window).
-__device__ __forceinline__ void load_codes(const WindowAttentionShape& p, int* code_s) {
+// Relative-position codes of the N tokens (the same for every window) and head h's column of the
+// (table_rows, nH) relative position bias table (already in the compute type).
+template <typename A>
+__device__ __forceinline__ void load_codes_and_table(const WindowAttentionShape& p, const A* __restrict__ table, int h,
+                                                     WindowShared<A>& win) {
   const int ww = static_cast<int>(p.g.ww);
-  for (int t = threadIdx.x; t < p.N; t += blockDim.x) code_s[t] = (t / ww) * p.code_stride + t % ww;
+  for (int t = threadIdx.x; t < p.N; t += blockDim.x) win.code[t] = (t / ww) * p.code_stride + t % ww;
+  for (int r = threadIdx.x; r < p.table_rows; r += blockDim.x) win.tab[r] = table[static_cast<int64_t>(r) * p.nH + h];
 }
 
-// Head h's column of the (table_rows, nH) relative position bias table (already in the compute type).
+// The prologue of a (window w, head h) block: all of the above, then a barrier.
 template <typename A>
-__device__ __forceinline__ void load_table_column(const WindowAttentionShape& p, const A* __restrict__ table, int h,
-                                                  A* tab_s) {
-  for (int r = threadIdx.x; r < p.table_rows; r += blockDim.x) tab_s[r] = table[static_cast<int64_t>(r) * p.nH + h];
+__device__ __forceinline__ void load_window(const WindowAttentionShape& p, const A* __restrict__ table, int64_t w,
+                                            int h, WindowShared<A>& win) {
+  load_window_tokens(p, w, win);
+  load_codes_and_table(p, table, h, win);
+  __syncthreads();
 }
 
 // Rows [r0, r0 + TILE) of the window, part `part` (0 q, 1 k, 2 v) of head h, times `mul`, into a tile of TILE rows
