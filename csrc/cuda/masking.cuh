@@ -1,33 +1,16 @@
-// CUDA kernels for MAE / MSN token masking (semantics: vitkernels/reference/masking.py). Runtime-only: compiled by
-// `nvcc -c` in CI without torch; the torch binding is csrc/cuda/masking.cu. One thread per output element,
+// CUDA kernels for MAE / MSN token masking (semantics: vitkernels/reference/masking.py). Runtime-only (no torch
+// headers); the torch binding is csrc/cuda/masking.cu. One thread per output element,
 // grid-stride loops, int64 indexing; math in float (double for double inputs).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common.cuh"  // Acc, to_acc, from_acc, grid_for
+
 namespace vitkernels {
 namespace cuda {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-inline unsigned int grid_for(int64_t work, int threads) {
-  const int64_t blocks = (work + threads - 1) / threads;
-  return static_cast<unsigned int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
-}
 
 #define VK_GRID_STRIDE(i, total)                                                                     \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total);        \

@@ -1,12 +1,12 @@
 // CUDA kernels for the fused cyclic shift + window partition and its inverse.
-// Needs only the CUDA runtime (no torch headers), so CI compiles it with `nvcc -c` on a machine without a GPU;
-// the torch binding is csrc/cuda/window_partition.cu.
+// Needs only the CUDA runtime (no torch headers); the torch binding is csrc/cuda/window_partition.cu.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common.cuh"  // grid_for
 #include "vitkernels/window_geometry.h"
 
 namespace vitkernels {
@@ -47,12 +47,6 @@ inline int copy_unit_bytes(const void* a, const void* b, int64_t row_bytes) {
   return 1;
 }
 
-inline unsigned int blocks_for(int64_t work, int threads) {
-  const int64_t blocks = (work + threads - 1) / threads;
-  // Grid-stride loops cover the rest; 2^20 blocks is far more than any GPU runs at once.
-  return static_cast<unsigned int>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
-}
-
 // Calls launch(T{}) with the unsigned type T of `unit` bytes.
 template <typename Launch>
 cudaError_t dispatch_unit(int unit, Launch&& launch) {
@@ -72,7 +66,7 @@ inline cudaError_t launch_window_partition(const void* x, void* out, const Windo
   const int64_t units = row_bytes / unit;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    window_partition_kernel<T><<<blocks_for(g.num_window_rows() * units, kThreads), kThreads, 0, stream>>>(
+    window_partition_kernel<T><<<grid_for(g.num_window_rows() * units, kThreads), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<T*>(out), g, units);
     return cudaGetLastError();
   };
@@ -86,7 +80,7 @@ inline cudaError_t launch_window_reverse(const void* windows, void* out, const W
   const int64_t units = row_bytes / unit;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
-    window_reverse_kernel<T><<<blocks_for(g.B * g.H * g.W * units, kThreads), kThreads, 0, stream>>>(
+    window_reverse_kernel<T><<<grid_for(g.B * g.H * g.W * units, kThreads), kThreads, 0, stream>>>(
         static_cast<const T*>(windows), static_cast<T*>(out), g, units);
     return cudaGetLastError();
   };

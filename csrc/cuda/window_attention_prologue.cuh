@@ -1,0 +1,132 @@
+// Device helpers shared by the window attention kernels (window_attention_fwd.cuh, window_attention_bwd.cuh): the
+// per-window prologue every kernel runs (source tokens and mask regions of the window, relative-position codes, the
+// head's bias-table column, all staged in shared memory), the tile / slice loads of q, k, v, and the row sums over
+// the G threads of a token row. Layout and notation: window_attention.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"  // Acc, to_acc
+#include "window_attention.cuh"
+
+namespace vitkernels {
+namespace cuda {
+namespace wa_detail {
+
+constexpr int kSlice = 32;        // head-dim elements per thread
+constexpr int kSliceStride = 33;  // in shared tiles: slices of one row start in different banks
+constexpr int kSub = 8;           // forward: keys per online-softmax step
+
+// Rows staged in shared memory per step: keys / values (forward, dq) or queries / output gradients (dk, dv).
+template <typename T> struct Tile { static constexpr int value = 32; };
+template <> struct Tile<double> { static constexpr int value = 16; };  // the same 48 KB static budget
+
+template <typename A> __device__ __forceinline__ A mask_value() { return A(-100); }  // timm / official Swin
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+template <typename A> __device__ __forceinline__ A max_acc(A a, A b) { return a > b ? a : b; }
+
+// Sum over the G adjacent threads of a row (all threads of the warp must call it). The butterfly gives every
+// thread of the row the same bits.
+template <int G, typename A> __device__ __forceinline__ A row_sum(A x) {
+#pragma unroll
+  for (int off = 1; off < G; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// What every block keeps of its window in shared memory besides its tiles: the window's source tokens (-1 for
+// padding) and mask regions, the relative-position codes of its N tokens, and head h's column of the bias table (in
+// the compute type). The forward and dq kernels load it once (load_window); the dk / dv kernel loads the codes and
+// the table once and the tokens per window of its group.
+template <typename A>
+struct WindowShared {
+  A tab[kWindowAttentionMaxTableRows];
+  int64_t src[kWindowAttentionMaxTokens];
+  int code[kWindowAttentionMaxTokens];
+  signed char region[kWindowAttentionMaxTokens];
+};
+
+// Window w's tokens, t < N: source token (-1 for padding) and mask region.
+template <typename A>
+__device__ __forceinline__ void load_window_tokens(const WindowAttentionShape& p, int64_t w, WindowShared<A>& win) {
+  for (int t = threadIdx.x; t < p.N; t += blockDim.x) {
+    int region;
+    win.src[t] = p.g.window_token(w, t, &region);
+    win.region[t] = static_cast<signed char>(region);
+  }
+}
+
+// Relative-position codes of the N tokens (the same for every window) and head h's column of the
+// (table_rows, nH) relative position bias table (already in the compute type).
+template <typename A>
+__device__ __forceinline__ void load_codes_and_table(const WindowAttentionShape& p, const A* __restrict__ table, int h,
+                                                     WindowShared<A>& win) {
+  const int ww = static_cast<int>(p.g.ww);
+  for (int t = threadIdx.x; t < p.N; t += blockDim.x) win.code[t] = (t / ww) * p.code_stride + t % ww;
+  for (int r = threadIdx.x; r < p.table_rows; r += blockDim.x) win.tab[r] = table[static_cast<int64_t>(r) * p.nH + h];
+}
+
+// The prologue of a (window w, head h) block: all of the above, then a barrier.
+template <typename A>
+__device__ __forceinline__ void load_window(const WindowAttentionShape& p, const A* __restrict__ table, int64_t w,
+                                            int h, WindowShared<A>& win) {
+  load_window_tokens(p, w, win);
+  load_codes_and_table(p, table, h, win);
+  __syncthreads();
+}
+
+// Rows [r0, r0 + TILE) of the window, part `part` (0 q, 1 k, 2 v) of head h, times `mul`, into a tile of TILE rows
+// of G slices (row stride G * 33, slice stride 33); zero past N, past head_dim and, if skip_pad, for padded tokens.
+template <typename T, int G, int TILE>
+__device__ __forceinline__ void load_qkv_tile(const WindowAttentionShape& p, const T* __restrict__ qkv,
+                                              const T* __restrict__ pad_row, const int64_t* src_s, int r0, int h,
+                                              int part, typename Acc<T>::type mul, bool skip_pad,
+                                              typename Acc<T>::type* tile) {
+  using A = typename Acc<T>::type;
+  constexpr int HDP = G * kSlice;
+  const int64_t col = part * p.C + static_cast<int64_t>(h) * p.hd;
+  for (int e = threadIdx.x; e < TILE * HDP; e += blockDim.x) {
+    const int rr = e / HDP, dim = e - rr * HDP;
+    const int r = r0 + rr;
+    A val = A(0);
+    if (r < p.N && dim < p.hd) {
+      const int64_t src = src_s[r];
+      if (src >= 0) val = to_acc(qkv[src * 3 * p.C + col + dim]) * mul;
+      else if (!skip_pad) val = to_acc(pad_row[col + dim]) * mul;
+    }
+    tile[rr * (G * kSliceStride) + (dim / kSlice) * kSliceStride + dim % kSlice] = val;
+  }
+}
+
+// This thread's slice of head h's part `part` of token row `src` (pad_row if src < 0), times `mul`.
+template <typename T>
+__device__ __forceinline__ void load_slice(const WindowAttentionShape& p, const T* __restrict__ qkv,
+                                           const T* __restrict__ pad_row, int64_t src, int h, int part, int slice,
+                                           typename Acc<T>::type mul, typename Acc<T>::type (&x)[kSlice]) {
+  using A = typename Acc<T>::type;
+  const T* row = (src >= 0 ? qkv + src * 3 * p.C : pad_row) + part * p.C + static_cast<int64_t>(h) * p.hd;
+#pragma unroll
+  for (int d = 0; d < kSlice; ++d) {
+    const int dim = slice * kSlice + d;
+    x[d] = dim < p.hd ? to_acc(row[dim]) * mul : A(0);
+  }
+}
+
+template <int G> struct SlicesTag { static constexpr int value = G; };
+
+// Calls launch(SlicesTag<G>{}) with the G of these blocks.
+template <typename Launch>
+cudaError_t dispatch_slices(int slices, Launch&& launch) {
+  if (slices == 1) return launch(SlicesTag<1>{});
+  if (slices == 2) return launch(SlicesTag<2>{});
+  return launch(SlicesTag<4>{});
+}
+
+}  // namespace wa_detail
+}  // namespace cuda
+}  // namespace vitkernels
