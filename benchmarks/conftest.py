@@ -184,12 +184,15 @@ def default_tolerance(dtype: torch.dtype):
     return 1e-4, 1e-4
 
 
-def assert_agrees(benchmark, got, expected, *, atol: float = None, rtol: float = None, what: str = "output"):
+def assert_agrees(benchmark, got, expected, *, atol: float = None, rtol: float = None, rel_norm: float = None,
+                  what: str = "output"):
     """Fail (not skip) unless every tensor of ``got`` is close to the matching one of ``expected``.
 
     ``got`` / ``expected``: tensors or (nested) tuples of tensors in the same order. The comparison is in float64;
-    tolerances default to :func:`default_tolerance` of ``got``'s dtype. Records the max abs error in
-    ``benchmark.extra_info["max_abs_err"]`` (the largest over calls).
+    elementwise ``|got - expected| <= atol + rtol * |expected|`` with tolerances defaulting to
+    :func:`default_tolerance` of ``got``'s dtype, or, with ``rel_norm``, ``||got - expected|| <= rel_norm *
+    ||expected||`` per tensor (whole models: thousands of roundings per element, judged as a whole). Records the max
+    abs error in ``benchmark.extra_info["max_abs_err"]`` (the largest over calls).
     """
     got_list, exp_list = _flatten(got), _flatten(expected)
     assert len(got_list) == len(exp_list), f"{what}: {len(got_list)} tensors, expected {len(exp_list)}"
@@ -201,6 +204,13 @@ def assert_agrees(benchmark, got, expected, *, atol: float = None, rtol: float =
         assert g64.shape == e64.shape, f"{what}[{i}]: shape {tuple(g64.shape)}, expected {tuple(e64.shape)}"
         err = (g64 - e64).abs()
         worst = max(worst, err.max().item() if err.numel() else 0.0)
+        if rel_norm is not None:
+            ratio = (err.norm() / e64.norm().clamp_min(1e-30)).item()
+            if ratio > rel_norm:
+                raise AssertionError(
+                    f"{what}[{i}] of peer {benchmark.extra_info.get('peer')!r} disagrees with the reference: "
+                    f"relative norm error {ratio:.3g} > {rel_norm:g} (max |err| {err.max().item():.3g})")
+            continue
         bad = err > a + r * e64.abs()
         if bad.any():
             raise AssertionError(
