@@ -148,6 +148,8 @@ def run_info(data: dict) -> dict:
     return {
         "device": device,
         "allocator": ours.get("allocator", "?"),
+        "mode": ("caching allocator" if str(ours.get("allocator", "")).startswith("caching") else
+                 ours.get("allocator", "?")) if ours.get("device_type") == "cpu" else (ours.get("device") or "?"),
         "versions": f"torch {ours.get('torch', '?')}, triton {ours.get('triton', '?')}, CUDA {ours.get('cuda', '?')}, "
                     f"timm {ours.get('timm', '?')}, Python {ours.get('python', '?')}",
         "commit": f"{commit.get('id', '?')[:10]}{' (dirty)' if commit.get('dirty') else ''}",
@@ -193,8 +195,13 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def summary_line(group: str, rows: List[dict]) -> str:
-    """One Markdown table row: the group, then every measured peer by median with its IQR %, then the skipped."""
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (group names contain '|')."""
+    return text.replace("|", "\\|")
+
+
+def summary_cell(rows: List[dict]) -> str:
+    """Every measured peer by median with half its IQR in %, and its speedup over the baseline; then the skipped."""
     measured = [r for r in rows if r["median"] is not None]
     base = baseline(measured)
     cells = []
@@ -204,10 +211,17 @@ def summary_line(group: str, rows: List[dict]) -> str:
         cells.append(f"{name} {fmt_time(r['median'])} ±{100 * iqr_pct(r) / 2:.0f}%{ratio}")
     skipped = [r["peer"] for r in rows if r["median"] is None]
     tail = f" (skipped: {', '.join(skipped)})" if skipped else ""
-    return f"| {group} | {base['peer'] if base else ''} | {' · '.join(cells)}{tail} |"
+    return _cell(" · ".join(cells) + tail)
 
 
 # --- plots --------------------------------------------------------------------------------------------------------
+
+def _tick(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:g} {unit}"
+    return f"{seconds * 1e9:g} ns"
+
 
 def _short(reason: str, n: int = 70) -> str:
     reason = " ".join(reason.split())
@@ -220,6 +234,7 @@ def plots(data: dict, out_dir: str, suffix: str = "") -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     by_op: Dict[str, "OrderedDict[str, List[dict]]"] = defaultdict(OrderedDict)
     for group, rows in group_rows(data).items():
@@ -245,9 +260,16 @@ def plots(data: dict, out_dir: str, suffix: str = "") -> List[str]:
                 ax.text(r["q3"], y, f" {fmt_time(r['median'])}", va="center", fontsize=7)
             ax.set_yticks(ys)
             ax.set_yticklabels([r["peer"] for r in rows], fontsize=8)
+            ax.set_ylim(-0.6, len(rows) - 0.4)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=7)
             if measured:
-                ax.set_xlim(lo_all / 1.5, max(r["q3"] for r in measured) * 4)
+                hi_all = max(r["q3"] for r in measured) * 4
+                ax.set_xlim(lo_all / 1.5, hi_all)
+
             ax.set_title(shape, fontsize=8, loc="left")
             ax.grid(axis="x", which="both", lw=0.3, alpha=0.5)
         axes[-1, 0].set_xlabel("time per call (log scale; bar = median, whiskers = p25-p75; shorter is faster)",
@@ -264,8 +286,9 @@ def plots(data: dict, out_dir: str, suffix: str = "") -> List[str]:
 
 # --- README -------------------------------------------------------------------------------------------------------
 
-def readme_section(runs: Sequence[dict], tables: Sequence[str], base_dir: str) -> str:
-    """The README's benchmark section for ``runs`` (their full tables in the ``tables`` files)."""
+def readme_section(runs: Sequence[dict], tables: Sequence[str], figures: Sequence[str], base_dir: str) -> str:
+    """The README's benchmark section: each run's header, the whole-model tables, one summary row per op group
+    (a column per run), the whole-model plots, links to the other plots."""
     lines = []
     for data, table in zip(runs, tables):
         info = run_info(data)
@@ -277,27 +300,36 @@ def readme_section(runs: Sequence[dict], tables: Sequence[str], base_dir: str) -
     if model_groups:
         lines += ["#### Whole models", ""]
         for data, group, rows in model_groups:
-            lines += group_table(f"{group} [{run_info(data)['allocator']}]", rows)
-    lines += ["#### Ops and blocks (median ±half the IQR, speedup vs the eager baseline)", "",
-              "| group | baseline | peers, fastest first |", "|---|---|---|"]
-    for data in runs:
-        alloc = run_info(data)["allocator"]
-        for group, rows in group_rows(data).items():
-            if not group.startswith(MODEL_PREFIX):
-                lines.append(summary_line(f"{group} [{alloc}]" if len(runs) > 1 else group, rows))
-    lines.append("")
+            lines += group_table(f"{group} [{run_info(data)['mode']}]", rows)
+    per_run = [group_rows(data) for data in runs]
+    groups = list(OrderedDict.fromkeys(g for rows in per_run for g in rows if not g.startswith(MODEL_PREFIX)))
+    if groups:
+        modes = [run_info(data)["mode"] for data in runs]
+        lines += ["#### Ops and blocks", "",
+                  "Each peer: median ±half the IQR (in % of the median), speedup over the group's eager baseline.", "",
+                  "| group | baseline | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        for group in groups:
+            base = next((baseline([r for r in rows[group] if r["median"] is not None])
+                         for rows in per_run if group in rows), None)
+            cells = [summary_cell(rows[group]) if group in rows else "" for rows in per_run]
+            lines.append(f"| {_cell(group)} | {base['peer'] if base else ''} | " + " | ".join(cells) + " |")
+        lines.append("")
+    shown = [p for p in figures if os.path.basename(p).startswith("model_")]
+    others = [p for p in figures if p not in shown]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, base_dir)})" for p in shown]
+    if others:
+        lines += ["", "Plots: " + ", ".join(
+            f"[{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, base_dir)})" for p in others)]
     return "\n".join(lines)
 
 
-def update_readme(readme: str, section: str, figures: List[str]) -> None:
+def update_readme(readme: str, section: str) -> None:
     with open(readme) as f:
         text = f.read()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_START} ... {README_END} section")
-    base = os.path.dirname(os.path.abspath(readme))
-    images = "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, base)})" for p in figures)
     start = text.index(README_START) + len(README_START)
-    text = text[:start] + "\n" + section + "\n" + images + "\n" + text[text.index(README_END):]
+    text = text[:start] + "\n" + section + "\n" + text[text.index(README_END):]
     with open(readme, "w") as f:
         f.write(text)
 
@@ -325,7 +357,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             figures += plots(data, args.out, suffix="" if len(args.json) == 1 else f"-{name}")
     if args.readme:
         base = os.path.dirname(os.path.abspath(args.readme))
-        update_readme(args.readme, readme_section(runs, [os.path.abspath(t) for t in tables], base), figures)
+        section = readme_section(runs, [os.path.abspath(t) for t in tables], [os.path.abspath(p) for p in figures],
+                                 base)
+        update_readme(args.readme, section)
     print("wrote " + ", ".join(tables + figures))
     return 0
 
