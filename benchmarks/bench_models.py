@@ -8,6 +8,12 @@ Peers for every model and mode (the same weights, random, created locally with `
   (``vitkernels.compat.timm.patch_model`` for Swin, ``patch_vit_embedding`` for DeiT; for MAE the fused patch
   embedding, ``random_masking`` with the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
 
+``GEMM floor (Linear + Conv only)`` is not a peer but a floor: the model's ``nn.Linear`` and ``nn.Conv2d`` layers
+alone, at the shapes one call of the model gives them (captured by forward hooks), forward (and, for ``train``,
+backward to inputs and weights) through the same torch kernels, nothing else. No peer that keeps those layers can
+go below it; the gap between a peer and the floor is what attention, norms, activations, copies and the framework
+cost. (Attention's own batched matmuls are not in it.)
+
 Modes: ``inference`` (eval, ``torch.no_grad``) and ``train`` (train mode: forward, loss -- cross-entropy on random
 labels, or the MAE loss -- and backward to every parameter's gradient; the optimizer update, the same for every peer,
 is left out). Models are built with ``drop_path_rate=0`` so that a training step is deterministic and the peers can
@@ -47,10 +53,13 @@ MODELS = {
 MODES = ("inference", "train")
 
 
+GEMM_FLOOR = "GEMM floor (Linear + Conv only)"
+
+
 def _peers(model):
     if model.startswith("mae"):
-        return ("official eager", "official torch.compile", "patched eager", "patched torch.compile")
-    return ("timm eager", "timm torch.compile", "patched eager", "patched torch.compile")
+        return ("official eager", "official torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
+    return ("timm eager", "timm torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
 
 
 def _params():
@@ -61,6 +70,7 @@ def _params():
                 continue
             for peer in _peers(model):
                 heavy = not ON_GPU and (peer.endswith("torch.compile") or model == "swin_base")
+                heavy = heavy and peer != GEMM_FLOOR
                 yield pytest.param(model, mode, peer, marks=[pytest.mark.heavy] if heavy else [],
                                    id=f"{model}-{mode}-{peer}")
 
@@ -216,6 +226,36 @@ def _result(mode, out, params):
     return (out,) + tuple(p.grad for p in params)
 
 
+def _gemm_floor(model, mode, net, imgs, extra):
+    """The floor step: every Linear / Conv2d of ``net`` at the input shapes one call gives them, nothing else."""
+    layers = []
+
+    def hook(module, inputs, output):
+        layers.append((module, torch.randn_like(inputs[0]), torch.randn_like(output)))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            _step(model, "inference", net, [])(imgs, extra)
+    finally:
+        for h in handles:
+            h.remove()
+    train = mode == "train"
+    for module, x, _ in layers:
+        x.requires_grad_(train)
+    macs = sum(g.numel() * (m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) for m, _, g in layers)
+    floor_flops = 2 * macs * (3 if train else 1)  # backward: grad of the input and of the weight
+
+    def floor(imgs_, extra_):
+        with torch.set_grad_enabled(train):
+            outs = [module(x) for module, x, _ in layers]
+            if train:
+                torch.autograd.backward(outs, [g for _, _, g in layers])
+        return outs
+
+    return floor, floor_flops
+
+
 @pytest.mark.parametrize("model,mode,peer", list(_params()))
 def test_model(benchmark, model, mode, peer):
     name, gpu_batches, cpu_batches, cpu_rounds = MODELS[model]
@@ -224,27 +264,31 @@ def test_model(benchmark, model, mode, peer):
     benchmark.group = f"model {model} {mode} | {name if name != 'mae' else 'mae vit-b/16 r0.75'} b{batch} {precision}"
     benchmark.extra_info["peer"] = peer
     base = _base_model(model)
-    reference64 = copy.deepcopy(base).double()
     net = _patched(model, copy.deepcopy(base)) if peer.startswith("patched") else copy.deepcopy(base)
-    for m in (net, reference64):
-        m.train(mode == "train")
+    net.train(mode == "train")
     params = [p for p in net.parameters() if p.requires_grad]
-    ref_params = [p for p in reference64.parameters() if p.requires_grad]
     fn = net
     if peer.endswith("torch.compile"):
         fn = compiled_or_skip(net, dynamic=False)
     imgs, extra = _inputs(model, mode, batch)
+    # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
+    # on 197); a FLOP is 2 MACs, a training step ~3 forwards
+    macs = {"swin_tiny": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
+    flops = 2 * macs * batch * (1 if mode == "inference" else 3)
+    if peer == GEMM_FLOOR:
+        floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra)
+        run_benchmark(benchmark, lambda: floor(imgs, extra), peer=peer, flops=int(floor_flops),
+                      rounds=None if ON_GPU else cpu_rounds)
+        return
     step = _step(model, mode, fn, params)
 
     # agreement with the unpatched model in float64 (relative norm error per tensor)
+    reference64 = base.double().train(mode == "train")
+    ref_params = [p for p in reference64.parameters() if p.requires_grad]
     got = _result(mode, step(imgs, extra), params)
     expected = _result(mode, _step(model, mode, reference64, ref_params)(imgs.double(), extra), ref_params)
     rel = 3e-2 if ON_GPU else 1e-3
     assert_agrees(benchmark, got, expected, rel_norm=rel)
 
-    # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
-    # on 197); a FLOP is 2 MACs, a training step ~3 forwards
-    macs = {"swin_tiny": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
-    flops = 2 * macs * batch * (1 if mode == "inference" else 3)
     run_benchmark(benchmark, lambda: step(imgs, extra), peer=peer, flops=int(flops),
                   rounds=None if ON_GPU else cpu_rounds)
