@@ -35,7 +35,6 @@ What this file provides:
 """
 import contextlib
 import os
-import statistics
 import sys
 import time
 
@@ -153,14 +152,6 @@ def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int 
         if flops:
             benchmark.extra_info["tflops"] = flops / median / 1e12
     return result
-
-
-def median_iqr(times):
-    """(median, p25, p75) of a list of seconds: the statistics quoted everywhere (demo, report)."""
-    if len(times) < 2:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=4, method="inclusive")
-    return statistics.median(times), q[0], q[2]
 
 
 # --- agreement before timing ----------------------------------------------------------------------------------------
