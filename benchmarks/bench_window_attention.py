@@ -1,8 +1,11 @@
 """Swin window attention, qkv (B, H, W, 3C) in original order -> output (B, H, W, C): every peer side by side.
 
-Peers: ``reference eager`` (roll + pad + partition, materialised bias and mask, matmul-softmax-matmul, reverse:
-timm's eager arithmetic), ``reference torch.compile``, ``timm sdpa`` (timm's fused path: the same copies around
-``scaled_dot_product_attention`` with the bias + mask materialised as its float mask), ``flex_attention`` (windows
+Peers: ``timm eager`` (timm's eager arithmetic: roll + partition copies, the bias gathered from the table through
+the relative-position index and the shifted-window mask, both precomputed once as timm's buffers are,
+matmul-softmax-matmul, reverse), ``timm sdpa`` (timm's fused path: the same copies around
+``scaled_dot_product_attention`` with the bias + mask materialised as its float mask each call, as timm does),
+``reference eager`` (vitkernels' reference op, the specification: it also rebuilds the index and mask each call),
+``reference torch.compile``, ``flex_attention`` (windows
 partitioned, bias and mask as a ``score_mod`` by index math; the partition, flex_attention and the reverse compiled
 together as one ``torch.compile`` graph, its best normal form), ``xformers`` (memory-efficient attention on the
 partitioned windows; the (windows, heads, N, N) bias + mask built once outside the timed call for inference, and
@@ -41,20 +44,33 @@ def _reference(qkv, table, bias, ws, shift, heads):
                                       bias)
 
 
-def _timm_sdpa(qkv, table, bias, ws, shift, heads):
+def _timm_buffers(H, W, ws, shift, dtype):
+    """timm's per-module buffers: the relative-position index and the shifted-window mask, built once."""
+    Hp, Wp = padded_size(H, W, (ws, ws))
+    index = reference.relative_position_index(ws, ws, device=DEVICE)
+    mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=DEVICE, dtype=dtype)
+    return index, mask
+
+
+def _timm_eager(qkv, table, bias, ws, shift, heads, index, mask):
+    """timm ``SwinTransformerBlock._attn`` around the qkv Linear, non-fused attention, buffers precomputed."""
+    B, H, W, three_c = qkv.shape
+    windows = window_partition(qkv, (ws, ws), (shift, shift))
+    rel_bias = reference.relative_position_bias(table, index).to(qkv.dtype)
+    out = reference.attention_in_windows(windows, rel_bias, mask, heads, (three_c // 3 // heads) ** -0.5)
+    return window_reverse(out, H, W, (ws, ws), (shift, shift))
+
+
+def _timm_sdpa(qkv, table, bias, ws, shift, heads, index, mask):
     """timm's ``fused_attn`` path around the qkv Linear: copies, materialised bias + mask, SDPA, copies back."""
     B, H, W, three_c = qkv.shape
     windows = window_partition(qkv, (ws, ws), (shift, shift))
     B_, N, _ = windows.shape
     q, k, v = windows.reshape(B_, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    index = reference.relative_position_index(ws, ws, device=qkv.device)
     attn_mask = reference.relative_position_bias(table, index).unsqueeze(0).to(qkv.dtype)
-    Hp, Wp = padded_size(H, W, (ws, ws))
-    mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=qkv.device, dtype=qkv.dtype)
     if mask is not None:
         nw = mask.shape[0]
-        mask = mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, heads, -1, -1).reshape(-1, heads, N, N)
-        attn_mask = attn_mask + mask
+        attn_mask = attn_mask + mask.view(1, nw, 1, N, N).expand(B_ // nw, -1, heads, -1, -1).reshape(-1, heads, N, N)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return window_reverse(out.transpose(1, 2).reshape(B_, N, -1), H, W, (ws, ws), (shift, shift))
 
@@ -134,7 +150,7 @@ def _vitkernels(backend):
     return attend
 
 
-PEERS = ["reference eager", "reference torch.compile", "timm sdpa", "flex_attention", "xformers",
+PEERS = ["timm eager", "timm sdpa", "reference eager", "reference torch.compile", "flex_attention", "xformers",
          "vitkernels auto", "vitkernels triton", "vitkernels native"]
 
 
@@ -145,8 +161,10 @@ def _make(peer, shape, table, train):
     if peer == "reference torch.compile":
         compiled = compiled_or_skip(_reference, dynamic=False)
         return lambda q, t, b: compiled(q, t, b, ws, shift, heads)
-    if peer == "timm sdpa":
-        return lambda q, t, b: _timm_sdpa(q, t, b, ws, shift, heads)
+    if peer in ("timm eager", "timm sdpa"):
+        index, mask = _timm_buffers(H, W, ws, shift, DTYPE)
+        attend = _timm_eager if peer == "timm eager" else _timm_sdpa
+        return lambda q, t, b: attend(q, t, b, ws, shift, heads, index, mask)
     if peer == "flex_attention":
         return _flex(ws, shift, heads, H, W)
     if peer == "xformers":
