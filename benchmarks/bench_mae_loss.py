@@ -13,8 +13,8 @@ import torch
 import vitkernels
 
 from bench_masking import (
-    BATCH, D_DEC, D_ENC, DEVICE, DTYPE, KEEP, L, PEERS, RATIO, backend_or_skip, check_against_official, official_masking,
-    official_unshuffle,
+    BATCH, D_DEC, D_ENC, DEVICE, DTYPE, KEEP, L, PEERS, RATIO, backend_or_skip, check_against_official,
+    official_masking, official_unshuffle,
 )
 from conftest import assert_agrees, compiled_or_skip, run_benchmark
 

@@ -247,10 +247,10 @@ def _gemm_floor(model, mode, net, imgs, extra):
     floor_flops = 2 * macs * (3 if train else 1)  # backward: grad of the input and of the weight
 
     def floor(imgs_, extra_):
-        with torch.set_grad_enabled(train):
+        with torch.set_grad_enabled(train), torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None):
             outs = [module(x) for module, x, _ in layers]
             if train:
-                torch.autograd.backward(outs, [g for _, _, g in layers])
+                torch.autograd.backward(outs, [g.to(o.dtype) for o, (_, _, g) in zip(outs, layers)])
         return outs
 
     return floor, floor_flops

@@ -246,7 +246,8 @@ def skip_auto_if_same(run_once, named_backends=("native", "triton")):
         run_once()
     picked = sorted({backend for _, backend in chosen})
     if len(picked) == 1 and picked[0] in named_backends:
-        pytest.skip(f"auto runs '{picked[0]}' here: the same code as the 'vitkernels {picked[0]}' peer (not timed twice)")
+        pytest.skip(f"auto runs '{picked[0]}' here: the same code as the 'vitkernels {picked[0]}' peer "
+                    "(not timed twice)")
     return picked
 
 

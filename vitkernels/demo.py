@@ -167,7 +167,8 @@ def run(argv: Optional[List[str]] = None) -> str:
         loss_p = train_step(patched)()
         grads = [p.grad for p in patched.parameters() if p.requires_grad]
         worst = max(((g.double() - g64).norm() / g64.norm().clamp_min(1e-30)).item() for g, g64 in zip(grads, grads64))
-        lines.append(f"agreement, training step (patched vs float64): loss |err| {abs(loss_p.item() - loss64.item()):.2e}, "
+        loss_err = abs(loss_p.item() - loss64.item())
+        lines.append(f"agreement, training step (patched vs float64): loss |err| {loss_err:.2e}, "
                      f"worst relative gradient error {worst:.2e}")
         timings.append(("train step", train_step(base), train_step(patched)))
         for m in (base, patched):
