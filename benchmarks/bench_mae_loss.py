@@ -4,7 +4,8 @@ decoder unshuffle + loss, forward and backward), vs the official-style eager cod
 Shapes: ViT-L/16 MAE at 224 (B=256, 3x224x224 images in fp32, predictions (B, 196, 768) in bf16 as under autocast,
 mask ratio 0.75) on a GPU; B=16 in fp32 on CPU. ``bytes`` is the bandwidth floor of a forward pass plus a separate
 backward pass: the pixels and predictions of the removed patches read by each (kept patches carry no loss), the mask
-read, the gradient written.
+read, the gradient written. Every peer's loss (and gradients) is checked against the official code's arithmetic in
+float64 before timing.
 """
 import pytest
 import torch
@@ -12,9 +13,10 @@ import torch
 import vitkernels
 
 from bench_masking import (
-    BATCH, D_DEC, D_ENC, DEVICE, DTYPE, KEEP, L, PEERS, RATIO, backend_or_skip, official_masking, official_unshuffle,
+    BATCH, D_DEC, D_ENC, DEVICE, DTYPE, KEEP, L, PEERS, RATIO, backend_or_skip, check_against_official,
+    official_masking, official_unshuffle,
 )
-from conftest import compiled_or_skip, run_benchmark
+from conftest import assert_agrees, compiled_or_skip, run_benchmark
 
 P, PATCH = 768, 16
 IMG_DTYPE = torch.float32
@@ -66,6 +68,7 @@ def _call():
 @pytest.mark.parametrize("peer", PEERS)
 def test_mae_loss(benchmark, peer, backward):
     benchmark.group = f"mae_loss norm_pix {'fwd+bwd' if backward else 'fwd'} | {SHAPE}"
+    benchmark.extra_info["peer"] = peer
     if peer == "official eager":
         fn = official_loss
     elif peer == "official torch.compile":
@@ -75,6 +78,8 @@ def test_mae_loss(benchmark, peer, backward):
         backend_or_skip(vitkernels.ops.mae_loss.mae_loss_op, backend, _call())
         fn = vitkernels_loss(backend)
     imgs, pred, mask = _inputs(backward)
+    check_against_official(benchmark, fn, official_loss, (imgs, pred, mask),
+                           torch.ones((), device=DEVICE) if backward else None)
     if backward:
         def run():
             fn(imgs, pred, mask).backward()
@@ -100,6 +105,7 @@ def _pipeline(masking, unshuffle, loss):
 def test_mae_path(benchmark, peer):
     """The issue's target: gather + unshuffle + loss, forward and backward, >= 2x the official eager code on a GPU."""
     benchmark.group = f"mae masking+unshuffle+loss fwd+bwd | {SHAPE}"
+    benchmark.extra_info["peer"] = peer
     if peer == "official eager":
         forward = _pipeline(official_masking, official_unshuffle, official_loss)
     elif peer == "official torch.compile":
@@ -129,6 +135,18 @@ def test_mae_path(benchmark, peer):
     masking_bytes = BATCH * KEEP * D_ENC * es * 3 + BATCH * L * D_ENC * es
     unshuffle_bytes = 2 * (y.numel() + gy.numel()) * es  # fwd read x, write out; bwd read g, write grad_x
     moved = masking_bytes + unshuffle_bytes + _loss_bytes(pred, mask, True)
+
+    def outputs_and_grads(f, inputs):
+        x_masked, dec, value = f(*inputs)
+        leaves = [a for a in inputs if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads = torch.autograd.grad([x_masked, dec, value], leaves,
+                                    [gx.to(x_masked.dtype), gy.to(dec.dtype), None])
+        return (x_masked, dec, value) + tuple(grads)
+
+    inputs = (x, pos, noise, y, token, dpos, imgs, pred)
+    inputs64 = tuple(a.detach().double().requires_grad_(a.requires_grad) for a in inputs)
+    official64 = _pipeline(official_masking, official_unshuffle, official_loss)
+    assert_agrees(benchmark, outputs_and_grads(forward, inputs), outputs_and_grads(official64, inputs64))
 
     def step():
         x_masked, dec, value = forward(x, pos, noise, y, token, dpos, imgs, pred)

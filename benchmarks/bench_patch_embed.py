@@ -9,7 +9,8 @@ Peers per shape and mode (``fwd``: inference; ``fwd+bwd``: a training step of th
 * ``vitkernels native`` / ``vitkernels triton``: :func:`vitkernels.patch_embed` on that backend, where it runs.
 
 Issue-sized shapes on CUDA (ViT-B/16 at 224 and 384, batch 256, bf16; target: fwd+bwd >= 1.3x timm eager and
->= 1.0x timm torch.compile); on CPU the same models at batch 2 in fp32.
+>= 1.0x timm torch.compile); on CPU the same models at batch 2 in fp32. Every peer's output (and parameter
+gradients for fwd+bwd) is checked against the float64 reference before timing.
 """
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 import vitkernels
 from vitkernels.reference import patch_embed as reference
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark, timm_or_skip
+from conftest import DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, run_benchmark, timm_or_skip
 
 BATCH = 256 if DEVICE.type == "cuda" else 2
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -62,7 +63,7 @@ def _peers():
             except vitkernels.BackendUnavailableError as exc:
                 pytest.skip(str(exc))
             if name == "triton" and DEVICE.type == "cpu":
-                pytest.skip("triton on CPU is the interpreter, a correctness tool: not benchmarked")
+                pytest.skip(TRITON_ON_CPU)
             return fn
 
         return make
@@ -93,6 +94,15 @@ def test_patch_embed(benchmark, shape, mode, peer, make):
     param_bytes = sum(p.numel() for p in params) * e
     out_bytes = B * (L + 1) * dim * e
     gemm_flops = 2 * B * L * (3 * patch * patch) * dim
+    grad = torch.randn(B, L + 1, dim, device=DEVICE, dtype=DTYPE)
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    expected = reference.patch_embed(x.double(), *p64)
+    if mode == "fwd":
+        with torch.no_grad():
+            assert_agrees(benchmark, fn(x), expected)
+    else:
+        assert_agrees(benchmark, (fn(x),) + torch.autograd.grad(fn(x), params, grad),
+                      (expected,) + torch.autograd.grad(expected, p64, grad.double()))
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -101,8 +111,6 @@ def test_patch_embed(benchmark, shape, mode, peer, make):
         run_benchmark(benchmark, step, peer=peer, bytes_moved=x.numel() * e + param_bytes + out_bytes,
                       flops=gemm_flops)
     else:
-        grad = torch.randn(B, L + 1, dim, device=DEVICE, dtype=DTYPE)
-
         def step():
             out = fn(x)
             return torch.autograd.grad(out, params, grad)

@@ -8,7 +8,9 @@ step's forward and backward, parameters' gradients included).
 
 Shapes: Swin-T stage 1 (56x56, C 96, 3 heads) and stage 3 (14x14, C 384, 12 heads), window 7, shift 3; batch 128 on
 a GPU (bf16); on CPU (fp32, 2 cores) batch 8 for inference -- the native-backend target shape -- and batch 2 for
-fwd+bwd.
+fwd+bwd. Every peer's output (and input gradient) is checked against the float64 reference block holding the same
+weights before timing. On CPU the torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backward
+takes minutes on 2 cores): ``-m "not heavy"`` leaves them out.
 """
 import copy
 
@@ -18,7 +20,9 @@ import torch
 import vitkernels
 from vitkernels.reference import swin as reference
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark, timm_or_skip
+from conftest import (
+    DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, run_benchmark, skip_auto_if_same, timm_or_skip,
+)
 
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -52,43 +56,66 @@ def _make_block(peer, size, dim, heads, weights):
     else:
         backend = peer.split()[1]
         if backend == "triton" and not ON_GPU:
-            pytest.skip("triton on CPU is the Triton interpreter, a correctness tool: not benchmarked")
+            pytest.skip(TRITON_ON_CPU)
         block = vitkernels.SwinBlock(dim, (size, size), heads, window_size=7, shift_size=3,
                                      backend=None if backend == "auto" else backend)
     block.load_state_dict(weights)
     return block.to(device=DEVICE, dtype=DTYPE)
 
 
-@pytest.mark.parametrize("peer", PEERS)
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-b{c[2]}" for c in CASES])
+def _params():
+    for case in CASES:
+        for peer in PEERS:
+            heavy = not ON_GPU and case[1] == "fwd+bwd" and peer.endswith("torch.compile")
+            yield pytest.param(case, peer, marks=[pytest.mark.heavy] if heavy else [],
+                               id=f"{case[0]}-{case[1]}-b{case[2]}-{peer}")
+
+
+@pytest.mark.parametrize("case,peer", list(_params()))
 def test_swin_block(benchmark, case, peer):
     stage, mode, batch = case
     size, dim, heads = STAGES[stage]
+    train = mode == "fwd+bwd"
     benchmark.group = f"swin_block {mode} | {stage} b{batch}"
     benchmark.extra_info["peer"] = peer
     torch.manual_seed(0)
-    weights = reference.SwinTransformerBlock(dim, (size, size), heads, window_size=7, shift_size=3).state_dict()
-    if not ON_GPU and peer.endswith("torch.compile") and mode == "fwd+bwd":
-        pytest.skip("not run on CPU: compiling the block's backward takes minutes on 2 cores, beyond the CPU "
-                    "suite's 10-minute budget (measured on GPU)")
+    ref64 = reference.SwinTransformerBlock(dim, (size, size), heads, window_size=7, shift_size=3)
+    weights = ref64.state_dict()
     block = _make_block(peer, size, dim, heads, copy.deepcopy(weights))
-    block.train(mode == "fwd+bwd")
+    block.train(train)
+    ref64 = ref64.to(device=DEVICE, dtype=torch.float64).train(train)
     fn = compiled_or_skip(block, dynamic=False) if peer.endswith("torch.compile") else block
     x = torch.randn(batch, size, size, dim, device=DEVICE, dtype=DTYPE)
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def once():
+        if not train:
+            with torch.no_grad():
+                return fn(x)
+        xg.grad = None
+        out = fn(xg)
+        out.backward(grad)
+        return out, xg.grad
+
     try:
-        with torch.no_grad():
-            fn(x[:1])
+        if peer == "vitkernels auto":
+            skip_auto_if_same(once)
+        got = once()
     except vitkernels.BackendUnavailableError as exc:
         pytest.skip(str(exc).splitlines()[0])
+    x64 = x.double().requires_grad_(train)
+    expected = ref64(x64)
+    if train:
+        expected.backward(grad.double())
+        expected = (expected, x64.grad)
+    assert_agrees(benchmark, got, expected)
     bytes_moved = 2 * x.numel() * x.element_size()  # the block's input read, output written (a lower bound)
-    if mode == "inference":
+    if not train:
         def run():
             with torch.no_grad():
                 return fn(x)
     else:
-        xg = x.clone().requires_grad_()
-        grad = torch.randn_like(x)
-
         def run():
             xg.grad = None
             fn(xg).backward(grad)

@@ -1,11 +1,12 @@
-"""Fused shift + window partition vs timm's roll + pad + partition copies (Swin-T stage shapes)."""
+"""Fused shift + window partition vs timm's roll + pad + partition copies (Swin-T stage shapes); every peer's output
+checked against the reference before timing."""
 import pytest
 import torch
 
 import vitkernels
 from vitkernels.reference import window_partition as reference
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark
+from conftest import DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, run_benchmark
 
 # (name, B, H, W, C, window, shift); batch 128 on a GPU, 8 on CPU.
 BATCH = 128 if DEVICE.type == "cuda" else 8
@@ -36,7 +37,7 @@ def _backend_or_skip(backend):
     except vitkernels.BackendUnavailableError as exc:
         pytest.skip(str(exc))
     if backend == "triton" and DEVICE.type == "cpu":
-        pytest.skip("triton on CPU is the interpreter, a correctness tool: not benchmarked")
+        pytest.skip(TRITON_ON_CPU)
     return fn
 
 
@@ -45,7 +46,9 @@ def _backend_or_skip(backend):
 def test_window_partition(benchmark, shape, peer, make):
     name, B, H, W, C, ws, s = shape
     benchmark.group = f"window_partition | {name}"
+    benchmark.extra_info["peer"] = peer
     fn = make()
     x = torch.randn(B, H, W, C, device=DEVICE, dtype=DTYPE)
+    assert_agrees(benchmark, fn(x, ws, s), reference.window_partition(x, (ws, ws), (s, s)), atol=0, rtol=0)
     out_bytes = B * (-(-H // ws) * ws) * (-(-W // ws) * ws) * C * x.element_size()
     run_benchmark(benchmark, lambda: fn(x, ws, s), peer=peer, bytes_moved=x.numel() * x.element_size() + out_bytes)

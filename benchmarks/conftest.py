@@ -1,17 +1,42 @@
-"""pytest-benchmark conventions shared by every ``benchmarks/bench_<op>.py``.
+"""pytest-benchmark conventions shared by every ``benchmarks/bench_<what>.py``.
 
-* ``pytest benchmarks/ --benchmark-only`` runs on the device present: CUDA when available, else CPU (CPU paths).
-* One benchmark test per (op, shape, peer). ``benchmark.group`` is ``"<op> | <shape name>"`` so pytest-benchmark
-  lists every peer of a shape side by side; ``benchmark.extra_info`` carries ``peer``, ``bytes`` (the op's
-  bandwidth floor: what must be read and written at least once), ``flops`` where meaningful, ``device``, and
-  ``gbps`` / ``tflops`` computed from the measured median (see :func:`record`).
-* A peer that cannot run here (not installed, no CPU kernels, no GPU) is skipped with the reason, never dropped:
-  skipped benchmarks are written into the ``--benchmark-json`` file under ``"skipped"`` (group, peer, reason), and
-  ``machine_info["vitkernels"]`` records the device, versions and the device's measured copy bandwidth, so
-  ``benchmarks/report.py`` can show every peer and the fraction of the bandwidth floor achieved.
+Writing a benchmark file (``bench_swin_v2.py``, ``bench_compat.py`` ... follow the same four steps)::
+
+    from conftest import DEVICE, assert_agrees, compiled_or_skip, run_benchmark, skip_auto_if_same, timm_or_skip
+
+    @pytest.mark.parametrize("peer", PEERS)
+    def test_thing(benchmark, peer):
+        benchmark.group = "thing fwd | shape name"          # 1. one group per (op, mode, shape): peers side by side
+        fn = make(peer)                                     #    a peer that cannot run here: pytest.skip(reason)
+        assert_agrees(benchmark, fn(x), expected)           # 2. every peer checked against the reference first
+        run_benchmark(benchmark, lambda: fn(x), peer=peer,  # 3. timed: median and IQR over rounds
+                      bytes_moved=floor, flops=flops)
+
+  4. mark a benchmark that takes minutes on a 2-core CPU (whole-model ``torch.compile`` peers, Swin-B) with
+     ``@pytest.mark.heavy``: the quick subset is ``-m "not heavy"``.
+
+What this file provides:
+
+* ``DEVICE``: CUDA when available, else CPU (the CPU paths run there). Peers run on it in its best normal dtype.
+* :func:`run_benchmark`: times ``fn`` (CUDA: synchronised; pytest-benchmark calibrates the rounds. CPU: one timed
+  warm-up, then as many rounds as fit ``--benchmark-max-time`` seconds, at least ``MIN_CPU_ROUNDS`` and at most
+  ``MAX_CPU_ROUNDS``) and records ``peer``, ``bytes`` (the op's bandwidth floor: what must be read and written at
+  least once), ``flops``, ``gbps`` / ``tflops`` at the median, in ``extra_info``.
+* :func:`assert_agrees`: raises (the benchmark fails, it is not skipped) when a peer's output differs from the
+  reference beyond tolerance; records the max abs error in ``extra_info["max_abs_err"]``.
+* :func:`skip_auto_if_same`: the ``vitkernels auto`` peer runs only where ``auto`` picks a backend that no named
+  peer of the group measures; elsewhere it is skipped with the backend it would have run (no best-of-two over the
+  same code).
+* Skipped peers are kept with their reasons: in the console (``-rs`` is on by default here) and in the
+  ``--benchmark-json`` file under ``"skipped"`` (group, peer, reason), which ``report.py`` shows in tables and plots.
+* ``machine_info["vitkernels"]``: device, versions, CPU threads and the allocator mode (see :func:`allocator_mode`).
+* Console defaults (each overridable on the command line): sorted by median, columns median / iqr / min / max /
+  rounds, each row named by its peer (the group heading says the op and shape).
 """
+import contextlib
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -20,6 +45,10 @@ _HERE = os.path.dirname(__file__)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+ON_GPU = DEVICE.type == "cuda"
+MIN_CPU_ROUNDS = 7
+MAX_CPU_ROUNDS = 25
+TRITON_ON_CPU = "triton on CPU is the Triton interpreter, a correctness tool: not benchmarked"
 
 
 def _ensure_torchvision_importable() -> None:
@@ -35,6 +64,54 @@ def _ensure_torchvision_importable() -> None:
 _ensure_torchvision_importable()
 
 
+def allocator_mode() -> str:
+    """How host memory is allocated in this process (decided at process start, labelled in every report).
+
+    ``glibc default``: a fresh large tensor is mmap'ed and page-faulted in on first touch, every call. ``caching``:
+    jemalloc / tcmalloc preloaded, or glibc told to keep freed memory (``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` set), so memory is reused across calls. The same mode applies to every peer."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for lib in ("jemalloc", "tcmalloc", "mimalloc"):
+        if lib in preload:
+            return f"caching ({lib} preloaded)"
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") and os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return (f"caching (glibc, MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} "
+                f"MALLOC_TRIM_THRESHOLD_={os.environ['MALLOC_TRIM_THRESHOLD_']})")
+    return "glibc default"
+
+
+# --- console defaults, markers ------------------------------------------------------------------------------------
+
+def _peer_name_formatter(bench):
+    """Console row name: the peer (the group heading already names op, mode and shape)."""
+    peer = (bench.get("extra_info") or {}).get("peer")
+    return peer or bench["name"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "heavy: minutes on a 2-core CPU (whole-model torch.compile peers, Swin-B); "
+                   "the quick subset is -m 'not heavy'")
+    option = config.option
+    if not hasattr(option, "benchmark_sort"):
+        return  # pytest-benchmark not installed: the plugin's options do not exist
+    # pytest-benchmark reads these when its session starts (its pytest_configure runs last): set the defaults here,
+    # leaving whatever the command line chose
+    if option.benchmark_sort == "min":
+        option.benchmark_sort = "median"
+    if option.benchmark_columns is None:
+        option.benchmark_columns = ["median", "iqr", "min", "max", "rounds"]
+    if option.benchmark_name == "normal":
+        from pytest_benchmark import utils
+
+        utils.NAME_FORMATTERS.setdefault("peer", _peer_name_formatter)
+        option.benchmark_name = "peer"
+    if "s" not in option.reportchars and "a" not in option.reportchars and "A" not in option.reportchars:
+        option.reportchars += "s"  # skipped peers and why, in the short summary
+
+
+# --- timing -------------------------------------------------------------------------------------------------------
+
 def synchronized(fn):
     """``fn`` followed by a device synchronisation, so the timer measures the kernels, not their launch."""
     if DEVICE.type != "cuda":
@@ -49,16 +126,22 @@ def synchronized(fn):
 
 
 def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int = 0, rounds: int = None):
-    """Time ``fn`` with pytest-benchmark and record peer, bandwidth floor and throughput in extra_info.
+    """Time ``fn`` with pytest-benchmark; record peer, bandwidth floor and throughput at the median in extra_info.
 
-    On CPU a fixed 15 rounds after 2 warm-ups (the whole CPU suite takes about two minutes on 2 cores; a shared
-    machine is noisy, so the median of 15 is quoted); on CUDA pytest-benchmark's calibration decides.
+    On CPU: one warm-up call, timed, sets the number of rounds to what fits ``--benchmark-max-time`` (default 1 s),
+    clamped to [MIN_CPU_ROUNDS, MAX_CPU_ROUNDS] (or ``rounds`` if given), plus one more warm-up round. On CUDA
+    pytest-benchmark's calibration decides. The statistics kept are pytest-benchmark's (median, IQR, quartiles ...).
     """
     run = synchronized(fn)
+    start = time.perf_counter()
     run()  # warm-up: compilation, autotuning, allocator
+    first = time.perf_counter() - start
     benchmark.extra_info.update(peer=peer, device=DEVICE_NAME, bytes=int(bytes_moved), flops=int(flops))
     if DEVICE.type == "cpu":
-        result = benchmark.pedantic(run, rounds=rounds or 15, iterations=1, warmup_rounds=2)
+        if rounds is None:
+            budget = float(getattr(benchmark, "_max_time", 1.0) or 1.0)
+            rounds = min(MAX_CPU_ROUNDS, max(MIN_CPU_ROUNDS, int(budget / max(first, 1e-9))))
+        result = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     else:
         result = benchmark(run)
     stats = getattr(benchmark, "stats", None)
@@ -69,6 +152,103 @@ def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int 
         if flops:
             benchmark.extra_info["tflops"] = flops / median / 1e12
     return result
+
+
+# --- agreement before timing ----------------------------------------------------------------------------------------
+
+def _flatten(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flatten(v)]
+    if value is None:
+        return []
+    return [torch.as_tensor(value)]
+
+
+def default_tolerance(dtype: torch.dtype):
+    """(atol, rtol) for a peer's output against a reference computed in higher precision."""
+    if dtype in (torch.bfloat16,):
+        return 3e-2, 3e-2
+    if dtype in (torch.float16,):
+        return 5e-3, 5e-3
+    return 1e-4, 1e-4
+
+
+def assert_agrees(benchmark, got, expected, *, atol: float = None, rtol: float = None, rel_norm: float = None,
+                  what: str = "output"):
+    """Fail (not skip) unless every tensor of ``got`` is close to the matching one of ``expected``.
+
+    ``got`` / ``expected``: tensors or (nested) tuples of tensors in the same order. The comparison is in float64;
+    elementwise ``|got - expected| <= atol + rtol * |expected|`` with tolerances defaulting to
+    :func:`default_tolerance` of ``got``'s dtype, or, with ``rel_norm``, ``||got - expected|| <= rel_norm *
+    ||expected||`` per tensor (whole models: thousands of roundings per element, judged as a whole). Records the max
+    abs error in ``benchmark.extra_info["max_abs_err"]`` (the largest over calls).
+    """
+    got_list, exp_list = _flatten(got), _flatten(expected)
+    assert len(got_list) == len(exp_list), f"{what}: {len(got_list)} tensors, expected {len(exp_list)}"
+    worst = 0.0
+    for i, (g, e) in enumerate(zip(got_list, exp_list)):
+        d_atol, d_rtol = default_tolerance(g.dtype)
+        a, r = d_atol if atol is None else atol, d_rtol if rtol is None else rtol
+        g64, e64 = g.detach().to("cpu", torch.float64), e.detach().to("cpu", torch.float64)
+        assert g64.shape == e64.shape, f"{what}[{i}]: shape {tuple(g64.shape)}, expected {tuple(e64.shape)}"
+        err = (g64 - e64).abs()
+        worst = max(worst, err.max().item() if err.numel() else 0.0)
+        if rel_norm is not None:
+            ratio = (err.norm() / e64.norm().clamp_min(1e-30)).item()
+            if ratio > rel_norm:
+                raise AssertionError(
+                    f"{what}[{i}] of peer {benchmark.extra_info.get('peer')!r} disagrees with the reference: "
+                    f"relative norm error {ratio:.3g} > {rel_norm:g} (max |err| {err.max().item():.3g})")
+            continue
+        bad = err > a + r * e64.abs()
+        if bad.any():
+            raise AssertionError(
+                f"{what}[{i}] of peer {benchmark.extra_info.get('peer')!r} disagrees with the reference: "
+                f"max |err| {err.max().item():.3g} (atol {a:g}, rtol {r:g}), {int(bad.sum())} of {bad.numel()} "
+                "elements outside tolerance")
+    benchmark.extra_info["max_abs_err"] = max(worst, benchmark.extra_info.get("max_abs_err", 0.0))
+    return worst
+
+
+# --- peers --------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def record_backends():
+    """Collect ``(op name, backend)`` for every dispatch made inside the block (eager calls)."""
+    from vitkernels import dispatch
+
+    chosen = []
+    original = dispatch.Op.select
+
+    def select(self, call, backend=None):
+        impl = original(self, call, backend)
+        chosen.append((self.name, impl.backend))
+        return impl
+
+    dispatch.Op.select = select
+    try:
+        yield chosen
+    finally:
+        dispatch.Op.select = original
+
+
+def skip_auto_if_same(run_once, named_backends=("native", "triton")):
+    """Skip the ``vitkernels auto`` peer when ``auto`` runs one backend that a named peer of the group measures.
+
+    ``run_once``: calls the auto peer once (eagerly); the backends it dispatched to are recorded. Where auto picks
+    the same code as ``vitkernels native`` (CPU) or ``vitkernels triton`` (CUDA), timing it again would only add a
+    best-of-two over noise. Returns the backends auto used (when it is not skipped: a mix, or a backend no named
+    peer runs).
+    """
+    with record_backends() as chosen:
+        run_once()
+    picked = sorted({backend for _, backend in chosen})
+    if len(picked) == 1 and picked[0] in named_backends:
+        pytest.skip(f"auto runs '{picked[0]}' here: the same code as the 'vitkernels {picked[0]}' peer "
+                    "(not timed twice)")
+    return picked
 
 
 def peak_memory_mib(fn):
@@ -103,35 +283,9 @@ def device():
     return DEVICE
 
 
-# --- recording: device copy bandwidth, versions, skipped peers ----------------------------------------------------
+# --- recording: versions, allocator, skipped peers ----------------------------------------------------------------
 
 _SKIPPED = []
-_COPY_GBPS = None
-
-
-def copy_bandwidth_gbps() -> float:
-    """The device's achievable memory bandwidth, measured as a large tensor copy (read + write), in GB/s.
-
-    The "% of bandwidth floor" in reports is an op's bytes-at-least-once / time, divided by this.
-    """
-    global _COPY_GBPS
-    if _COPY_GBPS is None:
-        import time
-
-        n = (256 if DEVICE.type == "cuda" else 64) * 2**20 // 4
-        src = torch.randn(n, device=DEVICE)
-        dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(5):
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        _COPY_GBPS = 2 * n * 4 / best / 1e9
-    return _COPY_GBPS
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -144,7 +298,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cuda": str(torch.version.cuda),
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
-        "copy_gbps": round(copy_bandwidth_gbps(), 1),
+        "allocator": allocator_mode() if DEVICE.type == "cpu" else "torch CUDA caching allocator",
     }
     try:
         import triton
@@ -152,6 +306,12 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["triton"] = triton.__version__
     except Exception:
         info["triton"] = None
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except Exception:
+        info["timm"] = None
     machine_info["vitkernels"] = info
 
 

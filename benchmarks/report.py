@@ -1,36 +1,76 @@
-"""Turn a pytest-benchmark JSON file into Markdown tables and one PNG plot per op.
+"""Turn pytest-benchmark JSON files into Markdown tables, plots with error bars, and the README's benchmark section.
 
     python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
-    python benchmarks/report.py bench.json --out benchmarks/results [--readme README.md]
+    python benchmarks/report.py bench.json [more.json ...] --out benchmarks/results [--readme README.md]
 
-For every group (``"<op> | <shape>"``) a table lists each peer's median time, its speedup over the eager baseline
-(``reference eager``, else ``official eager``, else ``timm eager``), how much faster the best vitkernels backend is
-than it, the achieved throughput (GB/s of the op's bandwidth floor:
-bytes that must be read and written at least once, and TFLOP/s where the benchmark gives FLOPs), and that
-throughput as a percentage of the device's measured copy bandwidth. Skipped peers are listed with their reasons.
-The header names the device, torch / triton versions and the commit measured. ``--readme`` replaces the text between
-``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->`` in that file with the tables.
+Each JSON file is one run (one device, one allocator mode: a CPU suite is run twice, with glibc's default allocator
+and with a caching one, see ``benchmarks/publish.py``). For every group (``"<op> <mode> | <shape>"``) the table
+lists each peer's median time, its interquartile range (p25-p75, and the IQR as a % of the median), its speedup
+over the group's eager baseline (``timm eager``, else ``official eager``, else ``reference eager``) with the range
+that the quartiles allow (baseline p25 / peer p75 ... baseline p75 / peer p25), the achieved throughput (GB/s of the
+op's bandwidth floor: bytes that must be read and written at least once; TFLOP/s where the benchmark gives FLOPs) and
+the peer's max abs error against the reference, checked before timing. Skipped peers are listed with their reasons.
+A row whose IQR exceeds ``NOISY_IQR`` of its median is flagged: its ratios are not to be trusted.
+
+Plots (one PNG per op and mode, one panel per shape): horizontal bars of the median time on a log axis, error bars
+from p25 to p75, one fixed colour per peer across every plot, skipped peers named in place of their bar.
+``--readme`` replaces the text between ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->`` with each
+run's header (device, versions, allocator, commit, date), the whole-model tables in full, and a one-line-per-group
+summary of the op benchmarks linking to the full tables.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 from collections import OrderedDict, defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-# The eager baseline speedups are measured against: vitkernels' reference where the benchmark runs it, else the
-# official code's eager arithmetic (MAE / DINO / MSN benchmarks), else timm's eager module.
-BASELINE_PEERS = ("reference eager", "official eager", "timm eager")
+# The eager baseline speedups are measured against: the timm module where the benchmark runs it (what a user would
+# otherwise run), else the official code's eager arithmetic, else vitkernels' reference.
+BASELINE_PEERS = ("timm eager", "official eager", "reference eager")
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+NOISY_IQR = 0.10  # IQR above 10% of the median: flagged (the ratio's range says how much it can move)
+MODEL_PREFIX = "model "  # groups of bench_models.py: shown in full in the README
+
+# One colour per peer in every plot: known peers fixed here, any other one by a stable hash of its name.
+PEER_COLOURS = {
+    "vitkernels native": "#d62728",
+    "vitkernels triton": "#ff7f0e",
+    "vitkernels auto": "#e377c2",
+    "vitkernels cuda": "#8c564b",
+    "patched eager": "#d62728",
+    "patched torch.compile": "#ff7f0e",
+    "timm eager": "#1f77b4",
+    "timm torch.compile": "#17becf",
+    "timm sdpa": "#9467bd",
+    "reference eager": "#7f7f7f",
+    "reference torch.compile": "#bcbd22",
+    "official eager": "#1f77b4",
+    "official eager (as released)": "#aec7e8",
+    "official torch.compile": "#17becf",
+    "flex_attention": "#2ca02c",
+    "xformers": "#98df8a",
+    "GEMM floor (Linear + Conv only)": "#000000",
+}
+_FALLBACK_COLOURS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1",
+                     "#636363", "#e6550d"]
+
+
+def peer_colour(peer: str) -> str:
+    if peer in PEER_COLOURS:
+        return PEER_COLOURS[peer]
+    digest = int(hashlib.sha1(peer.encode()).hexdigest(), 16)
+    return _FALLBACK_COLOURS[digest % len(_FALLBACK_COLOURS)]
 
 
 def _is_ours(peer: str) -> bool:
-    return peer.startswith("vitkernels")
+    return peer.startswith("vitkernels") or peer.startswith("patched")
 
 
-def _fmt_time(seconds: float) -> str:
+def fmt_time(seconds: float) -> str:
     if seconds >= 1.0:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
@@ -43,17 +83,24 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
+# --- rows ---------------------------------------------------------------------------------------------------------
+
 def group_rows(data: dict) -> "OrderedDict[str, List[dict]]":
-    """group -> rows of {peer, median, gbps, tflops, skipped reason}, measured ones sorted fastest first."""
+    """group -> rows (measured ones sorted by median, then the skipped ones with their reasons)."""
     groups: "OrderedDict[str, List[dict]]" = OrderedDict()
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        median = bench["stats"]["median"]
+        stats = bench["stats"]
+        median = stats["median"]
         row = {
             "peer": info.get("peer", bench["name"]),
             "median": median,
+            "q1": stats.get("q1", median),
+            "q3": stats.get("q3", median),
+            "rounds": stats.get("rounds"),
             "gbps": info.get("bytes", 0) / median / 1e9 if info.get("bytes") else None,
             "tflops": info.get("flops", 0) / median / 1e12 if info.get("flops") else None,
+            "err": info.get("max_abs_err"),
             "peak_mib": info.get("peak_memory_mib"),
             "reason": None,
         }
@@ -68,25 +115,6 @@ def group_rows(data: dict) -> "OrderedDict[str, List[dict]]":
     return groups
 
 
-def header(data: dict) -> str:
-    machine = data.get("machine_info", {})
-    ours = machine.get("vitkernels", {})
-    commit = data.get("commit_info", {})
-    device = ours.get("device") or machine.get("cpu", {}).get("brand_raw", "unknown device")
-    if ours.get("device_type") == "cpu":
-        device = f"CPU ({machine.get('cpu', {}).get('brand_raw', 'unknown')}, {ours.get('cpu_threads')} threads)"
-    parts = [
-        f"device: {device}",
-        f"torch {ours.get('torch', '?')}",
-        f"triton {ours.get('triton', '?')}",
-        f"CUDA {ours.get('cuda', '?')}",
-        f"commit {commit.get('id', '?')[:10]}{' (dirty)' if commit.get('dirty') else ''}",
-        f"measured {data.get('datetime', '?')[:19]}",
-        f"copy bandwidth {ours.get('copy_gbps', '?')} GB/s",
-    ]
-    return "; ".join(parts)
-
-
 def baseline(rows: List[dict]) -> Optional[dict]:
     """The measured row speedups are relative to: the first of BASELINE_PEERS present."""
     for name in BASELINE_PEERS:
@@ -96,102 +124,244 @@ def baseline(rows: List[dict]) -> Optional[dict]:
     return None
 
 
+def speedup(base: dict, row: dict) -> str:
+    """Median ratio, and the range the quartiles allow (slowest plausible .. fastest plausible)."""
+    mid = base["median"] / row["median"]
+    lo = base["q1"] / row["q3"] if row["q3"] else mid
+    hi = base["q3"] / row["q1"] if row["q1"] else mid
+    return f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
+def iqr_pct(row: dict) -> float:
+    return (row["q3"] - row["q1"]) / row["median"] if row["median"] else 0.0
+
+
+# --- header -------------------------------------------------------------------------------------------------------
+
+def run_info(data: dict) -> dict:
+    machine = data.get("machine_info", {})
+    ours = machine.get("vitkernels", {})
+    commit = data.get("commit_info", {})
+    if ours.get("device_type") == "cpu":
+        device = f"CPU ({machine.get('cpu', {}).get('brand_raw', 'unknown')}, {ours.get('cpu_threads')} threads)"
+    else:
+        device = ours.get("device") or "unknown device"
+    return {
+        "device": device,
+        "allocator": ours.get("allocator", "?"),
+        "mode": ("caching allocator" if str(ours.get("allocator", "")).startswith("caching") else
+                 ours.get("allocator", "?")) if ours.get("device_type") == "cpu" else (ours.get("device") or "?"),
+        "versions": f"torch {ours.get('torch', '?')}, triton {ours.get('triton', '?')}, CUDA {ours.get('cuda', '?')}, "
+                    f"timm {ours.get('timm', '?')}, Python {ours.get('python', '?')}",
+        "commit": f"{commit.get('id', '?')[:10]}{' (dirty)' if commit.get('dirty') else ''}",
+        "date": data.get("datetime", "?")[:19],
+    }
+
+
+def header(data: dict) -> str:
+    info = run_info(data)
+    return (f"device: {info['device']}; allocator: {info['allocator']}; {info['versions']}; "
+            f"commit {info['commit']}; measured {info['date']}")
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------------
+
+def group_table(group: str, rows: List[dict]) -> List[str]:
+    measured = [r for r in rows if r["median"] is not None]
+    base = baseline(measured)
+    lines = [f"**{group}**" + (f" (speedups vs {base['peer']})" if base else ""), "",
+             "| peer | median | IQR (p25-p75) | speedup (quartile range) | GB/s | TFLOP/s | max abs err | rounds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["median"] is None:
+            lines.append(f"| {r['peer']} | skipped: {r['reason']} | | | | | | |")
+            continue
+        noisy = " (noisy)" if iqr_pct(r) > NOISY_IQR else ""
+        iqr = f"{fmt_time(r['q1'])}-{fmt_time(r['q3'])}, {100 * iqr_pct(r):.0f}%{noisy}"
+        vs = speedup(base, r) if base else ""
+        gbps = f"{r['gbps']:.1f}" if r.get("gbps") else ""
+        tflops = f"{r['tflops']:.2f}" if r.get("tflops") else ""
+        err = f"{r['err']:.1e}" if r.get("err") is not None else ""
+        name = f"**{r['peer']}**" if _is_ours(r["peer"]) else r["peer"]
+        lines.append(f"| {name} | {fmt_time(r['median'])} | {iqr} | {vs} | {gbps} | {tflops} | {err} | "
+                     f"{r.get('rounds') or ''} |")
+    lines.append("")
+    return lines
+
+
 def markdown(data: dict) -> str:
-    copy_gbps = data.get("machine_info", {}).get("vitkernels", {}).get("copy_gbps")
     lines = [f"_{header(data)}_", ""]
     for group, rows in group_rows(data).items():
-        measured = [r for r in rows if r["median"] is not None]
-        base = baseline(measured)
-        ref = base["median"] if base else None
-        best_ours = min((r["median"] for r in measured if _is_ours(r["peer"])), default=None)
-        lines += [f"**{group}**" + (f" (baseline: {base['peer']})" if base else ""), "",
-                  "| peer | median | speedup vs baseline | best vitkernels speedup over it | GB/s | % of copy bw | TFLOP/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            if r["median"] is None:
-                lines.append(f"| {r['peer']} | skipped: {r['reason']} | | | | | |")
-                continue
-            vs_ref = f"{ref / r['median']:.2f}x" if ref else ""
-            ours_vs = f"{r['median'] / best_ours:.2f}x" if best_ours and not _is_ours(r["peer"]) else ""
-            gbps = f"{r['gbps']:.1f}" if r["gbps"] else ""
-            pct = f"{100 * r['gbps'] / copy_gbps:.0f}%" if r["gbps"] and copy_gbps else ""
-            tflops = f"{r['tflops']:.2f}" if r["tflops"] else ""
-            name = f"**{r['peer']}**" if _is_ours(r["peer"]) else r["peer"]
-            lines.append(f"| {name} | {_fmt_time(r['median'])} | {vs_ref} | {ours_vs} | {gbps} | {pct} | {tflops} |")
-        lines.append("")
+        lines += group_table(group, rows)
     return "\n".join(lines)
 
 
-def plots(data: dict, out_dir: str) -> List[str]:
-    """One PNG per op: speedup over the eager baseline of every measured peer, one bar cluster per shape."""
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (group names contain '|')."""
+    return text.replace("|", "\\|")
+
+
+def summary_cell(rows: List[dict]) -> str:
+    """Every measured peer by median with half its IQR in %, and its speedup over the baseline; then the skipped."""
+    measured = [r for r in rows if r["median"] is not None]
+    base = baseline(measured)
+    cells = []
+    for r in measured:
+        name = f"**{r['peer']}**" if _is_ours(r["peer"]) else r["peer"]
+        ratio = f", {base['median'] / r['median']:.2f}x" if base and r is not base else ""
+        cells.append(f"{name} {fmt_time(r['median'])} ±{100 * iqr_pct(r) / 2:.0f}%{ratio}")
+    skipped = [r["peer"] for r in rows if r["median"] is None]
+    tail = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    return _cell(" · ".join(cells) + tail)
+
+
+# --- plots --------------------------------------------------------------------------------------------------------
+
+def _tick(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:g} {unit}"
+    return f"{seconds * 1e9:g} ns"
+
+
+def _short(reason: str, n: int = 70) -> str:
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= n else reason[: n - 3] + "..."
+
+
+def plots(data: dict, out_dir: str, suffix: str = "") -> List[str]:
+    """One PNG per op and mode: a panel per shape, a horizontal bar per peer (median, p25-p75 error bar, log axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    by_op: Dict[str, Dict[str, List[dict]]] = defaultdict(dict)
+    by_op: Dict[str, "OrderedDict[str, List[dict]]"] = defaultdict(OrderedDict)
     for group, rows in group_rows(data).items():
         op, _, shape = group.partition(" | ")
-        by_op[op][shape or op] = [r for r in rows if r["median"] is not None]
+        by_op[op][shape or op] = rows
+    info = run_info(data)
     written = []
     for op, shapes in by_op.items():
-        peers = sorted({r["peer"] for rows in shapes.values() for r in rows})
-        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(shapes) * max(1, len(peers)) / 3), 4))
-        width = 0.8 / max(1, len(peers))
-        for i, peer in enumerate(peers):
-            values = []
-            for rows in shapes.values():
-                base = baseline(rows)
-                ref = base["median"] if base else None
-                this = next((r["median"] for r in rows if r["peer"] == peer), None)
-                values.append(ref / this if ref and this else 0.0)
-            ax.bar([x + i * width for x in range(len(shapes))], values, width, label=peer)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-        ax.set_xticklabels(list(shapes), rotation=10, fontsize=8)
-        ax.axhline(1.0, color="gray", lw=0.8)
-        base = next((baseline(rows) for rows in shapes.values() if baseline(rows)), None)
-        ax.set_ylabel(f"speedup over {base['peer'] if base else 'baseline'} (higher is better)")
-        ax.set_title(f"{op} — {header(data).split(';')[0]}", fontsize=9)
-        ax.legend(fontsize=7)
+        heights = [max(1, len(rows)) for rows in shapes.values()]
+        fig, axes = plt.subplots(len(shapes), 1, figsize=(9, 0.9 + 0.32 * sum(heights) + 0.5 * len(shapes)),
+                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
+        for ax, (shape, rows) in zip(axes[:, 0], shapes.items()):
+            measured = [r for r in rows if r["median"] is not None]
+            ys = list(range(len(rows)))[::-1]
+            lo_all = min((r["q1"] for r in measured), default=1e-6)
+            for y, r in zip(ys, rows):
+                if r["median"] is None:
+                    ax.text(lo_all, y, f"  skipped: {_short(r['reason'])}", va="center", fontsize=7, color="#555555")
+                    continue
+                err = [[r["median"] - r["q1"]], [r["q3"] - r["median"]]]
+                ax.barh(y, r["median"], xerr=err, color=peer_colour(r["peer"]), capsize=3, height=0.7,
+                        error_kw={"elinewidth": 1})
+                ax.text(r["q3"], y, f" {fmt_time(r['median'])}", va="center", fontsize=7)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([r["peer"] for r in rows], fontsize=8)
+            ax.set_ylim(-0.6, len(rows) - 0.4)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.tick_params(axis="x", labelsize=7)
+            if measured:
+                hi_all = max(r["q3"] for r in measured) * 4
+                ax.set_xlim(lo_all / 1.5, hi_all)
+
+            ax.set_title(shape, fontsize=8, loc="left")
+            ax.grid(axis="x", which="both", lw=0.3, alpha=0.5)
+        axes[-1, 0].set_xlabel("time per call (log scale; bar = median, whiskers = p25-p75; shorter is faster)",
+                               fontsize=8)
+        fig.suptitle(f"{op} - {info['device']}, allocator: {info['allocator']}", fontsize=9)
         fig.tight_layout()
-        path = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9_.-]+", "_", op) + ".png")
-        fig.savefig(path, dpi=110)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", op).strip("_") + suffix + ".png"
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def update_readme(readme: str, table: str, figures: List[str]) -> None:
+# --- README -------------------------------------------------------------------------------------------------------
+
+def readme_section(runs: Sequence[dict], tables: Sequence[str], figures: Sequence[str], base_dir: str) -> str:
+    """The README's benchmark section: each run's header, the whole-model tables, one summary row per op group
+    (a column per run), the whole-model plots, links to the other plots."""
+    lines = []
+    for data, table in zip(runs, tables):
+        info = run_info(data)
+        lines.append(f"- {info['device']}, allocator **{info['allocator']}**: {info['versions']}; commit "
+                     f"{info['commit']}; {info['date']} ([all tables]({os.path.relpath(table, base_dir)}))")
+    lines.append("")
+    model_groups = [(data, g, rows) for data in runs for g, rows in group_rows(data).items()
+                    if g.startswith(MODEL_PREFIX)]
+    if model_groups:
+        lines += ["#### Whole models", ""]
+        for data, group, rows in model_groups:
+            lines += group_table(f"{group} [{run_info(data)['mode']}]", rows)
+    per_run = [group_rows(data) for data in runs]
+    groups = list(OrderedDict.fromkeys(g for rows in per_run for g in rows if not g.startswith(MODEL_PREFIX)))
+    if groups:
+        modes = [run_info(data)["mode"] for data in runs]
+        lines += ["#### Ops and blocks", "",
+                  "Each peer: median ±half the IQR (in % of the median), speedup over the group's eager baseline.", "",
+                  "| group | baseline | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        for group in groups:
+            base = next((baseline([r for r in rows[group] if r["median"] is not None])
+                         for rows in per_run if group in rows), None)
+            cells = [summary_cell(rows[group]) if group in rows else "" for rows in per_run]
+            lines.append(f"| {_cell(group)} | {base['peer'] if base else ''} | " + " | ".join(cells) + " |")
+        lines.append("")
+    shown = [p for p in figures if os.path.basename(p).startswith("model_")]
+    others = [p for p in figures if p not in shown]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, base_dir)})" for p in shown]
+    if others:
+        lines += ["", "Plots: " + ", ".join(
+            f"[{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, base_dir)})" for p in others)]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, section: str) -> None:
     with open(readme) as f:
         text = f.read()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme} has no {README_START} ... {README_END} section")
-    base = os.path.dirname(os.path.abspath(readme))
-    images = "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, base)})" for p in figures)
     start = text.index(README_START) + len(README_START)
-    text = text[:start] + "\n" + table + "\n" + images + "\n" + text[text.index(README_END):]
+    text = text[:start] + "\n" + section + "\n" + text[text.index(README_END):]
     with open(readme, "w") as f:
         f.write(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", help="file written by --benchmark-json")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md table and .png plots")
+    parser.add_argument("json", nargs="+", help="files written by --benchmark-json (one per run)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the .md tables and .png plots")
     parser.add_argument("--readme", default=None, help="README to update between the benchmark markers")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plots-for", default=None,
+                        help="plot only the run whose JSON file name contains this (default: every run)")
     args = parser.parse_args(argv)
-    data = load(args.json)
     os.makedirs(args.out, exist_ok=True)
-    table = markdown(data)
-    name = os.path.splitext(os.path.basename(args.json))[0]
-    md_path = os.path.join(args.out, f"{name}.md")
-    with open(md_path, "w") as f:
-        f.write(table + "\n")
-    figures = [] if args.no_plots else plots(data, args.out)
+    runs, tables, figures = [], [], []
+    for path in args.json:
+        data = load(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        md_path = os.path.join(args.out, f"{name}.md")
+        with open(md_path, "w") as f:
+            f.write(markdown(data) + "\n")
+        runs.append(data)
+        tables.append(md_path)
+        if not args.no_plots and (args.plots_for is None or args.plots_for in name):
+            figures += plots(data, args.out, suffix="" if len(args.json) == 1 else f"-{name}")
     if args.readme:
-        update_readme(args.readme, table, figures)
-    print(f"wrote {md_path}" + "".join(f", {p}" for p in figures))
+        base = os.path.dirname(os.path.abspath(args.readme))
+        section = readme_section(runs, [os.path.abspath(t) for t in tables], [os.path.abspath(p) for p in figures],
+                                 base)
+        update_readme(args.readme, section)
+    print("wrote " + ", ".join(tables + figures))
     return 0
 
 

@@ -34,7 +34,7 @@ CUDA = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords and not CUDA:
+        if item.get_closest_marker("cuda") is not None and not CUDA:
             item.add_marker(skip_cuda)
 
 

@@ -1,0 +1,294 @@
+"""Whole models, as users run them: timm Swin-T / Swin-B, a DeiT with the fused embedding, the MAE pre-training step.
+
+Peers for every model and mode (the same weights, random, created locally with ``pretrained=False``):
+
+* ``timm eager`` / ``timm torch.compile``: the timm model as it comes (for MAE: ``official eager`` /
+  ``official torch.compile``, the official ``models_mae.py`` steps built from timm's ``PatchEmbed`` and ``Block``);
+* ``patched eager`` / ``patched torch.compile``: the same model after the one-call vitkernels patch
+  (``vitkernels.compat.timm.patch_model`` for Swin, ``patch_vit_embedding`` for DeiT; for MAE the fused patch
+  embedding, ``random_masking`` with the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
+
+``GEMM floor (Linear + Conv only)`` is not a peer but a floor: the model's ``nn.Linear`` and ``nn.Conv2d`` layers
+alone, at the shapes one call of the model gives them (captured by forward hooks), forward (and, for ``train``,
+backward to inputs and weights) through the same torch kernels, nothing else. No peer that keeps those layers can
+go below it; the gap between a peer and the floor is what attention, norms, activations, copies and the framework
+cost. (Attention's own batched matmuls are not in it.)
+
+Modes: ``inference`` (eval, ``torch.no_grad``) and ``train`` (train mode: forward, loss -- cross-entropy on random
+labels, or the MAE loss -- and backward to every parameter's gradient; the optimizer update, the same for every peer,
+is left out). Models are built with ``drop_path_rate=0`` so that a training step is deterministic and the peers can
+be compared. Before timing, each peer's output (train: its loss and every parameter gradient) is checked against
+the timm / official model run in float64 (relative error of each tensor's norm).
+
+Sizes: on CUDA, batch 128 (Swin-T, DeiT-S, MAE ViT-B) and 64 (Swin-B) under bf16 autocast. On a 2-core CPU, in fp32:
+Swin-T batch 4 (inference) / 2 (train), Swin-B batch 1 with 5 rounds, DeiT-S 4 / 2, MAE ViT-B 2. On CPU the
+``torch.compile`` peers (one to four minutes of compilation each on 2 cores) and every Swin-B case are marked
+``heavy``; ``-m "not heavy"`` runs the eager peers of Swin-T, DeiT-S and MAE only.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitkernels
+from vitkernels.compat.timm import patch_model, patch_vit_embedding
+
+from conftest import DEVICE, assert_agrees, compiled_or_skip, run_benchmark, timm_or_skip
+
+ON_GPU = DEVICE.type == "cuda"
+AMP_DTYPE = torch.bfloat16 if ON_GPU else None  # CPU: plain fp32
+
+# name -> (timm model name or "mae", {mode: batch} on GPU, {mode: batch} on CPU, CPU rounds or None)
+MODELS = {
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {"inference": 128, "train": 128}, {"inference": 4, "train": 2}, None),
+    "swin_base": ("swin_base_patch4_window7_224", {"inference": 64, "train": 64}, {"inference": 1, "train": 1}, 5),
+    "deit_small": ("deit_small_distilled_patch16_224", {"inference": 128, "train": 128},
+                   {"inference": 4, "train": 2}, None),
+    "mae_vit_base": ("mae", {"train": 128}, {"train": 2}, None),
+}
+MODES = ("inference", "train")
+
+
+GEMM_FLOOR = "GEMM floor (Linear + Conv only)"
+
+
+def _peers(model):
+    if model.startswith("mae"):
+        return ("official eager", "official torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
+    return ("timm eager", "timm torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
+
+
+def _params():
+    for model, (_, gpu_batches, cpu_batches, _) in MODELS.items():
+        batches = gpu_batches if ON_GPU else cpu_batches
+        for mode in MODES:
+            if mode not in batches:
+                continue
+            for peer in _peers(model):
+                heavy = not ON_GPU and (peer.endswith("torch.compile") or model == "swin_base")
+                heavy = heavy and peer != GEMM_FLOOR
+                yield pytest.param(model, mode, peer, marks=[pytest.mark.heavy] if heavy else [],
+                                   id=f"{model}-{mode}-{peer}")
+
+
+# --- MAE: the official model's steps, with the official or the vitkernels data path -------------------------------
+
+def official_random_masking(x, mask_ratio, noise):
+    """facebookresearch/mae ``MaskedAutoencoderViT.random_masking`` (noise passed in, as every peer draws it alike)."""
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+class MAE(nn.Module):
+    """MAE pre-training model (official ``models_mae.py`` layout: timm ``PatchEmbed`` and ``Block``, fixed position
+    embeddings, mask token, ``norm_pix_loss``). ``fused=True`` swaps the data path for vitkernels' ops: patch
+    embedding, masking with the pos-embed add, decoder unshuffle with mask tokens and pos-embed, loss."""
+
+    def __init__(self, img=224, patch=16, dim=768, depth=12, heads=12, dec_dim=512, dec_depth=8, dec_heads=16,
+                 mask_ratio=0.75, fused=False):
+        super().__init__()
+        from functools import partial
+
+        from timm.models.vision_transformer import Block, PatchEmbed
+
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.patch, self.mask_ratio, self.fused = patch, mask_ratio, fused
+        self.patch_embed = PatchEmbed(img, patch, 3, dim)
+        L = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, L + 1, dim), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth))
+        self.norm = norm(dim)
+        self.decoder_embed = nn.Linear(dim, dec_dim)
+        self.mask_token = nn.Parameter(0.02 * torch.randn(1, 1, dec_dim))
+        self.decoder_pos_embed = nn.Parameter(0.02 * torch.randn(1, L + 1, dec_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(dec_dim, dec_heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(dec_depth))
+        self.decoder_norm = norm(dec_dim)
+        self.decoder_pred = nn.Linear(dec_dim, patch * patch * 3)
+
+    def forward(self, imgs, noise):
+        if self.fused:
+            w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+            x, mask, ids_restore = vitkernels.random_masking(
+                vitkernels.patch_embed(imgs, w, b), self.mask_ratio, noise, self.pos_embed[:, 1:, :])
+        else:
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore = official_random_masking(x, self.mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.decoder_embed(self.norm(x))
+        if self.fused:
+            x = vitkernels.mae_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed)
+        else:
+            mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+            x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        if self.fused:
+            return vitkernels.mae_loss(imgs, pred, mask, self.patch, norm_pix_loss=True)
+        return self._official_loss(imgs, pred, mask)
+
+    def _official_loss(self, imgs, pred, mask):
+        p = self.patch
+        h = w = imgs.shape[2] // p
+        target = torch.einsum("nchpwq->nhwpqc", imgs.reshape(imgs.shape[0], 3, h, p, w, p))
+        target = target.reshape(imgs.shape[0], h * w, p * p * 3)
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+
+# --- building the peers -----------------------------------------------------------------------------------------
+
+def _base_model(model):
+    """The unpatched model (random weights, seed 0, drop path 0) in fp32 on DEVICE."""
+    timm = timm_or_skip()
+    name = MODELS[model][0]
+    torch.manual_seed(0)
+    if name == "mae":
+        net = MAE()
+    else:
+        net = timm.create_model(name, pretrained=False, drop_path_rate=0.0)
+    return net.to(DEVICE)
+
+
+def _patched(model, net):
+    if model.startswith("mae"):
+        net.fused = True
+        return net
+    if model.startswith("deit"):
+        return patch_vit_embedding(net)
+    return patch_model(net)
+
+
+def _inputs(model, mode, batch):
+    torch.manual_seed(1)
+    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE)
+    if model.startswith("mae"):
+        return imgs, torch.rand(batch, 196, device=DEVICE)  # the masking noise, the same for every peer
+    return imgs, torch.randint(0, 1000, (batch,), device=DEVICE)
+
+
+def _loss(model, net, imgs, extra):
+    if model.startswith("mae"):
+        return net(imgs, extra)
+    out = net(imgs)
+    if isinstance(out, tuple):  # DeiT distilled in train mode: (class head, distillation head)
+        out = (out[0] + out[1]) / 2
+    return F.cross_entropy(out, extra)
+
+
+def _step(model, mode, net, params):
+    """The timed call: inference (no_grad) or forward + loss + backward."""
+    autocast = torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None)
+
+    if mode == "inference":
+        def infer(imgs, extra):
+            with torch.no_grad(), autocast:
+                return net(imgs, extra) if model.startswith("mae") else net(imgs)
+        return infer
+
+    def train(imgs, extra):
+        for p in params:
+            p.grad = None
+        with autocast:
+            loss = _loss(model, net, imgs, extra)
+        loss.backward()
+        return loss
+
+    return train
+
+
+def _result(mode, out, params):
+    """What is compared: the output (inference) or the loss and every parameter gradient (train)."""
+    if mode == "inference":
+        return (out.float() if isinstance(out, torch.Tensor) else out,)
+    return (out,) + tuple(p.grad for p in params)
+
+
+def _gemm_floor(model, mode, net, imgs, extra):
+    """The floor step: every Linear / Conv2d of ``net`` at the input shapes one call gives them, nothing else."""
+    layers = []
+
+    def hook(module, inputs, output):
+        layers.append((module, torch.randn_like(inputs[0]), torch.randn_like(output)))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            _step(model, "inference", net, [])(imgs, extra)
+    finally:
+        for h in handles:
+            h.remove()
+    train = mode == "train"
+    for module, x, _ in layers:
+        x.requires_grad_(train)
+    macs = sum(g.numel() * (m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) for m, _, g in layers)
+    floor_flops = 2 * macs * (3 if train else 1)  # backward: grad of the input and of the weight
+
+    def floor(imgs_, extra_):
+        with torch.set_grad_enabled(train), torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None):
+            outs = [module(x) for module, x, _ in layers]
+            if train:
+                torch.autograd.backward(outs, [g.to(o.dtype) for o, (_, _, g) in zip(outs, layers)])
+        return outs
+
+    return floor, floor_flops
+
+
+@pytest.mark.parametrize("model,mode,peer", list(_params()))
+def test_model(benchmark, model, mode, peer):
+    name, gpu_batches, cpu_batches, cpu_rounds = MODELS[model]
+    batch = (gpu_batches if ON_GPU else cpu_batches)[mode]
+    precision = "bf16 autocast" if ON_GPU else "fp32"
+    benchmark.group = f"model {model} {mode} | {name if name != 'mae' else 'mae vit-b/16 r0.75'} b{batch} {precision}"
+    benchmark.extra_info["peer"] = peer
+    base = _base_model(model)
+    net = _patched(model, copy.deepcopy(base)) if peer.startswith("patched") else copy.deepcopy(base)
+    net.train(mode == "train")
+    params = [p for p in net.parameters() if p.requires_grad]
+    fn = net
+    if peer.endswith("torch.compile"):
+        fn = compiled_or_skip(net, dynamic=False)
+    imgs, extra = _inputs(model, mode, batch)
+    # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
+    # on 197); a FLOP is 2 MACs, a training step ~3 forwards
+    macs = {"swin_tiny": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
+    flops = 2 * macs * batch * (1 if mode == "inference" else 3)
+    if peer == GEMM_FLOOR:
+        floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra)
+        run_benchmark(benchmark, lambda: floor(imgs, extra), peer=peer, flops=int(floor_flops),
+                      rounds=None if ON_GPU else cpu_rounds)
+        return
+    step = _step(model, mode, fn, params)
+
+    # agreement with the unpatched model in float64 (relative norm error per tensor)
+    reference64 = base.double().train(mode == "train")
+    ref_params = [p for p in reference64.parameters() if p.requires_grad]
+    got = _result(mode, step(imgs, extra), params)
+    expected = _result(mode, _step(model, mode, reference64, ref_params)(imgs.double(), extra), ref_params)
+    rel = 3e-2 if ON_GPU else 1e-3
+    assert_agrees(benchmark, got, expected, rel_norm=rel)
+
+    run_benchmark(benchmark, lambda: step(imgs, extra), peer=peer, flops=int(flops),
+                  rounds=None if ON_GPU else cpu_rounds)
