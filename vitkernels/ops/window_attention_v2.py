@@ -167,4 +167,61 @@ else:
     op.mark_missing("native", "vitkernels._C has no window_attention_v2 (built from older sources: rebuild it)")
 
 
-op.mark_missing("triton", "the Triton V2 kernels are not written yet")
+# --- triton backend: vitkernels/triton/window_attention_v2.py ----------------------------------------------------
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.reference.window_attention import relative_position_index
+    from vitkernels.triton import window_attention_v2 as triton_kernels
+
+    @kernel_op("vitkernels::triton_window_attention_v2")
+    def triton_window_attention_v2(
+        qkv: torch.Tensor,
+        bias_table: torch.Tensor,
+        scale: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Forward: (out (B, H, W, C), row log-sum-exp (B*nW, nH, N) fp32, kept for the backward)."""
+        return triton_kernels.window_attention_v2_fwd(qkv, bias_table, scale, qkv_bias, window_size, shift_size,
+                                                      num_heads)
+
+    @kernel_op("vitkernels::triton_window_attention_v2_backward")
+    def triton_window_attention_v2_backward(
+        grad_out: torch.Tensor,
+        qkv: torch.Tensor,
+        bias_table: torch.Tensor,
+        scale: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of qkv, bias_table, scale and qkv_bias (an empty tensor when there is no qkv_bias)."""
+        index = relative_position_index(window_size[0], window_size[1], device=qkv.device)
+        grad_qkv, grad_table, grad_scale, grad_bias = triton_kernels.window_attention_v2_bwd(
+            grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_size, shift_size, num_heads, index
+        )
+        return grad_qkv, grad_table, grad_scale, grad_bias if grad_bias is not None else qkv.new_empty(0)
+
+    _register_fakes_and_autograd(triton_window_attention_v2, triton_window_attention_v2_backward)
+
+    def _triton_supports(call: dispatch.Call) -> Optional[str]:
+        reason = triton_unavailable_reason(call.device)
+        if reason is None and "head_dim" in call.details:  # reports (vitkernels.info) ask without shapes
+            reason = triton_kernels.supported_reason(
+                call.details["head_dim"], call.details["tokens_per_window"], call.dtype
+            )
+        return reason
+
+    @op.register("triton", _triton_supports)
+    def _window_attention_v2_triton(qkv, bias_table, scale, window_size, shift_size, num_heads, qkv_bias):
+        out, _ = triton_window_attention_v2(qkv, bias_table, scale, qkv_bias, window_size, shift_size, num_heads)
+        return out
+
+else:
+    op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
