@@ -391,3 +391,25 @@ CUDA_CASES = [  # swinv2_tiny_window8_256 stages 1 and 3, swinv2_base_window16 s
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in CUDA_CASES])
 def test_triton_cuda_matches_reference(case, dtype):
     check_against_reference(case, dtype, "triton", device="cuda", zero_k_bias=dtype == torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in CUDA_CASES])
+def test_native_cuda_matches_reference(case, dtype):
+    native_or_skip("cuda")
+    check_against_reference(case, dtype, "native", device="cuda", zero_k_bias=dtype == torch.float32)
+
+
+def test_native_cuda_limits_are_reported_before_the_call():
+    """The CUDA kernel's limits (N <= 256, head_dim <= 128) are support checks: auto falls back with the reason."""
+    if not _native.is_loaded():
+        pytest.skip(_native.IMPORT_ERROR)
+    op = vitkernels.ops.window_attention_v2.op
+    big = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 32, "tokens_per_window": 289})
+    wide = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 160, "tokens_per_window": 64})
+    reasons = op.reasons(big)["native"], op.reasons(wide)["native"]
+    if _native.has_kernel("window_attention_v2", "CUDA"):
+        assert "at most 256 tokens" in reasons[0] and "head_dim <= 128" in reasons[1]
+    else:
+        assert all("CUDA" in r or "window_attention_v2" in r for r in reasons)

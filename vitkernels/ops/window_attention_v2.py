@@ -13,7 +13,9 @@ Backends:
 
 * ``reference`` -- :func:`vitkernels.reference.window_attention_v2.window_attention_v2` (timm's arithmetic).
 * ``native`` -- ``torch.ops.vitkernels.window_attention_v2`` (+ ``_backward``) from
-  ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1).
+  ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1) and
+  ``csrc/cuda/window_attention_v2.cu`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
+  compile-checked, not yet run on a GPU).
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching the kernels of
   :mod:`vitkernels.triton.window_attention_v2`.
 """
@@ -153,7 +155,14 @@ if "window_attention_v2" in _native.KERNELS:
                                  torch.ops.vitkernels.window_attention_v2_backward.default)
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
-        return _native.native_unavailable_reason("window_attention_v2", call.device)
+        reason = _native.native_unavailable_reason("window_attention_v2", call.device)
+        if reason is None and call.device.type == "cuda" and "head_dim" in call.details:
+            # csrc/cuda/window_attention_v2.cuh has V1's limits: a row's head dim in registers of up to 4 threads
+            if call.details["tokens_per_window"] > 256:
+                reason = f"the CUDA kernel takes windows of at most 256 tokens, got {call.details['tokens_per_window']}"
+            elif call.details["head_dim"] > 128:
+                reason = f"the CUDA kernel takes head_dim <= 128, got {call.details['head_dim']}"
+        return reason
 
     @op.register("native", _native_supports)
     def _window_attention_v2_native(qkv, bias_table, scale, window_size, shift_size, num_heads, qkv_bias):
