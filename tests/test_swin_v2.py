@@ -331,3 +331,19 @@ def test_patched_full_timm_swinv2_fp32(full_timm_swinv2, backend):
     _backend_or_skip(backend)
     original, x, expected = full_timm_swinv2
     _check_patched_model(original, backend, x, 1e-4, 1e-3, expected=expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_fast_block_inference_path_is_bitwise_the_training_arithmetic(backend):
+    """Eval + no_grad takes the in-place inference path (residual adds, GELU); it gives exactly the numbers of the
+    autograd path and never touches the input."""
+    _backend_or_skip(backend)
+    block = randomize(vitkernels.SwinV2Block(32, (9, 10), 2, window_size=8, shift_size=4, backend=backend)).eval()
+    x = torch.randn(2, 9, 10, 32)
+    x_copy = x.clone()
+    with torch.no_grad():
+        fast = block(x)
+    assert torch.equal(x, x_copy)
+    slow = block(x)
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, slow.detach())
