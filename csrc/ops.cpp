@@ -67,6 +67,16 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor? qkv_bias, Tensor out, "
         "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
 
+  // Swin V2 scaled cosine window attention, qkv (B, H, W, 3C) in original token order, bias_table
+  // ((2wh-1)(2ww-1), nH) (16 sigmoid of the cpb MLP), scale (nH) (exp of the clamped logit scale) -> (out (B, H, W, C),
+  // row log-sum-exp (B * nW, nH, N)). Same schema as the Triton custom op triton_window_attention_v2.
+  m.def("window_attention_v2(Tensor qkv, Tensor bias_table, Tensor scale, Tensor? qkv_bias, int[2] window_size, "
+        "int[2] shift_size, int num_heads) -> (Tensor, Tensor)");
+  // Gradients of qkv, bias_table, scale and qkv_bias (an empty tensor when there is no qkv_bias).
+  m.def("window_attention_v2_backward(Tensor grad_out, Tensor qkv, Tensor bias_table, Tensor scale, Tensor? qkv_bias, "
+        "Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, int num_heads) -> (Tensor, Tensor, Tensor, "
+        "Tensor)");
+
   // ViT patch embedding: image (B, C, H, W) -> tokens (B, P + L, D) with bias, position embedding and prefix tokens.
   m.def("patch_embed(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? prefix_tokens, "
         "bool no_embed_class, bool dynamic_img_pad) -> Tensor");

@@ -17,6 +17,13 @@ from vitkernels.modules.swin import (
     SwinTransformerStage,
     WindowAttention,
 )
+from vitkernels.modules.swin_v2 import (
+    PatchMergingV2,
+    SwinTransformerV2Block,
+    SwinTransformerV2Stage,
+    SwinV2Block,
+    WindowAttentionV2,
+)
 from vitkernels.ops.dino_loss import dino_center_update, dino_loss
 from vitkernels.ops.mae_loss import mae_loss
 from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, random_masking
@@ -25,6 +32,7 @@ from vitkernels.ops.masking import unpatchify as mae_unpatchify
 from vitkernels.ops.msn_loss import msn_loss
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
+from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.ops.window_partition import window_partition, window_reverse
 
 __version__ = "0.1.0"
@@ -39,12 +47,17 @@ __all__ = [
     "MSNPatchDrop",
     "PatchEmbed",
     "PatchMerging",
+    "PatchMergingV2",
     "SwinBlock",
     "SwinTransformer",
     "SwinTransformerBlock",
     "SwinTransformerStage",
+    "SwinTransformerV2Block",
+    "SwinTransformerV2Stage",
+    "SwinV2Block",
     "ViTEmbedding",
     "WindowAttention",
+    "WindowAttentionV2",
     "dino_center_update",
     "dino_loss",
     "dispatch",
@@ -59,6 +72,7 @@ __all__ = [
     "random_masking",
     "reference",
     "window_attention",
+    "window_attention_v2",
     "window_partition",
     "window_reverse",
 ]

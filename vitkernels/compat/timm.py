@@ -98,20 +98,33 @@ class FusedViTPatchEmbed(PatchEmbed):
 # --- Swin ---------------------------------------------------------------------------------------------------------
 
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, in place.
+    """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, and every timm
+    ``SwinTransformerV2Block`` (``swinv2_*`` models) for a :class:`vitkernels.SwinV2Block`, in place.
 
     The new blocks hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
-    ``attn.relative_position_bias_table``, ``mlp`` ...), so state-dict keys, optimizers and weight tying are
-    unaffected, and compute the same numbers with fused window attention. Blocks are recognised by class name and
-    attributes, so timm is not imported. ``model`` may itself be a block. Returns the (possibly new) root module.
+    ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp`` ...), so state-dict keys, optimizers and
+    weight tying are unaffected, and compute the same numbers with fused window attention; timm's
+    ``set_input_size`` reaches them. Blocks are recognised by class name and attributes, so timm is not imported.
+    ``model`` may itself be a block. Returns the (possibly new) root module.
     """
-    if _is_timm_swin_block(model):
-        return swin_block_from_timm(model, backend)
+    converted = _convert_timm_block(model, backend)
+    if converted is not None:
+        return converted
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_timm_swin_block(child):
-                setattr(parent, name, swin_block_from_timm(child, backend))
+            converted = _convert_timm_block(child, backend)
+            if converted is not None:
+                setattr(parent, name, converted)
     return model
+
+
+def _convert_timm_block(module: nn.Module, backend: Optional[str]) -> Optional[nn.Module]:
+    """The vitkernels block replacing ``module`` if it is a timm Swin (V1 or V2) block, else None."""
+    if _is_timm_swin_block(module):
+        return swin_block_from_timm(module, backend)
+    if _is_timm_swin_v2_block(module):
+        return swin_v2_block_from_timm(module, backend)
+    return None
 
 
 def _is_timm_swin_block(module: nn.Module) -> bool:
@@ -163,6 +176,69 @@ def window_attention_from_timm(attn: nn.Module, backend: Optional[str] = None) -
     new.attn_drop = attn.attn_drop
     new.proj = attn.proj
     new.proj_drop = attn.proj_drop
+    new.train(attn.training)
+    return new
+
+
+def _is_timm_swin_v2_block(module: nn.Module) -> bool:
+    from vitkernels.modules.swin_v2 import SwinTransformerV2Block
+
+    return (
+        type(module).__name__ == "SwinTransformerV2Block"
+        and not isinstance(module, SwinTransformerV2Block)
+        and hasattr(module, "attn")
+        and hasattr(module.attn, "cpb_mlp")
+        and hasattr(module.attn, "logit_scale")
+        and hasattr(module, "shift_size")
+    )
+
+
+def swin_v2_block_from_timm(block: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.SwinV2Block` sharing a timm ``SwinTransformerV2Block``'s submodules, configuration and
+    buffers (submodules registered in timm's order, so the state dict's key order is timm's too)."""
+    from vitkernels.modules.swin_v2 import SwinTransformerV2Block
+
+    new = SwinTransformerV2Block.__new__(SwinTransformerV2Block)
+    nn.Module.__init__(new)
+    for name in ("dim", "input_resolution", "num_heads", "target_shift_size", "always_partition", "dynamic_mask",
+                 "window_size", "shift_size", "window_area", "mlp_ratio"):
+        setattr(new, name, getattr(block, name))
+    new._backend = backend
+    new.attn = window_attention_v2_from_timm(block.attn, backend)
+    new.norm1 = block.norm1
+    new.drop_path1 = block.drop_path1
+    new.mlp = block.mlp
+    new.norm2 = block.norm2
+    new.drop_path2 = block.drop_path2
+    new.register_buffer("attn_mask", block.attn_mask, persistent=False)
+    new.train(block.training)
+    return new
+
+
+def window_attention_v2_from_timm(attn: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.WindowAttentionV2` sharing a timm V2 ``WindowAttention``'s parameters and buffers."""
+    from vitkernels.modules.swin_v2 import WindowAttentionV2
+
+    new = WindowAttentionV2.__new__(WindowAttentionV2)
+    nn.Module.__init__(new)
+    new.dim = attn.dim
+    new.window_size = tuple(attn.window_size)
+    new.pretrained_window_size = tuple(attn.pretrained_window_size)
+    new.num_heads = attn.num_heads
+    new.qkv_bias_separate = getattr(attn, "qkv_bias_separate", False)
+    new.backend = backend
+    new.logit_scale = attn.logit_scale
+    new.cpb_mlp = attn.cpb_mlp
+    new.qkv = attn.qkv
+    new.q_bias = attn.q_bias
+    new.register_buffer("k_bias", attn.k_bias, persistent=False)
+    new.v_bias = attn.v_bias
+    new.attn_drop = attn.attn_drop
+    new.proj = attn.proj
+    new.proj_drop = attn.proj_drop
+    new.softmax = attn.softmax
+    new.register_buffer("relative_coords_table", attn.relative_coords_table, persistent=False)
+    new.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
     new.train(attn.training)
     return new
 

@@ -10,4 +10,5 @@ from vitkernels.ops import masking  # noqa: F401
 from vitkernels.ops import msn_loss  # noqa: F401
 from vitkernels.ops import patch_embed  # noqa: F401
 from vitkernels.ops import window_attention  # noqa: F401
+from vitkernels.ops import window_attention_v2  # noqa: F401
 from vitkernels.ops import window_partition  # noqa: F401

@@ -1,0 +1,57 @@
+// Host-side reductions of the CPU window attention backwards (V2 in window_attention_v2.cpp; V1's
+// window_attention.cpp does the same inline and can call these): per-thread double accumulators over windows ->
+// the relative-position table gradient and the qkv-bias gradient.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "vitkernels/window_attention_args.h"
+
+namespace vitkernels {
+namespace cpu {
+
+// d_bias holds `threads` blocks of (nH, N, N) sums of dS; returns the (table_rows, nH) table gradient in the
+// table's dtype (summed in double, scattered by relative position).
+inline at::Tensor reduce_table_grad(const WindowAttentionProblem& p, const std::vector<double>& d_bias,
+                                    int64_t threads, const at::Tensor& table) {
+  at::Tensor grad = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
+  double* gt = grad.mutable_data_ptr<double>();
+  const int64_t NN = p.N * p.N;
+  for (int64_t h = 0; h < p.nH; ++h) {
+    for (int64_t ij = 0; ij < NN; ++ij) {
+      double sum = 0;
+      for (int64_t t = 0; t < threads; ++t) sum += d_bias[(t * p.nH + h) * NN + ij];
+      gt[p.g.relative_index(ij / p.N, ij % p.N) * p.nH + h] += sum;
+    }
+  }
+  return grad.to(table.scalar_type());
+}
+
+// d_pad holds `threads` blocks of (nH, 2, hd) sums of padded tokens' (dk, dv); returns the (3C) qkv-bias gradient
+// in its dtype (the q part is zero: padded queries are cropped), or an empty tensor without a qkv bias.
+inline at::Tensor reduce_qkv_bias_grad(const WindowAttentionProblem& p, const std::vector<double>& d_pad,
+                                       int64_t threads, const at::Tensor& qkv,
+                                       const std::optional<at::Tensor>& qkv_bias) {
+  if (!qkv_bias.has_value()) return at::empty({0}, qkv.options());
+  at::Tensor grad = at::zeros({3 * p.C}, qkv.options().dtype(at::kDouble));
+  double* g = grad.mutable_data_ptr<double>();
+  for (int64_t h = 0; h < p.nH; ++h) {
+    for (int64_t d = 0; d < p.hd; ++d) {
+      for (int64_t t = 0; t < threads; ++t) {
+        const double* pad = d_pad.data() + (t * p.nH + h) * 2 * p.hd;
+        g[p.C + h * p.hd + d] += pad[d];
+        g[2 * p.C + h * p.hd + d] += pad[p.hd + d];
+      }
+    }
+  }
+  return grad.to(qkv_bias->scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

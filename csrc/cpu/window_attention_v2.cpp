@@ -1,0 +1,298 @@
+// Swin V2 (shifted) window attention on CPU, fused: scaled cosine attention with a continuous position bias, from the
+// qkv Linear's output in original NHWC token order to the attention output in original order (semantics:
+// vitkernels/reference/window_attention_v2.py), forward and backward.
+//
+// V1's design (csrc/cpu/window_attention.cpp), shared rather than copied: the window addressing is WindowGeometry's
+// (shift, padding, partition and mask regions: csrc/include/vitkernels/window_geometry.h), the argument checks are
+// window_attention_args.h's, the vector math and register-tiled GEMM are window_attention_kernel.h's (included below
+// per instruction set), and the instruction set is the one V1's kernels run (VITKERNELS_CPU_ISA caps both). One task
+// is one window; each thread gathers the window's qkv rows, L2-normalises each head's q and k, computes
+// S = tau q^ k^T + bias + mask, the softmax and P v in cache-resident scratch, and stores the output rows back at the
+// tokens they came from. The bias table (16 sigmoid of the cpb MLP, computed by PyTorch) is expanded once per call
+// into (nH, N, N) rows. The backward recomputes P from the saved log-sum-exp and reduces the bias and scale
+// gradients over windows in per-thread double accumulators.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "flush_denormals.h"
+#include "window_attention_grads.h"
+#include "vitkernels/window_attention_args.h"
+#include "vitkernels/window_geometry.h"
+
+namespace vitkernels {
+namespace cpu {
+
+constexpr int64_t kPad = 16;         // scratch strides are multiples of 16 elements (as V1: whole 64-byte vectors)
+constexpr double kMaskValue = -100;  // timm / official Swin: added across regions of the shifted image
+constexpr double kNormEps = 1e-12;   // F.normalize's eps
+
+// V1's per-task arguments (window_attention.cpp). window_attention_kernel.h, included below for its vector math and
+// GEMM, names them in its V1 kernels, which this file never instantiates: a declaration is all it needs.
+template <typename S, typename T>
+struct WindowAttentionArgs;
+
+// Everything a V2 task needs; S is the storage type, T the compute type (float, or double for double).
+template <typename S, typename T>
+struct WindowAttentionV2Args {
+  WindowGeometry g;
+  int64_t N, nH, hd, C;  // tokens per window, heads, head dim, nH * hd
+  bool shifted;
+  const S* qkv;          // (B, H, W, 3C)
+  const S* pad_row;      // (3C): what a padded token's q, k, v are (the qkv Linear's bias, or zeros)
+  const T* bias_rows;    // (nH, N, NP): table[rel(i, j), h], -inf for the padding columns j >= N
+  const T* scale;        // (nH): tau, the multiplier of the cosine similarities
+  T* lse;                // (B * nW, nH, N)
+  S* out;                // forward: (B, H, W, C)
+  const S* grad_out;     // backward: (B, H, W, C)
+  const S* out_in;       // backward: the forward's output
+  S* grad_qkv;           // backward: (B, H, W, 3C)
+};
+
+std::string window_attention_cpu_isa();  // window_attention.cpp: the instruction set the window kernels run
+
+}  // namespace cpu
+}  // namespace vitkernels
+
+// --- the kernel body, once per instruction set (namespaces of their own: V1's TU has its own copies) --------------
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VK_CPU_X86 1
+#endif
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#ifdef VK_CPU_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#endif
+#define VK_CPU_ISA v2_avx512
+#define VK_CPU_MR 6
+#define VK_CPU_NV 2
+#include "window_attention_kernel.h"
+#include "window_attention_v2_kernel.h"
+#undef VK_CPU_ISA
+#undef VK_CPU_MR
+#undef VK_CPU_NV
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define VK_CPU_ISA v2_avx2
+#define VK_CPU_MR 4
+#define VK_CPU_NV 1
+#include "window_attention_kernel.h"
+#include "window_attention_v2_kernel.h"
+#undef VK_CPU_ISA
+#undef VK_CPU_MR
+#undef VK_CPU_NV
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // VK_CPU_X86
+
+#define VK_CPU_ISA v2_baseline
+#define VK_CPU_MR 2
+#define VK_CPU_NV 1
+#include "window_attention_kernel.h"
+#include "window_attention_v2_kernel.h"
+#undef VK_CPU_ISA
+#undef VK_CPU_MR
+#undef VK_CPU_NV
+
+#pragma GCC diagnostic pop
+
+namespace vitkernels {
+namespace cpu {
+namespace {
+
+using Problem = WindowAttentionProblem;
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa v2_isa() {
+  const std::string name = window_attention_cpu_isa();
+  return name == "avx512" ? Isa::kAvx512 : (name == "avx2" ? Isa::kAvx2 : Isa::kBaseline);
+}
+
+// The problem of a call: V1's checks (qkv, the ((2wh-1)(2ww-1), nH) table, qkv_bias, window, shift, heads), plus
+// the (nH,) scale.
+Problem check_v2_args(const char* op, const at::Tensor& qkv, const at::Tensor& bias_table, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& qkv_bias, at::IntArrayRef window_size,
+                      at::IntArrayRef shift_size, int64_t num_heads) {
+  const Problem p = check_window_attention_args(op, qkv, bias_table, qkv_bias, window_size, shift_size, num_heads);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == num_heads, op, ": scale must be (", num_heads, "), got ",
+              scale.sizes());
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()) && at::isFloatingType(bias_table.scalar_type()), op,
+              ": bias_table and scale must be floating tensors");
+  check_same_device(op, qkv, scale, "scale");
+  return p;
+}
+
+// (nH, N, NP) rows of the bias, -inf in the padding columns (they then drop out of the softmax).
+template <typename T>
+std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
+  const int64_t NP = v2_baseline::ScratchV2<T>::round(p.N);
+  const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* tab = t.const_data_ptr<T>();
+  std::vector<T> rows(p.nH * p.N * NP, -std::numeric_limits<T>::infinity());
+  for (int64_t h = 0; h < p.nH; ++h)
+    for (int64_t i = 0; i < p.N; ++i)
+      for (int64_t j = 0; j < p.N; ++j) rows[(h * p.N + i) * NP + j] = tab[p.g.relative_index(i, j) * p.nH + h];
+  return rows;
+}
+
+template <typename S, typename T>
+WindowAttentionV2Args<S, T> make_args(const Problem& p, const at::Tensor& qkv, const at::Tensor& pad_row,
+                                      const std::vector<T>& bias_rows, const at::Tensor& scale, at::Tensor& lse) {
+  WindowAttentionV2Args<S, T> a{};
+  a.g = p.g;
+  a.N = p.N; a.nH = p.nH; a.hd = p.hd; a.C = p.C;
+  a.shifted = p.g.shift_h > 0 || p.g.shift_w > 0;
+  a.qkv = qkv.const_data_ptr<S>();
+  a.pad_row = pad_row.const_data_ptr<S>();
+  a.bias_rows = bias_rows.data();
+  a.scale = scale.const_data_ptr<T>();
+  a.lse = lse.mutable_data_ptr<T>();
+  return a;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_v2_cpu(const at::Tensor& qkv_in, const at::Tensor& bias_table,
+                                                           const at::Tensor& scale_in,
+                                                           const std::optional<at::Tensor>& qkv_bias,
+                                                           at::IntArrayRef window_size, at::IntArrayRef shift_size,
+                                                           int64_t num_heads) {
+  const Problem p = check_v2_args("window_attention_v2", qkv_in, bias_table, scale_in, qkv_bias, window_size,
+                                  shift_size, num_heads);
+  const at::Tensor qkv = qkv_in.contiguous();
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
+  const auto acc = window_attention_acc_type(qkv);
+  const at::Tensor scale = scale_in.to(acc).contiguous();
+  at::Tensor out = at::empty(p.out_shape(), qkv.options());
+  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(acc));
+  if (p.windows() == 0) return {out, lse};
+  const Isa isa = v2_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_v2_cpu",
+                                  [&] {
+    using T = at::opmath_type<scalar_t>;
+    const std::vector<T> bias_rows = expand_bias<T>(p, bias_table);
+    auto a = make_args<scalar_t, T>(p, qkv, pad_row, bias_rows, scale, lse);
+    a.out = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
+      const ScopedFlushDenormals ftz(std::is_same<T, float>::value);
+      std::vector<T> scratch(v2_baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));  // zero: padding stays zero
+      std::vector<int64_t> source(p.N);
+      switch (isa) {
+#ifdef VK_CPU_X86
+        case Isa::kAvx512: v2_avx512::forward_windows_v2(a, begin, end, scratch.data(), source.data()); break;
+        case Isa::kAvx2: v2_avx2::forward_windows_v2(a, begin, end, scratch.data(), source.data()); break;
+#endif
+        default: v2_baseline::forward_windows_v2(a, begin, end, scratch.data(), source.data());
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& bias_table, const at::Tensor& scale_in,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_in, const at::Tensor& lse_in,
+    at::IntArrayRef window_size, at::IntArrayRef shift_size, int64_t num_heads) {
+  const char* op = "window_attention_v2_backward";
+  const Problem p = check_v2_args(op, qkv_in, bias_table, scale_in, qkv_bias, window_size, shift_size, num_heads);
+  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
+  const at::Tensor qkv = qkv_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
+  const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
+  at::Tensor lse = lse_in.contiguous();
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
+  const at::Tensor scale = scale_in.to(window_attention_acc_type(qkv)).contiguous();
+  at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
+  const int64_t threads = at::get_num_threads();
+  // Per-thread sums over windows: d_bias (nH, N, N), d_scale (nH) and the padded tokens' (dk, dv) (nH, 2, hd).
+  std::vector<double> d_bias(threads * p.nH * p.N * p.N, 0.0);
+  std::vector<double> d_scale(threads * p.nH, 0.0);
+  std::vector<double> d_pad(threads * p.nH * 2 * p.hd, 0.0);
+  const Isa isa = v2_isa();
+  if (p.windows() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(),
+                                    "vitkernels_window_attention_v2_bwd_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const std::vector<T> bias_rows = expand_bias<T>(p, bias_table);
+      auto a = make_args<scalar_t, T>(p, qkv, pad_row, bias_rows, scale, lse);
+      a.grad_out = grad_out.const_data_ptr<scalar_t>();
+      a.out_in = out.const_data_ptr<scalar_t>();
+      a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid < threads, op, ": thread ", tid, " beyond the ", threads, " expected");
+        const ScopedFlushDenormals ftz(std::is_same<T, float>::value);
+        std::vector<T> scratch(v2_baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));
+        std::vector<int64_t> source(p.N);
+        double* bias_acc = d_bias.data() + tid * p.nH * p.N * p.N;
+        double* scale_acc = d_scale.data() + tid * p.nH;
+        double* pad_acc = d_pad.data() + tid * p.nH * 2 * p.hd;
+        switch (isa) {
+#ifdef VK_CPU_X86
+          case Isa::kAvx512:
+            v2_avx512::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc, pad_acc);
+            break;
+          case Isa::kAvx2:
+            v2_avx2::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc, pad_acc);
+            break;
+#endif
+          default:
+            v2_baseline::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc,
+                                             pad_acc);
+        }
+      });
+    });
+  }
+  // Reduce the threads' sums: table gradient by relative position, d scale, d qkv_bias.
+  at::Tensor grad_scale = at::zeros({p.nH}, scale_in.options().dtype(at::kDouble));
+  double* gs = grad_scale.mutable_data_ptr<double>();
+  for (int64_t h = 0; h < p.nH; ++h)
+    for (int64_t t = 0; t < threads; ++t) gs[h] += d_scale[t * p.nH + h];
+  return {grad_qkv, reduce_table_grad(p, d_bias, threads, bias_table), grad_scale.to(scale_in.scalar_type()),
+          reduce_qkv_bias_grad(p, d_pad, threads, qkv, qkv_bias)};
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("window_attention_v2", &window_attention_v2_cpu);
+  m.impl("window_attention_v2_backward", &window_attention_v2_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

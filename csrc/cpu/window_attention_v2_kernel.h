@@ -1,0 +1,278 @@
+// Body of the CPU Swin V2 window attention (csrc/cpu/window_attention_v2.cpp): the per-window forward and backward,
+// written once and compiled once per instruction set, like V1's window_attention_kernel.h, which must be included
+// first in the same VK_CPU_ISA namespace: this file uses its vector type Vec<T>, load / store / splat, vexp (exp with
+// the -80 flush), hmax / hsum and the register-tiled gemm. Deliberately no include guard.
+//
+// Before including, define VK_CPU_ISA, VK_CPU_MR, VK_CPU_NV (see window_attention_kernel.h) and window_attention_v2.cpp's
+// WindowAttentionV2Args.
+//
+// Math, per window w and head h (N tokens; padded tokens read `pad_row`, the qkv Linear's bias or zeros):
+//   rq_i = |q_i|, q^_i = q_i / max(rq_i, eps)  (likewise k; eps = 1e-12, F.normalize)
+//   S = tau_h q^ k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
+// backward, recomputing P = exp(S - lse) (delta_i = dO_i . O_i):
+//   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  d_table[rel, h] += dS,
+//   G = dS k^,  d tau_h += sum_i q^_i . G_i,  dq^ = tau G,  dk^ = tau dS^T q^,
+//   dq_i = (dq^_i - q^_i (q^_i . dq^_i)) / rq_i  where rq_i >= eps, else dq^_i / eps  (F.normalize's backward);
+//   likewise dk.
+//
+// fp32 math for fp32 / bf16 / fp16 storage (double for double). Matrices live in per-thread scratch whose row
+// strides are multiples of 16 elements (whole 64-byte vectors), zero-padded, as V1's.
+
+namespace vitkernels {
+namespace cpu {
+namespace VK_CPU_ISA {
+
+#define VK_INLINE inline __attribute__((always_inline))
+
+// Scratch of one thread: the window's qkv rows (and, in the backward, its output-gradient rows), then one head's
+// matrices of N (or NP) rows with strides HDP (channels) or NP (keys), each 64-byte aligned and zero-padded.
+template <typename T>
+struct ScratchV2 {
+  T *rows, *grad_rows, *qn, *kn, *knt, *v, *vt, *dout, *p, *dp, *pt, *o, *gk, *dv, *norm_q, *norm_k, *region, *delta;
+  int64_t* source;
+
+  static int64_t round(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+  static int64_t size(int64_t N, int64_t nH, int64_t hd) {
+    const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
+    return N * round(3 * C) + N * round(C) + 7 * round(N * HDP) + 2 * round(HDP * NP) + 3 * round(N * NP) +
+           4 * NP + nH * NP + kPad;
+  }
+  ScratchV2(T* base, int64_t N, int64_t nH, int64_t hd, int64_t* source_rows) : source(source_rows) {
+    const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
+    T* at = base;
+    auto take = [&at](int64_t n) { T* p = at; at += round(n); return p; };
+    rows = take(N * round(3 * C)); grad_rows = take(N * round(C));
+    qn = take(N * HDP); kn = take(N * HDP); v = take(N * HDP); dout = take(N * HDP); o = take(N * HDP);
+    gk = take(N * HDP); dv = take(N * HDP);
+    knt = take(HDP * NP); vt = take(HDP * NP);
+    p = take(N * NP); dp = take(N * NP); pt = take(N * NP);
+    norm_q = take(NP); norm_k = take(NP); region = take(NP); delta = take(nH * NP);
+  }
+};
+
+// Window w: each token's source token (-1 for padding, WindowGeometry's addressing) and mask region, and its qkv
+// rows (a padded token's are `pad_row`), gathered once for all heads.
+template <typename S, typename T>
+VK_INLINE void gather_window_v2(const WindowAttentionV2Args<S, T>& a, int64_t w, ScratchV2<T>& s) {
+  const int64_t width = 3 * a.C, stride = s.round(width);
+  for (int64_t t = 0; t < a.N; ++t) {
+    int region;
+    s.source[t] = a.g.window_token(w, t, &region);
+    s.region[t] = static_cast<T>(region);
+    const S* src = s.source[t] >= 0 ? a.qkv + s.source[t] * width : a.pad_row;
+    T* dst = s.rows + t * stride;
+    for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<T>(src[c]);
+  }
+}
+
+// |x| of hd values; x / max(|x|, eps) into dst (F.normalize: a division, as torch does it). Returns |x|.
+template <typename T>
+VK_INLINE T normalize_row(const T* x, int64_t hd, T* dst) {
+  T ss = 0;
+  for (int64_t d = 0; d < hd; ++d) ss += x[d] * x[d];
+  const T norm = std::sqrt(ss);
+  const T denom = norm > static_cast<T>(kNormEps) ? norm : static_cast<T>(kNormEps);
+  for (int64_t d = 0; d < hd; ++d) dst[d] = x[d] / denom;
+  return norm;
+}
+
+// Head h's normalised q and k (rows; k also transposed), v as rows (v_rows) or transposed, and the norms |q_t|, |k_t|.
+template <typename S, typename T>
+VK_INLINE void load_head_v2(const WindowAttentionV2Args<S, T>& a, int64_t h, ScratchV2<T>& s, bool v_rows) {
+  const int64_t HDP = s.round(a.hd), NP = s.round(a.N), stride = s.round(3 * a.C), hd = a.hd;
+  for (int64_t t = 0; t < a.N; ++t) {
+    const T* row = s.rows + t * stride + h * hd;
+    s.norm_q[t] = normalize_row(row, hd, s.qn + t * HDP);
+    T* k = s.kn + t * HDP;
+    s.norm_k[t] = normalize_row(row + a.C, hd, k);
+    for (int64_t d = 0; d < hd; ++d) s.knt[d * NP + t] = k[d];
+    const T* vrow = row + 2 * a.C;
+    if (v_rows) {
+      T* v = s.v + t * HDP;
+      for (int64_t d = 0; d < hd; ++d) v[d] = vrow[d];
+    } else {
+      for (int64_t d = 0; d < hd; ++d) s.vt[d * NP + t] = vrow[d];
+    }
+  }
+}
+
+// Row i of S (NP entries; q^ k^T on entry) = tau * row + bias + mask; -inf past N (the bias rows carry it).
+template <typename S, typename T>
+VK_INLINE void scale_add_bias_and_mask(const WindowAttentionV2Args<S, T>& a, int64_t h, int64_t i, T tau, T* row,
+                                       const ScratchV2<T>& s) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t NP = s.round(a.N);
+  const T* bias = a.bias_rows + (h * a.N + i) * NP;
+  const V vtau = splat(tau);
+  if (a.shifted) {
+    const V region_i = splat(s.region[i]);
+    const V masked = splat(static_cast<T>(kMaskValue)), zero = V{};
+    for (int64_t j = 0; j < NP; j += L) {
+      store(row + j, load(row + j) * vtau + load(bias + j) + (load(s.region + j) != region_i ? masked : zero));
+    }
+  } else {
+    for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * vtau + load(bias + j));
+  }
+}
+
+// dx of F.normalize for one row, in place over g: dx^ = tau * g; (dx^ - x^ (x^ . dx^)) / |x| where |x| >= eps,
+// else dx^ / eps. Returns x^ . g (the row's share of d tau).
+template <typename T>
+VK_INLINE T normalize_backward_row(const T* x_hat, T* g, T norm, T tau, int64_t hd) {
+  T* dx = g;
+  T dot = 0;
+  for (int64_t d = 0; d < hd; ++d) dot += x_hat[d] * g[d];
+  if (norm >= static_cast<T>(kNormEps)) {
+    const T inv = T(1) / norm;
+    for (int64_t d = 0; d < hd; ++d) dx[d] = tau * (g[d] - x_hat[d] * dot) * inv;
+  } else {
+    const T inv = T(1) / static_cast<T>(kNormEps);
+    for (int64_t d = 0; d < hd; ++d) dx[d] = tau * g[d] * inv;
+  }
+  return dot;
+}
+
+// Forward of windows [begin, end).
+template <typename S, typename T>
+void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
+                        int64_t* source) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
+  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd);
+  const V neg_inf = splat(-std::numeric_limits<T>::infinity()), zero = V{};
+  for (int64_t w = begin; w < end; ++w) {
+    gather_window_v2(a, w, s);
+    for (int64_t h = 0; h < a.nH; ++h) {
+      load_head_v2(a, h, s, /*v_rows=*/true);
+      gemm<T>(N, NP, a.hd, s.qn, HDP, s.knt, NP, s.p, NP);  // q^ k^T
+      const T tau = a.scale[h];
+      T* lse = a.lse + (w * a.nH + h) * N;
+      for (int64_t i = 0; i < N; ++i) {
+        T* row = s.p + i * NP;
+        scale_add_bias_and_mask(a, h, i, tau, row, s);
+        V vmax = neg_inf;
+        for (int64_t j = 0; j < NP; j += L) { const V x = load(row + j); vmax = x > vmax ? x : vmax; }
+        const T m = hmax<T>(vmax);
+        V vsum = zero;
+        for (int64_t j = 0; j < NP; j += L) {
+          const V e = vexp(load(row + j) - m);  // 0 for the -inf padding columns
+          store(row + j, e);
+          vsum += e;
+        }
+        const T sum = hsum<T>(vsum);
+        const V inv = splat(T(1) / sum);
+        for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
+        lse[i] = m + std::log(sum);
+      }
+      gemm<T>(N, HDP, N, s.p, NP, s.v, HDP, s.o, HDP);  // O = P v
+      for (int64_t t = 0; t < N; ++t) {
+        if (s.source[t] < 0) continue;
+        S* out = a.out + s.source[t] * a.C + h * a.hd;
+        const T* o = s.o + t * HDP;
+        for (int64_t d = 0; d < a.hd; ++d) out[d] = static_cast<S>(o[d]);
+      }
+    }
+  }
+}
+
+// Backward of windows [begin, end): writes dq, dk, dv of real tokens; adds dS into d_bias (nH, N, N), each head's
+// sum_i q^_i . G_i into d_scale (nH) and padded tokens' dk, dv into d_pad (nH, 2, hd): this thread's own double
+// accumulators.
+template <typename S, typename T>
+void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
+                         int64_t* source, double* d_bias, double* d_scale, double* d_pad) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
+  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
+  for (int64_t w = begin; w < end; ++w) {
+    gather_window_v2(a, w, s);
+    // dO rows and delta = rowsum(dO * O) per head; padded queries were cropped from the output: dO = 0.
+    for (int64_t t = 0; t < N; ++t) {
+      T* grad = s.grad_rows + t * grad_stride;
+      if (s.source[t] >= 0) {
+        const S* g = a.grad_out + s.source[t] * C;
+        const S* o = a.out_in + s.source[t] * C;
+        for (int64_t h = 0; h < a.nH; ++h) {
+          T delta = 0;
+          for (int64_t d = h * hd; d < (h + 1) * hd; ++d) {
+            grad[d] = static_cast<T>(g[d]);
+            delta += grad[d] * static_cast<T>(o[d]);
+          }
+          s.delta[h * NP + t] = delta;
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) grad[c] = 0;
+        for (int64_t h = 0; h < a.nH; ++h) s.delta[h * NP + t] = 0;
+      }
+    }
+    for (int64_t h = 0; h < a.nH; ++h) {
+      load_head_v2(a, h, s, /*v_rows=*/false);
+      for (int64_t t = 0; t < N; ++t) {
+        const T* g = s.grad_rows + t * grad_stride + h * hd;
+        T* dout = s.dout + t * HDP;
+        for (int64_t d = 0; d < hd; ++d) dout[d] = g[d];
+      }
+      const T tau = a.scale[h];
+      // P = exp(S - lse), recomputed.
+      gemm<T>(N, NP, hd, s.qn, HDP, s.knt, NP, s.p, NP);
+      const T* lse = a.lse + (w * a.nH + h) * N;
+      for (int64_t i = 0; i < N; ++i) {
+        T* row = s.p + i * NP;
+        scale_add_bias_and_mask(a, h, i, tau, row, s);
+        for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
+      }
+      // dV = P^T dO
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) s.pt[j * NP + i] = s.p[i * NP + j];
+      gemm<T>(N, HDP, N, s.pt, NP, s.dout, HDP, s.dv, HDP);
+      // dP = dO v^T;  dS = P * (dP - delta), into dp;  d_bias += dS
+      gemm<T>(N, NP, hd, s.dout, HDP, s.vt, NP, s.dp, NP);
+      double* d_bias_h = d_bias + h * N * N;
+      for (int64_t i = 0; i < N; ++i) {
+        T* dp = s.dp + i * NP;
+        const T* p = s.p + i * NP;
+        const V delta = splat(s.delta[h * NP + i]);
+        for (int64_t j = 0; j < NP; j += L) store(dp + j, load(p + j) * (load(dp + j) - delta));
+        double* acc = d_bias_h + i * N;
+        for (int64_t j = 0; j < N; ++j) acc[j] += static_cast<double>(dp[j]);
+      }
+      // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
+      gemm<T>(N, HDP, N, s.dp, NP, s.kn, HDP, s.o, HDP);
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) s.pt[j * NP + i] = s.dp[i * NP + j];
+      gemm<T>(N, HDP, N, s.pt, NP, s.qn, HDP, s.gk, HDP);
+      double scale_acc = 0;
+      for (int64_t t = 0; t < N; ++t) {
+        T* dq = s.o + t * HDP;  // G_t, turned into dq_t in place
+        T* dk = s.gk + t * HDP;
+        scale_acc += static_cast<double>(normalize_backward_row(s.qn + t * HDP, dq, s.norm_q[t], tau, hd));
+        normalize_backward_row(s.kn + t * HDP, dk, s.norm_k[t], tau, hd);
+        const T* dv = s.dv + t * HDP;
+        if (s.source[t] >= 0) {
+          S* g = a.grad_qkv + s.source[t] * 3 * C + h * hd;
+          for (int64_t d = 0; d < hd; ++d) {
+            g[d] = static_cast<S>(dq[d]);
+            g[C + d] = static_cast<S>(dk[d]);
+            g[2 * C + d] = static_cast<S>(dv[d]);
+          }
+        } else {  // a padded token's k and v are the qkv bias: their gradients go to it (its q gets none: dO = 0)
+          double* pad = d_pad + h * 2 * hd;
+          for (int64_t d = 0; d < hd; ++d) {
+            pad[d] += static_cast<double>(dk[d]);
+            pad[hd + d] += static_cast<double>(dv[d]);
+          }
+        }
+      }
+      d_scale[h] += scale_acc;
+    }
+  }
+}
+
+#undef VK_INLINE
+
+}  // namespace VK_CPU_ISA
+}  // namespace cpu
+}  // namespace vitkernels

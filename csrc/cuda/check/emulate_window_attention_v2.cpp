@@ -1,0 +1,43 @@
+// C entry points over the Swin V2 CUDA launchers (window_attention_v2.cuh) for the CPU emulation of CUDA
+// (emulate_window_attention_v2.py): compiled with g++ against the emulated runtime in emulate/, so the real launchers
+// and kernel bodies run on the CPU; the caller mirrors the torch binding (window_attention_v2.cu). Never part of the
+// extension.
+#include <cstdint>
+#include "window_attention_v2.cuh"
+using vitkernels::WindowGeometry;
+using namespace vitkernels::cuda;
+namespace {
+WindowAttentionShape shape_of(const int64_t* d) {
+  return make_window_attention_shape(WindowGeometry::make(d[0], d[1], d[2], d[3], d[4], d[5], d[6]), d[7], d[8]);
+}
+template <typename F> int dispatch(int dtype, F&& f) {
+  switch (dtype) { case 0: return f(float{}); case 1: return f(double{}); case 2: return f(__half{});
+    case 3: return f(__nv_bfloat16{}); default: return -1; }
+}
+}
+extern "C" {
+int64_t vk2_chunks(const int64_t* dims) { return window_attention_blocks(shape_of(dims)).chunks; }
+int64_t vk2_pad_partials(const int64_t* dims, int64_t per_group) { return window_attention_pad_partials(shape_of(dims), per_group); }
+int vk2_fwd(int dtype, const void* qkv, const void* pad_row, const void* table, const void* scale, void* out, void* lse,
+            const int64_t* dims) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag); using A = typename Acc<T>::type;
+    return static_cast<int>(launch_window_attention_v2_fwd<T>(static_cast<const T*>(qkv), static_cast<const T*>(pad_row),
+        static_cast<const A*>(table), static_cast<const A*>(scale), static_cast<T*>(out), static_cast<A*>(lse), shape_of(dims), nullptr));
+  });
+}
+int vk2_bwd(int dtype, const void* grad_out, const void* qkv, const void* pad_row, const void* table, const void* scale,
+            const void* out, const void* lse, void* delta, void* grad_qkv, void* d_scale, void* d_bias, void* d_pad,
+            const int64_t* dims, int64_t per_group) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag); using A = typename Acc<T>::type;
+    return static_cast<int>(launch_window_attention_v2_bwd<T>(static_cast<const T*>(grad_out), static_cast<const T*>(qkv),
+        static_cast<const T*>(pad_row), static_cast<const A*>(table), static_cast<const A*>(scale), static_cast<const T*>(out),
+        static_cast<const A*>(lse), static_cast<A*>(delta), static_cast<T*>(grad_qkv), static_cast<A*>(d_scale),
+        static_cast<A*>(d_bias), static_cast<A*>(d_pad), shape_of(dims), per_group, nullptr));
+  });
+}
+int vk2_bias_grad(const double* d_bias, double* grad_table, int64_t wh, int64_t ww, int64_t nH) {
+  return static_cast<int>(launch_window_attention_bias_grad(d_bias, grad_table, wh, ww, nH, nullptr));
+}
+}
