@@ -288,7 +288,7 @@ def test_native_is_the_cpu_default():
         (dict(qkv=torch.randn(1, 8, 8, 95)), "is not 3 \\* num_heads \\* head_dim"),
         (dict(bias_table=torch.randn(224, 1)), "relative_position_bias_table must be"),
         (dict(scale=torch.randn(2)), "scale must be \\(1\\)"),
-        (dict(window_size=[8, 8, 8]), "window_size and shift_size must be pairs"),
+        (dict(window_size=[8, 8, 8]), "window_size must be a pair"),
         (dict(shift_size=[8, 0]), "0 <= shift < window_size"),
         (dict(qkv_bias=torch.randn(5)), "qkv_bias must be"),
     ],
