@@ -1,0 +1,269 @@
+"""Run the window attention of Hugging Face ``transformers`` Swin models through vitkernels' fused op, in place.
+
+``patch_model(model)`` finds the Swin layers inside any model (``SwinModel``, ``SwinForImageClassification``,
+``SwinForMaskedImageModeling``, ``SwinBackbone``, ``DonutSwinModel`` and the models built on it, e.g. Donut's
+``VisionEncoderDecoderModel``; also ``MaskFormerSwinModel`` / ``MaskFormerSwinBackbone`` and CLAP's audio encoder,
+which share Donut's layer) and switches each layer's class to a subclass whose ``forward`` computes the attention
+branch as ``o_proj(window_attention(qkv(LN(x))))``: q, k, v from one matmul on the concatenated weights of the
+three Linear layers, then the fused op on the unshifted, unpartitioned map -- no roll, partition, mask or bias
+materialised. Nothing else changes: the same submodules and parameters (so state-dict keys, optimizers, weight
+tying, hooks, ``from_pretrained`` / ``save_pretrained``), the same numbers (fp32 rel. error ~1e-6), and the layers
+stay instances of their Hugging Face classes. ``unpatch_model`` restores the original classes.
+
+Exactly the layer's semantics, including its quirks:
+
+* the window and shift of ``set_shift_and_window_size`` (called as the layer does, it may shrink the window to the
+  smaller side of the map and drop the shift, and keeps that for later calls), ``always_partition``;
+* padding *before* the cyclic shift (``maybe_pad``; see :mod:`vitkernels.compat._window_attention`);
+* maps smaller than the window, where the layer's shrunk window no longer matches its bias table (the layer then
+  fails to broadcast), are left to the original code, which raises as before.
+
+Calls the fused op cannot serve run the original code: attention weights requested (``output_attentions=True``, as
+argument or config), ``head_mask`` (older layers), attention-probability dropout while training, an attention
+implementation other than the built-in ``eager`` / ``sdpa``. The dropout after the output projection
+(``hidden_dropout_prob`` / Donut's ``attention_probs_dropout_prob`` on the projected output) is applied in the
+original token order: the same distribution as the unpatched layer's, not the same random mask.
+
+Swin V2 layers (``Swinv2Model``, ``Swin2SR``: scaled cosine attention, continuous position bias) need the V2 op
+(``vitkernels.ops.window_attention_v2``, issue 16), which does not exist yet: they are left as they are and
+``patch_model`` warns (:class:`NotPatchedWarning`).
+
+``transformers`` is imported only when needed (``pip install vitkernels[transformers]``).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from typing import Dict, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from vitkernels.compat._window_attention import window_attention_pad_first
+
+
+class NotPatchedWarning(UserWarning):
+    """Some Swin layers of a model were left on their original code (the message says which and why)."""
+
+
+# class name -> (module, layout). Only these classes are patched: each was read and is tested against the real
+# package; a class of the same name elsewhere is not touched.
+_SUPPORTED: Dict[str, Tuple[str, str]] = {
+    "SwinLayer": ("transformers.models.swin.modeling_swin", "swin"),
+    "DonutSwinLayer": ("transformers.models.donut.modeling_donut_swin", "classic"),
+    "MaskFormerSwinLayer": ("transformers.models.maskformer.modeling_maskformer_swin", "classic"),
+    "ClapAudioLayer": ("transformers.models.clap.modeling_clap", "classic"),
+}
+# Swin V2 attention (cosine scores, logit scale, continuous position bias): needs the V2 op.
+_NEEDS_V2 = {"Swinv2Layer", "Swin2SRLayer"}
+_V2_REASON = ("Swin V2 attention (scaled cosine, continuous position bias) needs vitkernels.ops.window_attention_v2 "
+              "(issue 16), not available yet: left on the transformers code")
+# the keyword arguments the patched forwards understand (beyond hidden_states, input_dimensions)
+_KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
+                    "classic": {"output_attentions", "always_partition", "head_mask"}}
+_BUILTIN_ATTENTION = (None, "eager", "sdpa")
+
+_FUSED_CLASSES: Dict[type, type] = {}
+
+
+def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Switch every supported Swin layer inside ``model`` (or ``model`` itself) to the fused attention, in place.
+
+    ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``); it is stored on each layer as
+    ``layer.vitkernels_backend`` and can be changed there. Layers that cannot be patched are listed in a
+    :class:`NotPatchedWarning`. Patching twice is harmless. Returns ``model``.
+    """
+    left: Dict[str, List[str]] = {}
+    for name, module in model.named_modules():
+        reason = _patch_layer(module, backend)
+        if reason:
+            left.setdefault(reason, []).append(name or type(module).__name__)
+    for reason, names in left.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(f"vitkernels.compat.transformers.patch_model: {len(names)} layer(s) not patched ({shown}): "
+                      f"{reason}", NotPatchedWarning, stacklevel=2)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Give every patched layer inside ``model`` its original class back. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, _FusedLayer):
+            module.__class__ = module._vk_original_class
+            del module.vitkernels_backend
+    return model
+
+
+def is_patched(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer running the fused attention."""
+    return isinstance(module, _FusedLayer)
+
+
+def _patch_layer(module: nn.Module, backend: Optional[str]) -> Optional[str]:
+    """Patch ``module`` if it is a supported layer; return why not if it is a Swin layer that stays as is."""
+    cls = type(module)
+    if isinstance(module, _FusedLayer):
+        module.vitkernels_backend = backend
+        return None
+    if cls.__name__ in _NEEDS_V2 and cls.__module__.startswith("transformers."):
+        return _V2_REASON
+    spec = _SUPPORTED.get(cls.__name__)
+    if spec is None or cls.__module__ != spec[0]:
+        return None
+    fused = _fused_class(cls)
+    if isinstance(fused, str):
+        return fused
+    module.__class__ = fused
+    module.vitkernels_backend = backend
+    return None
+
+
+def _fused_class(cls: type):
+    """The fused subclass of a supported layer class (created once, importable from this module by name so that a
+    pickled patched model loads), or a string saying why the class cannot be patched."""
+    if cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls]
+    layout = _SUPPORTED[cls.__name__][1]
+    params = list(inspect.signature(cls.forward).parameters)
+    if params[:3] != ["self", "hidden_states", "input_dimensions"]:
+        return f"unexpected {cls.__name__}.forward signature {params}"
+    extra = params[3:]
+    unknown = set(extra) - _KNOWN_ARGUMENTS[layout]
+    if unknown:
+        return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
+    mixin = _FusedSwinLayer if layout == "swin" else _FusedClassicSwinLayer
+    fused = type(f"Fused{cls.__name__}", (mixin, cls), {
+        "__module__": __name__,
+        "__doc__": f"{cls.__name__} with its window attention on the fused op (vitkernels.compat.transformers).",
+        "_vk_original_class": cls,
+        "_vk_argument_names": tuple(extra),
+    })
+    _FUSED_CLASSES[cls] = fused
+    return fused
+
+
+def __getattr__(name: str):
+    """``FusedSwinLayer`` etc.: the fused classes, resolved on demand (for unpickling)."""
+    if name.startswith("Fused") and name[len("Fused"):] in _SUPPORTED:
+        base = name[len("Fused"):]
+        cls = getattr(importlib.import_module(_SUPPORTED[base][0]), base)
+        fused = _fused_class(cls)
+        if isinstance(fused, str):
+            raise AttributeError(fused)
+        return fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- the patched forwards ------------------------------------------------------------------------------------------
+
+def _concat_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear):
+    """Weight (3C', C) and bias (3C') or None of one Linear computing q, k, v (a missing bias is zeros)."""
+    weight = torch.cat((query.weight, key.weight, value.weight))
+    biases = (query.bias, key.bias, value.bias)
+    if all(b is None for b in biases):
+        return weight, None
+    present = next(b for b in biases if b is not None)
+    return weight, torch.cat([b if b is not None else present.new_zeros(present.shape) for b in biases])
+
+
+def _window(layer: nn.Module, table_window) -> Optional[Tuple[int, int]]:
+    """The layer's current (square) window if it is the one its bias table was built for, else None."""
+    ws = layer.window_size
+    if isinstance(ws, bool) or not isinstance(ws, int) or (ws, ws) != tuple(table_window):
+        return None
+    return ws, ws
+
+
+def _attentions_requested(kwargs) -> bool:
+    """transformers >= 5 collects attention weights with hooks (``capture_outputs``) or takes the keyword."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+class _FusedLayer:
+    """Common base of the fused layer classes."""
+
+    vitkernels_backend: Optional[str] = None
+    _vk_original_class: Type[nn.Module]
+    _vk_argument_names: Tuple[str, ...] = ()
+
+    def _attention_branch(self, hidden_states, input_dimensions, query, key, value, table, table_window, num_heads,
+                          scale):
+        """(B, H, W, C) attention output before the output projection, or None if the window does not fit."""
+        window = _window(self, table_window)
+        if window is None:
+            return None
+        height, width = input_dimensions
+        batch, _, channels = hidden_states.shape
+        x = self.layernorm_before(hidden_states).view(batch, height, width, channels)
+        weight, bias = _concat_qkv(query, key, value)
+        shift = (int(self.shift_size),) * 2
+        return window_attention_pad_first(x, weight, bias, table, window, shift, num_heads, scale,
+                                          self.vitkernels_backend)
+
+
+class _FusedSwinLayer(_FusedLayer):
+    """transformers >= 5 ``SwinLayer``: ``attention.{q,k,v,o}_proj``, ``attention.relative_position_bias``, the
+    attention function chosen by ``config._attn_implementation``; post-projection ``dropout``, ``mlp``."""
+
+    def forward(self, hidden_states, input_dimensions, always_partition=False, **kwargs):
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        attention = self.attention
+        position_bias = attention.relative_position_bias
+        out = None
+        if not (
+            _attentions_requested(kwargs)
+            or (self.training and attention.attention_dropout > 0.0)
+            or getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
+        ):
+            out = self._attention_branch(
+                hidden_states, input_dimensions, attention.q_proj, attention.k_proj, attention.v_proj,
+                position_bias.relative_position_bias_table, position_bias.window_size,
+                attention.num_attention_heads, attention.scaling,
+            )
+        if out is None:
+            return super().forward(hidden_states, input_dimensions, always_partition, **kwargs)
+        batch, length, channels = hidden_states.shape
+        out = self.dropout(attention.o_proj(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(out)
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, None
+
+
+class _FusedClassicSwinLayer(_FusedLayer):
+    """``DonutSwinLayer`` (and the same layer in MaskFormer-Swin and CLAP audio): ``attention.self.{query,key,value}``
+    with the bias table, ``attention.output.{dense,dropout}``, ``intermediate`` / ``output``."""
+
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        options = dict(zip(self._vk_argument_names, args), **kwargs)
+        if not options.get("always_partition") and hasattr(self, "set_shift_and_window_size"):
+            self.set_shift_and_window_size(input_dimensions)
+        attention = self.attention.self
+        out = None
+        if not (
+            options.get("output_attentions")
+            or options.get("head_mask") is not None
+            or (self.training and attention.dropout.p > 0.0)
+        ):
+            out = self._attention_branch(
+                hidden_states, input_dimensions, attention.query, attention.key, attention.value,
+                attention.relative_position_bias_table, attention.window_size, attention.num_attention_heads,
+                attention.attention_head_size ** -0.5,
+            )
+        if out is None:
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        batch, length, channels = hidden_states.shape
+        projection = self.attention.output
+        out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(out)
+        layer_output = self.intermediate(self.layernorm_after(hidden_states))
+        return (hidden_states + self.output(layer_output),)
