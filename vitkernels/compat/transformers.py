@@ -32,24 +32,28 @@ Swin V2 layers (``Swinv2Model``, ``Swin2SR``: scaled cosine attention, continuou
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-import warnings
-from typing import Dict, List, Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from vitkernels.compat._patching import (
+    FusedClasses,
+    FusedModule,
+    NotPatchedWarning,
+    is_patched,
+    patch_modules,
+    switch_class,
+    unpatch_model,
+)
 from vitkernels.compat._window_attention import window_attention_pad_first
 
-
-class NotPatchedWarning(UserWarning):
-    """Some Swin layers of a model were left on their original code (the message says which and why)."""
-
+__all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
 # class name -> (module, layout). Only these classes are patched: each was read and is tested against the real
 # package; a class of the same name elsewhere is not touched.
-_SUPPORTED: Dict[str, Tuple[str, str]] = {
+_LAYOUTS = {
     "SwinLayer": ("transformers.models.swin.modeling_swin", "swin"),
     "DonutSwinLayer": ("transformers.models.donut.modeling_donut_swin", "classic"),
     "MaskFormerSwinLayer": ("transformers.models.maskformer.modeling_maskformer_swin", "classic"),
@@ -59,12 +63,25 @@ _SUPPORTED: Dict[str, Tuple[str, str]] = {
 _NEEDS_V2 = {"Swinv2Layer", "Swin2SRLayer"}
 _V2_REASON = ("Swin V2 attention (scaled cosine, continuous position bias) needs vitkernels.ops.window_attention_v2 "
               "(issue 16), not available yet: left on the transformers code")
-# the keyword arguments the patched forwards understand (beyond hidden_states, input_dimensions)
+# the arguments the patched forwards understand beyond (hidden_states, input_dimensions)
 _KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
                     "classic": {"output_attentions", "always_partition", "head_mask"}}
 _BUILTIN_ATTENTION = (None, "eager", "sdpa")
 
-_FUSED_CLASSES: Dict[type, type] = {}
+
+def _make_fused(cls: type):
+    layout = _LAYOUTS[cls.__name__][1]
+    params = list(inspect.signature(cls.forward).parameters)
+    if params[:3] != ["self", "hidden_states", "input_dimensions"]:
+        return f"unexpected {cls.__name__}.forward signature {params}"
+    unknown = set(params[3:]) - _KNOWN_ARGUMENTS[layout]
+    if unknown:
+        return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
+    mixin = _FusedSwinLayer if layout == "swin" else _FusedClassicSwinLayer
+    return mixin, {"_vk_argument_names": tuple(params[3:])}
+
+
+_FUSED = FusedClasses(__name__, {name: module for name, (module, _) in _LAYOUTS.items()}, _make_fused)
 
 
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
@@ -72,87 +89,30 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``); it is stored on each layer as
     ``layer.vitkernels_backend`` and can be changed there. Layers that cannot be patched are listed in a
-    :class:`NotPatchedWarning`. Patching twice is harmless. Returns ``model``.
+    :class:`NotPatchedWarning`. Patching twice is harmless (only the backend is updated). Returns ``model``.
     """
-    left: Dict[str, List[str]] = {}
-    for name, module in model.named_modules():
-        reason = _patch_layer(module, backend)
-        if reason:
-            left.setdefault(reason, []).append(name or type(module).__name__)
-    for reason, names in left.items():
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        warnings.warn(f"vitkernels.compat.transformers.patch_model: {len(names)} layer(s) not patched ({shown}): "
-                      f"{reason}", NotPatchedWarning, stacklevel=2)
-    return model
 
-
-def unpatch_model(model: nn.Module) -> nn.Module:
-    """Give every patched layer inside ``model`` its original class back. Returns ``model``."""
-    for module in model.modules():
-        if isinstance(module, _FusedLayer):
-            module.__class__ = module._vk_original_class
-            del module.vitkernels_backend
-    return model
-
-
-def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer running the fused attention."""
-    return isinstance(module, _FusedLayer)
-
-
-def _patch_layer(module: nn.Module, backend: Optional[str]) -> Optional[str]:
-    """Patch ``module`` if it is a supported layer; return why not if it is a Swin layer that stays as is."""
-    cls = type(module)
-    if isinstance(module, _FusedLayer):
-        module.vitkernels_backend = backend
+    def patch_one(module: nn.Module) -> Optional[str]:
+        cls = type(module)
+        if isinstance(module, FusedModule):
+            module.vitkernels_backend = backend
+            return None
+        if cls.__name__ in _NEEDS_V2 and cls.__module__.startswith("transformers."):
+            return _V2_REASON
+        if not _FUSED.matches(cls):
+            return None
+        fused = _FUSED.fused(cls)
+        if isinstance(fused, str):
+            return fused
+        switch_class(module, fused, backend)
         return None
-    if cls.__name__ in _NEEDS_V2 and cls.__module__.startswith("transformers."):
-        return _V2_REASON
-    spec = _SUPPORTED.get(cls.__name__)
-    if spec is None or cls.__module__ != spec[0]:
-        return None
-    fused = _fused_class(cls)
-    if isinstance(fused, str):
-        return fused
-    module.__class__ = fused
-    module.vitkernels_backend = backend
-    return None
 
-
-def _fused_class(cls: type):
-    """The fused subclass of a supported layer class (created once, importable from this module by name so that a
-    pickled patched model loads), or a string saying why the class cannot be patched."""
-    if cls in _FUSED_CLASSES:
-        return _FUSED_CLASSES[cls]
-    layout = _SUPPORTED[cls.__name__][1]
-    params = list(inspect.signature(cls.forward).parameters)
-    if params[:3] != ["self", "hidden_states", "input_dimensions"]:
-        return f"unexpected {cls.__name__}.forward signature {params}"
-    extra = params[3:]
-    unknown = set(extra) - _KNOWN_ARGUMENTS[layout]
-    if unknown:
-        return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
-    mixin = _FusedSwinLayer if layout == "swin" else _FusedClassicSwinLayer
-    fused = type(f"Fused{cls.__name__}", (mixin, cls), {
-        "__module__": __name__,
-        "__doc__": f"{cls.__name__} with its window attention on the fused op (vitkernels.compat.transformers).",
-        "_vk_original_class": cls,
-        "_vk_argument_names": tuple(extra),
-    })
-    _FUSED_CLASSES[cls] = fused
-    return fused
+    return patch_modules(model, patch_one, "vitkernels.compat.transformers.patch_model")
 
 
 def __getattr__(name: str):
     """``FusedSwinLayer`` etc.: the fused classes, resolved on demand (for unpickling)."""
-    if name.startswith("Fused") and name[len("Fused"):] in _SUPPORTED:
-        base = name[len("Fused"):]
-        cls = getattr(importlib.import_module(_SUPPORTED[base][0]), base)
-        fused = _fused_class(cls)
-        if isinstance(fused, str):
-            raise AttributeError(fused)
-        return fused
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _FUSED.resolve(name)
 
 
 # --- the patched forwards ------------------------------------------------------------------------------------------
@@ -187,11 +147,9 @@ def _attentions_requested(kwargs) -> bool:
     return collected is not None and "attentions" in collected
 
 
-class _FusedLayer:
+class _FusedLayer(FusedModule):
     """Common base of the fused layer classes."""
 
-    vitkernels_backend: Optional[str] = None
-    _vk_original_class: Type[nn.Module]
     _vk_argument_names: Tuple[str, ...] = ()
 
     def _attention_branch(self, hidden_states, input_dimensions, query, key, value, table, table_window, num_heads,
