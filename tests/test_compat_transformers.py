@@ -334,3 +334,30 @@ def test_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x).logits, patched(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["backbone", "masked-image-modeling"])
+def test_other_swin_heads(head):
+    """SwinBackbone (feature maps before downsampling) and SwinForMaskedImageModeling run the same patched layers."""
+    config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                     window_size=4, out_features=["stage1", "stage2"], encoder_stride=16)
+    if head == "backbone":
+        model, outputs = transformers.SwinBackbone(config), lambda out: out.feature_maps
+    else:
+        model, outputs = transformers.SwinForMaskedImageModeling(config), lambda out: (out.reconstruction,)
+    model = _perturb(model).eval()
+    patched = vkt.patch_model(copy.deepcopy(model))
+    assert sum(vkt.is_patched(m) for m in patched.modules()) == 4
+    x = torch.randn(2, 3, 32, 32)
+    for ours, theirs in zip(outputs(patched(x)), outputs(model(x))):
+        assert rel_err(ours, theirs) < 1e-4
+
+
+def test_bfloat16_autocast():
+    _native_or_skip("native")
+    model, x = build("swin", "pad+shift")
+    patched = vkt.patch_model(copy.deepcopy(model.eval()), backend="native")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        expected = model(x).logits
+        out = patched(x).logits
+    assert out.dtype == expected.dtype and rel_err(out, expected) < 3e-2
