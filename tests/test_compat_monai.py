@@ -8,41 +8,18 @@ import warnings
 import pytest
 import torch
 
-import vitkernels
 from vitkernels.compat import monai as vkm
 
-from helpers import triton_interpreter_or_cuda
+from helpers import (
+    assert_grads_close,
+    native_or_skip,
+    perturb_parameters,
+    rel_err,
+    triton_interpreter_or_cuda,
+)
 
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
 pytestmark = pytest.mark.monai
-
-
-def rel_err(actual, expected, floor=1e-30):
-    return ((actual.double() - expected.double()).norm() / max(expected.double().norm().item(), floor)).item()
-
-
-def assert_grads_close(patched, original, tol):
-    """Every parameter's gradient within ``tol`` relative error (against 1e-3 of the largest gradient for those that
-    are zero in exact arithmetic, such as the k bias)."""
-    grads = dict(patched.named_parameters())
-    expected = {name: p.grad for name, p in original.named_parameters() if p.grad is not None}
-    assert expected and all(grads[name].grad is not None for name in expected)
-    floor = 1e-3 * max(g.double().norm().item() for g in expected.values())
-    for name, grad in expected.items():
-        assert rel_err(grads[name].grad, grad, floor) < tol, name
-
-
-def _perturb(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
-    return model
-
-
-def _native_or_skip(backend):
-    if backend == "native" and not vitkernels._native.is_loaded():
-        pytest.skip(vitkernels._native.IMPORT_ERROR)
 
 
 def _run(model, x, *args, seed=1):
@@ -69,7 +46,7 @@ def swinunetr_2d(**overrides):
     kwargs = dict(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2, depths=(2, 2, 2, 2),
                   num_heads=(1, 2, 2, 4), dropout_path_rate=0.1)
     kwargs.update(overrides)
-    return _perturb(swin_unetr.SwinUNETR(**kwargs))
+    return perturb_parameters(swin_unetr.SwinUNETR(**kwargs), 0.1)
 
 
 def _run_encoder(encoder, x, seed=1):
@@ -89,7 +66,7 @@ def test_patched_swinunetr_2d_matches_unpatched(monkeypatch, backend, use_v2):
     encoder's are at ~1e-6). On a 32 x 64 input the four stages see 16x32, 8x16 (window 7, shift 3, padded before
     the shift), 4x8 (window shrunk to (4, 7) along H only: shift (0, 3), a slice of the bias table) and 2x4 (window
     shrunk along W: MONAI's sliced index, left to MONAI's code)."""
-    _native_or_skip(backend)
+    native_or_skip(backend)
     original = swinunetr_2d(use_v2=use_v2)
     patched = vkm.patch_model(copy.deepcopy(original), backend=backend)
     assert sum(vkm.is_patched(m) for m in patched.modules()) == 8
@@ -121,13 +98,13 @@ STAGE_CASES = [  # (H, W, window): MONAI BasicLayer (two blocks: unshifted, shif
 def _stage(window, dtype, dim=12, heads=3):
     layer = swin_unetr.BasicLayer(dim=dim, depth=2, num_heads=heads, window_size=window, drop_path=[0.0, 0.1],
                                   qkv_bias=True, downsample=None)
-    return _perturb(layer).to(dtype)
+    return perturb_parameters(layer, 0.1).to(dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("case", STAGE_CASES, ids=[f"{c[0]}x{c[1]}w{''.join(map(str, c[2]))}" for c in STAGE_CASES])
 def test_patched_stage_matches_monai_fp64(backend, case):
-    _native_or_skip(backend)
+    native_or_skip(backend)
     H, W, window = case
     original = _stage(window, torch.float64).train()
     patched = vkm.patch_model(copy.deepcopy(original), backend=backend)
@@ -155,7 +132,7 @@ def test_patched_stage_triton():
 def test_3d_swinunetr_is_left_as_is_with_a_warning(monkeypatch):
     model = swin_unetr.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3, depths=(2, 2, 2, 2),
                                  num_heads=(1, 2, 2, 4))
-    model = _perturb(model).eval()
+    model = perturb_parameters(model, 0.1).eval()
     x = torch.randn(1, 1, 64, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -191,7 +168,7 @@ def test_use_checkpoint_and_flash_attention_blocks():
     for kwargs in (dict(use_checkpoint=True), dict(use_flash_attention=True)):
         original = swin_unetr.BasicLayer(dim=12, depth=2, num_heads=3, window_size=(4, 4), drop_path=[0.0, 0.0],
                                          qkv_bias=True, downsample=None, **kwargs)
-        original = _perturb(original).train()
+        original = perturb_parameters(original, 0.1).train()
         patched = vkm.patch_model(copy.deepcopy(original))
         x = torch.randn(2, 12, 10, 9)
         assert rel_err(_run(patched, x), _run(original, x)) < 1e-4
@@ -226,7 +203,7 @@ def test_parameters_state_dict_unpatch_pickle():
 
 
 def test_block_compiles_fullgraph():
-    _native_or_skip("native")
+    native_or_skip("native")
     layer = vkm.patch_model(_stage((4, 4), torch.float32).eval(), backend="native")
     block = layer.blocks[1]
     mask = swin_unetr.compute_mask([12, 12], (4, 4), (2, 2), None)

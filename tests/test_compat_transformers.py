@@ -8,38 +8,18 @@ import warnings
 import pytest
 import torch
 
-import vitkernels
 from vitkernels.compat import transformers as vkt
 
-from helpers import triton_interpreter_or_cuda
+from helpers import (
+    assert_grads_close,
+    native_or_skip,
+    perturb_parameters,
+    rel_err,
+    triton_interpreter_or_cuda,
+)
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
-    """||actual - expected|| / max(||expected||, floor)."""
-    return ((actual.double() - expected.double()).norm() / max(expected.double().norm().item(), floor)).item()
-
-
-def assert_grads_close(patched, original, tol):
-    """Every parameter's gradient within ``tol`` relative error; a gradient that is zero in exact arithmetic (the k
-    bias: it adds the same q.b_k to a whole row of scores) is compared against 1e-3 of the largest one instead."""
-    grads = dict(patched.named_parameters())
-    expected = {name: p.grad for name, p in original.named_parameters() if p.grad is not None}
-    assert expected and all(grads[name].grad is not None for name in expected)
-    floor = 1e-3 * max(g.double().norm().item() for g in expected.values())
-    for name, grad in expected.items():
-        assert rel_err(grads[name].grad, grad, floor) < tol, name
-
-
-def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (HF zero-initialises the bias tables, which would hide a wrong bias)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    return model
 
 
 # geometry: (image, patch, window) -> stage maps
@@ -63,7 +43,7 @@ def build(kind: str, geometry: str, dtype=torch.float32, **overrides):
         model = transformers.MaskFormerSwinModel(transformers.MaskFormerSwinConfig(**common))
     else:
         raise ValueError(kind)
-    return _perturb(model).to(dtype), torch.randn(2, 3, image, image, dtype=dtype)
+    return perturb_parameters(model, 0.3).to(dtype), torch.randn(2, 3, image, image, dtype=dtype)
 
 
 def _output(out):
@@ -91,11 +71,6 @@ def _check_patched_matches(original, x, backend, out_tol, grad_tol, train=True):
     return patched
 
 
-def _native_or_skip(backend):
-    if backend == "native" and not vitkernels._native.is_loaded():
-        pytest.skip(vitkernels._native.IMPORT_ERROR)
-
-
 MODEL_CASES = [(kind, geometry) for kind in ("swin", "donut") for geometry in GEOMETRIES] + [
     ("maskformer", "pad+shift"), ("maskformer", "map=window")]  # MaskFormer-Swin never shrinks: 4x4 map, shift 2
 
@@ -105,7 +80,7 @@ MODEL_CASES = [(kind, geometry) for kind in ("swin", "donut") for geometry in GE
 def test_patched_model_matches_unpatched_fp32(kind, geometry, backend):
     """The issue's criterion: fp32 outputs rel. err < 1e-4, gradients (input and every parameter) < 1e-3, in
     training mode with drop path on."""
-    _native_or_skip(backend)
+    native_or_skip(backend)
     model, x = build(kind, geometry)
     _check_patched_matches(model, x, backend, 1e-4, 1e-3)
 
@@ -115,7 +90,7 @@ def test_patched_model_matches_unpatched_fp32(kind, geometry, backend):
 def test_patched_model_matches_unpatched_fp64(kind, backend):
     """In float64 the patched model is the same function to ~1e-12: any semantic difference (pad order, mask,
     window clamp) would show here even where fp32 noise could hide it."""
-    _native_or_skip(backend)
+    native_or_skip(backend)
     model, x = build(kind, "pad+shift", torch.float64)
     _check_patched_matches(model, x, backend, 1e-11, 1e-10)
 
@@ -274,7 +249,7 @@ def test_swin_v2_layers_are_left_as_is_with_a_warning(kind):
         config = transformers.Swin2SRConfig(image_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4,
                                             upscale=2)
         model, x = transformers.Swin2SRModel(config), torch.randn(1, 3, 16, 16)
-    model = _perturb(model).eval()
+    model = perturb_parameters(model, 0.3).eval()
     expected = model(x).last_hidden_state
     with pytest.warns(vkt.NotPatchedWarning, match="window_attention_v2"):
         vkt.patch_model(model)
@@ -286,7 +261,7 @@ def test_clap_audio_encoder():
     config = transformers.ClapAudioConfig(window_size=4, num_mel_bins=16, spec_size=32, patch_size=4,
                                           patch_stride=(4, 4), hidden_size=32, depths=[2, 2], num_attention_heads=[1, 2],
                                           patch_embeds_hidden_size=16, enable_fusion=False, hidden_dropout_prob=0.0)
-    model = _perturb(transformers.ClapAudioModel(config)).eval()
+    model = perturb_parameters(transformers.ClapAudioModel(config), 0.3).eval()
     patched = vkt.patch_model(copy.deepcopy(model))
     assert sum(vkt.is_patched(m) for m in patched.modules()) == 4
     x = torch.randn(2, 1, 64, 16)
@@ -328,7 +303,7 @@ def test_a_patched_model_pickles():
 def test_compiles_fullgraph():
     """torch.compile(fullgraph=True) traces the patched model without graph breaks (aot_eager: no codegen, to keep
     the test fast; the custom op's fake implementation is what makes this work)."""
-    _native_or_skip("native")
+    native_or_skip("native")
     model, x = build("swin", "pad+shift")
     patched = vkt.patch_model(model.eval(), backend="native")
     torch._dynamo.reset()
@@ -345,7 +320,7 @@ def test_other_swin_heads(head):
         model, outputs = transformers.SwinBackbone(config), lambda out: out.feature_maps
     else:
         model, outputs = transformers.SwinForMaskedImageModeling(config), lambda out: (out.reconstruction,)
-    model = _perturb(model).eval()
+    model = perturb_parameters(model, 0.3).eval()
     patched = vkt.patch_model(copy.deepcopy(model))
     assert sum(vkt.is_patched(m) for m in patched.modules()) == 4
     x = torch.randn(2, 3, 32, 32)
@@ -354,10 +329,26 @@ def test_other_swin_heads(head):
 
 
 def test_bfloat16_autocast():
-    _native_or_skip("native")
+    native_or_skip("native")
     model, x = build("swin", "pad+shift")
     patched = vkt.patch_model(copy.deepcopy(model.eval()), backend="native")
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         expected = model(x).logits
         out = patched(x).logits
     assert out.dtype == expected.dtype and rel_err(out, expected) < 3e-2
+
+
+def test_inference_keeps_the_concatenated_qkv_weights_until_they_change():
+    model, x = build("swin", "divisible")
+    patched = vkt.patch_model(copy.deepcopy(model.eval()))
+    layer = patched.swin.encoder.layers[0].blocks[0]
+    with torch.no_grad():
+        first = patched(x).logits
+        cache = layer._vk_qkv_cache[1][0]
+        assert patched(x).logits.equal(first) and layer._vk_qkv_cache[1][0] is cache  # reused
+        for m in (model, patched):  # an in-place change (as an optimizer step) must be seen
+            m.swin.encoder.layers[0].blocks[0].attention.k_proj.weight.mul_(1.5)
+        assert rel_err(patched(x).logits, model(x).logits) < 1e-4
+    assert layer._vk_qkv_cache[1][0] is not cache
+    assert "_vk_qkv_cache" not in vars(copy.deepcopy(layer))
+    _check_patched_matches(model, x, None, 1e-4, 1e-3)  # with autograd: built per call, gradients reach q, k, v
