@@ -239,22 +239,80 @@ def test_gradient_checkpointing():
     _check_patched_matches(model, x, None, 1e-4, 1e-3)
 
 
-@pytest.mark.parametrize("kind", ["swinv2", "swin2sr"])
-def test_swin_v2_layers_are_left_as_is_with_a_warning(kind):
+V2_GEOMETRIES = {"divisible": (32, 2, 4), "pad+shift": (44, 4, 5)}  # as GEOMETRIES (Swin V2 never shrinks at run time)
+HAS_V2_OP = vkt.HAS_WINDOW_ATTENTION_V2
+
+
+def build_v2(kind, geometry="divisible", dtype=torch.float32):
     if kind == "swinv2":
-        config = transformers.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
-                                           window_size=4)
-        model, x = transformers.Swinv2Model(config), torch.randn(1, 3, 32, 32)
-    else:
-        config = transformers.Swin2SRConfig(image_size=16, embed_dim=12, depths=[2], num_heads=[2], window_size=4,
-                                            upscale=2)
-        model, x = transformers.Swin2SRModel(config), torch.randn(1, 3, 16, 16)
-    model = perturb_parameters(model, 0.3).eval()
-    expected = model(x).last_hidden_state
+        image, patch, window = V2_GEOMETRIES[geometry]
+        config = transformers.Swinv2Config(image_size=image, patch_size=patch, embed_dim=16, depths=[2, 2],
+                                           num_heads=[1, 2], window_size=window, drop_path_rate=0.1)
+        model, x = transformers.Swinv2ForImageClassification(config), torch.randn(2, 3, image, image)
+    else:  # Swin2SR shares Swinv2's layer
+        config = transformers.Swin2SRConfig(image_size=16, embed_dim=16, depths=[2], num_heads=[2], window_size=4,
+                                            upscale=2, drop_path_rate=0.1)
+        model, x = transformers.Swin2SRForImageSuperResolution(config), torch.randn(2, 3, 16, 16)
+    return perturb_parameters(model, 0.3).to(dtype), x.to(dtype)
+
+
+def _v2_output(out):
+    return out.logits if hasattr(out, "logits") else out.reconstruction
+
+
+@pytest.mark.skipif(HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 exists here: the V2 layers are patched")
+@pytest.mark.parametrize("kind", ["swinv2", "swin2sr"])
+def test_swin_v2_layers_are_left_as_is_without_the_v2_op(kind):
+    model, x = build_v2(kind)
+    model.eval()
+    expected = _v2_output(model(x))
     with pytest.warns(vkt.NotPatchedWarning, match="window_attention_v2"):
         vkt.patch_model(model)
     assert not any(vkt.is_patched(m) for m in model.modules())
-    torch.testing.assert_close(model(x).last_hidden_state, expected, rtol=0, atol=0)
+    torch.testing.assert_close(_v2_output(model(x)), expected, rtol=0, atol=0)
+
+
+V2_CASES = [("swinv2", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float32),
+            ("swin2sr", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float64)]
+
+
+@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("kind,geometry,dtype", V2_CASES, ids=[f"{k}-{g}-{str(d)[6:]}" for k, g, d in V2_CASES])
+def test_patched_swin_v2_matches_unpatched(kind, geometry, dtype, backend):
+    """Swinv2 / Swin2SR on the V2 op, training mode with drop path: fp32 outputs < 1e-4, gradients < 1e-3 (the
+    logit scales and the cpb MLP's included); float64 to ~1e-10 (HF's doubled mask, -200 instead of -100, changes
+    masked probabilities by e^-100 relative: invisible)."""
+    native_or_skip(backend)
+    original, x = build_v2(kind, geometry, dtype)
+    original.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patched = vkt.patch_model(copy.deepcopy(original), backend=backend)
+    assert sum(vkt.is_patched(m) for m in patched.modules()) == (4 if kind == "swinv2" else 2)
+    out_tol, grad_tol = (1e-4, 1e-3) if dtype == torch.float32 else (1e-10, 1e-9)
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    outs = []
+    for model, xi in ((original, xo), (patched, xp)):
+        torch.manual_seed(1)
+        out = _v2_output(model(xi))
+        out.backward(torch.ones_like(out) + 0.1 * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin())
+        outs.append(out)
+    assert rel_err(outs[1], outs[0]) < out_tol
+    assert rel_err(xp.grad, xo.grad) < grad_tol
+    assert_grads_close(patched, original, grad_tol)
+    assert any("logit_scale" in n and p.grad is not None for n, p in patched.named_parameters())
+
+
+@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
+def test_swin_v2_output_attentions_falls_back(monkeypatch):
+    model, x = build_v2("swinv2")
+    patched = vkt.patch_model(copy.deepcopy(model.eval()))
+    monkeypatch.setattr(vkt, "window_attention_v2_pad_first",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the fused op ran")))
+    out_o, out_p = model(x, output_attentions=True), patched(x, output_attentions=True)
+    torch.testing.assert_close(out_p.attentions[-1], out_o.attentions[-1], rtol=0, atol=0)
+    torch.testing.assert_close(out_p.logits, out_o.logits, rtol=0, atol=0)
 
 
 def test_clap_audio_encoder():

@@ -24,15 +24,21 @@ implementation other than the built-in ``eager`` / ``sdpa``. The dropout after t
 (``hidden_dropout_prob`` / Donut's ``attention_probs_dropout_prob`` on the projected output) is applied in the
 original token order: the same distribution as the unpatched layer's, not the same random mask.
 
-Swin V2 layers (``Swinv2Model``, ``Swin2SR``: scaled cosine attention, continuous position bias) need the V2 op
-(``vitkernels.ops.window_attention_v2``, issue 16), which does not exist yet: they are left as they are and
-``patch_model`` warns (:class:`NotPatchedWarning`).
+Swin V2 layers (``Swinv2Model`` and the models on it, ``Swin2SRModel`` / ``Swin2SRForImageSuperResolution``, which
+share the layer: scaled cosine attention, continuous position bias, residual post-norm) run on
+``vitkernels.ops.window_attention_v2`` (issue 16) where that op exists; the continuous-position-bias MLP and the
+logit-scale clamp stay in PyTorch around it. One difference in the last bits: ``Swinv2SelfAttention`` adds its
+shifted-window mask twice (-200 across regions), the op adds -100 once; the two differ only by masked
+probabilities of at most e^-100 relative to the unmasked ones, unless a head's scaled cosine plus bias spreads over
+~100 (logit scale near its clamp of 100 and nearly parallel masked q, k). Without the op, the V2 layers are left as
+they are and ``patch_model`` warns (:class:`NotPatchedWarning`).
 
 ``transformers`` is imported only when needed (``pip install vitkernels[transformers]``).
 """
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -47,7 +53,11 @@ from vitkernels.compat._patching import (
     switch_class,
     unpatch_model,
 )
-from vitkernels.compat._window_attention import window_attention_pad_first
+from vitkernels.compat._window_attention import (
+    HAS_WINDOW_ATTENTION_V2,
+    window_attention_pad_first,
+    window_attention_v2_pad_first,
+)
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
@@ -58,26 +68,29 @@ _LAYOUTS = {
     "DonutSwinLayer": ("transformers.models.donut.modeling_donut_swin", "classic"),
     "MaskFormerSwinLayer": ("transformers.models.maskformer.modeling_maskformer_swin", "classic"),
     "ClapAudioLayer": ("transformers.models.clap.modeling_clap", "classic"),
+    "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "v2"),
+    "Swin2SRLayer": ("transformers.models.swin2sr.modeling_swin2sr", "v2"),
 }
-# Swin V2 attention (cosine scores, logit scale, continuous position bias): needs the V2 op.
-_NEEDS_V2 = {"Swinv2Layer", "Swin2SRLayer"}
 _V2_REASON = ("Swin V2 attention (scaled cosine, continuous position bias) needs vitkernels.ops.window_attention_v2 "
-              "(issue 16), not available yet: left on the transformers code")
+              "(issue 16), which this vitkernels does not have: left on the transformers code")
 # the arguments the patched forwards understand beyond (hidden_states, input_dimensions)
 _KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
-                    "classic": {"output_attentions", "always_partition", "head_mask"}}
+                    "classic": {"output_attentions", "always_partition", "head_mask"},
+                    "v2": {"output_attentions", "head_mask"}}
 _BUILTIN_ATTENTION = (None, "eager", "sdpa")
 
 
 def _make_fused(cls: type):
     layout = _LAYOUTS[cls.__name__][1]
+    if layout == "v2" and not HAS_WINDOW_ATTENTION_V2:
+        return _V2_REASON
     params = list(inspect.signature(cls.forward).parameters)
     if params[:3] != ["self", "hidden_states", "input_dimensions"]:
         return f"unexpected {cls.__name__}.forward signature {params}"
     unknown = set(params[3:]) - _KNOWN_ARGUMENTS[layout]
     if unknown:
         return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
-    mixin = _FusedSwinLayer if layout == "swin" else _FusedClassicSwinLayer
+    mixin = {"swin": _FusedSwinLayer, "classic": _FusedClassicSwinLayer, "v2": _FusedSwinV2Layer}[layout]
     return mixin, {"_vk_argument_names": tuple(params[3:])}
 
 
@@ -97,8 +110,6 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         if isinstance(module, FusedModule):
             module.vitkernels_backend = backend
             return None
-        if cls.__name__ in _NEEDS_V2 and cls.__module__.startswith("transformers."):
-            return _V2_REASON
         if not _FUSED.matches(cls):
             return None
         fused = _FUSED.fused(cls)
@@ -239,3 +250,36 @@ class _FusedClassicSwinLayer(_FusedLayer):
         hidden_states = hidden_states + self.drop_path(out)
         layer_output = self.intermediate(self.layernorm_after(hidden_states))
         return (hidden_states + self.output(layer_output),)
+
+
+class _FusedSwinV2Layer(_FusedLayer):
+    """``Swinv2Layer`` / ``Swin2SRLayer``: attention on the raw map (post-norm), ``attention.self.{query,key,value}``
+    (no key bias), ``logit_scale``, ``continuous_position_bias_mlp`` over ``relative_coords_table``; window and
+    shift fixed at construction; ``x + drop_path(LN(attn))``, then ``x + drop_path(LN(MLP))``."""
+
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        options = dict(zip(self._vk_argument_names, args), **kwargs)
+        attention = self.attention.self
+        if (
+            options.get("output_attentions")
+            or options.get("head_mask") is not None
+            or (self.training and attention.dropout.p > 0.0)
+            or _window(self, attention.window_size) is None
+        ):
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        height, width = input_dimensions
+        batch, length, channels = hidden_states.shape
+        heads = attention.num_attention_heads
+        weight, bias = self._qkv_parameters(attention.query, attention.key, attention.value)
+        bias_table = 16 * torch.sigmoid(
+            attention.continuous_position_bias_mlp(attention.relative_coords_table).view(-1, heads))
+        scale = torch.clamp(attention.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads)
+        out = window_attention_v2_pad_first(
+            hidden_states.view(batch, height, width, channels), weight, bias, bias_table, scale,
+            (self.window_size,) * 2, (int(self.shift_size),) * 2, heads, self.vitkernels_backend,
+        )
+        projection = self.attention.output
+        out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
+        layer_output = self.output(self.intermediate(hidden_states))
+        return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
