@@ -410,3 +410,21 @@ def test_inference_keeps_the_concatenated_qkv_weights_until_they_change():
     assert layer._vk_qkv_cache[1][0] is not cache
     assert "_vk_qkv_cache" not in vars(copy.deepcopy(layer))
     _check_patched_matches(model, x, None, 1e-4, 1e-3)  # with autograd: built per call, gradients reach q, k, v
+
+
+@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
+def test_patched_swin_v2_triton():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_interpreter_or_cuda(device)
+    config = transformers.Swinv2Config(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[1, 1],
+                                       window_size=4)  # 8x8 then 4x4 maps, head_dim 16 then 32
+    original = perturb_parameters(transformers.Swinv2ForImageClassification(config), 0.3).to(device).eval()
+    patched = vkt.patch_model(copy.deepcopy(original), backend="triton")
+    x = torch.randn(1, 3, 16, 16, device=device)
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_o, out_p = original(xo).logits, patched(xp).logits
+    assert rel_err(out_p, out_o) < 1e-4
+    out_o.sum().backward()
+    out_p.sum().backward()
+    assert rel_err(xp.grad, xo.grad) < 1e-3
+    assert_grads_close(patched, original, 1e-3)
