@@ -123,6 +123,10 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
+        # vitkernels.compat.transformers / vitkernels.compat.monai (imported lazily; the layers they patch are those
+        # of these versions). Neither requires a particular torch: an installed torch is kept.
+        "transformers": ["transformers>=5,<6"],
+        "monai": ["monai>=1.6,<1.7", "einops>=0.8"],
         # Tests and benchmarks. timm is installed separately with --no-deps (its torchvision requirement would
         # replace a CPU torch by a CUDA build); these are the packages it needs for its Swin / ViT / DeiT code.
         "dev": ["triton>=3.0", "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib",

@@ -54,3 +54,38 @@ def triton_interpreter_or_cuda(device: str) -> None:
     reason = triton_unavailable_reason(torch.device(device))
     if reason is not None:
         pytest.skip(reason)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """Norm-wise relative error ||actual - expected|| / max(||expected||, floor), in float64."""
+    return ((actual.double() - expected.double()).norm() / max(expected.double().norm().item(), floor)).item()
+
+
+def assert_grads_close(patched: torch.nn.Module, original: torch.nn.Module, tol: float) -> None:
+    """Every parameter gradient of ``patched`` within ``tol`` norm-wise relative error of ``original``'s (same
+    parameter names); a gradient that is zero in exact arithmetic (e.g. an attention k bias, which adds the same
+    q.b_k to a whole row of scores) is compared against 1e-3 of the largest gradient instead."""
+    grads = dict(patched.named_parameters())
+    expected = {name: p.grad for name, p in original.named_parameters() if p.grad is not None}
+    assert expected and all(grads[name].grad is not None for name in expected)
+    floor = 1e-3 * max(g.double().norm().item() for g in expected.values())
+    for name, grad in expected.items():
+        assert rel_err(grads[name].grad, grad, floor) < tol, name
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float, seed: int = 0) -> torch.nn.Module:
+    """Add seeded N(0, scale^2) noise to every parameter (libraries zero-initialise biases and bias tables, which
+    would hide a wrong bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale)
+    return model
+
+
+def native_or_skip(backend: str) -> None:
+    """Skip when ``backend`` is "native" and the C++ extension is not built."""
+    import vitkernels
+
+    if backend == "native" and not vitkernels._native.is_loaded():
+        pytest.skip(vitkernels._native.IMPORT_ERROR)

@@ -1,0 +1,279 @@
+"""3D shifted-window attention: the reference (vitkernels.reference.window_attention_3d) against an independent
+dense formulation from token coordinates and against MONAI's own SwinUNETR modules (2D and 3D).
+
+These are the tests a fused 3D kernel must pass: add it to ``IMPLEMENTATIONS`` (same signature as
+:func:`window_attention_3d`) and every case below checks its output and its gradients (qkv, table, qkv_bias)
+against the dense formulation in float64.
+"""
+import importlib
+
+import pytest
+import torch
+
+from vitkernels.reference import window_attention as reference_2d
+from vitkernels.reference.window_attention_3d import (
+    effective_window_and_shift,
+    monai_equivalent_table,
+    monai_relative_position_index,
+    padded_size_3d,
+    relative_position_index_3d,
+    shifted_window_mask_3d,
+    window_attention_3d,
+    window_partition_3d,
+    window_reverse_3d,
+)
+
+IMPLEMENTATIONS = {"reference": window_attention_3d}
+
+# (B, (D, H, W), window, shift, num_heads, head_dim, pad_before_shift)
+CASES = [
+    (2, (4, 6, 6), (2, 3, 3), (1, 1, 1), 2, 4, True),     # divisible, shift on every axis: 27 regions
+    (1, (5, 7, 6), (2, 3, 4), (1, 1, 2), 2, 3, True),     # D, H, W all padded, shift: MONAI / Video Swin order
+    (1, (5, 7, 6), (2, 3, 4), (1, 1, 2), 1, 5, False),    # the same, timm's order (roll, then pad)
+    (2, (3, 8, 5), (3, 4, 4), (0, 2, 1), 3, 2, True),     # no shift along D (constant region), padding along W
+    (1, (6, 4, 4), (4, 4, 4), (0, 0, 0), 2, 4, True),     # no shift: no mask, padding along D only
+    (1, (7, 7, 7), (7, 7, 7), (3, 3, 3), 1, 4, True),     # MONAI's default window: N = 343 tokens
+    (1, (1, 9, 10), (1, 4, 4), (0, 2, 2), 2, 3, False),   # a 2D map as D = 1
+]
+CASE_IDS = [f"B{c[0]}-{'x'.join(map(str, c[1]))}-w{''.join(map(str, c[2]))}-s{''.join(map(str, c[3]))}"
+            f"-{'padfirst' if c[6] else 'rollfirst'}" for c in CASES]
+
+
+def monai_swin():
+    try:
+        return importlib.import_module("monai.networks.nets.swin_unetr")
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(f"monai not importable: {type(exc).__name__}: {exc}")
+
+
+# --- the independent formulation: every token of the padded, shifted frame attends to every other, by coordinates ---
+
+def _axis_source(length, padded, shift, pad_before_shift):
+    """For each coordinate p of the padded, shifted frame along one axis: the source coordinate and whether it is a
+    real token (else a padded one)."""
+    p = torch.arange(padded)
+    if pad_before_shift:
+        src = (p + shift) % padded
+        return src.clamp(max=length - 1), src < length
+    src = torch.where(p < length, (p + shift) % length, torch.zeros_like(p))
+    return src, p < length
+
+
+def _axis_region(padded, window, shift):
+    p = torch.arange(padded)
+    if shift == 0:
+        return torch.zeros_like(p)
+    return (p >= padded - window).long() + (p >= padded - shift).long()
+
+
+def dense_window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_bias=None, pad_before_shift=True,
+                              index=None):
+    """The op from token coordinates, without roll, pad, partition or slice-built masks: a dense (M, M) attention
+    over the M = Dp*Hp*Wp positions of the padded, shifted frame, where a pair in different windows is excluded,
+    a pair in one window gets ``table[relative index]`` plus -100 if their regions differ."""
+    B, D, H, W, three_c = qkv.shape
+    hd = three_c // (3 * num_heads)
+    size = (D, H, W)
+    padded = padded_size_3d(size, window)
+    axes = [_axis_source(n, p, s, pad_before_shift) for n, p, s in zip(size, padded, shift)]
+    grids = torch.meshgrid(*[torch.arange(p) for p in padded], indexing="ij")
+    pos = torch.stack([g.reshape(-1) for g in grids], dim=1)  # M, 3: frame coordinates
+    src = torch.stack([axes[a][0][pos[:, a]] for a in range(3)], dim=1)
+    real = axes[0][1][pos[:, 0]] & axes[1][1][pos[:, 1]] & axes[2][1][pos[:, 2]]
+    tokens = qkv[:, src[:, 0], src[:, 1], src[:, 2]]  # B, M, 3C
+    pad_value = qkv_bias if qkv_bias is not None else qkv.new_zeros(three_c)
+    tokens = torch.where(real[None, :, None], tokens, pad_value.to(qkv.dtype))
+    q, k, v = tokens.view(B, -1, 3, num_heads, hd).permute(2, 0, 3, 1, 4)
+    window_t = torch.tensor(window)
+    win_id = pos // window_t
+    same_window = (win_id[:, None, :] == win_id[None, :, :]).all(-1)
+    inner = pos % window_t
+    if index is None:
+        rel = inner[:, None, :] - inner[None, :, :] + (window_t - 1)
+        flat = (rel[..., 0] * (2 * window[1] - 1) + rel[..., 1]) * (2 * window[2] - 1) + rel[..., 2]
+    else:  # an explicit (N, N) index over in-window token numbers
+        token = (inner[:, 0] * window[1] + inner[:, 1]) * window[2] + inner[:, 2]
+        flat = index[token[:, None], token[None, :]]
+    bias = table[flat.clamp(min=0)].permute(2, 0, 1)  # nH, M, M (pairs across windows are excluded below)
+    region = 9 * _axis_region(padded[0], window[0], shift[0])[pos[:, 0]] \
+        + 3 * _axis_region(padded[1], window[1], shift[1])[pos[:, 1]] + _axis_region(padded[2], window[2], shift[2])[pos[:, 2]]
+    mask = torch.where(region[:, None] == region[None, :], 0.0, -100.0).to(qkv.dtype)
+    scores = (q * scale) @ k.transpose(-2, -1) + bias.to(qkv.dtype) + mask
+    scores = scores.masked_fill(~same_window, float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, -1, num_heads * hd)  # B, M, C
+    result = qkv.new_zeros(B, D, H, W, num_heads * hd)
+    keep = real.nonzero().squeeze(1)
+    return result.index_put((torch.arange(B)[:, None], src[keep, 0][None], src[keep, 1][None], src[keep, 2][None]),
+                            out[:, keep])
+
+
+def _case_inputs(case, dtype=torch.float64):
+    B, size, window, shift, heads, hd, pad_first = case
+    table_rows = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+    qkv = torch.randn(B, *size, 3 * heads * hd, dtype=dtype)
+    table = torch.randn(table_rows, heads, dtype=dtype)
+    qkv_bias = torch.randn(3 * heads * hd, dtype=dtype)
+    return qkv, table, qkv_bias
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_window_attention_3d_matches_the_dense_formulation(impl, case):
+    B, size, window, shift, heads, hd, pad_first = case
+    qkv, table, qkv_bias = _case_inputs(case)
+    scale = hd ** -0.5
+    inputs = [t.clone().requires_grad_() for t in (qkv, table, qkv_bias)]
+    expected_inputs = [t.clone().requires_grad_() for t in (qkv, table, qkv_bias)]
+    out = IMPLEMENTATIONS[impl](*inputs[:2], window, shift, heads, scale, inputs[2], pad_before_shift=pad_first)
+    expected = dense_window_attention_3d(*expected_inputs[:2], window, shift, heads, scale, expected_inputs[2], pad_first)
+    assert out.shape == (B, *size, heads * hd) and out.dtype == qkv.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for name, ours, theirs in zip(("qkv", "table", "qkv_bias"), inputs, expected_inputs):
+        ours_grad = torch.zeros_like(ours) if ours.grad is None else ours.grad  # qkv_bias: unused without padding
+        torch.testing.assert_close(ours_grad, theirs.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_window_attention_3d_without_qkv_bias_pads_with_zeros():
+    case = CASES[1]
+    qkv, table, _ = _case_inputs(case)
+    _, _, window, shift, heads, hd, pad_first = case
+    out = window_attention_3d(qkv, table, window, shift, heads, hd ** -0.5, pad_before_shift=pad_first)
+    expected = dense_window_attention_3d(qkv, table, window, shift, heads, hd ** -0.5, None, pad_first)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_pad_order_matters_only_with_padding_and_shift():
+    case = CASES[1]
+    qkv, table, qkv_bias = _case_inputs(case)
+    _, _, window, shift, heads, hd, _ = case
+    run = lambda qkv_, shift_, first: window_attention_3d(qkv_, table, window, shift_, heads, 0.5, qkv_bias,  # noqa: E731
+                                                          pad_before_shift=first)
+    assert not torch.allclose(run(qkv, shift, True), run(qkv, shift, False))
+    torch.testing.assert_close(run(qkv, (0, 0, 0), True), run(qkv, (0, 0, 0), False), rtol=0, atol=0)
+    divisible = qkv[:, :4, :6, :4]
+    torch.testing.assert_close(run(divisible, shift, True), run(divisible, shift, False), rtol=0, atol=0)
+
+
+def test_2d_op_is_the_depth_one_case():
+    """The 2D reference (timm's order) is the 3D one with D = 1, wd = 1, pad_before_shift=False."""
+    qkv = torch.randn(2, 9, 10, 3 * 2 * 3, dtype=torch.float64)
+    table = torch.randn(7 * 7, 2, dtype=torch.float64)
+    bias = torch.randn(18, dtype=torch.float64)
+    expected = reference_2d.window_attention(qkv, table, (4, 4), (2, 1), 2, 0.4, bias)
+    out = window_attention_3d(qkv[:, None], table, (1, 4, 4), (0, 2, 1), 2, 0.4, bias, pad_before_shift=False)
+    torch.testing.assert_close(out[:, 0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(relative_position_index_3d((1, 4, 4)), reference_2d.relative_position_index(4, 4))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_partition_and_reverse_are_inverse_and_adjoint(first):
+    x = torch.randn(2, 5, 7, 6, 3, dtype=torch.float64)
+    window, shift = (2, 3, 4), (1, 2, 3)
+    windows = window_partition_3d(x, window, shift, first)
+    assert windows.shape == (2 * 3 * 3 * 2, 24, 3)
+    torch.testing.assert_close(window_reverse_3d(windows, (5, 7, 6), window, shift, first), x, rtol=0, atol=0)
+    y = torch.randn_like(windows)  # <partition(x), y> == <x, reverse(y)> up to the cropped padding
+    lhs = (windows * y).sum()
+    rhs = (x * window_reverse_3d(y, (5, 7, 6), window, shift, first)).sum()
+    torch.testing.assert_close(lhs, rhs)
+
+
+def test_mask_has_27_regions_and_matches_the_coordinate_rule():
+    padded, window, shift = (6, 9, 12), (3, 3, 4), (1, 2, 2)
+    mask = shifted_window_mask_3d(padded, window, shift, dtype=torch.float64)
+    assert mask.shape == (2 * 3 * 3, 36, 36)
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    regions = [_axis_region(p, w, s) for p, w, s in zip(padded, window, shift)]
+    label = 9 * regions[0][:, None, None] + 3 * regions[1][None, :, None] + regions[2][None, None, :]
+    assert label.unique().numel() == 27
+    windows = window_partition_3d(label[None, ..., None].double(), window).squeeze(-1)
+    expected = torch.where(windows[:, :, None] == windows[:, None, :], 0.0, -100.0).double()
+    torch.testing.assert_close(mask, expected, rtol=0, atol=0)
+    assert shifted_window_mask_3d(padded, window, (0, 0, 0)) is None
+
+
+# --- MONAI: WindowAttention's index, compute_mask, get_window_size, SwinTransformerBlock.forward_part1 -------------
+
+def test_index_and_mask_match_monai():
+    monai = monai_swin()
+    for window in [(2, 3, 4), (7, 7, 7), (3, 5)]:
+        attn = monai.WindowAttention(12, 2, window)
+        ours = relative_position_index_3d(window if len(window) == 3 else (1, *window))
+        assert torch.equal(attn.relative_position_index, ours)
+    for padded, window, shift in [((6, 9, 12), (3, 3, 4), (1, 2, 2)), ((4, 8, 8), (4, 4, 4), (0, 2, 2)),
+                                  ((7, 7, 7), (7, 7, 7), (3, 3, 3))]:
+        torch.testing.assert_close(shifted_window_mask_3d(padded, window, shift),
+                                   monai.compute_mask(list(padded), window, shift, None), rtol=0, atol=0)
+    for size in [(4, 9, 20), (7, 7, 3), (8, 8, 8)]:
+        assert effective_window_and_shift(size, (7, 7, 7), (3, 3, 3)) == \
+            monai.get_window_size(size, (7, 7, 7), (3, 3, 3))
+
+
+BLOCK_CASES = [  # (spatial size, module window, module shift): 3D and 2D
+    ((6, 10, 9), (4, 4, 4), (2, 2, 2)),   # padding on every axis, shift: pad-before-shift
+    ((8, 8, 8), (4, 4, 4), (2, 2, 2)),    # divisible
+    ((3, 9, 10), (4, 4, 4), (2, 2, 2)),   # D <= window: wd shrinks to 3, sd dropped (the standard index, sliced table)
+    ((9, 3, 10), (4, 4, 4), (2, 2, 2)),   # H shrinks: MONAI's sliced-index quirk
+    ((10, 11), (4, 4), (2, 2)),           # 2D, padding
+    ((3, 11), (4, 4), (2, 2)),            # 2D, H shrinks (sliced table)
+    ((11, 3), (4, 4), (2, 2)),            # 2D, W shrinks (quirk)
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[f"{'x'.join(map(str, c[0]))}" for c in BLOCK_CASES])
+def test_reference_reproduces_monai_swin_block_attention(case):
+    """MONAI ``SwinTransformerBlock.forward_part1`` (norm, pad, shift, WindowAttention with its mask, reverse, crop)
+    == norm1 -> qkv Linear -> window_attention_3d (MONAI's order and index) -> proj, forward and backward."""
+    monai = monai_swin()
+    size, window, shift = case
+    dims = len(size)
+    block = monai.SwinTransformerBlock(12, 3, window, shift, qkv_bias=True).double()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    use_window, use_shift = effective_window_and_shift(size, window, shift)
+    assert (use_window, use_shift) == monai.get_window_size(size, window, shift)
+    padded = padded_size_3d(size if dims == 3 else (1, *size), use_window if dims == 3 else (1, *use_window))
+    mask = monai.compute_mask(list(padded[3 - dims:]), use_window, use_shift, None) if any(use_shift) else None
+    x = torch.randn(2, *size, 12, dtype=torch.float64)
+    x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    theirs = block.forward_part1(x_theirs, mask)
+
+    attn = block.attn
+    xin = x_ours if dims == 3 else x_ours[:, None]
+    window3 = use_window if dims == 3 else (1, *use_window)
+    shift3 = use_shift if dims == 3 else (0, *use_shift)
+    index = monai_relative_position_index(window, use_window)
+    table = attn.relative_position_bias_table
+    qkv = attn.qkv(block.norm1(xin))
+    out = window_attention_3d(qkv, table, window3, shift3, attn.num_heads, attn.scale, attn.qkv.bias,
+                              relative_position_index=index)
+    ours = attn.proj(out)
+    ours = ours if dims == 3 else ours[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+    # where MONAI's sliced index is a standard index into a slice of the table, the sliced table gives the same
+    sliced = monai_equivalent_table(table, window, use_window)
+    quirk = use_window[1:] != tuple(window)[1:]
+    assert (sliced is None) == quirk
+    if sliced is not None:
+        standard = window_attention_3d(qkv, sliced, window3, shift3, attn.num_heads, attn.scale, attn.qkv.bias)
+        torch.testing.assert_close(standard, out, rtol=1e-12, atol=1e-12)
+
+    grad = torch.randn_like(theirs)
+    theirs.backward(grad, inputs=[x_theirs, *block.parameters()])
+    theirs_grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    block.zero_grad()
+    ours.backward(grad, inputs=[x_ours, *block.parameters()])
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-9, atol=1e-9)
+    for name, p in block.named_parameters():
+        if name in theirs_grads:
+            torch.testing.assert_close(p.grad, theirs_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_shift_must_be_smaller_than_the_window():
+    qkv = torch.randn(1, 4, 4, 4, 6)
+    with pytest.raises(ValueError, match="shift_size"):
+        window_attention_3d(qkv, torch.randn(7 * 7 * 7, 1), (4, 4, 4), (4, 0, 0), 1, 0.5)

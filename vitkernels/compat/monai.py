@@ -1,0 +1,92 @@
+"""Run the window attention of MONAI's ``SwinUNETR`` (and its ``SwinTransformer`` encoder) through vitkernels'
+fused op, in place.
+
+``patch_model(model)`` switches each 2D ``monai.networks.nets.swin_unetr.SwinTransformerBlock`` (``spatial_dims=2``)
+to a subclass whose ``forward_part1`` (the attention branch) is ``proj(window_attention(qkv(norm1(x))))`` on the
+unshifted, unpartitioned map: no roll, partition, mask or bias materialised, and no per-call mask rebuild. The rest
+of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and
+state-dict keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention -- its "v2" adds
+residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the classes.
+
+Exactly MONAI's semantics (see :mod:`vitkernels.reference.window_attention_3d`): the per-axis window shrink and shift
+drop of ``get_window_size``, zero padding *before* the cyclic shift, mask -100. Where a window shrinks along the first
+axis only, MONAI's sliced relative-position index is a standard index into a slice of the bias table, and the
+fused op gets that slice. Calls it cannot serve run MONAI's code: a window shrunk along a later axis (MONAI then
+gathers the bias with its full-window index sliced to ``[:n, :n]``, which no bias table reproduces), attention
+dropout while training, a shifted block called without ``mask_matrix``. A shifted block called with a mask assumes
+it is the mask MONAI's ``BasicLayer`` builds (``compute_mask``), which the op computes from coordinates.
+
+3D blocks (``spatial_dims=3``, the usual SwinUNETR) stay on MONAI's code until the fused 3D op exists (its
+semantics are :mod:`vitkernels.reference.window_attention_3d`); ``patch_model`` says so in a
+:class:`NotPatchedWarning`.
+
+``monai`` (and ``einops``, which SwinUNETR needs) is imported only when needed (``pip install vitkernels[monai]``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from vitkernels.compat._patching import (
+    FusedClasses,
+    FusedModule,
+    NotPatchedWarning,
+    is_patched,
+    patch_modules,
+    switch_class,
+    unpatch_model,
+)
+from vitkernels.compat._window_attention import window_attention_pad_first
+from vitkernels.reference.window_attention_3d import effective_window_and_shift, monai_equivalent_table
+
+__all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
+
+_BLOCKS = {"SwinTransformerBlock": "monai.networks.nets.swin_unetr"}
+_3D_REASON = ("3D windows need vitkernels' fused 3D window attention, which does not exist yet (its semantics are "
+              "vitkernels.reference.window_attention_3d): left on MONAI's code")
+
+
+class _FusedSwinTransformerBlock(FusedModule):
+    """MONAI ``SwinTransformerBlock`` (2D) with ``forward_part1`` on the fused op."""
+
+    def forward_part1(self, x, mask_matrix):
+        attn = self.attn
+        if x.dim() == 4 and not (self.training and attn.attn_drop.p > 0.0):
+            window, shift = effective_window_and_shift(x.shape[1:3], self.window_size, self.shift_size)
+            table = monai_equivalent_table(attn.relative_position_bias_table, attn.window_size, window)
+            if table is not None and (mask_matrix is not None or not any(shift)):
+                out = window_attention_pad_first(self.norm1(x), attn.qkv.weight, attn.qkv.bias, table, window, shift,
+                                                 attn.num_heads, attn.scale, self.vitkernels_backend)
+                return attn.proj_drop(attn.proj(out))
+        return super().forward_part1(x, mask_matrix)
+
+
+_FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock, {}))
+
+
+def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Switch every 2D MONAI Swin block inside ``model`` (or ``model`` itself) to the fused attention, in place.
+
+    ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``), stored on each block as
+    ``block.vitkernels_backend``. 3D blocks are left as they are, with a :class:`NotPatchedWarning`. Patching twice
+    is harmless (only the backend is updated). Returns ``model``.
+    """
+
+    def patch_one(module: nn.Module) -> Optional[str]:
+        if isinstance(module, FusedModule):
+            module.vitkernels_backend = backend
+            return None
+        if not _FUSED.matches(type(module)):
+            return None
+        if len(module.attn.window_size) != 2:
+            return _3D_REASON
+        switch_class(module, _FUSED.fused(type(module)), backend)
+        return None
+
+    return patch_modules(model, patch_one, "vitkernels.compat.monai.patch_model")
+
+
+def __getattr__(name: str):
+    """``FusedSwinTransformerBlock``: the fused class, resolved on demand (for unpickling)."""
+    return _FUSED.resolve(name)

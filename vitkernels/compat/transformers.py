@@ -1,0 +1,285 @@
+"""Run the window attention of Hugging Face ``transformers`` Swin models through vitkernels' fused op, in place.
+
+``patch_model(model)`` finds the Swin layers inside any model (``SwinModel``, ``SwinForImageClassification``,
+``SwinForMaskedImageModeling``, ``SwinBackbone``, ``DonutSwinModel`` and the models built on it, e.g. Donut's
+``VisionEncoderDecoderModel``; also ``MaskFormerSwinModel`` / ``MaskFormerSwinBackbone`` and CLAP's audio encoder,
+which share Donut's layer) and switches each layer's class to a subclass whose ``forward`` computes the attention
+branch as ``o_proj(window_attention(qkv(LN(x))))``: q, k, v from one matmul on the concatenated weights of the
+three Linear layers, then the fused op on the unshifted, unpartitioned map -- no roll, partition, mask or bias
+materialised. Nothing else changes: the same submodules and parameters (so state-dict keys, optimizers, weight
+tying, hooks, ``from_pretrained`` / ``save_pretrained``), the same numbers (fp32 rel. error ~1e-6), and the layers
+stay instances of their Hugging Face classes. ``unpatch_model`` restores the original classes.
+
+Exactly the layer's semantics, including its quirks:
+
+* the window and shift of ``set_shift_and_window_size`` (called as the layer does, it may shrink the window to the
+  smaller side of the map and drop the shift, and keeps that for later calls), ``always_partition``;
+* padding *before* the cyclic shift (``maybe_pad``; see :mod:`vitkernels.compat._window_attention`);
+* maps smaller than the window, where the layer's shrunk window no longer matches its bias table (the layer then
+  fails to broadcast), are left to the original code, which raises as before.
+
+Calls the fused op cannot serve run the original code: attention weights requested (``output_attentions=True``, as
+argument or config), ``head_mask`` (older layers), attention-probability dropout while training, an attention
+implementation other than the built-in ``eager`` / ``sdpa``. The dropout after the output projection
+(``hidden_dropout_prob`` / Donut's ``attention_probs_dropout_prob`` on the projected output) is applied in the
+original token order: the same distribution as the unpatched layer's, not the same random mask.
+
+Swin V2 layers (``Swinv2Model`` and the models on it, ``Swin2SRModel`` / ``Swin2SRForImageSuperResolution``, which
+share the layer: scaled cosine attention, continuous position bias, residual post-norm) run on
+``vitkernels.ops.window_attention_v2`` (issue 16) where that op exists; the continuous-position-bias MLP and the
+logit-scale clamp stay in PyTorch around it. One difference in the last bits: ``Swinv2SelfAttention`` adds its
+shifted-window mask twice (-200 across regions), the op adds -100 once; the two differ only by masked
+probabilities of at most e^-100 relative to the unmasked ones, unless a head's scaled cosine plus bias spreads over
+~100 (logit scale near its clamp of 100 and nearly parallel masked q, k). Without the op, the V2 layers are left as
+they are and ``patch_model`` warns (:class:`NotPatchedWarning`).
+
+``transformers`` is imported only when needed (``pip install vitkernels[transformers]``).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from vitkernels.compat._patching import (
+    FusedClasses,
+    FusedModule,
+    NotPatchedWarning,
+    is_patched,
+    patch_modules,
+    switch_class,
+    unpatch_model,
+)
+from vitkernels.compat._window_attention import (
+    HAS_WINDOW_ATTENTION_V2,
+    window_attention_pad_first,
+    window_attention_v2_pad_first,
+)
+
+__all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
+
+# class name -> (module, layout). Only these classes are patched: each was read and is tested against the real
+# package; a class of the same name elsewhere is not touched.
+_LAYOUTS = {
+    "SwinLayer": ("transformers.models.swin.modeling_swin", "swin"),
+    "DonutSwinLayer": ("transformers.models.donut.modeling_donut_swin", "classic"),
+    "MaskFormerSwinLayer": ("transformers.models.maskformer.modeling_maskformer_swin", "classic"),
+    "ClapAudioLayer": ("transformers.models.clap.modeling_clap", "classic"),
+    "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "v2"),
+    "Swin2SRLayer": ("transformers.models.swin2sr.modeling_swin2sr", "v2"),
+}
+_V2_REASON = ("Swin V2 attention (scaled cosine, continuous position bias) needs vitkernels.ops.window_attention_v2 "
+              "(issue 16), which this vitkernels does not have: left on the transformers code")
+# the arguments the patched forwards understand beyond (hidden_states, input_dimensions)
+_KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
+                    "classic": {"output_attentions", "always_partition", "head_mask"},
+                    "v2": {"output_attentions", "head_mask"}}
+_BUILTIN_ATTENTION = (None, "eager", "sdpa")
+
+
+def _make_fused(cls: type):
+    layout = _LAYOUTS[cls.__name__][1]
+    if layout == "v2" and not HAS_WINDOW_ATTENTION_V2:
+        return _V2_REASON
+    params = list(inspect.signature(cls.forward).parameters)
+    if params[:3] != ["self", "hidden_states", "input_dimensions"]:
+        return f"unexpected {cls.__name__}.forward signature {params}"
+    unknown = set(params[3:]) - _KNOWN_ARGUMENTS[layout]
+    if unknown:
+        return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
+    mixin = {"swin": _FusedSwinLayer, "classic": _FusedClassicSwinLayer, "v2": _FusedSwinV2Layer}[layout]
+    return mixin, {"_vk_argument_names": tuple(params[3:])}
+
+
+_FUSED = FusedClasses(__name__, {name: module for name, (module, _) in _LAYOUTS.items()}, _make_fused)
+
+
+def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Switch every supported Swin layer inside ``model`` (or ``model`` itself) to the fused attention, in place.
+
+    ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``); it is stored on each layer as
+    ``layer.vitkernels_backend`` and can be changed there. Layers that cannot be patched are listed in a
+    :class:`NotPatchedWarning`. Patching twice is harmless (only the backend is updated). Returns ``model``.
+    """
+
+    def patch_one(module: nn.Module) -> Optional[str]:
+        cls = type(module)
+        if isinstance(module, FusedModule):
+            module.vitkernels_backend = backend
+            return None
+        if not _FUSED.matches(cls):
+            return None
+        fused = _FUSED.fused(cls)
+        if isinstance(fused, str):
+            return fused
+        switch_class(module, fused, backend)
+        return None
+
+    return patch_modules(model, patch_one, "vitkernels.compat.transformers.patch_model")
+
+
+def __getattr__(name: str):
+    """``FusedSwinLayer`` etc.: the fused classes, resolved on demand (for unpickling)."""
+    return _FUSED.resolve(name)
+
+
+# --- the patched forwards ------------------------------------------------------------------------------------------
+
+def _concat_qkv(query: nn.Linear, key: nn.Linear, value: nn.Linear):
+    """Weight (3C', C) and bias (3C') or None of one Linear computing q, k, v (a missing bias is zeros)."""
+    weight = torch.cat((query.weight, key.weight, value.weight))
+    biases = (query.bias, key.bias, value.bias)
+    if all(b is None for b in biases):
+        return weight, None
+    present = next(b for b in biases if b is not None)
+    return weight, torch.cat([b if b is not None else present.new_zeros(present.shape) for b in biases])
+
+
+def _window(layer: nn.Module, table_window) -> Optional[Tuple[int, int]]:
+    """The layer's current (square) window if it is the one its bias table was built for, else None."""
+    ws = layer.window_size
+    if isinstance(ws, bool) or not isinstance(ws, int) or (ws, ws) != tuple(table_window):
+        return None
+    return ws, ws
+
+
+def _attentions_requested(kwargs) -> bool:
+    """transformers >= 5 collects attention weights with hooks (``capture_outputs``) or takes the keyword."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+class _FusedLayer(FusedModule):
+    """Common base of the fused layer classes."""
+
+    _vk_argument_names: Tuple[str, ...] = ()
+
+    def _qkv_parameters(self, query, key, value):
+        """:func:`_concat_qkv`, kept between calls without autograd (inference): the concatenation copies the three
+        weights, ~3% of a Swin-T forward on CPU. Keyed by the parameters' storage and version counters, so moving
+        the model or changing a weight in place (an optimizer step, ``load_state_dict``) rebuilds it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return _concat_qkv(query, key, value)
+        tensors = [t for layer in (query, key, value) for t in (layer.weight, layer.bias) if t is not None]
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cached = self.__dict__.get("_vk_qkv_cache")
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, _concat_qkv(query, key, value))
+            self.__dict__["_vk_qkv_cache"] = cached
+        return cached[1]
+
+    def _attention_branch(self, hidden_states, input_dimensions, query, key, value, table, table_window, num_heads,
+                          scale):
+        """(B, H, W, C) attention output before the output projection, or None if the window does not fit."""
+        window = _window(self, table_window)
+        if window is None:
+            return None
+        height, width = input_dimensions
+        batch, _, channels = hidden_states.shape
+        x = self.layernorm_before(hidden_states).view(batch, height, width, channels)
+        weight, bias = self._qkv_parameters(query, key, value)
+        shift = (int(self.shift_size),) * 2
+        return window_attention_pad_first(x, weight, bias, table, window, shift, num_heads, scale,
+                                          self.vitkernels_backend)
+
+
+class _FusedSwinLayer(_FusedLayer):
+    """transformers >= 5 ``SwinLayer``: ``attention.{q,k,v,o}_proj``, ``attention.relative_position_bias``, the
+    attention function chosen by ``config._attn_implementation``; post-projection ``dropout``, ``mlp``."""
+
+    def forward(self, hidden_states, input_dimensions, always_partition=False, **kwargs):
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        attention = self.attention
+        position_bias = attention.relative_position_bias
+        out = None
+        if not (
+            _attentions_requested(kwargs)
+            or (self.training and attention.attention_dropout > 0.0)
+            or getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
+        ):
+            out = self._attention_branch(
+                hidden_states, input_dimensions, attention.q_proj, attention.k_proj, attention.v_proj,
+                position_bias.relative_position_bias_table, position_bias.window_size,
+                attention.num_attention_heads, attention.scaling,
+            )
+        if out is None:
+            return super().forward(hidden_states, input_dimensions, always_partition, **kwargs)
+        batch, length, channels = hidden_states.shape
+        out = self.dropout(attention.o_proj(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(out)
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+        return hidden_states, None
+
+
+class _FusedClassicSwinLayer(_FusedLayer):
+    """``DonutSwinLayer`` (and the same layer in MaskFormer-Swin and CLAP audio): ``attention.self.{query,key,value}``
+    with the bias table, ``attention.output.{dense,dropout}``, ``intermediate`` / ``output``."""
+
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        options = dict(zip(self._vk_argument_names, args), **kwargs)
+        if not options.get("always_partition") and hasattr(self, "set_shift_and_window_size"):
+            self.set_shift_and_window_size(input_dimensions)
+        attention = self.attention.self
+        out = None
+        if not (
+            options.get("output_attentions")
+            or options.get("head_mask") is not None
+            or (self.training and attention.dropout.p > 0.0)
+        ):
+            out = self._attention_branch(
+                hidden_states, input_dimensions, attention.query, attention.key, attention.value,
+                attention.relative_position_bias_table, attention.window_size, attention.num_attention_heads,
+                attention.attention_head_size ** -0.5,
+            )
+        if out is None:
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        batch, length, channels = hidden_states.shape
+        projection = self.attention.output
+        out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(out)
+        layer_output = self.intermediate(self.layernorm_after(hidden_states))
+        return (hidden_states + self.output(layer_output),)
+
+
+class _FusedSwinV2Layer(_FusedLayer):
+    """``Swinv2Layer`` / ``Swin2SRLayer``: attention on the raw map (post-norm), ``attention.self.{query,key,value}``
+    (no key bias), ``logit_scale``, ``continuous_position_bias_mlp`` over ``relative_coords_table``; window and
+    shift fixed at construction; ``x + drop_path(LN(attn))``, then ``x + drop_path(LN(MLP))``."""
+
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        options = dict(zip(self._vk_argument_names, args), **kwargs)
+        attention = self.attention.self
+        if (
+            options.get("output_attentions")
+            or options.get("head_mask") is not None
+            or (self.training and attention.dropout.p > 0.0)
+            or _window(self, attention.window_size) is None
+        ):
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        height, width = input_dimensions
+        batch, length, channels = hidden_states.shape
+        heads = attention.num_attention_heads
+        weight, bias = self._qkv_parameters(attention.query, attention.key, attention.value)
+        bias_table = 16 * torch.sigmoid(
+            attention.continuous_position_bias_mlp(attention.relative_coords_table).view(-1, heads))
+        scale = torch.clamp(attention.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads)
+        out = window_attention_v2_pad_first(
+            hidden_states.view(batch, height, width, channels), weight, bias, bias_table, scale,
+            (self.window_size,) * 2, (int(self.shift_size),) * 2, heads, self.vitkernels_backend,
+        )
+        projection = self.attention.output
+        out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
+        hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
+        layer_output = self.output(self.intermediate(hidden_states))
+        return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
