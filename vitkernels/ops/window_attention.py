@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from vitkernels import _native, dispatch
+from vitkernels import _native, dispatch, geometry
 from vitkernels._validation import (
     IntPair,
     check_int,
@@ -212,7 +212,7 @@ if HAS_TRITON:
         scale: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias)."""
-        index = reference.relative_position_index(window_size[0], window_size[1], device=qkv.device)
+        index = geometry.relative_position_index(window_size[0], window_size[1], device=qkv.device)
         grad_qkv, grad_table, grad_bias = triton_kernels.window_attention_bwd(
             grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale, index
         )

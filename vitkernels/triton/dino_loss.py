@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.reference.dino_loss import num_pairs
+from vitkernels.loss_helpers import num_pairs
 from vitkernels.triton import interpreter_active
 from vitkernels.triton._launch import launcher
 
