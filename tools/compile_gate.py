@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,8 +40,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 
 import kernel_resources  # noqa: E402
-from vitkernels.triton import _launch  # noqa: E402
-from vitkernels.triton._launch import GATE_TARGETS, Target, forced_target, recording  # noqa: E402
+from vitkernels.triton._launch import GATE_TARGETS, SM90, Target, forced_target, recording  # noqa: E402
 
 TABLE_PATH = os.path.join(ROOT, "benchmarks", "results", "kernel-resources.md")
 CUDA_GATE = os.path.join(ROOT, "tools", "compile_gate_cuda.py")
@@ -55,6 +55,7 @@ def meta(*shape, dtype=torch.float32):
 def _window_attention(problem) -> None:
     from vitkernels.triton import window_attention as wa
 
+    # (case, dtype[, parameter dtype[, also the inference forward]])
     (B, H, W, nH, hd, window, shift), dtype = problem[:2]
     bias_dtype = problem[2] if len(problem) > 2 else dtype
     C = nH * hd
@@ -63,7 +64,8 @@ def _window_attention(problem) -> None:
     bias = meta(3 * C, dtype=bias_dtype)
     scale = hd ** -0.5
     out, lse = wa.window_attention_fwd(qkv, table, bias, window, shift, nH, scale, need_lse=True)
-    wa.window_attention_fwd(qkv, table, bias, window, shift, nH, scale, need_lse=False)  # inference variant
+    if len(problem) > 3 and problem[3]:  # the inference variant (no log-sum-exp store)
+        wa.window_attention_fwd(qkv, table, bias, window, shift, nH, scale, need_lse=False)
     wa.window_attention_bwd(meta(B, H, W, C, dtype=dtype), qkv, table, bias, out, lse, window, shift, nH, scale)
 
 
@@ -76,42 +78,133 @@ def _window_partition(problem) -> None:
     wp.window_reverse(win, H, W, window, shift)
 
 
+def _patch_embed(problem) -> None:
+    from vitkernels.triton import patch_embed as pe
+
+    B, C, H, W, D, patch, pad, P, dtype = problem
+    gh = -(-H // patch[0]) if pad else H // patch[0]
+    gw = -(-W // patch[1]) if pad else W // patch[1]
+    x, w = meta(B, C, H, W, dtype=dtype), meta(D, C, *patch, dtype=dtype)
+    prefix = meta(P, D, dtype=dtype) if P else None
+    pe.patch_embed_fwd(x, w, meta(D, dtype=dtype), meta(P + gh * gw, D, dtype=dtype), prefix, False, pad)
+    pe.patch_embed_bwd(meta(B, P + gh * gw, D, dtype=dtype), x, w, P, pad, True, True)
+
+
+def _dino_loss(problem) -> None:
+    from vitkernels.triton import dino_loss as dl
+
+    B, K, ncrops, dtype = problem
+    s, t, c = meta(ncrops * B, K, dtype=dtype), meta(2 * B, K, dtype=dtype), meta(1, K)
+    loss, s_lse, t_lse, c_copy = dl.dino_loss_fwd(s, t, c, ncrops, 0.1, 0.04)
+    dl.dino_loss_bwd(meta(), s, t, c_copy, s_lse, t_lse, ncrops, 0.1, 0.04)
+    dl.dino_center_update(c, t, 0.9)
+
+
+def _msn_loss(problem) -> None:
+    from vitkernels.triton import msn_loss as ml
+
+    B, V, K, D, dtype = problem
+    a, x, p = meta(V * B, D, dtype=dtype), meta(B, D, dtype=dtype), meta(K, D, dtype=dtype)
+    z, rn = ml.msn_logits(a, x, p, 0.1)
+    t = ml.msn_targets(z, V * B, 0.25)
+    terms, stats, avg = ml.msn_anchor_fwd(z, t, V * B, True, True)
+    ml.msn_bwd(meta(3), a, p, z, t, rn, stats, avg, 0.1, True, True, True, True)
+
+
+def _masking(problem) -> None:
+    from vitkernels.triton import masking as mk
+
+    N, L, D, keep, dtype = problem
+    ids_restore, ids_keep, _ = mk.rank_noise(meta(N, L), keep, dtype)
+    mk.gather_rows(meta(N, L, D, dtype=dtype), ids_keep, meta(1, L, D, dtype=dtype))  # MAE kept tokens + pos
+    mk.mae_unshuffle(meta(N, keep + 1, D, dtype=dtype), ids_restore, meta(D, dtype=dtype),
+                     meta(1, L + 1, D, dtype=dtype))
+    mk.mae_unshuffle_backward(meta(N, L + 1, D, dtype=dtype), ids_restore, keep, dtype)
+    mk.gather_rows(meta(N, 1 + L, D, dtype=dtype), torch.empty(1 + keep, dtype=torch.int64, device="meta"))  # MSN
+
+
+def _mae_loss(problem) -> None:
+    from vitkernels.triton import mae_loss as ml
+
+    N, C, H, W, p, norm_pix, dtype = problem
+    L = (H // p) * (W // p)
+    imgs, pred, mask = meta(N, C, H, W), meta(N, L, p * p * C, dtype=dtype), meta(N, L, dtype=dtype)
+    ml.mae_loss(imgs, pred, mask, p, norm_pix)
+    ml.mae_loss_backward(meta(), imgs, pred, mask, p, norm_pix)
+
+
 INVOKERS: Dict[str, Callable[[Any], None]] = {
     "window_attention": _window_attention,
     "window_partition": _window_partition,
+    "patch_embed": _patch_embed,
+    "dino_loss": _dino_loss,
+    "msn_loss": _msn_loss,
+    "masking": _masking,
+    "mae_loss": _mae_loss,
 }
 
 
 def _table_modules():
-    from vitkernels.triton import window_attention, window_partition
+    from vitkernels.triton import (
+        dino_loss,
+        mae_loss,
+        masking,
+        msn_loss,
+        patch_embed,
+        window_attention,
+        window_partition,
+    )
 
-    return [window_attention, window_partition]
+    return [window_attention, window_partition, patch_embed, masking, mae_loss, dino_loss, msn_loss]
 
 
-def headline_problems() -> List[Tuple[str, str, Any]]:
-    """(op, label, problem) of the headline configurations and the benchmark-suite shapes."""
+def extreme_problems() -> List[Tuple[str, str, Any]]:
+    """(op, label, problem) at the limits ``supported_reason`` accepts: their shared memory must fit, spills are
+    reported but allowed."""
     out = []
-    for dtype in (torch.bfloat16, torch.float16):
+    for ws, hd, dtype in ((16, 128, torch.float32), (16, 128, torch.bfloat16), (12, 128, torch.float32),
+                          (7, 128, torch.float32)):
+        name = str(dtype).replace("torch.", "")
+        out.append(("window_attention", f"extreme ws{ws} hd{hd} {name}",
+                    ((2, 2 * ws + 1, 2 * ws, 2, hd, (ws, ws), (ws // 2, ws // 2)), dtype)))
+    return out
+
+
+def headline_problems() -> List[Tuple[str, str, Any, Tuple[Target, ...]]]:
+    """(op, label, problem, targets) of the headline configurations and the benchmark-suite shapes: window
+    attention at ws 7 / 12, head_dim 32 / 64 in bf16 on sm_80 and sm_90 and in fp16 on sm_90 (the examples compile
+    fp16 on sm_80), and each op's benchmark shapes (GPU sizes and dtypes of benchmarks/bench_<op>.py) on both."""
+    out = []
+    for dtype, targets in ((torch.bfloat16, GATE_TARGETS), (torch.float16, (SM90,))):
         name = str(dtype).replace("torch.", "")
         for ws in (7, 12):
             for hd in (32, 64):
                 nH = 3 if hd == 32 else 2
                 side = 8 * ws  # 8 x 8 windows per image, 32 images
                 out.append(("window_attention", f"headline ws{ws} hd{hd} {name}",
-                            ((32, side, side, nH, hd, (ws, ws), (ws // 2, ws // 2)), dtype)))
-    # benchmarks/bench_window_attention.py (GPU shapes: bf16 qkv, fp32 table and qkv bias as under autocast)
-    out.append(("window_attention", "bench swin-t stage1 56x56 C96 h3 ws7",
-                ((128, 56, 56, 3, 32, (7, 7), (3, 3)), torch.bfloat16, torch.float32)))
-    out.append(("window_attention", "bench swin-t stage3 14x14 C384 h12 ws7",
-                ((128, 14, 14, 12, 32, (7, 7), (3, 3)), torch.bfloat16, torch.float32)))
-    out.append(("window_attention", "swin-b 384 stage1 96x96 C128 h4 ws12",
-                ((32, 96, 96, 4, 32, (12, 12), (6, 6)), torch.bfloat16, torch.float32)))
-    # benchmarks/bench_window_partition.py
-    out.append(("window_partition", "bench swin-t stage1 56x56x96 ws7", (128, 56, 56, 96, (7, 7), (3, 3),
-                                                                       torch.bfloat16)))
-    out.append(("window_partition", "bench swin-t stage3 14x14x384 ws7", (128, 14, 14, 384, (7, 7), (3, 3),
-                                                                        torch.bfloat16)))
-    return out
+                            ((32, side, side, nH, hd, (ws, ws), (ws // 2, ws // 2)), dtype), targets))
+    bf16, fp32, both = torch.bfloat16, torch.float32, GATE_TARGETS
+    bench = [
+        # window attention: bf16 qkv, fp32 table and qkv bias as under autocast; also the inference forward
+        ("window_attention", "bench swin-t stage1 56x56 C96 h3 ws7",
+         ((128, 56, 56, 3, 32, (7, 7), (3, 3)), bf16, fp32, True)),
+        ("window_attention", "bench swin-t stage3 14x14 C384 h12 ws7",
+         ((128, 14, 14, 12, 32, (7, 7), (3, 3)), bf16, fp32, True)),
+        ("window_attention", "swin-b 384 stage1 96x96 C128 h4 ws12", ((32, 96, 96, 4, 32, (12, 12), (6, 6)), bf16,
+                                                                      fp32, True)),
+        ("window_partition", "bench swin-t stage1 56x56x96 ws7", (128, 56, 56, 96, (7, 7), (3, 3), bf16)),
+        ("window_partition", "bench swin-t stage3 14x14x384 ws7", (128, 14, 14, 384, (7, 7), (3, 3), bf16)),
+        ("patch_embed", "bench vit-b16 224 b256 bf16", (256, 3, 224, 224, 768, (16, 16), False, 1, bf16)),
+        ("patch_embed", "bench vit-b16 384 b256 bf16", (256, 3, 384, 384, 768, (16, 16), False, 1, bf16)),
+        ("masking", "bench vit-l/16 mae b256 bf16 encoder D1024", (256, 196, 1024, 49, bf16)),
+        ("masking", "bench vit-l/16 mae b256 bf16 decoder D512", (256, 196, 512, 49, bf16)),
+        ("mae_loss", "bench vit-l/16 b256 pred bf16", (256, 3, 224, 224, 16, True, bf16)),
+        ("dino_loss", "bench K65536 B64 2+8 crops fp32", (64, 65536, 10, fp32)),
+        ("dino_loss", "bench K65536 B64 2+8 crops bf16", (64, 65536, 10, bf16)),
+        ("msn_loss", "bench K1024 D256 B64 11 views fp32", (64, 11, 1024, 256, fp32)),
+        ("msn_loss", "bench K1024 D256 B64 11 views bf16", (64, 11, 1024, 256, bf16)),
+    ]
+    return out + [(op, label, problem, both) for op, label, problem in bench]
 
 
 # --- collecting the launches ----------------------------------------------------------------------------------------
@@ -156,8 +249,11 @@ def collect(only: str = "") -> List[Item]:
     for module in _table_modules():
         for ex in module.table_examples():
             add(ex.op, ex.problem, f"{ex.op} example {_problem_label(ex.problem)}", ex.target, False)
-    for op, label, problem in headline_problems():
+    for op, label, problem in extreme_problems():
         for target in GATE_TARGETS:
+            add(op, problem, label, target, False)
+    for op, label, problem, targets in headline_problems():
+        for target in targets:
             add(op, problem, label, target, True)
     return list(items.values())
 
@@ -171,13 +267,19 @@ def _problem_label(problem) -> str:
 _ITEMS: List[Item] = []
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _compile(index: int) -> Dict[str, Any]:
     item = _ITEMS[index]
-    start = time.time()
+    start, cpu = time.time(), _cpu_seconds()
     row = kernel_resources.compile_launch(item.launch, item.target.arch, keep_dir=os.environ.get("GATE_KEEP_DIR"))
     row["headline"] = item.headline
     row["extra"]["problems"] = item.problems
     row["extra"]["compile_s"] = round(time.time() - start, 2)
+    row["extra"]["cpu_s"] = round(_cpu_seconds() - cpu, 2)  # ptxas included (a child process)
     return row
 
 
@@ -226,7 +328,8 @@ def markdown(rows: List[Dict[str, Any]], failures: List[str], seconds: float) ->
         "`SASS` (Triton): static instructions of the kernel / of its outermost loop body (per warp; for window "
         "attention the loop body is one window's work). **bold**: headline configuration (must not spill).",
         "",
-        f"{len(rows)} rows, {len(failures)} failures, {seconds:.0f} s.",
+        f"{len(rows)} rows, {len(failures)} failures; {seconds:.0f} s wall, "
+        f"{sum((r.get('extra') or {}).get('cpu_s', 0.0) for r in rows):.0f} s CPU.",
         "",
         "| backend | kernel | config | arch | regs | spill | stack | smem | tensor core | SASS | status | problems |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -288,7 +391,8 @@ def main(argv=None) -> int:
         with open(args.table, "w") as f:
             f.write(markdown(rows, failures, seconds))
         print(f"wrote {os.path.relpath(args.table, ROOT)}")
-    print(f"compile gate: {len(rows)} rows, {len(failures)} failures, {seconds:.0f} s")
+    cpu = sum((r.get("extra") or {}).get("cpu_s", 0.0) for r in rows)
+    print(f"compile gate: {len(rows)} rows, {len(failures)} failures, {seconds:.0f} s wall, {cpu:.0f} s CPU")
     for line in failures:
         print("FAIL", line)
     return 1 if failures else 0

@@ -117,7 +117,8 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None) -> Dict[st
             compiled = triton.compile(ASTSource(kernel, sig, consts, attrs),
                                       target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32), options=options)
     except Exception as exc:  # the gate reports it as a failure
-        row["problem"] = f"compile: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
+        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+        row["problem"] = f"compile: {type(exc).__name__}: {last}"
         return row
     ptx = compiled.asm["ptx"]
     cubin = compiled.asm["cubin"]

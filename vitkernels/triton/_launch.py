@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
@@ -101,6 +101,12 @@ class LaunchConfig:
         return " ".join([f"{k}={v}" for k, v in self.tiles] + [f"w{self.num_warps}", f"s{self.num_stages}"])
 
 
+def half_dtype(target: Target) -> torch.dtype:
+    """The half dtype the examples of a target use: bf16 for sm_90, fp16 for sm_80 (so both are compiled and run
+    under the interpreter without doubling the examples)."""
+    return torch.bfloat16 if target.capability >= (9, 0) else torch.float16
+
+
 @dataclass(frozen=True)
 class Example:
     """A problem that makes a table return some configurations on ``target``.
@@ -131,8 +137,10 @@ class Launch:
         return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
 
     def config(self) -> LaunchConfig:
-        """The launch's tile constexprs (``BLOCK_*`` and the names in its kernel's ``TILE_NAMES``), warps, stages."""
+        """The launch's tile constexprs (``BLOCK_*`` but those its kernel declares shape constexprs, and the names
+        it declares tiles, see :func:`tile_names`), warps, stages."""
         names = set(getattr(self.kernel, "tile_names", ())) | {k for k in self.kwargs if k.startswith("BLOCK_")}
+        names -= set(getattr(self.kernel, "shape_names", ()))
         tiles = tuple((k, v) for k, v in self.kwargs.items() if k in names)
         return LaunchConfig(tiles, self.kwargs.get("num_warps", 4), self.kwargs.get("num_stages", 1))
 
@@ -200,5 +208,13 @@ def tile_names(*names: str):
     return decorate
 
 
-def grid_programs(total: int, per_program: Optional[int] = None) -> int:
-    return total if per_program is None else -(-total // per_program)
+def shape_names(*names: str):
+    """Decorator for a jitted kernel: ``BLOCK_*`` constexprs fixed by the problem's shape, not chosen by the
+    launch-configuration table (not part of a launch's configuration)."""
+
+    def decorate(kernel):
+        kernel.shape_names = names
+        return kernel
+
+    return decorate
+

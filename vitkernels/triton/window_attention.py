@@ -34,7 +34,6 @@ Every launch's tiles and warps come from :func:`launch_table`.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +48,7 @@ from vitkernels.triton._launch import (
     LaunchConfig,
     Target,
     device_target,
+    half_dtype,
     launcher,
     tile_names,
 )
@@ -253,7 +253,8 @@ def _window_attention_bwd_kernel(
     qkv_ptr, bias_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drel_ptr, dpad_ptr,
     num_windows, windows_per_program, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
     N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr, HOIST_BIAS: tl.constexpr,
+    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
+    HOIST_BIAS: tl.constexpr,
     CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     h, qt, g = _program_tile(NH, N, BLOCK_M)
@@ -433,12 +434,20 @@ def _window_attention_bias_grad_kernel(
 # --- launch configuration table -------------------------------------------------------------------------------------
 
 def key_chunks(N: int) -> Tuple[int, int, int]:
-    """Up to three power-of-two key chunks (largest first) covering N rounded up to 16 (to 256 when that would
-    take four): 49 -> (64, 0, 0), 144 -> (128, 16, 0), 100 -> (64, 32, 16)."""
+    """The dQ / bias kernel's key chunks: up to three powers of two of at most 128 (largest first) covering N rounded
+    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0), 144 -> (128, 16, 0),
+    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0)."""
     n = -(-N // 16) * 16
-    parts = [1 << bit for bit in range(8, 3, -1) if n & (1 << bit)]
-    if len(parts) > 3:
-        parts = [256]
+    parts = []
+    while n >= 128 and len(parts) < 2:
+        parts.append(128)
+        n -= 128
+    while n and bin(n // 16).count("1") > 3 - len(parts):
+        n += 16  # too many bits for the slots left: round up
+    if n == 128 or (n and len(parts) == 2 and n > 128):
+        parts.append(128)
+        n = 0
+    parts += [1 << bit for bit in range(6, 3, -1) if n & (1 << bit)]
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
@@ -454,7 +463,7 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
       takes 16-row query tiles (its bias partials for all N keys stay in registers across windows) on 8 warps
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
       head_dim 128, and head_dim 64 on sm_80).
-    fp32 runs its products as tf32x3 on tensor cores (about fp32 accuracy, compiles in seconds).
+    fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
     """
     wide = dtype == torch.float32 or head_dim >= 128 or (head_dim >= 64 and target.capability < (9, 0))
     dkdv = LaunchConfig.of(num_warps=4, BLOCK_N=32, BLOCK_M=32 if wide else 64)
@@ -462,13 +471,14 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
         block = max(16, triton.next_power_of_2(N))
         fwd = LaunchConfig.of(num_warps=block // 16, BLOCK_M=block, KEY_CHUNK=block, HOIST_BIAS=1)
         table = {"_window_attention_fwd_kernel": fwd}
-        if target.capability >= (9, 0) or head_dim <= 32 or block < 64:
+        if (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64:
             # the whole backward in one kernel (8 warps for 64 rows: dK, dV, dQ and the bias partials in registers)
             table["_window_attention_bwd_kernel"] = LaunchConfig.of(
                 num_warps=8 if block == 64 else block // 16, BLOCK_M=block, HOIST_BIAS=1)
         else:
-            # sm_80 (mma.sync: every warp holds its slice of both operands) with head_dim >= 64: the one-kernel
-            # backward spills; dQ / bias partials over 32-row query tiles and a separate dK / dV kernel do not
+            # sm_80 (mma.sync: every warp holds its slice of both operands) with head_dim >= 64, and head_dim 128:
+            # the one-kernel backward spills; dQ / bias partials over 32-row query tiles and a separate dK / dV
+            # kernel do not
             table["_window_attention_bwd_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1)
             table["_window_attention_bwd_dkdv_kernel"] = dkdv
     else:
@@ -479,7 +489,7 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
     table["_window_attention_bias_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_R=16, BLOCK_C=64)
     block_j = max(16, triton.next_power_of_2(N))
     table["_window_attention_bias_grad_kernel"] = LaunchConfig.of(
-        num_warps=4, BLOCK_R=max(1, min(64, 4096 // block_j)), BLOCK_J=block_j)
+        num_warps=4, BLOCK_R=max(1, min(16, 4096 // block_j)), BLOCK_J=block_j)
     return table
 
 
@@ -511,22 +521,23 @@ _EXAMPLE_CASES = [
 
 
 def table_examples() -> List[Example]:
-    """Every configuration :func:`launch_table` returns, each with a tiny problem: for each gate target, each dtype,
-    each head_dim (16 ... 128) and each window class."""
+    """Every configuration :func:`launch_table` returns, each with a tiny problem ``(case, dtype)``: for each gate
+    target, fp32 and a half dtype, each head_dim class and each window class (also each key-chunk pattern of the dQ
+    kernel, so that every code path runs under the interpreter)."""
     out = []
     seen = set()
     for target in GATE_TARGETS:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in (torch.float32, half_dtype(target)):
             for hd in (16, 32, 64, 128):
                 for case in _EXAMPLE_CASES:
                     B, H, W, nH, _, window, shift = case
-                    case = (B, H, W, nH, hd, window, shift)
-                    table = launch_table(window[0] * window[1], hd, dtype, target)
-                    key = (target.arch, tuple(sorted((k, v) for k, v in table.items())))
+                    N = window[0] * window[1]
+                    table = launch_table(N, hd, dtype, target)
+                    key = (target.arch, dtype, key_chunks(N), tuple(sorted(table.items())))
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Example("window_attention", (case, dtype), target, table))
+                    out.append(Example("window_attention", ((B, H, W, nH, hd, window, shift), dtype), target, table))
     return out
 
 
@@ -534,10 +545,11 @@ def table_examples() -> List[Example]:
 
 def _dot_flags(dtype: torch.dtype) -> dict:
     """The interpreter computes bf16 / fp16 tl.dot wrongly: its dots run on fp32 operands (IEEE). On a GPU fp32
-    products are tf32x3 (three TF32 tensor-core products: about fp32 accuracy, like eager PyTorch's default)."""
+    products are IEEE fp32 (FMA, as eager PyTorch's default matmul precision; on the compile gate these tiles hold
+    fewer registers than tf32x3's three tensor-core products and compile in about a second)."""
     if interpreter_active():
         return dict(DOT_FP32=True, PRECISION="ieee")
-    return dict(DOT_FP32=False, PRECISION="tf32x3" if dtype == torch.float32 else "tf32")
+    return dict(DOT_FP32=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _windows_per_program(num_windows: int, programs_per_group: int, target: Target, waves: int = 8) -> int:
@@ -642,7 +654,9 @@ def window_attention_bwd(
     # dQ, the bias partials (and dK, dV when a query tile holds the window)
     cfg = pb.table["_window_attention_bwd_kernel"]
     q_tiles = pb.tiles("_window_attention_bwd_kernel", "BLOCK_M")
-    wpp = _windows_per_program(nW, num_heads * q_tiles, pb.target)
+    # two waves of programs: each loops over many windows, so the (groups, nH, N, N) partials stay small (the
+    # bias-gradient kernel reads them all)
+    wpp = _windows_per_program(nW, num_heads * q_tiles, pb.target, waves=2)
     groups = -(-nW // wpp)
     whole_window = q_tiles == 1
     d_rel = torch.empty((groups, num_heads, N, N), **f32)

@@ -14,7 +14,15 @@ import triton
 import triton.language as tl
 
 from vitkernels.geometry import WindowGeometry
-from vitkernels.triton._launch import GATE_TARGETS, Example, LaunchConfig, Target, device_target, launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+)
 from vitkernels.triton.window_geometry import partition_row, window_kernel_args, window_origin, window_tokens
 
 
@@ -54,21 +62,21 @@ def _window_reverse_fwd_kernel(
 # --- launch configuration table -------------------------------------------------------------------------------------
 
 def launch_table(C: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
-    """Both kernels: (BLOCK_R rows x BLOCK_C channels) tiles of 4096 elements, BLOCK_C = C up to 128; 4 warps
-    (a copy: 32 elements per thread, no arithmetic to hide)."""
-    block_c = min(triton.next_power_of_2(max(C, 1)), 128)
-    cfg = LaunchConfig.of(num_warps=4, BLOCK_R=max(1, 4096 // block_c), BLOCK_C=block_c)
+    """Both kernels: (BLOCK_R rows x BLOCK_C channels) tiles of 4096 elements, BLOCK_C = 128 (32 for C <= 32, e.g.
+    odd test sizes); 4 warps (a copy: 32 elements per thread, no arithmetic to hide)."""
+    block_c = 32 if C <= 32 else 128
+    cfg = LaunchConfig.of(num_warps=4, BLOCK_R=4096 // block_c, BLOCK_C=block_c)
     return {"_window_partition_fwd_kernel": cfg, "_window_reverse_fwd_kernel": cfg}
 
 
 def table_examples() -> List[Example]:
-    """One tiny problem per BLOCK_C class (the table depends on C only), for every gate target."""
+    """Both BLOCK_C classes (the table depends on C only) in fp32 and a half dtype, for every gate target."""
     out = []
     for target in GATE_TARGETS:
-        for C in (3, 8, 16, 32, 64, 128):
-            # (B, H, W, C, window, shift) with the window larger than the map and a shift past it
-            problem = (1, 5, 4, C, (7, 3), (6, 2))
-            out.append(Example("window_partition", problem, target, launch_table(C, torch.float32, target)))
+        for C, dtype in ((3, torch.float32), (24, half_dtype(target)), (40, torch.float32), (130, half_dtype(target))):
+            # (B, H, W, C, window, shift, dtype) with the window larger than the map and a shift past it
+            problem = (1, 5, 4, C, (7, 3), (6, 2), dtype)
+            out.append(Example("window_partition", problem, target, launch_table(C, dtype, target)))
     return out
 
 
