@@ -1,36 +1,40 @@
 """Triton kernels for Swin (shifted) window attention; semantics in :mod:`vitkernels.reference.window_attention`.
 
-Nothing is materialised: no rolled, padded or partitioned copy of qkv, no (nH, N, N) bias, no mask tensor. Window
-coordinates come from :mod:`vitkernels.triton.window_geometry`: window ``w`` covers the shifted, padded
+Nothing of the size of qkv is materialised: no rolled, padded or partitioned copy, no per-window bias or mask.
+Window coordinates come from :mod:`vitkernels.triton.window_geometry`: window ``w`` covers the shifted, padded
 coordinates (r, s) = (wy*wh + iy, wx*ww + ix) of its tokens ``i = iy*ww + ix``; a real position (r < H, s < W) reads
 the original NHWC token ((r + roll_h) mod H, (s + roll_w) mod W) of ``qkv``, a padded one the qkv bias (what the qkv
 Linear gives a zero-padded input) or zeros. Outputs of real rows are stored at the same original token.
 
 Per (window, head), in fp32: ``S = scale * q k^T + table[rel(i, j), h] + mask(i, j)`` with
 ``rel(i, j) = (iy_i - iy_j + wh - 1) * (2*ww - 1) + (ix_i - ix_j + ww - 1)`` and ``mask = -100`` between tokens of
-different regions of the shifted image (only windows in the last row / column of a shifted axis have two regions);
-``P = softmax(S)``, ``O = P v``, and the row log-sum-exp ``lse`` when a backward will need it. The exponentials are
-``exp2`` of log2-scaled logits (``scale * log2 e`` and ``log2 e * bias``).
+different regions of the shifted image (only windows in the last row / column of a shifted axis have two regions,
+so only those compare regions); ``P = softmax(S)``, ``O = P v``, and the row log-sum-exp ``lse`` when a backward
+will need it. The exponentials are ``exp2`` of log2-scaled logits (``scale * log2 e`` and ``log2 e * bias``).
 
-Tiling. The keys of a window are covered by up to three power-of-two chunks (``CHUNK0 + CHUNK1 + CHUNK2`` = N
-rounded up to 16: 49 -> 64, 144 -> 128 + 16, 256 -> 256), so no window is padded to the next power of two; the
-queries by tiles of ``BLOCK_M`` rows. A program handles one head and one query tile for a group of windows (heads on
-the fastest-varying program id, so programs running side by side read the same qkv rows); its relative-position bias
-tiles are built once, before the loop over its windows.
+The bias. Once per call, ``_window_attention_bias_kernel`` writes the (nH, NP, NP) fp32 matrix
+``log2(e) * table[rel(i, j), h]`` (-inf past the last key, NP = N rounded up to 64): O(nH N^2) like timm's
+per-forward bias, and the attention kernels read contiguous tiles of it instead of a per-element index gather.
 
-* forward ``_window_attention_fwd_kernel``: per window, online softmax over the key chunks.
-* backward ``_window_attention_bwd_kernel`` (per query tile, over the same key chunks; P recomputed from lse):
-  ``dP = dO V^T``, ``delta = rowsum(dO * O)``, ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, and the sum over
-  the group's windows of dS in registers, stored once per program as a (groups, nH, N, N) partial. When the query
-  tile holds the whole window (N <= BLOCK_M: ws 7 and 8) it also computes ``dV = P^T dO``, ``dK = scale * dS^T Q``:
-  the whole backward is one kernel. Otherwise it stores delta and
+Tiling (every choice from :func:`launch_table`). A program handles one head and one query tile of ``BLOCK_M`` rows
+for a group of windows (heads on the fastest-varying program id, so programs running side by side read the same
+qkv rows); windows of up to 64 tokens are one query tile and one key chunk, and the program's bias tile is loaded
+once, before the loop over its windows.
+
+* forward ``_window_attention_fwd_kernel``: online softmax over key chunks of ``KEY_CHUNK`` (32 for large windows:
+  144 keys -> 160, not 256), a loop with a run-time bound so that one chunk's tiles are live at a time.
+* backward ``_window_attention_bwd_kernel`` (per query tile; P recomputed from lse): over up to three static key
+  chunks of at most 128 (:func:`key_chunks`: 49 -> 64, 144 -> 128 + 16), ``dP = dO V^T``,
+  ``delta = rowsum(dO * O)``, ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, and the sum over the group's windows
+  of dS in registers, stored once per program as a (groups, nH, N, N) partial. When the query tile holds the whole
+  window (ws 7 and 8) it also computes ``dV = P^T dO``, ``dK = scale * dS^T Q``: the whole backward is one kernel.
+  Otherwise it stores delta for
 * ``_window_attention_bwd_dkdv_kernel`` (FlashAttention-2 style, per key tile of ``BLOCK_N`` keys): dK and dV of the
   tile accumulate in registers over query tiles of ``BLOCK_M`` rows.
 * ``_window_attention_bias_grad_kernel``: ``d_table[r, h]`` = the partials summed over groups, then over the pairs
   (i, j) with ``rel(i, j) = r``, in a fixed order: deterministic (no atomics anywhere).
 
 Padded tokens' dK and dV are summed into the qkv-bias gradient by per-program partials (padded queries have dO = 0).
-Every launch's tiles and warps come from :func:`launch_table`.
 """
 from __future__ import annotations
 
