@@ -292,3 +292,19 @@ def test_examples_list_every_configuration_the_table_returns(module):
     for target, table in _sweep(module):
         for name, cfg in table.items():
             assert (target.arch, name, cfg) in listed, f"{target.arch} {name} [{cfg.label}] has no example"
+
+
+def test_dispatcher_refuses_what_would_not_fit_a_smaller_gpu():
+    """sm_80 / sm_90 take every configuration the gate compiled; a GPU with less shared memory per block (an sm_86
+    has 99 KiB) is refused a call whose kernels' bound exceeds it, with the reason, and auto falls back."""
+    from vitkernels.triton import window_attention as kernels
+    from vitkernels.triton._launch import SM80, SM90, Target
+
+    small = Target("sm_86", (8, 6), 101376, 84)
+    assert kernels.supported_reason(128, 256, torch.float32, SM80) is None
+    assert kernels.supported_reason(128, 256, torch.float32, SM90) is None
+    assert kernels.supported_reason(32, 49, torch.bfloat16, small) is None
+    assert kernels.supported_reason(32, 144, torch.float32, small) is None
+    reason = kernels.supported_reason(128, 256, torch.float32, small)
+    assert reason is not None and "shared memory" in reason and "sm_86" in reason
+    assert "compute capability" in kernels.supported_reason(32, 49, torch.float16, Target("sm_75", (7, 5), 65536, 40))

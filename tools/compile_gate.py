@@ -278,6 +278,12 @@ def _compile(index: int) -> Dict[str, Any]:
     row = kernel_resources.compile_launch(item.launch, item.target.arch, keep_dir=os.environ.get("GATE_KEEP_DIR"))
     row["headline"] = item.headline
     row["extra"]["problems"] = item.problems
+    if row["kernel"].startswith("_window_attention_"):
+        from vitkernels.triton.window_attention import shared_memory_bound
+
+        kernel = item.launch.kernel
+        consts = {**dict(zip(kernel.arg_names, item.launch.args)), **item.launch.kwargs}
+        row["extra"]["smem_bound"] = shared_memory_bound(row["kernel"], consts, item.launch.args[0].element_size())
     row["extra"]["compile_s"] = round(time.time() - start, 2)
     row["extra"]["cpu_s"] = round(_cpu_seconds() - cpu, 2)  # ptxas included (a child process)
     return row
@@ -292,6 +298,10 @@ def check(rows: List[Dict[str, Any]]) -> List[str]:
         if row["status"] != "ok":
             failures.append(f"{name}: {row['problem']}")
             continue
+        bound = (row.get("extra") or {}).get("smem_bound")
+        if bound is not None and row["shared_bytes"] > bound:
+            failures.append(f"{name}: {row['shared_bytes']} bytes of shared memory > the dispatcher's bound {bound} "
+                            "(vitkernels.triton.window_attention.shared_memory_bound)")
         limit = limits.get(row["arch"])
         if limit is not None and row["shared_bytes"] > limit:
             failures.append(f"{name}: {row['shared_bytes']} bytes of shared memory > the {row['arch']} limit {limit}")

@@ -48,6 +48,7 @@ from vitkernels.geometry import WindowGeometry
 from vitkernels.triton import interpreter_active
 from vitkernels.triton._launch import (
     GATE_TARGETS,
+    SM80,
     Example,
     LaunchConfig,
     Target,
@@ -497,9 +498,38 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
     return table
 
 
+def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int:
+    """An upper bound of the shared memory (bytes) a window-attention kernel takes, from its constexprs: the dot
+    operands that pass through shared memory (q / dO tiles, every key chunk's k and v) plus the fp32 layout
+    conversions of a score tile and of an output tile. The compile gate checks it against every compiled
+    configuration; on GPUs with less shared memory per block than sm_80 the dispatcher refuses a call it exceeds."""
+    c, e, hd = constexprs, element_size, constexprs.get("HD", 0)
+    if kernel == "_window_attention_fwd_kernel":
+        bm, kc = c["BLOCK_M"], c["KEY_CHUNK"]
+        return (bm * hd + 2 * kc * hd) * e + (bm * kc + bm * hd) * 4
+    if kernel == "_window_attention_bwd_kernel":
+        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"]]
+        return (2 * bm * hd + 2 * sum(chunks) * hd) * e + (2 * bm * max(chunks) + bm * hd) * 4
+    if kernel == "_window_attention_bwd_dkdv_kernel":
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        return (2 * bn * hd + 2 * bm * hd) * e + (2 * bm * bn + 2 * bn * hd) * 4
+    return 16384  # the bias and bias-gradient kernels: a few KB
+
+
+def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> int:
+    """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
+    table = launch_table(N, head_dim, dtype, target)
+    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
+    e = torch.empty((), dtype=dtype).element_size()
+    return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
+
+
 def supported_reason(head_dim: int, tokens_per_window: int, dtype: torch.dtype,
                      target: Optional[Target] = None) -> Optional[str]:
-    """``None`` if the kernels handle this configuration (on ``target``, when given), else why not."""
+    """``None`` if the kernels handle this configuration (on ``target``, when given), else why not.
+
+    On sm_80 / sm_90 every accepted configuration is compiled by the compile gate, which checks that it fits; on a
+    GPU with less shared memory per block, a call whose :func:`shared_memory_needed` exceeds it is refused."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} not supported (float16, bfloat16, float32)"
     if tokens_per_window > MAX_TOKENS_PER_WINDOW:
@@ -509,6 +539,12 @@ def supported_reason(head_dim: int, tokens_per_window: int, dtype: torch.dtype,
     if target is not None and not target.interpreter:
         if target.capability < (8, 0):
             return f"the Triton window-attention kernels need compute capability >= 8.0, got {target.arch}"
+        if target.smem_per_block < SM80.smem_per_block:
+            need = shared_memory_needed(tokens_per_window, head_dim, dtype, target)
+            if need > target.smem_per_block:
+                return (f"{str(dtype).replace('torch.', '')} windows of {tokens_per_window} tokens with head_dim "
+                        f"{head_dim} may need up to {need} bytes of shared memory per block, {target.arch} has "
+                        f"{target.smem_per_block}")
     return None
 
 
