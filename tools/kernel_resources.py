@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real GPUs, whatever the caller's environment says
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -84,14 +85,12 @@ def _sass_counts(sass: str) -> Dict[str, int]:
 
 
 def config_label(launch) -> str:
-    """The launch configuration, prefixed with the element type of the kernel's first pointer argument (the
-    main input: a bf16 and an fp32 compile of the same tiles are different rows)."""
-    dtype = ""
-    for value in launch.args:
-        if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
-            dtype = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
-                     "torch.float64": "fp64"}.get(str(value.dtype), str(value.dtype).replace("torch.", ""))
-            break
+    """The launch configuration, prefixed with the input element type (the first bf16 / fp16 tensor argument's,
+    else the first floating-point one's: a bf16 and an fp32 compile of the same tiles are different rows)."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    dtypes = [v.dtype for v in launch.args if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    half = [d for d in dtypes if d in (torch.float16, torch.bfloat16)]
+    dtype = names.get((half or dtypes or [None])[0], "")
     return f"{dtype} {launch.config().label}".strip()
 
 

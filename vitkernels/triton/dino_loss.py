@@ -253,7 +253,7 @@ def launch_table(B: int, K: int, ncrops: int, target: Target, block_k: Optional[
 
     Row kernels: BLOCK_K class lanes (1024, 256 or 64 by K) on 4, 2 or 1 warps. The forward holds (views, BLOCK_K)
     state: narrower tiles (a power of two <= BLOCK_K, so they divide the chunk) keep it at <= 4096 fp32 per array,
-    on 8 warps when full. The finalize kernel merges (64 rows x 32 chunk partials) tiles; the centre update reads
+    on 8 warps when full. The finalize kernel merges (32 rows x 32 chunk partials) tiles; the centre update reads
     (32 rows x 256 classes) tiles."""
     block_k = block_k or _class_block(K)
     warps = 4 if block_k >= 512 else (2 if block_k >= 128 else 1)
@@ -264,7 +264,7 @@ def launch_table(B: int, K: int, ncrops: int, target: Target, block_k: Optional[
         "_dino_teacher_stats_kernel": row,
         "_dino_fwd_kernel": LaunchConfig.of(num_warps=8 if views_p2 * fwd_block >= 4096 else warps,
                                             BLOCK_K=fwd_block),
-        "_dino_finalize_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=64, BLOCK_S=32),
+        "_dino_finalize_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=32, BLOCK_S=32),
         "_dino_bwd_kernel": row,
         "_dino_center_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=32, BLOCK_K=min(256, block_k)),
     }

@@ -308,25 +308,24 @@ def _class_block(K: int, widest: int) -> int:
     return widest if K >= widest else (256 if K >= 256 else 64)
 
 
-def launch_table(K: int, dtype: torch.dtype, tf32: bool, target: Target) -> Dict[str, LaunchConfig]:
+def launch_table(K: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
     """Tiles and warps of the MSN kernels, by kernel name (the same on every GPU and under the interpreter).
 
     The two GEMMs: (64 x 64) logit tiles over D steps of 32 on 8 warps; (32 rows x 64 features) gradient tiles
-    over reduction steps of 32 (16 for full-fp32 products, which hold more registers than TF32 or half ones);
-    bf16 / fp16 inputs run both on tensor cores (``HALF_DOT``). Row kernels: 16 rows x 256 classes (64 for
+    over reduction steps of 16 for fp32 (full-fp32 products hold more registers than half ones); bf16 / fp16
+    inputs run both on tensor cores (``HALF_DOT``), the gradient in 64-row tiles (one warpgroup: wgmma on sm_90). Row kernels: 16 rows x 256 classes (64 for
     small K); the targets and finalize kernels walk rows in 1024-class tiles (256 / 64 for small K)."""
     half = dtype in (torch.float16, torch.bfloat16)
     bk = _class_block(K, 256)
     wide = _class_block(K, 1024)
-    full_fp32 = not half and not tf32
     return {
         "_msn_logits_kernel": LaunchConfig.of(num_warps=8, num_stages=3, BM=64, BN=64, BD=32),
         "_msn_targets_kernel": LaunchConfig.of(num_warps=4 if wide >= 512 else 1, BK=wide),
         "_msn_anchor_fwd_kernel": LaunchConfig.of(num_warps=4, BR=16, BK=bk),
         "_msn_finalize_kernel": LaunchConfig.of(num_warps=4, BR=256, BK=wide),
         "_msn_anchor_bwd_kernel": LaunchConfig.of(num_warps=8 if bk >= 256 else 4, BR=16, BK=bk),
-        "_msn_grad_gemm_kernel": LaunchConfig.of(num_warps=4, num_stages=3, BM=32, BL=16 if full_fp32 else 32,
-                                                 BD=64),
+        "_msn_grad_gemm_kernel": LaunchConfig.of(num_warps=4, num_stages=3, BM=64 if half else 32,
+                                                 BL=32 if half else 16, BD=64),
     }
 
 
@@ -337,7 +336,7 @@ def table_examples() -> List[Example]:
     for target in GATE_TARGETS:
         for dtype in (torch.float32, half_dtype(target)):
             for B, V, K, D in ((3, 2, 70, 40), (2, 3, 300, 24), (2, 2, 1100, 20)):
-                table = launch_table(K, dtype, False, target)
+                table = launch_table(K, dtype, target)
                 key = (target.arch, dtype, tuple(sorted(table.items())))
                 if key not in seen:
                     seen.add(key)
@@ -354,7 +353,7 @@ def _precision() -> str:
 
 
 def _table(K: int, dtype: torch.dtype, device: torch.device) -> Dict[str, LaunchConfig]:
-    return launch_table(K, dtype, _precision() == "tf32", device_target(device))
+    return launch_table(K, dtype, device_target(device))
 
 
 def _half_dot(dtype: torch.dtype) -> bool:
