@@ -241,6 +241,11 @@ def test_triton_opcheck():
         torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_backward.default,
                               (grad, qkv.detach(), table.detach(), b.detach() if b is not None else None, out, lse,
                                [7, 7], [3, 3], 2, 0.25))
+        # inference: no log-sum-exp computed or stored (an empty tensor), the fake agrees
+        plain = (qkv.detach(), table.detach(), b.detach() if b is not None else None, [7, 7], [3, 3], 2, 0.25, False)
+        torch.library.opcheck(torch.ops.vitkernels.triton_window_attention.default, plain)
+        out_inf, lse_inf = torch.ops.vitkernels.triton_window_attention(*plain)
+        assert lse_inf.numel() == 0 and torch.equal(out_inf, out)
 
 
 def assert_block_compiles_fullgraph(backend, device, compiler, tol):

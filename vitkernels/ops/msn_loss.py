@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import dispatch, loss_helpers
 from vitkernels._validation import (
     check_int,
     check_positive_float,
@@ -139,7 +139,7 @@ def _triton_support(call: dispatch.Call) -> Optional[str]:
     details = call.details
     if details.get("proto_labels"):
         return "proto_labels must be None (identity labels) for the fused kernels"
-    if (details.get("me_max") or details.get("sinkhorn")) and reference.multi_process():
+    if (details.get("me_max") or details.get("sinkhorn")) and loss_helpers.multi_process():
         return ("torch.distributed runs several processes: the me-max mean / Sinkhorn sums need all-reduces inside "
                 "the loss, which the fused kernels do not do")
     return None
@@ -202,7 +202,7 @@ if HAS_TRITON:
         logits, rnorm = triton_kernels.msn_logits(anchors, targets, prototypes, tau)
         sharp = triton_kernels.msn_targets(logits, N, T)
         if use_sinkhorn:
-            sharp = reference.distributed_sinkhorn(sharp, use_dist=False).contiguous()
+            sharp = loss_helpers.distributed_sinkhorn(sharp, use_dist=False).contiguous()
         terms, stats, avg = triton_kernels.msn_anchor_fwd(logits, sharp, N, me_max, use_entropy)
         return terms, logits, sharp, rnorm, stats, avg
 

@@ -116,7 +116,8 @@ def _window_attention_reference(qkv, table, window_size, shift_size, num_heads, 
 
 # --- fake implementations and autograd, shared by the native and triton ops ----------------------------------------
 # Both op sets have the schemas
-#   forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale) -> (out, lse)
+#   forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale[, need_lse]) -> (out, lse)
+#     (the triton forward takes need_lse: False skips the log-sum-exp, an empty tensor then, when no backward follows)
 #   backward(grad_out, qkv, table, qkv_bias?, out, lse, window_size, shift_size, num_heads, scale)
 #       -> (grad_qkv, grad_table, grad_qkv_bias or an empty tensor)
 # lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs).
@@ -125,12 +126,12 @@ def _lse_dtype(qkv: torch.Tensor) -> torch.dtype:
     return torch.float64 if qkv.dtype == torch.float64 else torch.float32
 
 
-def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
+def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, need_lse=True):
     B, H, W, three_c = qkv.shape
     n_windows = B * -(-H // window_size[0]) * -(-W // window_size[1])
     out = qkv.new_empty((B, H, W, three_c // 3))
-    lse = qkv.new_empty((n_windows, num_heads, window_size[0] * window_size[1]), dtype=_lse_dtype(qkv))
-    return out, lse
+    lse_shape = (n_windows, num_heads, window_size[0] * window_size[1]) if need_lse else (0,)
+    return out, qkv.new_empty(lse_shape, dtype=_lse_dtype(qkv))
 
 
 def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale):
@@ -140,18 +141,23 @@ def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_
 
 def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     def setup_context(ctx, inputs, output):
-        qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs
+        qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs[:7]
+        ctx.has_lse = len(inputs) < 8 or inputs[7]
+        ctx.num_inputs = len(inputs)
         out, lse = output
         ctx.has_bias = qkv_bias is not None
         ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
 
     def backward_fn(ctx, grad_out, grad_lse):
+        if not ctx.has_lse:
+            raise RuntimeError("window_attention: the forward ran with need_lse=False (no gradient was required), so "
+                               "it cannot be differentiated")
         qkv, table, qkv_bias, out, lse = ctx.saved_tensors
         grad_qkv, grad_table, grad_bias = backward(
             grad_out.contiguous(), qkv, table, qkv_bias, out, lse, ctx.window_size, ctx.shift_size, ctx.num_heads,
             ctx.scale,
         )
-        return grad_qkv, grad_table, (grad_bias if ctx.has_bias else None), None, None, None, None
+        return (grad_qkv, grad_table, (grad_bias if ctx.has_bias else None)) + (None,) * (ctx.num_inputs - 3)
 
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(backward)(_backward_fake)
@@ -190,6 +196,7 @@ else:
 if HAS_TRITON:
     from vitkernels.ops._library import kernel_op
     from vitkernels.triton import window_attention as triton_kernels
+    from vitkernels.triton._launch import device_target
 
     @kernel_op("vitkernels::triton_window_attention")
     def triton_window_attention(
@@ -200,9 +207,12 @@ if HAS_TRITON:
         shift_size: List[int],
         num_heads: int,
         scale: float,
+        need_lse: bool = True,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Forward: (out (B, H, W, C), row log-sum-exp (B*nW, nH, N) fp32, kept for the backward)."""
-        return triton_kernels.window_attention_fwd(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+        """Forward: (out (B, H, W, C), row log-sum-exp (B*nW, nH, N) fp32 kept for the backward; an empty tensor
+        when ``need_lse`` is False, e.g. in inference, where the kernel then stores none)."""
+        return triton_kernels.window_attention_fwd(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale,
+                                                   need_lse)
 
     @kernel_op("vitkernels::triton_window_attention_backward")
     def triton_window_attention_backward(
@@ -218,9 +228,8 @@ if HAS_TRITON:
         scale: float,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias)."""
-        index = reference.relative_position_index(window_size[0], window_size[1], device=qkv.device)
         grad_qkv, grad_table, grad_bias = triton_kernels.window_attention_bwd(
-            grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale, index
+            grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale
         )
         return grad_qkv, grad_table, grad_bias if grad_bias is not None else qkv.new_empty(0)
 
@@ -230,13 +239,15 @@ if HAS_TRITON:
         reason = triton_unavailable_reason(call.device)
         if reason is None and "head_dim" in call.details:  # reports (vitkernels.info) ask without shapes
             reason = triton_kernels.supported_reason(
-                call.details["head_dim"], call.details["tokens_per_window"], call.dtype
+                call.details["head_dim"], call.details["tokens_per_window"], call.dtype, device_target(call.device)
             )
         return reason
 
     @op.register("triton", _triton_supports)
     def _window_attention_triton(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
-        out, _ = triton_window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+        need_lse = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, table, qkv_bias))
+        out, _ = triton_window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, need_lse)
         return out
 
 else:

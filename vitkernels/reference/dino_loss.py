@@ -28,12 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkernels.loss_helpers import num_pairs
+
 __all__ = ["DINOLoss", "dino_center_update", "dino_loss", "num_pairs", "teacher_temp_schedule", "world_size"]
-
-
-def num_pairs(ncrops: int) -> int:
-    """Number of (teacher view, student view) pairs the loss averages over: pairs ``(t, v)``, ``t < 2``, ``v != t``."""
-    return sum(1 for t in range(2) for v in range(ncrops) if v != t)
 
 
 def dino_loss(

@@ -26,28 +26,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from vitkernels.geometry import relative_position_index
 from vitkernels.reference.window_partition import padded_size, window_partition, window_reverse
 
 MASK_VALUE = -100.0
-
-
-def relative_position_index(win_h: int, win_w: int, device=None) -> torch.Tensor:
-    """(N, N) int64 index into the ((2*wh-1)*(2*ww-1), nH) bias table for every pair of tokens in a window.
-
-    ``index[i, j] = (yi - yj + wh - 1) * (2*ww - 1) + (xi - xj + ww - 1)`` for tokens i = (yi, xi), j = (yj, xj).
-    """
-    coords = torch.stack(
-        torch.meshgrid(
-            torch.arange(win_h, device=device, dtype=torch.long),
-            torch.arange(win_w, device=device, dtype=torch.long),
-            indexing="ij",
-        )
-    ).flatten(1)  # 2, N
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()  # N, N, 2
-    relative[:, :, 0] += win_h - 1
-    relative[:, :, 1] += win_w - 1
-    relative[:, :, 0] *= 2 * win_w - 1
-    return relative.sum(-1)
 
 
 def relative_position_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-
-def padded_size(height: int, width: int, window_size: Tuple[int, int]) -> Tuple[int, int]:
-    """(Hp, Wp): the image size rounded up to whole windows."""
-    wh, ww = window_size
-    return -(-height // wh) * wh, -(-width // ww) * ww
+from vitkernels.geometry import padded_size
 
 
 def window_partition(x: torch.Tensor, window_size: Tuple[int, int], shift_size: Tuple[int, int] = (0, 0)) -> torch.Tensor:

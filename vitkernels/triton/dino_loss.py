@@ -20,7 +20,7 @@ Kernels:
   log-sum-exps, then walks the chunk once: each teacher tile becomes probabilities once, and all student views
   of image b (a (views, BLOCK_K) tile) fold it into their online (max, sum-exp) of s_v and <Q_v, s_v>;
 * ``_dino_finalize_kernel``       grid (1,): merges the student partials into each row's log-sum-exp (kept for the
-  backward) and reduces the loss;
+  backward, online over tiles of chunk partials) and reduces the loss;
 * ``_dino_bwd_kernel``            grid (B, n_chunks): the student gradient, tile by tile;
 * ``_dino_center_kernel``         grid (K / BLOCK_K,): column sums of the teacher logits and the EMA, one pass.
 
@@ -29,15 +29,23 @@ elementwise; all math is fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import itertools
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.reference.dino_loss import num_pairs
-from vitkernels.triton import interpreter_active
-from vitkernels.triton._launch import launcher
+from vitkernels.loss_helpers import num_pairs
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+)
 
 
 @triton.jit
@@ -145,25 +153,32 @@ def _dino_fwd_kernel(
 @triton.jit
 def _dino_finalize_kernel(
     pm_ptr, pl_ptr, pd_ptr, lse_ptr, loss_ptr, B, R, NSPLIT, scale,
-    NSPLIT_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    js = tl.arange(0, NSPLIT_P2)
-    jmask = js < NSPLIT
+    """Rows in blocks of BLOCK_R; each row's NSPLIT (max, sum-exp, dot) partials merged BLOCK_S at a time."""
     acc = tl.zeros((BLOCK_R,), tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < R
-        offs = rows[:, None] * NSPLIT + js[None, :]
-        mask = rmask[:, None] & jmask[None, :]
-        m = tl.load(pm_ptr + offs, mask=mask, other=float("-inf"))
-        l = tl.load(pl_ptr + offs, mask=mask, other=0.0)
-        d = tl.load(pd_ptr + offs, mask=mask, other=0.0)
-        top = tl.where(rmask, tl.max(m, axis=1), 0.0)
-        lse = top + tl.log(tl.where(rmask, tl.sum(l * tl.exp(m - top[:, None]), axis=1), 1.0))
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_R,), tl.float32)
+        d = tl.zeros((BLOCK_R,), tl.float32)
+        for s0 in range(0, NSPLIT, BLOCK_S):
+            js = s0 + tl.arange(0, BLOCK_S)
+            offs = rows[:, None] * NSPLIT + js[None, :]
+            mask = rmask[:, None] & (js < NSPLIT)[None, :]
+            pm = tl.load(pm_ptr + offs, mask=mask, other=float("-inf"))
+            pl = tl.load(pl_ptr + offs, mask=mask, other=0.0)
+            d += tl.sum(tl.load(pd_ptr + offs, mask=mask, other=0.0), axis=1)
+            m_new = tl.maximum(m, tl.max(pm, axis=1))
+            shift = tl.where(m_new > float("-inf"), m_new, 0.0)  # rows past R saw only -inf
+            l = l * tl.exp(m - shift) + tl.sum(pl * tl.exp(pm - shift[:, None]), axis=1)
+            m = m_new
+        lse = tl.where(rmask, m + tl.log(tl.where(rmask, l, 1.0)), 0.0)
         tl.store(lse_ptr + rows, lse, mask=rmask)
         # w_v teacher views are compared with student view v = row // B: 1 for the two global views, else 2
         w = tl.where(rows // B < 2, 1.0, 2.0)
-        acc += tl.where(rmask, w * lse - tl.sum(d, axis=1), 0.0)
+        acc += tl.where(rmask, w * lse - d, 0.0)
     tl.store(loss_ptr, tl.sum(acc, axis=0) * scale)
 
 
@@ -215,25 +230,73 @@ def _dino_center_kernel(
 
 # --- host side ----------------------------------------------------------------------------------------------------
 
+def _class_block(K: int) -> int:
+    """Class lanes per tile: 1024 from K = 1024 up, else 256 or 64 (masked past K)."""
+    return 1024 if K >= 1024 else (256 if K >= 256 else 64)
+
+
+def chunking(B: int, K: int, block_k: int, chunk: Optional[int] = None) -> Tuple[int, int]:
+    """(CHUNK classes per program, NSPLIT chunks per row): about 1024 programs (B x NSPLIT) on a GPU, so that
+    2 global + 8 local views of B = 64 images at K = 65,536 use 4096-class chunks."""
+    if chunk is None:
+        tiles = triton.cdiv(K, block_k)
+        nsplit = max(1, min(tiles, triton.cdiv(1024, B)))
+        chunk = triton.cdiv(tiles, nsplit) * block_k
+    assert chunk % block_k == 0
+    return chunk, triton.cdiv(K, chunk)
+
+
+def launch_table(B: int, K: int, ncrops: int, target: Target, block_k: Optional[int] = None,
+                 chunk: Optional[int] = None) -> Dict[str, LaunchConfig]:
+    """Tiles and warps of the DINO kernels, by kernel name (the same on every GPU and under the interpreter;
+    ``block_k`` / ``chunk`` override the class tiling: tests use tiny ones to exercise the merging).
+
+    Row kernels: BLOCK_K class lanes (1024, 256 or 64 by K) on 4, 2 or 1 warps. The forward holds (views, BLOCK_K)
+    state: narrower tiles (a power of two <= BLOCK_K, so they divide the chunk) keep it at <= 4096 fp32 per array,
+    on 8 warps when full. The finalize kernel merges (32 rows x 32 chunk partials) tiles; the centre update reads
+    (32 rows x 256 classes) tiles."""
+    block_k = block_k or _class_block(K)
+    warps = 4 if block_k >= 512 else (2 if block_k >= 128 else 1)
+    views_p2 = triton.next_power_of_2(ncrops)
+    fwd_block = min(block_k, max(16, 4096 // views_p2))
+    row = LaunchConfig.of(num_warps=warps, BLOCK_K=block_k)
+    return {
+        "_dino_teacher_stats_kernel": row,
+        "_dino_fwd_kernel": LaunchConfig.of(num_warps=8 if views_p2 * fwd_block >= 4096 else warps,
+                                            BLOCK_K=fwd_block),
+        "_dino_finalize_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=32, BLOCK_S=32),
+        "_dino_bwd_kernel": row,
+        "_dino_center_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=32, BLOCK_K=min(256, block_k)),
+    }
+
+
+def table_examples() -> List[Example]:
+    """Every configuration of :func:`launch_table` (K below 256, below 1024, above; 2, 4 or 10 crops: the forward's
+    tile narrows with the views), each with a tiny problem: (B, K, ncrops, dtype)."""
+    out, seen = [], set()
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for B, K, ncrops in itertools.product((2,), (100, 300, 1500), (4, 10, 2)):
+                table = launch_table(B, K, ncrops, target)
+                key = (target.arch, dtype, tuple(sorted(table.items())))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Example("dino_loss", (B, K, ncrops, dtype), target, table))
+    return out
+
+
 class _Tiling:
-    """Class-dimension tiling: BLOCK_K lanes per tile, CHUNK classes per program, NSPLIT chunks per row.
+    """One call's class tiling and launch configurations."""
 
-    About 1024 programs (B x NSPLIT) on a GPU, so that 2 global + 8 local views of B = 64 images at K = 65,536 use
-    4096-class chunks; ``block_k`` / ``chunk`` override (tests use tiny ones to exercise the merging)."""
-
-    def __init__(self, B: int, K: int, block_k: Optional[int] = None, chunk: Optional[int] = None):
-        if block_k is None:
-            block_k = min(1024, triton.next_power_of_2(K)) if not interpreter_active() else min(
-                64, triton.next_power_of_2(K))
-        if chunk is None:
-            tiles = triton.cdiv(K, block_k)
-            nsplit = max(1, min(tiles, triton.cdiv(1024, B)))
-            chunk = triton.cdiv(tiles, nsplit) * block_k
-        assert chunk % block_k == 0
-        self.block_k, self.chunk = block_k, chunk
-        self.nsplit = triton.cdiv(K, chunk)
+    def __init__(self, B: int, K: int, ncrops: int, device: torch.device, block_k: Optional[int] = None,
+                 chunk: Optional[int] = None):
+        self.table = launch_table(B, K, ncrops, device_target(device), block_k, chunk)
+        self.block_k = self.table["_dino_bwd_kernel"]["BLOCK_K"]
+        self.chunk, self.nsplit = chunking(B, K, self.block_k, chunk)
         self.nsplit_p2 = triton.next_power_of_2(self.nsplit)
-        self.num_warps = 4 if block_k >= 512 else (2 if block_k >= 128 else 1)
+
+    def kwargs(self, kernel: str) -> dict:
+        return self.table[kernel].kwargs()
 
 
 def dino_loss_fwd(
@@ -252,7 +315,7 @@ def dino_loss_fwd(
     student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
     R, K = student.shape
     B = R // ncrops
-    tiling = _Tiling(B, K, block_k, chunk)
+    tiling = _Tiling(B, K, ncrops, student.device, block_k, chunk)
     dev = student.device
     f32 = dict(device=dev, dtype=torch.float32)
     tpm = torch.empty((2 * B, tiling.nsplit), **f32)
@@ -261,28 +324,23 @@ def dino_loss_fwd(
     center_copy = torch.empty((K,), **f32)
     launcher(_dino_teacher_stats_kernel)[(2 * B, tiling.nsplit)](
         teacher, center, center_copy, tpm, tpl, K, tiling.nsplit, inv_tt,
-        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, num_warps=tiling.num_warps,
+        CHUNK=tiling.chunk, **tiling.kwargs("_dino_teacher_stats_kernel"),
     )
     teacher_lse = torch.empty((2 * B,), **f32)
     pm = torch.empty((R, tiling.nsplit), **f32)
     pl = torch.empty((R, tiling.nsplit), **f32)
     pd = torch.empty((R, tiling.nsplit), **f32)
-    # The forward holds (views, BLOCK_K) state: narrower tiles (a power of two <= block_k, so they divide the chunk)
-    # keep it at <= 4096 fp32 per array.
-    views_p2 = triton.next_power_of_2(ncrops)
-    fwd_block = min(tiling.block_k, max(16, 4096 // views_p2))
     launcher(_dino_fwd_kernel)[(B, tiling.nsplit)](
         student, teacher, center, tpm, tpl, teacher_lse, pm, pl, pd,
         B, K, tiling.nsplit, ncrops, inv_ts, inv_tt,
-        CHUNK=tiling.chunk, BLOCK_K=fwd_block, NSPLIT_P2=tiling.nsplit_p2, VIEWS_P2=views_p2,
-        num_warps=8 if views_p2 * fwd_block >= 4096 else tiling.num_warps,
+        CHUNK=tiling.chunk, NSPLIT_P2=tiling.nsplit_p2, VIEWS_P2=triton.next_power_of_2(ncrops),
+        **tiling.kwargs("_dino_fwd_kernel"),
     )
     student_lse = torch.empty((R,), **f32)
     loss = torch.empty((), **f32)
-    block_r = max(1, min(triton.next_power_of_2(R), 2048 // tiling.nsplit_p2, 256))
     launcher(_dino_finalize_kernel)[(1,)](
         pm, pl, pd, student_lse, loss, B, R, tiling.nsplit, 1.0 / (num_pairs(ncrops) * B),
-        NSPLIT_P2=tiling.nsplit_p2, BLOCK_R=block_r, num_warps=4,
+        **tiling.kwargs("_dino_finalize_kernel"),
     )
     return loss, student_lse, teacher_lse, center_copy
 
@@ -304,12 +362,12 @@ def dino_loss_bwd(
     student, teacher, center = student.contiguous(), teacher.contiguous(), center.contiguous()
     R, K = student.shape
     B = R // ncrops
-    tiling = _Tiling(B, K, block_k, chunk)
+    tiling = _Tiling(B, K, ncrops, student.device, block_k, chunk)
     grad_student = torch.empty_like(student)
     launcher(_dino_bwd_kernel)[(B, tiling.nsplit)](
         grad.reshape(()), student, teacher, center, teacher_lse, student_lse, grad_student,
         B, K, ncrops, 1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (num_pairs(ncrops) * B),
-        CHUNK=tiling.chunk, BLOCK_K=tiling.block_k, num_warps=tiling.num_warps,
+        CHUNK=tiling.chunk, **tiling.kwargs("_dino_bwd_kernel"),
     )
     return grad_student
 
@@ -322,11 +380,10 @@ def dino_center_update(center: torch.Tensor, teacher: torch.Tensor, momentum: fl
     teacher = teacher.contiguous()
     R, K = teacher.shape
     out = torch.empty(center.shape, device=center.device, dtype=torch.promote_types(center.dtype, teacher.dtype))
-    if block_k is None:
-        block_k = min(256 if not interpreter_active() else 64, triton.next_power_of_2(K))
-    block_r = max(1, min(triton.next_power_of_2(R), 4096 // block_k, 32))
-    launcher(_dino_center_kernel)[(triton.cdiv(K, block_k),)](
-        teacher, center.contiguous(), out, R, K, float(momentum), 1.0 / R,
-        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4,
+    cfg = launch_table(1, K, 2, device_target(teacher.device))["_dino_center_kernel"]
+    if block_k is not None:  # tests: a narrower tile
+        cfg = LaunchConfig.of(num_warps=cfg.num_warps, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=block_k)
+    launcher(_dino_center_kernel)[(triton.cdiv(K, cfg["BLOCK_K"]),)](
+        teacher, center.contiguous(), out, R, K, float(momentum), 1.0 / R, **cfg.kwargs(),
     )
     return out

@@ -18,11 +18,22 @@ Math in fp32 (fp64 when an input is fp64).
 """
 from __future__ import annotations
 
+from typing import Dict, List
+
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._launch import launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+    shape_names,
+)
 
 NORM_PIX_EPS = 1e-6
 MAX_PATCH_NUMEL = 8192  # one patch row per register tile
@@ -67,6 +78,7 @@ def _patch_residual(
     return m, active, tile, tl.where(tile, pred - target, 0.0)
 
 
+@shape_names("BLOCK_E")  # the whole patch row: next_power_of_2(P)
 @triton.jit
 def _mae_loss_fwd_kernel(
     imgs_ptr, pred_ptr, mask_ptr, num_ptr, den_ptr, n_patches, L, grid_w, H, W,
@@ -84,6 +96,7 @@ def _mae_loss_fwd_kernel(
     tl.store(den_ptr + pid, tl.sum(m, axis=0))
 
 
+@shape_names("BLOCK_E")  # the whole patch row: next_power_of_2(P)
 @triton.jit
 def _mae_loss_bwd_kernel(
     imgs_ptr, pred_ptr, mask_ptr, scale_ptr, grad_ptr, n_patches, L, grid_w, H, W,
@@ -103,14 +116,38 @@ def _mae_loss_bwd_kernel(
     tl.store(grad_ptr + (rows * P)[:, None] + e[None, :], grad.to(grad_ptr.dtype.element_ty), mask=out_mask)
 
 
+def launch_table(P: int, target: Target) -> Dict[str, LaunchConfig]:
+    """Both kernels: a patch row of P = p * p * C values is held whole in a tile of BLOCK_E = next_power_of_2(P)
+    lanes (a shape constexpr, not a choice); BLOCK_P patches per program for ~4096 elements (at most 64 patches),
+    8 warps for full tiles (the same on every GPU and under the interpreter)."""
+    block_e = triton.next_power_of_2(P)
+    block_p = max(1, min(64, 4096 // block_e))
+    cfg = LaunchConfig.of(num_warps=8 if block_p * block_e >= 4096 else 4, BLOCK_P=block_p)
+    return {"_mae_loss_fwd_kernel": cfg, "_mae_loss_bwd_kernel": cfg}
+
+
+# (C, patch): P = 4, 48, 192, 768, 3072 -> 64 (4 warps), 64, 16, 4 and 1 patches per program
+_EXAMPLE_PATCHES = ((1, 2), (3, 4), (3, 8), (3, 16), (3, 32))
+
+
+def table_examples() -> List[Example]:
+    """Every configuration of :func:`launch_table`, each with a tiny problem: (N, C, H, W, patch, norm_pix_loss,
+    dtype of the predictions)."""
+    out = []
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for C, p in _EXAMPLE_PATCHES:
+                problem = (2, C, 2 * p, 3 * p, p, True, dtype)
+                out.append(Example("mae_loss", problem, target, launch_table(p * p * C, target)))
+    return out
+
+
 def _geometry(imgs: torch.Tensor, patch_size: int):
     N, C, H, W = imgs.shape
     grid_w = W // patch_size
     L = (H // patch_size) * grid_w
     P = patch_size * patch_size * C
-    block_e = triton.next_power_of_2(P)
-    block_p = max(1, min(64, 4096 // block_e))
-    return N, C, H, W, L, grid_w, P, block_e, block_p
+    return N, C, H, W, L, grid_w, P, launch_table(P, device_target(imgs.device))
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -120,18 +157,18 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool):
     """Scalar loss in the promoted dtype of (imgs, pred, mask)."""
     imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
-    N, C, H, W, L, grid_w, P, block_e, block_p = _geometry(imgs, patch_size)
+    N, C, H, W, L, grid_w, P, table = _geometry(imgs, patch_size)
+    cfg = table["_mae_loss_fwd_kernel"]
     compute = _compute_dtype(imgs, pred, mask)
     out_dtype = torch.promote_types(torch.promote_types(imgs.dtype, pred.dtype), mask.dtype)
     n_patches = N * L
-    n_programs = triton.cdiv(n_patches, block_p)
+    n_programs = triton.cdiv(n_patches, cfg["BLOCK_P"])
     num = torch.empty(n_programs, device=pred.device, dtype=compute)
     den = torch.empty(n_programs, device=pred.device, dtype=compute)
     if n_programs > 0:
         launcher(_mae_loss_fwd_kernel)[(n_programs,)](
             imgs, pred, mask, num, den, n_patches, L, grid_w, H, W, C=C, p=patch_size,
-            NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_P=block_p, BLOCK_E=block_e,
-            num_warps=8 if block_p * block_e >= 4096 else 4,
+            NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_E=triton.next_power_of_2(P), **cfg.kwargs(),
         )
     return (num.sum() / den.sum()).to(out_dtype)
 
@@ -142,16 +179,16 @@ def mae_loss_backward(
 ) -> torch.Tensor:
     """d loss / d pred, (N, L, P) in ``pred.dtype``."""
     imgs, pred, mask = imgs.contiguous(), pred.contiguous(), mask.contiguous()
-    N, C, H, W, L, grid_w, P, block_e, block_p = _geometry(imgs, patch_size)
+    N, C, H, W, L, grid_w, P, table = _geometry(imgs, patch_size)
+    cfg = table["_mae_loss_bwd_kernel"]
     compute = _compute_dtype(imgs, pred, mask)
     scale = (grad_loss.to(compute) * 2 / (P * mask.sum(dtype=compute))).reshape(1)
     grad = torch.empty_like(pred)
     n_patches = N * L
-    n_programs = triton.cdiv(n_patches, block_p)
+    n_programs = triton.cdiv(n_patches, cfg["BLOCK_P"])
     if n_programs > 0:
         launcher(_mae_loss_bwd_kernel)[(n_programs,)](
             imgs, pred, mask, scale, grad, n_patches, L, grid_w, H, W, C=C, p=patch_size,
-            NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_P=block_p, BLOCK_E=block_e,
-            num_warps=8 if block_p * block_e >= 4096 else 4,
+            NORM_PIX=norm_pix_loss, F64=compute == torch.float64, BLOCK_E=triton.next_power_of_2(P), **cfg.kwargs(),
         )
     return grad

@@ -20,13 +20,21 @@ rounding to the output dtype, as PyTorch's own add.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.triton._launch import launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+)
 
 
 @triton.jit
@@ -152,16 +160,34 @@ def _unshuffle_bwd_kernel(
 
 # --- host launchers ------------------------------------------------------------------------------------------------
 
-RANK_BLOCK_L = 16
-# 4096-element row tiles (16 rows x 256 channels): 8 warps = 16 values (two 16-byte bf16 vectors) per thread; ptxas
-# reports ~124 registers and no spills for sm_90 (AOT-compiled, not timed: no GPU was at hand), 16 warps per SM
-_ROW_TILE_WARPS = 8
+def launch_table(L: int, D: int, target: Target) -> Dict[str, LaunchConfig]:
+    """Tiles and warps of the masking kernels, by kernel name (the same on every GPU and under the interpreter).
+
+    * ranking: 16 patches per program compared with the row in steps of 128 (64 for L <= 64);
+    * row gathers (kept tokens, unshuffle): 4096-element tiles of (4096 / BLOCK_D) rows x BLOCK_D channels, BLOCK_D
+      = 256 (64 for D <= 64), 8 warps = 16 values (two 16-byte bf16 vectors) per thread (ptxas: ~124 registers, no
+      spills on sm_90);
+    * the unshuffle backward: narrow (32 rows x 64 channels) tiles, N * D / 64 programs (2048 for the ViT-L decoder
+      at B = 256), each walking its sample's rows with few registers, several CTAs per SM hide latency."""
+    block_d = 256 if D > 64 else 64
+    rows = LaunchConfig.of(num_warps=8, BLOCK_R=4096 // block_d, BLOCK_D=block_d)
+    return {
+        "_rank_kernel": LaunchConfig.of(num_warps=4, BLOCK_L=16, BLOCK_J=128 if L > 64 else 64),
+        "_gather_rows_kernel": rows,
+        "_unshuffle_fwd_kernel": rows,
+        "_unshuffle_bwd_kernel": LaunchConfig.of(num_warps=4, BLOCK_R=32, BLOCK_D=64),
+    }
 
 
-def _row_blocks(D: int) -> Tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(D, 1)), 256)
-    block_r = max(1, 4096 // block_d)
-    return block_r, block_d
+def table_examples() -> List[Example]:
+    """Every configuration of :func:`launch_table` (L above / below 64, D above / below 64), each with a tiny
+    problem: (N, L, D, keep, dtype)."""
+    out = []
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for N, L, D, keep in ((2, 20, 24, 7), (2, 70, 72, 20)):
+                out.append(Example("masking", (N, L, D, keep, dtype), target, launch_table(L, D, target)))
+    return out
 
 
 def _is_f64(*tensors: Optional[torch.Tensor]) -> bool:
@@ -177,11 +203,11 @@ def rank_noise(noise: torch.Tensor, len_keep: int, mask_dtype: torch.dtype):
     mask = torch.empty((N, L), device=noise.device, dtype=mask_dtype)
     if N * L == 0:
         return ids_restore, ids_keep, mask
-    n_lblocks = triton.cdiv(L, RANK_BLOCK_L)
-    block_j = min(triton.next_power_of_2(L), 128)
+    cfg = launch_table(L, 1, device_target(noise.device))["_rank_kernel"]
+    n_lblocks = triton.cdiv(L, cfg["BLOCK_L"])
     launcher(_rank_kernel)[(N * n_lblocks,)](
-        noise, ids_restore, ids_keep, mask, L, len_keep, n_lblocks,
-        F64=noise.dtype == torch.float64, BLOCK_L=RANK_BLOCK_L, BLOCK_J=block_j,
+        noise, ids_restore, ids_keep, mask, L, len_keep, n_lblocks, F64=noise.dtype == torch.float64,
+        **cfg.kwargs(),
     )
     return ids_restore, ids_keep, mask
 
@@ -206,14 +232,13 @@ def gather_rows(
         return out
     if add is not None:
         add = add.contiguous()
-    block_r, block_d = _row_blocks(D)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
+    cfg = launch_table(S, D, device_target(src.device))["_gather_rows_kernel"]
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     launcher(_gather_rows_kernel)[grid](
         src, idx, add if add is not None else src, out, n_rows, K, S, D,
         K if idx.dim() == 2 else 0,
         (S * D if add.shape[0] != 1 else 0) if add is not None else 0,
-        HAS_ADD=add is not None, F64=_is_f64(src, add, out), BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=_ROW_TILE_WARPS,
+        HAS_ADD=add is not None, F64=_is_f64(src, add, out), **cfg.kwargs(),
     )
     return out
 
@@ -237,13 +262,12 @@ def mae_unshuffle(
         return out
     if pos_embed is not None:
         pos_embed = pos_embed.contiguous()
-    block_r, block_d = _row_blocks(D)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
+    cfg = launch_table(L, D, device_target(x.device))["_unshuffle_fwd_kernel"]
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]), triton.cdiv(D, cfg["BLOCK_D"]))
     launcher(_unshuffle_fwd_kernel)[grid](
         x, ids_restore, mask_token, pos_embed if pos_embed is not None else x, out, n_rows, L, keep_plus_cls - 1, D,
         ((L + 1) * D if pos_embed.shape[0] != 1 else 0) if pos_embed is not None else 0,
-        HAS_PE=pos_embed is not None, F64=out_dtype == torch.float64, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=_ROW_TILE_WARPS,
+        HAS_PE=pos_embed is not None, F64=out_dtype == torch.float64, **cfg.kwargs(),
     )
     return out
 
@@ -258,11 +282,8 @@ def mae_unshuffle_backward(grad: torch.Tensor, ids_restore: torch.Tensor, keep: 
     grad_x = torch.empty((N, keep + 1, D), device=grad.device, dtype=x_dtype)
     partial = torch.empty((N, D), device=grad.device, dtype=torch.float64 if f64 else torch.float32)
     if N * D > 0:
-        # narrow channel blocks: N * D / 64 programs (2048 for the ViT-L decoder at B=256), each walking its sample's
-        # L rows in (32 x 64) tiles with few registers (48 on sm_90 by ptxas), several CTAs per SM hide latency
-        block_d = min(triton.next_power_of_2(D), 64)
-        block_r = min(triton.next_power_of_2(max(L, 1)), 32)
-        launcher(_unshuffle_bwd_kernel)[(N, triton.cdiv(D, block_d))](
-            grad, ids_restore, grad_x, partial, L, keep, D, F64=f64, BLOCK_R=block_r, BLOCK_D=block_d,
+        cfg = launch_table(L, D, device_target(grad.device))["_unshuffle_bwd_kernel"]
+        launcher(_unshuffle_bwd_kernel)[(N, triton.cdiv(D, cfg["BLOCK_D"]))](
+            grad, ids_restore, grad_x, partial, L, keep, D, F64=f64, **cfg.kwargs(),
         )
     return grad_x, partial.sum(0)

@@ -30,29 +30,41 @@ Kernels:
 * ``_msn_grad_gemm_kernel``   grid (rows / BM, D / BD), twice: the anchor and prototype gradients, GEMM with the
   normalisation backward as epilogue.
 
-All math in fp32. fp32 products use TF32 exactly when torch's matmuls would (``torch.backends.cuda.matmul
+All math in fp32. bf16 / fp16 inputs run both GEMMs on tensor cores in their dtype with fp32 accumulation
+(``HALF_DOT``); fp32 products use TF32 exactly when torch's matmuls would (``torch.backends.cuda.matmul
 .allow_tf32``, off by default), so the logits match the eager loss. Under the interpreter the operands are fp32.
+Every launch's tiles come from :func:`launch_table`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from vitkernels.triton import interpreter_active
-from vitkernels.triton._launch import launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+    tile_names,
+)
 
 NORM_EPS = 1e-12  # F.normalize's eps
 TINY = 1.1754943508222875e-38  # float32 tiny: log(max(a, TINY)) keeps 0 * log 0 at 0, as the reference
 
 
+@tile_names("BM", "BN", "BD")
 @triton.jit
 def _msn_logits_kernel(
     a_ptr, x_ptr, p_ptr, z_ptr, rn_ptr, N, NB, K, D, inv_tau,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -72,10 +84,17 @@ def _msn_logits_kernel(
                      other=0.0)
         qx = tl.load(x_ptr + (rows - N)[:, None] * D + ds[None, :],
                      mask=(rmask & ~is_anchor)[:, None] & dmask[None, :], other=0.0)
-        q = qa.to(tl.float32) + qx.to(tl.float32)
-        p = tl.load(p_ptr + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc = tl.dot(q, tl.trans(p), acc, input_precision=PRECISION)
+        p = tl.load(p_ptr + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        if HALF_DOT:
+            # bf16 / fp16 operands on tensor cores, fp32 accumulation: their products are exact in fp32, so this
+            # equals the fp32 product of the upcast values up to the order of the sum
+            acc = tl.dot(tl.where(is_anchor[:, None], qa, qx), tl.trans(p), acc)
+            q = qa.to(tl.float32) + qx.to(tl.float32)
+            p = p.to(tl.float32)
+        else:
+            q = qa.to(tl.float32) + qx.to(tl.float32)
+            p = p.to(tl.float32)
+            acc = tl.dot(q, tl.trans(p), acc, input_precision=PRECISION)
         ssq_r += tl.sum(q * q, axis=1)
         ssq_c += tl.sum(p * p, axis=1)
     r_rows = 1.0 / tl.maximum(tl.sqrt(ssq_r), 1e-12)
@@ -88,6 +107,7 @@ def _msn_logits_kernel(
         tl.store(rn_ptr + NB + cols, r_cols, mask=cmask)
 
 
+@tile_names("BK")
 @triton.jit
 def _msn_targets_kernel(z_ptr, t_ptr, N, K, inv_T, BK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -111,6 +131,7 @@ def _msn_targets_kernel(z_ptr, t_ptr, N, K, inv_T, BK: tl.constexpr):
         tl.store(t_ptr + b * K + cols, tl.exp(x - lse), mask=cmask)
 
 
+@tile_names("BR", "BK")
 @triton.jit
 def _msn_anchor_fwd_kernel(
     z_ptr, t_ptr, stats_ptr, colsum_ptr, N, B, K,
@@ -158,6 +179,7 @@ def _msn_anchor_fwd_kernel(
     tl.store(stats_ptr + rows * 4 + 3, ce, mask=rmask)
 
 
+@tile_names("BR", "BK")
 @triton.jit
 def _msn_finalize_kernel(
     stats_ptr, colsum_ptr, avg_ptr, terms_ptr, N, K, NBLK, inv_N, log_K,
@@ -186,6 +208,7 @@ def _msn_finalize_kernel(
     tl.store(terms_ptr + 1, tl.sum(rloss, axis=0) + log_K if ME_MAX else 0.0)
 
 
+@tile_names("BR", "BK")
 @triton.jit
 def _msn_anchor_bwd_kernel(
     g_ptr, z_ptr, t_ptr, stats_ptr, avg_ptr, dc_ptr, proj_a_ptr, proj_p_ptr, N, B, K, inv_N, tau,
@@ -235,14 +258,19 @@ def _msn_anchor_bwd_kernel(
     tl.store(proj_a_ptr + rows, proj_a, mask=rmask)
 
 
+@tile_names("BM", "BL", "BD")
 @triton.jit
 def _msn_grad_gemm_kernel(
-    m_ptr, stride_mr, stride_ml, y_ptr, s_ptr, x_ptr, rn_ptr, proj_ptr, dx_ptr, R, L, D, NPART,
-    BM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    m_ptr, stride_mr, stride_ml, y_ptr, s_ptr, x_ptr, rn_ptr, proj_ptr, dx_ptr, R, L, D, NPART, m_scale,
+    BM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     """dX = r (G - X_hat proj) with G = M @ (s[:, None] * Y): the normalisation backward of X_hat = r X, where
     proj = <X_hat, G> (= sum of the NPART partials at proj_ptr, computed from the logits by the caller) and
-    r = 1 / max(||X||, eps). M (R, L) is read through its strides, Y is (L, D)."""
+    r = 1 / max(||X||, eps). M (R, L) is read through its strides, Y is (L, D).
+
+    HALF_DOT (bf16 / fp16 inputs): the product runs on tensor cores in Y's dtype, with operands ``m_scale * M``
+    (M = dL/dz / (N tau): the scale brings it back to dL/dz, of order 1, clear of fp16's subnormals) and
+    ``s * Y`` (the normalised rows, |.| <= 1); the accumulator is divided by ``m_scale`` after."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ds = tl.program_id(1) * BD + tl.arange(0, BD)
     rmask = rows < R
@@ -255,7 +283,12 @@ def _msn_grad_gemm_kernel(
                     mask=rmask[:, None] & lmask[None, :], other=0.0)
         y = tl.load(y_ptr + ls[:, None] * D + ds[None, :], mask=lmask[:, None] & dmask[None, :], other=0.0)
         s = tl.load(s_ptr + ls, mask=lmask, other=0.0)
-        acc = tl.dot(m, y.to(tl.float32) * s[:, None], acc, input_precision=PRECISION)
+        if HALF_DOT:
+            acc = tl.dot((m * m_scale).to(y.dtype), (y.to(tl.float32) * s[:, None]).to(y.dtype), acc)
+        else:
+            acc = tl.dot(m, y.to(tl.float32) * s[:, None], acc, input_precision=PRECISION)
+    if HALF_DOT:
+        acc = acc / m_scale
     proj = tl.zeros((BM,), tl.float32)
     for j in range(0, NPART):
         proj += tl.load(proj_ptr + j * R + rows, mask=rmask, other=0.0)
@@ -268,6 +301,49 @@ def _msn_grad_gemm_kernel(
              mask=rmask[:, None] & dmask[None, :])
 
 
+# --- launch configuration table -------------------------------------------------------------------------------------
+
+def _class_block(K: int, widest: int) -> int:
+    """Class lanes per tile: ``widest`` when K reaches it, else 256 or 64 (masked past K)."""
+    return widest if K >= widest else (256 if K >= 256 else 64)
+
+
+def launch_table(K: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
+    """Tiles and warps of the MSN kernels, by kernel name (the same on every GPU and under the interpreter).
+
+    The two GEMMs: (64 x 64) logit tiles over D steps of 32 on 8 warps; (32 rows x 64 features) gradient tiles
+    over reduction steps of 16 for fp32 (full-fp32 products hold more registers than half ones); bf16 / fp16
+    inputs run both on tensor cores (``HALF_DOT``), the gradient in 64-row tiles (one warpgroup: wgmma on sm_90). Row kernels: 16 rows x 256 classes (64 for
+    small K); the targets and finalize kernels walk rows in 1024-class tiles (256 / 64 for small K)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    bk = _class_block(K, 256)
+    wide = _class_block(K, 1024)
+    return {
+        "_msn_logits_kernel": LaunchConfig.of(num_warps=8, num_stages=3, BM=64, BN=64, BD=32),
+        "_msn_targets_kernel": LaunchConfig.of(num_warps=4 if wide >= 512 else 1, BK=wide),
+        "_msn_anchor_fwd_kernel": LaunchConfig.of(num_warps=4, BR=16, BK=bk),
+        "_msn_finalize_kernel": LaunchConfig.of(num_warps=4, BR=256, BK=wide),
+        "_msn_anchor_bwd_kernel": LaunchConfig.of(num_warps=8 if bk >= 256 else 4, BR=16, BK=bk),
+        "_msn_grad_gemm_kernel": LaunchConfig.of(num_warps=4, num_stages=3, BM=64 if half else 32,
+                                                 BL=32 if half else 16, BD=64),
+    }
+
+
+def table_examples() -> List[Example]:
+    """Every configuration of :func:`launch_table` (K classes below 256, below 1024, above; fp32 / half), each with
+    a tiny problem: (B, num_views, K, D, dtype)."""
+    out, seen = [], set()
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for B, V, K, D in ((3, 2, 70, 40), (2, 3, 300, 24), (2, 2, 1100, 20)):
+                table = launch_table(K, dtype, target)
+                key = (target.arch, dtype, tuple(sorted(table.items())))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(Example("msn_loss", (B, V, K, D, dtype), target, table))
+    return out
+
+
 # --- host side ----------------------------------------------------------------------------------------------------
 
 def _precision() -> str:
@@ -276,11 +352,13 @@ def _precision() -> str:
     return "ieee"
 
 
-def _row_block(K: int) -> Tuple[int, int]:
-    """(BR, BK) of the row-wise kernels: 16 rows x up to 256 classes per tile (tiny tiles under the interpreter)."""
-    if interpreter_active():
-        return 8, min(32, triton.next_power_of_2(K))
-    return 16, min(256, triton.next_power_of_2(K))
+def _table(K: int, dtype: torch.dtype, device: torch.device) -> Dict[str, LaunchConfig]:
+    return launch_table(K, dtype, device_target(device))
+
+
+def _half_dot(dtype: torch.dtype) -> bool:
+    """Tensor-core products in the input dtype (not under the interpreter, whose bf16 / fp16 dots are wrong)."""
+    return dtype in (torch.float16, torch.bfloat16) and not interpreter_active()
 
 
 def msn_logits(anchors: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor, tau: float
@@ -294,14 +372,11 @@ def msn_logits(anchors: torch.Tensor, targets: torch.Tensor, prototypes: torch.T
     f32 = dict(device=anchors.device, dtype=torch.float32)
     logits = torch.empty((NB, K), **f32)
     rnorm = torch.empty((NB + K,), **f32)
-    if interpreter_active():
-        bm, bn, bd, warps, stages = 16, 16, 16, 4, 1
-    else:
-        bm, bn, bd, warps, stages = 64, 64, 32, 8, 3
-    grid = (triton.cdiv(NB, bm), triton.cdiv(K, bn))
+    cfg = _table(K, anchors.dtype, anchors.device)["_msn_logits_kernel"]
+    grid = (triton.cdiv(NB, cfg["BM"]), triton.cdiv(K, cfg["BN"]))
     launcher(_msn_logits_kernel)[grid](
         anchors, targets, prototypes, logits, rnorm, N, NB, K, D, 1.0 / tau,
-        BM=bm, BN=bn, BD=bd, PRECISION=_precision(), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(), HALF_DOT=_half_dot(anchors.dtype), **cfg.kwargs(),
     )
     return logits, rnorm
 
@@ -311,9 +386,8 @@ def msn_targets(logits: torch.Tensor, num_anchors: int, T: float) -> torch.Tenso
     B = logits.shape[0] - num_anchors
     K = logits.shape[1]
     targets = torch.empty((B, K), device=logits.device, dtype=torch.float32)
-    bk = min(1024 if not interpreter_active() else 32, triton.next_power_of_2(K))
-    launcher(_msn_targets_kernel)[(B,)](logits, targets, num_anchors, K, 1.0 / T, BK=bk,
-                                        num_warps=4 if bk >= 512 else 1)
+    cfg = _table(K, logits.dtype, logits.device)["_msn_targets_kernel"]
+    launcher(_msn_targets_kernel)[(B,)](logits, targets, num_anchors, K, 1.0 / T, **cfg.kwargs())
     return targets
 
 
@@ -325,19 +399,19 @@ def msn_anchor_fwd(
     logits, targets = logits.contiguous(), targets.contiguous()
     N, (B, K) = num_anchors, targets.shape
     dev = logits.device
-    br, bk = _row_block(K)
-    nblk = triton.cdiv(N, br)
+    table = _table(K, logits.dtype, dev)
+    cfg = table["_msn_anchor_fwd_kernel"]
+    nblk = triton.cdiv(N, cfg["BR"])
     stats = torch.empty((N, 4), device=dev, dtype=torch.float32)
     colsum = torch.empty((nblk, K) if me_max else (1,), device=dev, dtype=torch.float32)
     launcher(_msn_anchor_fwd_kernel)[(nblk,)](
-        logits, targets, stats, colsum, N, B, K, BR=br, BK=bk, ME_MAX=me_max, ENTROPY=use_entropy, num_warps=4,
+        logits, targets, stats, colsum, N, B, K, ME_MAX=me_max, ENTROPY=use_entropy, **cfg.kwargs(),
     )
     avg = (torch.empty if me_max else torch.zeros)((K,), device=dev, dtype=torch.float32)
     terms = torch.empty((3,), device=dev, dtype=torch.float32)
-    fin_bk = min(1024 if not interpreter_active() else 32, triton.next_power_of_2(K))
     launcher(_msn_finalize_kernel)[(1,)](
         stats, colsum, avg, terms, N, K, nblk, 1.0 / N, math.log(K),
-        BR=256 if not interpreter_active() else 16, BK=fin_bk, ME_MAX=me_max, ENTROPY=use_entropy, num_warps=4,
+        ME_MAX=me_max, ENTROPY=use_entropy, **table["_msn_finalize_kernel"].kwargs(),
     )
     return terms, stats, avg
 
@@ -364,33 +438,33 @@ def msn_bwd(
     B, K = targets.shape
     NB = N + B
     f32 = dict(device=anchors.device, dtype=torch.float32)
-    br, bk = _row_block(K)
-    nblk = triton.cdiv(N, br)
+    table = _table(K, anchors.dtype, anchors.device)
+    cfg = table["_msn_anchor_bwd_kernel"]
+    nblk = triton.cdiv(N, cfg["BR"])
     dc = torch.empty((N, K), **f32)
     proj_a = torch.empty((N,), **f32)
     proj_p = torch.empty((nblk, K), **f32)
     launcher(_msn_anchor_bwd_kernel)[(nblk,)](
         grad_terms.to(torch.float32).contiguous(), logits, targets, stats, avg, dc, proj_a, proj_p, N, B, K,
-        1.0 / N, tau, BR=br, BK=bk, ME_MAX=me_max, ENTROPY=use_entropy, num_warps=8 if bk >= 256 else 4,
+        1.0 / N, tau, ME_MAX=me_max, ENTROPY=use_entropy, **cfg.kwargs(),
     )
-    precision = _precision()
-    if interpreter_active():
-        bm, bl, bd, warps, stages = 16, 16, 16, 4, 1
-    else:
-        # (sm_90 AOT compile: no spills; full-fp32 products hold more registers than TF32 ones)
-        bm, bl, bd, warps, stages = (32, 16, 64, 4, 3) if precision == "ieee" else (32, 32, 64, 4, 3)
-    gemm = dict(BM=bm, BL=bl, BD=bd, PRECISION=precision, num_warps=warps, num_stages=stages)
+    cfg = table["_msn_grad_gemm_kernel"]
+    bm, bd = cfg["BM"], cfg["BD"]
+    # dC = dL/dz / (N tau): the half path multiplies it by N tau before rounding it to the input dtype
+    gemm = dict(PRECISION=_precision(), HALF_DOT=_half_dot(anchors.dtype), **cfg.kwargs())
+    m_scale = float(N * tau)
     grad_anchors = grad_prototypes = None
     if need_anchors:
         grad_anchors = torch.empty_like(anchors)
         # G = dC @ (r_k P_k), then the normalisation backward with the anchors' norms
         launcher(_msn_grad_gemm_kernel)[(triton.cdiv(N, bm), triton.cdiv(D, bd))](
-            dc, K, 1, prototypes, rnorm[NB:], anchors, rnorm[:N], proj_a, grad_anchors, N, K, D, 1, **gemm,
+            dc, K, 1, prototypes, rnorm[NB:], anchors, rnorm[:N], proj_a, grad_anchors, N, K, D, 1, m_scale, **gemm,
         )
     if need_prototypes:
         grad_prototypes = torch.empty_like(prototypes)
         # G = dC^T @ (r_i A_i) (dC read transposed through its strides), then the prototypes' normalisation backward
         launcher(_msn_grad_gemm_kernel)[(triton.cdiv(K, bm), triton.cdiv(D, bd))](
-            dc, 1, K, anchors, rnorm[:N], prototypes, rnorm[NB:], proj_p, grad_prototypes, K, N, D, nblk, **gemm,
+            dc, 1, K, anchors, rnorm[:N], prototypes, rnorm[NB:], proj_p, grad_prototypes, K, N, D, nblk, m_scale,
+            **gemm,
         )
     return grad_anchors, grad_prototypes

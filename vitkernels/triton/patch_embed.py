@@ -21,15 +21,23 @@ upcast there (``UPCAST``).
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from vitkernels.triton import interpreter_active
-from vitkernels.triton._launch import launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+    tile_names,
+)
 
 
 @triton.jit
@@ -81,6 +89,7 @@ def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@tile_names("GROUP_M")
 @triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
@@ -135,6 +144,7 @@ def _patch_embed_prefix_kernel(
     tl.store(out_ptr + (b * T + i) * D + d, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@tile_names("GROUP_M")
 @triton.jit
 def _patch_embed_bwd_input_kernel(
     dy_ptr, w_ptr, dx_ptr,
@@ -208,35 +218,45 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _configs(N: int, dtype: torch.dtype, pad: bool) -> dict:
-    """Tile sizes and launch options of the three GEMM kernels, by kernel name.
+def launch_table(D: int, dtype: torch.dtype, pad: bool, target: Target) -> Dict[str, LaunchConfig]:
+    """Tile sizes and launch options of the patch-embedding kernels, by kernel name (the same on every GPU >= sm_80
+    and under the interpreter; ``D`` the embedding width, ``pad`` whether the image is padded).
 
-    On a GPU: 128 x 128 output tiles for the forward with a K step of 64 (32 for fp32: same bytes per stage);
-    128 patches x 64 pixels for the image gradient (its scattered store needs a pointer per element: bigger tiles
-    spill); 128 x 128 weight-gradient tiles with 64 patches per step; half as many patches per tile where the
-    image is padded (the extra bounds masks spill registers otherwise). Under the interpreter: the smallest tiles
-    tl.dot accepts that cover the tiny test shapes in few programs (each program costs time)."""
-    if interpreter_active():
-        n = max(16, min(64, triton.next_power_of_2(N)))
-        common = dict(num_warps=4, num_stages=1)
-        return {
-            "fwd": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, GROUP_M=4, **common),
-            "bwd_input": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, GROUP_M=4, **common),
-            "bwd_weight": dict(BLOCK_M=32, BLOCK_N=n, BLOCK_K=64, **common),
-        }
+    128 x 128 output tiles for the forward (64-wide below D = 128) with a K step of 64 (32 for fp32: same bytes
+    per stage); 128 patches x 64 pixels for the image gradient (its scattered store needs a pointer per element:
+    bigger tiles spill); 128 x 128 weight-gradient tiles with 64 patches per step; half as many patches per tile
+    where the image is padded (the extra bounds masks spill registers otherwise)."""
     wide = dtype == torch.float32
-    block_n = 128 if N >= 128 else max(16, triton.next_power_of_2(N))
+    block_n = 128 if D > 64 else 64
     block_m = 64 if pad else 128
+    gemm = dict(num_warps=8, num_stages=3)
     return {
-        "fwd": dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if wide else 64, GROUP_M=8, num_warps=8, num_stages=3),
-        "bwd_input": dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        "bwd_weight": dict(BLOCK_M=32 if wide else 64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+        "_patch_embed_fwd_kernel": LaunchConfig.of(**gemm, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                   BLOCK_K=32 if wide else 64, GROUP_M=8),
+        "_patch_embed_prefix_kernel": LaunchConfig.of(num_warps=4, BLOCK_D=256),
+        "_patch_embed_bwd_input_kernel": LaunchConfig.of(**gemm, BLOCK_M=block_m, BLOCK_N=32 if wide else 64,
+                                                         BLOCK_K=64, GROUP_M=8),
+        "_patch_embed_bwd_weight_kernel": LaunchConfig.of(**gemm, BLOCK_M=32 if wide else 64, BLOCK_N=128,
+                                                          BLOCK_K=128),
     }
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def table_examples() -> List[Example]:
+    """Every configuration of :func:`launch_table` (fp32 / half x padded or not x D above or below 64), each with a
+    tiny problem: (B, C, H, W, D, patch, dynamic_img_pad, P, dtype)."""
+    out, seen = [], set()
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for pad in (False, True):
+                for D in (40, 72):
+                    # 2 images of 9 x 11 patches of 4 x 6 pixels: 198 rows (two 128-row tiles), padded when asked
+                    problem = (2, 2, 36 + 2 * pad, 66 + 3 * pad, D, (4, 6), pad, 1, dtype)
+                    table = launch_table(D, dtype, pad, target)
+                    key = (target.arch, dtype, tuple(sorted(table.items())))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Example("patch_embed", problem, target, table))
+    return out
 
 
 class _Geometry:
@@ -282,20 +302,21 @@ def patch_embed_fwd(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     pos = pos.contiguous() if pos is not None else None
-    cfg = _configs(g.D, x.dtype, g.pad)["fwd"]
+    table = launch_table(g.D, x.dtype, g.pad, device_target(x.device))
+    cfg = table["_patch_embed_fwd_kernel"]
     grid = (triton.cdiv(g.M, cfg["BLOCK_M"]) * triton.cdiv(g.D, cfg["BLOCK_N"]),)
     launcher(_patch_embed_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, pos if pos is not None else weight, out,
         g.M, g.L, g.gw, g.T, g.P, 0 if no_embed_class else g.P, g.D, g.K, g.H, g.W,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         **g.constexprs(), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
-        UPCAST=interpreter_active(), PRECISION=_dot_precision(x.dtype), **cfg,
+        UPCAST=interpreter_active(), PRECISION=_dot_precision(x.dtype), **cfg.kwargs(),
     )
     if g.P:
-        block_d = min(1024, triton.next_power_of_2(g.D))
-        launcher(_patch_embed_prefix_kernel)[(g.B * g.P, triton.cdiv(g.D, block_d))](
+        cfg = table["_patch_embed_prefix_kernel"]
+        launcher(_patch_embed_prefix_kernel)[(g.B * g.P, triton.cdiv(g.D, cfg["BLOCK_D"]))](
             prefix.contiguous(), pos if pos is not None else weight, out, g.P, g.T, g.D,
-            ADD_POS=pos is not None and not no_embed_class, BLOCK_D=block_d,
+            ADD_POS=pos is not None and not no_embed_class, **cfg.kwargs(),
         )
     return out
 
@@ -314,36 +335,37 @@ def patch_embed_bwd(
     g = _Geometry(x.shape, weight.shape, num_prefix, dynamic_img_pad)
     grad = grad.contiguous()
     common = dict(UPCAST=interpreter_active(), PRECISION=_dot_precision(x.dtype), **g.constexprs())
-    configs = _configs(g.D, x.dtype, g.pad)
+    target = device_target(x.device)
+    configs = launch_table(g.D, x.dtype, g.pad, target)
     grad_x = x.new_empty((0,))
     grad_w = weight.new_empty((0,))
     if need_input:
         grad_x = torch.empty((g.B, g.C, g.H, g.W), device=x.device, dtype=x.dtype)
         if g.M:
-            cfg = configs["bwd_input"]
+            cfg = configs["_patch_embed_bwd_input_kernel"]
             grid = (triton.cdiv(g.M, cfg["BLOCK_M"]) * triton.cdiv(g.K, cfg["BLOCK_K"]),)
             launcher(_patch_embed_bwd_input_kernel)[grid](
                 grad, weight.contiguous(), grad_x, g.M, g.L, g.gw, g.T, g.P, g.D, g.K, g.H, g.W,
-                grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), **common, **cfg,
+                grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3), **common, **cfg.kwargs(),
             )
     if need_weight:
         if g.M == 0:
             return grad_x, torch.zeros_like(weight)
-        cfg = configs["bwd_weight"]
+        cfg = configs["_patch_embed_bwd_weight_kernel"]
         tiles = triton.cdiv(g.D, cfg["BLOCK_N"]) * triton.cdiv(g.K, cfg["BLOCK_K"])
         m_tiles = triton.cdiv(g.M, cfg["BLOCK_M"])
-        if interpreter_active():
+        if target.interpreter:
             split = min(2, m_tiles)  # exercises the split-M reduction on tiny shapes
         else:
             # enough programs for two waves over the SMs; each split sums >= 1 row tile
-            split = max(1, min(m_tiles, (2 * _multiprocessor_count(x.device.index or 0)) // tiles))
+            split = max(1, min(m_tiles, (2 * target.num_sms) // tiles))
         rows_per_split = triton.cdiv(m_tiles, split) * cfg["BLOCK_M"]
         split = triton.cdiv(g.M, rows_per_split)
         partial = torch.empty((split, g.D, g.K), device=x.device, dtype=torch.float32)
         launcher(_patch_embed_bwd_weight_kernel)[(triton.cdiv(g.D, cfg["BLOCK_N"]), triton.cdiv(g.K, cfg["BLOCK_K"]),
                                                   split)](
             grad, x, partial, g.M, g.L, g.gw, g.T, g.P, g.D, g.K, g.H, g.W, rows_per_split,
-            x.stride(0), x.stride(1), x.stride(2), x.stride(3), **common, **cfg,
+            x.stride(0), x.stride(1), x.stride(2), x.stride(3), **common, **cfg.kwargs(),
         )
         grad_w = (partial[0] if split == 1 else partial.sum(0)).to(weight.dtype).reshape(weight.shape)
     return grad_x, grad_w

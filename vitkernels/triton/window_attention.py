@@ -1,237 +1,633 @@
 """Triton kernels for Swin (shifted) window attention; semantics in :mod:`vitkernels.reference.window_attention`.
 
-Nothing is materialised: no rolled, padded or partitioned copy of qkv, no (nH, N, N) bias, no mask tensor.
+Nothing of the size of qkv is materialised: no rolled, padded or partitioned copy, no per-window bias or mask.
+Window coordinates come from :mod:`vitkernels.triton.window_geometry`: window ``w`` covers the shifted, padded
+coordinates (r, s) = (wy*wh + iy, wx*ww + ix) of its tokens ``i = iy*ww + ix``; a real position (r < H, s < W) reads
+the original NHWC token ((r + roll_h) mod H, (s + roll_w) mod W) of ``qkv``, a padded one the qkv bias (what the qkv
+Linear gives a zero-padded input) or zeros. Outputs of real rows are stored at the same original token.
 
-Addressing. Window ``w`` of image ``b`` covers the padded, shifted coordinates (r, s) = (wy*wh + iy, wx*ww + ix)
-for its tokens ``i = iy*ww + ix``. A real position (r < H, s < W) reads token ((r + sh) % H, (s + sw) % W) of the
-original NHWC ``qkv``; a padded one reads ``qkv_bias`` (what the qkv Linear gives a zero-padded input) or zeros.
-The output of a real row is stored at the same original token, so window reverse and the roll back are free.
+Per (window, head), in fp32: ``S = scale * q k^T + table[rel(i, j), h] + mask(i, j)`` with
+``rel(i, j) = (iy_i - iy_j + wh - 1) * (2*ww - 1) + (ix_i - ix_j + ww - 1)`` and ``mask = -100`` between tokens of
+different regions of the shifted image (only windows in the last row / column of a shifted axis have two regions,
+so only those compare regions); ``P = softmax(S)``, ``O = P v``, and the row log-sum-exp ``lse`` when a backward
+will need it. The exponentials are ``exp2`` of log2-scaled logits (``scale * log2 e`` and ``log2 e * bias``).
 
-Per (window, head), in fp32: ``S = scale * q k^T + table[rel(i, j), h] + mask(i, j)``, with
-``rel(i, j) = (iy_i - iy_j + wh - 1) * (2*ww - 1) + (ix_i - ix_j + ww - 1)`` and ``mask = -100`` where the two
-tokens lie in different regions of the shifted image (region of r along an axis with shift s > 0: 0 if
-r < Hp - wh, 1 if r < Hp - s, else 2; a single region if s == 0); columns past N (the power-of-two padding of the
-tile) are -inf. ``P = softmax(S)``, ``O = P v``; the row log-sum-exp is kept for the backward.
+The bias. Once per call, ``_window_attention_bias_kernel`` writes the (nH, NP, NP) fp32 matrix
+``log2(e) * table[rel(i, j), h]`` (-inf past the last key, NP = N rounded up to 64): O(nH N^2) like timm's
+per-forward bias, and the attention kernels read contiguous tiles of it instead of a per-element index gather.
 
-Backward, recomputing P from the saved log-sum-exp (delta = rowsum(dO * O)):
-``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, ``dK = scale * dS^T Q``.
-The table gradient is ``d_table[rel, h] = sum over windows and pairs with that rel of dS``: programs loop over a
-group of windows and accumulate ``sum_w dS_w`` (N x N) in registers (when the window fits one query tile; larger
-windows add each tile into an fp32 buffer with atomics), then torch scatters the (nH, N, N) sum into the table.
-Padded tokens' dK and dV are summed the same way into the qkv-bias gradient (padded queries have dO = 0).
+Tiling (every choice from :func:`launch_table`). A program handles one head and one query tile of ``BLOCK_M`` rows
+for a group of windows (heads on the fastest-varying program id, so programs running side by side read the same
+qkv rows); windows of up to 64 tokens are one query tile and one key chunk, and the program's bias tile is loaded
+once, before the loop over its windows.
+
+* forward ``_window_attention_fwd_kernel``: online softmax over key chunks of ``KEY_CHUNK`` (32 for large windows:
+  144 keys -> 160, not 256), a loop with a run-time bound so that one chunk's tiles are live at a time.
+* backward ``_window_attention_bwd_kernel`` (per query tile; P recomputed from lse): over up to three static key
+  chunks of at most 128 (:func:`key_chunks`: 49 -> 64, 144 -> 128 + 16), ``dP = dO V^T``,
+  ``delta = rowsum(dO * O)``, ``dS = P * (dP - delta)``, ``dQ = scale * dS K``, and the sum over the group's windows
+  of dS in registers, stored once per program as a (groups, nH, N, N) partial. When the query tile holds the whole
+  window (ws 7 and 8) it also computes ``dV = P^T dO``, ``dK = scale * dS^T Q``: the whole backward is one kernel.
+  Otherwise it stores delta for
+* ``_window_attention_bwd_dkdv_kernel`` (FlashAttention-2 style, per key tile of ``BLOCK_N`` keys): dK and dV of the
+  tile accumulate in registers over query tiles of ``BLOCK_M`` rows.
+* ``_window_attention_bias_grad_kernel``: ``d_table[r, h]`` = the partials summed over groups, then over the pairs
+  (i, j) with ``rel(i, j) = r``, in a fixed order: deterministic (no atomics anywhere).
+
+Padded tokens' dK and dV are summed into the qkv-bias gradient by per-program partials (padded queries have dO = 0).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from vitkernels.geometry import WindowGeometry
 from vitkernels.triton import interpreter_active
-from vitkernels.triton._launch import launcher
+from vitkernels.triton._launch import (
+    GATE_TARGETS,
+    SM80,
+    Example,
+    LaunchConfig,
+    Target,
+    device_target,
+    half_dtype,
+    launcher,
+    tile_names,
+)
+from vitkernels.triton.window_geometry import (
+    is_boundary_window,
+    relative_code,
+    window_kernel_args,
+    window_origin,
+    window_tokens,
+)
 
 MAX_TOKENS_PER_WINDOW = 256
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MASK_VALUE = -100.0
 
 
-@triton.jit
-def _window_rows(w, idx, N, H, W, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-                 SW: tl.constexpr):
-    """Rows ``idx`` of window ``w``: (flat source token, is a real token, is inside the window, region id)."""
-    b = w // (nWh * nWw)
-    wi = w % (nWh * nWw)
-    r = (wi // nWw) * WH + idx // WW
-    s = (wi % nWw) * WW + idx % WW
-    valid = idx < N
-    real = valid & (r < H) & (s < W)
-    token = (b * H + (r + SH) % H) * W + (s + SW) % W
-    region = r * 0
-    if SH > 0:
-        region += 3 * tl.where(r < nWh * WH - WH, 0, tl.where(r < nWh * WH - SH, 1, 2))
-    if SW > 0:
-        region += tl.where(s < nWw * WW - WW, 0, tl.where(s < nWw * WW - SW, 1, 2))
-    return token, real, valid, region
-
+# --- device helpers -------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(qkv_ptr, bias_ptr, token, real, valid, col, HD: tl.constexpr, CH, HAS_BIAS: tl.constexpr):
-    """(rows, BLOCK_D) of one of q / k / v: real rows from qkv, padded rows = the qkv bias (or 0).
-
-    ``col`` is the column offset of this head's q, k or v in a qkv row of CH = 3 * C channels.
-    """
+def _load_tokens(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.constexpr, PADDED: tl.constexpr,
+                 HAS_PAD_VALUES: tl.constexpr):
+    """(rows, HD) of one of q / k / v (``col``: its first channel in a qkv row of CH channels): real rows from qkv,
+    padded rows the qkv bias (or 0), rows past N 0."""
     d = tl.arange(0, HD)
-    x = tl.load(qkv_ptr + token[:, None] * CH + col + d[None, :], mask=real[:, None], other=0.0)
-    if HAS_BIAS:
-        pad_value = tl.load(bias_ptr + col + d).to(x.dtype)
-        x = tl.where((valid & ~real)[:, None], pad_value[None, :], x)
+    if PADDED:
+        x = tl.load(qkv_ptr + token[:, None] * CH + col + d[None, :], mask=real[:, None], other=0.0)
+        if HAS_PAD_VALUES:
+            pad_value = tl.load(pad_ptr + col + d).to(x.dtype)
+            x = tl.where((valid & ~real)[:, None], pad_value[None, :], x)
+    else:
+        x = tl.load(qkv_ptr + token[:, None] * CH + col + d[None, :], mask=valid[:, None], other=0.0)
     return x
 
 
 @triton.jit
-def _scores(q, k, scale, table_ptr, h, NH, rows, cols, valid_r, valid_c, region_r, region_c,
-            WW: tl.constexpr, WH: tl.constexpr, SHIFTED: tl.constexpr, DOT_FP32: tl.constexpr,
-            IEEE: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) logits: scale * q k^T + relative position bias + shifted-window mask."""
-    if DOT_FP32:
-        q = q.to(tl.float32)
-        k = k.to(tl.float32)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * scale
-    rel = (rows[:, None] // WW - cols[None, :] // WW + WH - 1) * (2 * WW - 1) + (rows[:, None] % WW - cols[None, :] % WW + WW - 1)
-    pair = valid_r[:, None] & valid_c[None, :]
-    s += tl.load(table_ptr + rel * NH + h, mask=pair, other=0.0).to(tl.float32)
-    if SHIFTED:
-        s += tl.where(region_r[:, None] != region_c[None, :], -100.0, 0.0)
-    return tl.where(valid_c[None, :], s, float("-inf"))
+def _bias_tile(bias_ptr, h, rows, cols, NP: tl.constexpr):
+    """Queries ``rows`` x keys ``cols`` of head h's dense (NP, NP) log2-scaled bias (see
+    ``_window_attention_bias_kernel``): plain contiguous loads, no masks (every tile lies inside NP x NP)."""
+    return tl.load(bias_ptr + (h * NP + rows[:, None]) * NP + cols[None, :])
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    if DOT_FP32:
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_FP32:  # the interpreter computes bf16 / fp16 dots wrongly: fp32 operands there
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
+def _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED: tl.constexpr, DOT_FP32: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """log2(e) * (scale q k^T + bias + mask): the bias tile is already log2-scaled, the mask only in boundary
+    windows (a uniform branch: the same for every thread of the program)."""
+    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale + bias
+    if SHIFTED:
+        if boundary:
+            s = tl.where(q_region[:, None] != k_region[None, :], s + (-100.0 * 1.4426950408889634), s)
+    return s
+
+
+@triton.jit
+def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale,
+               H, W, nWh, nWw, RH, RW, C, CH, KSTART,
+               KC: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, HD: tl.constexpr,
+               WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, SHIFTED: tl.constexpr,
+               PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Fold keys [KSTART, KSTART + KC) into the online softmax state (acc, running max m, running sum l)."""
+    cols = KSTART + tl.arange(0, KC)
+    k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
+                                                     SHIFTED)
+    k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
+    if FIRST:
+        m_new = tl.max(s, 1)
+        p = tl.exp2(s - m_new[:, None])
+        l = tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+    else:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _program_tile(NH, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Program id -> (head, tile index, window group): heads vary fastest."""
+    pid = tl.program_id(0)
+    TILES: tl.constexpr = (N + BLOCK - 1) // BLOCK
+    h = pid % NH
+    rest = pid // NH
+    return h, rest % TILES, (rest // TILES).to(tl.int64)
+
+
+# --- forward ----------------------------------------------------------------------------------------------------------
+
+@tile_names("KEY_CHUNK", "HOIST_BIAS")
+@triton.jit(do_not_specialize=["num_windows", "windows_per_program", "key_end"])
 def _window_attention_fwd_kernel(
-    qkv_ptr, table_ptr, bias_ptr, out_ptr, lse_ptr,
-    H, W, nWh, nWw, NH, scale,
-    N: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    qkv_ptr, bias_ptr, pad_ptr, out_ptr, lse_ptr,
+    num_windows, windows_per_program, key_end, H, W, nWh, nWw, RH, RW, NH, qk_scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEY_CHUNK: tl.constexpr, HOIST_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    w = tl.program_id(0).to(tl.int64)  # windows on axis 0: up to 2**31 - 1 of them
-    h = tl.program_id(1)
+    """Keys in chunks of KEY_CHUNK: one chunk when N <= KEY_CHUNK (then, with HOIST_BIAS, the bias tile is built
+    once for all the program's windows), else a loop up to ``key_end`` = N rounded up to KEY_CHUNK (a runtime
+    bound: the loop is not unrolled, so one chunk's tiles are live at a time); the dense bias is -inf past N."""
+    h, qt, g = _program_tile(NH, N, BLOCK_M)
+    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    ONE_CHUNK: tl.constexpr = N <= KEY_CHUNK
     C = NH * HD
     CH = 3 * C
-    cols = tl.arange(0, BLOCK_N)
-    k_tok, k_real, k_valid, k_region = _window_rows(w, cols, N, H, W, nWh, nWw, WH, WW, SH, SW)
-    k = _load_rows(qkv_ptr, bias_ptr, k_tok, k_real, k_valid, C + h * HD, HD, CH, HAS_BIAS)
-    v = _load_rows(qkv_ptr, bias_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, HD, CH, HAS_BIAS)
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    for m0 in tl.static_range(0, BLOCK_N, BLOCK_M):
-        if m0 < N:
-            rows = m0 + tl.arange(0, BLOCK_M)
-            q_tok, q_real, q_valid, q_region = _window_rows(w, rows, N, H, W, nWh, nWw, WH, WW, SH, SW)
-            q = _load_rows(qkv_ptr, bias_ptr, q_tok, q_real, q_valid, h * HD, HD, CH, HAS_BIAS)
-            s = _scores(q, k, scale, table_ptr, h, NH, rows, cols, q_valid, k_valid, q_region, k_region,
-                        WW, WH, SHIFTED, DOT_FP32, IEEE)
-            row_max = tl.max(s, 1)
-            p = tl.exp(s - row_max[:, None])
-            denom = tl.sum(p, 1)
-            p = p / denom[:, None]
-            o = _dot(p.to(v.dtype), v, DOT_FP32, IEEE)
-            tl.store(out_ptr + q_tok[:, None] * C + h * HD + d[None, :], o.to(out_ptr.dtype.element_ty),
-                     mask=q_real[:, None])
-            tl.store(lse_ptr + (w * NH + h) * N + rows, row_max + tl.log(denom), mask=q_valid)
+    if ONE_CHUNK and HOIST_BIAS:  # this head's bias tile, built once for every window of the program
+        bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
+    first = g * windows_per_program
+    for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
+        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
+        q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
+                                                         SHIFTED)
+        q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        if ONE_CHUNK:
+            if not HOIST_BIAS:
+                bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
+            acc, m, l = _fwd_chunk(
+                q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, r0, s0, h, qk_scale, H, W, nWh, nWw,
+                RH, RW, C, CH, 0, KEY_CHUNK, True, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES,
+                DOT_FP32, PRECISION)
+        else:
+            acc = tl.zeros((BLOCK_M, HD), tl.float32)
+            m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, key_end, KEY_CHUNK):
+                bias = _bias_tile(bias_ptr, h, rows, k0 + tl.arange(0, KEY_CHUNK), NP)
+                acc, m, l = _fwd_chunk(
+                    acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale, H, W, nWh,
+                    nWw, RH, RW, C, CH, k0, KEY_CHUNK, False, N, HD, WH, WW, SH, SW, SHIFTED, PADDED,
+                    HAS_PAD_VALUES, DOT_FP32, PRECISION)
+        o = acc / l[:, None]
+        tl.store(out_ptr + q_tok[:, None] * C + h * HD + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=q_real[:, None])
+        if STORE_LSE:
+            tl.store(lse_ptr + (w * NH + h) * N + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=q_valid)
+
+
+# --- backward ---------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias, boundary,
+               b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
+               KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
+               HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+               SHIFTED: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, DOT_FP32: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Keys [KSTART, KSTART + KC) of one window for one query tile: dQ += dS K, the bias partial += dS, and with
+    the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums."""
+    cols = KSTART + tl.arange(0, KC)
+    k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
+                                                     SHIFTED)
+    k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
+    p = tl.exp2(s - lse2[:, None])
+    dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+    d_rel += ds
+    if WHOLE_WINDOW:
+        d = tl.arange(0, HD)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION) * scale
+        k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
+        tl.store(dqkv_ptr + k_offs + C, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+        tl.store(dqkv_ptr + k_offs + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+        if HAS_PAD_VALUES:
+            is_pad = (k_valid & ~k_real)[:, None]
+            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
+            dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
+    return dq, d_rel, dpad_k, dpad_v
 
 
 @triton.jit
+def _store_rel_partial(drel_ptr, d_rel, g, h, NH, rows, KSTART: tl.constexpr, KC: tl.constexpr, N: tl.constexpr):
+    cols = KSTART + tl.arange(0, KC)
+    tl.store(drel_ptr + ((g * NH + h) * N + rows[:, None]) * N + cols[None, :], d_rel,
+             mask=(rows < N)[:, None] & (cols < N)[None, :])
+
+
+@tile_names("HOIST_BIAS")
+@triton.jit(do_not_specialize=["num_windows", "windows_per_program"])
 def _window_attention_bwd_kernel(
-    qkv_ptr, table_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr,
-    dqkv_ptr, dbias_rel_ptr, dbias_rel_atomic_ptr, dqkv_bias_ptr,
-    num_windows, windows_per_program, H, W, nWh, nWw, NH, scale,
-    N: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SHIFTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    qkv_ptr, bias_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drel_ptr, dpad_ptr,
+    num_windows, windows_per_program, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
+    HOIST_BIAS: tl.constexpr,
+    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    g = tl.program_id(0).to(tl.int64)  # a group of windows: g * windows_per_program, ...
-    h = tl.program_id(1)
+    h, qt, g = _program_tile(NH, N, BLOCK_M)
+    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    WHOLE_WINDOW: tl.constexpr = N <= BLOCK_M
     C = NH * HD
     CH = 3 * C
-    cols = tl.arange(0, BLOCK_N)
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    ONE_TILE: tl.constexpr = BLOCK_M >= BLOCK_N
-    d_rel = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)  # sum over this group's windows of dS (one tile)
-    d_pad_k = tl.zeros((HD,), dtype=tl.float32)  # padded tokens' dK / dV, summed: the qkv-bias gradient
-    d_pad_v = tl.zeros((HD,), dtype=tl.float32)
-    for i in range(0, windows_per_program):
-        w = g * windows_per_program + i
-        if w < num_windows:
-            k_tok, k_real, k_valid, k_region = _window_rows(w, cols, N, H, W, nWh, nWw, WH, WW, SH, SW)
-            k = _load_rows(qkv_ptr, bias_ptr, k_tok, k_real, k_valid, C + h * HD, HD, CH, HAS_BIAS)
-            v = _load_rows(qkv_ptr, bias_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, HD, CH, HAS_BIAS)
-            dk = tl.zeros((BLOCK_N, HD), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_N, HD), dtype=tl.float32)
-            for m0 in tl.static_range(0, BLOCK_N, BLOCK_M):
-                if m0 < N:
-                    rows = m0 + tl.arange(0, BLOCK_M)
-                    q_tok, q_real, q_valid, q_region = _window_rows(w, rows, N, H, W, nWh, nWw, WH, WW, SH, SW)
-                    q = _load_rows(qkv_ptr, bias_ptr, q_tok, q_real, q_valid, h * HD, HD, CH, HAS_BIAS)
-                    # padded query rows are cropped from the output: their dO is 0
-                    o_offs = q_tok[:, None] * C + h * HD + d[None, :]
-                    do = tl.load(dout_ptr + o_offs, mask=q_real[:, None], other=0.0)
-                    o = tl.load(out_ptr + o_offs, mask=q_real[:, None], other=0.0)
-                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-                    lse = tl.load(lse_ptr + (w * NH + h) * N + rows, mask=q_valid, other=0.0)
-                    s = _scores(q, k, scale, table_ptr, h, NH, rows, cols, q_valid, k_valid, q_region, k_region,
-                                WW, WH, SHIFTED, DOT_FP32, IEEE)
-                    p = tl.exp(s - lse[:, None])
-                    p = tl.where(q_valid[:, None], p, 0.0)
-                    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, IEEE)
-                    dp = _dot(do, tl.trans(v), DOT_FP32, IEEE)
-                    ds = p * (dp - delta[:, None])
-                    dq = _dot(ds.to(k.dtype), k, DOT_FP32, IEEE) * scale
-                    tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], dq.to(dqkv_ptr.dtype.element_ty),
-                             mask=q_real[:, None])
-                    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, IEEE) * scale
-                    pair = q_valid[:, None] & k_valid[None, :]
-                    if ONE_TILE:
-                        d_rel += tl.where(pair, ds, 0.0)
-                    else:
-                        tl.atomic_add(dbias_rel_atomic_ptr + (h * N + rows[:, None]) * N + cols[None, :], ds, mask=pair)
-            k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
-            tl.store(dqkv_ptr + k_offs + C, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
-            tl.store(dqkv_ptr + k_offs + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
-            if HAS_BIAS:
-                is_pad = (k_valid & ~k_real)[:, None]
-                d_pad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
-                d_pad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
-    if ONE_TILE:
-        rr = tl.arange(0, BLOCK_N)
-        tl.store(dbias_rel_ptr + ((g * NH + h) * N + rr[:, None]) * N + cols[None, :], d_rel,
-                 mask=(rr[:, None] < N) & (cols[None, :] < N))
-    if HAS_BIAS:
-        tl.store(dqkv_bias_ptr + ((g * NH + h) * 2) * HD + d, d_pad_k)
-        tl.store(dqkv_bias_ptr + ((g * NH + h) * 2 + 1) * HD + d, d_pad_v)
+    d_rel0 = tl.zeros((BLOCK_M, CHUNK0), tl.float32)  # sum over the program's windows of dS
+    if CHUNK1 > 0:
+        d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
+    if CHUNK2 > 0:
+        d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
+    if HOIST_BIAS:  # built once for all the program's windows
+        bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
+        if CHUNK1 > 0:
+            bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
+        if CHUNK2 > 0:
+            bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
+    dpad_k = tl.zeros((HD,), tl.float32)  # padded keys' dK / dV (the k / v parts of the qkv-bias gradient)
+    dpad_v = tl.zeros((HD,), tl.float32)
+    first = g * windows_per_program
+    for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
+        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
+        q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
+                                                         SHIFTED)
+        q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        # padded query rows are cropped from the output: their dO is 0
+        o_offs = q_tok[:, None] * C + h * HD + d[None, :]
+        do = tl.load(dout_ptr + o_offs, mask=q_real[:, None], other=0.0)
+        o = tl.load(out_ptr + o_offs, mask=q_real[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        stat = (w * NH + h) * N + rows
+        if not WHOLE_WINDOW:
+            tl.store(delta_ptr + stat, delta, mask=q_valid)
+        lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
+        if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
+            bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
+            if CHUNK1 > 0:
+                bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
+            if CHUNK2 > 0:
+                bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
+        dq = tl.zeros((BLOCK_M, HD), tl.float32)
+        dq, d_rel0, dpad_k, dpad_v = _bwd_chunk(
+            dq, d_rel0, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0, boundary,
+            b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD, WH, WW,
+            SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
+        if CHUNK1 > 0:
+            dq, d_rel1, dpad_k, dpad_v = _bwd_chunk(
+                dq, d_rel1, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
+                boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0, CHUNK1, WHOLE_WINDOW,
+                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
+        if CHUNK2 > 0:
+            dq, d_rel2, dpad_k, dpad_v = _bwd_chunk(
+                dq, d_rel2, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
+                boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0 + CHUNK1, CHUNK2,
+                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
+        tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], (dq * scale).to(dqkv_ptr.dtype.element_ty),
+                 mask=q_real[:, None])
+    _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
+    if CHUNK1 > 0:
+        _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
+    if CHUNK2 > 0:
+        _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
+    if WHOLE_WINDOW and HAS_PAD_VALUES:
+        tl.store(dpad_ptr + ((g * NH + h) * 2) * HD + d, dpad_k)
+        tl.store(dpad_ptr + ((g * NH + h) * 2 + 1) * HD + d, dpad_v)
 
 
-# --- host side ------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["num_windows", "windows_per_program", "n_tokens"])
+def _window_attention_bwd_dkdv_kernel(
+    qkv_ptr, bias_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr,
+    num_windows, windows_per_program, n_tokens, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of a key tile of BLOCK_N keys for a group of windows, over query tiles of BLOCK_M rows (windows larger
+    than one query tile of the dQ kernel)."""
+    h, kt, g = _program_tile(NH, N, BLOCK_N)
+    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    C = NH * HD
+    CH = 3 * C
+    cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HD)
+    dpad_k = tl.zeros((HD,), tl.float32)
+    dpad_v = tl.zeros((HD,), tl.float32)
+    first = g * windows_per_program
+    for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
+        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
+        k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
+                                                         SHIFTED)
+        k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        dk = tl.zeros((BLOCK_N, HD), tl.float32)
+        dv = tl.zeros((BLOCK_N, HD), tl.float32)
+        for m0 in range(0, n_tokens, BLOCK_M):  # n_tokens = N at run time: a loop, not unrolled
+            rows = m0 + tl.arange(0, BLOCK_M)
+            q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH,
+                                                             SW, SHIFTED)
+            q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+            do = tl.load(dout_ptr + q_tok[:, None] * C + h * HD + d[None, :], mask=q_real[:, None], other=0.0)
+            stat = (w * NH + h) * N + rows
+            lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_ptr + stat, mask=q_valid, other=0.0)
+            bias = _bias_tile(bias_ptr, h, rows, cols, NP)
+            s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
+            p = tl.exp2(s - lse2[:, None])
+            dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
+        dk = dk * scale
+        k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
+        tl.store(dqkv_ptr + k_offs + C, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+        tl.store(dqkv_ptr + k_offs + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
+        if HAS_PAD_VALUES:
+            is_pad = (k_valid & ~k_real)[:, None]
+            dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
+            dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
+    if HAS_PAD_VALUES:
+        TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        part = (g * TILES + kt) * NH + h
+        tl.store(dpad_ptr + (part * 2) * HD + d, dpad_k)
+        tl.store(dpad_ptr + (part * 2 + 1) * HD + d, dpad_v)
 
-def _geometry(qkv: torch.Tensor, window_size: Sequence[int], num_heads: int):
-    B, H, W, three_c = qkv.shape
-    wh, ww = window_size
-    nWh, nWw = -(-H // wh), -(-W // ww)
-    return B, H, W, three_c // (3 * num_heads), nWh, nWw, wh * ww
+
+@triton.jit
+def _window_attention_bias_kernel(
+    table_ptr, bias_ptr, NH,
+    N: tl.constexpr, NP: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The dense (nH, NP, NP) fp32 bias the attention kernels read tiles of: ``log2(e) * table[rel(i, j), h]`` for
+    i, j < N, -inf in the key columns j >= N (no weight), 0 in the query rows i >= N (finite: those rows are
+    never stored). Built once per call: O(nH N^2), like timm's per-forward bias, and no per-element index math or
+    gather in the attention kernels."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rel = relative_code(rows, WW)[:, None] - relative_code(cols, WW)[None, :] + ((WH - 1) * (2 * WW - 1) + WW - 1)
+    pair = (rows < N)[:, None] & (cols < N)[None, :]
+    bias = tl.load(table_ptr + rel * NH + h, mask=pair, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.where((cols < N)[None, :], bias, float("-inf"))
+    tl.store(bias_ptr + (h * NP + rows[:, None]) * NP + cols[None, :], bias,
+             mask=(rows < NP)[:, None] & (cols < NP)[None, :])
 
 
-def _tiles(N: int, head_dim: int) -> Tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): every key of the window in one tile, queries in tiles of at most 64 rows."""
-    block_n = max(16, triton.next_power_of_2(N))
-    return min(block_n, 64), block_n
+@triton.jit(do_not_specialize=["groups"])
+def _window_attention_bias_grad_kernel(
+    drel_ptr, dtable_ptr, groups, NH, R,
+    N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """d_table[r, h] = sum over groups (in order), then over the key tokens j of the pair (j + offset(r), j), of the
+    (groups, nH, N, N) dS partials."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.program_id(1)
+    dy = r // (2 * WW - 1) - (WH - 1)
+    dx = r % (2 * WW - 1) - (WW - 1)
+    j = tl.arange(0, BLOCK_J)
+    jy = j // WW
+    iy = jy[None, :] + dy[:, None]
+    ix = (j - jy * WW)[None, :] + dx[:, None]
+    pair = (r < R)[:, None] & (j < N)[None, :] & (iy >= 0) & (iy < WH) & (ix >= 0) & (ix < WW)
+    offs = (h * N + iy * WW + ix) * N + j[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
+    ptrs = drel_ptr + offs
+    for _ in range(0, groups):
+        acc += tl.load(ptrs, mask=pair, other=0.0)
+        ptrs += NH * N * N  # 64-bit pointer arithmetic: no int32 offset overflow over many groups
+    tl.store(dtable_ptr + r * NH + h, tl.sum(acc, 1).to(dtable_ptr.dtype.element_ty), mask=r < R)
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # The interpreter computes bf16 tl.dot wrongly: run its dots in fp32. fp32 inputs get IEEE fp32 dots (no TF32),
-    # matching eager PyTorch's default matmul precision.
-    return dict(DOT_FP32=interpreter_active(), IEEE=dtype == torch.float32)
+# --- launch configuration table -------------------------------------------------------------------------------------
+
+def key_chunks(N: int) -> Tuple[int, int, int]:
+    """The dQ / bias kernel's key chunks: up to three powers of two of at most 128 (largest first) covering N rounded
+    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0), 144 -> (128, 16, 0),
+    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0)."""
+    n = -(-N // 16) * 16
+    parts = []
+    while n >= 128 and len(parts) < 2:
+        parts.append(128)
+        n -= 128
+    while n and bin(n // 16).count("1") > 3 - len(parts):
+        n += 16  # too many bits for the slots left: round up
+    if n == 128 or (n and len(parts) == 2 and n > 128):
+        parts.append(128)
+        n = 0
+    parts += [1 << bit for bit in range(6, 3, -1) if n & (1 << bit)]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
-def supported_reason(head_dim: int, tokens_per_window: int, dtype: torch.dtype) -> Optional[str]:
-    """``None`` if the kernels handle this configuration, else why not."""
+def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
+    """Tiles, warps and stages of every window-attention kernel, by kernel name.
+
+    Query tiles give each warp 16 rows (``num_warps = BLOCK_M / 16``: more warps would each need the whole key
+    operand in registers); 64-row tiles on 4 warps are one warpgroup (wgmma on sm_90).
+
+    * Windows of up to 64 tokens (ws 7, 8): one query tile and one key chunk; the forward builds its bias tile once
+      per program; the whole backward is the one query-tile kernel.
+    * Larger windows: the forward loops over key chunks of 32 (144 keys -> 160, not 256); the dQ / bias kernel
+      takes 16-row query tiles (its bias partials for all N keys stay in registers across windows) on 8 warps
+      (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
+      head_dim 128, and head_dim 64 on sm_80).
+    fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
+    """
+    wide = dtype == torch.float32 or head_dim >= 128 or (head_dim >= 64 and target.capability < (9, 0))
+    dkdv = LaunchConfig.of(num_warps=4, BLOCK_N=32, BLOCK_M=32 if wide else 64)
+    if N <= 64:
+        block = max(16, triton.next_power_of_2(N))
+        fwd = LaunchConfig.of(num_warps=block // 16, BLOCK_M=block, KEY_CHUNK=block, HOIST_BIAS=1)
+        table = {"_window_attention_fwd_kernel": fwd}
+        if (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64:
+            # the whole backward in one kernel (8 warps for 64 rows: dK, dV, dQ and the bias partials in registers)
+            table["_window_attention_bwd_kernel"] = LaunchConfig.of(
+                num_warps=8 if block == 64 else block // 16, BLOCK_M=block, HOIST_BIAS=1)
+        else:
+            # sm_80 (mma.sync: every warp holds its slice of both operands) with head_dim >= 64, and head_dim 128:
+            # the one-kernel backward spills; dQ / bias partials over 32-row query tiles and a separate dK / dV
+            # kernel do not
+            table["_window_attention_bwd_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1)
+            table["_window_attention_bwd_dkdv_kernel"] = dkdv
+    else:
+        fwd = LaunchConfig.of(num_warps=4, BLOCK_M=64, KEY_CHUNK=32, HOIST_BIAS=0)
+        bwd = LaunchConfig.of(num_warps=8, BLOCK_M=16, HOIST_BIAS=0)
+        table = {"_window_attention_fwd_kernel": fwd, "_window_attention_bwd_kernel": bwd,
+                 "_window_attention_bwd_dkdv_kernel": dkdv}
+    table["_window_attention_bias_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_R=16, BLOCK_C=64)
+    block_j = max(16, triton.next_power_of_2(N))
+    table["_window_attention_bias_grad_kernel"] = LaunchConfig.of(
+        num_warps=4, BLOCK_R=max(1, min(16, 4096 // block_j)), BLOCK_J=block_j)
+    return table
+
+
+def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int:
+    """An upper bound of the shared memory (bytes) a window-attention kernel takes, from its constexprs: the dot
+    operands that pass through shared memory (q / dO tiles, every key chunk's k and v) plus the fp32 layout
+    conversions of a score tile and of an output tile. The compile gate checks it against every compiled
+    configuration; on GPUs with less shared memory per block than sm_80 the dispatcher refuses a call it exceeds."""
+    c, e, hd = constexprs, element_size, constexprs.get("HD", 0)
+    if kernel == "_window_attention_fwd_kernel":
+        bm, kc = c["BLOCK_M"], c["KEY_CHUNK"]
+        return (bm * hd + 2 * kc * hd) * e + (bm * kc + bm * hd) * 4
+    if kernel == "_window_attention_bwd_kernel":
+        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"]]
+        return (2 * bm * hd + 2 * sum(chunks) * hd) * e + (2 * bm * max(chunks) + bm * hd) * 4
+    if kernel == "_window_attention_bwd_dkdv_kernel":
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        return (2 * bn * hd + 2 * bm * hd) * e + (2 * bm * bn + 2 * bn * hd) * 4
+    return 16384  # the bias and bias-gradient kernels: a few KB
+
+
+def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> int:
+    """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
+    table = launch_table(N, head_dim, dtype, target)
+    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
+    e = torch.empty((), dtype=dtype).element_size()
+    return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
+
+
+def supported_reason(head_dim: int, tokens_per_window: int, dtype: torch.dtype,
+                     target: Optional[Target] = None) -> Optional[str]:
+    """``None`` if the kernels handle this configuration (on ``target``, when given), else why not.
+
+    On sm_80 / sm_90 every accepted configuration is compiled by the compile gate, which checks that it fits; on a
+    GPU with less shared memory per block, a call whose :func:`shared_memory_needed` exceeds it is refused."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} not supported (float16, bfloat16, float32)"
     if tokens_per_window > MAX_TOKENS_PER_WINDOW:
         return f"window of {tokens_per_window} tokens > {MAX_TOKENS_PER_WINDOW}"
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} must be a power of two in [16, 128]"
+    if target is not None and not target.interpreter:
+        if target.capability < (8, 0):
+            return f"the Triton window-attention kernels need compute capability >= 8.0, got {target.arch}"
+        if target.smem_per_block < SM80.smem_per_block:
+            need = shared_memory_needed(tokens_per_window, head_dim, dtype, target)
+            if need > target.smem_per_block:
+                return (f"{str(dtype).replace('torch.', '')} windows of {tokens_per_window} tokens with head_dim "
+                        f"{head_dim} may need up to {need} bytes of shared memory per block, {target.arch} has "
+                        f"{target.smem_per_block}")
     return None
+
+
+# (B, H, W, num_heads, head_dim, window, shift): a tiny problem for each class of the table: windows of up to 16,
+# 32, 64 tokens (one query tile) and larger ones; the launch table is the same for every case of a class.
+_EXAMPLE_CASES = [
+    (1, 4, 4, 1, 16, (4, 4), (2, 2)),        # N = 16
+    (1, 5, 6, 2, 32, (5, 6), (2, 3)),        # N = 30 -> 32, a non-square window, one window
+    (2, 9, 10, 2, 16, (7, 7), (3, 3)),       # N = 49 -> 64, padded, shifted, two images
+    (1, 9, 9, 1, 16, (9, 9), (4, 4)),        # N = 81 -> 64 + 32 chunks
+    (1, 13, 12, 1, 16, (12, 12), (6, 6)),    # N = 144 -> 128 + 16, padded
+    (1, 10, 10, 1, 16, (10, 10), (0, 0)),    # N = 100 -> 64 + 32 + 16 chunks
+]
+
+
+def table_examples() -> List[Example]:
+    """Every configuration :func:`launch_table` returns, each with a tiny problem ``(case, dtype)``: for each gate
+    target, fp32 and a half dtype, each head_dim class and each window class (also each key-chunk pattern of the dQ
+    kernel, so that every code path runs under the interpreter)."""
+    out = []
+    seen = set()
+    for target in GATE_TARGETS:
+        for dtype in (torch.float32, half_dtype(target)):
+            for hd in (16, 32, 64, 128):
+                for case in _EXAMPLE_CASES:
+                    B, H, W, nH, _, window, shift = case
+                    N = window[0] * window[1]
+                    table = launch_table(N, hd, dtype, target)
+                    key = (target.arch, dtype, key_chunks(N), tuple(sorted(table.items())))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append(Example("window_attention", ((B, H, W, nH, hd, window, shift), dtype), target, table))
+    return out
+
+
+# --- host launchers -------------------------------------------------------------------------------------------------
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """The interpreter computes bf16 / fp16 tl.dot wrongly: its dots run on fp32 operands (IEEE). On a GPU fp32
+    products are IEEE fp32 (FMA, as eager PyTorch's default matmul precision; on the compile gate these tiles hold
+    fewer registers than tf32x3's three tensor-core products and compile in about a second)."""
+    if interpreter_active():
+        return dict(DOT_FP32=True, PRECISION="ieee")
+    return dict(DOT_FP32=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _windows_per_program(num_windows: int, programs_per_group: int, target: Target, waves: int = 8) -> int:
+    """Windows each program loops over: enough programs to fill every multiprocessor ``waves`` times, each over as
+    many windows as that leaves (its bias tiles are built once for all of them)."""
+    groups = max(1, min(num_windows, -(-waves * target.num_sms // programs_per_group)))
+    return -(-num_windows // groups)
+
+
+class _Problem:
+    """Geometry and launch configuration of one call."""
+
+    def __init__(self, qkv: torch.Tensor, window_size: Sequence[int], shift_size: Sequence[int], num_heads: int,
+                 has_pad_values: bool):
+        B, H, W, three_c = qkv.shape
+        self.g = WindowGeometry.of(B, H, W, window_size, shift_size)
+        self.num_heads = num_heads
+        self.hd = three_c // (3 * num_heads)
+        self.N = self.g.tokens_per_window
+        self.target = device_target(qkv.device)
+        self.table = launch_table(self.N, self.hd, qkv.dtype, self.target)
+        self.runtime, consts = window_kernel_args(self.g)
+        self.NP = -(-self.N // 64) * 64  # the dense bias is (nH, NP, NP): every query / key tile lies inside it
+        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
+        self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
+                           HAS_PAD_VALUES=has_pad_values and self.g.padded, **_dot_flags(qkv.dtype))
+
+    def tiles(self, kernel: str, block: str) -> int:
+        return -(-self.N // self.table[kernel][block])
+
+    def dense_bias(self, table: torch.Tensor) -> torch.Tensor:
+        """(nH, NP, NP) fp32: log2(e) * the relative position bias, -inf past the last key, 0 past the last query."""
+        bias = torch.empty((self.num_heads, self.NP, self.NP), device=table.device, dtype=torch.float32)
+        cfg = self.table["_window_attention_bias_kernel"]
+        grid = (triton.cdiv(self.NP, cfg["BLOCK_R"]), self.num_heads, triton.cdiv(self.NP, cfg["BLOCK_C"]))
+        launcher(_window_attention_bias_kernel)[grid](
+            table, bias, self.num_heads, N=self.N, NP=self.NP, WH=self.g.wh, WW=self.g.ww, **cfg.kwargs())
+        return bias
 
 
 def window_attention_fwd(
@@ -242,33 +638,28 @@ def window_attention_fwd(
     shift_size: Sequence[int],
     num_heads: int,
     scale: float,
+    need_lse: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, W, 3C) qkv -> ((B, H, W, C) out, (B*nW, nH, N) fp32 row log-sum-exp)."""
+    """(B, H, W, 3C) qkv -> ((B, H, W, C) out, (B*nW, nH, N) fp32 row log-sum-exp, or an empty tensor when
+    ``need_lse`` is False)."""
     qkv = qkv.contiguous()
     table = table.contiguous()
-    B, H, W, hd, nWh, nWw, N = _geometry(qkv, window_size, num_heads)
-    num_windows = B * nWh * nWw
-    out = torch.empty((B, H, W, num_heads * hd), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((num_windows, num_heads, N), device=qkv.device, dtype=torch.float32)
-    block_m, block_n = _tiles(N, hd)
-    bias = qkv_bias.contiguous() if qkv_bias is not None else qkv
-    launcher(_window_attention_fwd_kernel)[(num_windows, num_heads)](
-        qkv, table, bias, out, lse, H, W, nWh, nWw, num_heads, scale,
-        N=N, HD=hd, WH=window_size[0], WW=window_size[1], SH=shift_size[0], SW=shift_size[1],
-        HAS_BIAS=qkv_bias is not None, SHIFTED=bool(shift_size[0] or shift_size[1]), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8,
-        **_dot_flags(qkv.dtype),
+    pb = _Problem(qkv, window_size, shift_size, num_heads, qkv_bias is not None)
+    nW = pb.g.num_windows
+    out = torch.empty((pb.g.B, pb.g.H, pb.g.W, num_heads * pb.hd), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((nW, num_heads, pb.N) if need_lse else (0,), device=qkv.device, dtype=torch.float32)
+    if nW == 0:
+        return out, lse
+    cfg = pb.table["_window_attention_fwd_kernel"]
+    per_group = num_heads * pb.tiles("_window_attention_fwd_kernel", "BLOCK_M")
+    wpp = _windows_per_program(nW, per_group, pb.target)
+    pad = qkv_bias.contiguous() if qkv_bias is not None else qkv
+    key_end = -(-pb.N // cfg["KEY_CHUNK"]) * cfg["KEY_CHUNK"]
+    launcher(_window_attention_fwd_kernel)[(per_group * -(-nW // wpp),)](
+        qkv, pb.dense_bias(table), pad, out, lse, nW, wpp, key_end, *pb.runtime, num_heads, scale * LOG2E,
+        **pb.consts, STORE_LSE=need_lse, **cfg.kwargs(),
     )
     return out, lse
-
-
-def _window_groups(num_windows: int, num_heads: int, device: torch.device) -> int:
-    """How many programs per head share the windows in the backward: enough to fill the GPU a few times over,
-    few enough that their (N x N) partial bias-gradient sums stay small."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    return max(1, min(num_windows, -(-target // num_heads)))
 
 
 def window_attention_bwd(
@@ -282,41 +673,62 @@ def window_attention_bwd(
     shift_size: Sequence[int],
     num_heads: int,
     scale: float,
-    relative_position_index: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients (qkv, table, qkv_bias or None) of :func:`window_attention_fwd`, in the inputs' dtypes."""
     qkv = qkv.contiguous()
     table = table.contiguous()
     grad_out = grad_out.contiguous()
     out = out.contiguous()
-    B, H, W, hd, nWh, nWw, N = _geometry(qkv, window_size, num_heads)
-    num_windows = B * nWh * nWw
-    block_m, block_n = _tiles(N, hd)
-    groups = _window_groups(num_windows, num_heads, qkv.device)
-    per_program = -(-num_windows // groups)
-    groups = -(-num_windows // per_program)
-    # Real tokens' q, k and v rows are all written by the kernel (each token sits in exactly one window).
-    dqkv = torch.empty_like(qkv)
-    one_tile = block_m >= block_n
-    d_rel = torch.empty((groups, num_heads, N, N), device=qkv.device, dtype=torch.float32) if one_tile else None
-    d_rel_atomic = None if one_tile else torch.zeros((num_heads, N, N), device=qkv.device, dtype=torch.float32)
     has_bias = qkv_bias is not None
-    d_pad = torch.empty((groups, num_heads, 2, hd), device=qkv.device, dtype=torch.float32) if has_bias else None
-    dummy = lse
-    launcher(_window_attention_bwd_kernel)[(groups, num_heads)](
-        qkv, table, qkv_bias.contiguous() if has_bias else qkv, out, grad_out, lse,
-        dqkv, d_rel if one_tile else dummy, d_rel_atomic if not one_tile else dummy, d_pad if has_bias else dummy,
-        num_windows, per_program, H, W, nWh, nWw, num_heads, scale,
-        N=N, HD=hd, WH=window_size[0], WW=window_size[1], SH=shift_size[0], SW=shift_size[1],
-        HAS_BIAS=has_bias, SHIFTED=bool(shift_size[0] or shift_size[1]), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8,
-        **_dot_flags(qkv.dtype),
+    pb = _Problem(qkv, window_size, shift_size, num_heads, has_bias)
+    nW, N, hd, dev = pb.g.num_windows, pb.N, pb.hd, qkv.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    # Real tokens' q, k and v rows are all written by the kernels (each token sits in exactly one window).
+    dqkv = torch.empty_like(qkv)
+    d_table = torch.empty(table.shape, device=dev, dtype=table.dtype)
+    if nW == 0:
+        return dqkv, d_table.zero_(), (torch.zeros_like(qkv_bias) if has_bias else None)
+    common = (nW,)
+    runtime = (*pb.runtime, num_heads, scale * LOG2E, scale)
+
+    # dQ, the bias partials (and dK, dV when a query tile holds the window)
+    cfg = pb.table["_window_attention_bwd_kernel"]
+    q_tiles = pb.tiles("_window_attention_bwd_kernel", "BLOCK_M")
+    # two waves of programs: each loops over many windows, so the (groups, nH, N, N) partials stay small (the
+    # bias-gradient kernel reads them all)
+    wpp = _windows_per_program(nW, num_heads * q_tiles, pb.target, waves=2)
+    groups = -(-nW // wpp)
+    whole_window = q_tiles == 1
+    d_rel = torch.empty((groups, num_heads, N, N), **f32)
+    delta = lse if whole_window else torch.empty((nW, num_heads, N), **f32)
+    d_pad = torch.empty((groups, num_heads, 2, hd) if has_bias and whole_window else (1,), **f32)
+    pad = qkv_bias.contiguous() if has_bias else qkv
+    bias = pb.dense_bias(table)
+    launcher(_window_attention_bwd_kernel)[(num_heads * q_tiles * groups,)](
+        qkv, bias, pad, out, grad_out, lse, delta, dqkv, d_rel, d_pad, *common, wpp, *runtime,
+        **pb.consts, **cfg.kwargs(),
     )
-    d_bias = d_rel.sum(0) if one_tile else d_rel_atomic  # (nH, N, N)
-    d_table = torch.zeros(table.shape, device=table.device, dtype=torch.float32)
-    d_table.index_add_(0, relative_position_index.reshape(-1), d_bias.permute(1, 2, 0).reshape(N * N, num_heads))
+    if not whole_window:
+        cfg = pb.table["_window_attention_bwd_dkdv_kernel"]
+        k_tiles = pb.tiles("_window_attention_bwd_dkdv_kernel", "BLOCK_N")
+        wpp_kv = _windows_per_program(nW, num_heads * k_tiles, pb.target)
+        groups_kv = -(-nW // wpp_kv)
+        d_pad = torch.empty((groups_kv * k_tiles, num_heads, 2, hd) if has_bias else (1,), **f32)
+        launcher(_window_attention_bwd_dkdv_kernel)[(num_heads * k_tiles * groups_kv,)](
+            qkv, bias, pad, grad_out, lse, delta, dqkv, d_pad, *common, wpp_kv, N, *runtime,
+            **pb.consts, **cfg.kwargs(),
+        )
+    cfg = pb.table["_window_attention_bias_grad_kernel"]
+    R = table.shape[0]
+    launcher(_window_attention_bias_grad_kernel)[(triton.cdiv(R, cfg["BLOCK_R"]), num_heads)](
+        d_rel, d_table, groups, num_heads, R, N=N, WH=pb.g.wh, WW=pb.g.ww, **cfg.kwargs(),
+    )
     d_qkv_bias = None
     if has_bias:
-        kv = d_pad.sum(0)  # (nH, 2, hd)
-        d_qkv_bias = torch.cat([torch.zeros_like(kv[:, 0]).reshape(-1), kv[:, 0].reshape(-1), kv[:, 1].reshape(-1)])
-        d_qkv_bias = d_qkv_bias.to(qkv_bias.dtype)
-    return dqkv, d_table.to(table.dtype), d_qkv_bias
+        if pb.g.padded:
+            kv = d_pad.sum(0)  # (nH, 2, hd), a fixed-order reduction over the programs' partials
+            d_qkv_bias = torch.cat([torch.zeros_like(kv[:, 0]).reshape(-1), kv[:, 0].reshape(-1),
+                                    kv[:, 1].reshape(-1)]).to(qkv_bias.dtype)
+        else:
+            d_qkv_bias = torch.zeros_like(qkv_bias)
+    return dqkv, d_table, d_qkv_bias

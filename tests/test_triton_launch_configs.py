@@ -1,0 +1,309 @@
+"""Every GPU launch configuration of every Triton kernel, run against the reference (under the interpreter on CPU).
+
+Each Triton op has one launch-configuration table (``launch_table`` in its ``vitkernels/triton/<op>.py``) and lists
+every configuration the table can return on sm_80 and sm_90 with a tiny problem that selects it
+(``table_examples()``); the compile gate (``tools/compile_gate.py``) compiles the same list for both GPUs. Here each
+example runs with the table forced to its GPU: the launches must use exactly the configurations the table gives,
+and the op's outputs and gradients must match the reference. A sweep over each table's inputs checks that the
+examples list every configuration the table can return.
+"""
+import pytest
+import torch
+
+import vitkernels
+from vitkernels.triton import HAS_TRITON
+
+from helpers import assert_close_scaled, reference_dtype, tol, triton_interpreter_or_cuda
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _modules():
+    if not HAS_TRITON:
+        return []
+    from vitkernels.triton import (
+        dino_loss,
+        mae_loss,
+        masking,
+        msn_loss,
+        patch_embed,
+        window_attention,
+        window_partition,
+    )
+
+    return [window_attention, window_partition, patch_embed, masking, mae_loss, dino_loss, msn_loss]
+
+
+EXAMPLES = [ex for module in _modules() for ex in module.table_examples()]
+
+
+def _example_id(ex) -> str:
+    return f"{ex.op}-{ex.target.arch}-" + str(ex.problem).replace("torch.", "").replace(" ", "")
+
+
+def _check(ours, ref, dtype, name):
+    """``ours`` (in the op's dtype) against the reference computed in float64 (fp32 for half inputs)."""
+    assert ours.shape == ref.shape, name
+    assert torch.isfinite(ours).all(), name
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_close_scaled(ours.float(), ref.float(), dtype)
+    else:
+        t = tol(dtype)
+        torch.testing.assert_close(ours.to(ref.dtype), ref, rtol=t["rtol"] * 5,
+                                   atol=t["atol"] * 5 * max(1.0, ref.abs().max().item()), msg=name)
+
+
+def _forward_backward(fn, inputs, grad_seed=0):
+    """fn(*inputs) and the gradients of <out, random> w.r.t. the floating-point inputs that require grad."""
+    out = fn(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    gen = torch.Generator().manual_seed(grad_seed)
+    total = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs
+                if o.is_floating_point())
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(total, leaves, allow_unused=True) if leaves else ()
+    return outs, grads
+
+
+def _compare(run, make_inputs, dtype):
+    """Run ``run(backend, *inputs)`` on Triton (inputs in ``dtype``) and the reference (float64 / fp32)."""
+    base = make_inputs()
+
+    def cast(to):
+        # rounded to the op's dtype first: the reference sees the same values, only computes in a wider type
+        return [t.detach().to(dtype).to(DEV, to).requires_grad_(t.requires_grad) for t in base]
+
+    ours_in, ref_in = cast(dtype), cast(reference_dtype(dtype))
+    outs, grads = _forward_backward(lambda *a: run("triton", *a), ours_in)
+    ref_outs, ref_grads = _forward_backward(lambda *a: run("reference", *a), ref_in)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        if o.is_floating_point():
+            _check(o, r, dtype if o.dtype == dtype else torch.float32, f"output {i}")
+        else:
+            assert torch.equal(o.cpu(), r.cpu()), f"output {i}"
+    leaves = [t for t in ours_in if t.requires_grad]
+    for i, (g, r, t) in enumerate(zip(grads, ref_grads, leaves)):
+        # an input that does not reach the output may get None (the reference) or zeros (a fused kernel)
+        g = torch.zeros_like(t) if g is None else g
+        r = torch.zeros(t.shape, dtype=reference_dtype(dtype), device=t.device) if r is None else r
+        _check(g, r, dtype if g.dtype == dtype else torch.float32, f"grad {i}")
+
+
+# --- one runner per op: the example's problem through the public op, Triton vs reference ------------------------
+
+def _run_window_attention(problem):
+    (B, H, W, nH, hd, window, shift), dtype = problem
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        C = nH * hd
+        return [torch.randn(B, H, W, 3 * C, generator=g).requires_grad_(),
+                torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), nH, generator=g).requires_grad_(),
+                torch.randn(3 * C, generator=g).requires_grad_()]
+
+    def run(backend, qkv, table, bias):
+        return vitkernels.window_attention(qkv, table, window, shift, nH, qkv_bias=bias, backend=backend)
+
+    _compare(run, make, dtype)
+
+
+def _run_window_partition(problem):
+    B, H, W, C, window, shift, dtype = problem
+    x = torch.randn(B, H, W, C, generator=torch.Generator().manual_seed(0)).to(DEV, dtype)
+    windows = vitkernels.window_partition(x, window, shift, backend="triton")
+    assert torch.equal(windows, vitkernels.window_partition(x, window, shift, backend="reference"))
+    back = vitkernels.window_reverse(windows, H, W, window, shift, backend="triton")
+    assert torch.equal(back, vitkernels.window_reverse(windows, H, W, window, shift, backend="reference"))
+    assert torch.equal(back, x)
+
+
+def _run_patch_embed(problem):
+    B, C, H, W, D, patch, pad, P, dtype = problem
+    gh = -(-H // patch[0]) if pad else H // patch[0]
+    gw = -(-W // patch[1]) if pad else W // patch[1]
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(B, C, H, W, generator=g).requires_grad_(),
+                (0.2 * torch.randn(D, C, *patch, generator=g)).requires_grad_(),
+                torch.randn(D, generator=g).requires_grad_(),
+                torch.randn(1, P + gh * gw, D, generator=g).requires_grad_(),
+                torch.randn(1, P, D, generator=g).requires_grad_()]
+
+    def run(backend, x, weight, bias, pos, prefix):
+        return vitkernels.patch_embed(x, weight, bias, pos, prefix, dynamic_img_pad=pad, backend=backend)
+
+    _compare(run, make, dtype)
+
+
+def _run_masking(problem):
+    N, L, D, keep, dtype = problem
+    ratio = 1.0 - (keep + 0.5) / L  # int(L * (1 - ratio)) == keep
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(N, L, generator=gen).to(DEV)
+    x = torch.randn(N, L, D, generator=gen)
+    pos = torch.randn(1, L, D, generator=gen)
+
+    def run_masking(backend, x_, pos_):
+        return vitkernels.random_masking(x_, ratio, noise=noise, pos_embed=pos_, backend=backend)
+
+    _compare(run_masking, lambda: [x.clone().requires_grad_(), pos.clone().requires_grad_()], dtype)
+    ids_restore = vitkernels.random_masking(x.to(DEV), ratio, noise=noise, backend="reference")[2]
+    keep_rows = torch.randn(N, keep + 1, D, generator=gen)
+    token = torch.randn(D, generator=gen)
+    dec_pos = torch.randn(1, L + 1, D, generator=gen)
+
+    def run_unshuffle(backend, x_, token_, pos_):
+        return vitkernels.mae_unshuffle(x_, ids_restore, token_, pos_, backend=backend)
+
+    _compare(run_unshuffle, lambda: [keep_rows.clone().requires_grad_(), token.clone().requires_grad_(),
+                                     dec_pos.clone().requires_grad_()], dtype)
+    perm = torch.randperm(L, generator=gen).to(DEV)
+    tokens = torch.randn(N, 1 + L, D, generator=gen)
+
+    def run_drop(backend, x_):
+        return vitkernels.msn_patch_drop(x_, ratio, perm=perm, backend=backend)
+
+    _compare(run_drop, lambda: [tokens.clone().requires_grad_()], dtype)
+
+
+def _run_mae_loss(problem):
+    N, C, H, W, p, norm_pix, dtype = problem
+    L = (H // p) * (W // p)
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(N, C, H, W, generator=gen).to(DEV)
+    mask = (torch.rand(N, L, generator=gen) < 0.75).float().to(DEV)
+
+    def run(backend, pred):
+        return vitkernels.mae_loss(imgs, pred, mask.to(pred.dtype), p, norm_pix_loss=norm_pix, backend=backend)
+
+    _compare(run, lambda: [torch.randn(N, L, p * p * C, generator=gen).requires_grad_()], dtype)
+
+
+def _run_dino_loss(problem):
+    B, K, ncrops, dtype = problem
+    gen = torch.Generator().manual_seed(0)
+    student = 3 * torch.randn(ncrops * B, K, generator=gen)
+    teacher = 3 * torch.randn(2 * B, K, generator=gen)
+    center = torch.randn(1, K, generator=gen).to(DEV)
+
+    def run(backend, s, t):
+        return vitkernels.dino_loss(s, t, center, ncrops, 0.1, 0.04, backend=backend)
+
+    _compare(run, lambda: [student.clone().requires_grad_(), teacher.clone()], dtype)
+    t = teacher.to(DEV, dtype)
+    new = vitkernels.dino_center_update(center, t, 0.9, backend="triton")
+    ref = vitkernels.dino_center_update(center.double(), t.double(), 0.9, backend="reference")
+    torch.testing.assert_close(new.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _run_msn_loss(problem):
+    B, V, K, D, dtype = problem
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randn(V * B, D, generator=gen)
+    targets = torch.randn(B, D, generator=gen)
+    prototypes = torch.randn(K, D, generator=gen)
+
+    def run(backend, a, t, p):
+        return vitkernels.msn_loss(a, t, p, None, V, 0.1, 0.25, True, True, False, backend=backend)
+
+    _compare(run, lambda: [anchors.clone().requires_grad_(), targets.clone(), prototypes.clone().requires_grad_()],
+             dtype)
+
+
+RUNNERS = {
+    "window_attention": _run_window_attention,
+    "window_partition": _run_window_partition,
+    "patch_embed": _run_patch_embed,
+    "masking": _run_masking,
+    "mae_loss": _run_mae_loss,
+    "dino_loss": _run_dino_loss,
+    "msn_loss": _run_msn_loss,
+}
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[_example_id(ex) for ex in EXAMPLES])
+def test_every_launch_configuration_matches_the_reference(example):
+    """The example's problem with the table forced to its GPU: the launches use the table's configurations, and
+    outputs and gradients match the reference."""
+    triton_interpreter_or_cuda(DEV)
+    from vitkernels.triton._launch import forced_target, recording
+
+    with forced_target(example.target), recording() as launches:
+        RUNNERS[example.op](example.problem)
+    used = {}
+    for launch in launches:
+        used.setdefault(launch.name, set()).add(launch.config())
+    assert set(used) == set(example.configs), f"launched {sorted(used)}, the table has {sorted(example.configs)}"
+    for name, configs in used.items():
+        expected = example.configs[name]
+        assert all(dict(c.tiles) == dict(expected.tiles) and (c.num_warps, c.num_stages) ==
+                   (expected.num_warps, expected.num_stages) for c in configs), (name, configs, expected)
+
+
+def _sweep(module):
+    """(target, table) for a grid of each table's inputs."""
+    from vitkernels.triton._launch import GATE_TARGETS
+
+    name = module.__name__.rsplit(".", 1)[1]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for target in GATE_TARGETS:
+        if name == "window_attention":
+            for N in range(1, 257):
+                for hd in (16, 32, 64, 128):
+                    for dtype in dtypes:
+                        yield target, module.launch_table(N, hd, dtype, target)
+        elif name == "window_partition":
+            for C in range(1, 520, 7):
+                yield target, module.launch_table(C, torch.float32, target)
+        elif name == "patch_embed":
+            for D in (8, 24, 64, 65, 192, 768, 1024):
+                for dtype in dtypes:
+                    for pad in (False, True):
+                        yield target, module.launch_table(D, dtype, pad, target)
+        elif name == "masking":
+            for L in (1, 49, 64, 65, 196, 1024):
+                for D in (8, 64, 65, 512, 1024):
+                    yield target, module.launch_table(L, D, target)
+        elif name == "mae_loss":
+            for p in (2, 4, 8, 14, 16, 32):
+                for C in (1, 3):
+                    yield target, module.launch_table(p * p * C, target)
+        elif name == "dino_loss":
+            for B in (1, 3, 64, 512):
+                for K in (10, 100, 256, 300, 1023, 1024, 65536):
+                    for ncrops in (2, 4, 10, 12):
+                        yield target, module.launch_table(B, K, ncrops, target)
+        elif name == "msn_loss":
+            for K in (10, 100, 256, 300, 1023, 1024, 4096):
+                for dtype in dtypes:
+                    yield target, module.launch_table(K, dtype, target)
+        else:  # pragma: no cover - a new op must add its sweep here
+            raise AssertionError(f"no sweep for {name}")
+
+
+@pytest.mark.parametrize("module", _modules(), ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def test_examples_list_every_configuration_the_table_returns(module):
+    """The compile gate and the test above see every configuration: the examples cover the table's whole range."""
+    listed = {(ex.target.arch, name, cfg) for ex in module.table_examples() for name, cfg in ex.configs.items()}
+    for target, table in _sweep(module):
+        for name, cfg in table.items():
+            assert (target.arch, name, cfg) in listed, f"{target.arch} {name} [{cfg.label}] has no example"
+
+
+def test_dispatcher_refuses_what_would_not_fit_a_smaller_gpu():
+    """sm_80 / sm_90 take every configuration the gate compiled; a GPU with less shared memory per block (an sm_86
+    has 99 KiB) is refused a call whose kernels' bound exceeds it, with the reason, and auto falls back."""
+    from vitkernels.triton import window_attention as kernels
+    from vitkernels.triton._launch import SM80, SM90, Target
+
+    small = Target("sm_86", (8, 6), 101376, 84)
+    assert kernels.supported_reason(128, 256, torch.float32, SM80) is None
+    assert kernels.supported_reason(128, 256, torch.float32, SM90) is None
+    assert kernels.supported_reason(32, 49, torch.bfloat16, small) is None
+    assert kernels.supported_reason(32, 144, torch.float32, small) is None
+    reason = kernels.supported_reason(128, 256, torch.float32, small)
+    assert reason is not None and "shared memory" in reason and "sm_86" in reason
+    assert "compute capability" in kernels.supported_reason(32, 49, torch.float16, Target("sm_75", (7, 5), 65536, 40))
