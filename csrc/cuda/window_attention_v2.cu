@@ -1,5 +1,5 @@
-// torch binding of the CUDA Swin V2 window attention kernels in window_attention_v2.cuh (same op schemas, argument
-// checks and outputs as csrc/cpu/window_attention_v2.cpp).
+// torch binding of the CUDA Swin V2 window attention kernels (launch API: window_attention_v2.cuh; same op schemas,
+// argument checks and outputs as csrc/cpu/window_attention_v2.cpp).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
