@@ -323,18 +323,14 @@ cudaError_t launch_window_attention_bwd(const T* grad_out, const T* qkv, const T
                                         const WindowAttentionShape& p, double scale, int64_t windows_per_group,
                                         cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  if (!window_attention_supported(p) || windows_per_group < 1) return cudaErrorInvalidValue;
-  const WindowAttentionBlocks b = window_attention_blocks(p);
-  const int64_t groups = window_attention_groups(p.windows, windows_per_group);
-  return wa_detail::dispatch_slices(b.slices, [&](auto tag) {
+  return wa_detail::dispatch_backward(p, windows_per_group, [&](auto tag, const dim3& grid_dq, const dim3& grid_dkdv,
+                                                                int threads) {
     constexpr int G = decltype(tag)::value;
-    const dim3 grid_dq = wa_detail::window_attention_grid(p.windows, p, b);
-    wa_detail::window_attention_bwd_dq_kernel<T, G><<<grid_dq, b.threads, 0, stream>>>(
+    wa_detail::window_attention_bwd_dq_kernel<T, G><<<grid_dq, threads, 0, stream>>>(
         grad_out, qkv, pad_row, table, out, lse, delta, grad_qkv, p, static_cast<A>(scale));
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    const dim3 grid_dkdv = wa_detail::window_attention_grid(groups, p, b);
-    wa_detail::window_attention_bwd_dkdv_kernel<T, G><<<grid_dkdv, b.threads, 0, stream>>>(
+    wa_detail::window_attention_bwd_dkdv_kernel<T, G><<<grid_dkdv, threads, 0, stream>>>(
         grad_out, qkv, pad_row, table, lse, delta, grad_qkv, d_bias, d_pad, p, static_cast<A>(scale),
         windows_per_group);
     return cudaGetLastError();

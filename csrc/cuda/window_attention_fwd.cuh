@@ -135,13 +135,10 @@ cudaError_t launch_window_attention_fwd(const T* qkv, const T* pad_row, const ty
                                         typename Acc<T>::type* lse, const WindowAttentionShape& p, double scale,
                                         cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  if (!window_attention_supported(p)) return cudaErrorInvalidValue;
-  const WindowAttentionBlocks b = window_attention_blocks(p);
-  const dim3 grid = wa_detail::window_attention_grid(p.windows, p, b);
-  return wa_detail::dispatch_slices(b.slices, [&](auto tag) {
+  return wa_detail::dispatch_forward(p, [&](auto tag, const dim3& grid, int threads) {
     constexpr int G = decltype(tag)::value;
-    wa_detail::window_attention_fwd_kernel<T, G><<<grid, b.threads, 0, stream>>>(qkv, pad_row, table, out, lse, p,
-                                                                                 static_cast<A>(scale));
+    wa_detail::window_attention_fwd_kernel<T, G><<<grid, threads, 0, stream>>>(qkv, pad_row, table, out, lse, p,
+                                                                               static_cast<A>(scale));
     return cudaGetLastError();
   });
 }

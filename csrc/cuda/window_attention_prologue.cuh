@@ -148,12 +148,6 @@ struct DotProductScores {
   template <int G> __device__ __forceinline__ void key_grad(const A (&)[kSlice], A, A (&)[kSlice]) const {}
 };
 
-// The grid of the forward and dq kernels (x = windows) and of the dk / dv kernel (x = groups of windows): one block
-// per (x, head, chunk of rows).
-inline dim3 window_attention_grid(int64_t x, const WindowAttentionShape& p, const WindowAttentionBlocks& b) {
-  return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(p.nH), static_cast<unsigned int>(b.chunks));
-}
-
 template <int G> struct SlicesTag { static constexpr int value = G; };
 
 // Calls launch(SlicesTag<G>{}) with the G of these blocks.
@@ -162,6 +156,33 @@ cudaError_t dispatch_slices(int slices, Launch&& launch) {
   if (slices == 1) return launch(SlicesTag<1>{});
   if (slices == 2) return launch(SlicesTag<2>{});
   return launch(SlicesTag<4>{});
+}
+
+// The grid of the forward and dq kernels (x = windows) and of the dk / dv kernel (x = groups of windows): one block
+// per (x, head, chunk of rows).
+inline dim3 window_attention_grid(int64_t x, const WindowAttentionShape& p, const WindowAttentionBlocks& b) {
+  return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(p.nH), static_cast<unsigned int>(b.chunks));
+}
+
+// The launchers' common part. Forward: launch(SlicesTag<G>{}, grid, threads); backward: launch(SlicesTag<G>{},
+// grid_dq, grid_dkdv, threads). cudaErrorInvalidValue, without calling launch, for a problem
+// window_attention_supported refuses (or windows_per_group < 1).
+template <typename Launch>
+cudaError_t dispatch_forward(const WindowAttentionShape& p, Launch&& launch) {
+  if (!window_attention_supported(p)) return cudaErrorInvalidValue;
+  const WindowAttentionBlocks b = window_attention_blocks(p);
+  return dispatch_slices(b.slices,
+                         [&](auto tag) { return launch(tag, window_attention_grid(p.windows, p, b), b.threads); });
+}
+
+template <typename Launch>
+cudaError_t dispatch_backward(const WindowAttentionShape& p, int64_t windows_per_group, Launch&& launch) {
+  if (!window_attention_supported(p) || windows_per_group < 1) return cudaErrorInvalidValue;
+  const WindowAttentionBlocks b = window_attention_blocks(p);
+  const int64_t groups = window_attention_groups(p.windows, windows_per_group);
+  return dispatch_slices(b.slices, [&](auto tag) {
+    return launch(tag, window_attention_grid(p.windows, p, b), window_attention_grid(groups, p, b), b.threads);
+  });
 }
 
 }  // namespace wa_detail

@@ -36,13 +36,10 @@ template <typename T>
 cudaError_t launch_window_attention_v2_fwd(const T* qkv, const T* pad_row, const typename Acc<T>::type* table,
                                            const typename Acc<T>::type* scale, T* out, typename Acc<T>::type* lse,
                                            const WindowAttentionShape& p, cudaStream_t stream) {
-  if (!window_attention_supported(p)) return cudaErrorInvalidValue;
-  const WindowAttentionBlocks b = window_attention_blocks(p);
-  const dim3 grid = wa_detail::window_attention_grid(p.windows, p, b);
-  return wa_detail::dispatch_slices(b.slices, [&](auto tag) {
+  return wa_detail::dispatch_forward(p, [&](auto tag, const dim3& grid, int threads) {
     constexpr int G = decltype(tag)::value;
-    wa_detail::window_attention_v2_fwd_kernel<T, G><<<grid, b.threads, 0, stream>>>(qkv, pad_row, table, scale, out,
-                                                                                    lse, p);
+    wa_detail::window_attention_v2_fwd_kernel<T, G><<<grid, threads, 0, stream>>>(qkv, pad_row, table, scale, out,
+                                                                                  lse, p);
     return cudaGetLastError();
   });
 }
