@@ -11,6 +11,8 @@
 //   window_attention_bwd.cuh       dq, dk/dv and bias-gradient kernels + their launchers
 //   window_attention_{fwd,bwd}_kernels.cu  explicit instantiations for float, double, half and bfloat16 (compiled in
 //                                  parallel with the binding, without torch's headers)
+// The kernels' work is written once, as block functions generic over how scores are formed (DotProductScores here;
+// Swin V2's cosine attention, window_attention_v2*.cuh, runs the same blocks with CosineScores).
 //
 // A correct, plain fallback (the Triton kernels are the tensor-core path): scalar fp32 math (fp64 for fp64).
 // A token row (a query row in the forward and dq kernels, a key row in the dk/dv kernel) belongs to G = 1, 2 or 4

@@ -16,15 +16,16 @@ namespace wa_detail {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward (a), dq: grid (windows, nH, chunks), thread = (query row i, slice). Writes the q part of grad_qkv for
-// real tokens and delta_i = dO_i . O_i (0 for padded rows) for kernel (b).
+// real tokens and delta_i = dO_i . O_i (0 for padded rows) for kernel (b). The block's work, for either way of
+// forming the scores (DotProductScores: V1; CosineScores: Swin V2, window_attention_v2_bwd.cuh); returns the thread's
+// share of the variant's other gradients (Scores::query_grad; 0 but for the slice-0 thread of a real row).
 
-template <typename T, int G>
-__global__ void __launch_bounds__(kWindowAttentionMaxThreads)
-    window_attention_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ qkv,
-                                   const T* __restrict__ pad_row, const typename Acc<T>::type* __restrict__ table,
-                                   const T* __restrict__ out, const typename Acc<T>::type* __restrict__ lse,
-                                   typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
-                                   const WindowAttentionShape p, const typename Acc<T>::type scale) {
+template <typename T, int G, typename Scores>
+__device__ __forceinline__ typename Acc<T>::type window_attention_bwd_dq_block(
+    const T* __restrict__ grad_out, const T* __restrict__ qkv, const T* __restrict__ pad_row,
+    const typename Acc<T>::type* __restrict__ table, const T* __restrict__ out,
+    const typename Acc<T>::type* __restrict__ lse, typename Acc<T>::type* __restrict__ delta,
+    T* __restrict__ grad_qkv, const WindowAttentionShape& p, const Scores& scores) {
   using A = typename Acc<T>::type;
   constexpr int KT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;
@@ -55,12 +56,13 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
     dout[d] = A(0);
     dq[d] = A(0);
     if (row && dim < p.hd) {
-      q[d] = to_acc(qkv[src_i * 3 * p.C + head + dim]) * scale;
+      q[d] = to_acc(qkv[src_i * 3 * p.C + head + dim]) * scores.query_mul();
       dout[d] = to_acc(grad_out[src_i * p.C + head + dim]);
       delta_i += dout[d] * to_acc(out[src_i * p.C + head + dim]);
     }
   }
   delta_i = row_sum<G>(delta_i);
+  const A q_state = scores.template normalize<G>(q);
   if (row) lse_i = lse[(w * p.nH + h) * p.N + i];
   if (i < p.N && slice == 0) delta[(w * p.nH + h) * p.N + i] = delta_i;
 
@@ -69,6 +71,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
     load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 1, A(1), false, k_s);
     load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 2, A(1), false, v_s);
     __syncthreads();
+    scores.template normalize_tile<G, KT>(k_s);
     const int nk = p.N - j0 < KT ? p.N - j0 : KT;
     for (int jj = 0; jj < nk; ++jj) {
       const int j = j0 + jj;
@@ -80,7 +83,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
         s += q[d] * k[d];
         dp += dout[d] * v[d];
       }
-      s = row_sum<G>(s);
+      s = scores.logits(row_sum<G>(s));
       dp = row_sum<G>(dp);
       s = s + win.tab[code_i - win.code[j]];
       s = s + (win.region[j] != region_i ? mask_value<A>() : A(0));
@@ -90,14 +93,27 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
     }
   }
 
+  const A share = scores.template query_grad<G>(q, q_state, dq);
   if (row) {
     T* grow = grad_qkv + src_i * 3 * p.C + head;
 #pragma unroll
     for (int d = 0; d < kSlice; ++d) {
       const int dim = slice * kSlice + d;
-      if (dim < p.hd) grow[dim] = from_acc<T>(dq[d] * scale);
+      if (dim < p.hd) grow[dim] = from_acc<T>(dq[d] * scores.query_mul());
     }
   }
+  return row && slice == 0 ? share : A(0);
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kWindowAttentionMaxThreads)
+    window_attention_bwd_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ qkv,
+                                   const T* __restrict__ pad_row, const typename Acc<T>::type* __restrict__ table,
+                                   const T* __restrict__ out, const typename Acc<T>::type* __restrict__ lse,
+                                   typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
+                                   const WindowAttentionShape p, const typename Acc<T>::type scale) {
+  window_attention_bwd_dq_block<T, G>(grad_out, qkv, pad_row, table, out, lse, delta, grad_qkv, p,
+                                      DotProductScores<typename Acc<T>::type>{scale});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -105,23 +121,22 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
 // [group * windows_per_group, min(... + windows_per_group, windows)).
 //   d_bias: (groups, nH, N, N), zero on entry; key row j's slice-0 thread adds dS_ij of every window into column j.
 //   d_pad:  (groups * chunks, nH, 2, hd), written: this block's sum over its windows and padded key rows of (dk, dv).
+// The block's work, for either way of forming the scores (V1; Swin V2: window_attention_v2_bwd.cuh).
 
-template <typename T, int G>
-__global__ void __launch_bounds__(kWindowAttentionMaxThreads)
-    window_attention_bwd_dkdv_kernel(const T* __restrict__ grad_out, const T* __restrict__ qkv,
-                                     const T* __restrict__ pad_row, const typename Acc<T>::type* __restrict__ table,
-                                     const typename Acc<T>::type* __restrict__ lse,
-                                     const typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
-                                     typename Acc<T>::type* __restrict__ d_bias,
-                                     typename Acc<T>::type* __restrict__ d_pad, const WindowAttentionShape p,
-                                     const typename Acc<T>::type scale, const int64_t windows_per_group) {
+template <typename T, int G, typename Scores>
+__device__ __forceinline__ void window_attention_bwd_dkdv_block(
+    const T* __restrict__ grad_out, const T* __restrict__ qkv, const T* __restrict__ pad_row,
+    const typename Acc<T>::type* __restrict__ table, const typename Acc<T>::type* __restrict__ lse,
+    const typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
+    typename Acc<T>::type* __restrict__ d_bias, typename Acc<T>::type* __restrict__ d_pad,
+    const WindowAttentionShape& p, const Scores& scores, const int64_t windows_per_group) {
   using A = typename Acc<T>::type;
   constexpr int QT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;
   constexpr int HDP = G * kSlice;
   // The padded-key reduction stages one HDP-row per warp in q_s and in do_s.
   static_assert((kWindowAttentionMaxThreads / 32) * HDP <= QT * RS, "staging does not fit the query tiles");
-  __shared__ A q_s[QT * RS];   // scale * q of real query rows, 0 for padded ones
+  __shared__ A q_s[QT * RS];   // q of real query rows as the scores take them (V1: scale q), 0 for padded ones
   __shared__ A do_s[QT * RS];  // dO of real query rows, 0 for padded ones
   __shared__ A lse_s[QT];
   __shared__ A delta_s[QT];
@@ -155,13 +170,14 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
     A k[kSlice], v[kSlice], dk[kSlice], dv[kSlice];
     load_slice(p, qkv, pad_row, src_j, h, 1, slice, A(1), k);
     load_slice(p, qkv, pad_row, src_j, h, 2, slice, A(1), v);
+    const A k_state = scores.template normalize<G>(k);
 #pragma unroll
     for (int d = 0; d < kSlice; ++d) { dk[d] = A(0); dv[d] = A(0); }
 
     const int64_t lse_base = (w * p.nH + h) * p.N;
     for (int i0 = 0; i0 < p.N; i0 += QT) {
       __syncthreads();
-      load_qkv_tile<T, G, QT>(p, qkv, pad_row, win.src, i0, h, 0, scale, true, q_s);
+      load_qkv_tile<T, G, QT>(p, qkv, pad_row, win.src, i0, h, 0, scores.query_mul(), true, q_s);
       for (int e = threadIdx.x; e < QT * HDP; e += blockDim.x) {
         const int ii = e / HDP, dim = e - ii * HDP;
         const int i = i0 + ii;
@@ -176,6 +192,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
         delta_s[ii] = real ? delta[lse_base + i] : A(0);
       }
       __syncthreads();
+      scores.template normalize_tile<G, QT>(q_s);
       const int nq = p.N - i0 < QT ? p.N - i0 : QT;
       for (int ii = 0; ii < nq; ++ii) {
         const int i = i0 + ii;
@@ -188,7 +205,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
           s += k[d] * qi[d];
           dp += v[d] * doi[d];
         }
-        s = row_sum<G>(s);
+        s = scores.logits(row_sum<G>(s));
         dp = row_sum<G>(dp);
         s = s + win.tab[win.code[i] - code_j];
         s = s + (win.region[i] != region_j ? mask_value<A>() : A(0));
@@ -202,6 +219,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
         if (key && slice == 0) bias_col[static_cast<int64_t>(i) * p.N] += ds;
       }
     }
+
+    scores.template key_grad<G>(k, k_state, dk);
 
     if (key && src_j >= 0) {
       T* grow = grad_qkv + src_j * 3 * p.C + head;
@@ -253,6 +272,19 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
   }
 }
 
+template <typename T, int G>
+__global__ void __launch_bounds__(kWindowAttentionMaxThreads)
+    window_attention_bwd_dkdv_kernel(const T* __restrict__ grad_out, const T* __restrict__ qkv,
+                                     const T* __restrict__ pad_row, const typename Acc<T>::type* __restrict__ table,
+                                     const typename Acc<T>::type* __restrict__ lse,
+                                     const typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
+                                     typename Acc<T>::type* __restrict__ d_bias,
+                                     typename Acc<T>::type* __restrict__ d_pad, const WindowAttentionShape p,
+                                     const typename Acc<T>::type scale, const int64_t windows_per_group) {
+  window_attention_bwd_dkdv_block<T, G>(grad_out, qkv, pad_row, table, lse, delta, grad_qkv, d_bias, d_pad, p,
+                                        DotProductScores<typename Acc<T>::type>{scale}, windows_per_group);
+}
+
 // grad_table[r, h] = sum of d_bias[h, i, j] (already summed over windows) over the pairs with relative_index(i, j)
 // = r: for each query i at most one key j. One thread per table entry, a fixed order: deterministic. (Used with
 // D = double.)
@@ -291,20 +323,14 @@ cudaError_t launch_window_attention_bwd(const T* grad_out, const T* qkv, const T
                                         const WindowAttentionShape& p, double scale, int64_t windows_per_group,
                                         cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  if (!window_attention_supported(p) || windows_per_group < 1) return cudaErrorInvalidValue;
-  const WindowAttentionBlocks b = window_attention_blocks(p);
-  const int64_t groups = window_attention_groups(p.windows, windows_per_group);
-  return wa_detail::dispatch_slices(b.slices, [&](auto tag) {
+  return wa_detail::dispatch_backward(p, windows_per_group, [&](auto tag, const dim3& grid_dq, const dim3& grid_dkdv,
+                                                                int threads) {
     constexpr int G = decltype(tag)::value;
-    const dim3 grid_dq(static_cast<unsigned int>(p.windows), static_cast<unsigned int>(p.nH),
-                       static_cast<unsigned int>(b.chunks));
-    wa_detail::window_attention_bwd_dq_kernel<T, G><<<grid_dq, b.threads, 0, stream>>>(
+    wa_detail::window_attention_bwd_dq_kernel<T, G><<<grid_dq, threads, 0, stream>>>(
         grad_out, qkv, pad_row, table, out, lse, delta, grad_qkv, p, static_cast<A>(scale));
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    const dim3 grid_dkdv(static_cast<unsigned int>(groups), static_cast<unsigned int>(p.nH),
-                         static_cast<unsigned int>(b.chunks));
-    wa_detail::window_attention_bwd_dkdv_kernel<T, G><<<grid_dkdv, b.threads, 0, stream>>>(
+    wa_detail::window_attention_bwd_dkdv_kernel<T, G><<<grid_dkdv, threads, 0, stream>>>(
         grad_out, qkv, pad_row, table, lse, delta, grad_qkv, d_bias, d_pad, p, static_cast<A>(scale),
         windows_per_group);
     return cudaGetLastError();

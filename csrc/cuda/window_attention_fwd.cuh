@@ -15,18 +15,14 @@ namespace cuda {
 namespace wa_detail {
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward: grid (windows, nH, chunks), thread = (query row i, slice).
+// Forward: grid (windows, nH, chunks), thread = (query row i, slice). The block's work, for either way of forming
+// the scores (DotProductScores: V1; CosineScores: Swin V2, window_attention_v2_fwd.cuh).
 
-// Launch bounds: at most 256 threads and, for G = 1, at least one block per multiprocessor. Left to its own
-// heuristic, ptxas (CUDA 13.0) caps the G = 1 instantiations at 128 registers and spills 68 / 80 bytes (sm_80 /
-// sm_90; tools/compile_gate_cuda.py fails on that); with the hint they keep everything in registers (178 / 210). A
-// minimum of 0 blocks emits no .minnctapersm, so G = 2, 4 compile exactly as without it (~100 registers, no spill).
-template <typename T, int G>
-__global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
-    window_attention_fwd_kernel(const T* __restrict__ qkv, const T* __restrict__ pad_row,
-                                const typename Acc<T>::type* __restrict__ table, T* __restrict__ out,
-                                typename Acc<T>::type* __restrict__ lse, const WindowAttentionShape p,
-                                const typename Acc<T>::type scale) {
+template <typename T, int G, typename Scores>
+__device__ __forceinline__ void window_attention_fwd_block(const T* __restrict__ qkv, const T* __restrict__ pad_row,
+                                                           const typename Acc<T>::type* __restrict__ table,
+                                                           T* __restrict__ out, typename Acc<T>::type* __restrict__ lse,
+                                                           const WindowAttentionShape& p, const Scores& scores) {
   using A = typename Acc<T>::type;
   constexpr int KT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;  // tile row stride
@@ -48,7 +44,8 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
   const int code_i = win.code[ic] + p.rel_offset;
   const int region_i = win.region[ic];
   A q[kSlice], o[kSlice];
-  load_slice(p, qkv, pad_row, src_i, h, 0, slice, scale, q);
+  load_slice(p, qkv, pad_row, src_i, h, 0, slice, scores.query_mul(), q);
+  scores.template normalize<G>(q);
 #pragma unroll
   for (int d = 0; d < kSlice; ++d) o[d] = A(0);
 
@@ -58,6 +55,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
     load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 1, A(1), false, k_s);
     load_qkv_tile<T, G, KT>(p, qkv, pad_row, win.src, j0, h, 2, A(1), false, v_s);
     __syncthreads();
+    scores.template normalize_tile<G, KT>(k_s);
     const int nk = p.N - j0 < KT ? p.N - j0 : KT;
 #pragma unroll 1
     for (int js = 0; js < nk; js += kSub) {
@@ -69,7 +67,7 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
         A dot = A(0);
 #pragma unroll
         for (int d = 0; d < kSlice; ++d) dot += q[d] * k[d];
-        dot = row_sum<G>(dot);
+        dot = scores.logits(row_sum<G>(dot));
         s[jj] = A(0);
         if (js + jj < nk) {
           const int j = j0 + js + jj;
@@ -113,6 +111,22 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads, G == 1 ? 1 : 0)
   }
 }
 
+// Launch bounds of the forward kernels: at most 256 threads and, for G = 1, at least one block per multiprocessor.
+// Left to its own heuristic, ptxas (CUDA 13.0) caps the G = 1 instantiations at 128 registers and spills 68 / 80 bytes
+// (sm_80 / sm_90; tools/compile_gate_cuda.py fails on that); with the hint they keep everything in registers (178 /
+// 210). A minimum of 0 blocks emits no .minnctapersm, so G = 2, 4 compile exactly as without it (~100 registers, no
+// spill).
+template <int G> constexpr int kForwardMinBlocks = G == 1 ? 1 : 0;
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kWindowAttentionMaxThreads, kForwardMinBlocks<G>)
+    window_attention_fwd_kernel(const T* __restrict__ qkv, const T* __restrict__ pad_row,
+                                const typename Acc<T>::type* __restrict__ table, T* __restrict__ out,
+                                typename Acc<T>::type* __restrict__ lse, const WindowAttentionShape p,
+                                const typename Acc<T>::type scale) {
+  window_attention_fwd_block<T, G>(qkv, pad_row, table, out, lse, p, DotProductScores<typename Acc<T>::type>{scale});
+}
+
 }  // namespace wa_detail
 
 // Declared, with its contract, in window_attention.cuh.
@@ -121,14 +135,10 @@ cudaError_t launch_window_attention_fwd(const T* qkv, const T* pad_row, const ty
                                         typename Acc<T>::type* lse, const WindowAttentionShape& p, double scale,
                                         cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  if (!window_attention_supported(p)) return cudaErrorInvalidValue;
-  const WindowAttentionBlocks b = window_attention_blocks(p);
-  const dim3 grid(static_cast<unsigned int>(p.windows), static_cast<unsigned int>(p.nH),
-                  static_cast<unsigned int>(b.chunks));
-  return wa_detail::dispatch_slices(b.slices, [&](auto tag) {
+  return wa_detail::dispatch_forward(p, [&](auto tag, const dim3& grid, int threads) {
     constexpr int G = decltype(tag)::value;
-    wa_detail::window_attention_fwd_kernel<T, G><<<grid, b.threads, 0, stream>>>(qkv, pad_row, table, out, lse, p,
-                                                                                 static_cast<A>(scale));
+    wa_detail::window_attention_fwd_kernel<T, G><<<grid, threads, 0, stream>>>(qkv, pad_row, table, out, lse, p,
+                                                                               static_cast<A>(scale));
     return cudaGetLastError();
   });
 }

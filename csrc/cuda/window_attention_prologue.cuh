@@ -1,7 +1,9 @@
-// Device helpers shared by the window attention kernels (window_attention_fwd.cuh, window_attention_bwd.cuh): the
-// per-window prologue every kernel runs (source tokens and mask regions of the window, relative-position codes, the
-// head's bias-table column, all staged in shared memory), the tile / slice loads of q, k, v, and the row sums over
-// the G threads of a token row. Layout and notation: window_attention.cuh.
+// Device helpers shared by the window attention kernels of Swin V1 (window_attention_fwd.cuh,
+// window_attention_bwd.cuh) and Swin V2 (window_attention_v2_*.cuh): the per-window prologue every kernel runs (source
+// tokens and mask regions of the window, relative-position codes, the head's bias-table column, all staged in shared
+// memory), the tile / slice loads of q, k, v, the row sums over the G threads of a token row, V1's way of forming
+// scores (DotProductScores; V2's is CosineScores in window_attention_v2_prologue.cuh) and the launch grids. Layout and
+// notation: window_attention.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,6 +31,8 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float sqrt_acc(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_acc(double x) { return sqrt(x); }
 template <typename A> __device__ __forceinline__ A max_acc(A a, A b) { return a > b ? a : b; }
 
 // Sum over the G adjacent threads of a row (all threads of the warp must call it). The butterfly gives every
@@ -117,6 +121,33 @@ __device__ __forceinline__ void load_slice(const WindowAttentionShape& p, const 
   }
 }
 
+// How the forward, dq and dk / dv blocks (window_attention_fwd.cuh, window_attention_bwd.cuh) form the scores
+// S_ij = f(q_i, k_j) + bias_ij and take their gradients back: a policy object, one per variant, passed by value to
+// the block functions (its members compile to nothing where a variant has nothing to do). Rows are loaded (queries
+// times query_mul(), keys as they are), then normalize<G> / normalize_tile<G, TILE> may transform them in place;
+// logits takes the dot product of the transformed rows.
+//   query_mul()                 factor applied to the queries as they are loaded (register slices and staged tiles);
+//                               the dq kernel multiplies its gradient by it on the way out
+//   normalize<G>(x)             a query / key row held in registers (this thread's slice), in place; returns what
+//                               the row's gradient needs later (all G threads of the row must call it)
+//   normalize_tile<G, TILE>(t)  the rows of a staged key (forward, dq) or query (dk / dv) tile, after the barrier
+//                               that completes its load; ends with a barrier where it does anything
+//   logits(dot)                 S_ij minus the bias, from the row's (summed) dot product
+//   query_grad<G>(q, state, g)  g = sum_j dS_ij k_j (staged keys) -> gradient of the loaded q_i, in place; returns
+//                               the row's share of the variant's other gradients (all G threads must call it)
+//   key_grad<G>(k, state, g)    g = sum_i dS_ij q_i (staged queries) -> gradient of the loaded k_j, in place (all G)
+// V1: S_ij = (scale q_i) . k_j: queries loaded times scale, nothing else (dq = scale g, dk = g).
+template <typename A>
+struct DotProductScores {
+  A scale;
+  __device__ __forceinline__ A query_mul() const { return scale; }
+  template <int G> __device__ __forceinline__ A normalize(A (&)[kSlice]) const { return A(0); }
+  template <int G, int TILE> __device__ __forceinline__ void normalize_tile(A*) const {}
+  __device__ __forceinline__ A logits(A dot) const { return dot; }
+  template <int G> __device__ __forceinline__ A query_grad(const A (&)[kSlice], A, A (&)[kSlice]) const { return A(0); }
+  template <int G> __device__ __forceinline__ void key_grad(const A (&)[kSlice], A, A (&)[kSlice]) const {}
+};
+
 template <int G> struct SlicesTag { static constexpr int value = G; };
 
 // Calls launch(SlicesTag<G>{}) with the G of these blocks.
@@ -125,6 +156,33 @@ cudaError_t dispatch_slices(int slices, Launch&& launch) {
   if (slices == 1) return launch(SlicesTag<1>{});
   if (slices == 2) return launch(SlicesTag<2>{});
   return launch(SlicesTag<4>{});
+}
+
+// The grid of the forward and dq kernels (x = windows) and of the dk / dv kernel (x = groups of windows): one block
+// per (x, head, chunk of rows).
+inline dim3 window_attention_grid(int64_t x, const WindowAttentionShape& p, const WindowAttentionBlocks& b) {
+  return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(p.nH), static_cast<unsigned int>(b.chunks));
+}
+
+// The launchers' common part. Forward: launch(SlicesTag<G>{}, grid, threads); backward: launch(SlicesTag<G>{},
+// grid_dq, grid_dkdv, threads). cudaErrorInvalidValue, without calling launch, for a problem
+// window_attention_supported refuses (or windows_per_group < 1).
+template <typename Launch>
+cudaError_t dispatch_forward(const WindowAttentionShape& p, Launch&& launch) {
+  if (!window_attention_supported(p)) return cudaErrorInvalidValue;
+  const WindowAttentionBlocks b = window_attention_blocks(p);
+  return dispatch_slices(b.slices,
+                         [&](auto tag) { return launch(tag, window_attention_grid(p.windows, p, b), b.threads); });
+}
+
+template <typename Launch>
+cudaError_t dispatch_backward(const WindowAttentionShape& p, int64_t windows_per_group, Launch&& launch) {
+  if (!window_attention_supported(p) || windows_per_group < 1) return cudaErrorInvalidValue;
+  const WindowAttentionBlocks b = window_attention_blocks(p);
+  const int64_t groups = window_attention_groups(p.windows, windows_per_group);
+  return dispatch_slices(b.slices, [&](auto tag) {
+    return launch(tag, window_attention_grid(p.windows, p, b), window_attention_grid(groups, p, b), b.threads);
+  });
 }
 
 }  // namespace wa_detail

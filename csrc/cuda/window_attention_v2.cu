@@ -1,5 +1,5 @@
-// torch binding of the CUDA Swin V2 window attention kernels in window_attention_v2.cuh (same op schemas, argument
-// checks and outputs as csrc/cpu/window_attention_v2.cpp).
+// torch binding of the CUDA Swin V2 window attention kernels (launch API: window_attention_v2.cuh; same op schemas,
+// argument checks and outputs as csrc/cpu/window_attention_v2.cpp).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +12,7 @@
 
 #include "torch_cuda_types.h"
 #include "vitkernels/window_attention_args.h"
+#include "window_attention_binding.h"
 #include "window_attention_v2.cuh"
 
 namespace vitkernels {
@@ -27,13 +28,7 @@ Problem check_problem(const char* op, const at::Tensor& qkv, const at::Tensor& t
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == num_heads, op, ": scale must be (", num_heads, "), got ",
               scale.sizes());
   check_same_device(op, qkv, scale, "scale");
-  TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got ", qkv.device());
-  TORCH_CHECK(p.N <= cuda::kWindowAttentionMaxTokens, op, ": the CUDA kernel supports windows of at most ",
-              cuda::kWindowAttentionMaxTokens, " tokens, got ", window_size[0], " x ", window_size[1], " = ", p.N);
-  TORCH_CHECK(p.hd <= cuda::kWindowAttentionMaxHeadDim, op, ": the CUDA kernel supports head_dim <= ",
-              cuda::kWindowAttentionMaxHeadDim, ", got ", p.hd);
-  TORCH_CHECK(p.nH <= 65535, op, ": the CUDA kernel supports at most 65535 heads, got ", p.nH);
-  TORCH_CHECK(p.windows() <= INT32_MAX, op, ": too many windows for one launch: ", p.windows());
+  check_window_attention_cuda_limits(op, p, qkv, window_size);
   return p;
 }
 
@@ -82,47 +77,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());  // every real token's row is written
-  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
   at::Tensor grad_scale = at::zeros({p.nH}, scale.options().dtype(at::kDouble));
-  at::Tensor d_pad_sum = at::zeros({p.nH, 2, p.hd}, qkv.options().dtype(at::kDouble));
+  WindowAttentionBackwardScratch scratch;
   if (p.windows() > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
     const at::Tensor tab = table.to(acc).contiguous();
     const at::Tensor tau = scale.to(acc).contiguous();
     const auto shape = cuda::make_window_attention_shape(p.g, p.nH, p.hd);
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t per_group = cuda::window_attention_windows_per_group(p.windows(), p.nH, 4 * sms);
-    const int64_t groups = cuda::window_attention_groups(p.windows(), per_group);
-    const int64_t chunks = cuda::window_attention_blocks(shape).chunks;
-    at::Tensor delta = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(acc));
-    at::Tensor d_scale = at::empty({p.windows(), p.nH, chunks}, qkv.options().dtype(acc));
-    at::Tensor d_bias = at::zeros({groups, p.nH, p.N, p.N}, qkv.options().dtype(acc));
-    at::Tensor d_pad = at::empty({cuda::window_attention_pad_partials(shape, per_group), p.nH, 2, p.hd},
-                                 qkv.options().dtype(acc));
+    scratch = window_attention_backward_scratch(p, shape, qkv);
+    // d tau: one partial sum per (window, head, chunk of query rows), summed here in double.
+    at::Tensor d_scale = at::empty({p.windows(), p.nH, cuda::window_attention_blocks(shape).chunks},
+                                   qkv.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(),
                                     "vitkernels_window_attention_v2_bwd_cuda", [&] {
       using acc_t = typename cuda::Acc<typename CudaType<scalar_t>::type>::type;
       C10_CUDA_CHECK(cuda::launch_window_attention_v2_bwd(
           cptr<scalar_t>(grad_out), cptr<scalar_t>(qkv), cptr<scalar_t>(pad_row), tab.const_data_ptr<acc_t>(),
           tau.const_data_ptr<acc_t>(), cptr<scalar_t>(out), lse.const_data_ptr<acc_t>(),
-          delta.mutable_data_ptr<acc_t>(), mptr<scalar_t>(grad_qkv), d_scale.mutable_data_ptr<acc_t>(),
-          d_bias.mutable_data_ptr<acc_t>(), d_pad.mutable_data_ptr<acc_t>(), shape, per_group, stream));
+          scratch.delta.mutable_data_ptr<acc_t>(), mptr<scalar_t>(grad_qkv), d_scale.mutable_data_ptr<acc_t>(),
+          scratch.d_bias.mutable_data_ptr<acc_t>(), scratch.d_pad.mutable_data_ptr<acc_t>(), shape,
+          scratch.windows_per_group, at::cuda::getCurrentCUDAStream()));
     });
-    // Sums in double, in a fixed order; the table gradient is V1's scatter by relative position.
-    const at::Tensor d_bias_sum = at::sum(d_bias, {0}, /*keepdim=*/false, at::kDouble).contiguous();  // (nH, N, N)
-    C10_CUDA_CHECK(cuda::launch_window_attention_bias_grad(d_bias_sum.const_data_ptr<double>(),
-                                                           grad_table.mutable_data_ptr<double>(), p.g.wh, p.g.ww,
-                                                           p.nH, stream));
     grad_scale = at::sum(d_scale, {0, 2}, /*keepdim=*/false, at::kDouble);
-    d_pad_sum = at::sum(d_pad, {0}, /*keepdim=*/false, at::kDouble);
   }
-  at::Tensor grad_bias = at::empty({0}, qkv.options());
-  if (qkv_bias.has_value()) {
-    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({p.C});
-    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({p.C});
-    grad_bias = at::cat({at::zeros({p.C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
-  }
-  return {grad_qkv, grad_table.to(table.scalar_type()), grad_scale.to(scale.scalar_type()), grad_bias};
+  // The table gradient and the padded keys' (dk, dv) as V1.
+  auto [grad_table, grad_bias] = window_attention_table_and_bias_grads(p, scratch, table, qkv, qkv_bias);
+  return {grad_qkv, grad_table, grad_scale.to(scale.scalar_type()), grad_bias};
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CUDA, m) {

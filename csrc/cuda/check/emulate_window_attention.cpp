@@ -1,10 +1,13 @@
-// C entry points over the CUDA window attention launchers for the CPU emulation (emulate_cuda.py): compiled with
-// g++ against the emulated runtime in emulate/, together with window_attention_{fwd,bwd}_kernels.cu, so the real
-// launchers and kernel bodies run on the CPU. The caller mirrors the torch binding (window_attention.cu): it allocates
-// the same outputs and scratch and does the same host-side reductions. Never part of the extension.
+// C entry points over the CUDA window attention launchers, Swin V1 (window_attention.cuh) and V2
+// (window_attention_v2.cuh), for the CPU emulation (emulate_cuda.py): compiled with g++ against the emulated runtime in
+// emulate/, together with the explicit instantiations window_attention{,_v2}_{fwd,bwd}_kernels.cu, so the real
+// launchers and kernel bodies run on the CPU. The caller mirrors the torch bindings (window_attention.cu,
+// window_attention_v2.cu): it allocates the same outputs and scratch and does the same host-side reductions. Never
+// part of the extension.
 #include <cstdint>
 
 #include "window_attention.cuh"
+#include "window_attention_v2.cuh"
 
 namespace {
 
@@ -68,6 +71,35 @@ int64_t vk_emu_window_attention_windows_per_group(int64_t windows, int64_t num_h
 
 int64_t vk_emu_window_attention_pad_partials(const int64_t* dims, int64_t windows_per_group) {
   return window_attention_pad_partials(shape_of(dims), windows_per_group);
+}
+
+int64_t vk_emu_window_attention_chunks(const int64_t* dims) { return window_attention_blocks(shape_of(dims)).chunks; }
+
+// Swin V2: scale is the (nH) tau in the compute type; d_scale (windows, nH, chunks).
+int vk_emu_window_attention_v2_fwd(int dtype, const void* qkv, const void* pad_row, const void* table,
+                                   const void* scale, void* out, void* lse, const int64_t* dims) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    return static_cast<int>(launch_window_attention_v2_fwd<T>(
+        static_cast<const T*>(qkv), static_cast<const T*>(pad_row), static_cast<const A*>(table),
+        static_cast<const A*>(scale), static_cast<T*>(out), static_cast<A*>(lse), shape_of(dims), nullptr));
+  });
+}
+
+int vk_emu_window_attention_v2_bwd(int dtype, const void* grad_out, const void* qkv, const void* pad_row,
+                                   const void* table, const void* scale, const void* out, const void* lse,
+                                   void* delta, void* grad_qkv, void* d_scale, void* d_bias, void* d_pad,
+                                   const int64_t* dims, int64_t windows_per_group) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    return static_cast<int>(launch_window_attention_v2_bwd<T>(
+        static_cast<const T*>(grad_out), static_cast<const T*>(qkv), static_cast<const T*>(pad_row),
+        static_cast<const A*>(table), static_cast<const A*>(scale), static_cast<const T*>(out),
+        static_cast<const A*>(lse), static_cast<A*>(delta), static_cast<T*>(grad_qkv), static_cast<A*>(d_scale),
+        static_cast<A*>(d_bias), static_cast<A*>(d_pad), shape_of(dims), windows_per_group, nullptr));
+  });
 }
 
 }  // extern "C"

@@ -1,0 +1,78 @@
+// What the torch bindings of the CUDA window attention kernels, Swin V1 (window_attention.cu) and V2
+// (window_attention_v2.cu), share around their launches: the kernels' limits, the backward's scratch and the
+// host-side reductions of its partial sums into the bias-table and qkv-bias gradients. Torch code: bindings only.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "vitkernels/window_attention_args.h"
+#include "window_attention.cuh"
+
+namespace vitkernels {
+
+// The CUDA kernels' own limits (window_attention.cuh), after check_window_attention_args.
+inline void check_window_attention_cuda_limits(const char* op, const WindowAttentionProblem& p, const at::Tensor& qkv,
+                                               at::IntArrayRef window_size) {
+  TORCH_CHECK(qkv.is_cuda(), op, ": qkv must be a CUDA tensor, got ", qkv.device());
+  TORCH_CHECK(p.N <= cuda::kWindowAttentionMaxTokens, op, ": the CUDA kernel supports windows of at most ",
+              cuda::kWindowAttentionMaxTokens, " tokens, got ", window_size[0], " x ", window_size[1], " = ", p.N);
+  TORCH_CHECK(p.hd <= cuda::kWindowAttentionMaxHeadDim, op, ": the CUDA kernel supports head_dim <= ",
+              cuda::kWindowAttentionMaxHeadDim, ", got ", p.hd);
+  TORCH_CHECK(p.nH <= 65535, op, ": the CUDA kernel supports at most 65535 heads, got ", p.nH);
+  TORCH_CHECK(p.windows() <= INT32_MAX, op, ": too many windows for one launch: ", p.windows());
+}
+
+// The scratch launch_window_attention{,_v2}_bwd take, in the compute type: delta (windows, nH, N), d_bias (groups,
+// nH, N, N) zero-filled, d_pad (pad partials, nH, 2, hd); a few dk / dv blocks per multiprocessor. Undefined tensors
+// where nothing is launched (no windows).
+struct WindowAttentionBackwardScratch {
+  int64_t windows_per_group = 1;
+  at::Tensor delta, d_bias, d_pad;
+};
+
+inline WindowAttentionBackwardScratch window_attention_backward_scratch(const WindowAttentionProblem& p,
+                                                                        const cuda::WindowAttentionShape& shape,
+                                                                        const at::Tensor& qkv) {
+  const auto acc = qkv.options().dtype(window_attention_acc_type(qkv));
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  WindowAttentionBackwardScratch s;
+  s.windows_per_group = cuda::window_attention_windows_per_group(p.windows(), p.nH, 4 * sms);
+  const int64_t groups = cuda::window_attention_groups(p.windows(), s.windows_per_group);
+  s.delta = at::empty({p.windows(), p.nH, p.N}, acc);
+  s.d_bias = at::zeros({groups, p.nH, p.N, p.N}, acc);
+  s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), p.nH, 2, p.hd}, acc);
+  return s;
+}
+
+// After the backward's launch: grad_table in table's dtype (d_bias summed over groups in double, then scattered into
+// the table by relative position) and grad_bias in qkv_bias's dtype (empty without one): q gets nothing (padded
+// queries have dO = 0), k and v the padded keys' gradients summed over the partials. Zeros without windows.
+inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads(
+    const WindowAttentionProblem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table,
+    const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
+  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
+  at::Tensor d_pad_sum = at::zeros({p.nH, 2, p.hd}, qkv.options().dtype(at::kDouble));  // zero without padding
+  if (s.d_bias.defined()) {
+    const at::Tensor d_bias_sum = at::sum(s.d_bias, {0}, /*keepdim=*/false, at::kDouble).contiguous();  // (nH, N, N)
+    C10_CUDA_CHECK(cuda::launch_window_attention_bias_grad(d_bias_sum.const_data_ptr<double>(),
+                                                           grad_table.mutable_data_ptr<double>(), p.g.wh, p.g.ww,
+                                                           p.nH, at::cuda::getCurrentCUDAStream()));
+    d_pad_sum = at::sum(s.d_pad, {0}, /*keepdim=*/false, at::kDouble);
+  }
+  at::Tensor grad_bias = at::empty({0}, qkv.options());
+  if (qkv_bias.has_value()) {
+    // Channel part * C + h * hd + d.
+    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({p.C});
+    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({p.C});
+    grad_bias = at::cat({at::zeros({p.C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
+  }
+  return {grad_table.to(table.scalar_type()), grad_bias};
+}
+
+}  // namespace vitkernels
