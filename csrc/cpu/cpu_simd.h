@@ -130,6 +130,37 @@ template <typename T> VK_INLINE typename Vec<T>::type all_sum(typename Vec<T>::t
 template <typename T> VK_INLINE T hmax(typename Vec<T>::type v) { return all_max<T>(v)[0]; }
 template <typename T> VK_INLINE T hsum(typename Vec<T>::type v) { return all_sum<T>(v)[0]; }
 
+// In-register transpose of L x L values (L = the vector's lanes): r[i][l] <-> r[l][i]. log2(L) rounds; round b
+// swaps the off-diagonal b x b blocks of every 2b x 2b block, with one two-source shuffle per output vector.
+template <int B, int L, typename V, size_t... I>
+VK_INLINE V interleave_low(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, ((I & B) ? L + I - B : I)...);
+}
+template <int B, int L, typename V, size_t... I>
+VK_INLINE V interleave_high(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, ((I & B) ? L + I : I + B)...);
+}
+template <int B, int L, typename V>
+VK_INLINE void transpose_round(V* r) {
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    if (i & B) continue;
+    const V lo = interleave_low<B, L>(r[i], r[i + B], std::make_index_sequence<L>{});
+    const V hi = interleave_high<B, L>(r[i], r[i + B], std::make_index_sequence<L>{});
+    r[i] = lo;
+    r[i + B] = hi;
+  }
+}
+template <typename T>
+VK_INLINE void transpose_in_registers(typename Vec<T>::type* r) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  if constexpr (L >= 16) transpose_round<8, L, V>(r);
+  if constexpr (L >= 8) transpose_round<4, L, V>(r);
+  if constexpr (L >= 4) transpose_round<2, L, V>(r);
+  transpose_round<1, L, V>(r);
+}
+
 // --- GEMM on cache-resident blocks ---------------------------------------------------------------------------------
 //   C[i, 0:NC] = C0[i, 0:NC] + sum_{k < K} A(i, k) * B[k * ldb + 0:NC],   i < M,   A(i, k) = A[i * a_row + k * a_col]
 // C0 (same row stride as C) may be null (zeros). A is read one scalar at a time (broadcast), so A^T costs nothing

@@ -80,47 +80,10 @@ WindowAttentionArgs<S, T> make_args(const Problem& p, double scale, const at::Te
 template <typename T>
 struct ThreadScratch {
   std::vector<T> values;
-  std::vector<int64_t> source;
-  ThreadScratch(const Problem& p) : values(baseline::ItemScratch<T>::size(p.N, p.hd), T(0)), source(p.N) {}
+  std::vector<int64_t> tokens;
+  explicit ThreadScratch(const Problem& p)
+      : values(baseline::ItemScratch<T>::size(p.N, p.hd), T(0)), tokens(baseline::ItemScratch<T>::token_size(p.N)) {}
 };
-
-// Item i is (window i / nH, head i % nH): a thread's consecutive items share windows, whose tokens it finds once.
-template <typename S, typename T>
-void forward_items(Isa isa, const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, ThreadScratch<T>& t) {
-#ifdef VK_CPU_X86
-  if (isa == Isa::kAvx512) {
-    avx512::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-    for (int64_t i = begin; i < end; ++i) avx512::forward_item(a, i / a.nH, i % a.nH, s);
-    return;
-  }
-  if (isa == Isa::kAvx2) {
-    avx2::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-    for (int64_t i = begin; i < end; ++i) avx2::forward_item(a, i / a.nH, i % a.nH, s);
-    return;
-  }
-#endif
-  baseline::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-  for (int64_t i = begin; i < end; ++i) baseline::forward_item(a, i / a.nH, i % a.nH, s);
-}
-
-template <typename S, typename T>
-void backward_items(Isa isa, const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, ThreadScratch<T>& t,
-                    T* d_bias, double* d_pad) {
-#ifdef VK_CPU_X86
-  if (isa == Isa::kAvx512) {
-    avx512::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-    for (int64_t i = begin; i < end; ++i) avx512::backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_pad);
-    return;
-  }
-  if (isa == Isa::kAvx2) {
-    avx2::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-    for (int64_t i = begin; i < end; ++i) avx2::backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_pad);
-    return;
-  }
-#endif
-  baseline::ItemScratch<T> s(t.values.data(), a.N, a.hd, t.source.data());
-  for (int64_t i = begin; i < end; ++i) baseline::backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_pad);
-}
 
 }  // namespace
 
@@ -145,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv_in
     a.out = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz(std::is_same<T, float>::value);
-      ThreadScratch<T> scratch(p);
-      forward_items(isa, a, begin, end, scratch);
+      ThreadScratch<T> t(p);
+      VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
     });
   });
   return {out, lse};
@@ -187,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads, " expected");
         const FlushDenormals ftz(std::is_same<T, float>::value);
-        ThreadScratch<T> scratch(p);
-        backward_items(isa, a, begin, end, scratch, d_bias.data() + tid * p.nH * p.N * NP,
-                       d_pad.data() + tid * p.nH * 2 * p.hd);
+        ThreadScratch<T> t(p);
+        VK_CPU_CALL(isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
+                    d_bias.data() + tid * p.nH * p.N * NP, d_pad.data() + tid * p.nH * 2 * p.hd);
       });
       // Reduce the threads' sums and scatter d_bias into the table by relative position.
       for (int64_t h = 0; h < p.nH; ++h) {

@@ -58,11 +58,31 @@ VK_INLINE void gather_rows(const S* base, int64_t stride, const S* pad, const in
   }
 }
 
-// The same values transposed: column t of dst (dst[d * ldd + t]).
+// The same values transposed: column t of dst (dst[d * ldd + t]). Whole L x L blocks (L tokens, L channels) are
+// transposed in registers; the rest one value at a time.
 template <typename S, typename T>
 VK_INLINE void gather_columns(const S* base, int64_t stride, const S* pad, const int64_t* source, int64_t n,
                               int64_t width, T* dst, int64_t ldd) {
-  for (int64_t t = 0; t < n; ++t) {
+  int64_t t0 = 0;
+  if constexpr (std::is_same<S, T>::value) {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::lanes;
+    if (width % L == 0) {
+      for (; t0 + L <= n; t0 += L) {
+        const T* src[L];
+        for (int l = 0; l < L; ++l) src[l] = source[t0 + l] >= 0 ? base + source[t0 + l] * stride : pad;
+        for (int64_t d0 = 0; d0 < width; d0 += L) {
+          V r[L];
+#pragma GCC unroll 16
+          for (int l = 0; l < L; ++l) r[l] = load(src[l] + d0);
+          transpose_in_registers<T>(r);
+#pragma GCC unroll 16
+          for (int l = 0; l < L; ++l) store(dst + (d0 + l) * ldd + t0, r[l]);
+        }
+      }
+    }
+  }
+  for (int64_t t = t0; t < n; ++t) {
     const S* src = source[t] >= 0 ? base + source[t] * stride : pad;
     for (int64_t d = 0; d < width; ++d) dst[d * ldd + t] = static_cast<T>(src[d]);
   }
@@ -89,21 +109,23 @@ VK_INLINE void add_mask(T* row, const T* region, T region_i, int64_t np) {
 // --- one (window, head) work item ----------------------------------------------------------------------------------
 
 // Scratch of one thread: the item's matrices (N or NP rows, strides NP for keys, HDP for channels), 64-byte aligned
-// and zero-padded (the padding is never written, so it stays zero), and the window's tokens, kept while
-// consecutive items share the window.
+// and zero-padded (the padding is never written, so it stays zero), and the tokens of the current window (kept while
+// consecutive items share it) and of the next one (found early, to prefetch its rows).
 template <typename T>
 struct ItemScratch {
-  T *q, *k, *kt, *v, *vt, *dout, *p, *dp, *o, *dk, *dv, *region, *rowstat;
-  int64_t* source;
-  int64_t window = -1;
-  bool masked = false;
+  T *q, *k, *kt, *v, *vt, *dout, *p, *dp, *o, *dk, *dv, *rowstat;
+  T *region, *next_region;
+  int64_t *source, *next_source;
+  int64_t window = -1, next_window = -1;
+  bool masked = false, next_masked = false;
 
-  // Elements of T for N tokens of head_dim hd, plus the slack for aligning the base.
+  // Elements of T for N tokens of head_dim hd, plus the slack for aligning the base; and of int64_t for the tokens.
   static int64_t size(int64_t N, int64_t hd) {
     const int64_t NP = round_to_vector(N), HDP = round_to_vector(hd);
-    return 6 * round_to_vector(N * HDP) + 2 * HDP * NP + 2 * round_to_vector(N * NP) + 4 * NP + kPad;
+    return 6 * round_to_vector(N * HDP) + 2 * HDP * NP + 2 * round_to_vector(N * NP) + 5 * NP + kPad;
   }
-  ItemScratch(T* base, int64_t N, int64_t hd, int64_t* source_tokens) : source(source_tokens) {
+  static int64_t token_size(int64_t N) { return 2 * N; }
+  ItemScratch(T* base, int64_t N, int64_t hd, int64_t* tokens) : source(tokens), next_source(tokens + N) {
     const int64_t NP = round_to_vector(N), HDP = round_to_vector(hd);
     T* at = base + (kPad - reinterpret_cast<uintptr_t>(base) / sizeof(T) % kPad) % kPad;  // 64-byte aligned
     auto take = [&at](int64_t n) { T* p = at; at += round_to_vector(n); return p; };
@@ -111,20 +133,73 @@ struct ItemScratch {
     dk = take(N * HDP); dv = v;  // v (forward) and dv (backward, where v is read transposed) never coexist
     kt = take(HDP * NP); vt = take(HDP * NP);
     p = take(N * NP); dp = take(N * NP);
-    region = take(NP); rowstat = take(3 * NP);  // 1 / sum or delta; max; sum
+    region = take(NP); next_region = take(NP); rowstat = take(3 * NP);  // 1 / sum or delta; max; sum
+  }
+
+  // Window w's tokens, as the next window's (the current one's are not disturbed).
+  template <typename S>
+  VK_INLINE const int64_t* tokens_of(const WindowAttentionArgs<S, T>& a, int64_t w) {
+    if (w == window) return source;
+    if (w != next_window) {
+      next_masked = window_tokens(a.g, w, next_source, next_region) && a.shifted;
+      next_window = w;
+    }
+    return next_source;
   }
 
   template <typename S>
   VK_INLINE void use_window(const WindowAttentionArgs<S, T>& a, int64_t w) {
     if (w == window) return;
-    masked = window_tokens(a.g, w, source, region) && a.shifted;
-    window = w;
+    tokens_of(a, w);
+    std::swap(source, next_source);
+    std::swap(region, next_region);
+    std::swap(window, next_window);
+    masked = next_masked;
   }
 };
 
-// Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows.
+// Prefetch into L2 the cache lines of `bytes` bytes at p (for writing if `write`).
+VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / 64, last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) / 64;
+  for (uintptr_t line = first; line <= last; ++line) {
+    if (write) __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 1, 2);
+    else __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 0, 2);
+  }
+}
+
+// Prefetch what item (w, h) reads (head h's q, k, v slices; in the backward also grad_out and out) and writes (its
+// output slices, or its q, k, v gradient slices): the rows are scattered over the image, so the hardware prefetchers
+// do not see them coming. Issued one item ahead; w < 0 means no next item.
 template <typename S, typename T>
-void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s) {
+VK_INLINE void prefetch_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s,
+                             bool backward) {
+  if (w < 0) return;
+  const int64_t* source = s.tokens_of(a, w);
+  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(S));
+  for (int64_t t = 0; t < a.N; ++t) {
+    if (source[t] < 0) continue;
+    const S* qkv = a.qkv + source[t] * 3 * C + off;
+    prefetch_span(qkv, bytes, false);
+    prefetch_span(qkv + C, bytes, false);
+    prefetch_span(qkv + 2 * C, bytes, false);
+    if (backward) {
+      prefetch_span(a.grad_out + source[t] * C + off, bytes, false);
+      prefetch_span(a.out_in + source[t] * C + off, bytes, false);
+      S* grad = a.grad_qkv + source[t] * 3 * C + off;
+      prefetch_span(grad, bytes, true);
+      prefetch_span(grad + C, bytes, true);
+      prefetch_span(grad + 2 * C, bytes, true);
+    } else {
+      prefetch_span(a.out + source[t] * C + off, bytes, true);
+    }
+  }
+}
+
+// Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows;
+// prefetches for the next item (next_w, next_h) (next_w < 0: none).
+template <typename S, typename T>
+void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s, int64_t next_w,
+                  int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
@@ -133,6 +208,7 @@ void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Item
   gather_rows(a.qkv + off, stride, a.pad_row + off, s.source, N, hd, static_cast<T>(a.scale), s.q, HDP);
   gather_columns(a.qkv + C + off, stride, a.pad_row + C + off, s.source, N, hd, s.kt, NP);
   gather_rows(a.qkv + 2 * C + off, stride, a.pad_row + 2 * C + off, s.source, N, hd, T(1), s.v, HDP);
+  prefetch_item(a, next_w, next_h, s, /*backward=*/false);
   // S = bias + (scale q) k^T; -inf in the padding columns (from the bias rows)
   gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
   // unnormalised softmax rows: exp(S - max); then, for all rows at once, 1 / sum (to scale O's rows) and the lse
@@ -167,10 +243,11 @@ void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Item
 }
 
 // Backward of item (w, h): writes head h's q, k, v gradient columns of the window's real tokens; adds dS into this
-// thread's d_bias (nH, N, NP) and the padded tokens' dk, dv into its d_pad (nH, 2, hd).
+// thread's d_bias (nH, N, NP) and the padded tokens' dk, dv into its d_pad (nH, 2, hd); prefetches for the next
+// item (next_w, next_h) (next_w < 0: none).
 template <typename S, typename T>
 void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s, T* d_bias,
-                   double* d_pad) {
+                   double* d_pad, int64_t next_w, int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
@@ -188,8 +265,18 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
     if (s.source[t] >= 0) {
       const S* g = a.grad_out + s.source[t] * C + off;
       const S* o = a.out_in + s.source[t] * C + off;
+      int64_t d = 0;
       T sum = 0;
-      for (int64_t d = 0; d < hd; ++d) {
+      if constexpr (std::is_same<S, T>::value) {
+        V acc = V{};
+        for (; d + L <= hd; d += L) {
+          const V x = load(g + d);
+          store(dout + d, x);
+          acc += x * load(o + d);
+        }
+        sum = hsum<T>(acc);
+      }
+      for (; d < hd; ++d) {
         dout[d] = static_cast<T>(g[d]);
         sum += dout[d] * static_cast<T>(o[d]);
       }
@@ -199,6 +286,7 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
       delta[t] = 0;
     }
   }
+  prefetch_item(a, next_w, next_h, s, /*backward=*/true);
   // P = exp(S - lse), recomputed
   gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
   const T* lse = a.lse + (w * a.nH + h) * N;
@@ -241,6 +329,29 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
         pad[hd + d] += static_cast<double>(dv[d]);
       }
     }
+  }
+}
+
+// --- a thread's run of items -----------------------------------------------------------------------------------------
+// Item i is (window i / nH, head i % nH): consecutive items share windows, whose tokens are found once. `scratch`
+// holds ItemScratch<T>::size(N, hd) zeros, `tokens` ItemScratch<T>::token_size(N) integers.
+
+template <typename S, typename T>
+void forward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens) {
+  ItemScratch<T> s(scratch, a.N, a.hd, tokens);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t next = i + 1;
+    forward_item(a, i / a.nH, i % a.nH, s, next < end ? next / a.nH : -1, next % a.nH);
+  }
+}
+
+template <typename S, typename T>
+void backward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens,
+                    T* d_bias, double* d_pad) {
+  ItemScratch<T> s(scratch, a.N, a.hd, tokens);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t next = i + 1;
+    backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_pad, next < end ? next / a.nH : -1, next % a.nH);
   }
 }
 
