@@ -105,6 +105,59 @@ VK_INLINE Vec<double>::type vlog(Vec<double>::type x) {
   return x;
 }
 
+// erf on a vector of floats: Abramowitz & Stegun 7.1.26, erf|x| = 1 - t (p1 + t (p2 + ... p5 t)) exp(-x^2) with
+// t = 1 / (1 + p |x|), absolute error < 1.5e-7 (the formula of ATen's vectorised erf, behind its GELU).
+VK_INLINE Vec<float>::type verf(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  const V ax = x < 0 ? -x : x;
+  const V t = 1.0f / (0.3275911f * ax + 1.0f);
+  V r = 1.061405429f * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const V y = 1.0f - r * t * vexp(-(x * x));
+  return x < 0 ? -y : y;
+}
+
+VK_INLINE Vec<double>::type verf(Vec<double>::type x) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::erf(x[l]);
+  return x;
+}
+
+// tanh = 1 - 2 / (exp(2x) + 1), with |x| clamped to 10 (tanh(10) rounds to 1 in float); absolute error ~1e-7.
+VK_INLINE Vec<float>::type vtanh(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  x = x > 10.0f ? splat(10.0f) : x;
+  x = x < -10.0f ? splat(-10.0f) : x;
+  return 1.0f - 2.0f / (vexp(x + x) + 1.0f);
+}
+
+VK_INLINE Vec<double>::type vtanh(Vec<double>::type x) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::tanh(x[l]);
+  return x;
+}
+
+// GELU and its derivative, exact (erf) or tanh-approximated, as torch.nn.functional.gelu(approximate=...).
+template <typename T>
+VK_INLINE typename Vec<T>::type vgelu(typename Vec<T>::type x, bool tanh_approx) {
+  if (tanh_approx) {
+    const auto inner = static_cast<T>(0.7978845608028654) * (x + static_cast<T>(0.044715) * x * x * x);
+    return static_cast<T>(0.5) * x * (1 + vtanh(inner));
+  }
+  return static_cast<T>(0.5) * x * (1 + verf(x * static_cast<T>(0.7071067811865476)));
+}
+template <typename T>
+VK_INLINE typename Vec<T>::type vgelu_grad(typename Vec<T>::type x, bool tanh_approx) {
+  if (tanh_approx) {
+    const T k = static_cast<T>(0.7978845608028654), c = static_cast<T>(0.044715);
+    const auto th = vtanh(k * (x + c * x * x * x));
+    return static_cast<T>(0.5) * (1 + th) + static_cast<T>(0.5) * x * (1 - th * th) * k * (1 + 3 * c * x * x);
+  }
+  const auto cdf = static_cast<T>(0.5) * (1 + verf(x * static_cast<T>(0.7071067811865476)));
+  const auto pdf = static_cast<T>(0.3989422804014327) * vexp(static_cast<T>(-0.5) * x * x);
+  return cdf + x * pdf;
+}
+
 // Horizontal max / sum by butterflies (lane l meets lane l ^ w): every lane ends up holding the result.
 template <int W, typename V, size_t... I>
 VK_INLINE V butterfly(V v, std::index_sequence<I...>) {
@@ -159,6 +212,96 @@ VK_INLINE void transpose_in_registers(typename Vec<T>::type* r) {
   if constexpr (L >= 8) transpose_round<4, L, V>(r);
   if constexpr (L >= 4) transpose_round<2, L, V>(r);
   transpose_round<1, L, V>(r);
+}
+
+// The first n (< lanes) values at p as a vector, zeros after; and the first n lanes of v stored at p.
+template <typename T> VK_INLINE typename Vec<T>::type load_partial(const T* p, int64_t n) {
+  typename Vec<T>::type v{};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+template <typename T> VK_INLINE void store_partial(T* p, typename Vec<T>::type v, int64_t n) {
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+
+// --- LayerNorm of one row of C values ------------------------------------------------------------------------------
+// y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
+// (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.
+template <typename T>
+VK_INLINE void layernorm_row(const T* x, T* y, const T* w, const T* b, int64_t C, T eps, T* mean_out, T* rstd_out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t full = C / L * L, tail = C - full;
+  V acc = V{};
+  for (int64_t j = 0; j < full; j += L) acc += load(x + j);
+  if (tail) acc += load_partial(x + full, tail);
+  const T mean = hsum<T>(acc) / static_cast<T>(C);
+  const V vmean = splat(mean);
+  acc = V{};
+  for (int64_t j = 0; j < full; j += L) { const V d = load(x + j) - vmean; acc += d * d; }
+  if (tail) { V d = load_partial(x + full, tail) - vmean; for (int64_t l = tail; l < L; ++l) d[l] = 0; acc += d * d; }
+  const T rstd = static_cast<T>(1) / std::sqrt(hsum<T>(acc) / static_cast<T>(C) + eps);
+  const V vrstd = splat(rstd);
+  auto out = [&](int64_t j, V xv) {
+    V v = (xv - vmean) * vrstd;
+    if (w != nullptr) v *= load(w + j);
+    if (b != nullptr) v += load(b + j);
+    return v;
+  };
+  for (int64_t j = 0; j < full; j += L) store(y + j, out(j, load(x + j)));
+  if (tail) {
+    V v = (load_partial(x + full, tail) - vmean) * vrstd;
+    if (w != nullptr) v *= load_partial(w + full, tail);
+    if (b != nullptr) v += load_partial(b + full, tail);
+    store_partial(y + full, v, tail);
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// Backward of layernorm_row: dx = rstd (g w - mean(g w) - xhat mean(g w xhat)) (+ dx_in if not null), with
+// xhat = (x - mean) rstd; adds g xhat into dw_acc and g into db_acc (each may be null). dx may alias g or dx_in.
+template <typename T>
+VK_INLINE void layernorm_row_backward(const T* g, const T* x, T mean, T rstd, const T* w, int64_t C, const T* dx_in,
+                                      T* dx, T* dw_acc, T* db_acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t full = C / L * L, tail = C - full;
+  const V vmean = splat(mean), vrstd = splat(rstd);
+  V s1 = V{}, s2 = V{};
+  auto first = [&](V gv, V xv, V wv) {  // xhat; accumulates the two row sums
+    const V xhat = (xv - vmean) * vrstd;
+    const V gw = gv * wv;
+    s1 += gw;
+    s2 += gw * xhat;
+    return xhat;
+  };
+  const V one = splat(static_cast<T>(1));
+  for (int64_t j = 0; j < full; j += L) {
+    const V gv = load(g + j);
+    const V xhat = first(gv, load(x + j), w ? load(w + j) : one);
+    if (dw_acc) store(dw_acc + j, load(dw_acc + j) + gv * xhat);
+    if (db_acc) store(db_acc + j, load(db_acc + j) + gv);
+  }
+  if (tail) {
+    const V gv = load_partial(g + full, tail);  // zeros past the tail: they add nothing
+    const V xhat = first(gv, load_partial(x + full, tail), w ? load_partial(w + full, tail) : one);
+    if (dw_acc) store_partial(dw_acc + full, load_partial(dw_acc + full, tail) + gv * xhat, tail);
+    if (db_acc) store_partial(db_acc + full, load_partial(db_acc + full, tail) + gv, tail);
+  }
+  const V a = splat(hsum<T>(s1) / static_cast<T>(C)), c = splat(hsum<T>(s2) / static_cast<T>(C));
+  for (int64_t j = 0; j < full; j += L) {
+    const V xhat = (load(x + j) - vmean) * vrstd;
+    V d = vrstd * (load(g + j) * (w ? load(w + j) : one) - a - xhat * c);
+    if (dx_in) d += load(dx_in + j);
+    store(dx + j, d);
+  }
+  if (tail) {
+    const V xhat = (load_partial(x + full, tail) - vmean) * vrstd;
+    V d = vrstd * (load_partial(g + full, tail) * (w ? load_partial(w + full, tail) : one) - a - xhat * c);
+    if (dx_in) d += load_partial(dx_in + full, tail);
+    store_partial(dx + full, d, tail);
+  }
 }
 
 // --- GEMM on cache-resident blocks ---------------------------------------------------------------------------------

@@ -85,6 +85,99 @@ struct ThreadScratch {
       : values(baseline::ItemScratch<T>::size(p.N, p.hd), T(0)), tokens(baseline::ItemScratch<T>::token_size(p.N)) {}
 };
 
+// The forward after the argument checks: qkv contiguous, pad_row the padded tokens' (and, with bias_every_token,
+// every token's added) q, k, v.
+std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& qkv, const at::Tensor& table,
+                                               const at::Tensor& pad_row, double scale, bool bias_every_token) {
+  at::Tensor out = at::empty(p.out_shape(), qkv.options());
+  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(window_attention_acc_type(qkv)));
+  if (p.windows() == 0) return {out, lse};
+  const Isa isa = selected_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const std::vector<T> bias_rows = expand_bias<T>(p, table);
+    auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
+    a.bias_every_token = bias_every_token;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz(std::is_same<T, float>::value);
+      ThreadScratch<T> t(p);
+      VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
+    });
+  });
+  return {out, lse};
+}
+
+// The backward after the argument checks; the qkv bias's gradient (empty without qkv_bias) sums what the padded
+// tokens (and, with bias_every_token, all tokens) pass to it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& grad_out_in,
+                                                            const at::Tensor& qkv, const at::Tensor& table,
+                                                            const std::optional<at::Tensor>& qkv_bias,
+                                                            const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                            double scale, bool bias_every_token) {
+  const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
+  const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
+  at::Tensor lse = lse_in.contiguous();
+  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
+  at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
+  const int64_t threads = at::get_num_threads();
+  const int64_t NP = round_to_vector(p.N);
+  // Per-thread sums: d_bias (nH, N, NP) over windows in the compute type, what the qkv bias receives (nH, 3, hd) in
+  // double; reduced over threads in double below.
+  std::vector<double> d_qkv_bias(threads * p.nH * 3 * p.hd, 0.0);
+  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
+  double* gt = grad_table.mutable_data_ptr<double>();
+  const Isa isa = selected_isa();
+  if (p.windows() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_bwd_cpu",
+                                    [&] {
+      using T = at::opmath_type<scalar_t>;
+      const std::vector<T> bias_rows = expand_bias<T>(p, table);
+      auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
+      a.bias_every_token = bias_every_token;
+      a.grad_out = grad_out.const_data_ptr<scalar_t>();
+      a.out_in = out.const_data_ptr<scalar_t>();
+      a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
+      std::vector<T> d_bias(threads * p.nH * p.N * NP, T(0));
+      at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads, " expected");
+        const FlushDenormals ftz(std::is_same<T, float>::value);
+        ThreadScratch<T> t(p);
+        VK_CPU_CALL(isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
+                    d_bias.data() + tid * p.nH * p.N * NP, d_qkv_bias.data() + tid * p.nH * 3 * p.hd);
+      });
+      // Reduce the threads' sums and scatter d_bias into the table by relative position.
+      for (int64_t h = 0; h < p.nH; ++h) {
+        for (int64_t i = 0; i < p.N; ++i) {
+          for (int64_t j = 0; j < p.N; ++j) {
+            double sum = 0;
+            for (int64_t t = 0; t < threads; ++t) {
+              sum += static_cast<double>(d_bias[((t * p.nH + h) * p.N + i) * NP + j]);
+            }
+            gt[p.g.relative_index(i, j) * p.nH + h] += sum;
+          }
+        }
+      }
+    });
+  }
+  at::Tensor grad_bias = at::empty({0}, qkv.options());
+  if (qkv_bias.has_value()) {
+    at::Tensor gb = at::zeros({3 * p.C}, qkv.options().dtype(at::kDouble));
+    double* g = gb.mutable_data_ptr<double>();
+    for (int64_t t = 0; t < threads; ++t) {
+      for (int64_t h = 0; h < p.nH; ++h) {
+        const double* acc = d_qkv_bias.data() + (t * p.nH + h) * 3 * p.hd;
+        for (int64_t part = 0; part < 3; ++part) {
+          for (int64_t d = 0; d < p.hd; ++d) g[part * p.C + h * p.hd + d] += acc[part * p.hd + d];
+        }
+      }
+    }
+    grad_bias = gb.to(qkv_bias->scalar_type());
+  }
+  return {grad_qkv, grad_table.to(table.scalar_type()), grad_bias};
+}
+
 }  // namespace
 
 std::string window_attention_cpu_isa() { return isa_name(selected_isa()); }
@@ -96,23 +189,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv_in
   const Problem p =
       check_window_attention_args("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
-  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
-  at::Tensor out = at::empty(p.out_shape(), qkv.options());
-  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(window_attention_acc_type(qkv)));
-  if (p.windows() == 0) return {out, lse};
-  const Isa isa = selected_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const std::vector<T> bias_rows = expand_bias<T>(p, table);
-    auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
-    a.out = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz(std::is_same<T, float>::value);
-      ThreadScratch<T> t(p);
-      VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
-    });
-  });
-  return {out, lse};
+  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
@@ -122,71 +199,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
   const char* op = "window_attention_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
+  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, out_in, lse_in, scale,
+                      /*bias_every_token=*/false);
+}
+
+// window_attention_add_bias: qkv is the qkv Linear's output without its bias, which the op adds to every token.
+std::tuple<at::Tensor, at::Tensor> window_attention_add_bias_cpu(const at::Tensor& qkv_in, const at::Tensor& table,
+                                                                 const at::Tensor& qkv_bias,
+                                                                 at::IntArrayRef window_size,
+                                                                 at::IntArrayRef shift_size, int64_t num_heads,
+                                                                 double scale) {
+  const Problem p = check_window_attention_args("window_attention_add_bias", qkv_in, table, qkv_bias, window_size,
+                                                shift_size, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
-  const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
-  at::Tensor lse = lse_in.contiguous();
-  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
-  at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
-  const int64_t threads = at::get_num_threads();
-  const int64_t NP = round_to_vector(p.N);
-  // Per-thread sums over windows: d_bias (nH, N, NP) in the compute type, the padded tokens' (dk, dv) (nH, 2, hd)
-  // in double; reduced over threads in double below.
-  std::vector<double> d_pad(threads * p.nH * 2 * p.hd, 0.0);
-  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  double* gt = grad_table.mutable_data_ptr<double>();
-  const Isa isa = selected_isa();
-  if (p.windows() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_bwd_cpu",
-                                    [&] {
-      using T = at::opmath_type<scalar_t>;
-      const std::vector<T> bias_rows = expand_bias<T>(p, table);
-      auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
-      a.grad_out = grad_out.const_data_ptr<scalar_t>();
-      a.out_in = out.const_data_ptr<scalar_t>();
-      a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
-      std::vector<T> d_bias(threads * p.nH * p.N * NP, T(0));
-      at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
-        const int64_t tid = at::get_thread_num();
-        TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads, " expected");
-        const FlushDenormals ftz(std::is_same<T, float>::value);
-        ThreadScratch<T> t(p);
-        VK_CPU_CALL(isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
-                    d_bias.data() + tid * p.nH * p.N * NP, d_pad.data() + tid * p.nH * 2 * p.hd);
-      });
-      // Reduce the threads' sums and scatter d_bias into the table by relative position.
-      for (int64_t h = 0; h < p.nH; ++h) {
-        for (int64_t i = 0; i < p.N; ++i) {
-          for (int64_t j = 0; j < p.N; ++j) {
-            double sum = 0;
-            for (int64_t t = 0; t < threads; ++t) sum += static_cast<double>(d_bias[((t * p.nH + h) * p.N + i) * NP + j]);
-            gt[p.g.relative_index(i, j) * p.nH + h] += sum;
-          }
-        }
-      }
-    });
-  }
-  at::Tensor grad_bias = at::empty({0}, qkv.options());
-  if (qkv_bias.has_value()) {
-    at::Tensor gb = at::zeros({3 * p.C}, qkv.options().dtype(at::kDouble));
-    double* g = gb.mutable_data_ptr<double>();
-    for (int64_t h = 0; h < p.nH; ++h) {
-      for (int64_t d = 0; d < p.hd; ++d) {
-        for (int64_t t = 0; t < threads; ++t) {
-          const double* pad = d_pad.data() + (t * p.nH + h) * 2 * p.hd;
-          g[p.C + h * p.hd + d] += pad[d];
-          g[2 * p.C + h * p.hd + d] += pad[p.hd + d];
-        }
-      }
-    }
-    grad_bias = gb.to(qkv_bias->scalar_type());
-  }
-  return {grad_qkv, grad_table.to(table.scalar_type()), grad_bias};
+  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_add_bias_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& table, const at::Tensor& qkv_bias,
+    const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef window_size, at::IntArrayRef shift_size,
+    int64_t num_heads, double scale) {
+  const char* op = "window_attention_add_bias_backward";
+  const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
+  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
+  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, out_in, lse_in, scale,
+                      /*bias_every_token=*/true);
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
   m.impl("window_attention", &window_attention_cpu);
   m.impl("window_attention_backward", &window_attention_backward_cpu);
+  m.impl("window_attention_add_bias", &window_attention_add_bias_cpu);
+  m.impl("window_attention_add_bias_backward", &window_attention_add_bias_backward_cpu);
 }
 
 }  // namespace cpu

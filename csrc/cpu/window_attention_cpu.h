@@ -25,6 +25,7 @@ struct WindowAttentionArgs {
   bool shifted;
   const S* qkv;          // (B, H, W, 3C)
   const S* pad_row;      // (3C): what a padded token's q, k, v are (the qkv Linear's bias, or zeros)
+  bool bias_every_token; // qkv lacks the qkv Linear's bias: add pad_row to every real token too
   const T* bias_rows;    // (nH, N, NP): table[rel(i, j), h], -inf for the padding columns j >= N
   T* lse;                // (B * nW, nH, N)
   S* out;                // forward: (B, H, W, C)

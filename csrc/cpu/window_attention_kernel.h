@@ -2,7 +2,8 @@
 // (window, head) work item, compiled once per instruction set by cpu_isa_each.h (with cpu_simd.h's vectors, exp
 // and register-tiled GEMM in scope). Deliberately no include guard. Needs window_attention_cpu.h.
 //
-// Math, per window w and head h (N tokens, padded tokens read `pad_row`, the qkv Linear's bias or zeros):
+// Math, per window w and head h (N tokens, padded tokens read `pad_row`, the qkv Linear's bias or zeros; with
+// bias_every_token, every token's q, k, v are its qkv row plus pad_row):
 //   S = (scale q) k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
 // backward, recomputing P = exp(S - lse) (delta_i = sum_d dO_id O_id):
 //   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  dQ = scale dS k,  dK = dS^T (scale q),  d_bias += dS.
@@ -49,20 +50,40 @@ VK_INLINE void convert_scaled(D* dst, const Src* src, int64_t n, F scale) {
   for (; d < n; ++d) dst[d] = static_cast<D>(static_cast<F>(src[d]) * scale);
 }
 
-// Row t of dst (stride ldd) = scale * the `width` values at base + source[t] * stride, or at pad for a padded token.
+// dst[0:n] = scale * (src[0:n] + add[0:n]), computed in T.
 template <typename S, typename T>
-VK_INLINE void gather_rows(const S* base, int64_t stride, const S* pad, const int64_t* source, int64_t n,
-                           int64_t width, T scale, T* dst, int64_t ldd) {
+VK_INLINE void convert_added_scaled(T* dst, const S* src, const S* add, int64_t n, T scale) {
+  int64_t d = 0;
+  if constexpr (std::is_same<S, T>::value) {
+    using V = typename Vec<T>::type;
+    constexpr int L = Vec<T>::lanes;
+    const V sc = splat(scale);
+    for (; d + L <= n; d += L) store(dst + d, (load(src + d) + load(add + d)) * sc);
+  }
+  for (; d < n; ++d) dst[d] = (static_cast<T>(src[d]) + static_cast<T>(add[d])) * scale;
+}
+
+// Row t of dst (stride ldd) = scale * the `width` values at base + source[t] * stride, or at pad for a padded token;
+// with `add` (not null), a real token's values are base[...] + add.
+template <typename S, typename T>
+VK_INLINE void gather_rows(const S* base, int64_t stride, const S* pad, const S* add, const int64_t* source,
+                           int64_t n, int64_t width, T scale, T* dst, int64_t ldd) {
   for (int64_t t = 0; t < n; ++t) {
-    convert_scaled(dst + t * ldd, source[t] >= 0 ? base + source[t] * stride : pad, width, scale);
+    if (source[t] < 0) {
+      convert_scaled(dst + t * ldd, pad, width, scale);
+    } else if (add != nullptr) {
+      convert_added_scaled(dst + t * ldd, base + source[t] * stride, add, width, scale);
+    } else {
+      convert_scaled(dst + t * ldd, base + source[t] * stride, width, scale);
+    }
   }
 }
 
 // The same values transposed: column t of dst (dst[d * ldd + t]). Whole L x L blocks (L tokens, L channels) are
 // transposed in registers; the rest one value at a time.
 template <typename S, typename T>
-VK_INLINE void gather_columns(const S* base, int64_t stride, const S* pad, const int64_t* source, int64_t n,
-                              int64_t width, T* dst, int64_t ldd) {
+VK_INLINE void gather_columns(const S* base, int64_t stride, const S* pad, const S* add, const int64_t* source,
+                              int64_t n, int64_t width, T* dst, int64_t ldd) {
   int64_t t0 = 0;
   if constexpr (std::is_same<S, T>::value) {
     using V = typename Vec<T>::type;
@@ -75,6 +96,12 @@ VK_INLINE void gather_columns(const S* base, int64_t stride, const S* pad, const
           V r[L];
 #pragma GCC unroll 16
           for (int l = 0; l < L; ++l) r[l] = load(src[l] + d0);
+          if (add != nullptr) {
+            const V extra = load(add + d0);
+            for (int l = 0; l < L; ++l) {
+              if (source[t0 + l] >= 0) r[l] += extra;
+            }
+          }
           transpose_in_registers<T>(r);
 #pragma GCC unroll 16
           for (int l = 0; l < L; ++l) store(dst + (d0 + l) * ldd + t0, r[l]);
@@ -83,8 +110,14 @@ VK_INLINE void gather_columns(const S* base, int64_t stride, const S* pad, const
     }
   }
   for (int64_t t = t0; t < n; ++t) {
-    const S* src = source[t] >= 0 ? base + source[t] * stride : pad;
-    for (int64_t d = 0; d < width; ++d) dst[d * ldd + t] = static_cast<T>(src[d]);
+    if (source[t] < 0) {
+      for (int64_t d = 0; d < width; ++d) dst[d * ldd + t] = static_cast<T>(pad[d]);
+    } else {
+      const S* src = base + source[t] * stride;
+      for (int64_t d = 0; d < width; ++d) {
+        dst[d * ldd + t] = add != nullptr ? static_cast<T>(src[d]) + static_cast<T>(add[d]) : static_cast<T>(src[d]);
+      }
+    }
   }
 }
 
@@ -122,7 +155,7 @@ struct ItemScratch {
   // Elements of T for N tokens of head_dim hd, plus the slack for aligning the base; and of int64_t for the tokens.
   static int64_t size(int64_t N, int64_t hd) {
     const int64_t NP = round_to_vector(N), HDP = round_to_vector(hd);
-    return 6 * round_to_vector(N * HDP) + 2 * HDP * NP + 2 * round_to_vector(N * NP) + 5 * NP + kPad;
+    return 6 * round_to_vector(N * HDP) + 2 * HDP * NP + 2 * round_to_vector(N * NP) + 5 * NP + 3 * HDP + kPad;
   }
   static int64_t token_size(int64_t N) { return 2 * N; }
   ItemScratch(T* base, int64_t N, int64_t hd, int64_t* tokens) : source(tokens), next_source(tokens + N) {
@@ -133,7 +166,8 @@ struct ItemScratch {
     dk = take(N * HDP); dv = v;  // v (forward) and dv (backward, where v is read transposed) never coexist
     kt = take(HDP * NP); vt = take(HDP * NP);
     p = take(N * NP); dp = take(N * NP);
-    region = take(NP); next_region = take(NP); rowstat = take(3 * NP);  // 1 / sum or delta; max; sum
+    region = take(NP); next_region = take(NP);
+    rowstat = take(3 * NP + 3 * HDP);  // 1 / sum or delta; max or bias gradient sums; sum
   }
 
   // Window w's tokens, as the next window's (the current one's are not disturbed).
@@ -205,9 +239,11 @@ void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Item
   const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
   const int64_t stride = 3 * C, off = h * hd;
   s.use_window(a, w);
-  gather_rows(a.qkv + off, stride, a.pad_row + off, s.source, N, hd, static_cast<T>(a.scale), s.q, HDP);
-  gather_columns(a.qkv + C + off, stride, a.pad_row + C + off, s.source, N, hd, s.kt, NP);
-  gather_rows(a.qkv + 2 * C + off, stride, a.pad_row + 2 * C + off, s.source, N, hd, T(1), s.v, HDP);
+  const S* pad = a.pad_row + off;
+  const S* add = a.bias_every_token ? pad : nullptr;
+  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, static_cast<T>(a.scale), s.q, HDP);
+  gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  gather_rows(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, T(1), s.v, HDP);
   prefetch_item(a, next_w, next_h, s, /*backward=*/false);
   // S = bias + (scale q) k^T; -inf in the padding columns (from the bias rows)
   gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
@@ -243,21 +279,23 @@ void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Item
 }
 
 // Backward of item (w, h): writes head h's q, k, v gradient columns of the window's real tokens; adds dS into this
-// thread's d_bias (nH, N, NP) and the padded tokens' dk, dv into its d_pad (nH, 2, hd); prefetches for the next
-// item (next_w, next_h) (next_w < 0: none).
+// thread's d_bias (nH, N, NP) and what the qkv bias receives into its d_qkv_bias (nH, 3, hd); prefetches for the
+// next item (next_w, next_h) (next_w < 0: none).
 template <typename S, typename T>
 void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s, T* d_bias,
-                   double* d_pad, int64_t next_w, int64_t next_h) {
+                   double* d_qkv_bias, int64_t next_w, int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
   const int64_t stride = 3 * C, off = h * hd;
   const T scale = static_cast<T>(a.scale);
   s.use_window(a, w);
-  gather_rows(a.qkv + off, stride, a.pad_row + off, s.source, N, hd, scale, s.q, HDP);
-  gather_rows(a.qkv + C + off, stride, a.pad_row + C + off, s.source, N, hd, T(1), s.k, HDP);
-  gather_columns(a.qkv + C + off, stride, a.pad_row + C + off, s.source, N, hd, s.kt, NP);
-  gather_columns(a.qkv + 2 * C + off, stride, a.pad_row + 2 * C + off, s.source, N, hd, s.vt, NP);
+  const S* pad = a.pad_row + off;
+  const S* add = a.bias_every_token ? pad : nullptr;
+  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, scale, s.q, HDP);
+  gather_rows(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, T(1), s.k, HDP);
+  gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  gather_columns(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, s.vt, NP);
   // dO rows (a padded query was cropped from the output: dO = 0) and delta_i = dO_i . O_i
   T* delta = s.rowstat;
   for (int64_t t = 0; t < N; ++t) {
@@ -313,22 +351,37 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
   }
   gemm<T>(N, HDP, N, s.dp, NP, 1, s.k, HDP, s.o, HDP);   // dQ / scale = dS k
   gemm<T>(N, HDP, N, s.dp, 1, NP, s.q, HDP, s.dk, HDP);  // dK = dS^T (scale q)
+  // q, k, v gradients: into grad_qkv for real tokens; into the qkv bias's gradient d_qkv_bias (nH, 3, hd) for the
+  // padded tokens (whose k, v are the bias; their q gets none: dO = 0), and for every token if the bias was added to
+  // every token. Summed over the item's tokens in T first.
+  T* bias_sum = s.rowstat + NP;  // 3 HDP values of scratch: q, k, v
+  for (int64_t c = 0; c < 3 * HDP; ++c) bias_sum[c] = 0;
+  bool any_to_bias = false;
   for (int64_t t = 0; t < N; ++t) {
     const T* dq = s.o + t * HDP;
     const T* dk = s.dk + t * HDP;
     const T* dv = s.dv + t * HDP;
-    if (s.source[t] >= 0) {
+    const bool real = s.source[t] >= 0;
+    if (real) {
       S* g = a.grad_qkv + s.source[t] * stride + off;
       convert_scaled(g, dq, hd, scale);
       convert_scaled(g + C, dk, hd, T(1));
       convert_scaled(g + 2 * C, dv, hd, T(1));
-    } else {  // a padded token's k and v are the qkv bias: their gradients go to it (its q gets none: dO = 0)
-      double* pad = d_pad + h * 2 * hd;
-      for (int64_t d = 0; d < hd; ++d) {
-        pad[d] += static_cast<double>(dk[d]);
-        pad[hd + d] += static_cast<double>(dv[d]);
+    }
+    if (!real || a.bias_every_token) {
+      any_to_bias = true;
+      const V sc = splat(scale);
+      for (int64_t d = 0; d < HDP; d += L) {
+        if (real) store(bias_sum + d, load(bias_sum + d) + load(dq + d) * sc);
+        store(bias_sum + HDP + d, load(bias_sum + HDP + d) + load(dk + d));
+        store(bias_sum + 2 * HDP + d, load(bias_sum + 2 * HDP + d) + load(dv + d));
       }
     }
+  }
+  if (any_to_bias) {
+    double* acc = d_qkv_bias + h * 3 * hd;
+    for (int64_t part = 0; part < 3; ++part)
+      for (int64_t d = 0; d < hd; ++d) acc[part * hd + d] += static_cast<double>(bias_sum[part * HDP + d]);
   }
 }
 
@@ -347,11 +400,11 @@ void forward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t en
 
 template <typename S, typename T>
 void backward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens,
-                    T* d_bias, double* d_pad) {
+                    T* d_bias, double* d_qkv_bias) {
   ItemScratch<T> s(scratch, a.N, a.hd, tokens);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t next = i + 1;
-    backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_pad, next < end ? next / a.nH : -1, next % a.nH);
+    backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_qkv_bias, next < end ? next / a.nH : -1, next % a.nH);
   }
 }
 
