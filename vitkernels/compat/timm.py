@@ -98,11 +98,12 @@ class FusedViTPatchEmbed(PatchEmbed):
 # --- Swin ---------------------------------------------------------------------------------------------------------
 
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, in place.
+    """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, and every timm
+    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, in place.
 
-    The new blocks hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
-    ``attn.relative_position_bias_table``, ``mlp`` ...), so state-dict keys, optimizers and weight tying are
-    unaffected, and compute the same numbers with fused window attention. Blocks are recognised by class name and
+    The new modules hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
+    ``attn.relative_position_bias_table``, ``mlp``, ``reduction`` ...), so state-dict keys, optimizers and weight
+    tying are unaffected, and compute the same numbers with fused kernels. Modules are recognised by class name and
     attributes, so timm is not imported. ``model`` may itself be a block. Returns the (possibly new) root module.
     """
     if _is_timm_swin_block(model):
@@ -111,7 +112,36 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         for name, child in list(parent.named_children()):
             if _is_timm_swin_block(child):
                 setattr(parent, name, swin_block_from_timm(child, backend))
+            elif _is_timm_patch_merging(child):
+                setattr(parent, name, patch_merging_from_timm(child, backend))
     return model
+
+
+def _is_timm_patch_merging(module: nn.Module) -> bool:
+    from vitkernels.modules.swin import PatchMerging
+
+    return (
+        type(module).__name__ == "PatchMerging"
+        and not isinstance(module, PatchMerging)
+        and isinstance(getattr(module, "norm", None), nn.Module)
+        and isinstance(getattr(module, "reduction", None), nn.Linear)
+        and hasattr(module, "dim")
+    )
+
+
+def patch_merging_from_timm(merge: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.PatchMerging` sharing a timm ``PatchMerging``'s norm and reduction."""
+    from vitkernels.modules.swin import PatchMerging
+
+    new = PatchMerging.__new__(PatchMerging)
+    nn.Module.__init__(new)
+    new.dim = merge.dim
+    new.out_dim = getattr(merge, "out_dim", merge.reduction.out_features)
+    new.norm = merge.norm
+    new.reduction = merge.reduction
+    new._backend = backend
+    new.train(merge.training)
+    return new
 
 
 def _is_timm_swin_block(module: nn.Module) -> bool:
