@@ -7,9 +7,10 @@ namespace vitkernels {
 namespace cpu {
 namespace VK_CPU_ISA {
 
-// Rows [begin, end) of y = gelu(x + bias); y may alias x.
-template <typename T>
-void bias_gelu_rows(const T* x, const T* bias, T* y, int64_t begin, int64_t end, int64_t C, bool tanh_approx) {
+// Rows [begin, end) of y = gelu(x + bias); y may alias x. The approximation is a template parameter, so each loop
+// holds only its own constants (in registers, not reloaded every vector).
+template <typename T, bool tanh_approx>
+void bias_gelu_rows_impl(const T* x, const T* bias, T* y, int64_t begin, int64_t end, int64_t C) {
   constexpr int L = Vec<T>::lanes;
   const int64_t full = C / L * L, tail = C - full;
   for (int64_t r = begin; r < end; ++r) {
@@ -23,10 +24,16 @@ void bias_gelu_rows(const T* x, const T* bias, T* y, int64_t begin, int64_t end,
   }
 }
 
-// Rows [begin, end) of dx = dy * gelu'(x + bias) (dx may alias dy); their column sums added into d_bias (C).
 template <typename T>
-void bias_gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, T* d_bias, int64_t begin, int64_t end,
-                             int64_t C, bool tanh_approx) {
+void bias_gelu_rows(const T* x, const T* bias, T* y, int64_t begin, int64_t end, int64_t C, bool tanh_approx) {
+  if (tanh_approx) bias_gelu_rows_impl<T, true>(x, bias, y, begin, end, C);
+  else bias_gelu_rows_impl<T, false>(x, bias, y, begin, end, C);
+}
+
+// Rows [begin, end) of dx = dy * gelu'(x + bias) (dx may alias dy); their column sums added into d_bias (C).
+template <typename T, bool tanh_approx>
+void bias_gelu_backward_rows_impl(const T* dy, const T* x, const T* bias, T* dx, T* d_bias, int64_t begin,
+                                  int64_t end, int64_t C) {
   constexpr int L = Vec<T>::lanes;
   const int64_t full = C / L * L, tail = C - full;
   for (int64_t r = begin; r < end; ++r) {
@@ -45,6 +52,13 @@ void bias_gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, T* d
       store_partial(d_bias + full, load_partial(d_bias + full, tail) + g, tail);
     }
   }
+}
+
+template <typename T>
+void bias_gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, T* d_bias, int64_t begin, int64_t end,
+                             int64_t C, bool tanh_approx) {
+  if (tanh_approx) bias_gelu_backward_rows_impl<T, true>(dy, x, bias, dx, d_bias, begin, end, C);
+  else bias_gelu_backward_rows_impl<T, false>(dy, x, bias, dx, d_bias, begin, end, C);
 }
 
 }  // namespace VK_CPU_ISA

@@ -12,7 +12,7 @@
 #include <utility>  // cpu_simd.h: std::index_sequence
 
 #if defined(__x86_64__) || defined(__SSE__)
-#include <xmmintrin.h>
+#include <immintrin.h>  // the MXCSR, and the reciprocal estimates of cpu_simd.h
 #define VK_HAS_MXCSR 1
 #endif
 
