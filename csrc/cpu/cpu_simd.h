@@ -39,41 +39,21 @@ template <typename T> VK_INLINE void store(T* p, typename Vec<T>::type v) {
 }
 template <typename T> VK_INLINE typename Vec<T>::type splat(T x) { return typename Vec<T>::type{} + x; }
 
-// exp on a vector of floats: Cephes expf (n = round(x / ln 2), r = x - n ln 2 in two parts, degree-6 polynomial, times
-// 2^n built in the exponent bits); relative error ~2 ulp. exp(x) for x < -80 (< 1.8e-35) is returned as 0, -inf
-// included: a softmax's masked entries (-100) would otherwise become subnormal probabilities, and subnormal
-// operands make every FMA that touches them ~100x slower. Inputs above 88 are clamped (softmax inputs are <= 0).
-VK_INLINE Vec<float>::type vexp(Vec<float>::type x) {
-  using V = Vec<float>::type;
-  using I = Vec<float>::itype;
-  const V hi = splat(88.0f), cutoff = splat(-80.0f);
-  const auto underflow = x < cutoff;
-  x = x > hi ? hi : x;
-  x = underflow ? cutoff : x;
-  const V magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-  const V t = x * 1.44269504088896341f + magic;
-  const V n = t - magic;
-  const I ni = (I)t - (I)magic;
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  return underflow ? V{} : y * (V)((ni + 127) << 23);
-}
-
-// exp for floats known to lie in [-87, 0] (no clamping, no underflow handling): the polynomial of vexp alone.
+// exp for floats known to lie in [-87, 88] (no clamping, no underflow handling): Cephes expf, n = round(x / ln 2),
+// r = x - n ln 2 in two parts, degree-6 polynomial, times 2^n; relative error ~2 ulp. On AVX-512 the rounding and
+// the 2^n scaling are one instruction each (vrndscaleps, vscalefps); elsewhere 2^n is built in the exponent bits.
 VK_INLINE Vec<float>::type vexp_bounded(Vec<float>::type x) {
   using V = Vec<float>::type;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  const V n = (V)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   using I = Vec<float>::itype;
   const V magic = splat(12582912.0f);
   const V t = x * 1.44269504088896341f + magic;
   const V n = t - magic;
   const I ni = (I)t - (I)magic;
+#endif
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   V y = splat(1.9875691500e-4f);
@@ -83,7 +63,23 @@ VK_INLINE Vec<float>::type vexp_bounded(Vec<float>::type x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  return (V)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
   return y * (V)((ni + 127) << 23);
+#endif
+}
+
+// exp on a vector of floats (vexp_bounded on the clamped argument). exp(x) for x < -80 (< 1.8e-35) is returned as 0, -inf
+// included: a softmax's masked entries (-100) would otherwise become subnormal probabilities, and subnormal
+// operands make every FMA that touches them ~100x slower. Inputs above 88 are clamped (softmax inputs are <= 0).
+VK_INLINE Vec<float>::type vexp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  const V hi = splat(88.0f), cutoff = splat(-80.0f);
+  const auto underflow = x < cutoff;
+  x = x > hi ? hi : x;
+  x = underflow ? cutoff : x;
+  return underflow ? V{} : vexp_bounded(x);
 }
 
 // The double path exists for gradcheck; its exp is the C library's.
@@ -149,7 +145,9 @@ VK_INLINE Vec<float>::type vrcp(Vec<float>::type d) {
 // returns exp(-x^2) in *gauss (the GELU derivative needs it).
 VK_INLINE Vec<float>::type verf(Vec<float>::type x, Vec<float>::type* gauss = nullptr) {
   using V = Vec<float>::type;
-  const V ax = x < 0 ? -x : x;
+  using I = Vec<float>::itype;
+  const I sign = (I)x & std::numeric_limits<int32_t>::min();  // the sign bits
+  const V ax = (V)((I)x ^ sign);
   const V t = vrcp(0.3275911f * ax + 1.0f);
   V r = 1.061405429f * t - 1.453152027f;
   r = r * t + 1.421413741f;
@@ -159,7 +157,7 @@ VK_INLINE Vec<float>::type verf(Vec<float>::type x, Vec<float>::type* gauss = nu
   const V e = vexp_bounded(-(x2 < 80.0f ? x2 : splat(80.0f)));  // exp(-80) ~ 1.8e-35: erf is +-1 in float there
   if (gauss != nullptr) *gauss = e;
   const V y = 1.0f - r * t * e;
-  return x < 0 ? -y : y;
+  return (V)((I)y ^ sign);
 }
 
 VK_INLINE Vec<double>::type verf(Vec<double>::type x, Vec<double>::type* gauss = nullptr) {
