@@ -109,14 +109,14 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tenso
 }
 
 // The backward after the argument checks; the qkv bias's gradient (empty without qkv_bias) sums what the padded
-// tokens (and, with bias_every_token, all tokens) pass to it.
+// tokens (and, with bias_every_token, all tokens) pass to it. The forward's output (an argument of the op, checked)
+// is not read: the kernel gets sum_d dO O from P and dP, already in its cache.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& grad_out_in,
                                                             const at::Tensor& qkv, const at::Tensor& table,
                                                             const std::optional<at::Tensor>& qkv_bias,
-                                                            const at::Tensor& out_in, const at::Tensor& lse_in,
-                                                            double scale, bool bias_every_token) {
+                                                            const at::Tensor& lse_in, double scale,
+                                                            bool bias_every_token) {
   const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
-  const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
   at::Tensor lse = lse_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
@@ -136,7 +136,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
       auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
       a.bias_every_token = bias_every_token;
       a.grad_out = grad_out.const_data_ptr<scalar_t>();
-      a.out_in = out.const_data_ptr<scalar_t>();
       a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
       std::vector<T> d_bias(threads * p.nH * p.N * NP, T(0));
       at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
@@ -199,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
   const char* op = "window_attention_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
-  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, out_in, lse_in, scale,
+  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
                       /*bias_every_token=*/false);
 }
 
@@ -222,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_add_bias_backwar
   const char* op = "window_attention_add_bias_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
-  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, out_in, lse_in, scale,
+  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
                       /*bias_every_token=*/true);
 }
 

@@ -30,7 +30,6 @@ struct WindowAttentionArgs {
   T* lse;                // (B * nW, nH, N)
   S* out;                // forward: (B, H, W, C)
   const S* grad_out;     // backward: (B, H, W, C)
-  const S* out_in;       // backward: the forward's output
   S* grad_qkv;           // backward: (B, H, W, 3C)
 };
 

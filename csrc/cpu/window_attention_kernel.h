@@ -5,7 +5,7 @@
 // Math, per window w and head h (N tokens, padded tokens read `pad_row`, the qkv Linear's bias or zeros; with
 // bias_every_token, every token's q, k, v are its qkv row plus pad_row):
 //   S = (scale q) k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
-// backward, recomputing P = exp(S - lse) (delta_i = sum_d dO_id O_id):
+// backward, recomputing P = exp(S - lse) (delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id):
 //   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  dQ = scale dS k,  dK = dS^T (scale q),  d_bias += dS.
 //
 // Everything is fp32 for fp32 / bf16 / fp16 storage (double for double). A work item reads its head's slices of
@@ -167,7 +167,7 @@ struct ItemScratch {
     kt = take(HDP * NP); vt = take(HDP * NP);
     p = take(N * NP); dp = take(N * NP);
     region = take(NP); next_region = take(NP);
-    rowstat = take(3 * NP + 3 * HDP);  // 1 / sum or delta; max or bias gradient sums; sum
+    rowstat = take(3 * NP + 3 * HDP);  // 1 / sum; max or bias gradient sums; sum
   }
 
   // Window w's tokens, as the next window's (the current one's are not disturbed).
@@ -201,7 +201,7 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
   }
 }
 
-// Prefetch what item (w, h) reads (head h's q, k, v slices; in the backward also grad_out and out) and writes (its
+// Prefetch what item (w, h) reads (head h's q, k, v slices; in the backward also grad_out) and writes (its
 // output slices, or its q, k, v gradient slices): the rows are scattered over the image, so the hardware prefetchers
 // do not see them coming. Issued one item ahead; w < 0 means no next item.
 template <typename S, typename T>
@@ -218,7 +218,6 @@ VK_INLINE void prefetch_item(const WindowAttentionArgs<S, T>& a, int64_t w, int6
     prefetch_span(qkv + 2 * C, bytes, false);
     if (backward) {
       prefetch_span(a.grad_out + source[t] * C + off, bytes, false);
-      prefetch_span(a.out_in + source[t] * C + off, bytes, false);
       S* grad = a.grad_qkv + source[t] * 3 * C + off;
       prefetch_span(grad, bytes, true);
       prefetch_span(grad + C, bytes, true);
@@ -296,32 +295,13 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
   gather_rows(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, T(1), s.k, HDP);
   gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
   gather_columns(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, s.vt, NP);
-  // dO rows (a padded query was cropped from the output: dO = 0) and delta_i = dO_i . O_i
-  T* delta = s.rowstat;
+  // dO rows (a padded query was cropped from the output: dO = 0)
   for (int64_t t = 0; t < N; ++t) {
     T* dout = s.dout + t * HDP;
     if (s.source[t] >= 0) {
-      const S* g = a.grad_out + s.source[t] * C + off;
-      const S* o = a.out_in + s.source[t] * C + off;
-      int64_t d = 0;
-      T sum = 0;
-      if constexpr (std::is_same<S, T>::value) {
-        V acc = V{};
-        for (; d + L <= hd; d += L) {
-          const V x = load(g + d);
-          store(dout + d, x);
-          acc += x * load(o + d);
-        }
-        sum = hsum<T>(acc);
-      }
-      for (; d < hd; ++d) {
-        dout[d] = static_cast<T>(g[d]);
-        sum += dout[d] * static_cast<T>(o[d]);
-      }
-      delta[t] = sum;
+      convert_scaled(dout, a.grad_out + s.source[t] * C + off, hd, T(1));
     } else {
       for (int64_t d = 0; d < hd; ++d) dout[d] = 0;
-      delta[t] = 0;
     }
   }
   prefetch_item(a, next_w, next_h, s, /*backward=*/true);
@@ -336,13 +316,16 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
   }
   gemm<T>(N, HDP, N, s.p, 1, NP, s.dout, HDP, s.dv, HDP);  // dV = P^T dO
   gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);  // dP = dO v^T
-  // dS = P * (dP - delta), into dp; d_bias += dS
+  // dS = P * (dP - delta), into dp; d_bias += dS. delta_i = sum_j P_ij dP_ij, which equals dO_i . O_i (O = P v,
+  // dP = dO v^T) without reading the forward's output back from memory.
   T* d_bias_h = d_bias + h * N * NP;
   for (int64_t i = 0; i < N; ++i) {
     T* dp = s.dp + i * NP;
     const T* p = s.p + i * NP;
     T* acc = d_bias_h + i * NP;
-    const V di = splat(delta[i]);
+    V dot = V{};
+    for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
+    const V di = all_sum<T>(dot);
     for (int64_t j = 0; j < NP; j += L) {
       const V ds = load(p + j) * (load(dp + j) - di);
       store(dp + j, ds);
