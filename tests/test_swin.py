@@ -283,6 +283,24 @@ def test_fast_block_inference_under_autocast_keeps_the_promotions():
 
 # --- the fused CPU path of the fast block (GEMMs + native row ops) -------------------------------------------------
 
+def _same_outputs_and_gradients(ours, theirs, x, seed, tol=1e-9):
+    """Both modules on ``x`` (the same random stream: drop path), then backward of the same output gradient:
+    outputs, the input's gradient and every parameter's gradient agree (float64)."""
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out_ours = ours(x_ours)
+    torch.manual_seed(seed)
+    out_theirs = theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=tol, atol=tol)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=tol, atol=tol)
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=tol, atol=tol, msg=name)
+
+
 def _fused_cpu_or_skip():
     from vitkernels.modules import swin as fast_swin
 
@@ -303,20 +321,7 @@ def test_fused_cpu_block_in_training_with_drop_path_matches_timm(approximate):
     ours = vitkernels.SwinBlock(**kwargs).double().train()
     ours.load_state_dict(theirs.state_dict())
     assert ours._fused_cpu_ready(torch.zeros(1, 9, 10, 24, dtype=torch.float64))
-    x = torch.randn(5, 9, 10, 24, dtype=torch.float64)
-    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(3)
-    out_ours = ours(x_ours)
-    torch.manual_seed(3)
-    out_theirs = theirs(x_theirs)
-    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(out_ours)
-    out_ours.backward(grad)
-    out_theirs.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-9, atol=1e-9)
-    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
-    for name, p in theirs.named_parameters():
-        torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-9, atol=1e-9, msg=name)
+    _same_outputs_and_gradients(ours, theirs, torch.randn(5, 9, 10, 24, dtype=torch.float64), seed=3)
 
 
 def test_fused_cpu_block_float32_matches_timm_and_inference_is_bitwise_training():
@@ -355,15 +360,4 @@ def test_patch_model_swaps_patch_merging_and_it_matches_timm():
     merges = [m for m in patched.modules() if type(m).__name__ == "PatchMerging"]
     assert merges and all(isinstance(m, vitkernels.PatchMerging) for m in merges)
     assert list(patched.state_dict()) == list(original.state_dict())
-    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
-    torch.manual_seed(4)
-    out_p = patched(x)
-    torch.manual_seed(4)
-    out_o = original(x)
-    torch.testing.assert_close(out_p, out_o, rtol=1e-9, atol=1e-9)
-    grad = torch.randn_like(out_o)
-    out_p.backward(grad)
-    out_o.backward(grad)
-    grads_p = dict(patched.named_parameters())
-    for name, param in original.named_parameters():
-        torch.testing.assert_close(grads_p[name].grad, param.grad, rtol=1e-9, atol=1e-9, msg=name)
+    _same_outputs_and_gradients(patched, original, torch.randn(2, 3, 32, 48, dtype=torch.float64), seed=4)
