@@ -48,8 +48,8 @@
 #endif
 #define VK_CPU_ISA avx2
 #define VK_CPU_VECTOR_BYTES 32
-#define VK_CPU_TILE4_MR 2  // 2 x 4 ymm accumulators + 4 for B: 12 of 16 registers
-#define VK_CPU_TILE2_MR 6  // 6 x 2 + 2
+#define VK_CPU_TILE4_MR 0  // no 4-wide tiles: 2 x 4 fits 16 ymm registers but measured slower than 6 x 2
+#define VK_CPU_TILE2_MR 6  // 6 x 2 ymm accumulators + 2 for B + 1 broadcast: 15 of 16 registers
 #define VK_CPU_TILE1_MR 8  // 8 x 1 + 1
 #include "cpu_simd.h"
 #include VK_CPU_BODY
