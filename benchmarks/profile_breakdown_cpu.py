@@ -71,6 +71,18 @@ def step_fn(model, mode: str, x: torch.Tensor):
     return step
 
 
+def _label(name: str) -> str:
+    """Readable op names: torch.library's autograd node of a custom op (``GeneratedBackwardFor_<ns>_<op>_default``)
+    holds the op's *forward* kernel time when it runs under autograd; ``...Backward`` is its backward wrapper."""
+    prefix = "GeneratedBackwardFor_vitkernels_"
+    if name.startswith(prefix):
+        op = name[len(prefix):]
+        if op.endswith("_defaultBackward"):
+            return f"vk::{op[:-len('_defaultBackward')]} (backward wrapper)"
+        return f"vk::{op[:-len('_default')] if op.endswith('_default') else op} (forward, under autograd)"
+    return name.replace("aten::", "").replace("vitkernels::", "vk::")
+
+
 def per_op_minimum(step, steps: int):
     """op name -> the minimum over ``steps`` profiled steps of its self CPU time in one step (ms); and the
     minimum wall time of a step (ms, profiled)."""
@@ -185,8 +197,7 @@ def main(argv=None) -> int:
             gemm = sum(ms for name, ms in ops.items() if name in GEMM_OPS)
             total = sum(ops.values())
             rest = sorted(((ms, name) for name, ms in ops.items() if name not in GEMM_OPS), reverse=True)[:args.top]
-            listed = ", ".join(f"{name.replace('aten::', '').replace('vitkernels::', 'vk::')} {ms:.1f}"
-                               for ms, name in rest)
+            listed = ", ".join(f"{_label(name)} {ms:.1f}" for ms, name in rest)
             lines.append(f"| {which} | {wall:.1f} ms | {total:.1f} ms | {gemm:.1f} ms | {total - gemm:.1f} ms | "
                          f"{100 * gemm / total:.0f}% | {listed} |")
             print(lines[-1], flush=True)

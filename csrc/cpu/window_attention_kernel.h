@@ -203,7 +203,9 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
 
 // Prefetch what item (w, h) reads (head h's q, k, v slices; in the backward also grad_out) and writes (its
 // output slices, or its q, k, v gradient slices): the rows are scattered over the image, so the hardware prefetchers
-// do not see them coming. Issued one item ahead; w < 0 means no next item.
+// do not see them coming. Issued one item ahead (two or three ahead measured no better); w < 0 means no next item.
+// With cold caches (the model's case: qkv was just written by the GEMM) it saves ~12% of the forward and ~20-30% of
+// the backward; on cache-warm repeated calls it costs ~5%.
 template <typename S, typename T>
 VK_INLINE void prefetch_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s,
                              bool backward) {
