@@ -107,7 +107,9 @@ int main(int argc, char** argv) {
   });
   bench::ItemScratch<float> s(scratch.data(), N, hd, tokens.data());
   auto next_w = [&](int64_t i) { return i + 1 < items ? (i + 1) / nH : -1; };
-  const double fwd_best = best_items([&](int64_t i) { bench::forward_item(a, i / nH, i % nH, s, next_w(i), (i + 1) % nH); });
+  const double fwd_best = best_items([&](int64_t i) {
+    bench::forward_item(a, i / nH, i % nH, s, next_w(i), (i + 1) % nH);
+  });
   const double bwd_best = best_items([&](int64_t i) {
     bench::backward_item(a, i / nH, i % nH, s, d_bias.data(), d_qkv_bias.data(), next_w(i), (i + 1) % nH);
   });

@@ -70,8 +70,8 @@ VK_INLINE Vec<float>::type vexp_bounded(Vec<float>::type x) {
 #endif
 }
 
-// exp on a vector of floats (vexp_bounded on the clamped argument). exp(x) for x < -80 (< 1.8e-35) is returned as 0, -inf
-// included: a softmax's masked entries (-100) would otherwise become subnormal probabilities, and subnormal
+// exp on a vector of floats (vexp_bounded on the clamped argument). exp(x) for x < -80 (< 1.8e-35) is returned as
+// 0, -inf included: a softmax's masked entries (-100) would otherwise become subnormal probabilities, and subnormal
 // operands make every FMA that touches them ~100x slower. Inputs above 88 are clamped (softmax inputs are <= 0).
 VK_INLINE Vec<float>::type vexp(Vec<float>::type x) {
   using V = Vec<float>::type;

@@ -56,8 +56,8 @@ std::vector<double> parallel_rows_with_column_sums(int64_t rows, int64_t cols, i
 // Checks shared with bias_residual_layernorm: y and residual (..., C) alike, bias (C), scale (y.size(0)).
 inline void check_bias_residual_args(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& bias,
                               const at::Tensor& residual, const std::optional<at::Tensor>& scale) {
-  TORCH_CHECK(y.dim() >= 2 && at::isFloatingType(y.scalar_type()), op, ": y must be a floating (N, ..., C) tensor, got ",
-              y.scalar_type(), " ", y.sizes());
+  TORCH_CHECK(y.dim() >= 2 && at::isFloatingType(y.scalar_type()), op,
+              ": y must be a floating (N, ..., C) tensor, got ", y.scalar_type(), " ", y.sizes());
   TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == y.scalar_type(), op, ": residual must be ",
               y.scalar_type(), " ", y.sizes(), " like y, got ", residual.scalar_type(), " ", residual.sizes());
   TORCH_CHECK(residual.device() == y.device(), op, ": residual must be on y's device");

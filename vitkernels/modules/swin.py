@@ -38,7 +38,8 @@ from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
 
-# The native CPU ops the fused block and patch merging call directly (after the checks of _FusedCPU below).
+# The native CPU ops the fused block and patch merging call directly (once _fused_cpu_allowed and the block's
+# _fused_cpu_ready have checked the call and the module).
 _FUSED_CPU_OPS = ("window_attention", "window_attention_add_bias", "bias_gelu", "bias_residual",
                   "bias_residual_layernorm", "patch_merging_norm")
 _FUSED_CPU_AVAILABLE = _native.is_loaded() and all(_native.has_kernel(op, "CPU") for op in _FUSED_CPU_OPS)
@@ -62,7 +63,9 @@ def _is_layernorm(m: nn.Module, dim: int) -> bool:
 
 def _inactive(dropout: nn.Module) -> bool:
     """A dropout that is the identity here (p = 0 or eval mode)."""
-    return isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training))
+    if isinstance(dropout, nn.Identity):
+        return True
+    return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
 def _fusable_drop_path(m: nn.Module) -> bool:

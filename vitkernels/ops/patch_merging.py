@@ -81,7 +81,9 @@ if _native.is_loaded():
 
     def _backward(ctx, grad_out, grad_mean, grad_rstd):
         x, mean, rstd, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.vitkernels.patch_merging_norm_backward(grad_out, x, mean, rstd, weight)
+        grad_x, grad_weight, grad_bias = torch.ops.vitkernels.patch_merging_norm_backward(
+            grad_out, x, mean, rstd, weight
+        )
         need = ctx.needs_input_grad
         return (grad_x, grad_weight.to(ctx.dtypes[0]) if need[1] else None,
                 grad_bias.to(ctx.dtypes[1]) if need[2] else None, None)
