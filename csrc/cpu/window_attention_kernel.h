@@ -170,9 +170,10 @@ struct ItemScratch {
     rowstat = take(3 * NP + 3 * HDP);  // 1 / sum; max or bias gradient sums; sum
   }
 
-  // Window w's tokens, as the next window's (the current one's are not disturbed).
-  template <typename S>
-  VK_INLINE const int64_t* tokens_of(const WindowAttentionArgs<S, T>& a, int64_t w) {
+  // Window w's tokens, as the next window's (the current one's are not disturbed). Args: any args struct with the
+  // geometry `g` and `shifted` (WindowAttentionArgs, or a Swin V2 kernel's own).
+  template <typename Args>
+  VK_INLINE const int64_t* tokens_of(const Args& a, int64_t w) {
     if (w == window) return source;
     if (w != next_window) {
       next_masked = window_tokens(a.g, w, next_source, next_region) && a.shifted;
@@ -181,8 +182,8 @@ struct ItemScratch {
     return next_source;
   }
 
-  template <typename S>
-  VK_INLINE void use_window(const WindowAttentionArgs<S, T>& a, int64_t w) {
+  template <typename Args>
+  VK_INLINE void use_window(const Args& a, int64_t w) {
     if (w == window) return;
     tokens_of(a, w);
     std::swap(source, next_source);
@@ -204,23 +205,23 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
 // Prefetch what item (w, h) reads (head h's q, k, v slices; in the backward also grad_out) and writes (its
 // output slices, or its q, k, v gradient slices): the rows are scattered over the image, so the hardware prefetchers
 // do not see them coming. Issued one item ahead (two or three ahead measured no better); w < 0 means no next item.
+// Args: WindowAttentionArgs or a struct with the same members (g, N, C, hd, qkv, out, grad_out, grad_qkv).
 // With cold caches (the model's case: qkv was just written by the GEMM) it saves ~12% of the forward and ~20-30% of
 // the backward; on cache-warm repeated calls it costs ~5%.
-template <typename S, typename T>
-VK_INLINE void prefetch_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s,
-                             bool backward) {
+template <typename Args, typename T>
+VK_INLINE void prefetch_item(const Args& a, int64_t w, int64_t h, ItemScratch<T>& s, bool backward) {
   if (w < 0) return;
   const int64_t* source = s.tokens_of(a, w);
-  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(S));
+  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(*a.qkv));
   for (int64_t t = 0; t < a.N; ++t) {
     if (source[t] < 0) continue;
-    const S* qkv = a.qkv + source[t] * 3 * C + off;
+    const auto* qkv = a.qkv + source[t] * 3 * C + off;
     prefetch_span(qkv, bytes, false);
     prefetch_span(qkv + C, bytes, false);
     prefetch_span(qkv + 2 * C, bytes, false);
     if (backward) {
       prefetch_span(a.grad_out + source[t] * C + off, bytes, false);
-      S* grad = a.grad_qkv + source[t] * 3 * C + off;
+      const auto* grad = a.grad_qkv + source[t] * 3 * C + off;
       prefetch_span(grad, bytes, true);
       prefetch_span(grad + C, bytes, true);
       prefetch_span(grad + 2 * C, bytes, true);
