@@ -66,6 +66,36 @@ TORCH_LIBRARY(vitkernels, m) {
   // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias).
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor? qkv_bias, Tensor out, "
         "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
+  // The same with qkv the qkv Linear's output *without* its bias, which the op adds to every token (CPU): the Linear
+  // runs as a plain GEMM, with no broadcast copy of the bias. The backward's third output is the bias's gradient.
+  m.def("window_attention_add_bias(Tensor qkv, Tensor table, Tensor qkv_bias, int[2] window_size, int[2] shift_size, "
+        "int num_heads, float scale) -> (Tensor, Tensor)");
+  m.def("window_attention_add_bias_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor qkv_bias, Tensor out, "
+        "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
+
+  // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
+  // place, for inference.
+  // y = gelu(x + bias) over the last dim; backward -> (grad_x, grad_bias).
+  m.def("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor");
+  m.def("bias_gelu_(Tensor(a!) x, Tensor bias, str approximate) -> ()");
+  m.def("bias_gelu_backward(Tensor grad, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)");
+  // out = residual + scale[sample] * (y + bias), y and residual (N, ..., C), scale (N) per sample (drop path).
+  m.def("bias_residual(Tensor y, Tensor? bias, Tensor residual, Tensor? scale) -> Tensor");
+  m.def("bias_residual_(Tensor(a!) y, Tensor? bias, Tensor residual, Tensor? scale) -> ()");
+  // x1 = residual + scale[sample] * (y + bias), out = LayerNorm(x1) -> (x1, out, mean, rstd); the in-place variant
+  // leaves x1 in y and writes out. Backward -> (grad_residual, grad_y (empty without scale: it is grad_residual),
+  // grad_bias, grad_weight, grad_ln_bias).
+  m.def("bias_residual_layernorm(Tensor y, Tensor? bias, Tensor residual, Tensor? scale, Tensor? weight, "
+        "Tensor? ln_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bias_residual_layernorm_(Tensor(a!) y, Tensor? bias, Tensor residual, Tensor? scale, Tensor? weight, "
+        "Tensor? ln_bias, float eps, Tensor(b!) out) -> ()");
+  m.def("bias_residual_layernorm_backward(Tensor? grad_x1, Tensor grad_out, Tensor x1, Tensor mean, Tensor rstd, "
+        "Tensor? weight, Tensor? scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Swin patch merging's 2x2 gather + LayerNorm(4C): x (B, H, W, C) -> (out (B, ceil(H/2), ceil(W/2), 4C), mean,
+  // rstd); backward -> (grad_x, grad_weight, grad_bias).
+  m.def("patch_merging_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("patch_merging_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight) -> "
+        "(Tensor, Tensor, Tensor)");
 
   // Swin V2 scaled cosine window attention, qkv (B, H, W, 3C) in original token order, bias_table
   // ((2wh-1)(2ww-1), nH) (16 sigmoid of the cpb MLP), scale (nH) (exp of the clamped logit scale) -> (out (B, H, W, C),

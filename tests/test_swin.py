@@ -279,3 +279,85 @@ def test_fast_block_inference_under_autocast_keeps_the_promotions():
         slow = block(x)
     assert fast.dtype == slow.dtype == torch.float32
     assert torch.equal(fast, slow.detach())
+
+
+# --- the fused CPU path of the fast block (GEMMs + native row ops) -------------------------------------------------
+
+def _same_outputs_and_gradients(ours, theirs, x, seed, tol=1e-9):
+    """Both modules on ``x`` (the same random stream: drop path), then backward of the same output gradient:
+    outputs, the input's gradient and every parameter's gradient agree (float64)."""
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out_ours = ours(x_ours)
+    torch.manual_seed(seed)
+    out_theirs = theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=tol, atol=tol)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=tol, atol=tol)
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, rtol=tol, atol=tol, msg=name)
+
+
+def _fused_cpu_or_skip():
+    from vitkernels.modules import swin as fast_swin
+
+    if not fast_swin._FUSED_CPU_AVAILABLE:
+        pytest.skip("the native CPU ops are not built")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_cpu_block_in_training_with_drop_path_matches_timm(approximate):
+    """Drop path active: the fused ops apply the per-sample factors timm draws (same calls, same random stream);
+    outputs and every gradient agree with timm's block, float64."""
+    _fused_cpu_or_skip()
+    import functools
+
+    kwargs = dict(dim=24, input_resolution=(9, 10), num_heads=3, window_size=7, shift_size=3, drop_path=0.4,
+                  act_layer=functools.partial(torch.nn.GELU, approximate=approximate))
+    theirs = timm_block(**kwargs).double().train()
+    ours = vitkernels.SwinBlock(**kwargs).double().train()
+    ours.load_state_dict(theirs.state_dict())
+    assert ours._fused_cpu_ready(torch.zeros(1, 9, 10, 24, dtype=torch.float64))
+    _same_outputs_and_gradients(ours, theirs, torch.randn(5, 9, 10, 24, dtype=torch.float64), seed=3)
+
+
+def test_fused_cpu_block_float32_matches_timm_and_inference_is_bitwise_training():
+    _fused_cpu_or_skip()
+    theirs = timm_block(96, (14, 14), 3, window_size=7, shift_size=3).eval()
+    ours = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 14, 14, 96)
+    with torch.no_grad():
+        fused_inplace = ours(x)
+        expected = theirs(x)
+    torch.testing.assert_close(fused_inplace, expected, rtol=1e-4, atol=2e-5)
+    assert torch.equal(fused_inplace, ours(x).detach())
+
+
+def test_fused_cpu_path_is_skipped_where_it_cannot_serve():
+    _fused_cpu_or_skip()
+    block = vitkernels.SwinBlock(24, (9, 10), 3, window_size=7, shift_size=3)
+    x = torch.randn(1, 9, 10, 24)
+    assert block._fused_cpu_ready(x)
+    block.backend = "reference"
+    assert not block._fused_cpu_ready(x)
+    block.backend = None
+    block.mlp.drop1.p = 0.1  # an active dropout inside the MLP: not fused
+    assert not block._fused_cpu_ready(x) and block.eval()._fused_cpu_ready(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not block._fused_cpu_ready(x)
+
+
+def test_patch_model_swaps_patch_merging_and_it_matches_timm():
+    _fused_cpu_or_skip()
+    import copy
+
+    original = _small_timm_swin().train()
+    patched = patch_model(copy.deepcopy(original))
+    merges = [m for m in patched.modules() if type(m).__name__ == "PatchMerging"]
+    assert merges and all(isinstance(m, vitkernels.PatchMerging) for m in merges)
+    assert list(patched.state_dict()) == list(original.state_dict())
+    _same_outputs_and_gradients(patched, original, torch.randn(2, 3, 32, 48, dtype=torch.float64), seed=4)

@@ -99,12 +99,13 @@ class FusedViTPatchEmbed(PatchEmbed):
 
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, and every timm
-    ``SwinTransformerV2Block`` (``swinv2_*`` models) for a :class:`vitkernels.SwinV2Block`, in place.
+    ``SwinTransformerV2Block`` (``swinv2_*`` models) for a :class:`vitkernels.SwinV2Block`, and every timm V1
+    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, in place.
 
-    The new blocks hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
-    ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp`` ...), so state-dict keys, optimizers and
-    weight tying are unaffected, and compute the same numbers with fused window attention; timm's
-    ``set_input_size`` reaches them. Blocks are recognised by class name and attributes, so timm is not imported.
+    The new modules hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
+    ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp``, ``reduction`` ...), so state-dict keys,
+    optimizers and weight tying are unaffected, and compute the same numbers with fused kernels; timm's
+    ``set_input_size`` reaches them. Modules are recognised by class name and attributes, so timm is not imported.
     ``model`` may itself be a block. Returns the (possibly new) root module.
     """
     converted = _convert_timm_block(model, backend)
@@ -119,12 +120,45 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
 
 def _convert_timm_block(module: nn.Module, backend: Optional[str]) -> Optional[nn.Module]:
-    """The vitkernels block replacing ``module`` if it is a timm Swin (V1 or V2) block, else None."""
+    """The vitkernels block replacing ``module`` if it is a timm Swin (V1 or V2) block or a V1
+    PatchMerging, else None."""
     if _is_timm_swin_block(module):
         return swin_block_from_timm(module, backend)
     if _is_timm_swin_v2_block(module):
         return swin_v2_block_from_timm(module, backend)
+    if _is_timm_patch_merging(module):
+        return patch_merging_from_timm(module, backend)
     return None
+
+
+def _is_timm_patch_merging(module: nn.Module) -> bool:
+    from vitkernels.modules.swin import PatchMerging
+
+    return (
+        type(module).__name__ == "PatchMerging"
+        and not isinstance(module, PatchMerging)
+        and isinstance(getattr(module, "norm", None), nn.Module)
+        and isinstance(getattr(module, "reduction", None), nn.Linear)
+        and hasattr(module, "dim")
+        # V1 normalises the 4C gathered channels before the reduction; timm's V2 PatchMerging (same class name)
+        # reduces first and normalises the output
+        and tuple(getattr(module.norm, "normalized_shape", ())) == (4 * module.dim,)
+    )
+
+
+def patch_merging_from_timm(merge: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.PatchMerging` sharing a timm ``PatchMerging``'s norm and reduction."""
+    from vitkernels.modules.swin import PatchMerging
+
+    new = PatchMerging.__new__(PatchMerging)
+    nn.Module.__init__(new)
+    new.dim = merge.dim
+    new.out_dim = getattr(merge, "out_dim", merge.reduction.out_features)
+    new.norm = merge.norm
+    new.reduction = merge.reduction
+    new._backend = backend
+    new.train(merge.training)
+    return new
 
 
 def _is_timm_swin_block(module: nn.Module) -> bool:

@@ -6,16 +6,83 @@ The block's attention branch becomes ``proj(window_attention(qkv(LN(x))))`` with
 token order, so the fused backends never materialise the rolled, padded or partitioned image, the bias or the mask.
 Each module takes an extra keyword ``backend`` (default ``None``: ``$VITKERNELS_BACKEND`` or ``auto``), also settable
 later as the attribute ``module.backend``.
+
+On CPU with the native ops (backend ``auto`` or ``native``) the block runs every Linear as a plain GEMM and puts each
+bias where the next fused op reads the GEMM's output anyway, so nothing but GEMMs and one pass of fused row ops
+stands between them:
+
+    a  = LayerNorm1(x)                                   (ATen)
+    o  = window_attention_add_bias(a Wqkv^T, bqkv)       (the attention adds the qkv bias as it gathers)
+    x1, a2 = x + dp1 * (o Wproj^T + bproj), LayerNorm2(x1)   (bias_residual_layernorm)
+    h  = gelu(a2 W1^T + b1)                              (bias_gelu)
+    out = x1 + dp2 * (h W2^T + b2)                       (bias_residual)
+
+(dp1, dp2: the per-sample drop-path factors, drawn as timm draws them). In inference (no grad) the
+row ops work in place and the GEMMs write into buffers the block already owns, so a block allocates four tensors
+instead of about eight (each fresh CPU tensor is page-faulted in again). Patch merging's gather + LayerNorm is one
+op too (:class:`PatchMerging`).
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vitkernels import _native, dispatch
+from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers the fake / autograd of the ops)
+from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
+from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
+from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
+
+# The native CPU ops the fused block and patch merging call directly (once _fused_cpu_allowed and the block's
+# _fused_cpu_ready have checked the call and the module).
+_FUSED_CPU_OPS = ("window_attention", "window_attention_add_bias", "bias_gelu", "bias_residual",
+                  "bias_residual_layernorm", "patch_merging_norm")
+_FUSED_CPU_AVAILABLE = _native.is_loaded() and all(_native.has_kernel(op, "CPU") for op in _FUSED_CPU_OPS)
+
+
+def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
+    """Whether the fused native CPU path may serve this call: CPU tensors, backend auto or native, no autocast (whose
+    per-op casts the fused ops would not reproduce)."""
+    return (
+        _FUSED_CPU_AVAILABLE
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and dispatch.resolve_backend_name(backend) in ("auto", "native")
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _is_layernorm(m: nn.Module, dim: int) -> bool:
+    return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (dim,)
+
+
+def _inactive(dropout: nn.Module) -> bool:
+    """A dropout that is the identity here (p = 0 or eval mode)."""
+    if isinstance(dropout, nn.Identity):
+        return True
+    return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
+
+
+def _fusable_drop_path(m: nn.Module) -> bool:
+    """nn.Identity, or a DropPath (timm's or vitkernels') whose per-sample factor the fused ops can apply."""
+    return isinstance(m, nn.Identity) or (hasattr(m, "drop_prob") and type(m).__name__ == "DropPath")
+
+
+def _drop_path_factors(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B,) per-sample factors of a DropPath in training, drawn with timm's exact calls (so the random stream and
+    the values match timm's ``x * random_tensor``); None when it is the identity."""
+    if isinstance(m, nn.Identity) or m.drop_prob == 0.0 or not m.training:
+        return None
+    keep = 1 - m.drop_prob
+    factors = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if keep > 0.0 and getattr(m, "scale_by_keep", True):
+        factors.div_(keep)
+    return factors.reshape(-1)
 
 
 def _check_heads(dim, num_heads, head_dim) -> None:
@@ -117,9 +184,80 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_tokens(x, "(B, H, W, C)", self.dim)
+        if self._fused_cpu_ready(x):
+            # without autograd, the in-place variant; torch.compile keeps it too (its reinplacing pass runs the
+            # mutating ops in place, with no copies: measured faster than the functional graph)
+            if torch.is_grad_enabled():
+                return self._forward_fused_cpu(x)
+            return self._forward_fused_cpu_inplace(x)
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         return self._forward_inference(x)
+
+    def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
+        """The fused CPU path serves this call: native ops, CPU, and the block is timm's standard one (LayerNorms,
+        GELU MLP without a hidden norm, Linears, drop paths, dropouts inactive)."""
+        if not _fused_cpu_allowed(self._backend, x):
+            return False
+        attn, mlp, C = self.attn, self.mlp, x.shape[-1]
+        return (
+            _is_layernorm(self.norm1, C) and _is_layernorm(self.norm2, C)
+            and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)
+            and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
+            and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
+            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            and _inactive(mlp.drop1) and _inactive(mlp.drop2)
+            and _fusable_drop_path(self.drop_path1) and _fusable_drop_path(self.drop_path2)
+        )
+
+    def _attention_fused_cpu(self, a: torch.Tensor) -> torch.Tensor:
+        """Window attention of LayerNorm1's output ``a``: the qkv Linear as a plain GEMM, its bias added by the op."""
+        attn = self.attn
+        qkv = F.linear(a, attn.qkv.weight)
+        window, shift = list(self.window_size), list(self.shift_size)
+        if attn.qkv.bias is None:
+            out, _ = torch.ops.vitkernels.window_attention(qkv, attn.relative_position_bias_table, None, window, shift,
+                                                           attn.num_heads, attn.scale)
+        else:
+            out, _ = torch.ops.vitkernels.window_attention_add_bias(
+                qkv, attn.relative_position_bias_table, attn.qkv.bias, window, shift, attn.num_heads, attn.scale
+            )
+        return out
+
+    def _forward_fused_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as GEMMs + fused native row ops (module docstring), with autograd and under torch.compile."""
+        attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        o = self._attention_fused_cpu(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps))
+        x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+            F.linear(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
+            n2.bias, n2.eps,
+        )
+        h = F.linear(a2, mlp.fc1.weight)
+        h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
+            else F.gelu(h, approximate=mlp.act.approximate)
+        return torch.ops.vitkernels.bias_residual(F.linear(h, mlp.fc2.weight), mlp.fc2.bias, x1,
+                                                  _drop_path_factors(self.drop_path2, x1))
+
+    def _forward_fused_cpu_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward_fused_cpu` without autograd: the same ops and GEMMs, in the same order (so the same
+        numbers, bitwise), the row ops in place and the GEMMs into buffers this call already allocated: four fresh
+        tensors (LayerNorm1's output, qkv, the attention output, the MLP's hidden) instead of eight."""
+        attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        C = x.shape[-1]
+        a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        o = self._attention_fused_cpu(a)
+        y = torch.mm(o.view(-1, C), attn.proj.weight.t(), out=a.view(-1, C)).view_as(x)  # a is dead: reuse it
+        torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
+                                                      n2.weight, n2.bias, n2.eps, o)  # y := x1, o := LayerNorm2(x1)
+        x1, a2 = y, o
+        h = F.linear(a2, mlp.fc1.weight)
+        if mlp.fc1.bias is not None:
+            torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
+        else:
+            h = F.gelu(h, approximate=mlp.act.approximate)
+        out = torch.mm(h.view(-1, h.shape[-1]), mlp.fc2.weight.t(), out=a2.view(-1, C)).view_as(x)  # a2 is dead
+        torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, _drop_path_factors(self.drop_path2, x1))
+        return out
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode without autograd: the same arithmetic as :meth:`forward` (x + y and y + x are the same float),
@@ -141,20 +279,37 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
 
 
 SwinBlock = SwinTransformerBlock
-PatchMerging = reference.PatchMerging
+
+
+class PatchMerging(_BackendAttribute, reference.PatchMerging):
+    """Drop-in for timm ``PatchMerging``: on CPU with the native ops, the 2x2 gather and the LayerNorm are one op
+    (``patch_merging_norm``), then the reduction Linear; elsewhere the reference arithmetic."""
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        if not (_fused_cpu_allowed(self._backend, x) and _is_layernorm(norm, 4 * x.shape[-1])
+                and isinstance(self.reduction, nn.Linear)):
+            return super().forward(x)
+        merged, _, _ = torch.ops.vitkernels.patch_merging_norm(x, norm.weight, norm.bias, norm.eps)
+        return self.reduction(merged)
 
 
 class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):
     """Drop-in for timm ``SwinTransformerStage`` built from fast :class:`SwinTransformerBlock` s."""
 
     block_cls = SwinTransformerBlock
+    merging_cls = PatchMerging
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
     def _backend_children(self) -> Iterable[nn.Module]:
-        return self.blocks
+        return [self.downsample, *self.blocks] if isinstance(self.downsample, PatchMerging) else self.blocks
 
 
 class SwinTransformer(_BackendAttribute, reference.SwinTransformer):

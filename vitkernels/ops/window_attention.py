@@ -68,6 +68,15 @@ def window_attention(
         (B, H, W, num_heads * head_dim), dtype of ``qkv``:
         ``out = window_reverse(softmax(scale * q k^T + bias + mask) v)`` per window and head.
     """
+    window, shift, scale, call = _checked_call(
+        qkv, relative_position_bias_table, window_size, shift_size, num_heads, scale, qkv_bias
+    )
+    impl = op.select(call, backend)
+    return impl(qkv, relative_position_bias_table, list(window), list(shift), num_heads, float(scale), qkv_bias)
+
+
+def _checked_call(qkv, relative_position_bias_table, window_size, shift_size, num_heads, scale, qkv_bias):
+    """The checks of :func:`window_attention` (and :func:`window_attention_add_bias`): (window, shift, scale, call)."""
     check_tensor("qkv", qkv, ndim=4)
     check_tensor("relative_position_bias_table", relative_position_bias_table, ndim=2)
     window = to_pair("window_size", window_size)
@@ -105,8 +114,7 @@ def window_attention(
         {"window_size": window, "shift_size": shift, "head_dim": head_dim, "num_heads": num_heads,
          "tokens_per_window": window[0] * window[1]},
     )
-    impl = op.select(call, backend)
-    return impl(qkv, relative_position_bias_table, list(window), list(shift), num_heads, float(scale), qkv_bias)
+    return window, shift, scale, call
 
 
 @op.register("reference")
@@ -252,3 +260,61 @@ if HAS_TRITON:
 
 else:
     op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
+
+
+# --- window_attention_add_bias: the qkv Linear's bias added by the op (native CPU) ------------------------------------
+
+add_bias_op = dispatch.op(
+    "window_attention_add_bias",
+    "window attention on the qkv Linear's output without its bias, which the op adds to every token",
+)
+
+
+def window_attention_add_bias(
+    qkv: torch.Tensor,
+    relative_position_bias_table: torch.Tensor,
+    window_size: IntPair,
+    shift_size: IntPair,
+    num_heads: int,
+    scale: Optional[float],
+    qkv_bias: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """:func:`window_attention` of ``qkv + qkv_bias`` (padded tokens: ``qkv_bias``), with ``qkv`` the qkv Linear's
+    product *without* its bias: the Linear can run as a plain GEMM, with no broadcast copy of the bias into its
+    output (what ``addmm`` does); the bias's gradient is summed inside the op's backward."""
+    if qkv_bias is None:
+        raise ValueError("qkv_bias is required (without a bias, call window_attention)")
+    window, shift, scale, call = _checked_call(
+        qkv, relative_position_bias_table, window_size, shift_size, num_heads, scale, qkv_bias
+    )
+    impl = add_bias_op.select(call, backend)
+    return impl(qkv, relative_position_bias_table, list(window), list(shift), num_heads, float(scale), qkv_bias)
+
+
+@add_bias_op.register("reference")
+def _window_attention_add_bias_reference(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
+    return reference.window_attention(
+        qkv + qkv_bias, table, tuple(window_size), tuple(shift_size), num_heads, scale, qkv_bias
+    )
+
+
+if _native.is_loaded():
+    _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_add_bias.default,
+                                 torch.ops.vitkernels.window_attention_add_bias_backward.default)
+
+    def _add_bias_native_supports(call: dispatch.Call) -> Optional[str]:
+        if call.device.type != "cpu":
+            return "window_attention_add_bias has a CPU kernel only"
+        return _native.native_unavailable_reason("window_attention_add_bias", call.device)
+
+    @add_bias_op.register("native", _add_bias_native_supports)
+    def _window_attention_add_bias_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
+        out, _ = torch.ops.vitkernels.window_attention_add_bias(
+            qkv, table, qkv_bias, window_size, shift_size, num_heads, scale
+        )
+        return out
+
+else:
+    add_bias_op.mark_missing("native", _native.IMPORT_ERROR)

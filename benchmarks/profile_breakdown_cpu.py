@@ -1,0 +1,231 @@
+"""Where a whole Swin-T's CPU time goes: GEMMs vs everything else, timm vs timm patched by vitkernels.
+
+For each model (timm ``swin_tiny_patch4_window7_224``, ``pretrained=False``, and the same model after
+``vitkernels.compat.timm.patch_model``) and mode (``inference``: eval + no_grad; ``train``: forward, ``sum()``
+loss, backward to every parameter, SGD step), the step runs under ``torch.profiler`` ``--steps`` times. Each op's
+self CPU time is taken per step and its *minimum over the steps* kept: on a shared machine interference only adds
+time, so the minimum is the closest to the op's own cost. Ops are then split into
+
+* GEMM: ``aten::mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / the convolution kernels (the Linears, the patch-embed conv,
+  and timm's attention matmuls);
+* everything else: attention (the fused op, or timm's softmax + copies), norms, activations, residual adds, copies,
+  the optimizer, the framework's own ops.
+
+The first table gives the GEMM share of the summed self time, and the largest non-GEMM ops. The second times the
+step against its GEMM floor: every GEMM the step calls (captured with a TorchDispatchMode, the same shapes and
+strides), replayed alone into preallocated outputs (mm / bmm without a bias, so no broadcast copy, no allocation),
+interleaved with the steps; step minus floor is what the model spends outside its GEMMs. Run from the repository
+root:
+
+    python benchmarks/profile_breakdown_cpu.py --threads 2 --batch 4 --out benchmarks/results/cpu_breakdown.md
+
+(a few minutes on 2 cores). Timings on a machine shared with other work are distorted (memory-bound ops most);
+the per-op minimum limits that but does not remove it: read the shares from a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # noqa: E402,F401  (makes timm importable on a CPU-only torch: the tests' torchvision stub)
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+            "aten::convolution_backward", "aten::_convolution"}
+
+
+def build(which: str):
+    import timm
+
+    from vitkernels.compat.timm import patch_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    return patch_model(model) if which == "patched" else model
+
+
+def step_fn(model, mode: str, x: torch.Tensor):
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+            opt.step()
+    return step
+
+
+def _label(name: str) -> str:
+    """Readable op names: torch.library's autograd node of a custom op (``GeneratedBackwardFor_<ns>_<op>_default``)
+    holds the op's *forward* kernel time when it runs under autograd; ``...Backward`` is its backward wrapper."""
+    prefix = "GeneratedBackwardFor_vitkernels_"
+    if name.startswith(prefix):
+        op = name[len(prefix):]
+        if op.endswith("_defaultBackward"):
+            return f"vk::{op[:-len('_defaultBackward')]} (backward wrapper)"
+        return f"vk::{op[:-len('_default')] if op.endswith('_default') else op} (forward, under autograd)"
+    return name.replace("aten::", "").replace("vitkernels::", "vk::")
+
+
+def per_op_minimum(step, steps: int):
+    """op name -> the minimum over ``steps`` profiled steps of its self CPU time in one step (ms); and the
+    minimum wall time of a step (ms, profiled)."""
+    best = collections.defaultdict(lambda: float("inf"))
+    wall = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall = min(wall, (time.perf_counter() - t0) * 1e3)
+        totals = collections.Counter()
+        for event in prof.key_averages():
+            totals[event.key] += event.self_cpu_time_total / 1e3
+        for name, ms in totals.items():
+            best[name] = min(best[name], ms)
+    return dict(best), wall
+
+
+_aten = torch.ops.aten
+_CAPTURED = {_aten.addmm.default, _aten.mm.default, _aten.mm.out, _aten.bmm.default, _aten.convolution.default,
+             _aten.convolution_backward.default}
+
+
+class _CaptureGemms(TorchDispatchMode):
+    """Records (op, argument metadata) of every GEMM / convolution a step calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _CAPTURED:
+            meta = [(tuple(a.shape), tuple(a.stride())) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, meta))
+        return func(*args, **(kwargs or {}))
+
+
+def _like(meta):
+    shape, stride = meta
+    storage = max(sum((n - 1) * st for n, st in zip(shape, stride)) + 1, 1)
+    return torch.randn(storage).as_strided(shape, stride)
+
+
+def gemm_floor(step):
+    """A function running the GEMMs of one ``step`` alone, on random operands of the same shapes and strides, each
+    into a preallocated output; and how many there are."""
+    capture = _CaptureGemms()
+    with capture:
+        step()
+    jobs = []
+    for func, meta in capture.calls:
+        if func in (_aten.addmm.default, _aten.mm.default, _aten.mm.out):
+            a, b = (_like(meta[1]), _like(meta[2])) if func is _aten.addmm.default else (_like(meta[0]), _like(meta[1]))
+            out = torch.empty(a.shape[0], b.shape[1])
+            jobs.append(lambda a=a, b=b, out=out: torch.mm(a, b, out=out))
+        elif func is _aten.bmm.default:
+            a, b = _like(meta[0]), _like(meta[1])
+            out = torch.empty(a.shape[0], a.shape[1], b.shape[2])
+            jobs.append(lambda a=a, b=b, out=out: torch.bmm(a, b, out=out))
+        elif func is _aten.convolution.default:
+            x, w = _like(meta[0]), _like(meta[1])
+            jobs.append(lambda x=x, w=w, m=meta: _aten.convolution(x, w, None, m[3], m[4], m[5], m[6], m[7], m[8]))
+        else:  # convolution_backward: the weight gradient (the patch embedding is the first layer)
+            g, x, w = _like(meta[0]), _like(meta[1]), _like(meta[2])
+            jobs.append(lambda g=g, x=x, w=w, m=meta: _aten.convolution_backward(g, x, w, None, m[4], m[5], m[6], m[7],
+                                                                                 m[8], m[9], [False, True, False]))
+
+    def floor():
+        for job in jobs:
+            job()
+
+    return floor, len(jobs)
+
+
+def interleaved(fns, rounds):
+    """name -> step times (ms), the functions run in turn for ``rounds`` rounds after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="profiled steps per model and mode (after 2 warm-ups)")
+    parser.add_argument("--modes", default="inference,train")
+    parser.add_argument("--top", type=int, default=8, help="non-GEMM ops listed per model and mode")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the step vs floor timing")
+    parser.add_argument("--out", help="also write the markdown here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, 3, 224, 224)
+    lines = [f"# Swin-T CPU time breakdown: GEMMs vs the rest (batch {args.batch}, {args.threads} threads, "
+             f"per-op minimum over {args.steps} steps)", "",
+             f"torch {torch.__version__}, {os.cpu_count()} CPUs visible; self time per op, summed.", ""]
+    for mode in args.modes.split(","):
+        steps = {which: step_fn(build(which), mode, x) for which in ("timm", "patched")}
+        lines += [f"## {mode}", "", "Profile (self time per op, minimum over the profiled steps):", "",
+                  "| model | step (min, profiled) | self time | GEMM | rest | GEMM share | largest non-GEMM ops (ms) |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for which, step in steps.items():
+            step()
+            step()
+            ops, wall = per_op_minimum(step, args.steps)
+            gemm = sum(ms for name, ms in ops.items() if name in GEMM_OPS)
+            total = sum(ops.values())
+            rest = sorted(((ms, name) for name, ms in ops.items() if name not in GEMM_OPS), reverse=True)[:args.top]
+            listed = ", ".join(f"{_label(name)} {ms:.1f}" for ms, name in rest)
+            lines.append(f"| {which} | {wall:.1f} ms | {total:.1f} ms | {gemm:.1f} ms | {total - gemm:.1f} ms | "
+                         f"{100 * gemm / total:.0f}% | {listed} |")
+            print(lines[-1], flush=True)
+        fns = dict(steps)
+        for which, step in steps.items():
+            floor, count = gemm_floor(step)
+            fns[f"GEMM floor of {which} ({count} GEMMs)"] = floor
+        times = interleaved(fns, args.rounds)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        lines += ["", f"Step vs its GEMMs alone (interleaved, {args.rounds} rounds; median, in brackets the minimum):",
+                  "", "| | step | its GEMM floor | outside the GEMMs | share outside | speedup vs timm |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for which in steps:
+            floor_name = next(name for name in fns if name.startswith(f"GEMM floor of {which} "))
+            step_ms, floor_ms = med[which], med[floor_name]
+            lines.append(f"| {which} | {step_ms:.1f} ({min(times[which]):.1f}) ms | {floor_ms:.1f} "
+                         f"({min(times[floor_name]):.1f}) ms [{floor_name.split('(')[1][:-1]}] | "
+                         f"{step_ms - floor_ms:.1f} ms | {100 * (step_ms - floor_ms) / step_ms:.0f}% | "
+                         f"{med['timm'] / step_ms:.2f}x |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+// Bias + (drop-path scaled) residual add on CPU, fused (semantics: vitkernels/reference/bias_residual.py): a block's
+// last Linear runs as a plain GEMM and this op adds its bias, the per-sample drop-path scale and the residual in one
+// pass. The backward is plain tensor arithmetic (vitkernels/ops/bias_residual.py).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "row_ops.h"
+
+#define VK_CPU_BODY "bias_residual_kernel.h"
+#include "cpu_isa_each.h"
+#undef VK_CPU_BODY
+
+namespace vitkernels {
+namespace cpu {
+
+namespace {
+
+void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, const at::Tensor& rc,
+                  const std::optional<at::Tensor>& scale, at::Tensor& out) {
+  const int64_t C = yc.size(-1), rows = C == 0 ? 0 : yc.numel() / C;
+  if (rows == 0) return;
+  const int64_t rows_per_sample = rows / yc.size(0);
+  const Isa isa = selected_isa();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "vitkernels_bias_residual_cpu", [&] {
+    const at::Tensor b = bias.has_value() ? as_compute(*bias, yc.scalar_type()) : at::Tensor();
+    const at::Tensor s = scale.has_value() ? as_compute(*scale, yc.scalar_type()) : at::Tensor();
+    const scalar_t* y_ptr = yc.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* r_ptr = rc.const_data_ptr<scalar_t>();
+    const scalar_t* s_ptr = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+      VK_CPU_CALL(isa, bias_residual_rows, y_ptr, b_ptr, r_ptr, s_ptr, rows_per_sample, o_ptr, begin, end, C);
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor bias_residual_cpu(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                             const std::optional<at::Tensor>& scale) {
+  check_bias_residual_args("bias_residual", y, bias, residual, scale);
+  const at::ScalarType type = row_op_compute_type(y);
+  const at::Tensor yc = as_compute(y, type), rc = as_compute(residual, type);
+  at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
+  forward_into(yc, bias, rc, scale, out);
+  return out.to(y.scalar_type());
+}
+
+// In place, for inference: y = residual + scale (y + bias).
+void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                               const std::optional<at::Tensor>& scale) {
+  check_bias_residual_args("bias_residual_", y, bias, residual, scale);
+  const at::ScalarType type = row_op_compute_type(y);
+  const at::Tensor rc = as_compute(residual, type);
+  if (y.is_contiguous() && y.scalar_type() == type) {
+    forward_into(y, bias, rc, scale, y);
+  } else {
+    at::Tensor yc = as_compute(y, type).clone();
+    forward_into(yc, bias, rc, scale, yc);
+    y.copy_(yc);
+  }
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("bias_residual", &bias_residual_cpu);
+  m.impl("bias_residual_", &bias_residual_inplace_cpu);
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

@@ -1,0 +1,176 @@
+// Bias + (drop-path scaled) residual add + LayerNorm on CPU, fused (semantics:
+// vitkernels/reference/bias_residual_layernorm.py): in a transformer block, the attention branch's output Linear runs
+// as a plain GEMM, and this op adds its bias and the residual, keeps the sum (the MLP branch's residual) and
+// normalises it for the MLP, reading each row once. The backward adds the residual path's gradient into the
+// LayerNorm's input gradient in the same pass and sums the bias and LayerNorm parameter gradients on the way.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "row_ops.h"
+
+#define VK_CPU_BODY "bias_residual_layernorm_kernel.h"
+#include "cpu_isa_each.h"
+#undef VK_CPU_BODY
+
+namespace vitkernels {
+namespace cpu {
+namespace {
+
+void check_norm_args(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& ln_bias) {
+  for (const auto* t : {&weight, &ln_bias}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == y.size(-1) && at::isFloatingType((*t)->scalar_type()), op,
+                ": weight and ln_bias must be floating (", y.size(-1), ") tensors, got ", (*t)->sizes());
+    TORCH_CHECK((*t)->device() == y.device(), op, ": weight and ln_bias must be on y's device");
+  }
+}
+
+// x1 (may be yc) and out, contiguous of the compute type; mean, rstd (rows) of the compute type.
+void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, const at::Tensor& rc,
+                  const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& ln_bias, double eps, at::Tensor& x1, at::Tensor& out,
+                  at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t C = yc.size(-1), rows = C == 0 ? 0 : yc.numel() / C;
+  if (rows == 0) return;
+  const int64_t rows_per_sample = rows / yc.size(0);
+  const Isa isa = selected_isa();
+  AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "vitkernels_bias_residual_layernorm_cpu", [&] {
+    auto ptr = [&](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const scalar_t* {
+      if (!t.has_value()) return nullptr;
+      keep = as_compute(*t, yc.scalar_type());
+      return keep.const_data_ptr<scalar_t>();
+    };
+    at::Tensor b, s, w, lb;
+    const scalar_t* b_ptr = ptr(bias, b);
+    const scalar_t* s_ptr = ptr(scale, s);
+    const scalar_t* w_ptr = ptr(weight, w);
+    const scalar_t* lb_ptr = ptr(ln_bias, lb);
+    const scalar_t* y_ptr = yc.const_data_ptr<scalar_t>();
+    const scalar_t* r_ptr = rc.const_data_ptr<scalar_t>();
+    scalar_t* x1_ptr = x1.mutable_data_ptr<scalar_t>();
+    scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+    scalar_t* m_ptr = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rs_ptr = rstd.mutable_data_ptr<scalar_t>();
+    const scalar_t e = static_cast<scalar_t>(eps);
+    at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+      VK_CPU_CALL(isa, bias_residual_layernorm_rows, y_ptr, b_ptr, r_ptr, s_ptr, rows_per_sample, w_ptr, lb_ptr, e,
+                  x1_ptr, o_ptr, m_ptr, rs_ptr, begin, end, C);
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layernorm_cpu(
+    const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& ln_bias, double eps) {
+  check_bias_residual_args("bias_residual_layernorm", y, bias, residual, scale);
+  check_norm_args("bias_residual_layernorm", y, weight, ln_bias);
+  const at::ScalarType type = row_op_compute_type(y);
+  const at::Tensor yc = as_compute(y, type), rc = as_compute(residual, type);
+  at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
+  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
+  at::Tensor mean = at::empty(stats_shape, yc.options());
+  at::Tensor rstd = at::empty(stats_shape, yc.options());
+  forward_into(yc, bias, rc, scale, weight, ln_bias, eps, x1, out, mean, rstd);
+  return {x1.to(y.scalar_type()), out.to(y.scalar_type()), mean, rstd};
+}
+
+// In place, for inference: y = residual + scale (y + bias), out = LayerNorm(y) (out: y's shape, dtype, contiguous).
+void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& bias,
+                                         const at::Tensor& residual, const std::optional<at::Tensor>& scale,
+                                         const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& ln_bias, double eps, at::Tensor& out) {
+  check_bias_residual_args("bias_residual_layernorm_", y, bias, residual, scale);
+  check_norm_args("bias_residual_layernorm_", y, weight, ln_bias);
+  TORCH_CHECK(out.sizes() == y.sizes() && out.scalar_type() == y.scalar_type() && out.device() == y.device(),
+              "bias_residual_layernorm_: out must be like y");
+  const at::ScalarType type = row_op_compute_type(y);
+  const at::Tensor rc = as_compute(residual, type);
+  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
+  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
+  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+  const bool direct = y.is_contiguous() && out.is_contiguous() && y.scalar_type() == type;
+  at::Tensor x1 = direct ? y : as_compute(y, type).clone();
+  at::Tensor o = direct ? out : at::empty_like(x1, at::MemoryFormat::Contiguous);
+  forward_into(x1, bias, rc, scale, weight, ln_bias, eps, x1, o, mean, rstd);
+  if (!direct) {
+    y.copy_(x1);
+    out.copy_(o);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layernorm_backward_cpu(
+    const std::optional<at::Tensor>& grad_x1, const at::Tensor& grad_out, const at::Tensor& x1,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& scale) {
+  const char* op = "bias_residual_layernorm_backward";
+  TORCH_CHECK(x1.dim() >= 2 && at::isFloatingType(x1.scalar_type()), op, ": x1 must be a floating (N, ..., C) tensor");
+  TORCH_CHECK(grad_out.sizes() == x1.sizes(), op, ": grad_out must be ", x1.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(!grad_x1.has_value() || grad_x1->sizes() == x1.sizes(), op, ": grad_x1 must be ", x1.sizes());
+  const int64_t C = x1.size(-1), rows = C == 0 ? 0 : x1.numel() / C;
+  const at::ScalarType type = row_op_compute_type(x1);
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && mean.scalar_type() == type &&
+                  rstd.scalar_type() == type,
+              op, ": mean and rstd must be the forward's (", rows, ") ", type, " row statistics");
+  check_norm_args(op, x1, weight, std::nullopt);
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == x1.size(0) && at::isFloatingType(scale->scalar_type()), op,
+                ": scale must hold one value per sample");
+  }
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
+    TORCH_CHECK(t->device() == x1.device(), op, ": every tensor must be on x1's device");
+  }
+  const at::Tensor go = as_compute(grad_out, type), xc = as_compute(x1, type);
+  const at::Tensor gx1 = grad_x1.has_value() ? as_compute(*grad_x1, type) : at::Tensor();
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  at::Tensor d_res = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  at::Tensor d_y = scale.has_value() ? at::empty_like(xc, at::MemoryFormat::Contiguous) : at::empty({0}, xc.options());
+  const Isa isa = selected_isa();
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_bias_residual_layernorm_backward_cpu", [&] {
+    const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
+    const at::Tensor s = scale.has_value() ? as_compute(*scale, type) : at::Tensor();
+    const scalar_t* go_ptr = go.const_data_ptr<scalar_t>();
+    const scalar_t* gx1_ptr = gx1.defined() ? gx1.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
+    const scalar_t* m_ptr = mc.const_data_ptr<scalar_t>();
+    const scalar_t* rs_ptr = rc.const_data_ptr<scalar_t>();
+    const scalar_t* w_ptr = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* s_ptr = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dres_ptr = d_res.mutable_data_ptr<scalar_t>();
+    scalar_t* dy_ptr = s.defined() ? d_y.mutable_data_ptr<scalar_t>() : nullptr;
+    const int64_t rows_per_sample = rows == 0 ? 1 : rows / x1.size(0);
+    sums = parallel_rows_with_column_sums<scalar_t>(rows, C, 3, [&](int64_t begin, int64_t end, scalar_t* acc) {
+      VK_CPU_CALL(isa, bias_residual_layernorm_backward_rows, go_ptr, gx1_ptr, x_ptr, m_ptr, rs_ptr, w_ptr, s_ptr,
+                  rows_per_sample, dres_ptr, dy_ptr, acc, begin, end, C);
+    });
+  });
+  at::Tensor sum_t = at::empty({3, C}, x1.options().dtype(at::kDouble));
+  std::copy(sums.begin(), sums.end(), sum_t.mutable_data_ptr<double>());
+  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x1.scalar_type();
+  return {d_res.to(x1.scalar_type()), d_y.to(x1.scalar_type()), sum_t[0].to(param_type), sum_t[1].to(param_type),
+          sum_t[2].to(param_type)};
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("bias_residual_layernorm", &bias_residual_layernorm_cpu);
+  m.impl("bias_residual_layernorm_", &bias_residual_layernorm_inplace_cpu);
+  m.impl("bias_residual_layernorm_backward", &bias_residual_layernorm_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

@@ -1,0 +1,423 @@
+// SIMD building blocks of the CPU kernels, compiled once per instruction set: cpu_isa_each.h includes this file
+// in each of its instruction-set blocks, before the kernel body, having defined
+//   VK_CPU_ISA            the namespace of this instruction set (avx512, avx2, baseline)
+//   VK_CPU_VECTOR_BYTES   the width of its registers: 64 (zmm), 32 (ymm), 16 (xmm)
+//   VK_CPU_TILE4_MR       rows of the GEMM register tile 4 vectors wide (0: none)
+//   VK_CPU_TILE2_MR       rows of the tile 2 vectors wide
+//   VK_CPU_TILE1_MR       rows of the tile 1 vector wide
+// Deliberately no include guard. Used by the window attention kernels (V1 and V2) and the fused row ops.
+//
+// Vectors are GCC vector-extension types of the register width (a wider type would be split by the compiler into
+// several registers, and it spills them around every FMA), so one source serves every build. Buffers padded to
+// kPad = 16 elements hold whole vectors in each build.
+
+namespace vitkernels {
+namespace cpu {
+namespace VK_CPU_ISA {
+
+#ifndef VK_INLINE
+#define VK_INLINE inline __attribute__((always_inline))
+#endif
+
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  // may_alias: loaded from float arrays; aligned(4): loads need not be aligned to the vector.
+  typedef float type __attribute__((vector_size(VK_CPU_VECTOR_BYTES), __may_alias__, aligned(4)));
+  typedef int32_t itype __attribute__((vector_size(VK_CPU_VECTOR_BYTES), __may_alias__, aligned(4)));
+  static constexpr int lanes = VK_CPU_VECTOR_BYTES / 4;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(VK_CPU_VECTOR_BYTES), __may_alias__, aligned(8)));
+  static constexpr int lanes = VK_CPU_VECTOR_BYTES / 8;
+};
+
+template <typename T> VK_INLINE typename Vec<T>::type load(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::type*>(p);
+}
+template <typename T> VK_INLINE void store(T* p, typename Vec<T>::type v) {
+  *reinterpret_cast<typename Vec<T>::type*>(p) = v;
+}
+template <typename T> VK_INLINE typename Vec<T>::type splat(T x) { return typename Vec<T>::type{} + x; }
+
+// exp for floats known to lie in [-87, 88] (no clamping, no underflow handling): Cephes expf, n = round(x / ln 2),
+// r = x - n ln 2 in two parts, degree-6 polynomial, times 2^n; relative error ~2 ulp. On AVX-512 the rounding and
+// the 2^n scaling are one instruction each (vrndscaleps, vscalefps); elsewhere 2^n is built in the exponent bits.
+VK_INLINE Vec<float>::type vexp_bounded(Vec<float>::type x) {
+  using V = Vec<float>::type;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  const V n = (V)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  using I = Vec<float>::itype;
+  const V magic = splat(12582912.0f);
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  const I ni = (I)t - (I)magic;
+#endif
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  return (V)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
+  return y * (V)((ni + 127) << 23);
+#endif
+}
+
+// exp on a vector of floats (vexp_bounded on the clamped argument). exp(x) for x < -80 (< 1.8e-35) is returned as
+// 0, -inf included: a softmax's masked entries (-100) would otherwise become subnormal probabilities, and subnormal
+// operands make every FMA that touches them ~100x slower. Inputs above 88 are clamped (softmax inputs are <= 0).
+VK_INLINE Vec<float>::type vexp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  const V hi = splat(88.0f), cutoff = splat(-80.0f);
+  const auto underflow = x < cutoff;
+  x = x > hi ? hi : x;
+  x = underflow ? cutoff : x;
+  return underflow ? V{} : vexp_bounded(x);
+}
+
+// The double path exists for gradcheck; its exp is the C library's.
+VK_INLINE Vec<double>::type vexp(Vec<double>::type x) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// log of positive, normal floats (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a degree-9
+// polynomial in m - 1, plus e ln 2 in two parts); relative error ~1 ulp. For a softmax's log-sum-exp (sums >= 1).
+VK_INLINE Vec<float>::type vlog(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using I = Vec<float>::itype;
+  const I bits = (I)x;
+  I e = ((bits >> 23) & 0xff) - 126;
+  V m = (V)((bits & 0x807fffff) | 0x3f000000);  // in [0.5, 1)
+  const auto low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = (low ? m + m : m) - 1.0f;
+  const V fe = __builtin_convertvector(e, V);
+  const V z = m * m;
+  V y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
+VK_INLINE Vec<double>::type vlog(Vec<double>::type x) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::log(x[l]);
+  return x;
+}
+
+// 1 / d for floats: the hardware's reciprocal estimate refined by one Newton step (relative error ~1e-7, at a
+// fraction of a division's cost); a division where there is no estimate instruction.
+VK_INLINE Vec<float>::type vrcp(Vec<float>::type d) {
+  using V = Vec<float>::type;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  const V r = (V)_mm512_rcp14_ps((__m512)d);
+#elif defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 32
+  const V r = (V)_mm256_rcp_ps((__m256)d);
+#elif defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 16
+  const V r = (V)_mm_rcp_ps((__m128)d);
+#else
+  const V r = 1.0f / d;
+  return r;
+#endif
+#ifdef VK_CPU_X86
+  return r * (2.0f - d * r);
+#endif
+}
+
+// erf on a vector of floats: Abramowitz & Stegun 7.1.26, erf|x| = 1 - t (p1 + t (p2 + ... p5 t)) exp(-x^2) with
+// t = 1 / (1 + p |x|), absolute error < 1.5e-7 (the formula of ATen's vectorised erf, behind its GELU). Also
+// returns exp(-x^2) in *gauss (the GELU derivative needs it).
+VK_INLINE Vec<float>::type verf(Vec<float>::type x, Vec<float>::type* gauss = nullptr) {
+  using V = Vec<float>::type;
+  using I = Vec<float>::itype;
+  const I sign = (I)x & std::numeric_limits<int32_t>::min();  // the sign bits
+  const V ax = (V)((I)x ^ sign);
+  const V t = vrcp(0.3275911f * ax + 1.0f);
+  V r = 1.061405429f * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const V x2 = x * x;
+  const V e = vexp_bounded(-(x2 < 80.0f ? x2 : splat(80.0f)));  // exp(-80) ~ 1.8e-35: erf is +-1 in float there
+  if (gauss != nullptr) *gauss = e;
+  const V y = 1.0f - r * t * e;
+  return (V)((I)y ^ sign);
+}
+
+VK_INLINE Vec<double>::type verf(Vec<double>::type x, Vec<double>::type* gauss = nullptr) {
+  if (gauss != nullptr) {
+    for (int l = 0; l < Vec<double>::lanes; ++l) (*gauss)[l] = std::exp(-x[l] * x[l]);
+  }
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::erf(x[l]);
+  return x;
+}
+
+// tanh = 1 - 2 / (exp(2x) + 1), with |x| clamped to 10 (tanh(10) rounds to 1 in float); absolute error ~1e-7.
+VK_INLINE Vec<float>::type vtanh(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  x = x > 10.0f ? splat(10.0f) : x;
+  x = x < -10.0f ? splat(-10.0f) : x;
+  return 1.0f - 2.0f * vrcp(vexp(x + x) + 1.0f);
+}
+
+VK_INLINE Vec<double>::type vtanh(Vec<double>::type x) {
+  for (int l = 0; l < Vec<double>::lanes; ++l) x[l] = std::tanh(x[l]);
+  return x;
+}
+
+// GELU and its derivative, exact (erf) or tanh-approximated, as torch.nn.functional.gelu(approximate=...).
+template <typename T>
+VK_INLINE typename Vec<T>::type vgelu(typename Vec<T>::type x, bool tanh_approx) {
+  if (tanh_approx) {
+    const auto inner = static_cast<T>(0.7978845608028654) * (x + static_cast<T>(0.044715) * x * x * x);
+    return static_cast<T>(0.5) * x * (1 + vtanh(inner));
+  }
+  return static_cast<T>(0.5) * x * (1 + verf(x * static_cast<T>(0.7071067811865476)));
+}
+template <typename T>
+VK_INLINE typename Vec<T>::type vgelu_grad(typename Vec<T>::type x, bool tanh_approx) {
+  if (tanh_approx) {
+    const T k = static_cast<T>(0.7978845608028654), c = static_cast<T>(0.044715);
+    const auto th = vtanh(k * (x + c * x * x * x));
+    return static_cast<T>(0.5) * (1 + th) + static_cast<T>(0.5) * x * (1 - th * th) * k * (1 + 3 * c * x * x);
+  }
+  typename Vec<T>::type gauss;  // exp(-x^2 / 2), from inside the erf
+  const auto cdf = static_cast<T>(0.5) * (1 + verf(x * static_cast<T>(0.7071067811865476), &gauss));
+  return cdf + x * static_cast<T>(0.3989422804014327) * gauss;
+}
+
+// Horizontal max / sum by butterflies (lane l meets lane l ^ w): every lane ends up holding the result.
+template <int W, typename V, size_t... I>
+VK_INLINE V butterfly(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I ^ W)...);
+}
+template <typename T> VK_INLINE typename Vec<T>::type all_max(typename Vec<T>::type v) {
+  constexpr int L = Vec<T>::lanes;
+  using Idx = std::make_index_sequence<L>;
+  if constexpr (L >= 16) { const auto s = butterfly<8>(v, Idx{}); v = v > s ? v : s; }
+  if constexpr (L >= 8) { const auto s = butterfly<4>(v, Idx{}); v = v > s ? v : s; }
+  if constexpr (L >= 4) { const auto s = butterfly<2>(v, Idx{}); v = v > s ? v : s; }
+  const auto s = butterfly<1>(v, Idx{});
+  return v > s ? v : s;
+}
+template <typename T> VK_INLINE typename Vec<T>::type all_sum(typename Vec<T>::type v) {
+  constexpr int L = Vec<T>::lanes;
+  using Idx = std::make_index_sequence<L>;
+  if constexpr (L >= 16) v += butterfly<8>(v, Idx{});
+  if constexpr (L >= 8) v += butterfly<4>(v, Idx{});
+  if constexpr (L >= 4) v += butterfly<2>(v, Idx{});
+  return v + butterfly<1>(v, Idx{});
+}
+template <typename T> VK_INLINE T hmax(typename Vec<T>::type v) { return all_max<T>(v)[0]; }
+template <typename T> VK_INLINE T hsum(typename Vec<T>::type v) { return all_sum<T>(v)[0]; }
+
+// In-register transpose of L x L values (L = the vector's lanes): r[i][l] <-> r[l][i]. log2(L) rounds; round b
+// swaps the off-diagonal b x b blocks of every 2b x 2b block, with one two-source shuffle per output vector.
+template <int B, int L, typename V, size_t... I>
+VK_INLINE V interleave_low(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, ((I & B) ? L + I - B : I)...);
+}
+template <int B, int L, typename V, size_t... I>
+VK_INLINE V interleave_high(V x, V y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, ((I & B) ? L + I : I + B)...);
+}
+template <int B, int L, typename V>
+VK_INLINE void transpose_round(V* r) {
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) {
+    if (i & B) continue;
+    const V lo = interleave_low<B, L>(r[i], r[i + B], std::make_index_sequence<L>{});
+    const V hi = interleave_high<B, L>(r[i], r[i + B], std::make_index_sequence<L>{});
+    r[i] = lo;
+    r[i + B] = hi;
+  }
+}
+template <typename T>
+VK_INLINE void transpose_in_registers(typename Vec<T>::type* r) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  if constexpr (L >= 16) transpose_round<8, L, V>(r);
+  if constexpr (L >= 8) transpose_round<4, L, V>(r);
+  if constexpr (L >= 4) transpose_round<2, L, V>(r);
+  transpose_round<1, L, V>(r);
+}
+
+// The first n (< lanes) values at p as a vector, zeros after; and the first n lanes of v stored at p.
+template <typename T> VK_INLINE typename Vec<T>::type load_partial(const T* p, int64_t n) {
+  typename Vec<T>::type v{};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+template <typename T> VK_INLINE void store_partial(T* p, typename Vec<T>::type v, int64_t n) {
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+
+// --- LayerNorm of one row of C values ------------------------------------------------------------------------------
+// y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
+// (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.
+template <typename T>
+VK_INLINE void layernorm_row(const T* x, T* y, const T* w, const T* b, int64_t C, T eps, T* mean_out, T* rstd_out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t full = C / L * L, tail = C - full;
+  V acc = V{};
+  for (int64_t j = 0; j < full; j += L) acc += load(x + j);
+  if (tail) acc += load_partial(x + full, tail);
+  const T mean = hsum<T>(acc) / static_cast<T>(C);
+  const V vmean = splat(mean);
+  acc = V{};
+  for (int64_t j = 0; j < full; j += L) { const V d = load(x + j) - vmean; acc += d * d; }
+  if (tail) { V d = load_partial(x + full, tail) - vmean; for (int64_t l = tail; l < L; ++l) d[l] = 0; acc += d * d; }
+  const T rstd = static_cast<T>(1) / std::sqrt(hsum<T>(acc) / static_cast<T>(C) + eps);
+  const V vrstd = splat(rstd);
+  auto out = [&](int64_t j, V xv) {
+    V v = (xv - vmean) * vrstd;
+    if (w != nullptr) v *= load(w + j);
+    if (b != nullptr) v += load(b + j);
+    return v;
+  };
+  for (int64_t j = 0; j < full; j += L) store(y + j, out(j, load(x + j)));
+  if (tail) {
+    V v = (load_partial(x + full, tail) - vmean) * vrstd;
+    if (w != nullptr) v *= load_partial(w + full, tail);
+    if (b != nullptr) v += load_partial(b + full, tail);
+    store_partial(y + full, v, tail);
+  }
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+// Backward of layernorm_row: dx = rstd (g w - mean(g w) - xhat mean(g w xhat)) (+ dx_in if not null), with
+// xhat = (x - mean) rstd; adds g xhat into dw_acc and g into db_acc (each may be null). dx may alias g or dx_in.
+template <typename T>
+VK_INLINE void layernorm_row_backward(const T* g, const T* x, T mean, T rstd, const T* w, int64_t C, const T* dx_in,
+                                      T* dx, T* dw_acc, T* db_acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t full = C / L * L, tail = C - full;
+  const V vmean = splat(mean), vrstd = splat(rstd);
+  V s1 = V{}, s2 = V{};
+  auto first = [&](V gv, V xv, V wv) {  // xhat; accumulates the two row sums
+    const V xhat = (xv - vmean) * vrstd;
+    const V gw = gv * wv;
+    s1 += gw;
+    s2 += gw * xhat;
+    return xhat;
+  };
+  const V one = splat(static_cast<T>(1));
+  for (int64_t j = 0; j < full; j += L) {
+    const V gv = load(g + j);
+    const V xhat = first(gv, load(x + j), w ? load(w + j) : one);
+    if (dw_acc) store(dw_acc + j, load(dw_acc + j) + gv * xhat);
+    if (db_acc) store(db_acc + j, load(db_acc + j) + gv);
+  }
+  if (tail) {
+    const V gv = load_partial(g + full, tail);  // zeros past the tail: they add nothing
+    const V xhat = first(gv, load_partial(x + full, tail), w ? load_partial(w + full, tail) : one);
+    if (dw_acc) store_partial(dw_acc + full, load_partial(dw_acc + full, tail) + gv * xhat, tail);
+    if (db_acc) store_partial(db_acc + full, load_partial(db_acc + full, tail) + gv, tail);
+  }
+  const V a = splat(hsum<T>(s1) / static_cast<T>(C)), c = splat(hsum<T>(s2) / static_cast<T>(C));
+  for (int64_t j = 0; j < full; j += L) {
+    const V xhat = (load(x + j) - vmean) * vrstd;
+    V d = vrstd * (load(g + j) * (w ? load(w + j) : one) - a - xhat * c);
+    if (dx_in) d += load(dx_in + j);
+    store(dx + j, d);
+  }
+  if (tail) {
+    const V xhat = (load_partial(x + full, tail) - vmean) * vrstd;
+    V d = vrstd * (load_partial(g + full, tail) * (w ? load_partial(w + full, tail) : one) - a - xhat * c);
+    if (dx_in) d += load_partial(dx_in + full, tail);
+    store_partial(dx + full, d, tail);
+  }
+}
+
+// --- GEMM on cache-resident blocks ---------------------------------------------------------------------------------
+//   C[i, 0:NC] = C0[i, 0:NC] + sum_{k < K} A(i, k) * B[k * ldb + 0:NC],   i < M,   A(i, k) = A[i * a_row + k * a_col]
+// C0 (same row stride as C) may be null (zeros). A is read one scalar at a time (broadcast), so A^T costs nothing
+// (a_row = 1, a_col = its row stride). NC, ldb, ldc are multiples of the vector width: callers keep their matrices
+// zero-padded to whole vectors, so tiles never have a ragged column edge.
+
+template <typename T, int MR, int NV>
+VK_INLINE void gemm_tile(int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
+                         int64_t ldc, const T* C0) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[MR][NV];
+  if (C0 != nullptr) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = load(C0 + r * ldc + v * L);
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * a_row + k * a_col];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * L, acc[r][v]);
+}
+
+template <typename T, int MR, int NV>
+VK_INLINE void gemm_columns(int64_t M, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb,
+                            T* C, int64_t ldc, const T* C0) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) {
+    gemm_tile<T, MR, NV>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, C0 ? C0 + i * ldc : nullptr);
+  }
+  for (; i < M; ++i) {
+    gemm_tile<T, 1, NV>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, C0 ? C0 + i * ldc : nullptr);
+  }
+}
+
+template <typename T>
+VK_INLINE void gemm(int64_t M, int64_t NC, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                    int64_t ldb, T* C, int64_t ldc, const T* C0 = nullptr) {
+  constexpr int L = Vec<T>::lanes;
+  int64_t j = 0;
+#if VK_CPU_TILE4_MR > 0
+  for (; j + 4 * L <= NC; j += 4 * L) {
+    gemm_columns<T, VK_CPU_TILE4_MR, 4>(M, K, A, a_row, a_col, B + j, ldb, C + j, ldc, C0 ? C0 + j : nullptr);
+  }
+#endif
+  for (; j + 2 * L <= NC; j += 2 * L) {
+    gemm_columns<T, VK_CPU_TILE2_MR, 2>(M, K, A, a_row, a_col, B + j, ldb, C + j, ldc, C0 ? C0 + j : nullptr);
+  }
+  for (; j < NC; j += L) {
+    gemm_columns<T, VK_CPU_TILE1_MR, 1>(M, K, A, a_row, a_col, B + j, ldb, C + j, ldc, C0 ? C0 + j : nullptr);
+  }
+}
+
+}  // namespace VK_CPU_ISA
+}  // namespace cpu
+}  // namespace vitkernels

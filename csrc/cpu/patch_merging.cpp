@@ -1,0 +1,132 @@
+// Swin patch merging's gather + LayerNorm on CPU, fused (semantics: vitkernels/reference/patch_merging.py): each output
+// row gathers its 2x2 neighbours straight from the NHWC input into a cache-resident row and normalises it, instead of
+// pad + reshape/permute copy + LayerNorm (two full passes and a fresh tensor in timm). The reduction Linear follows
+// as a plain GEMM. The backward recomputes the gathered row, and scatters the LayerNorm's input gradient back.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "row_ops.h"
+
+#define VK_CPU_BODY "patch_merging_kernel.h"
+#include "cpu_isa_each.h"
+#undef VK_CPU_BODY
+
+namespace vitkernels {
+namespace cpu {
+namespace {
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && at::isFloatingType(x.scalar_type()), op,
+              ": x must be a floating (B, H, W, C) tensor, got ", x.scalar_type(), " ", x.sizes());
+}
+
+void check_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias) {
+  for (const auto* t : {&weight, &bias}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == 4 * x.size(3) && at::isFloatingType((*t)->scalar_type()), op,
+                ": weight and bias must be floating (4C = ", 4 * x.size(3), ") tensors, got ", (*t)->sizes());
+    TORCH_CHECK((*t)->device() == x.device(), op, ": weight and bias must be on x's device");
+  }
+}
+
+}  // namespace
+
+// (out (B, ceil(H/2), ceil(W/2), 4C), mean, rstd (B, ceil(H/2), ceil(W/2)) of the compute type).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::Tensor& x,
+                                                                      const std::optional<at::Tensor>& weight,
+                                                                      const std::optional<at::Tensor>& bias,
+                                                                      double eps) {
+  check_x("patch_merging_norm", x);
+  check_params("patch_merging_norm", x, weight, bias);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), H2 = (H + 1) / 2, W2 = (W + 1) / 2;
+  const at::ScalarType type = row_op_compute_type(x);
+  const at::Tensor xc = as_compute(x, type);
+  at::Tensor out = at::empty({B, H2, W2, 4 * C}, xc.options());
+  at::Tensor mean = at::empty({B, H2, W2}, xc.options());
+  at::Tensor rstd = at::empty({B, H2, W2}, xc.options());
+  const int64_t rows = B * H2 * W2;
+  const Isa isa = selected_isa();
+  if (rows > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_patch_merging_norm_cpu", [&] {
+      const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
+      const at::Tensor b = bias.has_value() ? as_compute(*bias, type) : at::Tensor();
+      const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
+      const scalar_t* w_ptr = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+      scalar_t* m_ptr = mean.mutable_data_ptr<scalar_t>();
+      scalar_t* r_ptr = rstd.mutable_data_ptr<scalar_t>();
+      const scalar_t e = static_cast<scalar_t>(eps);
+      at::parallel_for(0, rows, row_grain(4 * C), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> row(4 * C);
+        VK_CPU_CALL(isa, patch_merging_norm_rows, x_ptr, H, W, C, w_ptr, b_ptr, e, o_ptr, m_ptr, r_ptr, row.data(),
+                    begin, end);
+      });
+    });
+  }
+  return {out.to(x.scalar_type()), mean, rstd};
+}
+
+// (grad_x (B, H, W, C), grad_weight (4C), grad_bias (4C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight) {
+  const char* op = "patch_merging_norm_backward";
+  check_x(op, x);
+  check_params(op, x, weight, std::nullopt);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), H2 = (H + 1) / 2, W2 = (W + 1) / 2;
+  const int64_t rows = B * H2 * W2;
+  const at::ScalarType type = row_op_compute_type(x);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == B && grad.size(1) == H2 && grad.size(2) == W2 &&
+                  grad.size(3) == 4 * C,
+              op, ": grad must be (", B, ", ", H2, ", ", W2, ", ", 4 * C, "), got ", grad.sizes());
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && mean.scalar_type() == type &&
+                  rstd.scalar_type() == type,
+              op, ": mean and rstd must be the forward's (", rows, ") ", type, " row statistics");
+  for (const at::Tensor* t : {&grad, &mean, &rstd}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on x's device");
+  }
+  const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  at::Tensor dx = at::empty({B, H, W, C}, xc.options());
+  const Isa isa = selected_isa();
+  std::vector<double> sums(2 * 4 * C, 0.0);
+  if (rows > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_patch_merging_norm_backward_cpu", [&] {
+      const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
+      const scalar_t* g_ptr = gc.const_data_ptr<scalar_t>();
+      const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
+      const scalar_t* m_ptr = mc.const_data_ptr<scalar_t>();
+      const scalar_t* r_ptr = rc.const_data_ptr<scalar_t>();
+      const scalar_t* w_ptr = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
+      sums = parallel_rows_with_column_sums<scalar_t>(rows, 4 * C, 2, [&](int64_t begin, int64_t end, scalar_t* acc) {
+        std::vector<scalar_t> row(4 * C), d_row(4 * C);
+        VK_CPU_CALL(isa, patch_merging_norm_backward_rows, g_ptr, x_ptr, H, W, C, m_ptr, r_ptr, w_ptr, dx_ptr, acc,
+                    row.data(), d_row.data(), begin, end);
+      });
+    });
+  }
+  at::Tensor sum_t = at::empty({2, 4 * C}, x.options().dtype(at::kDouble));
+  std::copy(sums.begin(), sums.end(), sum_t.mutable_data_ptr<double>());
+  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
+  return {dx.to(x.scalar_type()), sum_t[0].to(param_type), sum_t[1].to(param_type)};
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("patch_merging_norm", &patch_merging_norm_cpu);
+  m.impl("patch_merging_norm_backward", &patch_merging_norm_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

@@ -1,0 +1,77 @@
+// Host-side helpers of the fused CPU row ops (bias_gelu, bias_residual, bias_residual_layernorm, patch_merging_norm):
+// their compute dtype, their thread-parallel loop over rows, and per-thread column sums (bias and LayerNorm
+// parameter gradients) reduced in double.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace vitkernels {
+namespace cpu {
+
+// The kernels compute in float (double for double inputs); half and bfloat16 tensors are converted around them.
+inline at::ScalarType row_op_compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x as a contiguous tensor of the compute type (no copy when it already is one).
+inline at::Tensor as_compute(const at::Tensor& x, at::ScalarType type) { return x.to(type).contiguous(); }
+
+// Rows per parallel task: about 64 KB of a row-major tensor of `cols` elements per task.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+// Rows a kernel call sums in T before its partial column sums are added into the thread's double sums.
+constexpr int64_t kRowBlock = 256;
+
+// fn(begin, end, partial) over blocks of at most kRowBlock rows of [0, rows), in parallel; `partial` holds
+// `sums * cols` zeros of T for the kernel to add column sums into. Returns the sums over all rows, in double,
+// (sums, cols) row-major.
+template <typename T, typename Fn>
+std::vector<double> parallel_rows_with_column_sums(int64_t rows, int64_t cols, int64_t sums, const Fn& fn) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> per_thread(threads * sums * cols, 0.0);
+  at::parallel_for(0, rows, std::max(row_grain(cols), kRowBlock), [&](int64_t begin, int64_t end) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid < threads, "thread ", tid, " beyond the ", threads, " expected");
+    std::vector<T> partial(sums * cols);
+    double* total = per_thread.data() + tid * sums * cols;
+    for (int64_t b = begin; b < end; b += kRowBlock) {
+      std::fill(partial.begin(), partial.end(), T(0));
+      fn(b, std::min(end, b + kRowBlock), partial.data());
+      for (int64_t i = 0; i < sums * cols; ++i) total[i] += static_cast<double>(partial[i]);
+    }
+  });
+  std::vector<double> out(sums * cols, 0.0);
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t i = 0; i < sums * cols; ++i) out[i] += per_thread[t * sums * cols + i];
+  return out;
+}
+
+// Checks shared with bias_residual_layernorm: y and residual (..., C) alike, bias (C), scale (y.size(0)).
+inline void check_bias_residual_args(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& residual, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(y.dim() >= 2 && at::isFloatingType(y.scalar_type()), op,
+              ": y must be a floating (N, ..., C) tensor, got ", y.scalar_type(), " ", y.sizes());
+  TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == y.scalar_type(), op, ": residual must be ",
+              y.scalar_type(), " ", y.sizes(), " like y, got ", residual.scalar_type(), " ", residual.sizes());
+  TORCH_CHECK(residual.device() == y.device(), op, ": residual must be on y's device");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == y.size(-1) && at::isFloatingType(bias->scalar_type()), op,
+                ": bias must be a floating (", y.size(-1), ") tensor, got ", bias->sizes());
+    TORCH_CHECK(bias->device() == y.device(), op, ": bias must be on y's device");
+  }
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == y.size(0) && at::isFloatingType(scale->scalar_type()), op,
+                ": scale must hold one floating value per sample (", y.size(0), "), got ", scale->sizes());
+    TORCH_CHECK(scale->device() == y.device(), op, ": scale must be on y's device");
+  }
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

@@ -1,0 +1,52 @@
+"""Checks shared by the tests of the fused CPU row ops (bias_gelu, bias_residual, bias_residual_layernorm,
+patch_merging_norm, window_attention_add_bias): a backend's forward and gradients against the reference computed in
+float64 (float32 for half inputs), on random inputs, with the per-dtype tolerances of helpers.py."""
+import pytest
+import torch
+
+from vitkernels import _native
+
+from helpers import assert_close_scaled, reference_dtype
+
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def native_or_skip(op_name: str) -> None:
+    reason = _native.native_unavailable_reason(op_name, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def forward_and_grads(fn, inputs, grads_out=None, seed=2):
+    """``fn(*inputs)`` (a tensor or a tuple of tensors) and the gradients of the inputs that require grad, for
+    random output gradients (returned too, to reuse for the reference)."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if grads_out is None:
+        gen = torch.Generator().manual_seed(seed)
+        grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad([o for o in outs], leaves, [g.to(o.dtype) for g, o in zip(grads_out, outs)],
+                                allow_unused=True) if leaves else []
+    return outs, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)], grads_out
+
+
+def check_against_reference(fast, reference, make_inputs, dtype):
+    """``fast`` vs ``reference`` (same signature): outputs and input gradients. ``make_inputs(dtype)`` builds the
+    inputs (the same random values for each dtype: seed it)."""
+    inputs = make_inputs(dtype)
+    outs, grads, grads_out = forward_and_grads(fast, inputs)
+    ref_inputs = make_inputs(reference_dtype(dtype))
+    ref_outs, ref_grads, _ = forward_and_grads(reference, ref_inputs, grads_out)
+    assert len(outs) == len(ref_outs) and len(grads) == len(ref_grads)
+    for o, r in zip(outs, ref_outs):
+        assert o.shape == r.shape and o.dtype == dtype
+        assert_close_scaled(o, r, dtype)
+    for g, r, t in zip(grads, ref_grads, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        assert_close_scaled(g, r, dtype)
+
+
+def leaf(t: torch.Tensor, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
+    return t.to(dtype).requires_grad_(grad)

@@ -1,0 +1,117 @@
+"""bias_gelu: native vs reference (values and gradients, every dtype, odd widths, every CPU instruction set), the
+in-place variant, opcheck, compile, argument errors."""
+import pytest
+import torch
+
+import vitkernels
+from vitkernels.ops.bias_gelu import bias_gelu
+from vitkernels.reference.bias_gelu import bias_gelu as reference_bias_gelu
+
+from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from helpers import assert_close
+
+SHAPES = [(2, 9, 96), (3, 37), (1, 4, 5, 16), (7, 1)]  # C: a multiple of 16, odd, one vector, one value
+
+
+def make_inputs(shape, approximate):
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        b = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        return leaf(x, dtype), leaf(b, dtype), approximate
+    return make
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_matches_reference(shape, dtype, approximate):
+    native_or_skip("bias_gelu")
+    check_against_reference(lambda x, b, a: bias_gelu(x, b, a, backend="native"), reference_bias_gelu,
+                            make_inputs(shape, approximate), dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set(isa, monkeypatch):
+    native_or_skip("bias_gelu")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    for approximate in ("none", "tanh"):
+        check_against_reference(lambda x, b, a: bias_gelu(x, b, a, backend="native"), reference_bias_gelu,
+                                make_inputs((5, 53), approximate), torch.float32)
+
+
+def test_matches_torch_gelu_of_a_linear():
+    """What the fast MLP relies on: gelu(x W^T + b) == bias_gelu(x W^T, b)."""
+    native_or_skip("bias_gelu")
+    fc1 = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)
+    expected = torch.nn.functional.gelu(fc1(x))
+    assert_close(bias_gelu(torch.nn.functional.linear(x, fc1.weight), fc1.bias, backend="native"), expected)
+
+
+def test_inplace_variant():
+    native_or_skip("bias_gelu")
+    x = torch.randn(4, 6, 40)
+    b = torch.randn(40)
+    expected = bias_gelu(x, b, backend="native")
+    y = x.clone()
+    torch.ops.vitkernels.bias_gelu_(y, b, "none")
+    assert torch.equal(y, expected)
+    strided = x.clone().transpose(0, 1)  # not contiguous: computed aside and copied back
+    torch.ops.vitkernels.bias_gelu_(strided, b, "none")
+    assert torch.equal(strided.transpose(0, 1), expected)
+
+
+def test_gradcheck_float64():
+    native_or_skip("bias_gelu")
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda x, b: bias_gelu(x, b, approximate, backend="native"), (x, b))
+
+
+def test_opcheck():
+    native_or_skip("bias_gelu")
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitkernels.bias_gelu.default, (x, b, "none"))
+    torch.library.opcheck(torch.ops.vitkernels.bias_gelu.default, (x, b, "tanh"))
+    torch.library.opcheck(torch.ops.vitkernels.bias_gelu_.default, (x.detach().clone(), b.detach(), "none"))
+
+
+def test_compiles_fullgraph():
+    native_or_skip("bias_gelu")
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    fn = torch.compile(lambda x, b: bias_gelu(x, b, backend="native") * 2, backend="aot_eager", fullgraph=True)
+    out = fn(x, b)
+    out.sum().backward()
+    assert_close(out, 2 * reference_bias_gelu(x, b))
+    assert x.grad is not None and b.grad is not None
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((torch.randn(3, 4), torch.randn(5)), ValueError, "bias must have shape"),
+    ((torch.randn(3, 4), torch.randn(1, 4)), ValueError, "bias must have 1 dimensions"),
+    ((torch.randn(3, 4).int(), torch.randn(4)), TypeError, "x must have dtype"),
+    ((torch.randn(3, 4), torch.randn(4), "fast"), ValueError, "approximate must be one of"),
+])
+def test_bad_inputs(args, exc, match):
+    with pytest.raises(exc, match=match):
+        bias_gelu(*args)
+
+
+def test_native_op_checks_its_arguments():
+    native_or_skip("bias_gelu")
+    with pytest.raises(RuntimeError, match="bias must be a floating"):
+        torch.ops.vitkernels.bias_gelu(torch.randn(3, 4), torch.randn(5), "none")
+    with pytest.raises(RuntimeError, match="approximate must be"):
+        torch.ops.vitkernels.bias_gelu(torch.randn(3, 4), torch.randn(4), "erf")
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.vitkernels.bias_gelu_backward(torch.randn(3, 5), torch.randn(3, 4), torch.randn(4), "none")
+
+
+def test_reference_backend_on_request():
+    x, b = torch.randn(2, 8), torch.randn(8)
+    assert torch.equal(bias_gelu(x, b, backend="reference"), reference_bias_gelu(x, b))
+    assert vitkernels.ops.bias_gelu.op.reasons(vitkernels.dispatch.Call(x.device, x.dtype))["reference"] is None

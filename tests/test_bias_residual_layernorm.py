@@ -1,0 +1,140 @@
+"""bias_residual_layernorm: native vs reference (values and gradients of both outputs, every dtype, with / without
+bias, drop-path scale and LayerNorm affine, odd widths, every CPU instruction set), the in-place variant, opcheck,
+compile, argument errors."""
+import pytest
+import torch
+
+from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
+from vitkernels.reference.bias_residual_layernorm import bias_residual_layernorm as reference_brln
+
+from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from helpers import assert_close
+
+SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
+
+
+def make_inputs(shape, with_bias=True, with_scale=True, affine=True):
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        y = torch.randn(shape, generator=gen, dtype=torch.float64)
+        b = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        r = 3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 1  # LayerNorm sees a non-zero mean
+        w = 1 + 0.5 * torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        lb = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        s = torch.tensor([0.0, 1.25, 1.25, 1.25][:shape[0]], dtype=torch.float64)
+        return (leaf(y, dtype), leaf(b, dtype) if with_bias else None, leaf(r, dtype),
+                leaf(w, dtype) if affine else None, leaf(lb, dtype) if affine else None, 1e-5,
+                s.to(dtype) if with_scale else None)
+    return make
+
+
+def native(y, b, r, w, lb, eps, s):
+    return bias_residual_layernorm(y, b, r, w, lb, eps, s, backend="native")
+
+
+@pytest.mark.parametrize("with_bias, with_scale, affine", [
+    (True, True, True), (True, False, True), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_matches_reference(shape, dtype, with_bias, with_scale, affine):
+    native_or_skip("bias_residual_layernorm")
+    check_against_reference(native, reference_brln, make_inputs(shape, with_bias, with_scale, affine), dtype)
+
+
+def test_gradient_through_the_normalised_output_only():
+    """x1 unused downstream (its gradient is None): the LayerNorm path alone."""
+    native_or_skip("bias_residual_layernorm")
+    check_against_reference(lambda *a: native(*a)[1], lambda *a: reference_brln(*a)[1], make_inputs((3, 4, 40)),
+                            torch.float32)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set(isa, monkeypatch):
+    native_or_skip("bias_residual_layernorm")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    check_against_reference(native, reference_brln, make_inputs((3, 4, 53)), torch.float32)
+
+
+def test_matches_timm_block_seam():
+    """What the fast block relies on: x1 = x + drop_path(proj(o)); norm2(x1) from proj's product without bias."""
+    native_or_skip("bias_residual_layernorm")
+    proj, norm = torch.nn.Linear(24, 24), torch.nn.LayerNorm(24)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    o, x = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
+    x1 = x + proj(o)
+    got_x1, got = bias_residual_layernorm(torch.nn.functional.linear(o, proj.weight), proj.bias, x, norm.weight,
+                                          norm.bias, norm.eps, backend="native")
+    assert_close(got_x1, x1)
+    assert_close(got, norm(x1))
+
+
+def test_inplace_variant():
+    native_or_skip("bias_residual_layernorm")
+    y, r, b = torch.randn(3, 6, 40), torch.randn(3, 6, 40), torch.randn(40)
+    w, lb, s = torch.randn(40), torch.randn(40), torch.tensor([1.0, 0.0, 2.0])
+    x1, expected = bias_residual_layernorm(y, b, r, w, lb, 1e-5, s, backend="native")
+    y2, out = y.clone(), torch.empty_like(y)
+    torch.ops.vitkernels.bias_residual_layernorm_(y2, b, r, s, w, lb, 1e-5, out)
+    assert torch.equal(y2, x1) and torch.equal(out, expected)
+
+
+def test_gradcheck_float64():
+    native_or_skip("bias_residual_layernorm")
+    y, r = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b, w, lb = (torch.randn(7, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    s = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y, b, r, w, lb: native(y, b, r, w, lb, 1e-5, s), (y, b, r, w, lb))
+    assert torch.autograd.gradcheck(lambda y, r: native(y, None, r, None, None, 1e-5, None), (y, r))
+
+
+def test_opcheck():
+    native_or_skip("bias_residual_layernorm")
+    y, r = torch.randn(3, 5, 20, requires_grad=True), torch.randn(3, 5, 20, requires_grad=True)
+    b, w, lb = (torch.randn(20, requires_grad=True) for _ in range(3))
+    s = torch.tensor([0.0, 1.5, 1.5])
+    for args in ((y, b, r, s, w, lb, 1e-5), (y, None, r, None, None, None, 1e-6)):
+        torch.library.opcheck(torch.ops.vitkernels.bias_residual_layernorm.default, args)
+    torch.library.opcheck(torch.ops.vitkernels.bias_residual_layernorm_.default,
+                          (y.detach().clone(), b.detach(), r.detach(), s, w.detach(), lb.detach(), 1e-5,
+                           torch.empty(3, 5, 20)))
+
+
+def test_compiles_fullgraph():
+    native_or_skip("bias_residual_layernorm")
+    y, r = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32, requires_grad=True)
+    b, w, lb = (torch.randn(32, requires_grad=True) for _ in range(3))
+
+    def fn(y, b, r, w, lb):
+        x1, out = native(y, b, r, w, lb, 1e-5, None)
+        return x1 + out.relu()
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(y, b, r, w, lb)
+    out.sum().backward()
+    x1, ln = reference_brln(y, b, r, w, lb)
+    assert_close(out, x1 + ln.relu())
+    assert all(t.grad is not None for t in (y, b, r, w, lb))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(weight=torch.randn(5)), ValueError, "weight must have shape"),
+    (dict(ln_bias=torch.randn(2, 4)), ValueError, "ln_bias must have 1 dimensions"),
+    (dict(eps=-1.0), ValueError, "eps must be"),
+    (dict(residual=torch.randn(3, 5)), ValueError, "residual must have shape"),
+])
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(y=torch.randn(3, 4), bias=None, residual=torch.randn(3, 4), weight=None, ln_bias=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        bias_residual_layernorm(**args)
+
+
+def test_native_op_checks_its_arguments():
+    native_or_skip("bias_residual_layernorm")
+    y = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="weight and ln_bias must be"):
+        torch.ops.vitkernels.bias_residual_layernorm(y, None, y, None, torch.randn(5), None, 1e-5)
+    x1, out, mean, rstd = torch.ops.vitkernels.bias_residual_layernorm(y, None, y, None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="mean and rstd must be"):
+        torch.ops.vitkernels.bias_residual_layernorm_backward(None, out, x1, mean[:2], rstd, None, None)

@@ -1,0 +1,106 @@
+"""patch_merging_norm: native vs reference (values and gradients, every dtype, odd H / W, with / without affine,
+every CPU instruction set), timm's PatchMerging, opcheck, compile, argument errors."""
+import pytest
+import torch
+
+from vitkernels.ops.patch_merging import patch_merging_norm
+from vitkernels.reference.patch_merging import patch_merging_norm as reference_pmn
+
+from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from helpers import assert_close, import_timm
+
+SHAPES = [(2, 8, 8, 16), (1, 7, 9, 5), (3, 1, 4, 8), (1, 5, 1, 3)]  # even, odd both, one row, one column
+
+
+def make_inputs(shape, affine=True):
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        x = 2 * torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
+        w = 1 + 0.5 * torch.randn(4 * shape[-1], generator=gen, dtype=torch.float64)
+        b = torch.randn(4 * shape[-1], generator=gen, dtype=torch.float64)
+        return leaf(x, dtype), leaf(w, dtype) if affine else None, leaf(b, dtype) if affine else None, 1e-5
+    return make
+
+
+def native(x, w, b, eps):
+    return patch_merging_norm(x, w, b, eps, backend="native")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_matches_reference(shape, dtype, affine):
+    native_or_skip("patch_merging_norm")
+    check_against_reference(native, reference_pmn, make_inputs(shape, affine), dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set(isa, monkeypatch):
+    native_or_skip("patch_merging_norm")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    check_against_reference(native, reference_pmn, make_inputs((2, 7, 6, 24)), torch.float32)
+
+
+def test_matches_timm_patch_merging():
+    native_or_skip("patch_merging_norm")
+    timm = import_timm()
+    from timm.models.swin_transformer import PatchMerging
+
+    merge = PatchMerging(12, 24)
+    with torch.no_grad():
+        merge.norm.weight.normal_()
+        merge.norm.bias.normal_()
+    x = torch.randn(2, 9, 7, 12)
+    expected = merge(x)
+    got = torch.nn.functional.linear(native(x, merge.norm.weight, merge.norm.bias, merge.norm.eps),
+                                     merge.reduction.weight)
+    assert_close(got, expected)
+    assert timm is not None
+
+
+def test_gradcheck_float64():
+    native_or_skip("patch_merging_norm")
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x, w, b: native(x, w, b, 1e-5), (x, w, b))
+
+
+def test_opcheck():
+    native_or_skip("patch_merging_norm")
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    w, b = (torch.randn(32, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.vitkernels.patch_merging_norm.default, (x, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.vitkernels.patch_merging_norm.default, (x, None, None, 1e-5))
+
+
+def test_compiles_fullgraph():
+    native_or_skip("patch_merging_norm")
+    x = torch.randn(2, 6, 6, 8, requires_grad=True)
+    w, b = (torch.randn(32, requires_grad=True) for _ in range(2))
+    out = torch.compile(lambda x, w, b: native(x, w, b, 1e-5).sigmoid(), backend="aot_eager", fullgraph=True)(x, w, b)
+    out.sum().backward()
+    assert_close(out, reference_pmn(x, w, b).sigmoid())
+    assert all(t.grad is not None for t in (x, w, b))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(x=torch.randn(2, 4, 4)), ValueError, "x must have 4 dimensions"),
+    (dict(weight=torch.randn(8)), ValueError, "weight must have shape"),
+    (dict(eps="small"), ValueError, "eps must be"),
+    (dict(x=torch.randn(1, 4, 4, 4).long()), TypeError, "x must have dtype"),
+])
+def test_bad_inputs(kwargs, exc, match):
+    args = dict(x=torch.randn(1, 4, 4, 4), weight=None, bias=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        patch_merging_norm(**args)
+
+
+def test_native_op_checks_its_arguments():
+    native_or_skip("patch_merging_norm")
+    with pytest.raises(RuntimeError, match="weight and bias must be"):
+        torch.ops.vitkernels.patch_merging_norm(torch.randn(1, 4, 4, 4), torch.randn(8), None, 1e-5)
+    x = torch.randn(1, 4, 4, 4)
+    out, mean, rstd = torch.ops.vitkernels.patch_merging_norm(x, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.vitkernels.patch_merging_norm_backward(out[:, :1], x, mean, rstd, None)

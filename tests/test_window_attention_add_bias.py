@@ -1,0 +1,89 @@
+"""window_attention_add_bias (qkv without the qkv Linear's bias, added by the op): native vs reference (values and
+gradients of qkv, table and bias, padding and shifts, every CPU instruction set), gradcheck, opcheck, compile."""
+import pytest
+import torch
+
+from vitkernels.ops.window_attention import window_attention_add_bias
+
+from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip
+
+CASES = [  # (B, H, W, num_heads, head_dim, window, shift)
+    (2, 14, 14, 2, 16, (7, 7), (3, 3)),
+    (1, 9, 10, 3, 5, (7, 7), (3, 3)),    # padding on both axes, shifted, head_dim 5
+    (2, 5, 11, 2, 3, (3, 4), (1, 2)),    # non-square window
+    (1, 6, 6, 2, 32, (4, 4), (0, 0)),    # padding without shift
+]
+
+
+def make_inputs(case):
+    B, H, W, nH, hd, window, shift = case
+
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        qkv = torch.randn(B, H, W, 3 * nH * hd, generator=gen, dtype=torch.float64)
+        table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), nH, generator=gen, dtype=torch.float64)
+        bias = torch.randn(3 * nH * hd, generator=gen, dtype=torch.float64)
+        return leaf(qkv, dtype), leaf(table, dtype), window, shift, nH, None, leaf(bias, dtype)
+    return make
+
+
+def native(*args):
+    return window_attention_add_bias(*args, backend="native")
+
+
+def reference(*args):
+    return window_attention_add_bias(*args, backend="reference")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}x{c[2]}w{c[5]}s{c[6]}hd{c[4]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_matches_reference(case, dtype):
+    native_or_skip("window_attention_add_bias")
+    check_against_reference(native, reference, make_inputs(case), dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set(isa, monkeypatch):
+    native_or_skip("window_attention_add_bias")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    check_against_reference(native, reference, make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3))), torch.float32)
+
+
+def test_same_as_window_attention_of_the_biased_qkv():
+    native_or_skip("window_attention_add_bias")
+    from vitkernels.ops.window_attention import window_attention
+
+    qkv, table, window, shift, nH, scale, bias = make_inputs(CASES[1])(torch.float32)
+    expected = window_attention(qkv + bias, table, window, shift, nH, scale, bias, backend="native")
+    torch.testing.assert_close(native(qkv, table, window, shift, nH, scale, bias), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    native_or_skip("window_attention_add_bias")
+    qkv, table, window, shift, nH, scale, bias = make_inputs((1, 5, 6, 2, 3, (4, 4), (2, 1)))(torch.float64)
+    assert torch.autograd.gradcheck(lambda q, t, b: native(q, t, window, shift, nH, scale, b), (qkv, table, bias))
+
+
+def test_opcheck():
+    native_or_skip("window_attention_add_bias")
+    qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
+    table = torch.randn(169, 2, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_add_bias.default,
+                          (qkv, table, bias, [7, 7], [3, 3], 2, 0.25))
+
+
+def test_compiles_fullgraph():
+    native_or_skip("window_attention_add_bias")
+    qkv, table, window, shift, nH, scale, bias = make_inputs(CASES[0])(torch.float32)
+    fn = torch.compile(lambda q, t, b: native(q, t, window, shift, nH, scale, b) * 2, backend="aot_eager",
+                       fullgraph=True)
+    out = fn(qkv, table, bias)
+    out.sum().backward()
+    torch.testing.assert_close(out, 2 * reference(qkv, table, window, shift, nH, scale, bias), rtol=1e-4, atol=1e-5)
+    assert all(t.grad is not None for t in (qkv, table, bias))
+
+
+def test_requires_the_bias():
+    with pytest.raises(ValueError, match="qkv_bias is required"):
+        window_attention_add_bias(torch.randn(1, 7, 7, 12), torch.randn(169, 2), 7, 0, 2, None, None)
