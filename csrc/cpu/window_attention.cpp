@@ -36,6 +36,7 @@
 #include "vitkernels/window_attention_args.h"
 #include "vitkernels/window_geometry.h"
 #include "window_attention_cpu.h"
+#include "window_attention_host.h"
 
 // --- the kernel body, once per instruction set ---------------------------------------------------------------------
 #define VK_CPU_BODY "window_attention_kernel.h"
@@ -47,19 +48,6 @@ namespace cpu {
 namespace {
 
 using Problem = WindowAttentionProblem;
-
-// (nH, N, NP) rows of the relative position bias, -inf in the padding columns (they then drop out of the softmax).
-template <typename T>
-std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
-  const int64_t NP = round_to_vector(p.N);
-  const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const T* tab = t.const_data_ptr<T>();
-  std::vector<T> rows(p.nH * p.N * NP, -std::numeric_limits<T>::infinity());
-  for (int64_t h = 0; h < p.nH; ++h)
-    for (int64_t i = 0; i < p.N; ++i)
-      for (int64_t j = 0; j < p.N; ++j) rows[(h * p.N + i) * NP + j] = tab[p.g.relative_index(i, j) * p.nH + h];
-  return rows;
-}
 
 template <typename S, typename T>
 WindowAttentionArgs<S, T> make_args(const Problem& p, double scale, const at::Tensor& qkv, const at::Tensor& pad_row,

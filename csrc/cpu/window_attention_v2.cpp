@@ -4,8 +4,8 @@
 //
 // V1's design (csrc/cpu/window_attention.cpp), shared rather than copied: the window addressing is WindowGeometry's
 // (shift, padding, partition and mask regions: csrc/include/vitkernels/window_geometry.h), the argument checks are
-// window_attention_args.h's, the vector math and register-tiled GEMM are window_attention_kernel.h's (included below
-// per instruction set), and the instruction set is the one V1's kernels run (VITKERNELS_CPU_ISA caps both). One task
+// window_attention_args.h's, the vector math and register-tiled GEMM are cpu_simd.h's (compiled per instruction
+// set by cpu_isa_each.h), and the instruction set is the one V1's kernels run (VITKERNELS_CPU_ISA caps both). One task
 // is one window; each thread gathers the window's qkv rows, L2-normalises each head's q and k, computes
 // S = tau q^ k^T + bias + mask, the softmax and P v in cache-resident scratch, and stores the output rows back at the
 // tokens they came from. The bias table (16 sigmoid of the cpb MLP, computed by PyTorch) is expanded once per call
@@ -30,22 +30,15 @@
 #include <type_traits>
 #include <vector>
 
-#include "flush_denormals.h"
-#include "window_attention_grads.h"
 #include "vitkernels/window_attention_args.h"
 #include "vitkernels/window_geometry.h"
+#include "window_attention_cpu.h"
+#include "window_attention_host.h"
 
 namespace vitkernels {
 namespace cpu {
 
-constexpr int64_t kPad = 16;         // scratch strides are multiples of 16 elements (as V1: whole 64-byte vectors)
-constexpr double kMaskValue = -100;  // timm / official Swin: added across regions of the shifted image
-constexpr double kNormEps = 1e-12;   // F.normalize's eps
-
-// V1's per-task arguments (window_attention.cpp). window_attention_kernel.h, included below for its vector math and
-// GEMM, names them in its V1 kernels, which this file never instantiates: a declaration is all it needs.
-template <typename S, typename T>
-struct WindowAttentionArgs;
+constexpr double kNormEps = 1e-12;  // F.normalize's eps
 
 // Everything a V2 task needs; S is the storage type, T the compute type (float, or double for double).
 template <typename S, typename T>
@@ -64,86 +57,19 @@ struct WindowAttentionV2Args {
   S* grad_qkv;           // backward: (B, H, W, 3C)
 };
 
-std::string window_attention_cpu_isa();  // window_attention.cpp: the instruction set the window kernels run
-
 }  // namespace cpu
 }  // namespace vitkernels
 
-// --- the kernel body, once per instruction set (namespaces of their own: V1's TU has its own copies) --------------
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VK_CPU_X86 1
-#endif
-
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#ifdef VK_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#endif
-#define VK_CPU_ISA v2_avx512
-#define VK_CPU_MR 6
-#define VK_CPU_NV 2
-#include "window_attention_kernel.h"
-#include "window_attention_v2_kernel.h"
-#undef VK_CPU_ISA
-#undef VK_CPU_MR
-#undef VK_CPU_NV
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
-#define VK_CPU_ISA v2_avx2
-#define VK_CPU_MR 4
-#define VK_CPU_NV 1
-#include "window_attention_kernel.h"
-#include "window_attention_v2_kernel.h"
-#undef VK_CPU_ISA
-#undef VK_CPU_MR
-#undef VK_CPU_NV
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif  // VK_CPU_X86
-
-#define VK_CPU_ISA v2_baseline
-#define VK_CPU_MR 2
-#define VK_CPU_NV 1
-#include "window_attention_kernel.h"
-#include "window_attention_v2_kernel.h"
-#undef VK_CPU_ISA
-#undef VK_CPU_MR
-#undef VK_CPU_NV
-
-#pragma GCC diagnostic pop
+// --- the kernel body, once per instruction set (V1's window_attention.cpp compiles its own in its TU) --------------
+#define VK_CPU_BODY "window_attention_v2_kernel.h"
+#include "cpu_isa_each.h"
+#undef VK_CPU_BODY
 
 namespace vitkernels {
 namespace cpu {
 namespace {
 
 using Problem = WindowAttentionProblem;
-
-enum class Isa { kAvx512, kAvx2, kBaseline };
-
-Isa v2_isa() {
-  const std::string name = window_attention_cpu_isa();
-  return name == "avx512" ? Isa::kAvx512 : (name == "avx2" ? Isa::kAvx2 : Isa::kBaseline);
-}
 
 // The problem of a call: V1's checks (qkv, the ((2wh-1)(2ww-1), nH) table, qkv_bias, window, shift, heads), plus
 // the (nH,) scale.
@@ -157,19 +83,6 @@ Problem check_v2_args(const char* op, const at::Tensor& qkv, const at::Tensor& b
               ": bias_table and scale must be floating tensors");
   check_same_device(op, qkv, scale, "scale");
   return p;
-}
-
-// (nH, N, NP) rows of the bias, -inf in the padding columns (they then drop out of the softmax).
-template <typename T>
-std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
-  const int64_t NP = v2_baseline::ScratchV2<T>::round(p.N);
-  const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const T* tab = t.const_data_ptr<T>();
-  std::vector<T> rows(p.nH * p.N * NP, -std::numeric_limits<T>::infinity());
-  for (int64_t h = 0; h < p.nH; ++h)
-    for (int64_t i = 0; i < p.N; ++i)
-      for (int64_t j = 0; j < p.N; ++j) rows[(h * p.N + i) * NP + j] = tab[p.g.relative_index(i, j) * p.nH + h];
-  return rows;
 }
 
 template <typename S, typename T>
@@ -203,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_v2_cpu(const at::Tensor& qkv
   at::Tensor out = at::empty(p.out_shape(), qkv.options());
   at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(acc));
   if (p.windows() == 0) return {out, lse};
-  const Isa isa = v2_isa();
+  const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_v2_cpu",
                                   [&] {
     using T = at::opmath_type<scalar_t>;
@@ -211,16 +124,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_v2_cpu(const at::Tensor& qkv
     auto a = make_args<scalar_t, T>(p, qkv, pad_row, bias_rows, scale, lse);
     a.out = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
-      const ScopedFlushDenormals ftz(std::is_same<T, float>::value);
-      std::vector<T> scratch(v2_baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));  // zero: padding stays zero
+      const FlushDenormals ftz(std::is_same<T, float>::value);
+      std::vector<T> scratch(baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));  // zero: padding stays zero
       std::vector<int64_t> source(p.N);
-      switch (isa) {
-#ifdef VK_CPU_X86
-        case Isa::kAvx512: v2_avx512::forward_windows_v2(a, begin, end, scratch.data(), source.data()); break;
-        case Isa::kAvx2: v2_avx2::forward_windows_v2(a, begin, end, scratch.data(), source.data()); break;
-#endif
-        default: v2_baseline::forward_windows_v2(a, begin, end, scratch.data(), source.data());
-      }
+      VK_CPU_CALL(isa, forward_windows_v2, a, begin, end, scratch.data(), source.data());
     });
   });
   return {out, lse};
@@ -245,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
   std::vector<double> d_bias(threads * p.nH * p.N * p.N, 0.0);
   std::vector<double> d_scale(threads * p.nH, 0.0);
   std::vector<double> d_pad(threads * p.nH * 2 * p.hd, 0.0);
-  const Isa isa = v2_isa();
+  const Isa isa = selected_isa();
   if (p.windows() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(),
                                     "vitkernels_window_attention_v2_bwd_cpu", [&] {
@@ -258,25 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
       at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();
         TORCH_CHECK(tid < threads, op, ": thread ", tid, " beyond the ", threads, " expected");
-        const ScopedFlushDenormals ftz(std::is_same<T, float>::value);
-        std::vector<T> scratch(v2_baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));
+        const FlushDenormals ftz(std::is_same<T, float>::value);
+        std::vector<T> scratch(baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));
         std::vector<int64_t> source(p.N);
         double* bias_acc = d_bias.data() + tid * p.nH * p.N * p.N;
         double* scale_acc = d_scale.data() + tid * p.nH;
         double* pad_acc = d_pad.data() + tid * p.nH * 2 * p.hd;
-        switch (isa) {
-#ifdef VK_CPU_X86
-          case Isa::kAvx512:
-            v2_avx512::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc, pad_acc);
-            break;
-          case Isa::kAvx2:
-            v2_avx2::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc, pad_acc);
-            break;
-#endif
-          default:
-            v2_baseline::backward_windows_v2(a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc,
-                                             pad_acc);
-        }
+        VK_CPU_CALL(isa, backward_windows_v2, a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc,
+                    pad_acc);
       });
     });
   }

@@ -1,9 +1,7 @@
 // Body of the CPU Swin V2 window attention (csrc/cpu/window_attention_v2.cpp): the per-window forward and backward,
-// written once and compiled once per instruction set, like V1's window_attention_kernel.h, which must be included
-// first in the same VK_CPU_ISA namespace: this file uses its vector type Vec<T>, load / store / splat, vexp (exp with
-// the -80 flush), hmax / hsum and the register-tiled gemm. Deliberately no include guard.
-//
-// Before including, define VK_CPU_ISA, VK_CPU_MR, VK_CPU_NV (see window_attention_kernel.h) and window_attention_v2.cpp's
+// compiled once per instruction set by cpu_isa_each.h (as V1's window_attention_kernel.h), with cpu_simd.h's vector
+// type Vec<T>, load / store / splat, vexp, hmax / hsum and the register-tiled gemm in scope. Deliberately no include
+// guard. Needs window_attention_cpu.h (kPad, kMaskValue, round_to_vector) and window_attention_v2.cpp's
 // WindowAttentionV2Args.
 //
 // Math, per window w and head h (N tokens; padded tokens read `pad_row`, the qkv Linear's bias or zeros):
@@ -22,30 +20,28 @@ namespace vitkernels {
 namespace cpu {
 namespace VK_CPU_ISA {
 
-#define VK_INLINE inline __attribute__((always_inline))
-
 // Scratch of one thread: the window's qkv rows (and, in the backward, its output-gradient rows), then one head's
 // matrices of N (or NP) rows with strides HDP (channels) or NP (keys), each 64-byte aligned and zero-padded.
 template <typename T>
 struct ScratchV2 {
-  T *rows, *grad_rows, *qn, *kn, *knt, *v, *vt, *dout, *p, *dp, *pt, *o, *gk, *dv, *norm_q, *norm_k, *region, *delta;
+  T *rows, *grad_rows, *qn, *kn, *knt, *v, *vt, *dout, *p, *dp, *o, *gk, *dv, *norm_q, *norm_k, *region, *delta;
   int64_t* source;
 
-  static int64_t round(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+  static int64_t round(int64_t n) { return round_to_vector(n); }
   static int64_t size(int64_t N, int64_t nH, int64_t hd) {
     const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
-    return N * round(3 * C) + N * round(C) + 7 * round(N * HDP) + 2 * round(HDP * NP) + 3 * round(N * NP) +
+    return N * round(3 * C) + N * round(C) + 7 * round(N * HDP) + 2 * round(HDP * NP) + 2 * round(N * NP) +
            4 * NP + nH * NP + kPad;
   }
   ScratchV2(T* base, int64_t N, int64_t nH, int64_t hd, int64_t* source_rows) : source(source_rows) {
     const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
-    T* at = base;
+    T* at = base + (kPad - reinterpret_cast<uintptr_t>(base) / sizeof(T) % kPad) % kPad;  // 64-byte aligned
     auto take = [&at](int64_t n) { T* p = at; at += round(n); return p; };
     rows = take(N * round(3 * C)); grad_rows = take(N * round(C));
     qn = take(N * HDP); kn = take(N * HDP); v = take(N * HDP); dout = take(N * HDP); o = take(N * HDP);
     gk = take(N * HDP); dv = take(N * HDP);
     knt = take(HDP * NP); vt = take(HDP * NP);
-    p = take(N * NP); dp = take(N * NP); pt = take(N * NP);
+    p = take(N * NP); dp = take(N * NP);
     norm_q = take(NP); norm_k = take(NP); region = take(NP); delta = take(nH * NP);
   }
 };
@@ -146,7 +142,7 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
     gather_window_v2(a, w, s);
     for (int64_t h = 0; h < a.nH; ++h) {
       load_head_v2(a, h, s, /*v_rows=*/true);
-      gemm<T>(N, NP, a.hd, s.qn, HDP, s.knt, NP, s.p, NP);  // q^ k^T
+      gemm<T>(N, NP, a.hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);  // q^ k^T
       const T tau = a.scale[h];
       T* lse = a.lse + (w * a.nH + h) * N;
       for (int64_t i = 0; i < N; ++i) {
@@ -166,7 +162,7 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
         for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
         lse[i] = m + std::log(sum);
       }
-      gemm<T>(N, HDP, N, s.p, NP, s.v, HDP, s.o, HDP);  // O = P v
+      gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);  // O = P v
       for (int64_t t = 0; t < N; ++t) {
         if (s.source[t] < 0) continue;
         S* out = a.out + s.source[t] * a.C + h * a.hd;
@@ -217,7 +213,7 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
       }
       const T tau = a.scale[h];
       // P = exp(S - lse), recomputed.
-      gemm<T>(N, NP, hd, s.qn, HDP, s.knt, NP, s.p, NP);
+      gemm<T>(N, NP, hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);
       const T* lse = a.lse + (w * a.nH + h) * N;
       for (int64_t i = 0; i < N; ++i) {
         T* row = s.p + i * NP;
@@ -225,11 +221,9 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
         for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
       }
       // dV = P^T dO
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t j = 0; j < N; ++j) s.pt[j * NP + i] = s.p[i * NP + j];
-      gemm<T>(N, HDP, N, s.pt, NP, s.dout, HDP, s.dv, HDP);
+      gemm<T>(N, HDP, N, s.p, 1, NP, s.dout, HDP, s.dv, HDP);  // P read transposed
       // dP = dO v^T;  dS = P * (dP - delta), into dp;  d_bias += dS
-      gemm<T>(N, NP, hd, s.dout, HDP, s.vt, NP, s.dp, NP);
+      gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);
       double* d_bias_h = d_bias + h * N * N;
       for (int64_t i = 0; i < N; ++i) {
         T* dp = s.dp + i * NP;
@@ -240,10 +234,8 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
         for (int64_t j = 0; j < N; ++j) acc[j] += static_cast<double>(dp[j]);
       }
       // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
-      gemm<T>(N, HDP, N, s.dp, NP, s.kn, HDP, s.o, HDP);
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t j = 0; j < N; ++j) s.pt[j * NP + i] = s.dp[i * NP + j];
-      gemm<T>(N, HDP, N, s.pt, NP, s.qn, HDP, s.gk, HDP);
+      gemm<T>(N, HDP, N, s.dp, NP, 1, s.kn, HDP, s.o, HDP);
+      gemm<T>(N, HDP, N, s.dp, 1, NP, s.qn, HDP, s.gk, HDP);  // dS read transposed
       double scale_acc = 0;
       for (int64_t t = 0; t < N; ++t) {
         T* dq = s.o + t * HDP;  // G_t, turned into dq_t in place
@@ -270,8 +262,6 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
     }
   }
 }
-
-#undef VK_INLINE
 
 }  // namespace VK_CPU_ISA
 }  // namespace cpu

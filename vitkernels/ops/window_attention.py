@@ -147,7 +147,7 @@ def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
 
 
-def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
+def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "window_attention") -> None:
     def setup_context(ctx, inputs, output):
         qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs[:7]
         ctx.has_lse = len(inputs) < 8 or inputs[7]
@@ -158,8 +158,8 @@ def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
 
     def backward_fn(ctx, grad_out, grad_lse):
         if not ctx.has_lse:
-            raise RuntimeError("window_attention: the forward ran with need_lse=False (no gradient was required), so "
-                               "it cannot be differentiated")
+            raise RuntimeError(f"{name}: the forward ran with need_lse=False (no gradient was required), so it "
+                               "cannot be differentiated")
         qkv, table, qkv_bias, out, lse = ctx.saved_tensors
         grad_qkv, grad_table, grad_bias = backward(
             grad_out.contiguous(), qkv, table, qkv_bias, out, lse, ctx.window_size, ctx.shift_size, ctx.num_heads,
@@ -171,7 +171,7 @@ def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     torch.library.register_fake(backward)(_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     # second-order gradients would need the backward of the backward kernels: refused clearly, never silent zeros
-    refuse_double_backward(backward, "window_attention", backend)
+    refuse_double_backward(backward, name, backend)
 
 
 # --- native backend: csrc/cpu/window_attention.cpp -----------------------------------------------------------------
@@ -302,7 +302,8 @@ def _window_attention_add_bias_reference(qkv, table, window_size, shift_size, nu
 
 if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_add_bias.default,
-                                 torch.ops.vitkernels.window_attention_add_bias_backward.default)
+                                 torch.ops.vitkernels.window_attention_add_bias_backward.default, "native",
+                                 "window_attention_add_bias")
 
     def _add_bias_native_supports(call: dispatch.Call) -> Optional[str]:
         if call.device.type != "cpu":

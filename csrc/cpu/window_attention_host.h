@@ -1,6 +1,6 @@
-// Host-side reductions of the CPU window attention backwards (V2 in window_attention_v2.cpp; V1's
-// window_attention.cpp does the same inline and can call these): per-thread double accumulators over windows ->
-// the relative-position table gradient and the qkv-bias gradient.
+// Host-side pieces of the CPU window attention ops (V1 window_attention.cpp, V2 window_attention_v2.cpp) around their
+// per-instruction-set kernels: the relative position bias expanded into per-head rows before the kernels run, and
+// (V2) the per-thread double accumulators of the backward reduced into the table and qkv-bias gradients.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,13 +8,29 @@
 #include <ATen/ops/zeros.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
 #include "vitkernels/window_attention_args.h"
+#include "window_attention_cpu.h"
 
 namespace vitkernels {
 namespace cpu {
+
+// (nH, N, NP) rows of the relative position bias, table[rel(i, j), h] in T, -inf in the padding columns j >= N (they
+// then drop out of the softmax): what the kernels' S accumulators start from.
+template <typename T>
+std::vector<T> expand_bias(const WindowAttentionProblem& p, const at::Tensor& table) {
+  const int64_t NP = round_to_vector(p.N);
+  const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* tab = t.const_data_ptr<T>();
+  std::vector<T> rows(p.nH * p.N * NP, -std::numeric_limits<T>::infinity());
+  for (int64_t h = 0; h < p.nH; ++h)
+    for (int64_t i = 0; i < p.N; ++i)
+      for (int64_t j = 0; j < p.N; ++j) rows[(h * p.N + i) * NP + j] = tab[p.g.relative_index(i, j) * p.nH + h];
+  return rows;
+}
 
 // d_bias holds `threads` blocks of (nH, N, N) sums of dS; returns the (table_rows, nH) table gradient in the
 // table's dtype (summed in double, scattered by relative position).
