@@ -81,10 +81,9 @@ def test_fuzz_window_partition(seed):
     torch.testing.assert_close(back, x, rtol=0, atol=0, msg=lambda m: f"{describe}: {m}")
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_window_attention(seed, monkeypatch):
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+def window_attention_case(rng, seed, version):
+    """A random window attention problem: (describe, dtype, tensors, call(tensors, backend)). tensors are qkv, the
+    bias table, (V2) the per-head scale and the qkv bias or None; call runs V1 or V2 on them."""
     B, H, W = rng.randint(0, 2), rng.randint(1, 9), rng.randint(1, 9)
     window = (rng.randint(1, 8), rng.randint(1, 8))
     shift = (rng.randrange(window[0]), rng.randrange(window[1]))
@@ -92,27 +91,52 @@ def test_fuzz_window_attention(seed, monkeypatch):
     dtype = rng.choice(DTYPES)
     table_dtype = rng.choice([dtype, torch.float32])  # fp32 parameters beside half activations, as under autocast
     with_bias = rng.random() < 0.7
-    scale = rng.choice([None, 0.3])
-    describe = (f"seed {seed}: qkv {(B, H, W, 3 * nH * hd)} {dtype} window {window} shift {shift} heads {nH} "
-                f"table {table_dtype} bias {with_bias}")
+    describe = (f"seed {seed}: V{version} qkv {(B, H, W, 3 * nH * hd)} {dtype} window {window} shift {shift} "
+                f"heads {nH} table {table_dtype} bias {with_bias}")
     qkv = strided(rng, torch.randn(B, H, W, 3 * nH * hd).to(dtype))
     table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), nH).to(table_dtype)
     bias = torch.randn(3 * nH * hd).to(dtype) if with_bias else None
+    if version == 1:
+        scale = rng.choice([None, 0.3])
+        tensors = (qkv, table, bias)
+
+        def call(t, backend):
+            return vitkernels.window_attention(t[0], t[1], window, shift, nH, scale, t[2], backend=backend)
+    else:
+        # tau = exp(clamp(logit_scale, max=log 100)): in (0, 100]. A zero q or k row exercises F.normalize's clamp;
+        # its gradient is scaled by 1 / eps = 1e12, past the half types' range (inf there, as in eager torch), so
+        # only in fp32 / fp64.
+        tensors = (qkv, table, torch.rand(nH).to(table_dtype) * 30 + 0.5, bias)
+        if H * W > 0 and B > 0 and dtype in (torch.float32, torch.float64) and rng.random() < 0.3:
+            qkv[0, 0, 0, : 2 * nH * hd] = 0
+
+        def call(t, backend):
+            return vitkernels.window_attention_v2(t[0], t[1], t[2], window, shift, nH, t[3], backend=backend)
+    return describe, dtype, tensors, call
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_window_attention(seed, version, monkeypatch):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    describe, dtype, tensors, call = window_attention_case(rng, seed, version)
+    names = ("qkv", "table", "qkv_bias") if version == 1 else ("qkv", "table", "scale", "qkv_bias")
     ref_type = reference_dtype(dtype)
-    ref_inputs = [leaf(t.to(ref_type)) if t is not None else None for t in (qkv, table, bias)]
-    want = vitkernels.window_attention(ref_inputs[0], ref_inputs[1], window, shift, nH, scale, ref_inputs[2],
-                                       backend="reference")
-    grad = torch.randn_like(want)
+    ref_inputs = [leaf(t.to(ref_type)) if t is not None else None for t in tensors]
+    want = call(ref_inputs, "reference")
+    grad = torch.randn_like(want).to(dtype).to(ref_type)  # the same values the native call gets in its dtype
     needed = [t for t in ref_inputs if t is not None]
     want_grads = torch.autograd.grad(want, needed, grad, allow_unused=True)
     for isa in CPU_ISAS:
         monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
-        inputs = [leaf(t) if t is not None else None for t in (qkv, table, bias)]
-        got = vitkernels.window_attention(inputs[0], inputs[1], window, shift, nH, scale, inputs[2], backend="native")
+        inputs = [leaf(t) if t is not None else None for t in tensors]
+        got = call(inputs, "native")
         assert got.dtype == dtype
         compare("out", got, want, dtype, f"{describe} isa {isa}")
         got_grads = torch.autograd.grad(got, [t for t in inputs if t is not None], grad.to(dtype))
-        for name, g, w, v in zip(("qkv", "table", "qkv_bias"), got_grads, want_grads, needed):
+        present = [n for n, t in zip(names, tensors) if t is not None]
+        for name, g, w, v in zip(present, got_grads, want_grads, needed):
             compare(f"grad {name}", g, torch.zeros_like(v) if w is None else w, dtype, f"{describe} isa {isa}")
 
 

@@ -53,7 +53,6 @@ struct WindowAttentionV2Args {
   T* lse;                // (B * nW, nH, N)
   S* out;                // forward: (B, H, W, C)
   const S* grad_out;     // backward: (B, H, W, C)
-  const S* out_in;       // backward: the forward's output
   S* grad_qkv;           // backward: (B, H, W, 3C)
 };
 
@@ -137,12 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& bias_table, const at::Tensor& scale_in,
     const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out_in, const at::Tensor& lse_in,
     at::IntArrayRef window_size, at::IntArrayRef shift_size, int64_t num_heads) {
+  // The forward's output (an argument of the op, checked) is not read: delta = rowsum(dO * O) is computed from P
+  // and dP in fp32, more accurate than from the stored (possibly bf16) output.
   const char* op = "window_attention_v2_backward";
   const Problem p = check_v2_args(op, qkv_in, bias_table, scale_in, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
   const at::Tensor qkv = qkv_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
-  const at::Tensor out = out_in.to(qkv.scalar_type()).contiguous();
   at::Tensor lse = lse_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   const at::Tensor scale = scale_in.to(window_attention_acc_type(qkv)).contiguous();
@@ -160,7 +160,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
       const std::vector<T> bias_rows = expand_bias<T>(p, bias_table);
       auto a = make_args<scalar_t, T>(p, qkv, pad_row, bias_rows, scale, lse);
       a.grad_out = grad_out.const_data_ptr<scalar_t>();
-      a.out_in = out.const_data_ptr<scalar_t>();
       a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
         const int64_t tid = at::get_thread_num();

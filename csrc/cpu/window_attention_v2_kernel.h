@@ -7,7 +7,8 @@
 // Math, per window w and head h (N tokens; padded tokens read `pad_row`, the qkv Linear's bias or zeros):
 //   rq_i = |q_i|, q^_i = q_i / max(rq_i, eps)  (likewise k; eps = 1e-12, F.normalize)
 //   S = tau_h q^ k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
-// backward, recomputing P = exp(S - lse) (delta_i = dO_i . O_i):
+// backward, recomputing P = exp(S - lse) (delta_i = sum_j P_ij dP_ij, which equals dO_i . O_i, in fp32 from P and dP
+// rather than from the stored, rounded output: what V1 does):
 //   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  d_table[rel, h] += dS,
 //   G = dS k^,  d tau_h += sum_i q^_i . G_i,  dq^ = tau G,  dk^ = tau dS^T q^,
 //   dq_i = (dq^_i - q^_i (q^_i . dq^_i)) / rq_i  where rq_i >= eps, else dq^_i / eps  (F.normalize's backward);
@@ -24,14 +25,14 @@ namespace VK_CPU_ISA {
 // matrices of N (or NP) rows with strides HDP (channels) or NP (keys), each 64-byte aligned and zero-padded.
 template <typename T>
 struct ScratchV2 {
-  T *rows, *grad_rows, *qn, *kn, *knt, *v, *vt, *dout, *p, *dp, *o, *gk, *dv, *norm_q, *norm_k, *region, *delta;
+  T *rows, *grad_rows, *qn, *kn, *knt, *v, *vt, *dout, *p, *dp, *o, *gk, *dv, *norm_q, *norm_k, *region;
   int64_t* source;
 
   static int64_t round(int64_t n) { return round_to_vector(n); }
   static int64_t size(int64_t N, int64_t nH, int64_t hd) {
     const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
     return N * round(3 * C) + N * round(C) + 7 * round(N * HDP) + 2 * round(HDP * NP) + 2 * round(N * NP) +
-           4 * NP + nH * NP + kPad;
+           3 * NP + kPad;
   }
   ScratchV2(T* base, int64_t N, int64_t nH, int64_t hd, int64_t* source_rows) : source(source_rows) {
     const int64_t NP = round(N), HDP = round(hd), C = nH * hd;
@@ -42,7 +43,7 @@ struct ScratchV2 {
     gk = take(N * HDP); dv = take(N * HDP);
     knt = take(HDP * NP); vt = take(HDP * NP);
     p = take(N * NP); dp = take(N * NP);
-    norm_q = take(NP); norm_k = take(NP); region = take(NP); delta = take(nH * NP);
+    norm_q = take(NP); norm_k = take(NP); region = take(NP);
   }
 };
 
@@ -185,23 +186,14 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
   const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
   for (int64_t w = begin; w < end; ++w) {
     gather_window_v2(a, w, s);
-    // dO rows and delta = rowsum(dO * O) per head; padded queries were cropped from the output: dO = 0.
+    // dO rows of all heads; padded queries were cropped from the output: dO = 0.
     for (int64_t t = 0; t < N; ++t) {
       T* grad = s.grad_rows + t * grad_stride;
       if (s.source[t] >= 0) {
         const S* g = a.grad_out + s.source[t] * C;
-        const S* o = a.out_in + s.source[t] * C;
-        for (int64_t h = 0; h < a.nH; ++h) {
-          T delta = 0;
-          for (int64_t d = h * hd; d < (h + 1) * hd; ++d) {
-            grad[d] = static_cast<T>(g[d]);
-            delta += grad[d] * static_cast<T>(o[d]);
-          }
-          s.delta[h * NP + t] = delta;
-        }
+        for (int64_t c = 0; c < C; ++c) grad[c] = static_cast<T>(g[c]);
       } else {
         for (int64_t c = 0; c < C; ++c) grad[c] = 0;
-        for (int64_t h = 0; h < a.nH; ++h) s.delta[h * NP + t] = 0;
       }
     }
     for (int64_t h = 0; h < a.nH; ++h) {
@@ -228,7 +220,9 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
       for (int64_t i = 0; i < N; ++i) {
         T* dp = s.dp + i * NP;
         const T* p = s.p + i * NP;
-        const V delta = splat(s.delta[h * NP + i]);
+        V dot = V{};
+        for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
+        const V delta = all_sum<T>(dot);
         for (int64_t j = 0; j < NP; j += L) store(dp + j, load(p + j) * (load(dp + j) - delta));
         double* acc = d_bias_h + i * N;
         for (int64_t j = 0; j < N; ++j) acc[j] += static_cast<double>(dp[j]);

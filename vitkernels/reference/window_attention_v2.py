@@ -104,7 +104,7 @@ def cosine_attention_in_windows(
     attn = attn.softmax(dim=-1)
     if attn_drop > 0.0 and training:
         attn = F.dropout(attn, attn_drop, training=True)
-    return (attn @ v).transpose(1, 2).reshape(B_, N, -1)
+    return (attn @ v).transpose(1, 2).reshape(B_, N, three_c // 3)  # not -1: B_ may be 0
 
 
 def qkv_windows(
