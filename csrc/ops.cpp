@@ -73,6 +73,17 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("window_attention_add_bias_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor qkv_bias, Tensor out, "
         "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
 
+  // 3D (volumetric / video) shifted-window attention, qkv (B, D, H, W, 3C) in original token order -> (out
+  // (B, D, H, W, C), row log-sum-exp (B * nW, nH, N), fp32 or fp64 for fp64 inputs); windows and shifts are
+  // (d, h, w) triples, pad_before_shift picks MONAI's / Video Swin's order (pad, then roll) or timm's (roll, then
+  // pad). CPU only (csrc/cpu/window_attention_3d.cpp).
+  m.def("window_attention_3d(Tensor qkv, Tensor table, Tensor? qkv_bias, int[3] window_size, int[3] shift_size, "
+        "int num_heads, float scale, bool pad_before_shift) -> (Tensor, Tensor)");
+  // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias).
+  m.def("window_attention_3d_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor? qkv_bias, Tensor out, "
+        "Tensor lse, int[3] window_size, int[3] shift_size, int num_heads, float scale, bool pad_before_shift) "
+        "-> (Tensor, Tensor, Tensor)");
+
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.
   // y = gelu(x + bias) over the last dim; backward -> (grad_x, grad_bias).

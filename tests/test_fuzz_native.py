@@ -115,13 +115,40 @@ def window_attention_case(rng, seed, version):
     return describe, dtype, tensors, call
 
 
-@pytest.mark.parametrize("version", [1, 2])
+def window_attention_3d_case(rng, seed):
+    """A random 3D window attention problem, as window_attention_case: windows often larger than the volume (so
+    shifts past its edge), both padding orders, N up to 4 * 4 * 4 tokens."""
+    B, D, H, W = rng.randint(0, 2), rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6)
+    window = tuple(rng.randint(1, 4) for _ in range(3))
+    shift = tuple(rng.randrange(w) for w in window)
+    nH, hd = rng.randint(1, 3), rng.choice([1, 2, 3, 5, 8, 9, 16, 17])
+    dtype = rng.choice(DTYPES)
+    table_dtype = rng.choice([dtype, torch.float32])
+    with_bias = rng.random() < 0.7
+    pad_first = rng.random() < 0.5
+    scale = rng.choice([None, 0.3])
+    describe = (f"seed {seed}: 3D qkv {(B, D, H, W, 3 * nH * hd)} {dtype} window {window} shift {shift} heads {nH} "
+                f"table {table_dtype} bias {with_bias} pad_before_shift {pad_first}")
+    qkv = strided(rng, torch.randn(B, D, H, W, 3 * nH * hd).to(dtype))
+    table = torch.randn((2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1), nH).to(table_dtype)
+    bias = torch.randn(3 * nH * hd).to(dtype) if with_bias else None
+
+    def call(t, backend):
+        return vitkernels.window_attention_3d(t[0], t[1], window, shift, nH, scale, t[2], pad_first, backend=backend)
+    return describe, dtype, (qkv, table, bias), call
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_window_attention(seed, version, monkeypatch):
+    """version 1: Swin, 2: Swin V2, 3: 3D (window_attention_3d)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    describe, dtype, tensors, call = window_attention_case(rng, seed, version)
-    names = ("qkv", "table", "qkv_bias") if version == 1 else ("qkv", "table", "scale", "qkv_bias")
+    if version == 3:
+        describe, dtype, tensors, call = window_attention_3d_case(rng, seed)
+    else:
+        describe, dtype, tensors, call = window_attention_case(rng, seed, version)
+    names = ("qkv", "table", "scale", "qkv_bias") if version == 2 else ("qkv", "table", "qkv_bias")
     ref_type = reference_dtype(dtype)
     ref_inputs = [leaf(t.to(ref_type)) if t is not None else None for t in tensors]
     want = call(ref_inputs, "reference")
@@ -363,3 +390,40 @@ def test_fuzz_bad_window_sizes(seed):
         torch.testing.assert_close(back, x, rtol=0, atol=0)
     elif valid:  # refused only for sizes that overflow int64
         assert window[0] * window[1] > 2 ** 63 - 1, f"seed {seed}: a valid call {window} {shift} {(H, W)} was refused"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_bad_window_attention_3d_sizes(seed):
+    """Random 3D windows / shifts / volumes / heads / table shapes, some absurd, straight into the registered op: a
+    clear error or the reference's answer."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    D, H, W = (rng.randint(0, 4) for _ in range(3))
+    nH, hd = rng.choice([1, 2, 0, -1]), rng.randint(1, 3)
+    window = [rng.choice([0, 1, 2, 5, -1]) for _ in range(3)]
+    if rng.random() < 0.25:  # sizes past int64
+        window = list(rng.choice([(2 ** 40, 2 ** 40, 1), (2 ** 62, 3, 1), (1, 2 ** 32, 2 ** 31), (2 ** 21,) * 3]))
+    shift = [rng.choice([0, 1, 4, -1, window[i] - 1 if window[i] > 0 else 0]) for i in range(3)]
+    heads = max(nH, 1)
+    rows = 1
+    for w in window:
+        rows *= max(2 * w - 1, 1)
+    table_rows = rows if rng.random() < 0.8 and rows < 10 ** 6 else rng.randint(1, 30)
+    qkv = torch.randn(1, D, H, W, 3 * heads * hd)
+    table = torch.randn(table_rows, heads)
+    bias = torch.randn(3 * heads * hd) if rng.random() < 0.5 else None
+    pad_first = rng.random() < 0.5
+    expected_errors = ["window_size must", "shift_size must", "volume must be non-empty", "overflows int64",
+                       "relative_position_bias_table must be", "is not 3 * num_heads * head_dim"]
+    out = raises_or(lambda: ops.window_attention_3d(qkv, table, bias, window, shift, nH, 0.5, pad_first),
+                    expected_errors)
+    valid = (min(D, H, W) > 0 and nH > 0 and all(w > 0 for w in window)
+             and all(0 <= s < w for s, w in zip(shift, window)) and table_rows == rows)
+    if out is not None:
+        assert valid, f"seed {seed}: an invalid call {window} {shift} {(D, H, W)} {nH} {table_rows} ran"
+        want = vitkernels.window_attention_3d(qkv, table, window, shift, nH, 0.5, bias, pad_first,
+                                              backend="reference")
+        torch.testing.assert_close(out[0], want)
+    elif valid:  # refused only for sizes that overflow int64
+        n = window[0] * window[1] * window[2]
+        assert n * n * nH > 2 ** 63 - 1, f"seed {seed}: a valid call {window} {shift} {(D, H, W)} was refused"

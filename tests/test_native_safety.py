@@ -172,6 +172,8 @@ def _bad_native_calls():
     x4 = torch.randn(1, 3, 3, 4)
     qkv = torch.randn(1, 4, 4, 12)
     table = torch.randn(9, 2)
+    qkv3 = torch.randn(1, 4, 4, 4, 12)
+    table27 = torch.randn(27, 2)
     src = torch.randn(2, 6, 4)
     idx = torch.tensor([[0, 2], [5, 1]])
     inverse = torch.tensor([[0, -1, 1, -1, -1, -1], [-1, 1, -1, -1, -1, 0]])
@@ -229,6 +231,59 @@ def _bad_native_calls():
         ("attn-bwd-grad-shape", lambda: ops.window_attention_backward(torch.randn(1, 4, 4, 3), qkv, table, None,
                                                                       torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4),
                                                                       [2, 2], [1, 1], 2, 0.5), "grad_out and out"),
+        # window_attention_3d: qkv (1, 4, 4, 4, 3 * 2 * 2), window (2, 2, 2): a (27, 2) table
+        ("attn3d-rank", lambda: ops.window_attention_3d(qkv, table27, None, [2, 2, 2], [1, 1, 1], 2, 0.5, True),
+         "qkv must be \\(B, D, H, W"),
+        ("attn3d-window-pair", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 2], [1, 1], 2, 0.5, True),
+         "window_size must have 3 entries"),
+        ("attn3d-shift-pair", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 2, 2], [1, 1], 2, 0.5, True),
+         "shift_size must have 3 entries"),
+        ("attn3d-window-zero", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 0, 2], [0, 0, 0], 2, 0.5,
+                                                               True), "window_size must be positive"),
+        ("attn3d-shift-ge-window", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 2, 2], [0, 2, 0], 2, 0.5,
+                                                                   False), "0 <= shift < window_size"),
+        ("attn3d-shift-negative", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 2, 2], [-1, 0, 0], 2, 0.5,
+                                                                  True), "0 <= shift < window_size"),
+        ("attn3d-empty-volume", lambda: ops.window_attention_3d(torch.randn(1, 4, 0, 4, 12), table27, None,
+                                                                [2, 2, 2], [1, 1, 1], 2, 0.5, True),
+         "volume must be non-empty"),
+        ("attn3d-heads-zero", lambda: ops.window_attention_3d(qkv3, table27, None, [2, 2, 2], [1, 1, 1], 0, 0.5, True),
+         "num_heads"),
+        ("attn3d-channels", lambda: ops.window_attention_3d(torch.randn(1, 4, 4, 4, 13), table27, None, [2, 2, 2],
+                                                            [1, 1, 1], 2, 0.5, True),
+         "is not 3 \\* num_heads \\* head_dim"),
+        ("attn3d-table-rows", lambda: ops.window_attention_3d(qkv3, table27[:26], None, [2, 2, 2], [1, 1, 1], 2, 0.5,
+                                                              True), "relative_position_bias_table must be"),
+        ("attn3d-table-depth-one", lambda: ops.window_attention_3d(qkv3, table27, None, [1, 2, 2], [0, 1, 1], 2,
+                                                                   0.5, True), "relative_position_bias_table must be"),
+        ("attn3d-table-heads", lambda: ops.window_attention_3d(qkv3, table27[:, :1], None, [2, 2, 2], [1, 1, 1], 2,
+                                                               0.5, True), "relative_position_bias_table must be"),
+        ("attn3d-table-dtype", lambda: ops.window_attention_3d(qkv3, table27.long(), None, [2, 2, 2], [1, 1, 1], 2,
+                                                               0.5, True),
+         "relative_position_bias_table must be a floating"),
+        ("attn3d-bias-size", lambda: ops.window_attention_3d(qkv3, table27, torch.randn(11), [2, 2, 2], [1, 1, 1], 2,
+                                                             0.5, True), "qkv_bias must be"),
+        ("attn3d-bias-dtype", lambda: ops.window_attention_3d(qkv3, table27, torch.ones(12, dtype=torch.long),
+                                                              [2, 2, 2], [1, 1, 1], 2, 0.5, True),
+         "qkv_bias must be a floating"),
+        ("attn3d-qkv-dtype", lambda: ops.window_attention_3d(qkv3.long(), table27, None, [2, 2, 2], [1, 1, 1], 2, 0.5,
+                                                             True), "qkv must be a floating"),
+        ("attn3d-window-overflow", lambda: ops.window_attention_3d(qkv3, table27, None, [2 ** 21, 2 ** 21, 2 ** 21],
+                                                                   [0, 0, 0], 2, 0.5, True), "overflows int64"),
+        ("attn3d-window-overflow-nn", lambda: ops.window_attention_3d(qkv3, table27, None, [2 ** 16, 2 ** 16, 1],
+                                                                      [0, 0, 0], 2, 0.5, True), "overflows int64"),
+        ("attn3d-padded-overflow", lambda: ops.window_attention_3d(qkv3, table27, None, [2 ** 62, 3, 1],
+                                                                   [0, 0, 0], 2, 0.5, True), "overflows int64"),
+        ("attn3d-bwd-lse", lambda: ops.window_attention_3d_backward(torch.randn(1, 4, 4, 4, 4), qkv3, table27, None,
+                                                                    torch.randn(1, 4, 4, 4, 4), torch.randn(3),
+                                                                    [2, 2, 2], [1, 1, 1], 2, 0.5, True),
+         "lse must be"),
+        ("attn3d-bwd-lse-dtype", lambda: ops.window_attention_3d_backward(
+            torch.randn(1, 4, 4, 4, 4), qkv3, table27, None, torch.randn(1, 4, 4, 4, 4),
+            torch.randn(8, 2, 8, dtype=torch.float64), [2, 2, 2], [1, 1, 1], 2, 0.5, True), "lse must be"),
+        ("attn3d-bwd-grad-shape", lambda: ops.window_attention_3d_backward(
+            torch.randn(1, 4, 4, 4, 3), qkv3, table27, None, torch.randn(1, 4, 4, 4, 4), torch.randn(8, 2, 8),
+            [2, 2, 2], [1, 1, 1], 2, 0.5, True), "grad_out and out"),
         # gather_rows
         ("gather-idx-batch", lambda: ops.gather_rows(src, idx[:1], inverse[:1], None, None), "idx must be"),
         ("gather-inverse-shape", lambda: ops.gather_rows(src, idx, inverse[:, :5], None, None),

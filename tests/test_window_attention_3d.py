@@ -1,5 +1,6 @@
-"""3D shifted-window attention: the reference (vitkernels.reference.window_attention_3d) against an independent
-dense formulation from token coordinates and against MONAI's own SwinUNETR modules (2D and 3D).
+"""3D shifted-window attention: the reference (vitkernels.reference.window_attention_3d) and the fused native CPU op
+(vitkernels.window_attention_3d, backend "native") against an independent dense formulation from token coordinates
+and against MONAI's own SwinUNETR modules (2D and 3D).
 
 These are the tests a fused 3D kernel must pass: add it to ``IMPLEMENTATIONS`` (same signature as
 :func:`window_attention_3d`) and every case below checks its output and its gradients (qkv, table, qkv_bias)
@@ -10,6 +11,8 @@ import importlib
 import pytest
 import torch
 
+import vitkernels
+from vitkernels import _native
 from vitkernels.reference import window_attention as reference_2d
 from vitkernels.reference.window_attention_3d import (
     effective_window_and_shift,
@@ -23,7 +26,18 @@ from vitkernels.reference.window_attention_3d import (
     window_reverse_3d,
 )
 
-IMPLEMENTATIONS = {"reference": window_attention_3d}
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+
+
+def native_window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_bias=None, *, pad_before_shift=True):
+    """The fused CPU op (csrc/cpu/window_attention_3d.cpp) through the public op with the reference's signature."""
+    if not _native.is_loaded():
+        pytest.skip(_native.IMPORT_ERROR)
+    return vitkernels.window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_bias, pad_before_shift,
+                                          backend="native")
+
+
+IMPLEMENTATIONS = {"reference": window_attention_3d, "native": native_window_attention_3d}
 
 # (B, (D, H, W), window, shift, num_heads, head_dim, pad_before_shift)
 CASES = [
@@ -277,3 +291,146 @@ def test_shift_must_be_smaller_than_the_window():
     qkv = torch.randn(1, 4, 4, 4, 6)
     with pytest.raises(ValueError, match="shift_size"):
         window_attention_3d(qkv, torch.randn(7 * 7 * 7, 1), (4, 4, 4), (4, 0, 0), 1, 0.5)
+
+
+# --- the native op: every ISA, gradcheck, low precision, opcheck, torch.compile, refusals -------------------------
+
+def native_or_skip():
+    if not _native.is_loaded():
+        pytest.skip(_native.IMPORT_ERROR)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=[CASE_IDS[0], CASE_IDS[2], CASE_IDS[5]])
+def test_native_every_isa_matches_the_dense_formulation(case, isa, monkeypatch):
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    B, size, window, shift, heads, hd, pad_first = case
+    qkv, table, qkv_bias = _case_inputs(case)
+    out = native_window_attention_3d(qkv, table, window, shift, heads, hd ** -0.5, qkv_bias, pad_before_shift=pad_first)
+    expected = dense_window_attention_3d(qkv, table, window, shift, heads, hd ** -0.5, qkv_bias, pad_first)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+GRADCHECK_CASES = [  # tiny: (B, (D, H, W), window, shift, heads, head_dim, pad_before_shift)
+    (1, (3, 3, 2), (2, 2, 2), (1, 1, 1), 2, 2, True),
+    (1, (3, 2, 3), (2, 2, 2), (1, 0, 1), 1, 3, False),
+    (2, (1, 3, 3), (2, 2, 2), (1, 1, 1), 1, 2, True),  # window deeper than the volume: the shift wraps past D
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=["padfirst", "rollfirst", "shift-past-depth"])
+def test_native_gradcheck_float64(case, isa, monkeypatch):
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    B, size, window, shift, heads, hd, pad_first = case
+    inputs = tuple(t.requires_grad_() for t in _case_inputs(case))
+    assert torch.autograd.gradcheck(
+        lambda q, t, b: vitkernels.window_attention_3d(q, t, window, shift, heads, 0.7, b, pad_first, backend="native"),
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=[CASE_IDS[1], CASE_IDS[3], CASE_IDS[5]])
+def test_native_low_precision_matches_the_reference(case, dtype):
+    """fp32 / bf16 / fp16 inputs (fp32 compute) against the reference in fp64 (fp32 for the half types), forward and
+    the gradients of qkv, table and qkv_bias."""
+    native_or_skip()
+    B, size, window, shift, heads, hd, pad_first = case
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    tensors = [t.to(dtype) for t in _case_inputs(case, torch.float32)]
+    ours = [t.clone().requires_grad_() for t in tensors]
+    theirs = [t.to(ref_dtype).requires_grad_() for t in tensors]
+    out = vitkernels.window_attention_3d(*ours[:2], window, shift, heads, None, ours[2], pad_first, backend="native")
+    expected = window_attention_3d(*theirs[:2], window, shift, heads, hd ** -0.5, theirs[2], pad_before_shift=pad_first)
+    assert out.dtype == dtype
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(out.to(ref_dtype), expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(expected).to(dtype)
+    out.backward(grad)
+    expected.backward(grad.to(ref_dtype))
+    for name, a, b in zip(("qkv", "table", "qkv_bias"), ours, theirs):
+        want = torch.zeros_like(b) if b.grad is None else b.grad  # qkv_bias: unused without padding
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(a.grad.to(ref_dtype), want, rtol=tol, atol=tol * scale, msg=name)
+
+
+def test_native_opcheck():
+    native_or_skip()
+    qkv = torch.randn(1, 3, 5, 4, 24, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 2, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    for b in (bias, None):
+        for pad_first in (True, False):
+            torch.library.opcheck(torch.ops.vitkernels.window_attention_3d.default,
+                                  (qkv, table, b, [2, 3, 3], [1, 2, 1], 2, 0.25, pad_first))
+
+
+def test_native_compiles_fullgraph():
+    native_or_skip()
+    qkv = torch.randn(2, 4, 5, 6, 18, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 3, requires_grad=True)
+    bias = torch.randn(18)
+
+    def f(q, t):
+        return vitkernels.window_attention_3d(q, t, (2, 3, 3), (1, 1, 2), 3, None, bias, backend="native")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(qkv, table), f(qkv, table)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum(), (qkv, table))
+    expected_grads = torch.autograd.grad(expected.sum(), (qkv, table))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_native_refuses_double_backward():
+    native_or_skip()
+    qkv = torch.randn(1, 2, 3, 3, 6, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 1, dtype=torch.float64)
+    out = vitkernels.window_attention_3d(qkv, table, (2, 3, 3), (1, 1, 1), 1, backend="native")
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), qkv, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_native_is_the_cpu_default_and_says_why_not_elsewhere():
+    native_or_skip()
+    from vitkernels.ops.window_attention_3d import op
+
+    call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"head_dim": 16, "tokens_per_window": 343})
+    assert op.auto_choice(call)[0] == "native"
+    choice, reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {}))
+    assert choice == "reference"
+    assert "CPU kernel only" in reasons["native"] and "no Triton kernel" in reasons["triton"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(qkv=torch.randn(1, 4, 4, 12)), ValueError, "qkv must have 5 dimensions"),
+        (dict(window_size=(2, 2)), TypeError, "window_size must be an int or a triple"),
+        (dict(window_size=(2, 0, 2)), ValueError, "window_size must be positive"),
+        (dict(shift_size=(0, 2, 0)), ValueError, "shift_size must be smaller"),
+        (dict(shift_size=(0, -1, 0)), ValueError, "shift_size must be >= 0"),
+        (dict(num_heads=5), ValueError, "3 \\* num_heads \\* head_dim"),
+        (dict(table=torch.randn(26, 2)), ValueError, "relative_position_bias_table must have shape"),
+        (dict(qkv_bias=torch.randn(11)), ValueError, "qkv_bias must have shape"),
+        (dict(qkv=torch.randn(1, 0, 4, 4, 12)), ValueError, "non-empty"),
+        (dict(qkv=torch.randn(1, 4, 4, 4, 12, dtype=torch.float64).to(torch.int32)), TypeError, "qkv must have dtype"),
+        (dict(pad_before_shift=1), TypeError, "pad_before_shift must be a bool"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_bad_arguments_are_refused_by_name(kwargs, error, match, backend):
+    if backend == "native":
+        native_or_skip()
+    args = dict(qkv=torch.randn(1, 4, 4, 4, 12), table=torch.randn(27, 2), window_size=(2, 2, 2),
+                shift_size=(1, 1, 1), num_heads=2, qkv_bias=None, pad_before_shift=True)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        vitkernels.window_attention_3d(args["qkv"], args["table"], args["window_size"], args["shift_size"],
+                                       args["num_heads"], None, args["qkv_bias"], args["pad_before_shift"],
+                                       backend=backend)

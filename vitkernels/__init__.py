@@ -32,6 +32,7 @@ from vitkernels.ops.masking import unpatchify as mae_unpatchify
 from vitkernels.ops.msn_loss import msn_loss
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
+from vitkernels.ops.window_attention_3d import window_attention_3d
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.ops.window_partition import window_partition, window_reverse
 
@@ -72,6 +73,7 @@ __all__ = [
     "random_masking",
     "reference",
     "window_attention",
+    "window_attention_3d",
     "window_attention_v2",
     "window_partition",
     "window_reverse",

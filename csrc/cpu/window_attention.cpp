@@ -13,6 +13,8 @@
 //
 // The per-task code is in window_attention_kernel.h, compiled here for AVX-512, AVX2 and the baseline; the best
 // one the CPU supports runs (VITKERNELS_CPU_ISA=avx512|avx2|baseline caps the choice, for tests and comparisons).
+// The host side around it (scratch, parallel loop, gradient reductions) is window_attention_run.h, shared with the
+// 3D op (window_attention_3d.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -43,127 +45,15 @@
 #include "cpu_isa_each.h"
 #undef VK_CPU_BODY
 
+#include "window_attention_run.h"
+
 namespace vitkernels {
 namespace cpu {
 namespace {
 
 using Problem = WindowAttentionProblem;
-
-template <typename S, typename T>
-WindowAttentionArgs<S, T> make_args(const Problem& p, double scale, const at::Tensor& qkv, const at::Tensor& pad_row,
-                                    const std::vector<T>& bias_rows, at::Tensor& lse) {
-  WindowAttentionArgs<S, T> a{};
-  a.g = p.g;
-  a.N = p.N; a.nH = p.nH; a.hd = p.hd; a.C = p.C;
-  a.scale = scale;
-  a.shifted = p.g.shift_h > 0 || p.g.shift_w > 0;
-  a.qkv = qkv.const_data_ptr<S>();
-  a.pad_row = pad_row.const_data_ptr<S>();
-  a.bias_rows = bias_rows.data();
-  a.lse = lse.mutable_data_ptr<T>();
-  return a;
-}
-
-// A thread's scratch for (window, head) items, zeroed (the matrices' padding must read as zeros).
-template <typename T>
-struct ThreadScratch {
-  std::vector<T> values;
-  std::vector<int64_t> tokens;
-  explicit ThreadScratch(const Problem& p)
-      : values(baseline::ItemScratch<T>::size(p.N, p.hd), T(0)), tokens(baseline::ItemScratch<T>::token_size(p.N)) {}
-};
-
-// The forward after the argument checks: qkv contiguous, pad_row the padded tokens' (and, with bias_every_token,
-// every token's added) q, k, v.
-std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& qkv, const at::Tensor& table,
-                                               const at::Tensor& pad_row, double scale, bool bias_every_token) {
-  at::Tensor out = at::empty(p.out_shape(), qkv.options());
-  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(window_attention_acc_type(qkv)));
-  if (p.windows() == 0) return {out, lse};
-  const Isa isa = selected_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const std::vector<T> bias_rows = expand_bias<T>(p, table);
-    auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
-    a.bias_every_token = bias_every_token;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
-      const FlushDenormals ftz(std::is_same<T, float>::value);
-      ThreadScratch<T> t(p);
-      VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
-    });
-  });
-  return {out, lse};
-}
-
-// The backward after the argument checks; the qkv bias's gradient (empty without qkv_bias) sums what the padded
-// tokens (and, with bias_every_token, all tokens) pass to it. The forward's output (an argument of the op, checked)
-// is not read: the kernel gets sum_d dO O from P and dP, already in its cache.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& grad_out_in,
-                                                            const at::Tensor& qkv, const at::Tensor& table,
-                                                            const std::optional<at::Tensor>& qkv_bias,
-                                                            const at::Tensor& lse_in, double scale,
-                                                            bool bias_every_token) {
-  const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
-  at::Tensor lse = lse_in.contiguous();
-  const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
-  at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
-  const int64_t threads = at::get_num_threads();
-  const int64_t NP = round_to_vector(p.N);
-  // Per-thread sums: d_bias (nH, N, NP) over windows in the compute type, what the qkv bias receives (nH, 3, hd) in
-  // double; reduced over threads in double below.
-  std::vector<double> d_qkv_bias(threads * p.nH * 3 * p.hd, 0.0);
-  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  double* gt = grad_table.mutable_data_ptr<double>();
-  const Isa isa = selected_isa();
-  if (p.windows() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_bwd_cpu",
-                                    [&] {
-      using T = at::opmath_type<scalar_t>;
-      const std::vector<T> bias_rows = expand_bias<T>(p, table);
-      auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
-      a.bias_every_token = bias_every_token;
-      a.grad_out = grad_out.const_data_ptr<scalar_t>();
-      a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();
-      std::vector<T> d_bias(threads * p.nH * p.N * NP, T(0));
-      at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
-        const int64_t tid = at::get_thread_num();
-        TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads, " expected");
-        const FlushDenormals ftz(std::is_same<T, float>::value);
-        ThreadScratch<T> t(p);
-        VK_CPU_CALL(isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
-                    d_bias.data() + tid * p.nH * p.N * NP, d_qkv_bias.data() + tid * p.nH * 3 * p.hd);
-      });
-      // Reduce the threads' sums and scatter d_bias into the table by relative position.
-      for (int64_t h = 0; h < p.nH; ++h) {
-        for (int64_t i = 0; i < p.N; ++i) {
-          for (int64_t j = 0; j < p.N; ++j) {
-            double sum = 0;
-            for (int64_t t = 0; t < threads; ++t) {
-              sum += static_cast<double>(d_bias[((t * p.nH + h) * p.N + i) * NP + j]);
-            }
-            gt[p.g.relative_index(i, j) * p.nH + h] += sum;
-          }
-        }
-      }
-    });
-  }
-  at::Tensor grad_bias = at::empty({0}, qkv.options());
-  if (qkv_bias.has_value()) {
-    at::Tensor gb = at::zeros({3 * p.C}, qkv.options().dtype(at::kDouble));
-    double* g = gb.mutable_data_ptr<double>();
-    for (int64_t t = 0; t < threads; ++t) {
-      for (int64_t h = 0; h < p.nH; ++h) {
-        const double* acc = d_qkv_bias.data() + (t * p.nH + h) * 3 * p.hd;
-        for (int64_t part = 0; part < 3; ++part) {
-          for (int64_t d = 0; d < p.hd; ++d) g[part * p.C + h * p.hd + d] += acc[part * p.hd + d];
-        }
-      }
-    }
-    grad_bias = gb.to(qkv_bias->scalar_type());
-  }
-  return {grad_qkv, grad_table.to(table.scalar_type()), grad_bias};
-}
+using window_attention_run::run_backward;
+using window_attention_run::run_forward;
 
 }  // namespace
 
@@ -186,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
   const char* op = "window_attention_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
-  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
+  return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
                       /*bias_every_token=*/false);
 }
 
@@ -209,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_add_bias_backwar
   const char* op = "window_attention_add_bias_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
-  return run_backward(p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
+  return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
                       /*bias_every_token=*/true);
 }
 

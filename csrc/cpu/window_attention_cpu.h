@@ -16,14 +16,16 @@ constexpr double kMaskValue = -100;  // timm / official Swin: added across regio
 
 inline int64_t round_to_vector(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
 
-// Everything a (window, head) task needs; S is the storage type, T the compute type (float, or double for double).
-template <typename S, typename T>
+// Everything a (window, head) task needs; S is the storage type, T the compute type (float, or double for double),
+// G the window addressing: WindowGeometry (2D Swin) or WindowGeometry3D (3D: window_attention_3d.cpp), anything with
+// tokens_per_window(), window_token(w, t, &region) and relative_index(i, j).
+template <typename S, typename T, typename G = WindowGeometry>
 struct WindowAttentionArgs {
-  WindowGeometry g;
+  G g;
   int64_t N, nH, hd, C;  // tokens per window, heads, head dim, nH * hd
   double scale;
   bool shifted;
-  const S* qkv;          // (B, H, W, 3C)
+  const S* qkv;          // (B, H, W, 3C) (3D: (B, D, H, W, 3C); likewise out, grad_out, grad_qkv)
   const S* pad_row;      // (3C): what a padded token's q, k, v are (the qkv Linear's bias, or zeros)
   bool bias_every_token; // qkv lacks the qkv Linear's bias: add pad_row to every real token too
   const T* bias_rows;    // (nH, N, NP): table[rel(i, j), h], -inf for the padding columns j >= N

@@ -1,6 +1,7 @@
-// Host-side pieces of the CPU window attention ops (V1 window_attention.cpp, V2 window_attention_v2.cpp) around their
-// per-instruction-set kernels: the relative position bias expanded into per-head rows before the kernels run, and
-// (V2) the per-thread double accumulators of the backward reduced into the table and qkv-bias gradients.
+// Host-side pieces of the CPU window attention ops (V1 window_attention.cpp, V2 window_attention_v2.cpp, 3D
+// window_attention_3d.cpp) around their per-instruction-set kernels: the relative position bias expanded into
+// per-head rows before the kernels run, and (V2) the per-thread double accumulators of the backward reduced into the
+// table and qkv-bias gradients.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,8 +21,9 @@ namespace cpu {
 
 // (nH, N, NP) rows of the relative position bias, table[rel(i, j), h] in T, -inf in the padding columns j >= N (they
 // then drop out of the softmax): what the kernels' S accumulators start from.
-template <typename T>
-std::vector<T> expand_bias(const WindowAttentionProblem& p, const at::Tensor& table) {
+// Problem: WindowAttentionProblem, or WindowAttention3DProblem (its geometry's 3D relative index).
+template <typename T, typename Problem>
+std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
   const int64_t NP = round_to_vector(p.N);
   const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* tab = t.const_data_ptr<T>();

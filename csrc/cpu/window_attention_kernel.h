@@ -1,6 +1,8 @@
-// Body of the CPU Swin window attention (csrc/cpu/window_attention.cpp): the forward and backward of one
-// (window, head) work item, compiled once per instruction set by cpu_isa_each.h (with cpu_simd.h's vectors, exp
-// and register-tiled GEMM in scope). Deliberately no include guard. Needs window_attention_cpu.h.
+// Body of the CPU Swin window attention (csrc/cpu/window_attention.cpp; with a 3D geometry also
+// csrc/cpu/window_attention_3d.cpp): the forward and backward of one (window, head) work item, compiled once per
+// instruction set by cpu_isa_each.h (with cpu_simd.h's vectors, exp and register-tiled GEMM in scope). The window
+// addressing is the args' geometry type G (WindowGeometry or WindowGeometry3D). Deliberately no include guard.
+// Needs window_attention_cpu.h.
 //
 // Math, per window w and head h (N tokens, padded tokens read `pad_row`, the qkv Linear's bias or zeros; with
 // bias_every_token, every token's q, k, v are its qkv row plus pad_row):
@@ -20,10 +22,11 @@ namespace VK_CPU_ISA {
 
 // --- gathering a window by index math ------------------------------------------------------------------------------
 
-// Window w's tokens: source[t] (flat b*H*W + y*W + x, -1 for a padded position) and mask region[t] (as T, for
+// Window w's tokens: source[t] (flat b*H*W + y*W + x (3D: ((b*D + z)*H + y)*W + x), -1 for a padded position) and mask region[t] (as T, for
 // vector compares). Returns whether the window straddles regions, i.e. needs the shifted-window mask.
-template <typename T>
-VK_INLINE bool window_tokens(const WindowGeometry& g, int64_t w, int64_t* source, T* region) {
+// G: WindowGeometry, WindowGeometry3D, or any geometry with tokens_per_window() and window_token(w, t, &region).
+template <typename G, typename T>
+VK_INLINE bool window_tokens(const G& g, int64_t w, int64_t* source, T* region) {
   const int64_t N = g.tokens_per_window();
   bool mixed = false;
   int first = 0;
@@ -233,8 +236,8 @@ VK_INLINE void prefetch_item(const Args& a, int64_t w, int64_t h, ItemScratch<T>
 
 // Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows;
 // prefetches for the next item (next_w, next_h) (next_w < 0: none).
-template <typename S, typename T>
-void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s, int64_t next_w,
+template <typename S, typename T, typename G>
+void forward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, ItemScratch<T>& s, int64_t next_w,
                   int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
@@ -283,8 +286,8 @@ void forward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Item
 // Backward of item (w, h): writes head h's q, k, v gradient columns of the window's real tokens; adds dS into this
 // thread's d_bias (nH, N, NP) and what the qkv bias receives into its d_qkv_bias (nH, 3, hd); prefetches for the
 // next item (next_w, next_h) (next_w < 0: none).
-template <typename S, typename T>
-void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, ItemScratch<T>& s, T* d_bias,
+template <typename S, typename T, typename G>
+void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, ItemScratch<T>& s, T* d_bias,
                    double* d_qkv_bias, int64_t next_w, int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
@@ -375,8 +378,8 @@ void backward_item(const WindowAttentionArgs<S, T>& a, int64_t w, int64_t h, Ite
 // Item i is (window i / nH, head i % nH): consecutive items share windows, whose tokens are found once. `scratch`
 // holds ItemScratch<T>::size(N, hd) zeros, `tokens` ItemScratch<T>::token_size(N) integers.
 
-template <typename S, typename T>
-void forward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens) {
+template <typename S, typename T, typename G>
+void forward_items(const WindowAttentionArgs<S, T, G>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens) {
   ItemScratch<T> s(scratch, a.N, a.hd, tokens);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t next = i + 1;
@@ -384,8 +387,8 @@ void forward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t en
   }
 }
 
-template <typename S, typename T>
-void backward_items(const WindowAttentionArgs<S, T>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens,
+template <typename S, typename T, typename G>
+void backward_items(const WindowAttentionArgs<S, T, G>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens,
                     T* d_bias, double* d_qkv_bias) {
   ItemScratch<T> s(scratch, a.N, a.hd, tokens);
   for (int64_t i = begin; i < end; ++i) {

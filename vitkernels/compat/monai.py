@@ -1,24 +1,25 @@
 """Run the window attention of MONAI's ``SwinUNETR`` (and its ``SwinTransformer`` encoder) through vitkernels'
 fused op, in place.
 
-``patch_model(model)`` switches each 2D ``monai.networks.nets.swin_unetr.SwinTransformerBlock`` (``spatial_dims=2``)
-to a subclass whose ``forward_part1`` (the attention branch) is ``proj(window_attention(qkv(norm1(x))))`` on the
-unshifted, unpartitioned map: no roll, partition, mask or bias materialised, and no per-call mask rebuild. The rest
-of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and
-state-dict keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention -- its "v2" adds
-residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the classes.
+``patch_model(model)`` switches each ``monai.networks.nets.swin_unetr.SwinTransformerBlock`` -- 3D
+(``spatial_dims=3``, the usual SwinUNETR) and 2D -- to a subclass whose ``forward_part1`` (the attention branch) is
+``proj(window_attention(qkv(norm1(x))))`` on the unshifted, unpartitioned volume or map: no roll, partition, mask or
+bias materialised, and no per-call mask rebuild. 3D blocks run :func:`vitkernels.ops.window_attention_3d.
+window_attention_3d` (fused on CPU; the reference on other devices until a GPU 3D kernel exists), 2D blocks the 2D
+op. The rest of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters,
+buffers and state-dict keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention --
+its "v2" adds residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the
+classes.
 
 Exactly MONAI's semantics (see :mod:`vitkernels.reference.window_attention_3d`): the per-axis window shrink and shift
-drop of ``get_window_size``, zero padding *before* the cyclic shift, mask -100. Where a window shrinks along the first
-axis only, MONAI's sliced relative-position index is a standard index into a slice of the bias table, and the
-fused op gets that slice. Calls it cannot serve run MONAI's code: a window shrunk along a later axis (MONAI then
-gathers the bias with its full-window index sliced to ``[:n, :n]``, which no bias table reproduces), attention
-dropout while training, a shifted block called without ``mask_matrix``. A shifted block called with a mask assumes
-it is the mask MONAI's ``BasicLayer`` builds (``compute_mask``), which the op computes from coordinates.
-
-3D blocks (``spatial_dims=3``, the usual SwinUNETR) stay on MONAI's code until the fused 3D op exists (its
-semantics are :mod:`vitkernels.reference.window_attention_3d`); ``patch_model`` says so in a
-:class:`NotPatchedWarning`.
+drop of ``get_window_size`` (per input size, at each call), zero padding *before* the cyclic shift (padded tokens
+carry the qkv Linear's bias), mask -100. Where a window shrinks along the first axis only, MONAI's sliced
+relative-position index is a standard index into a slice of the bias table, and the fused op gets that slice. Calls
+it cannot serve exactly run MONAI's code: a window shrunk along a later axis (MONAI then gathers the bias with its
+full-window index sliced to ``[:n, :n]``, which no bias table reproduces: e.g. a 3D volume with H or W <= the
+window), attention dropout while training, a shifted block called without ``mask_matrix``. A shifted block called
+with a mask assumes it is the mask MONAI's ``BasicLayer`` builds (``compute_mask``), which the op computes from
+coordinates.
 
 ``monai`` (and ``einops``, which SwinUNETR needs) is imported only when needed (``pip install vitkernels[monai]``).
 """
@@ -38,26 +39,28 @@ from vitkernels.compat._patching import (
     unpatch_model,
 )
 from vitkernels.compat._window_attention import window_attention_pad_first
+from vitkernels.ops.window_attention_3d import window_attention_3d
 from vitkernels.reference.window_attention_3d import effective_window_and_shift, monai_equivalent_table
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
 _BLOCKS = {"SwinTransformerBlock": "monai.networks.nets.swin_unetr"}
-_3D_REASON = ("3D windows need vitkernels' fused 3D window attention, which does not exist yet (its semantics are "
-              "vitkernels.reference.window_attention_3d): left on MONAI's code")
-
-
 class _FusedSwinTransformerBlock(FusedModule):
-    """MONAI ``SwinTransformerBlock`` (2D) with ``forward_part1`` on the fused op."""
+    """MONAI ``SwinTransformerBlock`` (3D or 2D) with ``forward_part1`` on the fused op."""
 
     def forward_part1(self, x, mask_matrix):
         attn = self.attn
-        if x.dim() == 4 and not (self.training and attn.attn_drop.p > 0.0):
-            window, shift = effective_window_and_shift(x.shape[1:3], self.window_size, self.shift_size)
+        dims = x.dim() - 2
+        if dims == len(attn.window_size) and dims in (2, 3) and not (self.training and attn.attn_drop.p > 0.0):
+            window, shift = effective_window_and_shift(x.shape[1:-1], self.window_size, self.shift_size)
             table = monai_equivalent_table(attn.relative_position_bias_table, attn.window_size, window)
             if table is not None and (mask_matrix is not None or not any(shift)):
-                out = window_attention_pad_first(self.norm1(x), attn.qkv.weight, attn.qkv.bias, table, window, shift,
-                                                 attn.num_heads, attn.scale, self.vitkernels_backend)
+                if dims == 3:  # the op pads before its shift itself; padded tokens get the qkv Linear's bias
+                    out = window_attention_3d(attn.qkv(self.norm1(x)), table, window, shift, attn.num_heads,
+                                              attn.scale, attn.qkv.bias, True, backend=self.vitkernels_backend)
+                else:
+                    out = window_attention_pad_first(self.norm1(x), attn.qkv.weight, attn.qkv.bias, table, window,
+                                                     shift, attn.num_heads, attn.scale, self.vitkernels_backend)
                 return attn.proj_drop(attn.proj(out))
         return super().forward_part1(x, mask_matrix)
 
@@ -66,11 +69,11 @@ _FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock
 
 
 def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Switch every 2D MONAI Swin block inside ``model`` (or ``model`` itself) to the fused attention, in place.
+    """Switch every MONAI Swin block (3D or 2D) inside ``model`` (or ``model`` itself) to the fused attention, in
+    place.
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``), stored on each block as
-    ``block.vitkernels_backend``. 3D blocks are left as they are, with a :class:`NotPatchedWarning`. Patching twice
-    is harmless (only the backend is updated). Returns ``model``.
+    ``block.vitkernels_backend``. Patching twice is harmless (only the backend is updated). Returns ``model``.
     """
 
     def patch_one(module: nn.Module) -> Optional[str]:
@@ -79,8 +82,8 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
             return None
         if not _FUSED.matches(type(module)):
             return None
-        if len(module.attn.window_size) != 2:
-            return _3D_REASON
+        if len(module.attn.window_size) not in (2, 3):
+            return f"{len(module.attn.window_size)}D windows: only 2D and 3D Swin blocks have a fused attention"
         switch_class(module, _FUSED.fused(type(module)), backend)
         return None
 

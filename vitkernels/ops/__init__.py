@@ -14,5 +14,6 @@ from vitkernels.ops import msn_loss  # noqa: F401
 from vitkernels.ops import patch_embed  # noqa: F401
 from vitkernels.ops import patch_merging  # noqa: F401
 from vitkernels.ops import window_attention  # noqa: F401
+from vitkernels.ops import window_attention_3d  # noqa: F401
 from vitkernels.ops import window_attention_v2  # noqa: F401
 from vitkernels.ops import window_partition  # noqa: F401

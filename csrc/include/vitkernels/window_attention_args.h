@@ -26,6 +26,7 @@ struct WindowAttentionProblem {
   int64_t N, nH, hd, C;  // tokens per window, heads, head dim, nH * hd
   int64_t windows() const { return g.B * g.windows_per_image(); }
   std::vector<int64_t> out_shape() const { return {g.B, g.H, g.W, C}; }
+  bool shifted() const { return g.shift_h > 0 || g.shift_w > 0; }
 };
 
 inline void check_same_device(const char* op, const at::Tensor& qkv, const at::Tensor& t, const char* name) {
@@ -123,7 +124,7 @@ inline void check_window_attention_backward_args(const char* op, const WindowAtt
 
 // What a padded token's q, k, v are: the qkv bias in qkv's dtype, or zeros.
 inline at::Tensor window_attention_pad_row(const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
-  return qkv_bias.has_value() ? qkv_bias->to(qkv.scalar_type()).contiguous() : at::zeros({qkv.size(3)}, qkv.options());
+  return qkv_bias.has_value() ? qkv_bias->to(qkv.scalar_type()).contiguous() : at::zeros({qkv.size(-1)}, qkv.options());
 }
 
 }  // namespace vitkernels

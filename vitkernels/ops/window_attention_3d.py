@@ -1,0 +1,206 @@
+"""Op: 3D (volumetric / video) shifted-window attention, from the qkv Linear's output in original (B, D, H, W) token
+order to the attention output in original order (MONAI SwinUNETR, Video Swin; see
+:mod:`vitkernels.reference.window_attention_3d` for the exact semantics).
+
+Backends:
+
+* ``reference`` -- :func:`vitkernels.reference.window_attention_3d.window_attention_3d` (pad, roll, partition,
+  materialised bias and 27-region mask, softmax, reverse: MONAI's arithmetic).
+* ``native`` -- ``torch.ops.vitkernels.window_attention_3d`` (+ ``_backward``) from ``csrc/cpu/window_attention_3d.cpp``:
+  the 2D op's CPU kernel (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) over a 3D window addressing. CPU only.
+* ``triton`` -- none yet, and no CUDA kernel either: on GPUs the reference serves the call (the dispatcher says so).
+
+The native op folds padding and shift (in either order) and the partition into its addressing, gathers the bias
+from the table by index math and computes the mask from padded token coordinates; forward saves the row
+log-sum-exp, the backward recomputes the softmax from it. Second-order gradients are refused (reference backend).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from vitkernels import _native, dispatch
+from vitkernels._validation import INT64_MAX, check_int, check_same_device, check_shape, check_tensor
+from vitkernels.ops._library import refuse_double_backward
+from vitkernels.reference import window_attention_3d as reference
+
+IntTriple = Union[int, Sequence[int]]
+
+op = dispatch.op(
+    "window_attention_3d",
+    "3D (volumetric) shifted-window attention with relative position bias, qkv -> out (B, D, H, W, C)",
+)
+op.mark_missing("triton", "no Triton kernel of 3D window attention yet (CPU native and reference only)")
+
+
+def window_attention_3d(
+    qkv: torch.Tensor,
+    relative_position_bias_table: torch.Tensor,
+    window_size: IntTriple,
+    shift_size: IntTriple,
+    num_heads: int,
+    scale: Optional[float] = None,
+    qkv_bias: Optional[torch.Tensor] = None,
+    pad_before_shift: bool = True,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """3D shifted-window multi-head attention with relative position bias, in original (B, D, H, W) token order.
+
+    Args:
+        qkv: (B, D, H, W, 3 * num_heads * head_dim), output of the qkv Linear on the unshifted volume; channel
+            ``s * nH * hd + h * hd + d`` holds q (s=0), k (s=1), v (s=2) of head h.
+        relative_position_bias_table: ((2wd-1)(2wh-1)(2ww-1), num_heads); any float dtype.
+        window_size: ``w`` or ``(wd, wh, ww)``. shift_size: ``s`` or ``(sd, sh, sw)`` with ``0 <= shift < window``
+            per axis; a non-zero shift applies the cyclic shift and the 27-region mask (-100 across regions).
+            MONAI's per-input window shrinking is the caller's (:func:`vitkernels.reference.window_attention_3d.
+            effective_window_and_shift`).
+        num_heads: nH.
+        scale: multiplies q before q @ k^T; default ``head_dim ** -0.5``.
+        qkv_bias: (3 * nH * hd,) q, k, v of padded tokens when D, H or W is not a multiple of the window (the qkv
+            Linear's bias: the models zero-pad before the Linear); None means zeros.
+        pad_before_shift: True (MONAI, Video Swin): pad, then roll; False (timm's 2D order): roll, then pad.
+        backend: see :mod:`vitkernels.dispatch`.
+
+    Returns:
+        (B, D, H, W, num_heads * head_dim), dtype of ``qkv``: ``softmax(scale q k^T + bias + mask) v`` per window
+        and head, windows reversed into the original order.
+    """
+    window, shift, scale, call = _checked_call(
+        qkv, relative_position_bias_table, window_size, shift_size, num_heads, scale, qkv_bias, pad_before_shift
+    )
+    impl = op.select(call, backend)
+    return impl(qkv, relative_position_bias_table, list(window), list(shift), num_heads, float(scale), qkv_bias,
+                bool(pad_before_shift))
+
+
+def _to_triple(name: str, value: IntTriple, minimum: int) -> Tuple[int, int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a triple of ints, got {value!r}")
+    if isinstance(value, int):
+        triple = (value,) * 3
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 3:
+        triple = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a triple of ints (d, h, w), got {value!r}")
+    for v in triple:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must contain ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
+    return tuple(int(v) for v in triple)
+
+
+def _checked_call(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias, pad_before_shift):
+    check_tensor("qkv", qkv, ndim=5)
+    check_tensor("relative_position_bias_table", table, ndim=2)
+    window = _to_triple("window_size", window_size, 1)
+    shift = _to_triple("shift_size", shift_size, 0)
+    if any(s >= w for s, w in zip(shift, window)):
+        raise ValueError(f"shift_size must be smaller than window_size per axis, got shift {shift} for window {window}")
+    check_int("num_heads", num_heads, minimum=1)
+    if not isinstance(pad_before_shift, bool):
+        raise TypeError(f"pad_before_shift must be a bool, got {pad_before_shift!r}")
+    B, D, H, W, three_c = qkv.shape
+    if D == 0 or H == 0 or W == 0:
+        raise ValueError(f"qkv must have a non-empty (D, H, W), got shape {tuple(qkv.shape)}")
+    if three_c == 0 or three_c % (3 * num_heads) != 0:
+        raise ValueError(
+            f"qkv.shape[-1] must be 3 * num_heads * head_dim with head_dim >= 1, got {three_c} with "
+            f"num_heads={num_heads}"
+        )
+    padded = reference.padded_size_3d((D, H, W), window)
+    N = window[0] * window[1] * window[2]
+    for what, value in (
+        ("tokens per window (wd * wh * ww)", N),
+        ("bias rows (num_heads * N * N)", num_heads * N * N),
+        ("partitioned elements (B * Dp * Hp * Wp * channels)", B * padded[0] * padded[1] * padded[2] * three_c),
+    ):
+        if value > INT64_MAX:
+            raise ValueError(f"window_size {window} is too large for a {D}x{H}x{W} volume: its {what} would be "
+                             f"{value}, more than int64 can index")
+    head_dim = three_c // (3 * num_heads)
+    rows = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+    check_shape("relative_position_bias_table", table, (rows, num_heads), "((2wd-1)*(2wh-1)*(2ww-1), num_heads)")
+    if qkv_bias is not None:
+        check_tensor("qkv_bias", qkv_bias, ndim=1)
+        check_shape("qkv_bias", qkv_bias, (three_c,), "qkv.shape[-1]")
+    check_same_device(qkv=qkv, relative_position_bias_table=table, qkv_bias=qkv_bias)
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {scale!r}")
+    call = dispatch.Call(
+        qkv.device,
+        qkv.dtype,
+        {"window_size": window, "shift_size": shift, "head_dim": head_dim, "num_heads": num_heads,
+         "tokens_per_window": N},
+    )
+    return window, shift, scale, call
+
+
+@op.register("reference")
+def _window_attention_3d_reference(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias,
+                                   pad_before_shift):
+    return reference.window_attention_3d(qkv, table, tuple(window_size), tuple(shift_size), num_heads, scale,
+                                         qkv_bias, pad_before_shift=pad_before_shift)
+
+
+# --- fake implementations and autograd of the native op ---------------------------------------------------------
+# forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale, pad_before_shift) -> (out, lse)
+# backward(grad_out, qkv, table, qkv_bias?, out, lse, window_size, shift_size, num_heads, scale, pad_before_shift)
+#     -> (grad_qkv, grad_table, grad_qkv_bias or an empty tensor)
+# lse is the (B * nW, nH, N) row log-sum-exp: fp32 (fp64 for fp64 inputs).
+
+def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, pad_before_shift):
+    B, D, H, W, three_c = qkv.shape
+    n_windows = B * -(-D // window_size[0]) * -(-H // window_size[1]) * -(-W // window_size[2])
+    tokens = window_size[0] * window_size[1] * window_size[2]
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return qkv.new_empty((B, D, H, W, three_c // 3)), qkv.new_empty((n_windows, num_heads, tokens), dtype=lse_dtype)
+
+
+def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale,
+                   pad_before_shift):
+    bias_grad = qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table, qkv_bias, *ctx.config = inputs  # window_size, shift_size, num_heads, scale, pad_before_shift
+    out, lse = output
+    ctx.has_bias = qkv_bias is not None
+    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+    grad_qkv, grad_table, grad_bias = torch.ops.vitkernels.window_attention_3d_backward(
+        grad_out.contiguous(), qkv, table, qkv_bias, out, lse, *ctx.config
+    )
+    return (grad_qkv, grad_table, grad_bias if ctx.has_bias else None) + (None,) * len(ctx.config)
+
+
+# --- native backend: csrc/cpu/window_attention_3d.cpp ----------------------------------------------------------------
+
+if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
+    torch.library.register_fake("vitkernels::window_attention_3d")(_forward_fake)
+    torch.library.register_fake("vitkernels::window_attention_3d_backward")(_backward_fake)
+    torch.library.register_autograd("vitkernels::window_attention_3d", _backward, setup_context=_setup_context)
+    refuse_double_backward(torch.ops.vitkernels.window_attention_3d_backward.default, "window_attention_3d", "native")
+
+    def _native_supports(call: dispatch.Call) -> Optional[str]:
+        if call.device.type != "cpu":
+            return "window_attention_3d has a CPU kernel only (no CUDA or Triton 3D kernel yet)"
+        return _native.native_unavailable_reason("window_attention_3d", call.device)
+
+    @op.register("native", _native_supports)
+    def _window_attention_3d_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias,
+                                    pad_before_shift):
+        out, _ = torch.ops.vitkernels.window_attention_3d(qkv, table, qkv_bias, window_size, shift_size, num_heads,
+                                                          scale, pad_before_shift)
+        return out
+
+else:
+    op.mark_missing("native", _native.IMPORT_ERROR or "vitkernels._C was built without window_attention_3d (rebuild it)")
