@@ -109,11 +109,9 @@ def _load_normalized(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.const
 @triton.jit
 def _normalize_rows_bwd(x_hat, g, norm, tau):
     """Cosine attention: the gradient of rows x from dL/dx^ = tau * g (g = dS k^ for queries, dS^T q^ for keys),
-    F.normalize's backward (the norm's gradient passes where |x| >= eps, the clamp's rule); and the rows'
-    ``x^ . g`` (summed over a window's queries: d tau)."""
-    dot = tl.sum(x_hat * g, 1)
-    g = tl.where((norm >= 1e-12)[:, None], g - x_hat * dot[:, None], g)
-    return g * (tau / tl.maximum(norm, 1e-12))[:, None], dot
+    F.normalize's backward (the norm's gradient passes where |x| >= eps, the clamp's rule)."""
+    g = tl.where((norm >= 1e-12)[:, None], g - x_hat * tl.sum(x_hat * g, 1)[:, None], g)
+    return g * (tau / tl.maximum(norm, 1e-12))[:, None]
 
 
 @triton.jit
@@ -136,7 +134,12 @@ def _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED: tl.cons
             PRECISION: tl.constexpr):
     """log2(e) * (scale q k^T + bias + mask): the bias tile is already log2-scaled, the mask only in boundary
     windows (a uniform branch: the same for every thread of the program)."""
-    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale + bias
+    return _mask(_dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale + bias, boundary, q_region, k_region, SHIFTED)
+
+
+@triton.jit
+def _mask(s, boundary, q_region, k_region, SHIFTED: tl.constexpr):
+    """Log2-scaled logits plus the shifted-window mask (-100 between regions) in a boundary window."""
     if SHIFTED:
         if boundary:
             s = tl.where(q_region[:, None] != k_region[None, :], s + (-100.0 * 1.4426950408889634), s)
@@ -246,15 +249,17 @@ def _window_attention_fwd_kernel(
 # --- backward ---------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias, boundary,
-               b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
+def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias,
+               boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
                KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
                HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                SHIFTED: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+               EXACT_DELTA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Keys [KSTART, KSTART + KC) of one window for one query tile: dQ += dS K, the bias partial += dS, and with
     the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums. COSINE: K is k^ (in
-    the storage dtype, q is q^), ``scale`` is tau, and dK goes through F.normalize's backward."""
+    the storage dtype, q is q^), ``scale`` is tau, dK goes through F.normalize's backward, and the rows' d tau
+    += rowsum(dS * q^ k^T) from the fp32 cosines (not from dS rounded for the dots: its terms largely cancel).
+    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O."""
     cols = KSTART + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
                                                      SHIFTED)
@@ -262,10 +267,18 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr,
     if COSINE:
         k = _normalize_rows(k)[0].to(k.dtype)
     v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
-    s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
+    if COSINE:
+        cos = _dot(q, tl.trans(k), DOT_FP32, PRECISION)
+        s = _mask(cos * qk_scale + bias, boundary, q_region, k_region, SHIFTED)
+    else:
+        s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
     p = tl.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    if EXACT_DELTA:
+        delta = tl.sum(p * dp, 1)
     ds = p * (dp - delta[:, None])
+    if COSINE:
+        d_tau += tl.sum(ds * cos, 1)
     dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
     d_rel += ds
     if WHOLE_WINDOW:
@@ -274,8 +287,7 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr,
         if COSINE:
             k_hat, k_norm = _load_normalized(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED,
                                              HAS_PAD_VALUES)
-            dk = _normalize_rows_bwd(k_hat, _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION), k_norm,
-                                     scale)[0]
+            dk = _normalize_rows_bwd(k_hat, _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION), k_norm, scale)
         else:
             dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION) * scale
         k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
@@ -285,7 +297,7 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr,
             is_pad = (k_valid & ~k_real)[:, None]
             dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
             dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
-    return dq, d_rel, dpad_k, dpad_v
+    return dq, d_rel, dpad_k, dpad_v, d_tau, delta
 
 
 @triton.jit
@@ -307,14 +319,19 @@ def _window_attention_bwd_kernel(
     CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
-    F.normalize's backward, and the program's d tau partial (sum over its windows and rows of q^ . dS k^) stored
-    at ``dtau_ptr[(g * tiles + qt) * NH + h]``."""
+    F.normalize's backward, and the program's d tau partial (sum over its windows of dS * q^ k^) stored at
+    ``dtau_ptr[(g * tiles + qt) * NH + h]``."""
     h, qt, g = _program_tile(NH, N, BLOCK_M)
     if COSINE:
         tau = tl.load(tau_ptr + h).to(tl.float32)
         qk_scale = qk_scale * tau
         scale = scale * tau
-        d_tau = tl.zeros((BLOCK_M,), tl.float32)
+    d_tau = tl.zeros((BLOCK_M,), tl.float32)  # COSINE: the rows' d tau over the program's windows (else unused)
+    # Cosine logits are tau (up to 100) x a cosine: P is peaked, dS = P (dP - delta) a small difference, and delta
+    # from the stored half-precision O (dO . O) is off by O's rounding in every row, an error that d tau (a sum
+    # of dS) keeps. With every key in one chunk the chunk computes delta = rowsum(P * dP) instead (consistent with
+    # its P: what eager softmax's backward does), and stores that one for the dK / dV kernel.
+    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0
     SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
     WHOLE_WINDOW: tl.constexpr = N <= BLOCK_M
     C = NH * HD
@@ -349,7 +366,7 @@ def _window_attention_bwd_kernel(
         o = tl.load(out_ptr + o_offs, mask=q_real[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stat = (w * NH + h) * N + rows
-        if not WHOLE_WINDOW:
+        if not WHOLE_WINDOW and not EXACT_DELTA:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
         if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
@@ -359,25 +376,27 @@ def _window_attention_bwd_kernel(
             if CHUNK2 > 0:
                 bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
         dq = tl.zeros((BLOCK_M, HD), tl.float32)
-        dq, d_rel0, dpad_k, dpad_v = _bwd_chunk(
-            dq, d_rel0, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0, boundary,
-            b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD, WH, WW,
-            SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
+        dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+            dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
+            boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD,
+            WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK1 > 0:
-            dq, d_rel1, dpad_k, dpad_v = _bwd_chunk(
-                dq, d_rel1, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
+            dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
                 boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0, CHUNK1, WHOLE_WINDOW,
-                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
+                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK2 > 0:
-            dq, d_rel2, dpad_k, dpad_v = _bwd_chunk(
-                dq, d_rel2, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
+            dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
                 boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0 + CHUNK1, CHUNK2,
-                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
+                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
+                PRECISION)
+        if EXACT_DELTA and not WHOLE_WINDOW:
+            tl.store(delta_ptr + stat, delta, mask=q_valid)
         if COSINE:
             q_hat, q_norm = _load_normalized(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED,
                                              HAS_PAD_VALUES)
-            dq, qg = _normalize_rows_bwd(q_hat, dq, q_norm, scale)
-            d_tau += tl.where(q_valid, qg, 0.0)
+            dq = _normalize_rows_bwd(q_hat, dq, q_norm, scale)
         else:
             dq = dq * scale
         tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], dq.to(dqkv_ptr.dtype.element_ty),
@@ -450,7 +469,7 @@ def _window_attention_bwd_dkdv_kernel(
         if COSINE:
             k_hat, k_norm = _load_normalized(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED,
                                              HAS_PAD_VALUES)
-            dk = _normalize_rows_bwd(k_hat, dk, k_norm, scale)[0]
+            dk = _normalize_rows_bwd(k_hat, dk, k_norm, scale)
         else:
             dk = dk * scale
         k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
@@ -533,7 +552,8 @@ def key_chunks(N: int) -> Tuple[int, int, int]:
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
-def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
+def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
+                 cosine: bool = False) -> Dict[str, LaunchConfig]:
     """Tiles, warps and stages of every window-attention kernel, by kernel name.
 
     Query tiles give each warp 16 rows (``num_warps = BLOCK_M / 16``: more warps would each need the whole key
@@ -546,6 +566,9 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
       head_dim 128, and head_dim 64 on sm_80).
     fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
+
+    ``cosine`` (Swin V2, the kernels' COSINE branches: an fp32 cosine tile per key chunk for d tau, row norms):
+    windows of 33 to 64 tokens take the two-kernel backward (the one-kernel one spills at ws 8, head_dim 32).
     """
     wide = dtype == torch.float32 or head_dim >= 128 or (head_dim >= 64 and target.capability < (9, 0))
     dkdv = LaunchConfig.of(num_warps=4, BLOCK_N=32, BLOCK_M=32 if wide else 64)
@@ -553,15 +576,17 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
         block = max(16, triton.next_power_of_2(N))
         fwd = LaunchConfig.of(num_warps=block // 16, BLOCK_M=block, KEY_CHUNK=block, HOIST_BIAS=1)
         table = {"_window_attention_fwd_kernel": fwd}
-        if (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64:
+        if not (cosine and block == 64) and (
+                (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64):
             # the whole backward in one kernel (8 warps for 64 rows: dK, dV, dQ and the bias partials in registers)
             table["_window_attention_bwd_kernel"] = LaunchConfig.of(
                 num_warps=8 if block == 64 else block // 16, BLOCK_M=block, HOIST_BIAS=1)
         else:
             # sm_80 (mma.sync: every warp holds its slice of both operands) with head_dim >= 64, and head_dim 128:
             # the one-kernel backward spills; dQ / bias partials over 32-row query tiles and a separate dK / dV
-            # kernel do not
-            table["_window_attention_bwd_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1)
+            # kernel do not (so for cosine attention's windows of 64 tokens: its d tau cosine tile)
+            table["_window_attention_bwd_kernel"] = (LaunchConfig.of(num_warps=8, BLOCK_M=16, HOIST_BIAS=1) if cosine
+                                                     else LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1))
             table["_window_attention_bwd_dkdv_kernel"] = dkdv
     else:
         fwd = LaunchConfig.of(num_warps=4, BLOCK_M=64, KEY_CHUNK=32, HOIST_BIAS=0)
@@ -593,9 +618,9 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
     return 16384  # the bias and bias-gradient kernels: a few KB
 
 
-def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> int:
+def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target, cosine: bool = False) -> int:
     """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
-    table = launch_table(N, head_dim, dtype, target)
+    table = launch_table(N, head_dim, dtype, target, cosine)
     consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
     e = torch.empty((), dtype=dtype).element_size()
     return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
@@ -637,11 +662,11 @@ _EXAMPLE_CASES = [
 ]
 
 
-def table_examples(op: str = "window_attention") -> List[Example]:
+def table_examples(op: str = "window_attention", cosine: bool = False) -> List[Example]:
     """Every configuration :func:`launch_table` returns, each with a tiny problem ``(case, dtype)``: for each gate
     target, fp32 and a half dtype, each head_dim class and each window class (also each key-chunk pattern of the dQ
-    kernel, so that every code path runs under the interpreter). ``op``: the op whose examples they are (the same
-    table serves Swin V2's cosine attention, :mod:`vitkernels.triton.window_attention_v2`)."""
+    kernel, so that every code path runs under the interpreter). ``op``, ``cosine``: the op whose examples they
+    are and its table (Swin V2's cosine attention, :mod:`vitkernels.triton.window_attention_v2`)."""
     out = []
     seen = set()
     for target in GATE_TARGETS:
@@ -650,7 +675,7 @@ def table_examples(op: str = "window_attention") -> List[Example]:
                 for case in _EXAMPLE_CASES:
                     B, H, W, nH, _, window, shift = case
                     N = window[0] * window[1]
-                    table = launch_table(N, hd, dtype, target)
+                    table = launch_table(N, hd, dtype, target, cosine)
                     key = (target.arch, dtype, key_chunks(N), tuple(sorted(table.items())))
                     if key in seen:
                         continue
@@ -688,7 +713,7 @@ class _Problem:
         self.hd = three_c // (3 * num_heads)
         self.N = self.g.tokens_per_window
         self.target = device_target(qkv.device)
-        self.table = launch_table(self.N, self.hd, qkv.dtype, self.target)
+        self.table = launch_table(self.N, self.hd, qkv.dtype, self.target, cosine)
         self.runtime, consts = window_kernel_args(self.g)
         self.NP = -(-self.N // 64) * 64  # the dense bias is (nH, NP, NP): every query / key tile lies inside it
         chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))

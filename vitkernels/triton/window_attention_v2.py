@@ -31,15 +31,16 @@ from vitkernels.triton.window_attention import table_examples as _v1_table_examp
 
 
 def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
-    """V1's table (:func:`vitkernels.triton.window_attention.launch_table`): the cosine branches add a row
-    normalisation per q / k tile and, in the backward, a reload of the rows for F.normalize's backward, no tiles
-    held across the loops; the compile gate compiles every configuration with COSINE set for sm_80 / sm_90."""
-    return _v1_launch_table(N, head_dim, dtype, target)
+    """V1's table with ``cosine`` (:func:`vitkernels.triton.window_attention.launch_table`): the cosine branches
+    add a row normalisation per q / k tile, an fp32 cosine tile per key chunk in the dQ kernel and, in the backward,
+    a reload of the rows for F.normalize's backward; the compile gate compiles every configuration with COSINE
+    set for sm_80 / sm_90."""
+    return _v1_launch_table(N, head_dim, dtype, target, cosine=True)
 
 
 def table_examples() -> List[Example]:
     """Every configuration :func:`launch_table` returns, each with a tiny problem ``(case, dtype)``, as V1's."""
-    return _v1_table_examples("window_attention_v2")
+    return _v1_table_examples("window_attention_v2", cosine=True)
 
 
 def window_attention_v2_fwd(
