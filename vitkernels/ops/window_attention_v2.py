@@ -16,8 +16,8 @@ Backends:
   ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1) and
   ``csrc/cuda/window_attention_v2.cu`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
   compile-checked, not yet run on a GPU).
-* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching the kernels of
-  :mod:`vitkernels.triton.window_attention_v2`.
+* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching V1's window
+  attention kernels with their cosine branch (:mod:`vitkernels.triton.window_attention_v2`).
 """
 from __future__ import annotations
 

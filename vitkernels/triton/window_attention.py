@@ -35,6 +35,14 @@ once, before the loop over its windows.
   (i, j) with ``rel(i, j) = r``, in a fixed order: deterministic (no atomics anywhere).
 
 Padded tokens' dK and dV are summed into the qkv-bias gradient by per-program partials (padded queries have dO = 0).
+
+Swin V2 (:mod:`vitkernels.triton.window_attention_v2`) runs these kernels with the ``COSINE`` constexpr: q and k rows
+normalised (F.normalize, eps 1e-12; the dot operands q^, k^ in the storage dtype), ``scale`` replaced by the head's
+``tau`` (an (nH,) tensor), dQ / dK through F.normalize's backward (the rows reloaded for it, not held), and d tau as
+per-program partials of ``sum dS * q^ k^T`` (fp32 cosines) summed in a fixed order; where one key chunk holds the
+window, delta = rowsum(P * dP) (with tau up to 100, delta from the stored half-precision O costs d tau its
+accuracy). With COSINE false every cosine branch is compiled out. Its launch table is :func:`launch_table` with
+``cosine``.
 """
 from __future__ import annotations
 
