@@ -46,6 +46,24 @@ def _window_attention(case):
     return call, inputs, run
 
 
+def _window_attention_v2(case):
+    B, H, W, nH, hd, window, shift = case
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(B, H, W, 3 * nH * hd, generator=gen),
+              16 * torch.rand((2 * window[0] - 1) * (2 * window[1] - 1), nH, generator=gen),
+              torch.exp(torch.rand(nH, generator=gen) * 4.6),
+              torch.randn(3 * nH * hd, generator=gen)]
+    call = dispatch.Call(torch.device(DEV), torch.float32, {"window_size": window, "shift_size": shift,
+                                                            "head_dim": hd, "num_heads": nH,
+                                                            "tokens_per_window": window[0] * window[1]})
+
+    def run(backend):
+        return lambda qkv, table, scale, bias: vitkernels.window_attention_v2(qkv, table, scale, window, shift, nH,
+                                                                              qkv_bias=bias, backend=backend)
+
+    return call, inputs, run
+
+
 def _window_partition(case):
     B, H, W, C, window, shift = case
     x = torch.randn(B, H, W, C, generator=torch.Generator().manual_seed(0))
@@ -135,6 +153,10 @@ CASES = [  # (name, dispatch op(s), builder, case): every op with a backward, sh
     ("window_attention-ws7-shift-pad", ("window_attention",), _window_attention, (2, 9, 17, 2, 16, (7, 7), (3, 3))),
     ("window_attention-ws12-two-kernels", ("window_attention",), _window_attention,
      (1, 13, 12, 1, 16, (12, 12), (6, 6))),
+    ("window_attention_v2-ws7-shift-pad", ("window_attention_v2",), _window_attention_v2,
+     (2, 9, 17, 2, 16, (7, 7), (3, 3))),
+    ("window_attention_v2-ws12-two-kernels", ("window_attention_v2",), _window_attention_v2,
+     (1, 13, 12, 1, 16, (12, 12), (6, 6))),
     ("window_partition", ("window_partition", "window_reverse"), _window_partition, (2, 9, 10, 5, (7, 7), (3, 3))),
     ("patch_embed", ("patch_embed",), _patch_embed, (3, 3, 32, 48, 24, 8)),
     ("masking", ("random_masking", "mae_unshuffle", "msn_patch_drop"), _masking, (3, 20, 12, 0.6)),
@@ -143,19 +165,19 @@ CASES = [  # (name, dispatch op(s), builder, case): every op with a backward, sh
     ("msn_loss", ("msn_loss",), _msn_loss, (3, 2, 40, 12)),
 ]
 # every (case, backend) whose ops all have that backend registered (a backend an op does not have is not a test)
-PARAMS = [pytest.param(builder, case, backend, id=f"{name}-{backend}")
+PARAMS = [pytest.param(builder, case, backend, ops[0], id=f"{name}-{backend}")
           for name, ops, builder, case in CASES
           for backend in ("reference", "native", "triton")
           if all(backend in dispatch.REGISTRY[op].implementations for op in ops)]
 
 
-@pytest.mark.parametrize("builder,case,backend", PARAMS)
-def test_two_backward_runs_are_bitwise_equal(builder, case, backend):
+@pytest.mark.parametrize("builder,case,backend,op", PARAMS)
+def test_two_backward_runs_are_bitwise_equal(builder, case, backend, op):
     call, inputs, run = builder(case)
     if backend == "triton":
         triton_interpreter_or_cuda(DEV)
     elif call is not None and backend == "native":
-        reason = dispatch.REGISTRY["window_attention"].reasons(call)["native"]
+        reason = dispatch.REGISTRY[op].reasons(call)["native"]
         if reason is not None:
             pytest.skip(reason)
     inputs = [t.to(DEV) for t in inputs]

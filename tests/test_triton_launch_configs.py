@@ -30,10 +30,12 @@ def _modules():
         msn_loss,
         patch_embed,
         window_attention,
+        window_attention_v2,
         window_partition,
     )
 
-    return [window_attention, window_partition, patch_embed, masking, mae_loss, dino_loss, msn_loss]
+    return [window_attention, window_attention_v2, window_partition, patch_embed, masking, mae_loss, dino_loss,
+            msn_loss]
 
 
 EXAMPLES = [ex for module in _modules() for ex in module.table_examples()]
@@ -67,8 +69,23 @@ def _forward_backward(fn, inputs, grad_seed=0):
     return outs, grads
 
 
-def _compare(run, make_inputs, dtype):
-    """Run ``run(backend, *inputs)`` on Triton (inputs in ``dtype``) and the reference (float64 / fp32)."""
+def _check_against_eager(ours, eager, ref, dtype, name, ratio):
+    """Half dtypes, by flash-attn's rule: ``ours``' error at most ``ratio`` x eager PyTorch's own error in ``dtype``
+    plus 1e-3 of the magnitude (for ops whose half-precision error eager PyTorch shares, e.g. logits of a cosine
+    times 100)."""
+    assert ours.shape == ref.shape, name
+    assert torch.isfinite(ours).all(), name
+    ours_err = (ours.float() - ref.float()).abs().max().item()
+    eager_err = (eager.float() - ref.float()).abs().max().item()
+    bound = ratio * eager_err + 1e-3 * max(1.0, ref.abs().max().item())
+    assert ours_err <= bound, f"{name}: error {ours_err:.3g} > {ratio} x eager {eager_err:.3g} (+1e-3 x magnitude)"
+
+
+def _compare(run, make_inputs, dtype, eager_ratios=None):
+    """Run ``run(backend, *inputs)`` on Triton (inputs in ``dtype``) and the reference (float64 / fp32).
+
+    ``eager_ratios`` (half dtypes only): check by :func:`_check_against_eager` instead of fixed tolerances,
+    ``eager_ratios[i]`` for result i (outputs, then gradients), ``eager_ratios[None]`` for the others."""
     base = make_inputs()
 
     def cast(to):
@@ -78,6 +95,16 @@ def _compare(run, make_inputs, dtype):
     ours_in, ref_in = cast(dtype), cast(reference_dtype(dtype))
     outs, grads = _forward_backward(lambda *a: run("triton", *a), ours_in)
     ref_outs, ref_grads = _forward_backward(lambda *a: run("reference", *a), ref_in)
+    if eager_ratios is not None and dtype in (torch.float16, torch.bfloat16):
+        eager_outs, eager_grads = _forward_backward(lambda *a: run("reference", *a), cast(dtype))
+        leaves = [t for t in ours_in if t.requires_grad]
+        ours_all = list(outs) + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        eager_all = list(eager_outs) + [torch.zeros_like(t) if g is None else g for g, t in zip(eager_grads, leaves)]
+        ref_all = list(ref_outs) + [torch.zeros_like(t, dtype=reference_dtype(dtype)) if g is None else g
+                                    for g, t in zip(ref_grads, leaves)]
+        for i, (o, e, r) in enumerate(zip(ours_all, eager_all, ref_all)):
+            _check_against_eager(o, e, r, dtype, f"result {i}", eager_ratios.get(i, eager_ratios[None]))
+        return
     for i, (o, r) in enumerate(zip(outs, ref_outs)):
         if o.is_floating_point():
             _check(o, r, dtype if o.dtype == dtype else torch.float32, f"output {i}")
@@ -107,6 +134,34 @@ def _run_window_attention(problem):
         return vitkernels.window_attention(qkv, table, window, shift, nH, qkv_bias=bias, backend=backend)
 
     _compare(run, make, dtype)
+
+
+def _run_window_attention_v2(problem):
+    (B, H, W, nH, hd, window, shift), dtype = problem
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        C = nH * hd
+        # the bias table in (0, 16) as 16 * sigmoid, tau in [1, 100] (the clamp's top for the last head)
+        scale = torch.exp(torch.rand(nH, generator=g) * 4.6)
+        scale[-1] = 100.0
+        return [torch.randn(B, H, W, 3 * C, generator=g).requires_grad_(),
+                (16 * torch.rand((2 * window[0] - 1) * (2 * window[1] - 1), nH, generator=g)).requires_grad_(),
+                scale.requires_grad_(),
+                torch.randn(3 * C, generator=g).requires_grad_()]
+
+    def run(backend, qkv, table, scale, bias):
+        return vitkernels.window_attention_v2(qkv, table, scale, window, shift, nH, qkv_bias=bias, backend=backend)
+
+    # Half dtypes: logits of tau (up to 100) x a cosine of rounded unit vectors; eager PyTorch's error is of the
+    # same order, so the bound is relative to it (as tests/test_window_attention_v2.py). The interpreter truncates
+    # fp32 -> bf16 casts instead of rounding (3x there), and the truncated bf16 output O biases every
+    # delta = dO . O alike, an error the tau gradient (result 3), a sum over the window, keeps.
+    interpreted = DEV == "cpu"
+    ratios = {None: 3.0 if interpreted else 2.0}
+    if interpreted and dtype == torch.bfloat16:
+        ratios[3] = 6.0
+    _compare(run, make, dtype, eager_ratios=ratios)
 
 
 def _run_window_partition(problem):
@@ -215,6 +270,7 @@ def _run_msn_loss(problem):
 
 RUNNERS = {
     "window_attention": _run_window_attention,
+    "window_attention_v2": _run_window_attention_v2,
     "window_partition": _run_window_partition,
     "patch_embed": _run_patch_embed,
     "masking": _run_masking,
@@ -250,7 +306,7 @@ def _sweep(module):
     name = module.__name__.rsplit(".", 1)[1]
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for target in GATE_TARGETS:
-        if name == "window_attention":
+        if name in ("window_attention", "window_attention_v2"):
             for N in range(1, 257):
                 for hd in (16, 32, 64, 128):
                     for dtype in dtypes:

@@ -314,7 +314,7 @@ TRITON_CASES = [  # (B, H, W, num_heads, head_dim, window, shift)
     (2, 5, 11, 1, 16, (3, 4), (1, 2)),     # non-square window, several images
     (1, 12, 9, 1, 16, (4, 4), (2, 0)),     # shift on one axis only
     (1, 8, 8, 1, 32, (8, 8), (0, 0)),      # one window, head_dim 32
-    (1, 13, 12, 1, 16, (12, 12), (6, 6)),  # ws 12: N = 144 > one query tile (atomic bias-gradient path), padding
+    (1, 13, 12, 1, 16, (12, 12), (6, 6)),  # ws 12: N = 144 > one query tile (dQ and dK / dV kernels), padding
 ]
 TRITON_SINGLE_WINDOW_CASES = [  # one window each, so the interpreter stays fast
     (1, 16, 16, 1, 32, (16, 16), (8, 8)),  # N = 256, swinv2 window 16

@@ -69,6 +69,23 @@ def _window_attention(problem) -> None:
     wa.window_attention_bwd(meta(B, H, W, C, dtype=dtype), qkv, table, bias, out, lse, window, shift, nH, scale)
 
 
+def _window_attention_v2(problem) -> None:
+    from vitkernels.triton import window_attention_v2 as wa
+
+    # (case, dtype[, parameter dtype[, also the inference forward]]): V1's kernels with COSINE set
+    (B, H, W, nH, hd, window, shift), dtype = problem[:2]
+    param_dtype = problem[2] if len(problem) > 2 else dtype
+    C = nH * hd
+    qkv = meta(B, H, W, 3 * C, dtype=dtype)
+    table = meta((2 * window[0] - 1) * (2 * window[1] - 1), nH, dtype=param_dtype)
+    scale = meta(nH, dtype=param_dtype)
+    bias = meta(3 * C, dtype=param_dtype)
+    out, lse = wa.window_attention_v2_fwd(qkv, table, scale, bias, window, shift, nH, need_lse=True)
+    if len(problem) > 3 and problem[3]:
+        wa.window_attention_v2_fwd(qkv, table, scale, bias, window, shift, nH, need_lse=False)
+    wa.window_attention_v2_bwd(meta(B, H, W, C, dtype=dtype), qkv, table, scale, bias, out, lse, window, shift, nH)
+
+
 def _window_partition(problem) -> None:
     from vitkernels.triton import window_partition as wp
 
@@ -135,6 +152,7 @@ def _mae_loss(problem) -> None:
 
 INVOKERS: Dict[str, Callable[[Any], None]] = {
     "window_attention": _window_attention,
+    "window_attention_v2": _window_attention_v2,
     "window_partition": _window_partition,
     "patch_embed": _patch_embed,
     "dino_loss": _dino_loss,
@@ -152,10 +170,12 @@ def _table_modules():
         msn_loss,
         patch_embed,
         window_attention,
+        window_attention_v2,
         window_partition,
     )
 
-    return [window_attention, window_partition, patch_embed, masking, mae_loss, dino_loss, msn_loss]
+    return [window_attention, window_attention_v2, window_partition, patch_embed, masking, mae_loss, dino_loss,
+            msn_loss]
 
 
 def extreme_problems() -> List[Tuple[str, str, Any]]:
@@ -165,16 +185,30 @@ def extreme_problems() -> List[Tuple[str, str, Any]]:
     for ws, hd, dtype in ((16, 128, torch.float32), (16, 128, torch.bfloat16), (12, 128, torch.float32),
                           (7, 128, torch.float32)):
         name = str(dtype).replace("torch.", "")
-        out.append(("window_attention", f"extreme ws{ws} hd{hd} {name}",
-                    ((2, 2 * ws + 1, 2 * ws, 2, hd, (ws, ws), (ws // 2, ws // 2)), dtype)))
+        for op in ("window_attention", "window_attention_v2"):
+            out.append((op, f"extreme {'v2 ' if op.endswith('v2') else ''}ws{ws} hd{hd} {name}",
+                        ((2, 2 * ws + 1, 2 * ws, 2, hd, (ws, ws), (ws // 2, ws // 2)), dtype)))
+    # Swin V2 at window 16, head_dim 64 (no SwinV2 model has it: all use head_dim 32): the cosine dQ kernel's
+    # 16-row tiles over two 128-key chunks spill on sm_90 (80 bytes at the time of writing), reported, not gated
+    for dtype in (torch.bfloat16, torch.float16):
+        out.append(("window_attention_v2", f"v2 ws16 hd64 {str(dtype).replace('torch.', '')}",
+                    ((32, 128, 128, 2, 64, (16, 16), (8, 8)), dtype)))
     return out
 
 
 def headline_problems() -> List[Tuple[str, str, Any, Tuple[Target, ...]]]:
     """(op, label, problem, targets) of the headline configurations and the benchmark-suite shapes: window
     attention at ws 7 / 12, head_dim 32 / 64 in bf16 on sm_80 and sm_90 and in fp16 on sm_90 (the examples compile
-    fp16 on sm_80), and each op's benchmark shapes (GPU sizes and dtypes of benchmarks/bench_<op>.py) on both."""
+    fp16 on sm_80); Swin V2 window attention (SwinV2-T's windows 8 and 16) at ws 8 hd 32, ws 16 hd 32 in bf16 and
+    fp16 on both; and each op's benchmark shapes (GPU sizes and dtypes of benchmarks/bench_<op>.py) on both."""
     out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        for ws, hd in ((8, 32), (16, 32)):
+            nH = 3 if hd == 32 else 2
+            side = 8 * ws
+            out.append(("window_attention_v2", f"headline v2 ws{ws} hd{hd} {name}",
+                        ((32, side, side, nH, hd, (ws, ws), (ws // 2, ws // 2)), dtype), GATE_TARGETS))
     for dtype, targets in ((torch.bfloat16, GATE_TARGETS), (torch.float16, (SM90,))):
         name = str(dtype).replace("torch.", "")
         for ws in (7, 12):
@@ -192,6 +226,11 @@ def headline_problems() -> List[Tuple[str, str, Any, Tuple[Target, ...]]]:
          ((128, 14, 14, 12, 32, (7, 7), (3, 3)), bf16, fp32, True)),
         ("window_attention", "swin-b 384 stage1 96x96 C128 h4 ws12", ((32, 96, 96, 4, 32, (12, 12), (6, 6)), bf16,
                                                                       fp32, True)),
+        # Swin V2 window attention: benchmarks/bench_swin_v2.py's op shapes (bf16 qkv, fp32 table / scale / bias)
+        ("window_attention_v2", "bench swinv2-t stage1 64x64 C96 h3 ws8",
+         ((128, 64, 64, 3, 32, (8, 8), (4, 4)), bf16, fp32)),
+        ("window_attention_v2", "bench swinv2-b stage1 64x64 C128 h4 ws16",
+         ((32, 64, 64, 4, 32, (16, 16), (8, 8)), bf16, fp32)),
         ("window_partition", "bench swin-t stage1 56x56x96 ws7", (128, 56, 56, 96, (7, 7), (3, 3), bf16)),
         ("window_partition", "bench swin-t stage3 14x14x384 ws7", (128, 14, 14, 384, (7, 7), (3, 3), bf16)),
         ("patch_embed", "bench vit-b16 224 b256 bf16", (256, 3, 224, 224, 768, (16, 16), False, 1, bf16)),
@@ -277,6 +316,8 @@ def _compile(index: int) -> Dict[str, Any]:
     start, cpu = time.time(), _cpu_seconds()
     row = kernel_resources.compile_launch(item.launch, item.target.arch, keep_dir=os.environ.get("GATE_KEEP_DIR"))
     row["headline"] = item.headline
+    if item.launch.kwargs.get("COSINE"):  # Swin V2's cosine attention: V1's kernels, their own compile
+        row["config"] += " COSINE"
     row["extra"]["problems"] = item.problems
     if row["kernel"].startswith("_window_attention_"):
         from vitkernels.triton.window_attention import shared_memory_bound
@@ -336,7 +377,8 @@ def markdown(rows: List[Dict[str, Any]], failures: List[str], seconds: float) ->
         "`-Xptxas -v`. Registers per thread, spill stores and stack frame in bytes per thread, shared memory in "
         "bytes per block (limits: sm_80 166912, sm_90 232448). `tensor core`: mma / wgmma instructions present. "
         "`SASS` (Triton): static instructions of the kernel / of its outermost loop body (per warp; for window "
-        "attention the loop body is one window's work). **bold**: headline configuration (must not spill).",
+        "attention the loop body is one window's work). `COSINE`: a window-attention kernel's Swin V2 (scaled "
+        "cosine) variant. **bold**: headline configuration (must not spill).",
         "",
         f"{len(rows)} rows, {len(failures)} failures; {seconds:.0f} s wall, "
         f"{sum((r.get('extra') or {}).get('cpu_s', 0.0) for r in rows):.0f} s CPU.",

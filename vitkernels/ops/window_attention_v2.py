@@ -16,8 +16,8 @@ Backends:
   ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1) and
   ``csrc/cuda/window_attention_v2.cu`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
   compile-checked, not yet run on a GPU).
-* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching the kernels of
-  :mod:`vitkernels.triton.window_attention_v2`.
+* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching V1's window
+  attention kernels with their cosine branch (:mod:`vitkernels.triton.window_attention_v2`).
 """
 from __future__ import annotations
 
@@ -180,8 +180,8 @@ else:
 
 if HAS_TRITON:
     from vitkernels.ops._library import kernel_op
-    from vitkernels.reference.window_attention import relative_position_index
     from vitkernels.triton import window_attention_v2 as triton_kernels
+    from vitkernels.triton._launch import device_target
 
     @kernel_op("vitkernels::triton_window_attention_v2")
     def triton_window_attention_v2(
@@ -211,9 +211,8 @@ if HAS_TRITON:
         num_heads: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of qkv, bias_table, scale and qkv_bias (an empty tensor when there is no qkv_bias)."""
-        index = relative_position_index(window_size[0], window_size[1], device=qkv.device)
         grad_qkv, grad_table, grad_scale, grad_bias = triton_kernels.window_attention_v2_bwd(
-            grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_size, shift_size, num_heads, index
+            grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_size, shift_size, num_heads
         )
         return grad_qkv, grad_table, grad_scale, grad_bias if grad_bias is not None else qkv.new_empty(0)
 
@@ -223,7 +222,7 @@ if HAS_TRITON:
         reason = triton_unavailable_reason(call.device)
         if reason is None and "head_dim" in call.details:  # reports (vitkernels.info) ask without shapes
             reason = triton_kernels.supported_reason(
-                call.details["head_dim"], call.details["tokens_per_window"], call.dtype
+                call.details["head_dim"], call.details["tokens_per_window"], call.dtype, device_target(call.device)
             )
         return reason
 

@@ -35,6 +35,14 @@ once, before the loop over its windows.
   (i, j) with ``rel(i, j) = r``, in a fixed order: deterministic (no atomics anywhere).
 
 Padded tokens' dK and dV are summed into the qkv-bias gradient by per-program partials (padded queries have dO = 0).
+
+Swin V2 (:mod:`vitkernels.triton.window_attention_v2`) runs these kernels with the ``COSINE`` constexpr: q and k rows
+normalised (F.normalize, eps 1e-12; the dot operands q^, k^ in the storage dtype), ``scale`` replaced by the head's
+``tau`` (an (nH,) tensor), dQ / dK through F.normalize's backward (the rows reloaded for it, not held), and d tau as
+per-program partials of ``sum dS * q^ k^T`` (fp32 cosines) summed in a fixed order; where one key chunk holds the
+window, delta = rowsum(P * dP) (with tau up to 100, delta from the stored half-precision O costs d tau its
+accuracy). With COSINE false every cosine branch is compiled out. Its launch table is :func:`launch_table` with
+``cosine``.
 """
 from __future__ import annotations
 
@@ -90,6 +98,31 @@ def _load_tokens(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.constexpr
 
 
 @triton.jit
+def _normalize_rows(x):
+    """F.normalize over the rows of ``x`` (M, HD): fp32 ``x / max(|x|, 1e-12)``, and ``|x|`` (M,)."""
+    x = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, 1))
+    return x / tl.maximum(norm, 1e-12)[:, None], norm
+
+
+@triton.jit
+def _load_normalized(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.constexpr, PADDED: tl.constexpr,
+                     HAS_PAD_VALUES: tl.constexpr):
+    """(fp32 x^, |x|) of rows loaded as :func:`_load_tokens` does: the cosine backward reloads its q / k rows
+    (cache hits) where it needs them in fp32, rather than holding them across its loops."""
+    x = _load_tokens(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD, PADDED, HAS_PAD_VALUES)
+    return _normalize_rows(x)
+
+
+@triton.jit
+def _normalize_rows_bwd(x_hat, g, norm, tau):
+    """Cosine attention: the gradient of rows x from dL/dx^ = tau * g (g = dS k^ for queries, dS^T q^ for keys),
+    F.normalize's backward (the norm's gradient passes where |x| >= eps, the clamp's rule)."""
+    g = tl.where((norm >= 1e-12)[:, None], g - x_hat * tl.sum(x_hat * g, 1)[:, None], g)
+    return g * (tau / tl.maximum(norm, 1e-12))[:, None]
+
+
+@triton.jit
 def _bias_tile(bias_ptr, h, rows, cols, NP: tl.constexpr):
     """Queries ``rows`` x keys ``cols`` of head h's dense (NP, NP) log2-scaled bias (see
     ``_window_attention_bias_kernel``): plain contiguous loads, no masks (every tile lies inside NP x NP)."""
@@ -109,7 +142,12 @@ def _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED: tl.cons
             PRECISION: tl.constexpr):
     """log2(e) * (scale q k^T + bias + mask): the bias tile is already log2-scaled, the mask only in boundary
     windows (a uniform branch: the same for every thread of the program)."""
-    s = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale + bias
+    return _mask(_dot(q, tl.trans(k), DOT_FP32, PRECISION) * qk_scale + bias, boundary, q_region, k_region, SHIFTED)
+
+
+@triton.jit
+def _mask(s, boundary, q_region, k_region, SHIFTED: tl.constexpr):
+    """Log2-scaled logits plus the shifted-window mask (-100 between regions) in a boundary window."""
     if SHIFTED:
         if boundary:
             s = tl.where(q_region[:, None] != k_region[None, :], s + (-100.0 * 1.4426950408889634), s)
@@ -121,13 +159,15 @@ def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, 
                H, W, nWh, nWw, RH, RW, C, CH, KSTART,
                KC: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, HD: tl.constexpr,
                WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, SHIFTED: tl.constexpr,
-               PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, DOT_FP32: tl.constexpr,
+               PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
                PRECISION: tl.constexpr):
     """Fold keys [KSTART, KSTART + KC) into the online softmax state (acc, running max m, running sum l)."""
     cols = KSTART + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
                                                      SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    if COSINE:  # k^ in the storage dtype: the dot's operand, as timm's matmul of F.normalize's output
+        k = _normalize_rows(k)[0].to(k.dtype)
     v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
     s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
     if FIRST:
@@ -159,17 +199,20 @@ def _program_tile(NH, N: tl.constexpr, BLOCK: tl.constexpr):
 @tile_names("KEY_CHUNK", "HOIST_BIAS")
 @triton.jit(do_not_specialize=["num_windows", "windows_per_program", "key_end"])
 def _window_attention_fwd_kernel(
-    qkv_ptr, bias_ptr, pad_ptr, out_ptr, lse_ptr,
+    qkv_ptr, bias_ptr, pad_ptr, out_ptr, lse_ptr, tau_ptr,
     num_windows, windows_per_program, key_end, H, W, nWh, nWw, RH, RW, NH, qk_scale,
     N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, STORE_LSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, KEY_CHUNK: tl.constexpr, HOIST_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, KEY_CHUNK: tl.constexpr, HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Keys in chunks of KEY_CHUNK: one chunk when N <= KEY_CHUNK (then, with HOIST_BIAS, the bias tile is built
     once for all the program's windows), else a loop up to ``key_end`` = N rounded up to KEY_CHUNK (a runtime
-    bound: the loop is not unrolled, so one chunk's tiles are live at a time); the dense bias is -inf past N."""
+    bound: the loop is not unrolled, so one chunk's tiles are live at a time); the dense bias is -inf past N.
+    COSINE (Swin V2): q and k rows normalised, ``qk_scale`` times the head's ``tau`` (``tau_ptr``: (nH,))."""
     h, qt, g = _program_tile(NH, N, BLOCK_M)
+    if COSINE:
+        qk_scale = qk_scale * tl.load(tau_ptr + h).to(tl.float32)
     SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
     ONE_CHUNK: tl.constexpr = N <= KEY_CHUNK
     C = NH * HD
@@ -185,13 +228,15 @@ def _window_attention_fwd_kernel(
         q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
                                                          SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        if COSINE:
+            q = _normalize_rows(q)[0].to(q.dtype)
         if ONE_CHUNK:
             if not HOIST_BIAS:
                 bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
             acc, m, l = _fwd_chunk(
                 q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, r0, s0, h, qk_scale, H, W, nWh, nWw,
                 RH, RW, C, CH, 0, KEY_CHUNK, True, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES,
-                DOT_FP32, PRECISION)
+                COSINE, DOT_FP32, PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, HD), tl.float32)
             m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -201,7 +246,7 @@ def _window_attention_fwd_kernel(
                 acc, m, l = _fwd_chunk(
                     acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale, H, W, nWh,
                     nWw, RH, RW, C, CH, k0, KEY_CHUNK, False, N, HD, WH, WW, SH, SW, SHIFTED, PADDED,
-                    HAS_PAD_VALUES, DOT_FP32, PRECISION)
+                    HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
         o = acc / l[:, None]
         tl.store(out_ptr + q_tok[:, None] * C + h * HD + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=q_real[:, None])
@@ -212,29 +257,47 @@ def _window_attention_fwd_kernel(
 # --- backward ---------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias, boundary,
-               b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
+def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias,
+               boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
                KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
                HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-               SHIFTED: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, DOT_FP32: tl.constexpr,
-               PRECISION: tl.constexpr):
+               SHIFTED: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr,
+               EXACT_DELTA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Keys [KSTART, KSTART + KC) of one window for one query tile: dQ += dS K, the bias partial += dS, and with
-    the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums."""
+    the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums. COSINE: K is k^ (in
+    the storage dtype, q is q^), ``scale`` is tau, dK goes through F.normalize's backward, and the rows' d tau
+    += rowsum(dS * q^ k^T) from the fp32 cosines (not from dS rounded for the dots: its terms largely cancel).
+    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O."""
     cols = KSTART + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
                                                      SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+    if COSINE:
+        k = _normalize_rows(k)[0].to(k.dtype)
     v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
-    s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
+    if COSINE:
+        cos = _dot(q, tl.trans(k), DOT_FP32, PRECISION)
+        s = _mask(cos * qk_scale + bias, boundary, q_region, k_region, SHIFTED)
+    else:
+        s = _logits(q, k, qk_scale, bias, boundary, q_region, k_region, SHIFTED, DOT_FP32, PRECISION)
     p = tl.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    if EXACT_DELTA:
+        delta = tl.sum(p * dp, 1)
     ds = p * (dp - delta[:, None])
+    if COSINE:
+        d_tau += tl.sum(ds * cos, 1)
     dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
     d_rel += ds
     if WHOLE_WINDOW:
         d = tl.arange(0, HD)
         dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION) * scale
+        if COSINE:
+            k_hat, k_norm = _load_normalized(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED,
+                                             HAS_PAD_VALUES)
+            dk = _normalize_rows_bwd(k_hat, _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION), k_norm, scale)
+        else:
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION) * scale
         k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
         tl.store(dqkv_ptr + k_offs + C, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
         tl.store(dqkv_ptr + k_offs + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
@@ -242,7 +305,7 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr,
             is_pad = (k_valid & ~k_real)[:, None]
             dpad_k += tl.sum(tl.where(is_pad, dk, 0.0), 0)
             dpad_v += tl.sum(tl.where(is_pad, dv, 0.0), 0)
-    return dq, d_rel, dpad_k, dpad_v
+    return dq, d_rel, dpad_k, dpad_v, d_tau, delta
 
 
 @triton.jit
@@ -255,14 +318,28 @@ def _store_rel_partial(drel_ptr, d_rel, g, h, NH, rows, KSTART: tl.constexpr, KC
 @tile_names("HOIST_BIAS")
 @triton.jit(do_not_specialize=["num_windows", "windows_per_program"])
 def _window_attention_bwd_kernel(
-    qkv_ptr, bias_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drel_ptr, dpad_ptr,
+    qkv_ptr, bias_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drel_ptr, dpad_ptr, tau_ptr,
+    dtau_ptr,
     num_windows, windows_per_program, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
     N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
-    HOIST_BIAS: tl.constexpr,
+    HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
     CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
+    F.normalize's backward, and the program's d tau partial (sum over its windows of dS * q^ k^) stored at
+    ``dtau_ptr[(g * tiles + qt) * NH + h]``."""
     h, qt, g = _program_tile(NH, N, BLOCK_M)
+    if COSINE:
+        tau = tl.load(tau_ptr + h).to(tl.float32)
+        qk_scale = qk_scale * tau
+        scale = scale * tau
+    d_tau = tl.zeros((BLOCK_M,), tl.float32)  # COSINE: the rows' d tau over the program's windows (else unused)
+    # Cosine logits are tau (up to 100) x a cosine: P is peaked, dS = P (dP - delta) a small difference, and delta
+    # from the stored half-precision O (dO . O) is off by O's rounding in every row, an error that d tau (a sum
+    # of dS) keeps. With every key in one chunk the chunk computes delta = rowsum(P * dP) instead (consistent with
+    # its P: what eager softmax's backward does), and stores that one for the dK / dV kernel.
+    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0
     SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
     WHOLE_WINDOW: tl.constexpr = N <= BLOCK_M
     C = NH * HD
@@ -289,13 +366,15 @@ def _window_attention_bwd_kernel(
         q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
                                                          SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        if COSINE:
+            q = _normalize_rows(q)[0].to(q.dtype)
         # padded query rows are cropped from the output: their dO is 0
         o_offs = q_tok[:, None] * C + h * HD + d[None, :]
         do = tl.load(dout_ptr + o_offs, mask=q_real[:, None], other=0.0)
         o = tl.load(out_ptr + o_offs, mask=q_real[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stat = (w * NH + h) * N + rows
-        if not WHOLE_WINDOW:
+        if not WHOLE_WINDOW and not EXACT_DELTA:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
         if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
@@ -305,21 +384,30 @@ def _window_attention_bwd_kernel(
             if CHUNK2 > 0:
                 bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
         dq = tl.zeros((BLOCK_M, HD), tl.float32)
-        dq, d_rel0, dpad_k, dpad_v = _bwd_chunk(
-            dq, d_rel0, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0, boundary,
-            b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD, WH, WW,
-            SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
+        dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+            dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
+            boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD,
+            WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK1 > 0:
-            dq, d_rel1, dpad_k, dpad_v = _bwd_chunk(
-                dq, d_rel1, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
+            dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
                 boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0, CHUNK1, WHOLE_WINDOW,
-                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
+                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK2 > 0:
-            dq, d_rel2, dpad_k, dpad_v = _bwd_chunk(
-                dq, d_rel2, dpad_k, dpad_v, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
+            dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
                 boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0 + CHUNK1, CHUNK2,
-                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, DOT_FP32, PRECISION)
-        tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], (dq * scale).to(dqkv_ptr.dtype.element_ty),
+                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
+                PRECISION)
+        if EXACT_DELTA and not WHOLE_WINDOW:
+            tl.store(delta_ptr + stat, delta, mask=q_valid)
+        if COSINE:
+            q_hat, q_norm = _load_normalized(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED,
+                                             HAS_PAD_VALUES)
+            dq = _normalize_rows_bwd(q_hat, dq, q_norm, scale)
+        else:
+            dq = dq * scale
+        tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], dq.to(dqkv_ptr.dtype.element_ty),
                  mask=q_real[:, None])
     _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
     if CHUNK1 > 0:
@@ -329,19 +417,26 @@ def _window_attention_bwd_kernel(
     if WHOLE_WINDOW and HAS_PAD_VALUES:
         tl.store(dpad_ptr + ((g * NH + h) * 2) * HD + d, dpad_k)
         tl.store(dpad_ptr + ((g * NH + h) * 2 + 1) * HD + d, dpad_v)
+    if COSINE:
+        TILES: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
+        tl.store(dtau_ptr + (g * TILES + qt) * NH + h, tl.sum(d_tau, 0))
 
 
 @triton.jit(do_not_specialize=["num_windows", "windows_per_program", "n_tokens"])
 def _window_attention_bwd_dkdv_kernel(
-    qkv_ptr, bias_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr,
+    qkv_ptr, bias_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr, tau_ptr,
     num_windows, windows_per_program, n_tokens, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
     N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
     SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of a key tile of BLOCK_N keys for a group of windows, over query tiles of BLOCK_M rows (windows larger
-    than one query tile of the dQ kernel)."""
+    than one query tile of the dQ kernel). COSINE: q^ and k^ in the dots, dK through F.normalize's backward."""
     h, kt, g = _program_tile(NH, N, BLOCK_N)
+    if COSINE:
+        tau = tl.load(tau_ptr + h).to(tl.float32)
+        qk_scale = qk_scale * tau
+        scale = scale * tau
     SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
     C = NH * HD
     CH = 3 * C
@@ -357,6 +452,8 @@ def _window_attention_bwd_dkdv_kernel(
                                                          SHIFTED)
         k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+        if COSINE:
+            k = _normalize_rows(k)[0].to(k.dtype)
         dk = tl.zeros((BLOCK_N, HD), tl.float32)
         dv = tl.zeros((BLOCK_N, HD), tl.float32)
         for m0 in range(0, n_tokens, BLOCK_M):  # n_tokens = N at run time: a loop, not unrolled
@@ -364,6 +461,8 @@ def _window_attention_bwd_dkdv_kernel(
             q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH,
                                                              SW, SHIFTED)
             q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
+            if COSINE:
+                q = _normalize_rows(q)[0].to(q.dtype)
             do = tl.load(dout_ptr + q_tok[:, None] * C + h * HD + d[None, :], mask=q_real[:, None], other=0.0)
             stat = (w * NH + h) * N + rows
             lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
@@ -375,7 +474,12 @@ def _window_attention_bwd_dkdv_kernel(
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
-        dk = dk * scale
+        if COSINE:
+            k_hat, k_norm = _load_normalized(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED,
+                                             HAS_PAD_VALUES)
+            dk = _normalize_rows_bwd(k_hat, dk, k_norm, scale)
+        else:
+            dk = dk * scale
         k_offs = k_tok[:, None] * CH + h * HD + d[None, :]
         tl.store(dqkv_ptr + k_offs + C, dk.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
         tl.store(dqkv_ptr + k_offs + 2 * C, dv.to(dqkv_ptr.dtype.element_ty), mask=k_real[:, None])
@@ -456,7 +560,8 @@ def key_chunks(N: int) -> Tuple[int, int, int]:
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
-def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
+def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
+                 cosine: bool = False) -> Dict[str, LaunchConfig]:
     """Tiles, warps and stages of every window-attention kernel, by kernel name.
 
     Query tiles give each warp 16 rows (``num_warps = BLOCK_M / 16``: more warps would each need the whole key
@@ -469,6 +574,9 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
       head_dim 128, and head_dim 64 on sm_80).
     fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
+
+    ``cosine`` (Swin V2, the kernels' COSINE branches: an fp32 cosine tile per key chunk for d tau, row norms):
+    windows of 33 to 64 tokens take the two-kernel backward (the one-kernel one spills at ws 8, head_dim 32).
     """
     wide = dtype == torch.float32 or head_dim >= 128 or (head_dim >= 64 and target.capability < (9, 0))
     dkdv = LaunchConfig.of(num_warps=4, BLOCK_N=32, BLOCK_M=32 if wide else 64)
@@ -476,15 +584,17 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> D
         block = max(16, triton.next_power_of_2(N))
         fwd = LaunchConfig.of(num_warps=block // 16, BLOCK_M=block, KEY_CHUNK=block, HOIST_BIAS=1)
         table = {"_window_attention_fwd_kernel": fwd}
-        if (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64:
+        if not (cosine and block == 64) and (
+                (target.capability >= (9, 0) and head_dim <= 64) or head_dim <= 32 or block < 64):
             # the whole backward in one kernel (8 warps for 64 rows: dK, dV, dQ and the bias partials in registers)
             table["_window_attention_bwd_kernel"] = LaunchConfig.of(
                 num_warps=8 if block == 64 else block // 16, BLOCK_M=block, HOIST_BIAS=1)
         else:
             # sm_80 (mma.sync: every warp holds its slice of both operands) with head_dim >= 64, and head_dim 128:
             # the one-kernel backward spills; dQ / bias partials over 32-row query tiles and a separate dK / dV
-            # kernel do not
-            table["_window_attention_bwd_kernel"] = LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1)
+            # kernel do not (so for cosine attention's windows of 64 tokens: its d tau cosine tile)
+            table["_window_attention_bwd_kernel"] = (LaunchConfig.of(num_warps=8, BLOCK_M=16, HOIST_BIAS=1) if cosine
+                                                     else LaunchConfig.of(num_warps=4, BLOCK_M=32, HOIST_BIAS=1))
             table["_window_attention_bwd_dkdv_kernel"] = dkdv
     else:
         fwd = LaunchConfig.of(num_warps=4, BLOCK_M=64, KEY_CHUNK=32, HOIST_BIAS=0)
@@ -516,9 +626,9 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
     return 16384  # the bias and bias-gradient kernels: a few KB
 
 
-def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> int:
+def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target, cosine: bool = False) -> int:
     """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
-    table = launch_table(N, head_dim, dtype, target)
+    table = launch_table(N, head_dim, dtype, target, cosine)
     consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
     e = torch.empty((), dtype=dtype).element_size()
     return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
@@ -560,10 +670,11 @@ _EXAMPLE_CASES = [
 ]
 
 
-def table_examples() -> List[Example]:
+def table_examples(op: str = "window_attention", cosine: bool = False) -> List[Example]:
     """Every configuration :func:`launch_table` returns, each with a tiny problem ``(case, dtype)``: for each gate
     target, fp32 and a half dtype, each head_dim class and each window class (also each key-chunk pattern of the dQ
-    kernel, so that every code path runs under the interpreter)."""
+    kernel, so that every code path runs under the interpreter). ``op``, ``cosine``: the op whose examples they
+    are and its table (Swin V2's cosine attention, :mod:`vitkernels.triton.window_attention_v2`)."""
     out = []
     seen = set()
     for target in GATE_TARGETS:
@@ -572,12 +683,12 @@ def table_examples() -> List[Example]:
                 for case in _EXAMPLE_CASES:
                     B, H, W, nH, _, window, shift = case
                     N = window[0] * window[1]
-                    table = launch_table(N, hd, dtype, target)
+                    table = launch_table(N, hd, dtype, target, cosine)
                     key = (target.arch, dtype, key_chunks(N), tuple(sorted(table.items())))
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Example("window_attention", ((B, H, W, nH, hd, window, shift), dtype), target, table))
+                    out.append(Example(op, ((B, H, W, nH, hd, window, shift), dtype), target, table))
     return out
 
 
@@ -603,19 +714,19 @@ class _Problem:
     """Geometry and launch configuration of one call."""
 
     def __init__(self, qkv: torch.Tensor, window_size: Sequence[int], shift_size: Sequence[int], num_heads: int,
-                 has_pad_values: bool):
+                 has_pad_values: bool, cosine: bool):
         B, H, W, three_c = qkv.shape
         self.g = WindowGeometry.of(B, H, W, window_size, shift_size)
         self.num_heads = num_heads
         self.hd = three_c // (3 * num_heads)
         self.N = self.g.tokens_per_window
         self.target = device_target(qkv.device)
-        self.table = launch_table(self.N, self.hd, qkv.dtype, self.target)
+        self.table = launch_table(self.N, self.hd, qkv.dtype, self.target, cosine)
         self.runtime, consts = window_kernel_args(self.g)
         self.NP = -(-self.N // 64) * 64  # the dense bias is (nH, NP, NP): every query / key tile lies inside it
         chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
         self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
-                           HAS_PAD_VALUES=has_pad_values and self.g.padded, **_dot_flags(qkv.dtype))
+                           HAS_PAD_VALUES=has_pad_values and self.g.padded, COSINE=cosine, **_dot_flags(qkv.dtype))
 
     def tiles(self, kernel: str, block: str) -> int:
         return -(-self.N // self.table[kernel][block])
@@ -642,24 +753,7 @@ def window_attention_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, 3C) qkv -> ((B, H, W, C) out, (B*nW, nH, N) fp32 row log-sum-exp, or an empty tensor when
     ``need_lse`` is False)."""
-    qkv = qkv.contiguous()
-    table = table.contiguous()
-    pb = _Problem(qkv, window_size, shift_size, num_heads, qkv_bias is not None)
-    nW = pb.g.num_windows
-    out = torch.empty((pb.g.B, pb.g.H, pb.g.W, num_heads * pb.hd), device=qkv.device, dtype=qkv.dtype)
-    lse = torch.empty((nW, num_heads, pb.N) if need_lse else (0,), device=qkv.device, dtype=torch.float32)
-    if nW == 0:
-        return out, lse
-    cfg = pb.table["_window_attention_fwd_kernel"]
-    per_group = num_heads * pb.tiles("_window_attention_fwd_kernel", "BLOCK_M")
-    wpp = _windows_per_program(nW, per_group, pb.target)
-    pad = qkv_bias.contiguous() if qkv_bias is not None else qkv
-    key_end = -(-pb.N // cfg["KEY_CHUNK"]) * cfg["KEY_CHUNK"]
-    launcher(_window_attention_fwd_kernel)[(per_group * -(-nW // wpp),)](
-        qkv, pb.dense_bias(table), pad, out, lse, nW, wpp, key_end, *pb.runtime, num_heads, scale * LOG2E,
-        **pb.consts, STORE_LSE=need_lse, **cfg.kwargs(),
-    )
-    return out, lse
+    return attention_fwd(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, None, need_lse)
 
 
 def window_attention_bwd(
@@ -675,21 +769,80 @@ def window_attention_bwd(
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients (qkv, table, qkv_bias or None) of :func:`window_attention_fwd`, in the inputs' dtypes."""
+    dqkv, d_table, _, d_qkv_bias = attention_bwd(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size,
+                                                 num_heads, scale, None)
+    return dqkv, d_table, d_qkv_bias
+
+
+# --- the launches, shared with Swin V2 (vitkernels.triton.window_attention_v2) ---------------------------------------
+
+def attention_fwd(
+    qkv: torch.Tensor,
+    table: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    num_heads: int,
+    scale: float,
+    tau: Optional[torch.Tensor],
+    need_lse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward launches: V1's ``scale * q k^T`` logits when ``tau`` is None, else Swin V2's cosine logits
+    ``tau[h] * q^ k^^T`` (tau: (nH,), any float dtype; ``scale`` then multiplies them too, 1 for V2)."""
+    qkv = qkv.contiguous()
+    table = table.contiguous()
+    cosine = tau is not None
+    pb = _Problem(qkv, window_size, shift_size, num_heads, qkv_bias is not None, cosine)
+    nW = pb.g.num_windows
+    out = torch.empty((pb.g.B, pb.g.H, pb.g.W, num_heads * pb.hd), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((nW, num_heads, pb.N) if need_lse else (0,), device=qkv.device, dtype=torch.float32)
+    if nW == 0:
+        return out, lse
+    cfg = pb.table["_window_attention_fwd_kernel"]
+    per_group = num_heads * pb.tiles("_window_attention_fwd_kernel", "BLOCK_M")
+    wpp = _windows_per_program(nW, per_group, pb.target)
+    pad = qkv_bias.contiguous() if qkv_bias is not None else qkv
+    tau_arg = tau.contiguous() if cosine else qkv  # V1: never read
+    key_end = -(-pb.N // cfg["KEY_CHUNK"]) * cfg["KEY_CHUNK"]
+    launcher(_window_attention_fwd_kernel)[(per_group * -(-nW // wpp),)](
+        qkv, pb.dense_bias(table), pad, out, lse, tau_arg, nW, wpp, key_end, *pb.runtime, num_heads, scale * LOG2E,
+        **pb.consts, STORE_LSE=need_lse, **cfg.kwargs(),
+    )
+    return out, lse
+
+
+def attention_bwd(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    table: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    num_heads: int,
+    scale: float,
+    tau: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients (qkv, table, tau or None, qkv_bias or None) of :func:`attention_fwd`, in the inputs' dtypes."""
     qkv = qkv.contiguous()
     table = table.contiguous()
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     has_bias = qkv_bias is not None
-    pb = _Problem(qkv, window_size, shift_size, num_heads, has_bias)
+    cosine = tau is not None
+    pb = _Problem(qkv, window_size, shift_size, num_heads, has_bias, cosine)
     nW, N, hd, dev = pb.g.num_windows, pb.N, pb.hd, qkv.device
     f32 = dict(device=dev, dtype=torch.float32)
     # Real tokens' q, k and v rows are all written by the kernels (each token sits in exactly one window).
     dqkv = torch.empty_like(qkv)
     d_table = torch.empty(table.shape, device=dev, dtype=table.dtype)
     if nW == 0:
-        return dqkv, d_table.zero_(), (torch.zeros_like(qkv_bias) if has_bias else None)
+        return (dqkv, d_table.zero_(), torch.zeros_like(tau) if cosine else None,
+                torch.zeros_like(qkv_bias) if has_bias else None)
     common = (nW,)
     runtime = (*pb.runtime, num_heads, scale * LOG2E, scale)
+    tau_arg = tau.contiguous() if cosine else qkv  # V1: never read
 
     # dQ, the bias partials (and dK, dV when a query tile holds the window)
     cfg = pb.table["_window_attention_bwd_kernel"]
@@ -702,10 +855,11 @@ def window_attention_bwd(
     d_rel = torch.empty((groups, num_heads, N, N), **f32)
     delta = lse if whole_window else torch.empty((nW, num_heads, N), **f32)
     d_pad = torch.empty((groups, num_heads, 2, hd) if has_bias and whole_window else (1,), **f32)
+    d_tau = torch.empty((groups * q_tiles, num_heads) if cosine else (1,), **f32)  # per-program partials
     pad = qkv_bias.contiguous() if has_bias else qkv
     bias = pb.dense_bias(table)
     launcher(_window_attention_bwd_kernel)[(num_heads * q_tiles * groups,)](
-        qkv, bias, pad, out, grad_out, lse, delta, dqkv, d_rel, d_pad, *common, wpp, *runtime,
+        qkv, bias, pad, out, grad_out, lse, delta, dqkv, d_rel, d_pad, tau_arg, d_tau, *common, wpp, *runtime,
         **pb.consts, **cfg.kwargs(),
     )
     if not whole_window:
@@ -715,7 +869,7 @@ def window_attention_bwd(
         groups_kv = -(-nW // wpp_kv)
         d_pad = torch.empty((groups_kv * k_tiles, num_heads, 2, hd) if has_bias else (1,), **f32)
         launcher(_window_attention_bwd_dkdv_kernel)[(num_heads * k_tiles * groups_kv,)](
-            qkv, bias, pad, grad_out, lse, delta, dqkv, d_pad, *common, wpp_kv, N, *runtime,
+            qkv, bias, pad, grad_out, lse, delta, dqkv, d_pad, tau_arg, *common, wpp_kv, N, *runtime,
             **pb.consts, **cfg.kwargs(),
         )
     cfg = pb.table["_window_attention_bias_grad_kernel"]
@@ -731,4 +885,5 @@ def window_attention_bwd(
                                     kv[:, 1].reshape(-1)]).to(qkv_bias.dtype)
         else:
             d_qkv_bias = torch.zeros_like(qkv_bias)
-    return dqkv, d_table, d_qkv_bias
+    d_tau = d_tau.sum(0).to(tau.dtype) if cosine else None  # fixed order, as the other partials
+    return dqkv, d_table, d_tau, d_qkv_bias
