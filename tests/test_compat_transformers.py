@@ -240,7 +240,6 @@ def test_gradient_checkpointing():
 
 
 V2_GEOMETRIES = {"divisible": (32, 2, 4), "pad+shift": (44, 4, 5)}  # as GEOMETRIES (Swin V2 never shrinks at run time)
-HAS_V2_OP = vkt.HAS_WINDOW_ATTENTION_V2
 
 
 def build_v2(kind, geometry="divisible", dtype=torch.float32):
@@ -260,23 +259,10 @@ def _v2_output(out):
     return out.logits if hasattr(out, "logits") else out.reconstruction
 
 
-@pytest.mark.skipif(HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 exists here: the V2 layers are patched")
-@pytest.mark.parametrize("kind", ["swinv2", "swin2sr"])
-def test_swin_v2_layers_are_left_as_is_without_the_v2_op(kind):
-    model, x = build_v2(kind)
-    model.eval()
-    expected = _v2_output(model(x))
-    with pytest.warns(vkt.NotPatchedWarning, match="window_attention_v2"):
-        vkt.patch_model(model)
-    assert not any(vkt.is_patched(m) for m in model.modules())
-    torch.testing.assert_close(_v2_output(model(x)), expected, rtol=0, atol=0)
-
-
 V2_CASES = [("swinv2", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float32),
             ("swin2sr", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float64)]
 
 
-@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("kind,geometry,dtype", V2_CASES, ids=[f"{k}-{g}-{str(d)[6:]}" for k, g, d in V2_CASES])
 def test_patched_swin_v2_matches_unpatched(kind, geometry, dtype, backend):
@@ -304,7 +290,6 @@ def test_patched_swin_v2_matches_unpatched(kind, geometry, dtype, backend):
     assert any("logit_scale" in n and p.grad is not None for n, p in patched.named_parameters())
 
 
-@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
 def test_swin_v2_output_attentions_falls_back(monkeypatch):
     model, x = build_v2("swinv2")
     patched = vkt.patch_model(copy.deepcopy(model.eval()))
@@ -412,7 +397,6 @@ def test_inference_keeps_the_concatenated_qkv_weights_until_they_change():
     _check_patched_matches(model, x, None, 1e-4, 1e-3)  # with autograd: built per call, gradients reach q, k, v
 
 
-@pytest.mark.skipif(not HAS_V2_OP, reason="vitkernels.ops.window_attention_v2 (issue 16) is not in this tree")
 def test_patched_swin_v2_triton():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     triton_interpreter_or_cuda(device)

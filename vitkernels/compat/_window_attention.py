@@ -9,17 +9,14 @@ pad.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from vitkernels.ops.window_attention import window_attention
+from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference.window_partition import padded_size
-
-HAS_WINDOW_ATTENTION_V2 = importlib.util.find_spec("vitkernels.ops.window_attention_v2") is not None
-
 
 def _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, attend: Callable) -> torch.Tensor:
     """``attend(qkv, padding_value)`` on ``qkv = x @ qkv_weight^T + qkv_bias`` with the map padded before the shift;
@@ -69,7 +66,5 @@ def window_attention_v2_pad_first(
     """Swin V2 (scaled cosine) window attention of ``x`` (B, H, W, C) in the same pad-first order, on
     ``vitkernels.ops.window_attention_v2`` (``bias_table`` = 16 sigmoid(cpb MLP), ``scale`` (nH,) = the clamped,
     exponentiated logit scale). Returns (B, H, W, nH * hd)."""
-    from vitkernels.ops.window_attention_v2 import window_attention_v2
-
     return _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, lambda qkv, padding: window_attention_v2(
         qkv, bias_table, scale, window_size, shift_size, num_heads, padding, backend=backend))

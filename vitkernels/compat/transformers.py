@@ -54,7 +54,6 @@ from vitkernels.compat._patching import (
     unpatch_model,
 )
 from vitkernels.compat._window_attention import (
-    HAS_WINDOW_ATTENTION_V2,
     window_attention_pad_first,
     window_attention_v2_pad_first,
 )
@@ -71,8 +70,6 @@ _LAYOUTS = {
     "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "v2"),
     "Swin2SRLayer": ("transformers.models.swin2sr.modeling_swin2sr", "v2"),
 }
-_V2_REASON = ("Swin V2 attention (scaled cosine, continuous position bias) needs vitkernels.ops.window_attention_v2 "
-              "(issue 16), which this vitkernels does not have: left on the transformers code")
 # the arguments the patched forwards understand beyond (hidden_states, input_dimensions)
 _KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
                     "classic": {"output_attentions", "always_partition", "head_mask"},
@@ -82,8 +79,6 @@ _BUILTIN_ATTENTION = (None, "eager", "sdpa")
 
 def _make_fused(cls: type):
     layout = _LAYOUTS[cls.__name__][1]
-    if layout == "v2" and not HAS_WINDOW_ATTENTION_V2:
-        return _V2_REASON
     params = list(inspect.signature(cls.forward).parameters)
     if params[:3] != ["self", "hidden_states", "input_dimensions"]:
         return f"unexpected {cls.__name__}.forward signature {params}"
