@@ -93,17 +93,26 @@ def _checked_call(qkv, relative_position_bias_table, window_size, shift_size, nu
             f"num_heads={num_heads}"
         )
     check_window_sizes(H, W, window, B, three_c)
-    head_dim = three_c // (3 * num_heads)
     check_shape(
         "relative_position_bias_table",
         relative_position_bias_table,
         ((2 * window[0] - 1) * (2 * window[1] - 1), num_heads),
         "((2*wh-1)*(2*ww-1), num_heads)",
     )
+    scale, call = checked_bias_scale_call(qkv, relative_position_bias_table, qkv_bias, scale, window, shift,
+                                          num_heads, window[0] * window[1])
+    return window, shift, scale, call
+
+
+def checked_bias_scale_call(qkv, table, qkv_bias, scale, window, shift, num_heads, tokens_per_window):
+    """The checks every window attention op (2D, 3D) ends with, after qkv, the table and the geometry: qkv_bias is
+    (qkv.shape[-1],) on qkv's device, scale a float (None: head_dim ** -0.5). Returns (scale, dispatch call)."""
+    three_c = qkv.shape[-1]
+    head_dim = three_c // (3 * num_heads)
     if qkv_bias is not None:
         check_tensor("qkv_bias", qkv_bias, ndim=1)
         check_shape("qkv_bias", qkv_bias, (three_c,), "qkv.shape[-1]")
-    check_same_device(qkv=qkv, relative_position_bias_table=relative_position_bias_table, qkv_bias=qkv_bias)
+    check_same_device(qkv=qkv, relative_position_bias_table=table, qkv_bias=qkv_bias)
     if scale is None:
         scale = head_dim ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -112,9 +121,9 @@ def _checked_call(qkv, relative_position_bias_table, window_size, shift_size, nu
         qkv.device,
         qkv.dtype,
         {"window_size": window, "shift_size": shift, "head_dim": head_dim, "num_heads": num_heads,
-         "tokens_per_window": window[0] * window[1]},
+         "tokens_per_window": tokens_per_window},
     )
-    return window, shift, scale, call
+    return scale, call
 
 
 @op.register("reference")

@@ -21,8 +21,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from vitkernels import _native, dispatch
-from vitkernels._validation import INT64_MAX, check_int, check_same_device, check_shape, check_tensor
+from vitkernels._validation import INT64_MAX, check_int, check_shape, check_tensor
 from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops.window_attention import checked_bias_scale_call
 from vitkernels.reference import window_attention_3d as reference
 
 IntTriple = Union[int, Sequence[int]]
@@ -120,23 +121,9 @@ def _checked_call(qkv, table, window_size, shift_size, num_heads, scale, qkv_bia
         if value > INT64_MAX:
             raise ValueError(f"window_size {window} is too large for a {D}x{H}x{W} volume: its {what} would be "
                              f"{value}, more than int64 can index")
-    head_dim = three_c // (3 * num_heads)
     rows = (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
     check_shape("relative_position_bias_table", table, (rows, num_heads), "((2wd-1)*(2wh-1)*(2ww-1), num_heads)")
-    if qkv_bias is not None:
-        check_tensor("qkv_bias", qkv_bias, ndim=1)
-        check_shape("qkv_bias", qkv_bias, (three_c,), "qkv.shape[-1]")
-    check_same_device(qkv=qkv, relative_position_bias_table=table, qkv_bias=qkv_bias)
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {scale!r}")
-    call = dispatch.Call(
-        qkv.device,
-        qkv.dtype,
-        {"window_size": window, "shift_size": shift, "head_dim": head_dim, "num_heads": num_heads,
-         "tokens_per_window": N},
-    )
+    scale, call = checked_bias_scale_call(qkv, table, qkv_bias, scale, window, shift, num_heads, N)
     return window, shift, scale, call
 
 
