@@ -330,6 +330,35 @@ def _compile(index: int) -> Dict[str, Any]:
     return row
 
 
+# Relative compile cost, to hand out the slow compiles first: with the items in table order the window-attention
+# backward kernels (several times the others' compile time) came last and left the other workers idle at the end.
+_KERNEL_COST = {"_window_attention_bwd_kernel": 8.0, "_window_attention_bwd_dkdv_kernel": 6.0,
+                "_window_attention_fwd_kernel": 4.0}
+
+
+def _compile_cost(item: Item) -> float:
+    consts = item.launch.kwargs
+    cost = _KERNEL_COST.get(item.launch.name, 1.0) * (1.5 if consts.get("COSINE") else 1.0)
+    tile = consts.get("BLOCK_M", consts.get("BLOCK_N", 64))
+    return cost * (float(consts.get("HD", 32)) * float(tile) / (32 * 64)) ** 0.5
+
+
+def _compile_indexed(index: int) -> Tuple[int, Dict[str, Any]]:
+    return index, _compile(index)
+
+
+def compile_all(jobs: int) -> List[Dict[str, Any]]:
+    """Rows of every item of ``_ITEMS``, in their order; with ``jobs`` > 1, forked workers take the costliest first."""
+    if jobs <= 1:
+        return [_compile(i) for i in range(len(_ITEMS))]
+    order = sorted(range(len(_ITEMS)), key=lambda i: -_compile_cost(_ITEMS[i]))
+    rows: List[Any] = [None] * len(_ITEMS)
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        for index, row in pool.imap_unordered(_compile_indexed, order, chunksize=1):
+            rows[index] = row
+    return rows
+
+
 def check(rows: List[Dict[str, Any]]) -> List[str]:
     """The gate's failures, one line each."""
     limits = {t.arch: t.smem_per_block for t in GATE_TARGETS}
@@ -351,8 +380,12 @@ def check(rows: List[Dict[str, Any]]) -> List[str]:
     return failures
 
 
-def cuda_rows() -> List[Dict[str, Any]]:
-    """Rows of the CUDA gate (tools/compile_gate_cuda.py prints a JSON list on stdout), if it exists."""
+def cuda_rows(from_json: str = None) -> List[Dict[str, Any]]:
+    """Rows of the CUDA gate (tools/compile_gate_cuda.py prints a JSON list on stdout), if it exists; read from
+    ``from_json`` instead when given (the JSON .ci/cuda wrote: CI compiles the CUDA sources once)."""
+    if from_json:
+        with open(from_json) as f:
+            return json.load(f)
     if not os.path.exists(CUDA_GATE):
         return []
     res = subprocess.run([sys.executable, CUDA_GATE], capture_output=True, text=True, cwd=ROOT)
@@ -410,6 +443,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the rows as JSON to this file")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--only", default="", help="only problems whose label contains this")
+    parser.add_argument("--cuda-json", default=None,
+                        help="take the CUDA rows from this JSON (tools/compile_gate_cuda.py's output) instead of "
+                             "compiling the CUDA sources again")
     parser.add_argument("--keep", default=None, help="keep PTX / SASS of every compile in this folder")
     args = parser.parse_args(argv)
     if args.keep:
@@ -421,12 +457,8 @@ def main(argv=None) -> int:
         _ITEMS[:] = collect(args.only)
         print(f"compile gate: {len(_ITEMS)} compiles ({len(GATE_TARGETS)} architectures), {args.jobs} processes",
               flush=True)
-        if args.jobs > 1:
-            with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-                rows = pool.map(_compile, range(len(_ITEMS)), chunksize=1)
-        else:
-            rows = [_compile(i) for i in range(len(_ITEMS))]
-    rows += cuda_rows()
+        rows = compile_all(args.jobs)
+    rows += cuda_rows(args.cuda_json)
     failures = check(rows)
     seconds = time.time() - start
     for row in rows:
