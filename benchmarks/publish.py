@@ -1,7 +1,7 @@
 """Regenerate the published benchmark numbers: JSON, Markdown tables, plots and the README's benchmark section.
 
     python benchmarks/publish.py [--quick] [--max-time SECONDS] [--out benchmarks/results] [--no-readme]
-                                 [--jemalloc /path/to/libjemalloc.so.2] [-- extra pytest arguments]
+                                 [--jemalloc /path/to/libjemalloc.so.2] [--runs cpu-glibc] [-- extra pytest arguments]
 
 Run it on a quiet machine: timings taken while other work shares the cores are not comparable. It runs the
 benchmark suite (``pytest benchmarks/ --benchmark-only``; ``--quick`` adds ``-m "not heavy"``) once per allocator
@@ -51,13 +51,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--no-readme", action="store_true", help="write the tables and plots only")
     parser.add_argument("--jemalloc", default=None, help="caching mode with this jemalloc (LD_PRELOAD)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated run names to do (e.g. cpu-glibc); default: every allocator mode")
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     device = _device()
     written = []
     status = 0
-    for name, changes in runs_for(device, args.jemalloc):
+    runs = runs_for(device, args.jemalloc)
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = set(wanted) - {name for name, _ in runs}
+        if unknown:
+            parser.error(f"unknown run(s) {sorted(unknown)}; this device has {[name for name, _ in runs]}")
+        runs = [run for run in runs if run[0] in wanted]
+    for name, changes in runs:
         env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
         env.update(changes)
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
