@@ -46,9 +46,10 @@ inline WindowAttentionBackwardScratch window_attention_backward_scratch(
   WindowAttentionBackwardScratch s;
   s.windows_per_group = cuda::window_attention_windows_per_group(p.windows(), p.nH, 4 * sms);
   const int64_t groups = cuda::window_attention_groups(p.windows(), s.windows_per_group);
-  s.delta = at::empty({p.windows(), p.nH, p.N}, acc);
-  s.d_bias = at::zeros({groups, p.nH, p.N, p.N}, acc);
-  s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), p.nH, 2, p.hd}, acc);
+  const int64_t windows = p.windows(), nH = p.nH, N = p.N, hd = p.hd;  // (locals: nvcc's front end garbles {p.x} in a template)
+  s.delta = at::empty({windows, nH, N}, acc);
+  s.d_bias = at::zeros({groups, nH, N, N}, acc);
+  s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), nH, 2, hd}, acc);
   return s;
 }
 
@@ -60,8 +61,9 @@ template <typename Problem, typename Scatter>
 inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads_with(
     const Problem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table, const at::Tensor& qkv,
     const std::optional<at::Tensor>& qkv_bias, Scatter&& scatter) {
+  const int64_t nH = p.nH, hd = p.hd, C = p.C;  // (locals: nvcc's front end garbles {p.C} in a template)
   at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  at::Tensor d_pad_sum = at::zeros({p.nH, 2, p.hd}, qkv.options().dtype(at::kDouble));  // zero without padding
+  at::Tensor d_pad_sum = at::zeros({nH, 2, hd}, qkv.options().dtype(at::kDouble));  // zero without padding
   if (s.d_bias.defined()) {
     const at::Tensor d_bias_sum = at::sum(s.d_bias, {0}, /*keepdim=*/false, at::kDouble).contiguous();  // (nH, N, N)
     C10_CUDA_CHECK(scatter(d_bias_sum.const_data_ptr<double>(), grad_table.mutable_data_ptr<double>()));
@@ -70,9 +72,9 @@ inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads_
   at::Tensor grad_bias = at::empty({0}, qkv.options());
   if (qkv_bias.has_value()) {
     // Channel part * C + h * hd + d.
-    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({p.C});
-    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({p.C});
-    grad_bias = at::cat({at::zeros({p.C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
+    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({C});
+    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({C});
+    grad_bias = at::cat({at::zeros({C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
   }
   return {grad_table.to(table.scalar_type()), grad_bias};
 }
