@@ -403,8 +403,17 @@ def test_native_is_the_cpu_default_and_says_why_not_elsewhere():
     call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"head_dim": 16, "tokens_per_window": 343})
     assert op.auto_choice(call)[0] == "native"
     choice, reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {}))
-    assert choice == "reference"
-    assert "CPU kernel only" in reasons["native"] and "no Triton kernel" in reasons["triton"]
+    assert "no Triton kernel" in reasons["triton"]
+    if not _native.has_kernel("window_attention_3d", "CUDA"):  # the extension was built without CUDA
+        assert choice == "reference" and "without CUDA kernels" in reasons["native"]
+        return
+    # with the CUDA kernel (csrc/cuda/window_attention_3d.cu): windows of at most 512 tokens, head_dim <= 128
+    for details, why in (({"head_dim": 32, "tokens_per_window": 8 * 8 * 9}, "at most 512 tokens"),
+                         ({"head_dim": 160, "tokens_per_window": 343}, "head_dim <= 128")):
+        choice, reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, details))
+        assert choice == "reference" and why in reasons["native"]
+    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 32, "tokens_per_window": 392})
+    assert op.auto_choice(call)[0] == "native"
 
 
 @pytest.mark.parametrize(

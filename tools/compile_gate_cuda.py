@@ -20,7 +20,9 @@ merges with the Triton gate's rows)::
 and a readable table on stderr. Exits 1 when a row fails:
   * a source does not compile (a row per source and arch, kernel = the source);
   * a headline configuration spills (window attention forward / backward, Swin V1 and V2, fp16 / bf16, head_dim <=
-    32 or <= 64);
+    32 or <= 64; 3D window attention forward / backward, fp32 / fp16 / bf16, head_dim <= 32: the instantiation that
+    runs MONAI's 7x7x7 windows at head_dim 16 and 32 and Video Swin's 8x7x7 at head_dim 32, window sizes being a
+    runtime argument);
   * static shared memory over 48 KiB, or static + dynamic over the arch's per-block limit (every launcher here
     passes 0 bytes of dynamic shared memory: checked at the launch sites, a launch with dynamic memory fails the
     gate until this script accounts for it);
@@ -59,11 +61,14 @@ MAX_BLOCK_THREADS = 256  # kWindowAttentionMaxThreads, kMaskingThreads and the o
 
 DTYPES = {"float": "fp32", "double": "fp64", "__half": "fp16", "__nv_bfloat16": "bf16"}
 COPY_UNITS = {"unsigned char": 1, "unsigned short": 2, "unsigned int": 4, "uint2": 8, "uint4": 16}
-# Window attention kernels, Swin V1 and V2: template <typename T, int G>, G threads per token row of head_dim <= 32 G.
-# (One instantiation serves every window size: N is a runtime argument.)
-WINDOW_ATTENTION = tuple(f"window_attention{v}_{k}" for v in ("", "_v2") for k in ("fwd", "bwd_dq", "bwd_dkdv"))
+# Window attention kernels, Swin V1, V2 and 3D: template <typename T, int G>, G threads per token row of head_dim <=
+# 32 G. (One instantiation serves every window size: N is a runtime argument.)
+WINDOW_ATTENTION = tuple(f"window_attention{v}_{k}" for v in ("", "_v2", "_3d") for k in ("fwd", "bwd_dq", "bwd_dkdv"))
 HEADLINE_DTYPES = ("fp16", "bf16")
 HEADLINE_SLICES = (1, 2)  # head_dim 32 and 64
+# 3D: 7x7x7 head_dim 16 / 32 and 8x7x7 head_dim 32 (G = 1), in every dtype but fp64
+HEADLINE_3D_DTYPES = ("fp32", "fp16", "bf16")
+HEADLINE_3D_SLICES = (1,)
 TENSOR_CORE_OPS = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA|QGMMA|BMMA|DMMA|OMMA)\b")
 
 
@@ -267,7 +272,10 @@ def describe(demangled):
             config.append(f"head_dim<={32 * slices} ({slices} thread{'s' if slices > 1 else ''}/row)")
         else:
             config.append(a)
-    headline = kernel in WINDOW_ATTENTION and dtype in HEADLINE_DTYPES and slices in HEADLINE_SLICES
+    if kernel.startswith("window_attention_3d_"):
+        headline = kernel in WINDOW_ATTENTION and dtype in HEADLINE_3D_DTYPES and slices in HEADLINE_3D_SLICES
+    else:
+        headline = kernel in WINDOW_ATTENTION and dtype in HEADLINE_DTYPES and slices in HEADLINE_SLICES
     return kernel, " ".join(config) or "-", headline
 
 

@@ -12,7 +12,9 @@
 //   window_attention_{fwd,bwd}_kernels.cu  explicit instantiations for float, double, half and bfloat16 (compiled in
 //                                  parallel with the binding, without torch's headers)
 // The kernels' work is written once, as block functions generic over how scores are formed (DotProductScores here;
-// Swin V2's cosine attention, window_attention_v2*.cuh, runs the same blocks with CosineScores).
+// Swin V2's cosine attention, window_attention_v2*.cuh, runs the same blocks with CosineScores) and over the window
+// geometry (WindowGeometry here; the 3D op, window_attention_3d*.cuh, runs the same blocks with WindowGeometry3D:
+// WindowLayout, WindowAttentionShapeT).
 //
 // A correct, plain fallback (the Triton kernels are the tensor-core path): scalar fp32 math (fp64 for fp64).
 // A token row (a query row in the forward and dq kernels, a key row in the dk/dv kernel) belongs to G = 1, 2 or 4
@@ -31,9 +33,10 @@
 //             windows in a (groups, nH, N, N) buffer whose column j only key row j's first thread touches (no
 //             atomics); padded key rows' (dk, dv) (the k, v parts of the qkv bias) are reduced in a fixed order into
 //             a (groups * chunks, nH, 2, hd) buffer.
-// Every sum has a fixed order: results are deterministic. Token addressing is WindowGeometry::window_token (shift
+// Every sum has a fixed order: results are deterministic. Token addressing is the geometry's window_token (shift
 // and padding in the load and store addresses); padded tokens read `pad_row` (the qkv bias or zeros); offsets are
-// int64. Limits: N = wh * ww <= 256, head_dim <= 128.
+// int64. The bias index of a pair is the difference of the two tokens' staged relative-position codes. Limits (2D):
+// N = wh * ww <= 256, head_dim <= 128; the table always fits in shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -48,21 +51,41 @@
 namespace vitkernels {
 namespace cuda {
 
-constexpr int kWindowAttentionMaxTokens = 256;      // N = wh * ww
+constexpr int kWindowAttentionMaxTokens = 256;      // N = wh * ww (2D windows)
 constexpr int kWindowAttentionMaxHeadDim = 128;
 constexpr int kWindowAttentionMaxTableRows = 1024;  // (2 wh - 1)(2 ww - 1) < 4 wh ww <= 1024
 constexpr int kWindowAttentionMaxThreads = 256;     // per block
 
-// What every kernel needs to know about the problem.
-struct WindowAttentionShape {
-  WindowGeometry g;
-  int64_t C;        // nH * hd: channels of the output; qkv rows have 3C
-  int64_t windows;  // B * nWh * nWw
-  int N, nH, hd;
-  int table_rows;   // (2 wh - 1)(2 ww - 1)
-  int code_stride;  // 2 ww - 1: token t's code is (t / ww) * code_stride + t % ww, and
-  int rel_offset;   // relative_index(i, j) = code_i - code_j + rel_offset (= (wh - 1) * code_stride + ww - 1)
+// What the kernels need of a window geometry (WindowGeometry: 2D; WindowGeometry3D: window_attention_3d.cuh), read
+// by the kernels' shared-memory layout (window_attention_prologue.cuh) and the support check:
+//   kMaxTokens          N = tokens per window, the capacity of the per-window token arrays in shared memory
+//   kMaxTableRows       relative position bias table rows the kernels accept
+//   kTableAlwaysShared  true when head h's column of any accepted table fits the blocks' shared memory (2D: 1024
+//                       rows); false when a block stages it only if it fits what its tiles leave of the 48 KB and
+//                       otherwise reads the table in global memory (3D)
+// A geometry provides window_token(w, t, &region) (source token or -1, mask region < 128), relative_index(i, j), which
+// must be code(i) - code(j) + relative_index(0, 0) for per-token codes code(t) = relative_index(t, 0) -
+// relative_index(0, 0) (the bias index is then a subtraction of two staged codes), tokens_per_window(),
+// windows_per_image() and B.
+template <typename Geometry> struct WindowLayout;
+template <> struct WindowLayout<WindowGeometry> {
+  static constexpr int kMaxTokens = kWindowAttentionMaxTokens;
+  static constexpr int kMaxTableRows = kWindowAttentionMaxTableRows;
+  static constexpr bool kTableAlwaysShared = true;
 };
+
+// What every kernel needs to know about the problem, for a window geometry (WindowAttentionShape: 2D).
+template <typename Geometry>
+struct WindowAttentionShapeT {
+  Geometry g;
+  int64_t C;        // nH * hd: channels of the output; qkv rows have 3C
+  int64_t windows;  // B * windows per image
+  int N, nH, hd;
+  int table_rows;   // rows of the relative position bias table: (2 wh - 1)(2 ww - 1) in 2D
+  int rel_offset;   // g.relative_index(0, 0): relative_index(i, j) = code_i - code_j + rel_offset with
+                    // code_t = relative_index(t, 0) - rel_offset (2D: (t / ww)(2 ww - 1) + t % ww)
+};
+using WindowAttentionShape = WindowAttentionShapeT<WindowGeometry>;
 
 inline WindowAttentionShape make_window_attention_shape(const WindowGeometry& g, int64_t num_heads,
                                                         int64_t head_dim) {
@@ -74,8 +97,7 @@ inline WindowAttentionShape make_window_attention_shape(const WindowGeometry& g,
   p.nH = static_cast<int>(num_heads);
   p.hd = static_cast<int>(head_dim);
   p.table_rows = static_cast<int>((2 * g.wh - 1) * (2 * g.ww - 1));
-  p.code_stride = static_cast<int>(2 * g.ww - 1);
-  p.rel_offset = static_cast<int>((g.wh - 1) * (2 * g.ww - 1) + (g.ww - 1));
+  p.rel_offset = static_cast<int>(g.relative_index(0, 0));
   return p;
 }
 
@@ -85,7 +107,8 @@ struct WindowAttentionBlocks {
   int slices, threads, rows_per_block, chunks;
 };
 
-inline WindowAttentionBlocks window_attention_blocks(const WindowAttentionShape& p) {
+template <typename Geometry>
+inline WindowAttentionBlocks window_attention_blocks(const WindowAttentionShapeT<Geometry>& p) {
   WindowAttentionBlocks b;
   b.slices = p.hd <= 32 ? 1 : (p.hd <= 64 ? 2 : 4);
   const int max_rows = kWindowAttentionMaxThreads / b.slices;
@@ -96,9 +119,11 @@ inline WindowAttentionBlocks window_attention_blocks(const WindowAttentionShape&
   return b;
 }
 
-inline bool window_attention_supported(const WindowAttentionShape& p) {
-  return p.N >= 1 && p.N <= kWindowAttentionMaxTokens && p.hd >= 1 && p.hd <= kWindowAttentionMaxHeadDim &&
-         p.table_rows <= kWindowAttentionMaxTableRows && p.nH >= 1 && p.nH <= 65535 && p.windows >= 1 &&
+template <typename Geometry>
+inline bool window_attention_supported(const WindowAttentionShapeT<Geometry>& p) {
+  using L = WindowLayout<Geometry>;
+  return p.N >= 1 && p.N <= L::kMaxTokens && p.hd >= 1 && p.hd <= kWindowAttentionMaxHeadDim &&
+         p.table_rows >= 1 && p.table_rows <= L::kMaxTableRows && p.nH >= 1 && p.nH <= 65535 && p.windows >= 1 &&
          p.windows <= 0x7fffffff;
 }
 
@@ -117,8 +142,9 @@ inline int64_t window_attention_groups(int64_t windows, int64_t windows_per_grou
   return (windows + windows_per_group - 1) / windows_per_group;
 }
 
-// Rows of the d_pad scratch of launch_window_attention_bwd: groups * chunks.
-inline int64_t window_attention_pad_partials(const WindowAttentionShape& p, int64_t windows_per_group) {
+// Rows of the d_pad scratch of launch_window_attention{,_v2,_3d}_bwd: groups * chunks.
+template <typename Geometry>
+inline int64_t window_attention_pad_partials(const WindowAttentionShapeT<Geometry>& p, int64_t windows_per_group) {
   return window_attention_groups(p.windows, windows_per_group) * window_attention_blocks(p).chunks;
 }
 

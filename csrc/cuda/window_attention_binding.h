@@ -1,6 +1,7 @@
-// What the torch bindings of the CUDA window attention kernels, Swin V1 (window_attention.cu) and V2
-// (window_attention_v2.cu), share around their launches: the kernels' limits, the backward's scratch and the
-// host-side reductions of its partial sums into the bias-table and qkv-bias gradients. Torch code: bindings only.
+// What the torch bindings of the CUDA window attention kernels, Swin V1 (window_attention.cu), V2
+// (window_attention_v2.cu) and 3D (window_attention_3d.cu), share around their launches: the kernels' limits, the
+// backward's scratch and the host-side reductions of its partial sums into the bias-table and qkv-bias gradients.
+// Torch code: bindings only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,43 +37,57 @@ struct WindowAttentionBackwardScratch {
   at::Tensor delta, d_bias, d_pad;
 };
 
-inline WindowAttentionBackwardScratch window_attention_backward_scratch(const WindowAttentionProblem& p,
-                                                                        const cuda::WindowAttentionShape& shape,
-                                                                        const at::Tensor& qkv) {
+// (Problem: WindowAttentionProblem or WindowAttention3DProblem, with its kernel shape.)
+template <typename Problem, typename Geometry>
+inline WindowAttentionBackwardScratch window_attention_backward_scratch(
+    const Problem& p, const cuda::WindowAttentionShapeT<Geometry>& shape, const at::Tensor& qkv) {
   const auto acc = qkv.options().dtype(window_attention_acc_type(qkv));
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   WindowAttentionBackwardScratch s;
   s.windows_per_group = cuda::window_attention_windows_per_group(p.windows(), p.nH, 4 * sms);
   const int64_t groups = cuda::window_attention_groups(p.windows(), s.windows_per_group);
-  s.delta = at::empty({p.windows(), p.nH, p.N}, acc);
-  s.d_bias = at::zeros({groups, p.nH, p.N, p.N}, acc);
-  s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), p.nH, 2, p.hd}, acc);
+  const int64_t windows = p.windows(), nH = p.nH, N = p.N, hd = p.hd;  // (locals: nvcc's front end garbles {p.x} in a template)
+  s.delta = at::empty({windows, nH, N}, acc);
+  s.d_bias = at::zeros({groups, nH, N, N}, acc);
+  s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), nH, 2, hd}, acc);
   return s;
 }
 
 // After the backward's launch: grad_table in table's dtype (d_bias summed over groups in double, then scattered into
-// the table by relative position) and grad_bias in qkv_bias's dtype (empty without one): q gets nothing (padded
-// queries have dO = 0), k and v the padded keys' gradients summed over the partials. Zeros without windows.
-inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads(
-    const WindowAttentionProblem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table,
-    const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
+// the table by relative position: scatter(d_bias_sum (nH, N, N), grad_table) launches the geometry's bias-gradient
+// kernel) and grad_bias in qkv_bias's dtype (empty without one): q gets nothing (padded queries have dO = 0), k and v
+// the padded keys' gradients summed over the partials. Zeros without windows.
+template <typename Problem, typename Scatter>
+inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads_with(
+    const Problem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table, const at::Tensor& qkv,
+    const std::optional<at::Tensor>& qkv_bias, Scatter&& scatter) {
+  const int64_t nH = p.nH, hd = p.hd, C = p.C;  // (locals: nvcc's front end garbles {p.C} in a template)
   at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  at::Tensor d_pad_sum = at::zeros({p.nH, 2, p.hd}, qkv.options().dtype(at::kDouble));  // zero without padding
+  at::Tensor d_pad_sum = at::zeros({nH, 2, hd}, qkv.options().dtype(at::kDouble));  // zero without padding
   if (s.d_bias.defined()) {
     const at::Tensor d_bias_sum = at::sum(s.d_bias, {0}, /*keepdim=*/false, at::kDouble).contiguous();  // (nH, N, N)
-    C10_CUDA_CHECK(cuda::launch_window_attention_bias_grad(d_bias_sum.const_data_ptr<double>(),
-                                                           grad_table.mutable_data_ptr<double>(), p.g.wh, p.g.ww,
-                                                           p.nH, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(scatter(d_bias_sum.const_data_ptr<double>(), grad_table.mutable_data_ptr<double>()));
     d_pad_sum = at::sum(s.d_pad, {0}, /*keepdim=*/false, at::kDouble);
   }
   at::Tensor grad_bias = at::empty({0}, qkv.options());
   if (qkv_bias.has_value()) {
     // Channel part * C + h * hd + d.
-    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({p.C});
-    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({p.C});
-    grad_bias = at::cat({at::zeros({p.C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
+    const at::Tensor k_part = d_pad_sum.select(1, 0).reshape({C});
+    const at::Tensor v_part = d_pad_sum.select(1, 1).reshape({C});
+    grad_bias = at::cat({at::zeros({C}, k_part.options()), k_part, v_part}).to(qkv_bias->scalar_type());
   }
   return {grad_table.to(table.scalar_type()), grad_bias};
+}
+
+// The 2D ops' (V1, V2): the table gradient by launch_window_attention_bias_grad.
+inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads(
+    const WindowAttentionProblem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table,
+    const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias) {
+  return window_attention_table_and_bias_grads_with(
+      p, s, table, qkv, qkv_bias, [&](const double* d_bias, double* grad) {
+        return cuda::launch_window_attention_bias_grad(d_bias, grad, p.g.wh, p.g.ww, p.nH,
+                                                       at::cuda::getCurrentCUDAStream());
+      });
 }
 
 }  // namespace vitkernels

@@ -17,21 +17,22 @@ namespace wa_detail {
 // ---------------------------------------------------------------------------------------------------------------
 // Backward (a), dq: grid (windows, nH, chunks), thread = (query row i, slice). Writes the q part of grad_qkv for
 // real tokens and delta_i = dO_i . O_i (0 for padded rows) for kernel (b). The block's work, for either way of
-// forming the scores (DotProductScores: V1; CosineScores: Swin V2, window_attention_v2_bwd.cuh); returns the thread's
+// forming the scores (DotProductScores: V1, 3D; CosineScores: Swin V2, window_attention_v2_bwd.cuh) and either window
+// geometry (WindowGeometry; WindowGeometry3D: window_attention_3d_bwd.cuh); returns the thread's
 // share of the variant's other gradients (Scores::query_grad; 0 but for the slice-0 thread of a real row).
 
-template <typename T, int G, typename Scores>
+template <typename T, int G, typename Scores, typename Geometry>
 __device__ __forceinline__ typename Acc<T>::type window_attention_bwd_dq_block(
     const T* __restrict__ grad_out, const T* __restrict__ qkv, const T* __restrict__ pad_row,
     const typename Acc<T>::type* __restrict__ table, const T* __restrict__ out,
     const typename Acc<T>::type* __restrict__ lse, typename Acc<T>::type* __restrict__ delta,
-    T* __restrict__ grad_qkv, const WindowAttentionShape& p, const Scores& scores) {
+    T* __restrict__ grad_qkv, const WindowAttentionShapeT<Geometry>& p, const Scores& scores) {
   using A = typename Acc<T>::type;
   constexpr int KT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;
   __shared__ A k_s[KT * RS];
   __shared__ A v_s[KT * RS];
-  __shared__ WindowShared<A> win;
+  __shared__ typename WindowSharedOf<A, Geometry, 2 * KT * RS * sizeof(A)>::type win;
 
   const int64_t w = blockIdx.x;
   const int h = blockIdx.y;
@@ -46,6 +47,8 @@ __device__ __forceinline__ typename Acc<T>::type window_attention_bwd_dq_block(
   const bool row = i < p.N && src_i >= 0;
   const int code_i = win.code[ic] + p.rel_offset;
   const int region_i = win.region[ic];
+  const bool tab_staged = win.staged(p.table_rows);
+  const A* const tab_column = table + h;  // read only when the table is not staged
   const int64_t head = static_cast<int64_t>(h) * p.hd;
   A q[kSlice], dout[kSlice], dq[kSlice];
   A delta_i = A(0), lse_i = A(0);
@@ -85,7 +88,7 @@ __device__ __forceinline__ typename Acc<T>::type window_attention_bwd_dq_block(
       }
       s = scores.logits(row_sum<G>(s));
       dp = row_sum<G>(dp);
-      s = s + win.tab[code_i - win.code[j]];
+      s = s + win.bias(code_i - win.code[j], tab_staged, tab_column, p.nH);
       s = s + (win.region[j] != region_i ? mask_value<A>() : A(0));
       const A ds = exp_acc(s - lse_i) * (dp - delta_i);
 #pragma unroll
@@ -121,15 +124,16 @@ __global__ void __launch_bounds__(kWindowAttentionMaxThreads)
 // [group * windows_per_group, min(... + windows_per_group, windows)).
 //   d_bias: (groups, nH, N, N), zero on entry; key row j's slice-0 thread adds dS_ij of every window into column j.
 //   d_pad:  (groups * chunks, nH, 2, hd), written: this block's sum over its windows and padded key rows of (dk, dv).
-// The block's work, for either way of forming the scores (V1; Swin V2: window_attention_v2_bwd.cuh).
+// The block's work, for either way of forming the scores (V1, 3D; Swin V2: window_attention_v2_bwd.cuh) and either
+// window geometry (3D: window_attention_3d_bwd.cuh).
 
-template <typename T, int G, typename Scores>
+template <typename T, int G, typename Scores, typename Geometry>
 __device__ __forceinline__ void window_attention_bwd_dkdv_block(
     const T* __restrict__ grad_out, const T* __restrict__ qkv, const T* __restrict__ pad_row,
     const typename Acc<T>::type* __restrict__ table, const typename Acc<T>::type* __restrict__ lse,
     const typename Acc<T>::type* __restrict__ delta, T* __restrict__ grad_qkv,
     typename Acc<T>::type* __restrict__ d_bias, typename Acc<T>::type* __restrict__ d_pad,
-    const WindowAttentionShape& p, const Scores& scores, const int64_t windows_per_group) {
+    const WindowAttentionShapeT<Geometry>& p, const Scores& scores, const int64_t windows_per_group) {
   using A = typename Acc<T>::type;
   constexpr int QT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;
@@ -141,7 +145,7 @@ __device__ __forceinline__ void window_attention_bwd_dkdv_block(
   __shared__ A lse_s[QT];
   __shared__ A delta_s[QT];
   __shared__ A pad_s[2 * HDP];  // this block's sums of the padded key rows' dk (first HDP) and dv
-  __shared__ WindowShared<A> win;
+  __shared__ typename WindowSharedOf<A, Geometry, (2 * QT * RS + 2 * QT + 2 * HDP) * sizeof(A)>::type win;
 
   const int64_t group = blockIdx.x;
   const int h = blockIdx.y;
@@ -153,6 +157,8 @@ __device__ __forceinline__ void window_attention_bwd_dkdv_block(
   const int64_t w_end = w_begin + windows_per_group < p.windows ? w_begin + windows_per_group : p.windows;
 
   load_codes_and_table(p, table, h, win);
+  const bool tab_staged = win.staged(p.table_rows);
+  const A* const tab_column = table + h;  // read only when the table is not staged
   for (int e = threadIdx.x; e < 2 * HDP; e += blockDim.x) pad_s[e] = A(0);
 
   // Rows past N compute on row N - 1's data (every thread takes part in the shuffles) and store nothing.
@@ -207,7 +213,7 @@ __device__ __forceinline__ void window_attention_bwd_dkdv_block(
         }
         s = scores.logits(row_sum<G>(s));
         dp = row_sum<G>(dp);
-        s = s + win.tab[win.code[i] - code_j];
+        s = s + win.bias(win.code[i] - code_j, tab_staged, tab_column, p.nH);
         s = s + (win.region[i] != region_j ? mask_value<A>() : A(0));
         const A pr = exp_acc(s - lse_s[ii]);
         const A ds = pr * (dp - delta_s[ii]);

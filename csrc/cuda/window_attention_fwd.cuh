@@ -16,20 +16,22 @@ namespace wa_detail {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: grid (windows, nH, chunks), thread = (query row i, slice). The block's work, for either way of forming
-// the scores (DotProductScores: V1; CosineScores: Swin V2, window_attention_v2_fwd.cuh).
+// the scores (DotProductScores: V1; CosineScores: Swin V2, window_attention_v2_fwd.cuh) and either window geometry
+// (WindowGeometry; WindowGeometry3D: window_attention_3d_fwd.cuh).
 
-template <typename T, int G, typename Scores>
+template <typename T, int G, typename Scores, typename Geometry>
 __device__ __forceinline__ void window_attention_fwd_block(const T* __restrict__ qkv, const T* __restrict__ pad_row,
                                                            const typename Acc<T>::type* __restrict__ table,
                                                            T* __restrict__ out, typename Acc<T>::type* __restrict__ lse,
-                                                           const WindowAttentionShape& p, const Scores& scores) {
+                                                           const WindowAttentionShapeT<Geometry>& p,
+                                                           const Scores& scores) {
   using A = typename Acc<T>::type;
   constexpr int KT = Tile<T>::value;
   constexpr int RS = G * kSliceStride;  // tile row stride
   static_assert(KT % kSub == 0, "key tiles are whole softmax steps");
   __shared__ A k_s[KT * RS];
   __shared__ A v_s[KT * RS];
-  __shared__ WindowShared<A> win;
+  __shared__ typename WindowSharedOf<A, Geometry, 2 * KT * RS * sizeof(A)>::type win;
 
   const int64_t w = blockIdx.x;
   const int h = blockIdx.y;
@@ -43,6 +45,8 @@ __device__ __forceinline__ void window_attention_fwd_block(const T* __restrict__
   const int64_t src_i = win.src[ic];
   const int code_i = win.code[ic] + p.rel_offset;
   const int region_i = win.region[ic];
+  const bool tab_staged = win.staged(p.table_rows);
+  const A* const tab_column = table + h;  // read only when the table is not staged
   A q[kSlice], o[kSlice];
   load_slice(p, qkv, pad_row, src_i, h, 0, slice, scores.query_mul(), q);
   scores.template normalize<G>(q);
@@ -71,7 +75,7 @@ __device__ __forceinline__ void window_attention_fwd_block(const T* __restrict__
         s[jj] = A(0);
         if (js + jj < nk) {
           const int j = j0 + js + jj;
-          dot = dot + win.tab[code_i - win.code[j]];
+          dot = dot + win.bias(code_i - win.code[j], tab_staged, tab_column, p.nH);
           dot = dot + (win.region[j] != region_i ? mask_value<A>() : A(0));
           s[jj] = dot;
           step_max = jj == 0 ? dot : max_acc(step_max, dot);

@@ -1,9 +1,9 @@
 // Device helpers shared by the window attention kernels of Swin V1 (window_attention_fwd.cuh,
-// window_attention_bwd.cuh) and Swin V2 (window_attention_v2_*.cuh): the per-window prologue every kernel runs (source
-// tokens and mask regions of the window, relative-position codes, the head's bias-table column, all staged in shared
-// memory), the tile / slice loads of q, k, v, the row sums over the G threads of a token row, V1's way of forming
-// scores (DotProductScores; V2's is CosineScores in window_attention_v2_prologue.cuh) and the launch grids. Layout and
-// notation: window_attention.cuh.
+// window_attention_bwd.cuh), Swin V2 (window_attention_v2_*.cuh) and 3D (window_attention_3d_*.cuh): the per-window
+// prologue every kernel runs (source tokens and mask regions of the window, relative-position codes, the head's
+// bias-table column, all staged in shared memory, sized by the geometry's WindowLayout), the tile / slice loads of q,
+// k, v, the row sums over the G threads of a token row, V1's way of forming scores (DotProductScores; V2's is
+// CosineScores in window_attention_v2_prologue.cuh) and the launch grids. Layout and notation: window_attention.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,19 +45,46 @@ template <int G, typename A> __device__ __forceinline__ A row_sum(A x) {
 
 // What every block keeps of its window in shared memory besides its tiles: the window's source tokens (-1 for
 // padding) and mask regions, the relative-position codes of its N tokens, and head h's column of the bias table (in
-// the compute type). The forward and dq kernels load it once (load_window); the dk / dv kernel loads the codes and
-// the table once and the tokens per window of its group.
-template <typename A>
+// the compute type) when it fits: always for ALWAYS (2D), else when table_rows <= TABLE (3D: TABLE is what the
+// block's other shared arrays leave, WindowSharedOf); a table that does not fit is read in global memory (bias()).
+// The forward and dq kernels load it once (load_window); the dk / dv kernel loads the codes and the table once and
+// the tokens per window of its group.
+template <typename A, int TOKENS, int TABLE, bool ALWAYS>
 struct WindowShared {
-  A tab[kWindowAttentionMaxTableRows];
-  int64_t src[kWindowAttentionMaxTokens];
-  int code[kWindowAttentionMaxTokens];
-  signed char region[kWindowAttentionMaxTokens];
+  A tab[TABLE];
+  int64_t src[TOKENS];
+  int code[TOKENS];
+  signed char region[TOKENS];
+
+  // Whether a table of `rows` rows is staged in tab.
+  __device__ __forceinline__ static bool staged(int rows) { return ALWAYS || rows <= TABLE; }
+  // Head h's bias of relative index r (0 <= r < table_rows): tab[r] if staged, else column[r * stride] with column =
+  // table + h, stride = nH (the (table_rows, nH) table in global memory).
+  __device__ __forceinline__ A bias(int r, bool is_staged, const A* __restrict__ column, int stride) const {
+    if (ALWAYS || is_staged) return tab[r];
+    return column[static_cast<int64_t>(r) * stride];
+  }
+};
+
+constexpr int kStaticSharedBytes = 48 * 1024;  // __shared__ arrays of one block (tools/compile_gate_cuda.py gates it)
+
+// The WindowShared of a block for Geometry whose other __shared__ arrays take OTHER bytes: the whole table when the
+// layout says it always fits, else as many table rows as the rest of the 48 KB holds (less 256 bytes of alignment
+// slack), at most the layout's kMaxTableRows.
+template <typename A, typename Geometry, int OTHER>
+struct WindowSharedOf {
+  using L = WindowLayout<Geometry>;
+  static constexpr int kTokenBytes = L::kMaxTokens * static_cast<int>(sizeof(int64_t) + sizeof(int) + 1);
+  static constexpr int kFree = (kStaticSharedBytes - OTHER - kTokenBytes - 256) / static_cast<int>(sizeof(A));
+  static constexpr int kTableRows =
+      L::kTableAlwaysShared ? L::kMaxTableRows : (kFree < L::kMaxTableRows ? kFree : L::kMaxTableRows);
+  static_assert(kTableRows >= 1, "the token arrays and tiles leave no shared memory for the table");
+  using type = WindowShared<A, L::kMaxTokens, kTableRows, L::kTableAlwaysShared>;
 };
 
 // Window w's tokens, t < N: source token (-1 for padding) and mask region.
-template <typename A>
-__device__ __forceinline__ void load_window_tokens(const WindowAttentionShape& p, int64_t w, WindowShared<A>& win) {
+template <typename Shape, typename Win>
+__device__ __forceinline__ void load_window_tokens(const Shape& p, int64_t w, Win& win) {
   for (int t = threadIdx.x; t < p.N; t += blockDim.x) {
     int region;
     win.src[t] = p.g.window_token(w, t, &region);
@@ -65,20 +92,19 @@ __device__ __forceinline__ void load_window_tokens(const WindowAttentionShape& p
   }
 }
 
-// Relative-position codes of the N tokens (the same for every window) and head h's column of the
+// Relative-position codes of the N tokens (the same for every window) and, if it is staged, head h's column of the
 // (table_rows, nH) relative position bias table (already in the compute type).
-template <typename A>
-__device__ __forceinline__ void load_codes_and_table(const WindowAttentionShape& p, const A* __restrict__ table, int h,
-                                                     WindowShared<A>& win) {
-  const int ww = static_cast<int>(p.g.ww);
-  for (int t = threadIdx.x; t < p.N; t += blockDim.x) win.code[t] = (t / ww) * p.code_stride + t % ww;
+template <typename A, typename Shape, typename Win>
+__device__ __forceinline__ void load_codes_and_table(const Shape& p, const A* __restrict__ table, int h, Win& win) {
+  for (int t = threadIdx.x; t < p.N; t += blockDim.x)
+    win.code[t] = static_cast<int>(p.g.relative_index(t, 0)) - p.rel_offset;
+  if (!Win::staged(p.table_rows)) return;
   for (int r = threadIdx.x; r < p.table_rows; r += blockDim.x) win.tab[r] = table[static_cast<int64_t>(r) * p.nH + h];
 }
 
 // The prologue of a (window w, head h) block: all of the above, then a barrier.
-template <typename A>
-__device__ __forceinline__ void load_window(const WindowAttentionShape& p, const A* __restrict__ table, int64_t w,
-                                            int h, WindowShared<A>& win) {
+template <typename A, typename Shape, typename Win>
+__device__ __forceinline__ void load_window(const Shape& p, const A* __restrict__ table, int64_t w, int h, Win& win) {
   load_window_tokens(p, w, win);
   load_codes_and_table(p, table, h, win);
   __syncthreads();
@@ -86,8 +112,8 @@ __device__ __forceinline__ void load_window(const WindowAttentionShape& p, const
 
 // Rows [r0, r0 + TILE) of the window, part `part` (0 q, 1 k, 2 v) of head h, times `mul`, into a tile of TILE rows
 // of G slices (row stride G * 33, slice stride 33); zero past N, past head_dim and, if skip_pad, for padded tokens.
-template <typename T, int G, int TILE>
-__device__ __forceinline__ void load_qkv_tile(const WindowAttentionShape& p, const T* __restrict__ qkv,
+template <typename T, int G, int TILE, typename Shape>
+__device__ __forceinline__ void load_qkv_tile(const Shape& p, const T* __restrict__ qkv,
                                               const T* __restrict__ pad_row, const int64_t* src_s, int r0, int h,
                                               int part, typename Acc<T>::type mul, bool skip_pad,
                                               typename Acc<T>::type* tile) {
@@ -108,8 +134,8 @@ __device__ __forceinline__ void load_qkv_tile(const WindowAttentionShape& p, con
 }
 
 // This thread's slice of head h's part `part` of token row `src` (pad_row if src < 0), times `mul`.
-template <typename T>
-__device__ __forceinline__ void load_slice(const WindowAttentionShape& p, const T* __restrict__ qkv,
+template <typename T, typename Shape>
+__device__ __forceinline__ void load_slice(const Shape& p, const T* __restrict__ qkv,
                                            const T* __restrict__ pad_row, int64_t src, int h, int part, int slice,
                                            typename Acc<T>::type mul, typename Acc<T>::type (&x)[kSlice]) {
   using A = typename Acc<T>::type;
@@ -160,23 +186,24 @@ cudaError_t dispatch_slices(int slices, Launch&& launch) {
 
 // The grid of the forward and dq kernels (x = windows) and of the dk / dv kernel (x = groups of windows): one block
 // per (x, head, chunk of rows).
-inline dim3 window_attention_grid(int64_t x, const WindowAttentionShape& p, const WindowAttentionBlocks& b) {
+template <typename Shape>
+inline dim3 window_attention_grid(int64_t x, const Shape& p, const WindowAttentionBlocks& b) {
   return dim3(static_cast<unsigned int>(x), static_cast<unsigned int>(p.nH), static_cast<unsigned int>(b.chunks));
 }
 
 // The launchers' common part. Forward: launch(SlicesTag<G>{}, grid, threads); backward: launch(SlicesTag<G>{},
 // grid_dq, grid_dkdv, threads). cudaErrorInvalidValue, without calling launch, for a problem
 // window_attention_supported refuses (or windows_per_group < 1).
-template <typename Launch>
-cudaError_t dispatch_forward(const WindowAttentionShape& p, Launch&& launch) {
+template <typename Shape, typename Launch>
+cudaError_t dispatch_forward(const Shape& p, Launch&& launch) {
   if (!window_attention_supported(p)) return cudaErrorInvalidValue;
   const WindowAttentionBlocks b = window_attention_blocks(p);
   return dispatch_slices(b.slices,
                          [&](auto tag) { return launch(tag, window_attention_grid(p.windows, p, b), b.threads); });
 }
 
-template <typename Launch>
-cudaError_t dispatch_backward(const WindowAttentionShape& p, int64_t windows_per_group, Launch&& launch) {
+template <typename Shape, typename Launch>
+cudaError_t dispatch_backward(const Shape& p, int64_t windows_per_group, Launch&& launch) {
   if (!window_attention_supported(p) || windows_per_group < 1) return cudaErrorInvalidValue;
   const WindowAttentionBlocks b = window_attention_blocks(p);
   const int64_t groups = window_attention_groups(p.windows, windows_per_group);

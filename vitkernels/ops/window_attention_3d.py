@@ -7,8 +7,10 @@ Backends:
 * ``reference`` -- :func:`vitkernels.reference.window_attention_3d.window_attention_3d` (pad, roll, partition,
   materialised bias and 27-region mask, softmax, reverse: MONAI's arithmetic).
 * ``native`` -- ``torch.ops.vitkernels.window_attention_3d`` (+ ``_backward``) from ``csrc/cpu/window_attention_3d.cpp``:
-  the 2D op's CPU kernel (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) over a 3D window addressing. CPU only.
-* ``triton`` -- none yet, and no CUDA kernel either: on GPUs the reference serves the call (the dispatcher says so).
+  the 2D op's CPU kernel (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) over a 3D window addressing; and on
+  CUDA from ``csrc/cuda/window_attention_3d.cu``: the 2D op's CUDA kernels over the 3D geometry (windows of at most
+  512 tokens, head_dim <= 128; built when the extension is built with CUDA).
+* ``triton`` -- none yet: on GPUs without the CUDA kernel the reference serves the call (the dispatcher says so).
 
 The native op folds padding and shift (in either order) and the partition into its addressing, gathers the bias
 from the table by index math and computes the mask from padded token coordinates; forward saves the row
@@ -169,7 +171,7 @@ def _backward(ctx, grad_out, grad_lse):
     return (grad_qkv, grad_table, grad_bias if ctx.has_bias else None) + (None,) * len(ctx.config)
 
 
-# --- native backend: csrc/cpu/window_attention_3d.cpp ----------------------------------------------------------------
+# --- native backend: csrc/cpu/window_attention_3d.cpp, csrc/cuda/window_attention_3d.cu ----------------------------
 
 if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
     torch.library.register_fake("vitkernels::window_attention_3d")(_forward_fake)
@@ -178,9 +180,16 @@ if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
     refuse_double_backward(torch.ops.vitkernels.window_attention_3d_backward.default, "window_attention_3d", "native")
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
-        if call.device.type != "cpu":
-            return "window_attention_3d has a CPU kernel only (no CUDA or Triton 3D kernel yet)"
-        return _native.native_unavailable_reason("window_attention_3d", call.device)
+        reason = _native.native_unavailable_reason("window_attention_3d", call.device)
+        if reason is None and call.device.type == "cuda" and "head_dim" in call.details:
+            # csrc/cuda/window_attention_3d.cuh: per-window token arrays in shared memory, a query row's head dim in
+            # registers of up to 4 threads
+            if call.details["tokens_per_window"] > 512:
+                reason = ("the CUDA kernel takes windows of at most 512 tokens (wd * wh * ww), got "
+                          f"{call.details['tokens_per_window']}")
+            elif call.details["head_dim"] > 128:
+                reason = f"the CUDA kernel takes head_dim <= 128, got {call.details['head_dim']}"
+        return reason
 
     @op.register("native", _native_supports)
     def _window_attention_3d_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias,

@@ -1,15 +1,16 @@
-"""Run the CUDA window attention kernels (Swin V1 and V2) on the CPU, in an emulation of CUDA, against the float64
-reference.
+"""Run the CUDA window attention kernels (Swin V1, V2 and 3D) on the CPU, in an emulation of CUDA, against the
+float64 reference.
 
     python csrc/cuda/check/emulate_cuda.py [--quick] [--only NAME] [--sanitize address]
 
 The kernels have not run on a GPU yet; this runs their bodies as written: the runtime-only headers and the explicit
-instantiations (csrc/cuda/*.cuh, window_attention{,_v2}_{fwd,bwd}_kernels.cu) are compiled with g++ against
+instantiations (csrc/cuda/*.cuh, window_attention{,_v2,_3d}_{fwd,bwd}_kernels.cu) are compiled with g++ against
 csrc/cuda/check/emulate/ (a CPU stand-in for <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h>: a block's threads as
 fibers, real block and warp barriers, shuffles through per-warp buffers), with every ``<<<...>>>`` launch rewritten
-into a call of the emulated launcher. Two kernel sets, one build: V1 (window_attention: vitkernels/reference/
-window_attention.py) and V2 (window_attention_v2, cosine attention: vitkernels/reference/window_attention_v2.py). The
-host side mirrors the torch bindings (csrc/cuda/window_attention{,_v2}.cu): the same outputs, scratch buffers,
+into a call of the emulated launcher. Three kernel sets, one build: V1 (window_attention: vitkernels/reference/
+window_attention.py), V2 (window_attention_v2, cosine attention: vitkernels/reference/window_attention_v2.py) and 3D
+(window_attention_3d, the V1 blocks over 3D windows: vitkernels/reference/window_attention_3d.py). The host side
+mirrors the torch bindings (csrc/cuda/window_attention{,_v2,_3d}.cu): the same outputs, scratch buffers,
 windows-per-group choice (for a 132-multiprocessor GPU, and 1 and 3 windows per group) and reductions. Outputs start
 as NaN, so a row a kernel fails to write is caught. What it cannot find: anything that depends on the GPU's memory
 model beyond the kernels' barriers, real expf / logf / sqrtf rounding, launch-resource failures (see
@@ -98,6 +99,12 @@ class Emulated:
         self.lib.vk_emu_window_attention_chunks.argtypes = [ctypes.c_void_p]
         self.lib.vk_emu_window_attention_v2_fwd.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7
         self.lib.vk_emu_window_attention_v2_bwd.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [i64]
+        self.lib.vk_emu_window_attention_3d_fwd.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_double]
+        self.lib.vk_emu_window_attention_3d_bwd.argtypes = (
+            [ctypes.c_int] + [ctypes.c_void_p] * 11 + [ctypes.c_double, i64])
+        self.lib.vk_emu_window_attention_3d_bias_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [i64] * 4
+        self.lib.vk_emu_window_attention_3d_pad_partials.restype = i64
+        self.lib.vk_emu_window_attention_3d_pad_partials.argtypes = [ctypes.c_void_p, i64]
 
     def _dims(self, qkv, window, shift, nH):
         B, H, W, three_c = qkv.shape
@@ -116,7 +123,7 @@ class Emulated:
     def _pad_row(self, qkv, qkv_bias):  # window_attention_pad_row: the qkv bias in qkv's dtype, or zeros
         if qkv_bias is not None:
             return qkv_bias.to(qkv.dtype).contiguous()
-        return self.torch.zeros(qkv.shape[3], dtype=qkv.dtype)
+        return self.torch.zeros(qkv.shape[-1], dtype=qkv.dtype)
 
     def forward(self, qkv, table, qkv_bias, window, shift, nH, scale):
         torch = self.torch
@@ -181,6 +188,63 @@ class Emulated:
                                    d_pad_sum[:, 1].reshape(C)]).to(qkv_bias.dtype)
         return grad_qkv, grad_table.to(table.dtype), grad_scale, grad_bias
 
+    # --- 3D (csrc/cuda/window_attention_3d.cu): qkv (B, D, H, W, 3C), window / shift triples -----------------------
+
+    def _dims_3d(self, qkv, window, shift, pad_before_shift, nH):
+        B, D, H, W, three_c = qkv.shape
+        return (ctypes.c_int64 * 13)(B, D, H, W, *window, *shift, int(pad_before_shift), nH, three_c // (3 * nH))
+
+    @staticmethod
+    def _windows_3d(qkv, window):
+        return qkv.shape[0] * math.prod(math.ceil(n / w) for n, w in zip(qkv.shape[1:4], window))
+
+    def forward_3d(self, qkv, table, qkv_bias, window, shift, pad_before_shift, nH, scale):
+        torch = self.torch
+        acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        hd = qkv.shape[4] // (3 * nH)
+        pad_row = self._pad_row(qkv, qkv_bias)
+        out = torch.full(qkv.shape[:4] + (nH * hd,), float("nan"), dtype=qkv.dtype)
+        lse = torch.full((self._windows_3d(qkv, window), nH, math.prod(window)), float("nan"), dtype=acc)
+        tab = table.to(acc).contiguous()
+        rc = self.lib.vk_emu_window_attention_3d_fwd(
+            self.DTYPE_CODE[qkv.dtype], self._ptr(qkv), self._ptr(pad_row), self._ptr(tab), self._ptr(out),
+            self._ptr(lse), self._dims_3d(qkv, window, shift, pad_before_shift, nH), scale)
+        if rc != 0:
+            raise RuntimeError(f"emulated 3D forward launch failed: {rc}")
+        return out, lse
+
+    def backward_3d(self, grad_out, qkv, table, qkv_bias, out, lse, window, shift, pad_before_shift, nH, scale,
+                    windows_per_group):
+        torch = self.torch
+        acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        windows, N, hd = self._windows_3d(qkv, window), math.prod(window), qkv.shape[4] // (3 * nH)
+        C = nH * hd
+        dims = self._dims_3d(qkv, window, shift, pad_before_shift, nH)
+        pad_row = self._pad_row(qkv, qkv_bias)
+        grad_qkv = torch.full(qkv.shape, float("nan"), dtype=qkv.dtype)
+        delta = torch.full((windows, nH, N), float("nan"), dtype=acc)
+        d_bias = torch.zeros((math.ceil(windows / windows_per_group), nH, N, N), dtype=acc)
+        d_pad = torch.full((self.lib.vk_emu_window_attention_3d_pad_partials(dims, windows_per_group), nH, 2, hd),
+                           float("nan"), dtype=acc)
+        tab = table.to(acc).contiguous()
+        rc = self.lib.vk_emu_window_attention_3d_bwd(
+            self.DTYPE_CODE[qkv.dtype], self._ptr(grad_out), self._ptr(qkv), self._ptr(pad_row), self._ptr(tab),
+            self._ptr(out), self._ptr(lse), self._ptr(delta), self._ptr(grad_qkv), self._ptr(d_bias),
+            self._ptr(d_pad), dims, scale, windows_per_group)
+        if rc != 0:
+            raise RuntimeError(f"emulated 3D backward launch failed: {rc}")
+        d_bias_sum = d_bias.sum(0, dtype=torch.float64).contiguous()
+        grad_table = torch.full(table.shape, float("nan"), dtype=torch.float64)
+        rc = self.lib.vk_emu_window_attention_3d_bias_grad(self._ptr(d_bias_sum), self._ptr(grad_table), *window, nH)
+        if rc != 0:
+            raise RuntimeError(f"emulated 3D bias-gradient launch failed: {rc}")
+        d_pad_sum = d_pad.sum(0, dtype=torch.float64)
+        grad_bias = None
+        if qkv_bias is not None:
+            grad_bias = torch.cat([torch.zeros(C, dtype=torch.float64), d_pad_sum[:, 0].reshape(C),
+                                   d_pad_sum[:, 1].reshape(C)]).to(qkv_bias.dtype)
+        return grad_qkv, grad_table.to(table.dtype), None, grad_bias
+
     def windows_per_group(self, windows, nH, multiprocessors=132):
         return self.lib.vk_emu_window_attention_windows_per_group(windows, nH, 4 * multiprocessors)
 
@@ -200,7 +264,25 @@ CASES = [
     ("v2 ws12 shifted hd48 (2 chunks)", "v2", 1, 13, 12, (12, 12), (6, 6), 1, 48, ("float32", "bfloat16")),
     ("v2 ws16 shifted hd96 (4 chunks)", "v2", 1, 16, 16, (16, 16), (8, 8), 1, 96, ("float32",)),
 ]
-QUICK = {"ws7 shifted padded hd32", "ws12 shifted hd48 (2 chunks)", "v2 ws8 shifted padded hd32"}
+# 3D (name, B, (D, H, W), window, shift, pad_before_shift, heads, head_dim, qkv_bias given, dtypes): both padding
+# orders, D / H / W not multiples of the window, shifts on one, two and three axes, with and without a qkv bias;
+# MONAI's 7x7x7 (343 tokens: 2 row chunks; its 2197-row table staged for head_dim <= 64, read in global memory at
+# head_dim 96) and Video Swin's 8x7x7 (392 tokens), a small 2x3x2 window.
+CASES_3D = [
+    ("3d ws7x7x7 shift3 pad-first hd32", 1, (7, 9, 8), (7, 7, 7), (3, 3, 3), True, 1, 32, True,
+     ("float32", "float16", "bfloat16")),
+    ("3d ws8x7x7 shift-dw pad-after hd16", 1, (10, 7, 9), (8, 7, 7), (4, 0, 3), False, 1, 16, False, ("float32",)),
+    ("3d ws2x3x2 shift-dhw pad-first hd20", 2, (3, 5, 3), (2, 3, 2), (1, 2, 1), True, 2, 20, True,
+     ("float64", "float32")),
+    ("3d ws2x3x2 shift-dhw pad-after hd20", 2, (3, 5, 3), (2, 3, 2), (1, 2, 1), False, 2, 20, True,
+     ("float64", "bfloat16")),
+    ("3d ws3x2x4 shift-h pad-after hd48 no-bias", 1, (4, 5, 7), (3, 2, 4), (0, 1, 0), False, 2, 48, False,
+     ("float32",)),
+    ("3d ws7x7x7 hd96 (table in global memory)", 1, (7, 7, 7), (7, 7, 7), (0, 0, 3), True, 1, 96, True,
+     ("float32",)),
+]
+QUICK = {"ws7 shifted padded hd32", "ws12 shifted hd48 (2 chunks)", "v2 ws8 shifted padded hd32",
+         "3d ws2x3x2 shift-dhw pad-first hd20"}
 # fp64 / fp32: max error relative to max(1, max |reference|). Half storage (fp32 math): flash-attn's rule, as the
 # tests: within 2 x eager PyTorch's own error in that dtype + 1e-3 of the magnitude.
 TOLERANCE = {"float64": 1e-9, "float32": 2e-5}
@@ -268,6 +350,36 @@ def reference_case(torch, op, B, H, W, window, shift, nH, hd, dtype, seed):
     return (qkv, table, qkv_bias, grad_out, scale), ref, eager
 
 
+def reference_case_3d(torch, B, size, window, shift, pad_before_shift, nH, hd, with_bias, dtype, seed):
+    """reference_case for the 3D op (vitkernels/reference/window_attention_3d.py): qkv (B, D, H, W, 3C), scale =
+    hd^-0.5, the qkv bias or None."""
+    from vitkernels.reference.window_attention_3d import window_attention_3d
+
+    g = torch.Generator().manual_seed(seed)
+    C = nH * hd
+    rows = math.prod(2 * w - 1 for w in window)
+    half = dtype in (torch.float16, torch.bfloat16)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    qkv = torch.randn(B, *size, 3 * C, generator=g).to(dtype)
+    qkv_bias = (0.5 * torch.randn(3 * C, generator=g)).to(dtype) if with_bias else None
+    grad_out = torch.randn(B, *size, C, generator=g).to(dtype)
+    table = (0.5 * torch.randn(rows, nH, generator=g)).to(param_dtype)
+    scale = hd ** -0.5
+
+    def run(cast):
+        leaves = [cast(x).requires_grad_() for x in (qkv, table, qkv_bias) if x is not None]
+        bias = leaves[2] if with_bias else None
+        out = window_attention_3d(leaves[0], leaves[1], window, shift, nH, scale, bias,
+                                  pad_before_shift=pad_before_shift)
+        out.backward(cast(grad_out))
+        return dict(out=out.detach(), grad_qkv=leaves[0].grad, grad_table=leaves[1].grad, grad_scale=None,
+                    **bias_parts(bias.grad if with_bias else None, C))
+
+    ref = run(lambda x: x.double())
+    eager = run(lambda x: x.clone()) if half else None
+    return (qkv, table, qkv_bias, grad_out, scale), ref, eager
+
+
 def compare(name, got, want, tol, eager=None):
     """(max error / its bound, None or what is wrong) of `got` against the float64 `want`. With `eager` (half dtypes):
     flash-attn's rule, else max error <= tol * max(1, max |want|)."""
@@ -291,6 +403,31 @@ def torch_isfinite_all(t):
     return bool(torch.isfinite(t).all())
 
 
+def check_case(emu, name, dtype_name, inputs, ref, eager, nH, hd, forward, backward):
+    """Runs one configuration: forward(qkv, table, qkv_bias, scale) -> (out, lse), then backward(grad_out, qkv, table,
+    qkv_bias, out, lse, scale, windows_per_group) -> (grad_qkv, grad_table, grad_scale or None, grad_bias or None) for
+    the windows-per-group choice of a 132-multiprocessor GPU, 1 and 3; prints a line, returns whether it failed."""
+    t1 = time.time()
+    qkv, table, qkv_bias, grad_out, scale = inputs
+    tol = TOLERANCE.get(dtype_name)
+    out, lse = forward(qkv, table, qkv_bias, scale)
+    checks = [compare("out", out, ref["out"], tol, eager and eager["out"])]
+    if not torch_isfinite_all(lse):
+        checks.append((math.inf, "lse: non-finite values"))
+    windows = lse.shape[0]
+    for per_group in sorted({emu.windows_per_group(windows, nH), 1, min(3, windows)}):
+        dq, dt, ds, db = backward(grad_out, qkv, table, qkv_bias, out, lse, scale, per_group)
+        got = dict(grad_qkv=dq, grad_table=dt, grad_scale=ds, **bias_parts(db, nH * hd))
+        checks += [compare(f"{key} (windows/group {per_group})", value, ref[key], tol, eager and eager[key])
+                   for key, value in got.items() if value is not None]
+    problems = [p for _, p in checks if p]
+    status = f"ok (worst error {max(r for r, _ in checks):.2f} of its bound)"
+    if problems:
+        status = "FAIL " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    print(f"  {name:42s} {dtype_name:9s} {status} ({time.time() - t1:.1f} s)", flush=True)
+    return bool(problems)
+
+
 def run(quick=False, sanitize=None, only=None):
     import torch
 
@@ -306,28 +443,25 @@ def run(quick=False, sanitize=None, only=None):
             if (quick and name not in QUICK) or (only and only not in name):
                 continue
             for dtype_name in dtypes:
-                dtype = getattr(torch, dtype_name)
-                t1 = time.time()
-                (qkv, table, qkv_bias, grad_out, scale), ref, eager = reference_case(
-                    torch, op, B, H, W, window, shift, nH, hd, dtype, seed)
-                tol = TOLERANCE.get(dtype_name)
-                out, lse = emu.forward(qkv, table, qkv_bias, window, shift, nH, scale)
-                checks = [compare("out", out, ref["out"], tol, eager and eager["out"])]
-                if not torch_isfinite_all(lse):
-                    checks.append((math.inf, "lse: non-finite values"))
-                windows = lse.shape[0]
-                for per_group in sorted({emu.windows_per_group(windows, nH), 1, min(3, windows)}):
-                    dq, dt, ds, db = emu.backward(grad_out, qkv, table, qkv_bias, out, lse, window, shift, nH, scale,
-                                                  per_group)
-                    got = dict(grad_qkv=dq, grad_table=dt, grad_scale=ds, **bias_parts(db, nH * hd))
-                    checks += [compare(f"{key} (windows/group {per_group})", value, ref[key], tol,
-                                       eager and eager[key]) for key, value in got.items() if value is not None]
-                problems = [p for _, p in checks if p]
-                failures += bool(problems)
-                status = f"ok (worst error {max(r for r, _ in checks):.2f} of its bound)"
-                if problems:
-                    status = "FAIL " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-                print(f"  {name:34s} {dtype_name:9s} {status} ({time.time() - t1:.1f} s)", flush=True)
+                inputs, ref, eager = reference_case(torch, op, B, H, W, window, shift, nH, hd,
+                                                    getattr(torch, dtype_name), seed)
+                failures += check_case(
+                    emu, name, dtype_name, inputs, ref, eager, nH, hd,
+                    lambda qkv, table, bias, scale: emu.forward(qkv, table, bias, window, shift, nH, scale),
+                    lambda go, qkv, table, bias, out, lse, scale, per_group: emu.backward(
+                        go, qkv, table, bias, out, lse, window, shift, nH, scale, per_group))
+        for seed, (name, B, size, window, shift, pad_first, nH, hd, with_bias, dtypes) in enumerate(CASES_3D, 100):
+            if (quick and name not in QUICK) or (only and only not in name):
+                continue
+            for dtype_name in dtypes:
+                inputs, ref, eager = reference_case_3d(torch, B, size, window, shift, pad_first, nH, hd, with_bias,
+                                                       getattr(torch, dtype_name), seed)
+                failures += check_case(
+                    emu, name, dtype_name, inputs, ref, eager, nH, hd,
+                    lambda qkv, table, bias, scale: emu.forward_3d(qkv, table, bias, window, shift, pad_first, nH,
+                                                                   scale),
+                    lambda go, qkv, table, bias, out, lse, scale, per_group: emu.backward_3d(
+                        go, qkv, table, bias, out, lse, window, shift, pad_first, nH, scale, per_group))
         print(f"emulate_cuda: {failures} failing configuration(s), {time.time() - t0:.0f} s", flush=True)
         return 1 if failures else 0
     finally:
