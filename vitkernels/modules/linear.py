@@ -11,12 +11,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from vitkernels import dispatch
 from vitkernels.ops.linear import linear
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` through the vitkernels linear op. ``backend`` (class default None: ``$VITKERNELS_BACKEND`` or
-    ``auto``) is a plain attribute, so a class-swapped module has it too."""
+    ``auto``) is a plain attribute, so a class-swapped module has it too. ``"reference"`` pins ``F.linear``; any
+    other value means ``auto`` (oneDNN where it serves the call, else ``F.linear``): a model pinned to ``triton`` or
+    ``native`` by ``patch_model(model, backend=...)`` pins its attention kernels, and its Linears -- for which there
+    is no Triton GEMM (cuBLAS is the one to use) and no float64 oneDNN path -- must not fail on that."""
 
     backend: Optional[str] = None
 
@@ -25,4 +29,7 @@ class Linear(nn.Linear):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear(input, self.weight, self.bias, backend=self.backend)
+        backend = self.backend
+        if dispatch.resolve_backend_name(backend) != "reference":
+            backend = "auto"
+        return linear(input, self.weight, self.bias, backend=backend)

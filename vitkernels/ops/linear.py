@@ -5,20 +5,21 @@ Backends:
 * ``reference``: :func:`torch.nn.functional.linear` (+ GELU). On CUDA this is cuBLAS, which is what we want.
 * ``native`` (CPU, float32, PyTorch built with oneDNN): ``torch.ops.mkldnn._linear_pointwise``, oneDNN's inner
   product, the op inductor's mkldnn fusion pass emits, with the bias and the GELU as oneDNN post-ops. Why: on CPUs
-  where PyTorch's ``F.linear`` (aten ``addmm`` -> MKL ``sgemm``) takes MKL's generic code path (AMD EPYC here), oneDNN's
-  own JIT GEMM was measured about 2x faster at Swin-T's shapes (numbers in the op's tests / the branch notes), and
-  equal to fp32 GEMM rounding (relative error ~3e-7 against float64).
-  bfloat16 is not served: there ``F.linear`` (already oneDNN-backed for bf16) measured faster than
-  ``_linear_pointwise`` on this machine, so ``auto`` leaves it to the reference.
+  where PyTorch's ``F.linear`` (aten ``addmm`` -> MKL ``sgemm``) takes MKL's generic code path (AMD EPYC: the CI
+  machine), oneDNN's own JIT GEMM took about half the time at Swin-T's shapes in quick interleaved checks on the
+  shared, loaded 2-core CI box (not a benchmark), with results equal up to fp32 GEMM rounding (relative error
+  ~3e-7 against float64).
+  bfloat16 is not served: there ``F.linear`` was the faster of the two in the same quick check (8.8 vs 12.4 ms at
+  3136x384x1536), so ``auto`` leaves it to the reference.
 
 The native op ``vitkernels::onednn_linear(x, weight, bias, activation)`` is a ``torch.library`` custom op with a fake
 implementation and autograd, so ``torch.compile(fullgraph=True)`` keeps it. Its backward, all GEMMs in oneDNN:
 
 * ``grad_x = g W``: ``_linear_pointwise(g, W^T)`` (one (K, N) copy of the weight);
 * ``grad_W = g^T x``: ``_linear_pointwise(g^T, x^T)`` on transposed copies (a reduction over the M rows needs M
-  contiguous in both operands). Measured faster than MKL's ``torch.mm(g.t(), x)`` copies included
-  ((3136x1536)^T @ (3136x384): ~30 ms vs ~44 ms on the loaded 2-core CI box; passing the strided views to oneDNN
-  directly: ~40 ms);
+  contiguous in both operands). Faster than MKL's ``torch.mm(g.t(), x)`` copies included in a quick check
+  ((3136x1536)^T @ (3136x384): ~30 ms vs ~44 ms on the loaded 2-core CI box, not a benchmark; passing the strided
+  views to oneDNN directly: ~40 ms; ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors);
 * ``grad_b = g.sum(0)``.
 
 With an activation, the op's backward recomputes the pre-activation with one more GEMM (it cannot save it: the
@@ -106,6 +107,15 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, attr, scalars, algorithm)
 
 
+def _row_major(lead, n: int):
+    """Strides of the leading dims of a contiguous (*lead, n) tensor."""
+    strides, step = [], n
+    for size in reversed(lead):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 if onednn_available():
 
     @torch.library.custom_op("vitkernels::onednn_linear", mutates_args=())
@@ -113,7 +123,11 @@ if onednn_available():
                        activation: str) -> torch.Tensor:
         N, K = weight.shape
         rows = x.shape[:-1].numel()  # not reshape(-1, K): ambiguous when K = 0
-        return _gemm(x.reshape(rows, K), weight, bias, activation).view(*x.shape[:-1], N)
+        y = _gemm(x.reshape(rows, K), weight, bias, activation)
+        # The (..., N) result without a view: a custom op's output that is a view of a tensor made inside the op
+        # may not be modified in place afterwards (autograd forbids it; timm's ``qkv += bias`` does it), so the
+        # result takes the GEMM output's storage directly, with no view relation to it.
+        return y.new_empty(0).set_(y.untyped_storage(), 0, (*x.shape[:-1], N), (*_row_major(x.shape[:-1], N), 1))
 
     @_onednn_linear.register_fake
     def _onednn_linear_fake(x, weight, bias, activation):
