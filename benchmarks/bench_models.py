@@ -8,11 +8,16 @@ Peers for every model and mode (the same weights, random, created locally with `
   (``vitkernels.compat.timm.patch_model`` for Swin, ``patch_vit_embedding`` for DeiT; for MAE the fused patch
   embedding, ``random_masking`` with the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
 
-``GEMM floor (Linear + Conv only)`` is not a peer but a floor: the model's ``nn.Linear`` and ``nn.Conv2d`` layers
-alone, at the shapes one call of the model gives them (captured by forward hooks), forward (and, for ``train``,
-backward to inputs and weights) through the same torch kernels, nothing else. No peer that keeps those layers can
-go below it; the gap between a peer and the floor is what attention, norms, activations, copies and the framework
-cost. (Attention's own batched matmuls are not in it.)
+Two floors, not peers: the model's ``nn.Linear`` and ``nn.Conv2d`` layers alone, at the shapes one call of the
+model gives them (captured by forward hooks), forward (and, for ``train``, backward to inputs and weights), nothing
+else. The gap between a peer and its floor is what attention, norms, activations, copies and the framework cost.
+(Attention's own batched matmuls are not in them.)
+
+* ``GEMM floor (Linear + Conv only)``: the Linears through ``F.linear`` (ATen ``addmm``; on CPU MKL sgemm), the
+  floor of the unpatched ``timm`` peers.
+* ``GEMM floor (vitkernels linear)``: the Linears through :func:`vitkernels.linear`, the GEMM backend the patched
+  models use (``patch_model`` swaps every Linear to it; on CPU float32 oneDNN, elsewhere ``F.linear`` again), the
+  floor of the ``patched`` peers. Convs through ``F.conv2d`` in both.
 
 Modes: ``inference`` (eval, ``torch.no_grad``) and ``train`` (train mode: forward, loss -- cross-entropy on random
 labels, or the MAE loss -- and backward to every parameter's gradient; the optimizer update, the same for every peer,
@@ -54,12 +59,14 @@ MODES = ("inference", "train")
 
 
 GEMM_FLOOR = "GEMM floor (Linear + Conv only)"
+GEMM_FLOOR_VK = "GEMM floor (vitkernels linear)"
+FLOORS = (GEMM_FLOOR, GEMM_FLOOR_VK)
 
 
 def _peers(model):
     if model.startswith("mae"):
-        return ("official eager", "official torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
-    return ("timm eager", "timm torch.compile", "patched eager", "patched torch.compile", GEMM_FLOOR)
+        return ("official eager", "official torch.compile", "patched eager", "patched torch.compile", *FLOORS)
+    return ("timm eager", "timm torch.compile", "patched eager", "patched torch.compile", *FLOORS)
 
 
 def _params():
@@ -70,7 +77,7 @@ def _params():
                 continue
             for peer in _peers(model):
                 heavy = not ON_GPU and (peer.endswith("torch.compile") or model == "swin_base")
-                heavy = heavy and peer != GEMM_FLOOR
+                heavy = heavy and peer not in FLOORS
                 yield pytest.param(model, mode, peer, marks=[pytest.mark.heavy] if heavy else [],
                                    id=f"{model}-{mode}-{peer}")
 
@@ -173,11 +180,12 @@ def _base_model(model):
 
 
 def _patched(model, net):
+    """The one-call vitkernels patch; patch_model also swaps every remaining nn.Linear to vitkernels.Linear."""
     if model.startswith("mae"):
         net.fused = True
-        return net
+        return patch_model(net)
     if model.startswith("deit"):
-        return patch_vit_embedding(net)
+        return patch_model(patch_vit_embedding(net))
     return patch_model(net)
 
 
@@ -226,8 +234,9 @@ def _result(mode, out, params):
     return (out,) + tuple(p.grad for p in params)
 
 
-def _gemm_floor(model, mode, net, imgs, extra):
-    """The floor step: every Linear / Conv2d of ``net`` at the input shapes one call gives them, nothing else."""
+def _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=False):
+    """The floor step: every Linear / Conv2d of ``net`` at the input shapes one call gives them, nothing else; the
+    Linears through ``F.linear``, or with ``vitkernels_linear`` through :func:`vitkernels.linear`."""
     layers = []
 
     def hook(module, inputs, output):
@@ -246,9 +255,14 @@ def _gemm_floor(model, mode, net, imgs, extra):
     macs = sum(g.numel() * (m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) for m, _, g in layers)
     floor_flops = 2 * macs * (3 if train else 1)  # backward: grad of the input and of the weight
 
+    linear = vitkernels.linear if vitkernels_linear else F.linear
+
+    def gemm(module, x):
+        return linear(x, module.weight, module.bias) if isinstance(module, nn.Linear) else module(x)
+
     def floor(imgs_, extra_):
         with torch.set_grad_enabled(train), torch.autocast(DEVICE.type, dtype=AMP_DTYPE, enabled=AMP_DTYPE is not None):
-            outs = [module(x) for module, x, _ in layers]
+            outs = [gemm(module, x) for module, x, _ in layers]
             if train:
                 torch.autograd.backward(outs, [g.to(o.dtype) for o, (_, _, g) in zip(outs, layers)])
         return outs
@@ -275,8 +289,8 @@ def test_model(benchmark, model, mode, peer):
     # on 197); a FLOP is 2 MACs, a training step ~3 forwards
     macs = {"swin_tiny": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
     flops = 2 * macs * batch * (1 if mode == "inference" else 3)
-    if peer == GEMM_FLOOR:
-        floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra)
+    if peer in FLOORS:
+        floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=peer == GEMM_FLOOR_VK)
         run_benchmark(benchmark, lambda: floor(imgs, extra), peer=peer, flops=int(floor_flops),
                       rounds=None if ON_GPU else cpu_rounds)
         return

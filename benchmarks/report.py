@@ -54,6 +54,7 @@ PEER_COLOURS = {
     "flex_attention": "#2ca02c",
     "xformers": "#98df8a",
     "GEMM floor (Linear + Conv only)": "#000000",
+    "GEMM floor (vitkernels linear)": "#666666",
 }
 _FALLBACK_COLOURS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1",
                      "#636363", "#e6550d"]

@@ -6,6 +6,7 @@ backend per call (``triton`` on CUDA, ``native`` C++/OpenMP on CPU, ``reference`
 """
 from vitkernels import dispatch, ops, reference
 from vitkernels.dispatch import BackendUnavailableError
+from vitkernels.modules.linear import Linear
 from vitkernels.modules.losses import DINOLoss, MSNLoss
 from vitkernels.modules.masking import MAEDecoderUnshuffle, MAELoss, MAEMasking, MSNPatchDrop
 from vitkernels.modules.patch_embed import PatchEmbed, ViTEmbedding
@@ -25,6 +26,7 @@ from vitkernels.modules.swin_v2 import (
     WindowAttentionV2,
 )
 from vitkernels.ops.dino_loss import dino_center_update, dino_loss
+from vitkernels.ops.linear import linear
 from vitkernels.ops.mae_loss import mae_loss
 from vitkernels.ops.masking import mae_unshuffle, msn_patch_drop, random_masking
 from vitkernels.ops.masking import patchify as mae_patchify
@@ -41,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DINOLoss",
+    "Linear",
     "MAEDecoderUnshuffle",
     "MAELoss",
     "MAEMasking",
@@ -62,6 +65,7 @@ __all__ = [
     "dino_center_update",
     "dino_loss",
     "dispatch",
+    "linear",
     "mae_loss",
     "mae_patchify",
     "mae_unpatchify",

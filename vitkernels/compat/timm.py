@@ -11,6 +11,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from vitkernels.modules.linear import Linear
 from vitkernels.modules.patch_embed import PatchEmbed, embed
 from vitkernels.reference.patch_embed import resample_abs_pos_embed
 
@@ -97,25 +98,42 @@ class FusedViTPatchEmbed(PatchEmbed):
 
 # --- Swin ---------------------------------------------------------------------------------------------------------
 
-def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
     """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, and every timm
     ``SwinTransformerV2Block`` (``swinv2_*`` models) for a :class:`vitkernels.SwinV2Block`, and every timm V1
-    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, in place.
+    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, in place; with ``linear=True`` (default) every remaining
+    plain ``nn.Linear`` too (:func:`patch_linears`: ViT / DeiT attention and MLP Linears, heads, Swin V2's Linears).
 
     The new modules hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
     ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp``, ``reduction`` ...), so state-dict keys,
     optimizers and weight tying are unaffected, and compute the same numbers with fused kernels; timm's
     ``set_input_size`` reaches them. Modules are recognised by class name and attributes, so timm is not imported.
-    ``model`` may itself be a block. Returns the (possibly new) root module.
+    ``model`` may itself be a block. Works on any model (a ViT has no Swin block: only its Linears change).
+    Returns the (possibly new) root module.
     """
     converted = _convert_timm_block(model, backend)
     if converted is not None:
-        return converted
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            converted = _convert_timm_block(child, backend)
-            if converted is not None:
-                setattr(parent, name, converted)
+        model = converted
+    else:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                converted = _convert_timm_block(child, backend)
+                if converted is not None:
+                    setattr(parent, name, converted)
+    if linear:
+        patch_linears(model, backend)
+    return model
+
+
+def patch_linears(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Make every plain ``nn.Linear`` in ``model`` (``model`` itself included) a :class:`vitkernels.modules.Linear`
+    by a class swap: the same object, parameters and state dict, its forward now the vitkernels linear op (CPU
+    float32: oneDNN). Subclasses of ``nn.Linear`` (e.g. ``nn.MultiheadAttention``'s ``out_proj``, whose owner reads
+    its weight directly) are left alone. Returns ``model`` (modified in place)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+            module.backend = backend
     return model
 
 

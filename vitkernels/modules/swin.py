@@ -18,9 +18,11 @@ stands between them:
     out = x1 + dp2 * (h W2^T + b2)                       (bias_residual)
 
 (dp1, dp2: the per-sample drop-path factors, drawn as timm draws them). In inference (no grad) the
-row ops work in place and the GEMMs write into buffers the block already owns, so a block allocates four tensors
-instead of about eight (each fresh CPU tensor is page-faulted in again). Patch merging's gather + LayerNorm is one
-op too (:class:`PatchMerging`).
+row ops work in place on tensors the block created. Every Linear runs through
+:func:`vitkernels.ops.linear.linear`: on CPU float32 that is oneDNN's inner product instead of ``F.linear``'s
+MKL sgemm, whose generic code path (taken on AMD CPUs) is the slower one at these shapes. oneDNN writes fresh
+outputs, so the in-place path no longer reuses dead buffers for the proj / fc2 GEMMs (two more fresh tensors per
+block, a cost expected to be far below the GEMM time saved; see the op's notes). Patch merging's gather + LayerNorm is one op too (:class:`PatchMerging`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers 
 from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
+from vitkernels.ops import linear as _linear_op
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
 
@@ -43,6 +46,12 @@ from vitkernels.reference import swin as reference
 _FUSED_CPU_OPS = ("window_attention", "window_attention_add_bias", "bias_gelu", "bias_residual",
                   "bias_residual_layernorm", "patch_merging_norm")
 _FUSED_CPU_AVAILABLE = _native.is_loaded() and all(_native.has_kernel(op, "CPU") for op in _FUSED_CPU_OPS)
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused CPU path's Linears: :func:`vitkernels.ops.linear.linear` with backend ``auto`` (oneDNN for float32,
+    ``F.linear`` for the other dtypes the fused path takes), whatever backend pinned the path itself."""
+    return _linear_op.linear(x, weight, bias, backend="auto")
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
@@ -213,7 +222,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
     def _attention_fused_cpu(self, a: torch.Tensor) -> torch.Tensor:
         """Window attention of LayerNorm1's output ``a``: the qkv Linear as a plain GEMM, its bias added by the op."""
         attn = self.attn
-        qkv = F.linear(a, attn.qkv.weight)
+        qkv = _gemm(a, attn.qkv.weight)
         window, shift = list(self.window_size), list(self.shift_size)
         if attn.qkv.bias is None:
             out, _ = torch.ops.vitkernels.window_attention(qkv, attn.relative_position_bias_table, None, window, shift,
@@ -229,33 +238,32 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         o = self._attention_fused_cpu(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps))
         x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
-            F.linear(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
+            _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
         )
-        h = F.linear(a2, mlp.fc1.weight)
+        h = _gemm(a2, mlp.fc1.weight)
         h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
             else F.gelu(h, approximate=mlp.act.approximate)
-        return torch.ops.vitkernels.bias_residual(F.linear(h, mlp.fc2.weight), mlp.fc2.bias, x1,
+        return torch.ops.vitkernels.bias_residual(_gemm(h, mlp.fc2.weight), mlp.fc2.bias, x1,
                                                   _drop_path_factors(self.drop_path2, x1))
 
     def _forward_fused_cpu_inplace(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`_forward_fused_cpu` without autograd: the same ops and GEMMs, in the same order (so the same
-        numbers, bitwise), the row ops in place and the GEMMs into buffers this call already allocated: four fresh
-        tensors (LayerNorm1's output, qkv, the attention output, the MLP's hidden) instead of eight."""
+        numbers, bitwise), the row ops in place on tensors this call created (LayerNorm1's output, qkv, the
+        attention output, the proj and MLP GEMM outputs)."""
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
-        C = x.shape[-1]
         a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
         o = self._attention_fused_cpu(a)
-        y = torch.mm(o.view(-1, C), attn.proj.weight.t(), out=a.view(-1, C)).view_as(x)  # a is dead: reuse it
+        y = _gemm(o, attn.proj.weight)
         torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
                                                       n2.weight, n2.bias, n2.eps, o)  # y := x1, o := LayerNorm2(x1)
         x1, a2 = y, o
-        h = F.linear(a2, mlp.fc1.weight)
+        h = _gemm(a2, mlp.fc1.weight)
         if mlp.fc1.bias is not None:
             torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
         else:
             h = F.gelu(h, approximate=mlp.act.approximate)
-        out = torch.mm(h.view(-1, h.shape[-1]), mlp.fc2.weight.t(), out=a2.view(-1, C)).view_as(x)  # a2 is dead
+        out = _gemm(h, mlp.fc2.weight)
         torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, _drop_path_factors(self.drop_path2, x1))
         return out
 
@@ -295,7 +303,7 @@ class PatchMerging(_BackendAttribute, reference.PatchMerging):
                 and isinstance(self.reduction, nn.Linear)):
             return super().forward(x)
         merged, _, _ = torch.ops.vitkernels.patch_merging_norm(x, norm.weight, norm.bias, norm.eps)
-        return self.reduction(merged)
+        return _gemm(merged, self.reduction.weight, self.reduction.bias)
 
 
 class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):

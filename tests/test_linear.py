@@ -1,0 +1,217 @@
+"""The linear op (F.linear + optional GELU): reference vs the oneDNN native backend, forward and backward, opcheck,
+torch.compile, the nn.Linear drop-in and patch_model's class swap, argument errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import assert_close_scaled as _assert_close_scaled
+from helpers import import_timm
+from vitkernels import dispatch
+from vitkernels.compat.timm import patch_linears, patch_model
+from vitkernels.modules.linear import Linear
+from vitkernels.ops import linear as linear_op
+from vitkernels.ops.linear import linear
+
+GELU = {None: None, "gelu": "none", "gelu_tanh": "tanh"}
+SHAPES = [  # (x shape, N)
+    ((37, 29), 19),         # K not a multiple of 16
+    ((2, 5, 48), 96),       # 3D input
+    ((3, 4, 7, 33), 20),    # 4D input, odd K
+    ((0, 24), 16),          # M = 0
+]
+
+
+def assert_close_scaled(actual, expected, dtype):
+    if expected.numel() == 0:  # M = 0: shapes only (and zero weight gradients, which are not empty)
+        assert actual.shape == expected.shape
+        return
+    _assert_close_scaled(actual, expected, dtype)
+
+
+def onednn_or_skip():
+    reason = linear_op.op.reasons(dispatch.Call(torch.device("cpu"), torch.float32))["native"]
+    if reason is not None:
+        pytest.skip(f"native linear unavailable: {reason}")
+
+
+def expected64(x, w, b, activation):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return y if activation is None else F.gelu(y, approximate=GELU[activation])
+
+
+def inputs(shape, N, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = shape[-1]
+    x = torch.randn(shape, generator=g).requires_grad_()
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).requires_grad_()
+    b = torch.randn(N, generator=g).requires_grad_() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,N", SHAPES)
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_forward_backward_match_float64(backend, shape, N, bias, activation):
+    if backend == "native":
+        onednn_or_skip()
+    x, w, b = inputs(shape, N, bias)
+    out = linear(x, w, b, activation, backend=backend)
+    assert out.shape == (*shape[:-1], N) and out.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    ref = expected64(x64, w64, b64, activation)
+    assert_close_scaled(out, ref.detach(), torch.float32)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    params = [t for t in (x, w, b) if t is not None]
+    params64 = [t for t in (x64, w64, b64) if t is not None]
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(ref, params64, grad.double())
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape
+        assert_close_scaled(g_, w_, torch.float32)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_native_op_backward_with_fused_activation(activation):
+    """The op itself with the post-op (its backward recomputes the pre-activation); linear() only calls it that way
+    without autograd, so this is the path opcheck and direct users take."""
+    onednn_or_skip()
+    x, w, b = inputs((3, 6, 40), 24, True)
+    out = torch.ops.vitkernels.onednn_linear(x, w, b, "none" if activation is None else activation)
+    ref = expected64(x, w, b, activation)
+    assert_close_scaled(out, ref.detach(), torch.float32)
+    got = torch.autograd.grad(out.sum(), (x, w, b))
+    want = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g_, w_ in zip(got, want):
+        assert_close_scaled(g_, w_.detach().float(), torch.float32)
+
+
+def test_native_relative_error_is_gemm_rounding():
+    onednn_or_skip()
+    x, w, b = inputs((300, 384), 96, True)
+    with torch.no_grad():
+        out = linear(x, w, b, backend="native").double()
+        ref = expected64(x, w, b, None)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_non_contiguous_input():
+    onednn_or_skip()
+    x, w, b = inputs((20, 64), 32, True)
+    xt = x.detach().t().contiguous().t()  # column-major view
+    w_nc = w.detach().t().contiguous().t()
+    assert not xt.is_contiguous() and not w_nc.is_contiguous()
+    assert_close_scaled(linear(xt, w_nc, b.detach(), "gelu", backend="native"),
+                        expected64(xt, w_nc, b.detach(), "gelu"), torch.float32)
+
+
+def test_auto_picks_native_for_float32_and_reference_otherwise():
+    onednn_or_skip()
+    cpu = torch.device("cpu")
+    assert linear_op.op.select(dispatch.Call(cpu, torch.float32)).backend == "native"
+    assert linear_op.op.select(dispatch.Call(cpu, torch.bfloat16)).backend == "reference"
+    assert linear_op.op.select(dispatch.Call(cpu, torch.float64)).backend == "reference"
+    assert linear_op.op.select(dispatch.Call(torch.device("cuda"), torch.float32)).backend == "reference"
+    x, w, b = inputs((5, 8), 4, True)
+    out = linear(x.detach().double(), w.detach().double(), b.detach().double(), "gelu")
+    assert out.dtype == torch.float64
+    assert torch.equal(out, expected64(x, w, b, "gelu"))
+
+
+def test_autocast_goes_through_f_linear():
+    x, w, b = inputs((6, 32), 16, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w, b)
+        ref = F.linear(x, w, b)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+
+
+def test_opcheck():
+    onednn_or_skip()
+    x, w, b = inputs((3, 5, 24), 12, True)
+    for activation in ("none", "gelu", "gelu_tanh"):
+        torch.library.opcheck(torch.ops.vitkernels.onednn_linear.default, (x, w, b, activation))
+    torch.library.opcheck(torch.ops.vitkernels.onednn_linear.default, (x, w, None, "none"))
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_compiles_fullgraph(activation):
+    onednn_or_skip()
+    x, w, b = inputs((2, 7, 40), 24, True)
+    fn = torch.compile(lambda x, w, b: linear(x, w, b, activation, backend="native") * 2, backend="aot_eager",
+                       fullgraph=True)
+    out = fn(x, w, b)
+    out.sum().backward()
+    assert_close_scaled(out, 2 * expected64(x, w, b, activation).detach(), torch.float32)
+    want = torch.autograd.grad((2 * expected64(x, w, b, activation)).sum(), (x, w, b))
+    for got, exp in zip((x.grad, w.grad, b.grad), want):
+        assert_close_scaled(got, exp.float(), torch.float32)
+
+
+def test_linear_module_is_a_drop_in():
+    torch.manual_seed(0)
+    ref = nn.Linear(33, 17)
+    ours = Linear(33, 17)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(4, 9, 33)
+    assert_close_scaled(ours(x), ref(x).detach(), torch.float32)
+    assert Linear(3, 2, bias=False, backend="reference").bias is None
+
+
+def test_class_swap_keeps_parameters_state_dict_and_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.GELU(), nn.Linear(32, 8, bias=False),
+                          nn.MultiheadAttention(8, 2, batch_first=True))
+    before = copy.deepcopy(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    x = torch.randn(3, 5, 20)
+    expected = model[:3](x)
+    patch_linears(model)
+    assert type(model[0]) is Linear and type(model[2]) is Linear
+    assert type(model[3].out_proj) is not Linear  # nn.Linear subclass: left alone
+    assert [id(p) for p in model.parameters()] == params
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    got = model[:3](x)
+    assert_close_scaled(got, expected.detach(), torch.float32)
+    got.sum().backward()
+    assert model[0].weight.grad is not None and model[2].weight.grad is not None
+
+
+def test_patch_model_swaps_vit_linears():
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    keys = list(model.state_dict())
+    patch_model(model)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert isinstance(model.blocks[0].attn.qkv, Linear) and isinstance(model.head, Linear)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert_close_scaled(model(x), expected, torch.float32)
+    untouched = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=1)
+    patch_model(untouched, linear=False)
+    assert type(untouched.head) is nn.Linear
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((torch.randn(3, 4), torch.randn(5, 3)), ValueError, "weight must have shape"),
+    ((torch.randn(3, 4), torch.randn(4)), ValueError, "weight must have 2 dimensions"),
+    ((torch.randn(3, 4), torch.randn(5, 4), torch.randn(4)), ValueError, "bias must have shape"),
+    ((torch.randn(3, 4).int(), torch.randn(5, 4)), TypeError, "x must have dtype"),
+    ((torch.randn(3, 4), torch.randn(5, 4).double()), TypeError, "weight has dtype"),
+    ((torch.randn(3, 4), torch.randn(5, 4), None, "relu"), ValueError, "activation must be one of"),
+    ((torch.tensor(1.0), torch.randn(5, 1)), ValueError, "at least one dimension"),
+])
+def test_bad_inputs(args, exc, match):
+    with pytest.raises(exc, match=match):
+        linear(*args)

@@ -1,0 +1,179 @@
+"""Op: a Linear layer with an optional fused GELU, ``act(x W^T + b)`` (see :mod:`vitkernels.reference.linear`).
+
+Backends:
+
+* ``reference``: :func:`torch.nn.functional.linear` (+ GELU). On CUDA this is cuBLAS, which is what we want.
+* ``native`` (CPU, float32, PyTorch built with oneDNN): ``torch.ops.mkldnn._linear_pointwise``, oneDNN's inner
+  product, the op inductor's mkldnn fusion pass emits, with the bias and the GELU as oneDNN post-ops. Why: on CPUs
+  where PyTorch's ``F.linear`` (aten ``addmm`` -> MKL ``sgemm``) takes MKL's generic code path (AMD EPYC: the CI
+  machine), oneDNN's own JIT GEMM took about half the time at Swin-T's shapes in quick interleaved checks on the
+  shared, loaded 2-core CI box (not a benchmark), with results equal up to fp32 GEMM rounding (relative error
+  ~3e-7 against float64).
+  bfloat16 is not served: there ``F.linear`` was the faster of the two in the same quick check (8.8 vs 12.4 ms at
+  3136x384x1536), so ``auto`` leaves it to the reference.
+
+The native op ``vitkernels::onednn_linear(x, weight, bias, activation)`` is a ``torch.library`` custom op with a fake
+implementation and autograd, so ``torch.compile(fullgraph=True)`` keeps it. Its backward, all GEMMs in oneDNN:
+
+* ``grad_x = g W``: ``_linear_pointwise(g, W^T)`` (one (K, N) copy of the weight);
+* ``grad_W = g^T x``: ``_linear_pointwise(g^T, x^T)`` on transposed copies (a reduction over the M rows needs M
+  contiguous in both operands). Faster than MKL's ``torch.mm(g.t(), x)`` copies included in a quick check
+  ((3136x1536)^T @ (3136x384): ~30 ms vs ~44 ms on the loaded 2-core CI box, not a benchmark; passing the strided
+  views to oneDNN directly: ~40 ms; ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors);
+* ``grad_b = g.sum(0)``.
+
+With an activation, the op's backward recomputes the pre-activation with one more GEMM (it cannot save it: the
+fused post-op never materialises it). :func:`linear` avoids that cost when autograd is recording: it runs the op
+without the activation and applies :func:`torch.nn.functional.gelu` after it, whose autograd saves the
+pre-activation (one elementwise pass instead of a GEMM in the backward); without autograd (inference) it uses the
+fused post-op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vitkernels import dispatch
+from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
+from vitkernels.reference import linear as reference
+
+op = dispatch.op("linear", "act(x W^T + b): a Linear layer with an optional fused GELU (CPU: oneDNN)")
+
+ACTIVATIONS = reference.ACTIVATIONS
+NATIVE_DTYPES = (torch.float32,)
+
+# activation -> (oneDNN post-op attr, its scalars, its algorithm), as inductor's mkldnn fusion writes them
+_POST_OPS = {"none": ("none", [], ""), "gelu": ("gelu", [None], "none"), "gelu_tanh": ("gelu", [None], "tanh")}
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN (mkldnn) and its fused linear op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``act(x @ weight^T + bias)``.
+
+    Args:
+        x: (..., K).
+        weight: (N, K), as ``nn.Linear.weight``.
+        bias: (N,) or None.
+        activation: None, ``"gelu"`` (erf) or ``"gelu_tanh"``.
+        backend: see :mod:`vitkernels.dispatch`.
+
+    Returns:
+        (..., N), dtype of ``x``.
+
+    Under autocast the call goes to the reference (``F.linear``), so autocast's casts apply exactly as for timm.
+    """
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    check_tensor("weight", weight, ndim=2)
+    check_shape("weight", weight, (None, x.shape[-1]), "(N, x.shape[-1])")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_shape("bias", bias, (weight.shape[0],), "weight.shape[0]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_same_device(x=x, weight=weight, bias=bias)
+    if torch.is_autocast_enabled(x.device.type):
+        return reference.linear(x, weight, bias, activation)
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    return op.select(dispatch.Call(x.device, x.dtype), backend)(x, weight, bias, activation)
+
+
+@op.register("reference")
+def _linear_reference(x, weight, bias, activation):
+    return reference.linear(x, weight, bias, activation)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+    """(M, K), (N, K) -> (M, N): ``act(a b^T + bias)`` in oneDNN. Empty products (M, N or K zero) go to ATen, whose
+    conventions (zeros for K = 0) oneDNN's primitive creation does not promise."""
+    if a.numel() == 0 or b.numel() == 0:
+        y = F.linear(a, b, bias)
+        return y if activation == "none" else F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
+    attr, scalars, algorithm = _POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, attr, scalars, algorithm)
+
+
+def _row_major(lead, n: int):
+    """Strides of the leading dims of a contiguous (*lead, n) tensor."""
+    strides, step = [], n
+    for size in reversed(lead):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+if onednn_available():
+
+    @torch.library.custom_op("vitkernels::onednn_linear", mutates_args=())
+    def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       activation: str) -> torch.Tensor:
+        N, K = weight.shape
+        rows = x.shape[:-1].numel()  # not reshape(-1, K): ambiguous when K = 0
+        y = _gemm(x.reshape(rows, K), weight, bias, activation)
+        # The (..., N) result without a view: a custom op's output that is a view of a tensor made inside the op
+        # may not be modified in place afterwards (autograd forbids it; timm's ``qkv += bias`` does it), so the
+        # result takes the GEMM output's storage directly, with no view relation to it.
+        return y.new_empty(0).set_(y.untyped_storage(), 0, (*x.shape[:-1], N), (*_row_major(x.shape[:-1], N), 1))
+
+    @_onednn_linear.register_fake
+    def _onednn_linear_fake(x, weight, bias, activation):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, ctx.activation = inputs
+        ctx.save_for_backward(x, weight, bias)
+
+    def _backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        N, K = weight.shape
+        rows = x.shape[:-1].numel()
+        g = grad.reshape(rows, N)
+        x2 = x.reshape(rows, K)
+        if ctx.activation != "none":
+            pre = _onednn_linear(x2, weight, bias, "none")  # recomputed: the fused post-op never stored it
+            g = torch.ops.aten.gelu_backward(g, pre, approximate=reference.GELU_APPROXIMATION[ctx.activation])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(g, weight.t().contiguous(), None, "none").view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_linear(g.t().contiguous(), x2.t().contiguous(), None, "none")
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+    _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+
+    def _native_reason(call: dispatch.Call) -> Optional[str]:
+        if call.device.type != "cpu":
+            return f"device type {call.device.type!r} not supported (the oneDNN linear is CPU only; CUDA: cuBLAS)"
+        if call.dtype not in NATIVE_DTYPES:
+            return (f"dtype {str(call.dtype).replace('torch.', '')} not supported (float32 only: for bfloat16 "
+                    "F.linear measured faster than oneDNN's _linear_pointwise)")
+        return None
+
+    @op.register("native", _native_reason)
+    def _linear_native(x, weight, bias, activation):
+        if activation is not None and torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            # autograd recording: keep the pre-activation (F.gelu saves it) rather than recompute a GEMM backward
+            y = _onednn_linear(x, weight, bias, "none")
+            return F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
+        return _onednn_linear(x, weight, bias, "none" if activation is None else activation)
+
+else:
+    op.mark_missing("native", "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)")
