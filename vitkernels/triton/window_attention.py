@@ -69,7 +69,7 @@ from vitkernels.triton.window_geometry import (
     is_boundary_window_3d,
     relative_code,
     window_kernel_args_3d,
-    window_origin_3d,
+    window_origin,
     window_tokens_3d,
 )
 
@@ -155,7 +155,7 @@ def _mask(s, boundary, q_region, k_region, SHIFTED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, z0, r0, s0, h, qk_scale,
+def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale,
                D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, KSTART,
                KC: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr,
                WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -165,7 +165,7 @@ def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, z0, 
     """Fold keys [KSTART, KSTART + KC) into the online softmax state (acc, running max m, running sum l)."""
     cols = KSTART + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens_3d(
-        b, z0, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+        b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
     if COSINE:  # k^ in the storage dtype: the dot's operand, as timm's matmul of F.normalize's output
         k = _normalize_rows(k)[0].to(k.dtype)
@@ -225,10 +225,10 @@ def _window_attention_fwd_kernel(
         bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, z0, r0, s0 = window_origin_3d(w, nWd, nWh, nWw, WD, WH, WW)
-        boundary = is_boundary_window_3d(z0, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
         q_tok, q_real, q_valid, q_region = window_tokens_3d(
-            b, z0, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+            b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
             q = _normalize_rows(q)[0].to(q.dtype)
@@ -236,7 +236,7 @@ def _window_attention_fwd_kernel(
             if not HOIST_BIAS:
                 bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
             acc, m, l = _fwd_chunk(
-                q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, z0, r0, s0, h, qk_scale, D, H, W,
+                q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, r0, s0, h, qk_scale, D, H, W,
                 nWd, nWh, nWw, RD, RH, RW, C, CH, 0, KEY_CHUNK, True, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST,
                 SHIFTED, PADDED, HAS_PAD_VALUES,
                 COSINE, DOT_FP32, PRECISION)
@@ -247,7 +247,7 @@ def _window_attention_fwd_kernel(
             for k0 in range(0, key_end, KEY_CHUNK):
                 bias = _bias_tile(bias_ptr, h, rows, k0 + tl.arange(0, KEY_CHUNK), NP)
                 acc, m, l = _fwd_chunk(
-                    acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, z0, r0, s0, h, qk_scale, D, H,
+                    acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale, D, H,
                     W, nWd, nWh, nWw, RD, RH, RW, C, CH, k0, KEY_CHUNK, False, N, HD, WD, WH, WW, SD, SH, SW,
                     PAD_FIRST, SHIFTED, PADDED,
                     HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
@@ -262,7 +262,7 @@ def _window_attention_fwd_kernel(
 
 @triton.jit
 def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias,
-               boundary, b, z0, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+               boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
                KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
                HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
                SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, PADDED:
@@ -275,7 +275,7 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, q
     EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O."""
     cols = KSTART + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens_3d(
-        b, z0, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+        b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
     if COSINE:
         k = _normalize_rows(k)[0].to(k.dtype)
@@ -330,7 +330,8 @@ def _window_attention_bwd_kernel(
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, PADDED: tl.constexpr,
     HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
     HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
-    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, CHUNK3: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
     F.normalize's backward, and the program's d tau partial (sum over its windows of dS * q^ k^) stored at
@@ -357,20 +358,24 @@ def _window_attention_bwd_kernel(
         d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
     if CHUNK2 > 0:
         d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
+    if CHUNK3 > 0:  # windows of more than 256 tokens (the 3D op)
+        d_rel3 = tl.zeros((BLOCK_M, CHUNK3), tl.float32)
     if HOIST_BIAS:  # built once for all the program's windows
         bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
         if CHUNK1 > 0:
             bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
         if CHUNK2 > 0:
             bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
+        if CHUNK3 > 0:
+            bias3 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + CHUNK2 + tl.arange(0, CHUNK3), NP)
     dpad_k = tl.zeros((HD,), tl.float32)  # padded keys' dK / dV (the k / v parts of the qkv-bias gradient)
     dpad_v = tl.zeros((HD,), tl.float32)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, z0, r0, s0 = window_origin_3d(w, nWd, nWh, nWw, WD, WH, WW)
-        boundary = is_boundary_window_3d(z0, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
         q_tok, q_real, q_valid, q_region = window_tokens_3d(
-            b, z0, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+            b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
             q = _normalize_rows(q)[0].to(q.dtype)
@@ -385,29 +390,42 @@ def _window_attention_bwd_kernel(
         lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
         if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
             bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
-            if CHUNK1 > 0:
-                bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
-            if CHUNK2 > 0:
-                bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
+            if CHUNK3 == 0:  # windows of more than 256 tokens load each later tile just before its chunk
+                if CHUNK1 > 0:
+                    bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
+                if CHUNK2 > 0:
+                    bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
         dq = tl.zeros((BLOCK_M, HD), tl.float32)
         dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
             dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
-            boundary, b, z0, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, 0, CHUNK0,
+            boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, 0, CHUNK0,
             WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE,
             EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK1 > 0:
+            if CHUNK3 > 0 and not HOIST_BIAS:
+                bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
             dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
                 dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
-                boundary, b, z0, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, CHUNK0,
+                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, CHUNK0,
                 CHUNK1, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES,
                 COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if CHUNK2 > 0:
+            if CHUNK3 > 0 and not HOIST_BIAS:
+                bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
             dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
                 dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
-                boundary, b, z0, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
                 CHUNK0 + CHUNK1, CHUNK2, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED,
                 HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
                 PRECISION)
+        if CHUNK3 > 0:
+            if not HOIST_BIAS:
+                bias3 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + CHUNK2 + tl.arange(0, CHUNK3), NP)
+            dq, d_rel3, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel3, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias3,
+                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                CHUNK0 + CHUNK1 + CHUNK2, CHUNK3, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED,
+                PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
         if EXACT_DELTA and not WHOLE_WINDOW:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         if COSINE:
@@ -423,6 +441,8 @@ def _window_attention_bwd_kernel(
         _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
     if CHUNK2 > 0:
         _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
+    if CHUNK3 > 0:
+        _store_rel_partial(drel_ptr, d_rel3, g, h, NH, rows, CHUNK0 + CHUNK1 + CHUNK2, CHUNK3, N)
     if WHOLE_WINDOW and HAS_PAD_VALUES:
         tl.store(dpad_ptr + ((g * NH + h) * 2) * HD + d, dpad_k)
         tl.store(dpad_ptr + ((g * NH + h) * 2 + 1) * HD + d, dpad_v)
@@ -456,10 +476,10 @@ def _window_attention_bwd_dkdv_kernel(
     dpad_v = tl.zeros((HD,), tl.float32)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, z0, r0, s0 = window_origin_3d(w, nWd, nWh, nWw, WD, WH, WW)
-        boundary = is_boundary_window_3d(z0, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
         k_tok, k_real, k_valid, k_region = window_tokens_3d(
-            b, z0, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+            b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
@@ -469,7 +489,7 @@ def _window_attention_bwd_dkdv_kernel(
         for m0 in range(0, n_tokens, BLOCK_M):  # n_tokens = N at run time: a loop, not unrolled
             rows = m0 + tl.arange(0, BLOCK_M)
             q_tok, q_real, q_valid, q_region = window_tokens_3d(
-                b, z0, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
+                b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
             q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
             if COSINE:
                 q = _normalize_rows(q)[0].to(q.dtype)
@@ -570,20 +590,28 @@ def _window_attention_bias_grad_kernel(
 
 # --- launch configuration table -------------------------------------------------------------------------------------
 
-def key_chunks(N: int) -> Tuple[int, int, int]:
+def key_chunks(N: int) -> Tuple[int, int, int, int]:
     """The dQ / bias kernel's key chunks: up to three powers of two of at most 128 (largest first) covering N rounded
-    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0), 144 -> (128, 16, 0),
-    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0).
+    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0, 0), 144 -> (128, 16, 0, 0),
+    100 -> (64, 32, 16, 0), 256 -> (128, 128, 0, 0), 240 -> (128, 128, 0, 0).
 
-    Windows of more than 256 tokens (the 3D op's: 7x7x7 = 343, Video Swin's 8x7x7 = 392; up to 512): a chunk of 256,
-    then up to two powers of two: 343 -> (256, 64, 32), 392 -> (256, 128, 16)."""
+    Windows of more than 256 tokens (the 3D op's: 7x7x7 = 343, Video Swin's 8x7x7 = 392; up to 512) take a fourth
+    chunk (the 2D ops never do: CHUNK3 = 0 compiles it out): 128, 128, then two more powers of two of at most 128:
+    343 -> (128, 128, 64, 32), 392 -> (128, 128, 128, 16), 512 -> (128, 128, 128, 128). Chunks wider than 128 keys
+    spill in the dQ kernel (its 16-row tiles of every chunk and the bias partials of all N keys stay in registers)."""
     n = -(-N // 16) * 16
     if n > 256:
         n -= 256
-        while bin(n // 16).count("1") > 2:
-            n += 16
-        parts = [256] + [1 << bit for bit in range(8, 3, -1) if n & (1 << bit)]
-        return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+        parts = [128, 128]
+        if n > 128:
+            parts.append(128)
+            n = max(16, 1 << (n - 128 - 1).bit_length())  # one slot left: a power of two
+            parts.append(n)
+        else:
+            while bin(n // 16).count("1") > 2:
+                n += 16
+            parts += [1 << bit for bit in range(7, 3, -1) if n & (1 << bit)]
+        return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
     parts = []
     while n >= 128 and len(parts) < 2:
         parts.append(128)
@@ -594,7 +622,7 @@ def key_chunks(N: int) -> Tuple[int, int, int]:
         parts.append(128)
         n = 0
     parts += [1 << bit for bit in range(6, 3, -1) if n & (1 << bit)]
-    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+    return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
 
 
 def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
@@ -610,7 +638,7 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
       takes 16-row query tiles (its bias partials for all N keys stay in registers across windows) on 8 warps
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
       head_dim 128, and head_dim 64 on sm_80). The 3D op's windows of 257 to 512 tokens take the same
-      configurations (the dQ kernel's first key chunk is then 256 wide, :func:`key_chunks`).
+      configurations (the dQ kernel then takes a fourth key chunk, :func:`key_chunks`).
     fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
 
     ``cosine`` (Swin V2, the kernels' COSINE branches: an fp32 cosine tile per key chunk for d tau, row norms):
@@ -656,7 +684,7 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
         bm, kc = c["BLOCK_M"], c["KEY_CHUNK"]
         return (bm * hd + 2 * kc * hd) * e + (bm * kc + bm * hd) * 4
     if kernel == "_window_attention_bwd_kernel":
-        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"]]
+        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"], c.get("CHUNK3", 0)]
         return (2 * bm * hd + 2 * sum(chunks) * hd) * e + (2 * bm * max(chunks) + bm * hd) * 4
     if kernel == "_window_attention_bwd_dkdv_kernel":
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -667,7 +695,7 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
 def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target, cosine: bool = False) -> int:
     """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
     table = launch_table(N, head_dim, dtype, target, cosine)
-    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
+    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2", "CHUNK3"), key_chunks(N))))
     e = torch.empty((), dtype=dtype).element_size()
     return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
 
@@ -775,7 +803,7 @@ class _Problem:
         self.window = dict(WD=consts["WD"], WH=consts["WH"], WW=consts["WW"])
         # the dense bias is (nH, NP, NP): every query / key tile (and the dQ kernel's key chunks) lies inside it
         self.NP = max(-(-self.N // 64) * 64, sum(key_chunks(self.N)))
-        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
+        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2", "CHUNK3"), key_chunks(self.N)))
         self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
                            HAS_PAD_VALUES=has_pad_values and self.g.padded, COSINE=cosine, **_dot_flags(qkv.dtype))
 

@@ -41,21 +41,21 @@ def window_kernel_args_3d(g: WindowGeometry3D) -> Tuple[Tuple[int, ...], Dict[st
 
 
 @triton.jit
-def window_origin_3d(w, nWd, nWh, nWw, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
-    """Window ``w`` (a scalar) -> (volume b, first frame depth z0, first row r0, first column s0)."""
+def window_origin(w, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr):
+    """Window ``w`` (a scalar) -> (plane ``b * nWd + wz``, first shifted row r0, first shifted column s0); in a 2D
+    layout the plane is the image b. :func:`window_depth` splits a plane of a 3D layout."""
     per_plane = nWh * nWw
-    plane = w // per_plane  # b * nWd + wz
+    plane = w // per_plane
     wi = w - plane * per_plane
-    b = plane // nWd
     wy = wi // nWw
-    return b, (plane - b * nWd) * WD, wy * WH, (wi - wy * nWw) * WW
+    return plane, wy * WH, (wi - wy * nWw) * WW
 
 
 @triton.jit
-def window_origin(w, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr):
-    """Window ``w`` (a scalar) of a 2D layout -> (image b, first shifted row r0, first shifted column s0)."""
-    b, z0, r0, s0 = window_origin_3d(w, 1, nWh, nWw, 1, WH, WW)
-    return b, r0, s0
+def window_depth(plane, nWd, WD: tl.constexpr):
+    """Plane ``b * nWd + wz`` (a scalar) -> (volume b, first frame depth z0 = wz * WD)."""
+    b = plane // nWd
+    return b, (plane - b * nWd) * WD
 
 
 @triton.jit
@@ -82,14 +82,17 @@ def axis_region(r, P, WIN: tl.constexpr, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def window_tokens_3d(b, z0, r0, s0, idx, N, D, H, W, nWd, nWh, nWw, RD, RH, RW,
+def window_tokens_3d(plane, r0, s0, idx, N, D, H, W, nWd, nWh, nWw, RD, RH, RW,
                      WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
                      SW: tl.constexpr, PAD_FIRST: tl.constexpr, MASKED: tl.constexpr):
-    """Tokens ``idx`` (a vector) of the window at (b, z0, r0, s0): (source token ``((b * D + z) * H + y) * W + x``,
-    real: has a source token, valid: idx < N, region id for the mask (``9 rd + 3 rh + rw``, 0 unless MASKED))."""
+    """Tokens ``idx`` (a vector) of the window at (plane, r0, s0) (:func:`window_origin`): (source token
+    ``((b * D + z) * H + y) * W + x``, real: has a source token, valid: idx < N, region id for the mask
+    (``9 rd + 3 rh + rw``, 0 unless MASKED)). With WD = 1 (2D layouts too) ``b * D + z`` is the plane itself: the
+    2D arithmetic, no depth terms."""
     if WD == 1:  # one frame per window: no depth coordinate in the window, no roll or padding along depth
         rest = idx
     else:
+        b, z0 = window_depth(plane, nWd, WD)
         iz = idx // (WH * WW)
         rest = idx - iz * (WH * WW)
     iy = rest // WW
@@ -100,11 +103,11 @@ def window_tokens_3d(b, z0, r0, s0, idx, N, D, H, W, nWd, nWh, nWw, RD, RH, RW,
     x, x_real = axis_source(s, W, nWw * WW, RW, PAD_FIRST)
     real = valid & y_real & x_real
     if WD == 1:
-        z = z0
+        token = (plane * H + y) * W + x
     else:
         z, z_real = axis_source(z0 + iz, D, nWd * WD, RD, PAD_FIRST)
         real = real & z_real
-    token = ((b * D + z) * H + y) * W + x
+        token = ((b * D + z) * H + y) * W + x
     region = idx * 0
     if MASKED:
         if SD > 0:
@@ -121,19 +124,20 @@ def window_tokens(b, r0, s0, idx, N, H, W, nWh, nWw, RH, RW,
                   WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, MASKED: tl.constexpr):
     """Tokens ``idx`` (a vector) of the window at (b, r0, s0) of a 2D layout: (source token, real: has a source
     token, valid: idx < N, region id for the mask (0 unless MASKED))."""
-    return window_tokens_3d(b, 0, r0, s0, idx, N, 1, H, W, 1, nWh, nWw, 0, RH, RW, 1, WH, WW, 0, SH, SW, False,
+    return window_tokens_3d(b, r0, s0, idx, N, 1, H, W, 1, nWh, nWw, 0, RH, RW, 1, WH, WW, 0, SH, SW, False,
                             MASKED)
 
 
 @triton.jit
-def is_boundary_window_3d(z0, r0, s0, nWd, nWh, nWw, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+def is_boundary_window_3d(plane, r0, s0, nWd, nWh, nWw, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                           SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr):
-    """Whether the shifted-window mask can be non-zero in the window at (z0, r0, s0): only the last window along a
-    shifted axis straddles two (or three, with the shift at the window's end) regions."""
+    """Whether the shifted-window mask can be non-zero in the window at (plane, r0, s0): only the last window along
+    a shifted axis straddles two regions."""
     last_row = (r0 == (nWh - 1) * WH) & (SH > 0)
     last_col = (s0 == (nWw - 1) * WW) & (SW > 0)
     boundary = last_row | last_col
     if SD > 0:
+        z0 = window_depth(plane, nWd, WD)[1]
         boundary = boundary | (z0 == (nWd - 1) * WD)
     return boundary
 
@@ -141,7 +145,7 @@ def is_boundary_window_3d(z0, r0, s0, nWd, nWh, nWw, WD: tl.constexpr, WH: tl.co
 @triton.jit
 def is_boundary_window(r0, s0, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr):
     """:func:`is_boundary_window_3d` of a 2D layout."""
-    return is_boundary_window_3d(0, r0, s0, 1, nWh, nWw, 1, WH, WW, 0, SH, SW)
+    return is_boundary_window_3d(0, r0, s0, 1, nWh, nWw, 1, WH, WW, 0, SH, SW)  # plane unused without SD
 
 
 @triton.jit
