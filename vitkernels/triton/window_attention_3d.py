@@ -55,8 +55,9 @@ _EXAMPLE_CASES = [
     (1, (2, 3, 4), 1, (2, 3, 3), (0, 1, 2), False),    # N = 18 -> 32, padded along W, timm's order
     (1, (3, 4, 4), 1, (3, 4, 4), (1, 2, 0), True),     # N = 48 -> 64, one window, shifted along D and H
     (1, (4, 4, 6), 1, (4, 4, 5), (2, 0, 2), True),     # N = 80 -> 64 + 16 key chunks, padded along W
-    (1, (7, 7, 7), 1, (7, 7, 7), (3, 3, 3), True),     # N = 343 -> 256 + 64 + 32 (MONAI's window)
-    (1, (8, 7, 7), 1, (8, 7, 7), (4, 3, 3), True),     # N = 392 -> 256 + 128 + 16 (Video Swin's window)
+    (1, (4, 6, 7), 1, (4, 6, 6), (2, 3, 3), False),    # N = 144 -> 128 + 16, padded along W, timm's order
+    (1, (7, 7, 7), 1, (7, 7, 7), (3, 3, 3), True),     # N = 343 -> 128 + 128 + 64 + 32 (MONAI's window)
+    (1, (8, 7, 7), 1, (8, 7, 7), (4, 3, 3), True),     # N = 392 -> 128 + 128 + 128 + 16 (Video Swin's window)
 ]
 
 
