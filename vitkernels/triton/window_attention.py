@@ -263,6 +263,7 @@ def _window_attention_fwd_kernel(
 @triton.jit
 def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias,
                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+               drel_ptr, g, NH, rows, accumulate, REL_IN_MEMORY: tl.constexpr, kstart,
                KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
                HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
                SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, PADDED:
@@ -272,8 +273,11 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, q
     the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums. COSINE: K is k^ (in
     the storage dtype, q is q^), ``scale`` is tau, dK goes through F.normalize's backward, and the rows' d tau
     += rowsum(dS * q^ k^T) from the fp32 cosines (not from dS rounded for the dots: its terms largely cancel).
-    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O."""
-    cols = KSTART + tl.arange(0, KC)
+    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O.
+    REL_IN_MEMORY (a chunk of the run-time key loop, keys from ``KSTART + kstart``): the bias partial is not a
+    register tile (``d_rel`` is returned as given) but the program's rows of the (groups, nH, N, N) fp32 buffer,
+    read (from the program's second window on: ``accumulate``), added to and written back here."""
+    cols = KSTART + kstart + tl.arange(0, KC)
     k_tok, k_real, k_valid, k_region = window_tokens_3d(
         b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
@@ -293,7 +297,17 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, q
     if COSINE:
         d_tau += tl.sum(ds * cos, 1)
     dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
-    d_rel += ds
+    if REL_IN_MEMORY:
+        # the program owns these rows of its group's partials: plain loads and stores, no atomics. The barrier
+        # orders the previous window's stores before these loads across the CTA's threads (a tile replicated over
+        # warps is stored by one of them and loaded by all).
+        rel_ptrs = drel_ptr + ((g * NH + h) * N + rows[:, None]) * N + cols[None, :]
+        in_window = (rows < N)[:, None] & (cols < N)[None, :]
+        tl.debug_barrier()
+        prev = tl.load(rel_ptrs, mask=in_window & accumulate, other=0.0)
+        tl.store(rel_ptrs, prev + ds, mask=in_window)
+    else:
+        d_rel += ds
     if WHOLE_WINDOW:
         d = tl.arange(0, HD)
         dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
@@ -330,7 +344,7 @@ def _window_attention_bwd_kernel(
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, PADDED: tl.constexpr,
     HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
     HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
-    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, CHUNK3: tl.constexpr, DOT_FP32: tl.constexpr,
+    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
@@ -346,28 +360,31 @@ def _window_attention_bwd_kernel(
     # from the stored half-precision O (dO . O) is off by O's rounding in every row, an error that d tau (a sum
     # of dS) keeps. With every key in one chunk the chunk computes delta = rowsum(P * dP) instead (consistent with
     # its P: what eager softmax's backward does), and stores that one for the dK / dV kernel.
-    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0
+    # Windows of more than 256 tokens (the 3D op; key_chunks): a run-time loop over key chunks of CHUNK0, each adding
+    # its dS to the program's rows of the (groups, nH, N, N) buffer (the partials of all N keys in registers beside
+    # the chunk tiles spill). The 2D ops keep their partials in registers and store them once at the end.
+    LOOP_KEYS: tl.constexpr = N > 256
+    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0 and not LOOP_KEYS
     SHIFTED: tl.constexpr = (SD > 0) | (SH > 0) | (SW > 0)
     WHOLE_WINDOW: tl.constexpr = N <= BLOCK_M
     C = NH * HD
     CH = 3 * C
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    d_rel0 = tl.zeros((BLOCK_M, CHUNK0), tl.float32)  # sum over the program's windows of dS
-    if CHUNK1 > 0:
-        d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
-    if CHUNK2 > 0:
-        d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
-    if CHUNK3 > 0:  # windows of more than 256 tokens (the 3D op)
-        d_rel3 = tl.zeros((BLOCK_M, CHUNK3), tl.float32)
+    if LOOP_KEYS:
+        d_rel0 = 0.0  # a placeholder: _bwd_chunk returns it unchanged
+    else:
+        d_rel0 = tl.zeros((BLOCK_M, CHUNK0), tl.float32)  # sum over the program's windows of dS
+        if CHUNK1 > 0:
+            d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
+        if CHUNK2 > 0:
+            d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
     if HOIST_BIAS:  # built once for all the program's windows
         bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
         if CHUNK1 > 0:
             bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
         if CHUNK2 > 0:
             bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
-        if CHUNK3 > 0:
-            bias3 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + CHUNK2 + tl.arange(0, CHUNK3), NP)
     dpad_k = tl.zeros((HD,), tl.float32)  # padded keys' dK / dV (the k / v parts of the qkv-bias gradient)
     dpad_v = tl.zeros((HD,), tl.float32)
     first = g * windows_per_program
@@ -388,44 +405,41 @@ def _window_attention_bwd_kernel(
         if not WHOLE_WINDOW and not EXACT_DELTA:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
-        if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
+        if not HOIST_BIAS and not LOOP_KEYS:  # gathered per window (L1 hits): fewer registers held across the loop
             bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
-            if CHUNK3 == 0:  # windows of more than 256 tokens load each later tile just before its chunk
-                if CHUNK1 > 0:
-                    bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
-                if CHUNK2 > 0:
-                    bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
-        dq = tl.zeros((BLOCK_M, HD), tl.float32)
-        dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-            dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
-            boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, 0, CHUNK0,
-            WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE,
-            EXACT_DELTA, DOT_FP32, PRECISION)
-        if CHUNK1 > 0:
-            if CHUNK3 > 0 and not HOIST_BIAS:
+            if CHUNK1 > 0:
                 bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
-            dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-                dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
-                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, CHUNK0,
-                CHUNK1, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES,
-                COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
-        if CHUNK2 > 0:
-            if CHUNK3 > 0 and not HOIST_BIAS:
+            if CHUNK2 > 0:
                 bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
-            dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-                dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
-                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
-                CHUNK0 + CHUNK1, CHUNK2, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED,
-                HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
-                PRECISION)
-        if CHUNK3 > 0:
-            if not HOIST_BIAS:
-                bias3 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + CHUNK2 + tl.arange(0, CHUNK3), NP)
-            dq, d_rel3, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-                dq, d_rel3, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias3,
-                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
-                CHUNK0 + CHUNK1 + CHUNK2, CHUNK3, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED,
-                PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+        dq = tl.zeros((BLOCK_M, HD), tl.float32)
+        if LOOP_KEYS:
+            # a runtime loop over key chunks of CHUNK0 (not unrolled: one chunk's tiles live at a time)
+            for kstart in range(0, N, CHUNK0):
+                bias_c = _bias_tile(bias_ptr, h, rows, kstart + tl.arange(0, CHUNK0), NP)
+                dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias_c, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, True, kstart, 0, CHUNK0, WHOLE_WINDOW, N, HD, WD, WH, WW, SD,
+                    SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+        else:
+            dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
+                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, drel_ptr, g, NH,
+                rows, w > first, False, 0, 0, CHUNK0, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST,
+                SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+            if CHUNK1 > 0:
+                dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias1, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, False, 0, CHUNK0, CHUNK1, WHOLE_WINDOW, N, HD, WD, WH, WW,
+                    SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+            if CHUNK2 > 0:
+                dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias2, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, False, 0, CHUNK0 + CHUNK1, CHUNK2, WHOLE_WINDOW, N, HD, WD,
+                    WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
+                    PRECISION)
         if EXACT_DELTA and not WHOLE_WINDOW:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         if COSINE:
@@ -436,13 +450,12 @@ def _window_attention_bwd_kernel(
             dq = dq * scale
         tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], dq.to(dqkv_ptr.dtype.element_ty),
                  mask=q_real[:, None])
-    _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
-    if CHUNK1 > 0:
-        _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
-    if CHUNK2 > 0:
-        _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
-    if CHUNK3 > 0:
-        _store_rel_partial(drel_ptr, d_rel3, g, h, NH, rows, CHUNK0 + CHUNK1 + CHUNK2, CHUNK3, N)
+    if not LOOP_KEYS:
+        _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
+        if CHUNK1 > 0:
+            _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
+        if CHUNK2 > 0:
+            _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
     if WHOLE_WINDOW and HAS_PAD_VALUES:
         tl.store(dpad_ptr + ((g * NH + h) * 2) * HD + d, dpad_k)
         tl.store(dpad_ptr + ((g * NH + h) * 2 + 1) * HD + d, dpad_v)
@@ -590,28 +603,20 @@ def _window_attention_bias_grad_kernel(
 
 # --- launch configuration table -------------------------------------------------------------------------------------
 
-def key_chunks(N: int) -> Tuple[int, int, int, int]:
+def key_chunks(N: int) -> Tuple[int, int, int]:
     """The dQ / bias kernel's key chunks: up to three powers of two of at most 128 (largest first) covering N rounded
-    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0, 0), 144 -> (128, 16, 0, 0),
-    100 -> (64, 32, 16, 0), 256 -> (128, 128, 0, 0), 240 -> (128, 128, 0, 0).
+    up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0), 144 -> (128, 16, 0),
+    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0).
 
-    Windows of more than 256 tokens (the 3D op's: 7x7x7 = 343, Video Swin's 8x7x7 = 392; up to 512) take a fourth
-    chunk (the 2D ops never do: CHUNK3 = 0 compiles it out): 128, 128, then two more powers of two of at most 128:
-    343 -> (128, 128, 64, 32), 392 -> (128, 128, 128, 16), 512 -> (128, 128, 128, 128). Chunks wider than 128 keys
-    spill in the dQ kernel (its 16-row tiles of every chunk and the bias partials of all N keys stay in registers)."""
+    Windows of more than 256 tokens (the 3D op's: 7x7x7 = 343, Video Swin's 8x7x7 = 392; up to 512): (32, 0, 0),
+    the width of the chunks the kernel then loops over at run time (343 -> 11 chunks, 352 keys), adding each chunk's
+    bias partials to the (groups, nH, N, N) buffer as it goes. Unrolled chunks of up to 128 keys with the partials
+    of all N keys in registers spill there (ptxas runs out of its 255 registers; at head_dim 16, where every warp
+    of the 16-row tile holds the whole tile, it falls back to 32 registers and spills ~12 KB); so do looped chunks
+    of 64 or 128 keys at head_dim 16."""
     n = -(-N // 16) * 16
     if n > 256:
-        n -= 256
-        parts = [128, 128]
-        if n > 128:
-            parts.append(128)
-            n = max(16, 1 << (n - 128 - 1).bit_length())  # one slot left: a power of two
-            parts.append(n)
-        else:
-            while bin(n // 16).count("1") > 2:
-                n += 16
-            parts += [1 << bit for bit in range(7, 3, -1) if n & (1 << bit)]
-        return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
+        return (32, 0, 0)
     parts = []
     while n >= 128 and len(parts) < 2:
         parts.append(128)
@@ -622,7 +627,7 @@ def key_chunks(N: int) -> Tuple[int, int, int, int]:
         parts.append(128)
         n = 0
     parts += [1 << bit for bit in range(6, 3, -1) if n & (1 << bit)]
-    return tuple(parts + [0] * (4 - len(parts)))  # type: ignore[return-value]
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
 
 
 def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
@@ -635,10 +640,11 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
     * Windows of up to 64 tokens (ws 7, 8): one query tile and one key chunk; the forward builds its bias tile once
       per program; the whole backward is the one query-tile kernel.
     * Larger windows: the forward loops over key chunks of 32 (144 keys -> 160, not 256); the dQ / bias kernel
-      takes 16-row query tiles (its bias partials for all N keys stay in registers across windows) on 8 warps
+      takes 16-row query tiles (up to 256 tokens its bias partials for all N keys stay in registers across windows)
+      on 8 warps
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
       head_dim 128, and head_dim 64 on sm_80). The 3D op's windows of 257 to 512 tokens take the same
-      configurations (the dQ kernel then takes a fourth key chunk, :func:`key_chunks`).
+      configurations (the dQ kernel then loops over key chunks of 32 at run time, :func:`key_chunks`).
     fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
 
     ``cosine`` (Swin V2, the kernels' COSINE branches: an fp32 cosine tile per key chunk for d tau, row norms):
@@ -684,7 +690,7 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
         bm, kc = c["BLOCK_M"], c["KEY_CHUNK"]
         return (bm * hd + 2 * kc * hd) * e + (bm * kc + bm * hd) * 4
     if kernel == "_window_attention_bwd_kernel":
-        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"], c.get("CHUNK3", 0)]
+        bm, chunks = c["BLOCK_M"], [c["CHUNK0"], c["CHUNK1"], c["CHUNK2"]]
         return (2 * bm * hd + 2 * sum(chunks) * hd) * e + (2 * bm * max(chunks) + bm * hd) * 4
     if kernel == "_window_attention_bwd_dkdv_kernel":
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -695,7 +701,7 @@ def shared_memory_bound(kernel: str, constexprs: dict, element_size: int) -> int
 def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Target, cosine: bool = False) -> int:
     """The largest :func:`shared_memory_bound` of the kernels a call launches on ``target``."""
     table = launch_table(N, head_dim, dtype, target, cosine)
-    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2", "CHUNK3"), key_chunks(N))))
+    consts = dict(HD=head_dim, **dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(N))))
     e = torch.empty((), dtype=dtype).element_size()
     return max(shared_memory_bound(name, {**consts, **dict(cfg.tiles)}, e) for name, cfg in table.items())
 
@@ -803,7 +809,7 @@ class _Problem:
         self.window = dict(WD=consts["WD"], WH=consts["WH"], WW=consts["WW"])
         # the dense bias is (nH, NP, NP): every query / key tile (and the dQ kernel's key chunks) lies inside it
         self.NP = max(-(-self.N // 64) * 64, sum(key_chunks(self.N)))
-        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2", "CHUNK3"), key_chunks(self.N)))
+        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
         self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
                            HAS_PAD_VALUES=has_pad_values and self.g.padded, COSINE=cosine, **_dot_flags(qkv.dtype))
 

@@ -17,7 +17,7 @@ backward recomputes P from the row log-sum-exp and folds the (groups, nH, N, N) 
 gradient in a fixed order (no atomics: deterministic).
 
 Windows: MONAI's 7x7x7 (343 tokens) and Video Swin's 8x7x7 (392) take the large-window configurations (forward
-key chunks of 32, dQ query tiles of 16 rows over four key chunks of at most 128, a dK / dV kernel); up to
+key chunks of 32, dQ query tiles of 16 rows over a run-time loop of key chunks of 32, a dK / dV kernel); up to
 :data:`MAX_TOKENS_PER_WINDOW` tokens, head_dim a power of two in [16, 128] (:func:`supported_reason`).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from vitkernels.triton.window_attention import attention_bwd, attention_fwd, exa
 from vitkernels.triton.window_attention import launch_table as _v1_launch_table
 from vitkernels.triton.window_attention import supported_reason as _v1_supported_reason
 
-MAX_TOKENS_PER_WINDOW = 512  # 8x8x8: the dQ kernel's four key chunks cover up to 4 x 128 (key_chunks)
+MAX_TOKENS_PER_WINDOW = 512  # 8x8x8 (the range the examples and the compile gate cover)
 
 
 def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target) -> Dict[str, LaunchConfig]:
