@@ -304,7 +304,7 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, q
         rel_ptrs = drel_ptr + ((g * NH + h) * N + rows[:, None]) * N + cols[None, :]
         in_window = (rows < N)[:, None] & (cols < N)[None, :]
         tl.debug_barrier()
-        prev = tl.load(rel_ptrs, mask=in_window & accumulate, other=0.0)
+        prev = tl.where(accumulate, tl.load(rel_ptrs, mask=in_window, other=0.0), 0.0)  # first window: not read yet
         tl.store(rel_ptrs, prev + ds, mask=in_window)
     else:
         d_rel += ds
