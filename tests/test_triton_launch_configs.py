@@ -30,12 +30,13 @@ def _modules():
         msn_loss,
         patch_embed,
         window_attention,
+        window_attention_3d,
         window_attention_v2,
         window_partition,
     )
 
-    return [window_attention, window_attention_v2, window_partition, patch_embed, masking, mae_loss, dino_loss,
-            msn_loss]
+    return [window_attention, window_attention_v2, window_attention_3d, window_partition, patch_embed, masking,
+            mae_loss, dino_loss, msn_loss]
 
 
 EXAMPLES = [ex for module in _modules() for ex in module.table_examples()]
@@ -164,6 +165,23 @@ def _run_window_attention_v2(problem):
     _compare(run, make, dtype, eager_ratios=ratios)
 
 
+def _run_window_attention_3d(problem):
+    (B, size, nH, hd, window, shift, pad_first), dtype = problem
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        C = nH * hd
+        return [torch.randn(B, *size, 3 * C, generator=g).requires_grad_(),
+                torch.randn((2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1), nH,
+                            generator=g).requires_grad_(),
+                torch.randn(3 * C, generator=g).requires_grad_()]
+
+    def run(backend, qkv, table, bias):
+        return vitkernels.window_attention_3d(qkv, table, window, shift, nH, None, bias, pad_first, backend=backend)
+
+    _compare(run, make, dtype)
+
+
 def _run_window_partition(problem):
     B, H, W, C, window, shift, dtype = problem
     x = torch.randn(B, H, W, C, generator=torch.Generator().manual_seed(0)).to(DEV, dtype)
@@ -271,6 +289,7 @@ def _run_msn_loss(problem):
 RUNNERS = {
     "window_attention": _run_window_attention,
     "window_attention_v2": _run_window_attention_v2,
+    "window_attention_3d": _run_window_attention_3d,
     "window_partition": _run_window_partition,
     "patch_embed": _run_patch_embed,
     "masking": _run_masking,
@@ -306,8 +325,8 @@ def _sweep(module):
     name = module.__name__.rsplit(".", 1)[1]
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for target in GATE_TARGETS:
-        if name in ("window_attention", "window_attention_v2"):
-            for N in range(1, 257):
+        if name in ("window_attention", "window_attention_v2", "window_attention_3d"):
+            for N in range(1, 513 if name == "window_attention_3d" else 257):
                 for hd in (16, 32, 64, 128):
                     for dtype in dtypes:
                         yield target, module.launch_table(N, hd, dtype, target)

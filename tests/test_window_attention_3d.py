@@ -1,10 +1,12 @@
-"""3D shifted-window attention: the reference (vitkernels.reference.window_attention_3d) and the fused native CPU op
-(vitkernels.window_attention_3d, backend "native") against an independent dense formulation from token coordinates
-and against MONAI's own SwinUNETR modules (2D and 3D).
+"""3D shifted-window attention: the reference (vitkernels.reference.window_attention_3d), the fused native CPU op
+(vitkernels.window_attention_3d, backend "native") and the Triton op (backend "triton": on CUDA, or on CPU tensors
+under TRITON_INTERPRET=1) against an independent dense formulation from token coordinates and against MONAI's own
+SwinUNETR modules (2D and 3D).
 
 These are the tests a fused 3D kernel must pass: add it to ``IMPLEMENTATIONS`` (same signature as
 :func:`window_attention_3d`) and every case below checks its output and its gradients (qkv, table, qkv_bias)
-against the dense formulation in float64.
+against the dense formulation in float64. An implementation that does not compute in float64 (Triton) lists its own
+cases and tolerances in ``SETTINGS``.
 """
 import importlib
 
@@ -37,7 +39,30 @@ def native_window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_
                                           backend="native")
 
 
-IMPLEMENTATIONS = {"reference": window_attention_3d, "native": native_window_attention_3d}
+TRITON_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_or_skip():
+    from vitkernels.triton import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(torch.device(TRITON_DEV))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def triton_window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_bias=None, *, pad_before_shift=True):
+    """The Triton op (vitkernels/triton/window_attention_3d.py) through the public op with the reference's signature:
+    fp32 on TRITON_DEV, results back on qkv's device in qkv's dtype (the kernels take fp32 / fp16 / bf16, not fp64)."""
+    triton_or_skip()
+    to = dict(device=TRITON_DEV, dtype=torch.float32)
+    out = vitkernels.window_attention_3d(qkv.to(**to), table.to(**to), window, shift, num_heads, scale,
+                                         None if qkv_bias is None else qkv_bias.to(**to), pad_before_shift,
+                                         backend="triton")
+    return out.to(qkv.device, qkv.dtype)
+
+
+IMPLEMENTATIONS = {"reference": window_attention_3d, "native": native_window_attention_3d,
+                   "triton": triton_window_attention_3d}
 
 # (B, (D, H, W), window, shift, num_heads, head_dim, pad_before_shift)
 CASES = [
@@ -49,8 +74,33 @@ CASES = [
     (1, (7, 7, 7), (7, 7, 7), (3, 3, 3), 1, 4, True),     # MONAI's default window: N = 343 tokens
     (1, (1, 9, 10), (1, 4, 4), (0, 2, 2), 2, 3, False),   # a 2D map as D = 1
 ]
-CASE_IDS = [f"B{c[0]}-{'x'.join(map(str, c[1]))}-w{''.join(map(str, c[2]))}-s{''.join(map(str, c[3]))}"
-            f"-{'padfirst' if c[6] else 'rollfirst'}" for c in CASES]
+
+
+def case_id(c):
+    return (f"B{c[0]}-{'x'.join(map(str, c[1]))}-w{''.join(map(str, c[2]))}-s{''.join(map(str, c[3]))}"
+            f"-h{c[4]}x{c[5]}-{'padfirst' if c[6] else 'rollfirst'}")
+
+
+CASE_IDS = [case_id(c) for c in CASES]
+
+# Triton: head_dim 16 (the kernels' smallest), tiny volumes (the interpreter is slow), one 7x7x7 window
+TRITON_CASES = [
+    (2, (4, 6, 6), (2, 3, 3), (1, 1, 1), 2, 16, True),    # divisible, shift on every axis: 27 regions
+    (1, (5, 7, 6), (2, 3, 4), (1, 1, 2), 2, 16, True),    # D, H, W all padded, shift: MONAI / Video Swin order
+    (1, (5, 7, 6), (2, 3, 4), (1, 1, 2), 1, 16, False),   # the same, timm's order (roll, then pad)
+    (2, (3, 8, 5), (3, 4, 4), (0, 2, 1), 1, 16, True),    # shift on two axes, padding along W
+    (1, (5, 4, 6), (2, 2, 5), (1, 0, 0), 1, 16, False),   # shift along D only, padding along D and W
+    (1, (6, 4, 4), (4, 4, 4), (0, 0, 0), 1, 16, True),    # no shift: no mask, padding along D only, N = 64
+    (2, (1, 3, 3), (2, 2, 2), (1, 1, 1), 1, 16, True),    # window deeper than the volume: the shift wraps past D
+    (1, (5, 4, 6), (4, 4, 5), (2, 0, 2), 1, 16, False),   # N = 80: the large-window kernels, padded, timm's order
+    (1, (7, 7, 7), (7, 7, 7), (3, 3, 3), 1, 16, True),    # MONAI's default window: N = 343
+    (1, (1, 9, 10), (1, 4, 4), (0, 2, 2), 2, 16, False),  # a 2D map as D = 1
+]
+
+# implementation -> (cases, input dtype, output tolerance, gradient tolerance (times the gradient's magnitude))
+SETTINGS = {"triton": (TRITON_CASES, torch.float32, 2e-5, 1e-4)}
+DEFAULT_SETTINGS = (CASES, torch.float64, 1e-10, 1e-9)
+DENSE_PARAMS = [(impl, case) for impl in IMPLEMENTATIONS for case in SETTINGS.get(impl, DEFAULT_SETTINGS)[0]]
 
 
 def monai_swin():
@@ -130,24 +180,26 @@ def _case_inputs(case, dtype=torch.float64):
     return qkv, table, qkv_bias
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("impl,case", DENSE_PARAMS, ids=[f"{i}-{case_id(c)}" for i, c in DENSE_PARAMS])
 def test_window_attention_3d_matches_the_dense_formulation(impl, case):
     B, size, window, shift, heads, hd, pad_first = case
-    qkv, table, qkv_bias = _case_inputs(case)
+    _, dtype, out_tol, grad_tol = SETTINGS.get(impl, DEFAULT_SETTINGS)
+    # inputs rounded to the implementation's dtype; the dense formulation computes from them in float64
+    qkv, table, qkv_bias = (t.to(dtype).double() for t in _case_inputs(case))
     scale = hd ** -0.5
     inputs = [t.clone().requires_grad_() for t in (qkv, table, qkv_bias)]
     expected_inputs = [t.clone().requires_grad_() for t in (qkv, table, qkv_bias)]
     out = IMPLEMENTATIONS[impl](*inputs[:2], window, shift, heads, scale, inputs[2], pad_before_shift=pad_first)
     expected = dense_window_attention_3d(*expected_inputs[:2], window, shift, heads, scale, expected_inputs[2], pad_first)
     assert out.shape == (B, *size, heads * hd) and out.dtype == qkv.dtype
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, expected, rtol=out_tol, atol=out_tol)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
     for name, ours, theirs in zip(("qkv", "table", "qkv_bias"), inputs, expected_inputs):
         ours_grad = torch.zeros_like(ours) if ours.grad is None else ours.grad  # qkv_bias: unused without padding
-        torch.testing.assert_close(ours_grad, theirs.grad, rtol=1e-9, atol=1e-9, msg=name)
+        magnitude = max(1.0, theirs.grad.abs().max().item())
+        torch.testing.assert_close(ours_grad, theirs.grad, rtol=grad_tol, atol=grad_tol * magnitude, msg=name)
 
 
 def test_window_attention_3d_without_qkv_bias_pads_with_zeros():
@@ -403,17 +455,17 @@ def test_native_is_the_cpu_default_and_says_why_not_elsewhere():
     call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32, {"head_dim": 16, "tokens_per_window": 343})
     assert op.auto_choice(call)[0] == "native"
     choice, reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {}))
-    assert "no Triton kernel" in reasons["triton"]
+    # a GPU takes the Triton kernels first (where Triton can run there), then the CUDA kernel, then the reference
+    expected = "triton" if reasons["triton"] is None else "native" if reasons["native"] is None else "reference"
+    assert choice == expected
     if not _native.has_kernel("window_attention_3d", "CUDA"):  # the extension was built without CUDA
-        assert choice == "reference" and "without CUDA kernels" in reasons["native"]
+        assert "without CUDA kernels" in reasons["native"]
         return
     # with the CUDA kernel (csrc/cuda/window_attention_3d.cu): windows of at most 512 tokens, head_dim <= 128
     for details, why in (({"head_dim": 32, "tokens_per_window": 8 * 8 * 9}, "at most 512 tokens"),
                          ({"head_dim": 160, "tokens_per_window": 343}, "head_dim <= 128")):
-        choice, reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, details))
-        assert choice == "reference" and why in reasons["native"]
-    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 32, "tokens_per_window": 392})
-    assert op.auto_choice(call)[0] == "native"
+        reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, details))[1]
+        assert why in reasons["native"]
 
 
 @pytest.mark.parametrize(
@@ -443,3 +495,132 @@ def test_bad_arguments_are_refused_by_name(kwargs, error, match, backend):
         vitkernels.window_attention_3d(args["qkv"], args["table"], args["window_size"], args["shift_size"],
                                        args["num_heads"], None, args["qkv_bias"], args["pad_before_shift"],
                                        backend=backend)
+
+
+# --- the Triton op: no qkv bias, empty batch, half precision, opcheck, torch.compile, refusals -----------------------
+
+def test_triton_without_qkv_bias_pads_with_zeros():
+    case = TRITON_CASES[1]
+    _, _, window, shift, heads, hd, pad_first = case
+    qkv, table, _ = (t.float().double() for t in _case_inputs(case, torch.float32))
+    ours = [t.clone().requires_grad_() for t in (qkv, table)]
+    theirs = [t.clone().requires_grad_() for t in (qkv, table)]
+    out = triton_window_attention_3d(*ours, window, shift, heads, 0.3, None, pad_before_shift=pad_first)
+    expected = dense_window_attention_3d(*theirs, window, shift, heads, 0.3, None, pad_first)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for name, a, b in zip(("qkv", "table"), ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * max(1.0, b.grad.abs().max().item()),
+                                   msg=name)
+
+
+def test_triton_empty_batch():
+    triton_or_skip()
+    qkv = torch.randn(0, 3, 4, 4, 48, device=TRITON_DEV, requires_grad=True)
+    table = torch.randn(27, 1, device=TRITON_DEV, requires_grad=True)
+    bias = torch.randn(48, device=TRITON_DEV, requires_grad=True)
+    out = vitkernels.window_attention_3d(qkv, table, (2, 2, 2), (1, 1, 1), 1, None, bias, backend="triton")
+    assert out.shape == (0, 3, 4, 4, 16)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    assert torch.equal(table.grad, torch.zeros_like(table)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_matches_the_reference(dtype):
+    """fp16 / bf16 inputs (fp32 compute) against the reference in fp32 on the same rounded inputs, forward and the
+    gradients of qkv, table and qkv_bias (the native low-precision test's tolerances)."""
+    triton_or_skip()
+    case = TRITON_CASES[1]
+    _, _, window, shift, heads, hd, pad_first = case
+    tensors = [t.to(dtype) for t in _case_inputs(case, torch.float32)]
+    ours = [t.to(TRITON_DEV).clone().requires_grad_() for t in tensors]
+    theirs = [t.float().requires_grad_() for t in tensors]
+    out = vitkernels.window_attention_3d(*ours[:2], window, shift, heads, None, ours[2], pad_first, backend="triton")
+    expected = window_attention_3d(*theirs[:2], window, shift, heads, hd ** -0.5, theirs[2], pad_before_shift=pad_first)
+    assert out.dtype == dtype
+    tol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(out.cpu().float(), expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(expected).to(dtype)
+    out.backward(grad.to(TRITON_DEV))
+    expected.backward(grad.float())
+    for name, a, b in zip(("qkv", "table", "qkv_bias"), ours, theirs):
+        scale = max(1.0, b.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.cpu().float(), b.grad, rtol=tol, atol=tol * scale, msg=name)
+
+
+def test_triton_opcheck():
+    """Forward and backward custom ops (on a GPU: the triton_op / wrap_triton path torch.compile traces)."""
+    triton_or_skip()
+    qkv = torch.randn(1, 3, 5, 4, 96, device=TRITON_DEV, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 2, device=TRITON_DEV, requires_grad=True)
+    bias = torch.randn(96, device=TRITON_DEV, requires_grad=True)
+    for b in (bias, None):
+        for first in (True, False):
+            args = (qkv, table, b, [2, 3, 3], [1, 2, 1], 2, 0.25, first)
+            torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d.default, args)
+            with torch.no_grad():
+                out, lse = torch.ops.vitkernels.triton_window_attention_3d(*args)
+            grad = torch.randn_like(out)
+            detached = (qkv.detach(), table.detach(), b.detach() if b is not None else None)
+            torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d_backward.default,
+                                  (grad, *detached, out, lse, [2, 3, 3], [1, 2, 1], 2, 0.25, first))
+            # inference: no log-sum-exp computed or stored (an empty tensor), the fake agrees
+            plain = (*detached, [2, 3, 3], [1, 2, 1], 2, 0.25, first, False)
+            torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d.default, plain)
+            out_inf, lse_inf = torch.ops.vitkernels.triton_window_attention_3d(*plain)
+            assert lse_inf.numel() == 0 and torch.equal(out_inf, out)
+
+
+def test_triton_compiles_fullgraph():
+    """fullgraph compile, forward and backward: inductor on a GPU, aot_eager under the interpreter."""
+    triton_or_skip()
+    torch._dynamo.reset()
+    qkv = torch.randn(2, 4, 5, 6, 48, device=TRITON_DEV, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 1, device=TRITON_DEV, requires_grad=True)
+    bias = torch.randn(48, device=TRITON_DEV)
+
+    def f(q, t):
+        return vitkernels.window_attention_3d(q, t, (2, 3, 3), (1, 1, 2), 1, None, bias, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if TRITON_DEV == "cuda" else "aot_eager")
+    out, expected = compiled(qkv, table), f(qkv, table)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(out.sum(), (qkv, table))
+    expected_grads = torch.autograd.grad(expected.sum(), (qkv, table))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_refuses_double_backward():
+    triton_or_skip()
+    qkv = torch.randn(1, 2, 3, 3, 48, device=TRITON_DEV, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 1, device=TRITON_DEV)
+    out = vitkernels.window_attention_3d(qkv, table, (2, 3, 3), (1, 1, 1), 1, backend="triton")
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), qkv, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_triton_unsupported_configurations_fall_back_with_reasons():
+    """What the kernels do not take is refused with a reason (auto then falls back): head_dim not a power of two in
+    [16, 128] (MONAI's feature_size 24 has head_dim 8), windows of more than 512 tokens, float64."""
+    from vitkernels.ops.window_attention_3d import op
+    from vitkernels.triton import HAS_TRITON
+
+    call = vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, {"head_dim": 8, "tokens_per_window": 343})
+    reason = op.reasons(call)["triton"]
+    assert reason is not None and ("head_dim 8" in reason or "triton" in reason.lower())
+    if HAS_TRITON:
+        from vitkernels.triton import window_attention_3d as kernels
+        from vitkernels.triton._launch import SM80, SM90
+
+        assert "head_dim 8" in kernels.supported_reason(8, 343, torch.float32)
+        assert "576 tokens" in kernels.supported_reason(16, 576, torch.float32)
+        assert "float64" in kernels.supported_reason(16, 343, torch.float64)
+        for target in (SM80, SM90):  # the headline problems the compile gate compiles
+            for hd, n in ((16, 343), (32, 343), (32, 392)):
+                for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    assert kernels.supported_reason(hd, n, dtype, target) is None

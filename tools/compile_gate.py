@@ -6,7 +6,8 @@
 
 What is compiled. For every Triton op, its launch-configuration table's ``table_examples()`` (every configuration
 the table can return on sm_80 and sm_90, each with a tiny problem that selects it), plus the headline problems
-(window attention at window 7 and 12, head_dim 32 and 64, bf16 and fp16, shifted) and each op's benchmark-suite
+(window attention at window 7 and 12, head_dim 32 and 64, bf16 and fp16, shifted; 3D window attention at
+7x7x7 head_dim 16 / 32 and 8x7x7 head_dim 32) and each op's benchmark-suite
 shapes. Each problem is run through the op's host launchers with meta tensors under
 :func:`vitkernels.triton._launch.recording` (nothing launches): the recorded launches -- kernel, arguments,
 constexprs, warps, stages -- are exactly what the launcher would launch on that GPU, and
@@ -86,6 +87,22 @@ def _window_attention_v2(problem) -> None:
     wa.window_attention_v2_bwd(meta(B, H, W, C, dtype=dtype), qkv, table, scale, bias, out, lse, window, shift, nH)
 
 
+def _window_attention_3d(problem) -> None:
+    from vitkernels.triton import window_attention_3d as wa
+
+    # ((B, (D, H, W), nH, hd, window, shift, pad_before_shift), dtype[, parameter dtype]): V1's kernels, depth axis
+    (B, size, nH, hd, window, shift, first), dtype = problem[:2]
+    param_dtype = problem[2] if len(problem) > 2 else dtype
+    C = nH * hd
+    qkv = meta(B, *size, 3 * C, dtype=dtype)
+    table = meta((2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1), nH, dtype=param_dtype)
+    bias = meta(3 * C, dtype=param_dtype)
+    scale = hd ** -0.5
+    out, lse = wa.window_attention_3d_fwd(qkv, table, bias, window, shift, nH, scale, first, need_lse=True)
+    wa.window_attention_3d_bwd(meta(B, *size, C, dtype=dtype), qkv, table, bias, out, lse, window, shift, nH, scale,
+                               first)
+
+
 def _window_partition(problem) -> None:
     from vitkernels.triton import window_partition as wp
 
@@ -153,6 +170,7 @@ def _mae_loss(problem) -> None:
 INVOKERS: Dict[str, Callable[[Any], None]] = {
     "window_attention": _window_attention,
     "window_attention_v2": _window_attention_v2,
+    "window_attention_3d": _window_attention_3d,
     "window_partition": _window_partition,
     "patch_embed": _patch_embed,
     "dino_loss": _dino_loss,
@@ -170,12 +188,13 @@ def _table_modules():
         msn_loss,
         patch_embed,
         window_attention,
+        window_attention_3d,
         window_attention_v2,
         window_partition,
     )
 
-    return [window_attention, window_attention_v2, window_partition, patch_embed, masking, mae_loss, dino_loss,
-            msn_loss]
+    return [window_attention, window_attention_v2, window_attention_3d, window_partition, patch_embed, masking,
+            mae_loss, dino_loss, msn_loss]
 
 
 def extreme_problems() -> List[Tuple[str, str, Any]]:
@@ -200,8 +219,18 @@ def headline_problems() -> List[Tuple[str, str, Any, Tuple[Target, ...]]]:
     """(op, label, problem, targets) of the headline configurations and the benchmark-suite shapes: window
     attention at ws 7 / 12, head_dim 32 / 64 in bf16 on sm_80 and sm_90 and in fp16 on sm_90 (the examples compile
     fp16 on sm_80); Swin V2 window attention (SwinV2-T's windows 8 and 16) at ws 8 hd 32, ws 16 hd 32 in bf16 and
-    fp16 on both; and each op's benchmark shapes (GPU sizes and dtypes of benchmarks/bench_<op>.py) on both."""
+    fp16 on both; 3D window attention (MONAI SwinUNETR's 7x7x7 windows at head_dim 16 and 32, Video Swin's 8x7x7 at
+    head_dim 32, shifted, MONAI's padding order) in bf16 and fp16 on both; and each op's benchmark shapes (GPU sizes
+    and dtypes of benchmarks/bench_<op>.py) on both."""
     out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        for window, hd, nH in (((7, 7, 7), 16, 3), ((7, 7, 7), 32, 3), ((8, 7, 7), 32, 3)):
+            size = tuple(2 * w for w in window)  # 8 windows per volume, 2 volumes
+            shift = tuple(w // 2 for w in window)
+            label = f"headline 3d w{'x'.join(map(str, window))} hd{hd} {name}"
+            out.append(("window_attention_3d", label, ((2, size, nH, hd, window, shift, True), dtype, torch.float32),
+                        GATE_TARGETS))
     for dtype in (torch.bfloat16, torch.float16):
         name = str(dtype).replace("torch.", "")
         for ws, hd in ((8, 32), (16, 32)):

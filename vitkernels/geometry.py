@@ -114,3 +114,75 @@ class WindowGeometry:
     def padded(self) -> bool:
         """Whether some window positions have no source token (H or W not a multiple of the window)."""
         return self.Hp != self.H or self.Wp != self.W
+
+
+@dataclass(frozen=True)
+class WindowAxis:
+    """One axis of a 3D shifted-window layout (the C++ twin: ``WindowAxis`` in
+    ``csrc/include/vitkernels/window_geometry_3d.h``): length ``n``, window ``w``, shift ``s`` (``0 <= s < w``, may
+    exceed ``n``) and the padding order.
+
+    A coordinate p of the padded, shifted frame (``0 <= p < P``, ``P = nW * w``) reads the source coordinate
+    ``(p + roll) mod P`` when the padding comes first (MONAI, Video Swin: pad, then roll; real if the source is
+    ``< n``), else ``(p + roll) mod n`` for ``p < n`` (timm: roll, then pad; ``p >= n`` is padding). ``roll`` is
+    ``s`` with the padding first (``s < w <= P``) and ``s mod n`` otherwise, so either wrap is one subtraction."""
+
+    n: int
+    w: int
+    s: int
+    pad_first: bool
+
+    @property
+    def nW(self) -> int:
+        return -(-self.n // self.w)
+
+    @property
+    def P(self) -> int:
+        return self.nW * self.w
+
+    @property
+    def roll(self) -> int:
+        return self.s if self.pad_first else (self.s % self.n if self.n else 0)
+
+
+@dataclass(frozen=True)
+class WindowGeometry3D:
+    """A 3D (volumetric / video) shifted-window layout (semantics:
+    :mod:`vitkernels.reference.window_attention_3d`): the volume (B, D, H, W, C), windows numbered depth-major
+    ``((b * nWd + wz) * nWh + wy) * nWw + wx``, tokens row-major ``(iz * wh + iy) * ww + ix`` in a window. A 2D
+    layout (timm's order) is the case ``D = 1, wd = 1, sd = 0, pad_first = False`` (:meth:`of_2d`)."""
+
+    B: int
+    d: WindowAxis
+    h: WindowAxis
+    w: WindowAxis
+
+    @classmethod
+    def of(cls, batch: int, size: Sequence[int], window_size: Sequence[int], shift_size: Sequence[int],
+           pad_first: bool) -> "WindowGeometry3D":
+        axes = [WindowAxis(int(n), int(w), int(s), bool(pad_first)) for n, w, s in zip(size, window_size, shift_size)]
+        return cls(int(batch), *axes)
+
+    @classmethod
+    def of_2d(cls, g: WindowGeometry) -> "WindowGeometry3D":
+        return cls.of(g.B, (1, g.H, g.W), (1, g.wh, g.ww), (0, g.shift_h, g.shift_w), False)
+
+    @property
+    def axes(self) -> Tuple[WindowAxis, WindowAxis, WindowAxis]:
+        return self.d, self.h, self.w
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.d.w * self.h.w * self.w.w
+
+    @property
+    def num_windows(self) -> int:
+        return self.B * self.d.nW * self.h.nW * self.w.nW
+
+    @property
+    def shifted(self) -> bool:
+        return any(a.s for a in self.axes)
+
+    @property
+    def padded(self) -> bool:
+        return any(a.P != a.n for a in self.axes)

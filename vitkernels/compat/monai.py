@@ -5,8 +5,8 @@ fused op, in place.
 (``spatial_dims=3``, the usual SwinUNETR) and 2D -- to a subclass whose ``forward_part1`` (the attention branch) is
 ``proj(window_attention(qkv(norm1(x))))`` on the unshifted, unpartitioned volume or map: no roll, partition, mask or
 bias materialised, and no per-call mask rebuild. 3D blocks run :func:`vitkernels.ops.window_attention_3d.
-window_attention_3d` (fused on CPU; the reference on other devices until a GPU 3D kernel exists), 2D blocks the 2D
-op. The rest of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters,
+window_attention_3d` (fused: the native kernel on CPU, the Triton kernels on GPUs; head dims the Triton kernels do
+not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference there), 2D blocks the 2D op. The rest of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters,
 buffers and state-dict keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention --
 its "v2" adds residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the
 classes.

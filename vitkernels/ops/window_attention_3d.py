@@ -10,15 +10,19 @@ Backends:
   the 2D op's CPU kernel (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) over a 3D window addressing; and on
   CUDA from ``csrc/cuda/window_attention_3d.cu``: the 2D op's CUDA kernels over the 3D geometry (windows of at most
   512 tokens, head_dim <= 128; built when the extension is built with CUDA).
-* ``triton`` -- none yet: on GPUs without the CUDA kernel the reference serves the call (the dispatcher says so).
+* ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_3d`` (+ ``_backward``), launching the 2D op's kernels
+  with their depth axis (:mod:`vitkernels.triton.window_attention_3d`): the GPU path (windows of up to 512 tokens,
+  MONAI's 7x7x7 and Video Swin's 8x7x7 included; head_dim a power of two in [16, 128], else the reference serves
+  the call and the dispatcher says why).
 
-The native op folds padding and shift (in either order) and the partition into its addressing, gathers the bias
-from the table by index math and computes the mask from padded token coordinates; forward saves the row
-log-sum-exp, the backward recomputes the softmax from it. Second-order gradients are refused (reference backend).
+Both fused backends fold padding and shift (in either order) and the partition into their addressing, gather the
+bias from the table by index math and compute the mask from padded token coordinates; forward saves the row
+log-sum-exp, the backward recomputes the softmax from it. They share one fake implementation and one autograd
+formula (below). Second-order gradients are refused (reference backend).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,6 +31,7 @@ from vitkernels._validation import INT64_MAX, check_int, check_shape, check_tens
 from vitkernels.ops._library import refuse_double_backward
 from vitkernels.ops.window_attention import checked_bias_scale_call
 from vitkernels.reference import window_attention_3d as reference
+from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
 IntTriple = Union[int, Sequence[int]]
 
@@ -34,7 +39,6 @@ op = dispatch.op(
     "window_attention_3d",
     "3D (volumetric) shifted-window attention with relative position bias, qkv -> out (B, D, H, W, C)",
 )
-op.mark_missing("triton", "no Triton kernel of 3D window attention yet (CPU native and reference only)")
 
 
 def window_attention_3d(
@@ -136,18 +140,20 @@ def _window_attention_3d_reference(qkv, table, window_size, shift_size, num_head
                                          qkv_bias, pad_before_shift=pad_before_shift)
 
 
-# --- fake implementations and autograd of the native op ---------------------------------------------------------
-# forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale, pad_before_shift) -> (out, lse)
+# --- fake implementations and autograd, shared by the native and triton ops -----------------------------------------
+# forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale, pad_before_shift[, need_lse]) -> (out, lse)
+#   (the triton forward takes need_lse: False skips the log-sum-exp, an empty tensor then, when no backward follows)
 # backward(grad_out, qkv, table, qkv_bias?, out, lse, window_size, shift_size, num_heads, scale, pad_before_shift)
 #     -> (grad_qkv, grad_table, grad_qkv_bias or an empty tensor)
 # lse is the (B * nW, nH, N) row log-sum-exp: fp32 (fp64 for fp64 inputs).
 
-def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, pad_before_shift):
+def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, pad_before_shift, need_lse=True):
     B, D, H, W, three_c = qkv.shape
     n_windows = B * -(-D // window_size[0]) * -(-H // window_size[1]) * -(-W // window_size[2])
     tokens = window_size[0] * window_size[1] * window_size[2]
     lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-    return qkv.new_empty((B, D, H, W, three_c // 3)), qkv.new_empty((n_windows, num_heads, tokens), dtype=lse_dtype)
+    lse_shape = (n_windows, num_heads, tokens) if need_lse else (0,)
+    return qkv.new_empty((B, D, H, W, three_c // 3)), qkv.new_empty(lse_shape, dtype=lse_dtype)
 
 
 def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale,
@@ -156,28 +162,36 @@ def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
 
 
-def _setup_context(ctx, inputs, output):
-    qkv, table, qkv_bias, *ctx.config = inputs  # window_size, shift_size, num_heads, scale, pad_before_shift
-    out, lse = output
-    ctx.has_bias = qkv_bias is not None
-    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
+    def setup_context(ctx, inputs, output):
+        qkv, table, qkv_bias, *config = inputs
+        ctx.config = config[:5]  # window_size, shift_size, num_heads, scale, pad_before_shift
+        ctx.has_lse = len(config) < 6 or config[5]
+        ctx.num_inputs = len(inputs)
+        out, lse = output
+        ctx.has_bias = qkv_bias is not None
+        ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
 
+    def backward_fn(ctx, grad_out, grad_lse):
+        if not ctx.has_lse:
+            raise RuntimeError("window_attention_3d: the forward ran with need_lse=False (no gradient was required), "
+                               "so it cannot be differentiated")
+        qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+        grad_qkv, grad_table, grad_bias = backward(grad_out.contiguous(), qkv, table, qkv_bias, out, lse, *ctx.config)
+        return (grad_qkv, grad_table, grad_bias if ctx.has_bias else None) + (None,) * (ctx.num_inputs - 3)
 
-def _backward(ctx, grad_out, grad_lse):
-    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
-    grad_qkv, grad_table, grad_bias = torch.ops.vitkernels.window_attention_3d_backward(
-        grad_out.contiguous(), qkv, table, qkv_bias, out, lse, *ctx.config
-    )
-    return (grad_qkv, grad_table, grad_bias if ctx.has_bias else None) + (None,) * len(ctx.config)
+    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(backward)(_backward_fake)
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    # second-order gradients would need the backward of the backward kernels: refused clearly, never silent zeros
+    refuse_double_backward(backward, "window_attention_3d", backend)
 
 
 # --- native backend: csrc/cpu/window_attention_3d.cpp, csrc/cuda/window_attention_3d.cu ----------------------------
 
 if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
-    torch.library.register_fake("vitkernels::window_attention_3d")(_forward_fake)
-    torch.library.register_fake("vitkernels::window_attention_3d_backward")(_backward_fake)
-    torch.library.register_autograd("vitkernels::window_attention_3d", _backward, setup_context=_setup_context)
-    refuse_double_backward(torch.ops.vitkernels.window_attention_3d_backward.default, "window_attention_3d", "native")
+    _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_3d.default,
+                                 torch.ops.vitkernels.window_attention_3d_backward.default, "native")
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
         reason = _native.native_unavailable_reason("window_attention_3d", call.device)
@@ -200,3 +214,70 @@ if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
 
 else:
     op.mark_missing("native", _native.IMPORT_ERROR or "vitkernels._C was built without window_attention_3d (rebuild it)")
+
+
+# --- triton backend: vitkernels/triton/window_attention_3d.py -----------------------------------------------------
+
+if HAS_TRITON:
+    from vitkernels.ops._library import kernel_op
+    from vitkernels.triton import window_attention_3d as triton_kernels
+    from vitkernels.triton._launch import device_target
+
+    @kernel_op("vitkernels::triton_window_attention_3d")
+    def triton_window_attention_3d(
+        qkv: torch.Tensor,
+        table: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+        scale: float,
+        pad_before_shift: bool,
+        need_lse: bool = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Forward: (out (B, D, H, W, C), row log-sum-exp (B*nW, nH, N) fp32 kept for the backward; an empty tensor
+        when ``need_lse`` is False, e.g. in inference, where the kernel then stores none)."""
+        return triton_kernels.window_attention_3d_fwd(qkv, table, qkv_bias, window_size, shift_size, num_heads,
+                                                      scale, pad_before_shift, need_lse)
+
+    @kernel_op("vitkernels::triton_window_attention_3d_backward")
+    def triton_window_attention_3d_backward(
+        grad_out: torch.Tensor,
+        qkv: torch.Tensor,
+        table: torch.Tensor,
+        qkv_bias: Optional[torch.Tensor],
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        window_size: List[int],
+        shift_size: List[int],
+        num_heads: int,
+        scale: float,
+        pad_before_shift: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias)."""
+        grad_qkv, grad_table, grad_bias = triton_kernels.window_attention_3d_bwd(
+            grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale, pad_before_shift
+        )
+        return grad_qkv, grad_table, grad_bias if grad_bias is not None else qkv.new_empty(0)
+
+    _register_fakes_and_autograd(triton_window_attention_3d, triton_window_attention_3d_backward, "triton")
+
+    def _triton_supports(call: dispatch.Call) -> Optional[str]:
+        reason = triton_unavailable_reason(call.device)
+        if reason is None and "head_dim" in call.details:  # reports (vitkernels.info) ask without shapes
+            reason = triton_kernels.supported_reason(
+                call.details["head_dim"], call.details["tokens_per_window"], call.dtype, device_target(call.device)
+            )
+        return reason
+
+    @op.register("triton", _triton_supports)
+    def _window_attention_3d_triton(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias,
+                                    pad_before_shift):
+        need_lse = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, table, qkv_bias))
+        out, _ = triton_window_attention_3d(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale,
+                                            pad_before_shift, need_lse)
+        return out
+
+else:
+    op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))

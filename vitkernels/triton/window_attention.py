@@ -46,13 +46,13 @@ accuracy). With COSINE false every cosine branch is compiled out. Its launch tab
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from vitkernels.geometry import WindowGeometry
+from vitkernels.geometry import WindowGeometry, WindowGeometry3D
 from vitkernels.triton import interpreter_active
 from vitkernels.triton._launch import (
     GATE_TARGETS,
@@ -66,11 +66,11 @@ from vitkernels.triton._launch import (
     tile_names,
 )
 from vitkernels.triton.window_geometry import (
-    is_boundary_window,
+    is_boundary_window_3d,
     relative_code,
-    window_kernel_args,
+    window_kernel_args_3d,
     window_origin,
-    window_tokens,
+    window_tokens_3d,
 )
 
 MAX_TOKENS_PER_WINDOW = 256
@@ -156,15 +156,16 @@ def _mask(s, boundary, q_region, k_region, SHIFTED: tl.constexpr):
 
 @triton.jit
 def _fwd_chunk(acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale,
-               H, W, nWh, nWw, RH, RW, C, CH, KSTART,
-               KC: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, HD: tl.constexpr,
-               WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, SHIFTED: tl.constexpr,
+               D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, KSTART,
+               KC: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr,
+               WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+               PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr,
                PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr, DOT_FP32: tl.constexpr,
                PRECISION: tl.constexpr):
     """Fold keys [KSTART, KSTART + KC) into the online softmax state (acc, running max m, running sum l)."""
     cols = KSTART + tl.arange(0, KC)
-    k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
-                                                     SHIFTED)
+    k_tok, k_real, k_valid, k_region = window_tokens_3d(
+        b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
     if COSINE:  # k^ in the storage dtype: the dot's operand, as timm's matmul of F.normalize's output
         k = _normalize_rows(k)[0].to(k.dtype)
@@ -200,9 +201,10 @@ def _program_tile(NH, N: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["num_windows", "windows_per_program", "key_end"])
 def _window_attention_fwd_kernel(
     qkv_ptr, bias_ptr, pad_ptr, out_ptr, lse_ptr, tau_ptr,
-    num_windows, windows_per_program, key_end, H, W, nWh, nWw, RH, RW, NH, qk_scale,
-    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, STORE_LSE: tl.constexpr,
+    num_windows, windows_per_program, key_end, D, H, W, nWd, nWh, nWw, RD, RH, RW, NH, qk_scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, PADDED: tl.constexpr,
+    HAS_PAD_VALUES: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, KEY_CHUNK: tl.constexpr, HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -213,7 +215,7 @@ def _window_attention_fwd_kernel(
     h, qt, g = _program_tile(NH, N, BLOCK_M)
     if COSINE:
         qk_scale = qk_scale * tl.load(tau_ptr + h).to(tl.float32)
-    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    SHIFTED: tl.constexpr = (SD > 0) | (SH > 0) | (SW > 0)
     ONE_CHUNK: tl.constexpr = N <= KEY_CHUNK
     C = NH * HD
     CH = 3 * C
@@ -223,10 +225,10 @@ def _window_attention_fwd_kernel(
         bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
-        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
-        q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
-                                                         SHIFTED)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        q_tok, q_real, q_valid, q_region = window_tokens_3d(
+            b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
             q = _normalize_rows(q)[0].to(q.dtype)
@@ -234,8 +236,9 @@ def _window_attention_fwd_kernel(
             if not HOIST_BIAS:
                 bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, KEY_CHUNK), NP)
             acc, m, l = _fwd_chunk(
-                q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, r0, s0, h, qk_scale, H, W, nWh, nWw,
-                RH, RW, C, CH, 0, KEY_CHUNK, True, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES,
+                q, q, q, q, q_region, qkv_ptr, pad_ptr, bias0, boundary, b, r0, s0, h, qk_scale, D, H, W,
+                nWd, nWh, nWw, RD, RH, RW, C, CH, 0, KEY_CHUNK, True, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST,
+                SHIFTED, PADDED, HAS_PAD_VALUES,
                 COSINE, DOT_FP32, PRECISION)
         else:
             acc = tl.zeros((BLOCK_M, HD), tl.float32)
@@ -244,8 +247,9 @@ def _window_attention_fwd_kernel(
             for k0 in range(0, key_end, KEY_CHUNK):
                 bias = _bias_tile(bias_ptr, h, rows, k0 + tl.arange(0, KEY_CHUNK), NP)
                 acc, m, l = _fwd_chunk(
-                    acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale, H, W, nWh,
-                    nWw, RH, RW, C, CH, k0, KEY_CHUNK, False, N, HD, WH, WW, SH, SW, SHIFTED, PADDED,
+                    acc, m, l, q, q_region, qkv_ptr, pad_ptr, bias, boundary, b, r0, s0, h, qk_scale, D, H,
+                    W, nWd, nWh, nWw, RD, RH, RW, C, CH, k0, KEY_CHUNK, False, N, HD, WD, WH, WW, SD, SH, SW,
+                    PAD_FIRST, SHIFTED, PADDED,
                     HAS_PAD_VALUES, COSINE, DOT_FP32, PRECISION)
         o = acc / l[:, None]
         tl.store(out_ptr + q_tok[:, None] * C + h * HD + d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -258,19 +262,24 @@ def _window_attention_fwd_kernel(
 
 @triton.jit
 def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias,
-               boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH,
+               boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+               drel_ptr, g, NH, rows, accumulate, REL_IN_MEMORY: tl.constexpr, kstart,
                KSTART: tl.constexpr, KC: tl.constexpr, WHOLE_WINDOW: tl.constexpr, N: tl.constexpr,
-               HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-               SHIFTED: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr,
+               HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
+               SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, PADDED:
+               tl.constexpr, HAS_PAD_VALUES: tl.constexpr, COSINE: tl.constexpr,
                EXACT_DELTA: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Keys [KSTART, KSTART + KC) of one window for one query tile: dQ += dS K, the bias partial += dS, and with
     the whole window in the tile, dK and dV of these keys (stored) and the padded keys' sums. COSINE: K is k^ (in
     the storage dtype, q is q^), ``scale`` is tau, dK goes through F.normalize's backward, and the rows' d tau
     += rowsum(dS * q^ k^T) from the fp32 cosines (not from dS rounded for the dots: its terms largely cancel).
-    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O."""
-    cols = KSTART + tl.arange(0, KC)
-    k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
-                                                     SHIFTED)
+    EXACT_DELTA (the chunk holds every key): delta = rowsum(P * dP), returned, instead of the given dO . O.
+    REL_IN_MEMORY (a chunk of the run-time key loop, keys from ``KSTART + kstart``): the bias partial is not a
+    register tile (``d_rel`` is returned as given) but the program's rows of the (groups, nH, N, N) fp32 buffer,
+    read (from the program's second window on: ``accumulate``), added to and written back here."""
+    cols = KSTART + kstart + tl.arange(0, KC)
+    k_tok, k_real, k_valid, k_region = window_tokens_3d(
+        b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
     k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
     if COSINE:
         k = _normalize_rows(k)[0].to(k.dtype)
@@ -288,7 +297,17 @@ def _bwd_chunk(dq, d_rel, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, q
     if COSINE:
         d_tau += tl.sum(ds * cos, 1)
     dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
-    d_rel += ds
+    if REL_IN_MEMORY:
+        # the program owns these rows of its group's partials: plain loads and stores, no atomics. The barrier
+        # orders the previous window's stores before these loads across the CTA's threads (a tile replicated over
+        # warps is stored by one of them and loaded by all).
+        rel_ptrs = drel_ptr + ((g * NH + h) * N + rows[:, None]) * N + cols[None, :]
+        in_window = (rows < N)[:, None] & (cols < N)[None, :]
+        tl.debug_barrier()
+        prev = tl.where(accumulate, tl.load(rel_ptrs, mask=in_window, other=0.0), 0.0)  # first window: not read yet
+        tl.store(rel_ptrs, prev + ds, mask=in_window)
+    else:
+        d_rel += ds
     if WHOLE_WINDOW:
         d = tl.arange(0, HD)
         dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
@@ -320,11 +339,13 @@ def _store_rel_partial(drel_ptr, d_rel, g, h, NH, rows, KSTART: tl.constexpr, KC
 def _window_attention_bwd_kernel(
     qkv_ptr, bias_ptr, pad_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drel_ptr, dpad_ptr, tau_ptr,
     dtau_ptr,
-    num_windows, windows_per_program, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
-    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
+    num_windows, windows_per_program, D, H, W, nWd, nWh, nWw, RD, RH, RW, NH, qk_scale, scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, PADDED: tl.constexpr,
+    HAS_PAD_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
     HOIST_BIAS: tl.constexpr, COSINE: tl.constexpr,
-    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
     F.normalize's backward, and the program's d tau partial (sum over its windows of dS * q^ k^) stored at
@@ -339,18 +360,25 @@ def _window_attention_bwd_kernel(
     # from the stored half-precision O (dO . O) is off by O's rounding in every row, an error that d tau (a sum
     # of dS) keeps. With every key in one chunk the chunk computes delta = rowsum(P * dP) instead (consistent with
     # its P: what eager softmax's backward does), and stores that one for the dK / dV kernel.
-    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0
-    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    # Windows of more than 256 tokens (the 3D op; key_chunks): a run-time loop over key chunks of CHUNK0, each adding
+    # its dS to the program's rows of the (groups, nH, N, N) buffer (the partials of all N keys in registers beside
+    # the chunk tiles spill). The 2D ops keep their partials in registers and store them once at the end.
+    LOOP_KEYS: tl.constexpr = N > 256
+    EXACT_DELTA: tl.constexpr = COSINE and CHUNK1 == 0 and not LOOP_KEYS
+    SHIFTED: tl.constexpr = (SD > 0) | (SH > 0) | (SW > 0)
     WHOLE_WINDOW: tl.constexpr = N <= BLOCK_M
     C = NH * HD
     CH = 3 * C
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HD)
-    d_rel0 = tl.zeros((BLOCK_M, CHUNK0), tl.float32)  # sum over the program's windows of dS
-    if CHUNK1 > 0:
-        d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
-    if CHUNK2 > 0:
-        d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
+    if LOOP_KEYS:
+        d_rel0 = 0.0  # a placeholder: _bwd_chunk returns it unchanged
+    else:
+        d_rel0 = tl.zeros((BLOCK_M, CHUNK0), tl.float32)  # sum over the program's windows of dS
+        if CHUNK1 > 0:
+            d_rel1 = tl.zeros((BLOCK_M, CHUNK1), tl.float32)
+        if CHUNK2 > 0:
+            d_rel2 = tl.zeros((BLOCK_M, CHUNK2), tl.float32)
     if HOIST_BIAS:  # built once for all the program's windows
         bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
         if CHUNK1 > 0:
@@ -361,10 +389,10 @@ def _window_attention_bwd_kernel(
     dpad_v = tl.zeros((HD,), tl.float32)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
-        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
-        q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
-                                                         SHIFTED)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        q_tok, q_real, q_valid, q_region = window_tokens_3d(
+            b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
             q = _normalize_rows(q)[0].to(q.dtype)
@@ -377,28 +405,41 @@ def _window_attention_bwd_kernel(
         if not WHOLE_WINDOW and not EXACT_DELTA:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         lse2 = tl.load(lse_ptr + stat, mask=q_valid, other=0.0) * 1.4426950408889634
-        if not HOIST_BIAS:  # gathered per window (L1 hits): fewer registers held across the loop
+        if not HOIST_BIAS and not LOOP_KEYS:  # gathered per window (L1 hits): fewer registers held across the loop
             bias0 = _bias_tile(bias_ptr, h, rows, tl.arange(0, CHUNK0), NP)
             if CHUNK1 > 0:
                 bias1 = _bias_tile(bias_ptr, h, rows, CHUNK0 + tl.arange(0, CHUNK1), NP)
             if CHUNK2 > 0:
                 bias2 = _bias_tile(bias_ptr, h, rows, CHUNK0 + CHUNK1 + tl.arange(0, CHUNK2), NP)
         dq = tl.zeros((BLOCK_M, HD), tl.float32)
-        dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-            dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
-            boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, 0, CHUNK0, WHOLE_WINDOW, N, HD,
-            WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
-        if CHUNK1 > 0:
-            dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-                dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias1,
-                boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0, CHUNK1, WHOLE_WINDOW,
-                N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
-        if CHUNK2 > 0:
-            dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
-                dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias2,
-                boundary, b, r0, s0, h, qk_scale, scale, H, W, nWh, nWw, RH, RW, C, CH, CHUNK0 + CHUNK1, CHUNK2,
-                WHOLE_WINDOW, N, HD, WH, WW, SH, SW, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
-                PRECISION)
+        if LOOP_KEYS:
+            # a runtime loop over key chunks of CHUNK0 (not unrolled: one chunk's tiles live at a time)
+            for kstart in range(0, N, CHUNK0):
+                bias_c = _bias_tile(bias_ptr, h, rows, kstart + tl.arange(0, CHUNK0), NP)
+                dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias_c, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, True, kstart, 0, CHUNK0, WHOLE_WINDOW, N, HD, WD, WH, WW, SD,
+                    SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+        else:
+            dq, d_rel0, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                dq, d_rel0, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr, bias0,
+                boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH, drel_ptr, g, NH,
+                rows, w > first, False, 0, 0, CHUNK0, WHOLE_WINDOW, N, HD, WD, WH, WW, SD, SH, SW, PAD_FIRST,
+                SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+            if CHUNK1 > 0:
+                dq, d_rel1, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel1, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias1, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, False, 0, CHUNK0, CHUNK1, WHOLE_WINDOW, N, HD, WD, WH, WW,
+                    SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32, PRECISION)
+            if CHUNK2 > 0:
+                dq, d_rel2, dpad_k, dpad_v, d_tau, delta = _bwd_chunk(
+                    dq, d_rel2, dpad_k, dpad_v, d_tau, q, do, lse2, delta, q_region, qkv_ptr, pad_ptr, dqkv_ptr,
+                    bias2, boundary, b, r0, s0, h, qk_scale, scale, D, H, W, nWd, nWh, nWw, RD, RH, RW, C, CH,
+                    drel_ptr, g, NH, rows, w > first, False, 0, CHUNK0 + CHUNK1, CHUNK2, WHOLE_WINDOW, N, HD, WD,
+                    WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED, PADDED, HAS_PAD_VALUES, COSINE, EXACT_DELTA, DOT_FP32,
+                    PRECISION)
         if EXACT_DELTA and not WHOLE_WINDOW:
             tl.store(delta_ptr + stat, delta, mask=q_valid)
         if COSINE:
@@ -409,11 +450,12 @@ def _window_attention_bwd_kernel(
             dq = dq * scale
         tl.store(dqkv_ptr + q_tok[:, None] * CH + h * HD + d[None, :], dq.to(dqkv_ptr.dtype.element_ty),
                  mask=q_real[:, None])
-    _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
-    if CHUNK1 > 0:
-        _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
-    if CHUNK2 > 0:
-        _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
+    if not LOOP_KEYS:
+        _store_rel_partial(drel_ptr, d_rel0, g, h, NH, rows, 0, CHUNK0, N)
+        if CHUNK1 > 0:
+            _store_rel_partial(drel_ptr, d_rel1, g, h, NH, rows, CHUNK0, CHUNK1, N)
+        if CHUNK2 > 0:
+            _store_rel_partial(drel_ptr, d_rel2, g, h, NH, rows, CHUNK0 + CHUNK1, CHUNK2, N)
     if WHOLE_WINDOW and HAS_PAD_VALUES:
         tl.store(dpad_ptr + ((g * NH + h) * 2) * HD + d, dpad_k)
         tl.store(dpad_ptr + ((g * NH + h) * 2 + 1) * HD + d, dpad_v)
@@ -425,9 +467,10 @@ def _window_attention_bwd_kernel(
 @triton.jit(do_not_specialize=["num_windows", "windows_per_program", "n_tokens"])
 def _window_attention_bwd_dkdv_kernel(
     qkv_ptr, bias_ptr, pad_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dpad_ptr, tau_ptr,
-    num_windows, windows_per_program, n_tokens, H, W, nWh, nWw, RH, RW, NH, qk_scale, scale,
-    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr,
-    SW: tl.constexpr, PADDED: tl.constexpr, HAS_PAD_VALUES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    num_windows, windows_per_program, n_tokens, D, H, W, nWd, nWh, nWw, RD, RH, RW, NH, qk_scale, scale,
+    N: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PAD_FIRST: tl.constexpr, PADDED: tl.constexpr,
+    HAS_PAD_VALUES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     COSINE: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of a key tile of BLOCK_N keys for a group of windows, over query tiles of BLOCK_M rows (windows larger
@@ -437,7 +480,7 @@ def _window_attention_bwd_dkdv_kernel(
         tau = tl.load(tau_ptr + h).to(tl.float32)
         qk_scale = qk_scale * tau
         scale = scale * tau
-    SHIFTED: tl.constexpr = (SH > 0) | (SW > 0)
+    SHIFTED: tl.constexpr = (SD > 0) | (SH > 0) | (SW > 0)
     C = NH * HD
     CH = 3 * C
     cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -446,10 +489,10 @@ def _window_attention_bwd_dkdv_kernel(
     dpad_v = tl.zeros((HD,), tl.float32)
     first = g * windows_per_program
     for w in range(first, tl.minimum(first + windows_per_program, num_windows)):
-        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)
-        boundary = is_boundary_window(r0, s0, nWh, nWw, WH, WW, SH, SW)
-        k_tok, k_real, k_valid, k_region = window_tokens(b, r0, s0, cols, N, H, W, nWh, nWw, RH, RW, WH, WW, SH, SW,
-                                                         SHIFTED)
+        b, r0, s0 = window_origin(w, nWh, nWw, WH, WW)  # b: the plane b * nWd + wz
+        boundary = is_boundary_window_3d(b, r0, s0, nWd, nWh, nWw, WD, WH, WW, SD, SH, SW)
+        k_tok, k_real, k_valid, k_region = window_tokens_3d(
+            b, r0, s0, cols, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
         k = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         v = _load_tokens(qkv_ptr, pad_ptr, k_tok, k_real, k_valid, 2 * C + h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
         if COSINE:
@@ -458,8 +501,8 @@ def _window_attention_bwd_dkdv_kernel(
         dv = tl.zeros((BLOCK_N, HD), tl.float32)
         for m0 in range(0, n_tokens, BLOCK_M):  # n_tokens = N at run time: a loop, not unrolled
             rows = m0 + tl.arange(0, BLOCK_M)
-            q_tok, q_real, q_valid, q_region = window_tokens(b, r0, s0, rows, N, H, W, nWh, nWw, RH, RW, WH, WW, SH,
-                                                             SW, SHIFTED)
+            q_tok, q_real, q_valid, q_region = window_tokens_3d(
+                b, r0, s0, rows, N, D, H, W, nWd, nWh, nWw, RD, RH, RW, WD, WH, WW, SD, SH, SW, PAD_FIRST, SHIFTED)
             q = _load_tokens(qkv_ptr, pad_ptr, q_tok, q_real, q_valid, h * HD, CH, HD, PADDED, HAS_PAD_VALUES)
             if COSINE:
                 q = _normalize_rows(q)[0].to(q.dtype)
@@ -497,7 +540,7 @@ def _window_attention_bwd_dkdv_kernel(
 @triton.jit
 def _window_attention_bias_kernel(
     table_ptr, bias_ptr, NH,
-    N: tl.constexpr, NP: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr,
+    N: tl.constexpr, NP: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """The dense (nH, NP, NP) fp32 bias the attention kernels read tiles of: ``log2(e) * table[rel(i, j), h]`` for
@@ -507,7 +550,8 @@ def _window_attention_bias_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rel = relative_code(rows, WW)[:, None] - relative_code(cols, WW)[None, :] + ((WH - 1) * (2 * WW - 1) + WW - 1)
+    OFFSET: tl.constexpr = ((WD - 1) * (2 * WH - 1) + WH - 1) * (2 * WW - 1) + WW - 1  # offset (0, 0, 0)
+    rel = relative_code(rows, WD, WH, WW)[:, None] - relative_code(cols, WD, WH, WW)[None, :] + OFFSET
     pair = (rows < N)[:, None] & (cols < N)[None, :]
     bias = tl.load(table_ptr + rel * NH + h, mask=pair, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.where((cols < N)[None, :], bias, float("-inf"))
@@ -518,20 +562,37 @@ def _window_attention_bias_kernel(
 @triton.jit(do_not_specialize=["groups"])
 def _window_attention_bias_grad_kernel(
     drel_ptr, dtable_ptr, groups, NH, R,
-    N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr,
+    N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     """d_table[r, h] = sum over groups (in order), then over the key tokens j of the pair (j + offset(r), j), of the
-    (groups, nH, N, N) dS partials."""
+    (groups, nH, N, N) dS partials; offset(r) = (dz, dy, dx) from r = ((dz + WD-1)(2WH-1) + dy + WH-1)(2WW-1) +
+    dx + WW-1 (dz = 0 with WD = 1, the 2D table)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     h = tl.program_id(1)
-    dy = r // (2 * WW - 1) - (WH - 1)
-    dx = r % (2 * WW - 1) - (WW - 1)
+    if WD == 1:
+        ryx = r
+    else:
+        dz = r // ((2 * WH - 1) * (2 * WW - 1)) - (WD - 1)
+        ryx = r % ((2 * WH - 1) * (2 * WW - 1))
+    dy = ryx // (2 * WW - 1) - (WH - 1)
+    dx = ryx % (2 * WW - 1) - (WW - 1)
     j = tl.arange(0, BLOCK_J)
-    jy = j // WW
+    if WD == 1:
+        jyx = j
+    else:
+        jz = j // (WH * WW)
+        jyx = j - jz * (WH * WW)
+    jy = jyx // WW
     iy = jy[None, :] + dy[:, None]
-    ix = (j - jy * WW)[None, :] + dx[:, None]
+    ix = (jyx - jy * WW)[None, :] + dx[:, None]
     pair = (r < R)[:, None] & (j < N)[None, :] & (iy >= 0) & (iy < WH) & (ix >= 0) & (ix < WW)
-    offs = (h * N + iy * WW + ix) * N + j[None, :]
+    i = iy * WW + ix
+    if WD > 1:
+        iz = jz[None, :] + dz[:, None]
+        pair = pair & (iz >= 0) & (iz < WD)
+        i += iz * (WH * WW)
+    offs = (h * N + i) * N + j[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_J), tl.float32)
     ptrs = drel_ptr + offs
     for _ in range(0, groups):
@@ -545,8 +606,17 @@ def _window_attention_bias_grad_kernel(
 def key_chunks(N: int) -> Tuple[int, int, int]:
     """The dQ / bias kernel's key chunks: up to three powers of two of at most 128 (largest first) covering N rounded
     up to 16 (rounded up further when three do not suffice): 49 -> (64, 0, 0), 144 -> (128, 16, 0),
-    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0)."""
+    100 -> (64, 32, 16), 256 -> (128, 128, 0), 240 -> (128, 128, 0).
+
+    Windows of more than 256 tokens (the 3D op's: 7x7x7 = 343, Video Swin's 8x7x7 = 392; up to 512): (32, 0, 0),
+    the width of the chunks the kernel then loops over at run time (343 -> 11 chunks, 352 keys), adding each chunk's
+    bias partials to the (groups, nH, N, N) buffer as it goes. Unrolled chunks of up to 128 keys with the partials
+    of all N keys in registers spill there (ptxas runs out of its 255 registers; at head_dim 16, where every warp
+    of the 16-row tile holds the whole tile, it falls back to 32 registers and spills ~12 KB); so do looped chunks
+    of 64 or 128 keys at head_dim 16."""
     n = -(-N // 16) * 16
+    if n > 256:
+        return (32, 0, 0)
     parts = []
     while n >= 128 and len(parts) < 2:
         parts.append(128)
@@ -570,9 +640,11 @@ def launch_table(N: int, head_dim: int, dtype: torch.dtype, target: Target,
     * Windows of up to 64 tokens (ws 7, 8): one query tile and one key chunk; the forward builds its bias tile once
       per program; the whole backward is the one query-tile kernel.
     * Larger windows: the forward loops over key chunks of 32 (144 keys -> 160, not 256); the dQ / bias kernel
-      takes 16-row query tiles (its bias partials for all N keys stay in registers across windows) on 8 warps
+      takes 16-row query tiles (up to 256 tokens its bias partials for all N keys stay in registers across windows)
+      on 8 warps
       (each warp a slice of the keys); the dK / dV kernel key tiles of 32 with query tiles of 64 (32 for fp32,
-      head_dim 128, and head_dim 64 on sm_80).
+      head_dim 128, and head_dim 64 on sm_80). The 3D op's windows of 257 to 512 tokens take the same
+      configurations (the dQ kernel then loops over key chunks of 32 at run time, :func:`key_chunks`).
     fp32 products are IEEE fp32 (FMA): no spills at ws 7 / 12, about a second of compile per kernel.
 
     ``cosine`` (Swin V2, the kernels' COSINE branches: an fp32 cosine tile per key chunk for d tau, row norms):
@@ -635,15 +707,16 @@ def shared_memory_needed(N: int, head_dim: int, dtype: torch.dtype, target: Targ
 
 
 def supported_reason(head_dim: int, tokens_per_window: int, dtype: torch.dtype,
-                     target: Optional[Target] = None) -> Optional[str]:
-    """``None`` if the kernels handle this configuration (on ``target``, when given), else why not.
+                     target: Optional[Target] = None, max_tokens: int = MAX_TOKENS_PER_WINDOW) -> Optional[str]:
+    """``None`` if the kernels handle this configuration (on ``target``, when given), else why not. ``max_tokens``:
+    the op's largest window (the 2D ops 256, the 3D op 512: the range their examples cover).
 
     On sm_80 / sm_90 every accepted configuration is compiled by the compile gate, which checks that it fits; on a
     GPU with less shared memory per block, a call whose :func:`shared_memory_needed` exceeds it is refused."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} not supported (float16, bfloat16, float32)"
-    if tokens_per_window > MAX_TOKENS_PER_WINDOW:
-        return f"window of {tokens_per_window} tokens > {MAX_TOKENS_PER_WINDOW}"
+    if tokens_per_window > max_tokens:
+        return f"window of {tokens_per_window} tokens > {max_tokens}"
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} must be a power of two in [16, 128]"
     if target is not None and not target.interpreter:
@@ -675,20 +748,26 @@ def table_examples(op: str = "window_attention", cosine: bool = False) -> List[E
     target, fp32 and a half dtype, each head_dim class and each window class (also each key-chunk pattern of the dQ
     kernel, so that every code path runs under the interpreter). ``op``, ``cosine``: the op whose examples they
     are and its table (Swin V2's cosine attention, :mod:`vitkernels.triton.window_attention_v2`)."""
+    cases = [(window[0] * window[1], lambda hd, c=(B, H, W, nH, window, shift): (*c[:4], hd, *c[4:]))
+             for B, H, W, nH, _, window, shift in _EXAMPLE_CASES]
+    return examples_of(op, cases, cosine)
+
+
+def examples_of(op: str, cases: Sequence[Tuple[int, Callable[[int], tuple]]], cosine: bool = False) -> List[Example]:
+    """:func:`table_examples` of an op over these kernels: ``cases`` are (tokens per window, head_dim -> the op's
+    case tuple); each distinct (target, dtype, key chunks, table) gets the first case and head_dim selecting it."""
     out = []
     seen = set()
     for target in GATE_TARGETS:
         for dtype in (torch.float32, half_dtype(target)):
             for hd in (16, 32, 64, 128):
-                for case in _EXAMPLE_CASES:
-                    B, H, W, nH, _, window, shift = case
-                    N = window[0] * window[1]
+                for N, case in cases:
                     table = launch_table(N, hd, dtype, target, cosine)
                     key = (target.arch, dtype, key_chunks(N), tuple(sorted(table.items())))
                     if key in seen:
                         continue
                     seen.add(key)
-                    out.append(Example(op, ((B, H, W, nH, hd, window, shift), dtype), target, table))
+                    out.append(Example(op, (case(hd), dtype), target, table))
     return out
 
 
@@ -714,16 +793,22 @@ class _Problem:
     """Geometry and launch configuration of one call."""
 
     def __init__(self, qkv: torch.Tensor, window_size: Sequence[int], shift_size: Sequence[int], num_heads: int,
-                 has_pad_values: bool, cosine: bool):
-        B, H, W, three_c = qkv.shape
-        self.g = WindowGeometry.of(B, H, W, window_size, shift_size)
+                 has_pad_values: bool, cosine: bool, pad_before_shift: bool):
+        three_c = qkv.shape[-1]
+        if qkv.dim() == 5:  # (B, D, H, W, 3C): the 3D op (vitkernels.triton.window_attention_3d)
+            self.g = WindowGeometry3D.of(qkv.shape[0], qkv.shape[1:4], window_size, shift_size, pad_before_shift)
+        else:  # (B, H, W, 3C): the 2D layout is the 3D one with D = 1, wd = 1, sd = 0, timm's padding order
+            B, H, W, _ = qkv.shape
+            self.g = WindowGeometry3D.of_2d(WindowGeometry.of(B, H, W, window_size, shift_size))
         self.num_heads = num_heads
         self.hd = three_c // (3 * num_heads)
         self.N = self.g.tokens_per_window
         self.target = device_target(qkv.device)
         self.table = launch_table(self.N, self.hd, qkv.dtype, self.target, cosine)
-        self.runtime, consts = window_kernel_args(self.g)
-        self.NP = -(-self.N // 64) * 64  # the dense bias is (nH, NP, NP): every query / key tile lies inside it
+        self.runtime, consts = window_kernel_args_3d(self.g)
+        self.window = dict(WD=consts["WD"], WH=consts["WH"], WW=consts["WW"])
+        # the dense bias is (nH, NP, NP): every query / key tile (and the dQ kernel's key chunks) lies inside it
+        self.NP = max(-(-self.N // 64) * 64, sum(key_chunks(self.N)))
         chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
         self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
                            HAS_PAD_VALUES=has_pad_values and self.g.padded, COSINE=cosine, **_dot_flags(qkv.dtype))
@@ -737,7 +822,7 @@ class _Problem:
         cfg = self.table["_window_attention_bias_kernel"]
         grid = (triton.cdiv(self.NP, cfg["BLOCK_R"]), self.num_heads, triton.cdiv(self.NP, cfg["BLOCK_C"]))
         launcher(_window_attention_bias_kernel)[grid](
-            table, bias, self.num_heads, N=self.N, NP=self.NP, WH=self.g.wh, WW=self.g.ww, **cfg.kwargs())
+            table, bias, self.num_heads, N=self.N, NP=self.NP, **self.window, **cfg.kwargs())
         return bias
 
 
@@ -786,15 +871,17 @@ def attention_fwd(
     scale: float,
     tau: Optional[torch.Tensor],
     need_lse: bool,
+    pad_before_shift: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The forward launches: V1's ``scale * q k^T`` logits when ``tau`` is None, else Swin V2's cosine logits
-    ``tau[h] * q^ k^^T`` (tau: (nH,), any float dtype; ``scale`` then multiplies them too, 1 for V2)."""
+    ``tau[h] * q^ k^^T`` (tau: (nH,), any float dtype; ``scale`` then multiplies them too, 1 for V2). ``qkv``
+    (B, H, W, 3C) with 2D window / shift, or (B, D, H, W, 3C) with 3D ones and ``pad_before_shift`` (the 3D op)."""
     qkv = qkv.contiguous()
     table = table.contiguous()
     cosine = tau is not None
-    pb = _Problem(qkv, window_size, shift_size, num_heads, qkv_bias is not None, cosine)
+    pb = _Problem(qkv, window_size, shift_size, num_heads, qkv_bias is not None, cosine, pad_before_shift)
     nW = pb.g.num_windows
-    out = torch.empty((pb.g.B, pb.g.H, pb.g.W, num_heads * pb.hd), device=qkv.device, dtype=qkv.dtype)
+    out = torch.empty((*qkv.shape[:-1], num_heads * pb.hd), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((nW, num_heads, pb.N) if need_lse else (0,), device=qkv.device, dtype=torch.float32)
     if nW == 0:
         return out, lse
@@ -823,6 +910,7 @@ def attention_bwd(
     num_heads: int,
     scale: float,
     tau: Optional[torch.Tensor],
+    pad_before_shift: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients (qkv, table, tau or None, qkv_bias or None) of :func:`attention_fwd`, in the inputs' dtypes."""
     qkv = qkv.contiguous()
@@ -831,7 +919,7 @@ def attention_bwd(
     out = out.contiguous()
     has_bias = qkv_bias is not None
     cosine = tau is not None
-    pb = _Problem(qkv, window_size, shift_size, num_heads, has_bias, cosine)
+    pb = _Problem(qkv, window_size, shift_size, num_heads, has_bias, cosine, pad_before_shift)
     nW, N, hd, dev = pb.g.num_windows, pb.N, pb.hd, qkv.device
     f32 = dict(device=dev, dtype=torch.float32)
     # Real tokens' q, k and v rows are all written by the kernels (each token sits in exactly one window).
@@ -875,7 +963,7 @@ def attention_bwd(
     cfg = pb.table["_window_attention_bias_grad_kernel"]
     R = table.shape[0]
     launcher(_window_attention_bias_grad_kernel)[(triton.cdiv(R, cfg["BLOCK_R"]), num_heads)](
-        d_rel, d_table, groups, num_heads, R, N=N, WH=pb.g.wh, WW=pb.g.ww, **cfg.kwargs(),
+        d_rel, d_table, groups, num_heads, R, N=N, **pb.window, **cfg.kwargs(),
     )
     d_qkv_bias = None
     if has_bias:
