@@ -251,6 +251,10 @@ def test_parameters_state_dict_unpatch_pickle():
     assert {name: id(p) for name, p in model.named_parameters()} == params and list(model.state_dict()) == keys
     assert isinstance(model.blocks[0], swin_unetr.SwinTransformerBlock)
     assert type(model.blocks[0]).__name__ == "FusedSwinTransformerBlock"
+    from vitkernels.modules.linear import Linear
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is Linear for m in linears)  # the Linear swap (patch_model's linear=True)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -261,6 +265,7 @@ def test_parameters_state_dict_unpatch_pickle():
     assert model.blocks[1].vitkernels_backend == "native"
     vkm.unpatch_model(model)
     assert type(model.blocks[0]) is swin_unetr.SwinTransformerBlock
+    assert all(type(m) is torch.nn.Linear for m in linears)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 

@@ -94,13 +94,33 @@ def switch_class(module: nn.Module, fused: type, backend: Optional[str]) -> None
     module.vitkernels_backend = backend
 
 
+def patch_linears(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Make every plain ``nn.Linear`` in ``model`` (``model`` itself included) a :class:`vitkernels.modules.Linear`
+    by a class swap: the same object, parameters and state dict, its forward now the vitkernels linear op (CPU
+    float32: oneDNN). Subclasses of ``nn.Linear`` (e.g. ``nn.MultiheadAttention``'s ``out_proj``, whose owner reads
+    its weight directly) are left alone; :func:`unpatch_model` swaps them back. Returns ``model`` (modified in
+    place)."""
+    from vitkernels.modules.linear import Linear
+
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Linear
+            module.backend = backend
+            module._vk_swapped_linear = True
+    return model
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Give every patched layer inside ``model`` its original class back. Returns ``model``."""
+    """Give every patched layer inside ``model`` its original class back (the Linears :func:`patch_linears`
+    swapped included). Returns ``model``."""
     for module in model.modules():
         if isinstance(module, FusedModule):
             module.__class__ = module._vk_original_class
             del module.vitkernels_backend
             module.__dict__.pop("_vk_qkv_cache", None)
+        elif module.__dict__.pop("_vk_swapped_linear", False):
+            module.__class__ = nn.Linear
+            module.__dict__.pop("backend", None)
     return model
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from vitkernels.ops.linear import linear
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference.window_partition import padded_size
@@ -25,9 +26,9 @@ def _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, attend: Callabl
     Hp, Wp = padded_size(H, W, window_size)
     if (Hp, Wp) != (H, W) and any(shift_size):
         x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        return attend(F.linear(x, qkv_weight, qkv_bias), None)[:, :H, :W]
+        return attend(linear(x, qkv_weight, qkv_bias), None)[:, :H, :W]
     # no shift, or nothing to pad: the op's own padding (after its shift) is the same, with padded tokens = qkv_bias
-    return attend(F.linear(x, qkv_weight, qkv_bias), qkv_bias)
+    return attend(linear(x, qkv_weight, qkv_bias), qkv_bias)
 
 
 def window_attention_pad_first(

@@ -34,6 +34,7 @@ from vitkernels.compat._patching import (
     FusedModule,
     NotPatchedWarning,
     is_patched,
+    patch_linears,
     patch_modules,
     switch_class,
     unpatch_model,
@@ -68,12 +69,14 @@ class _FusedSwinTransformerBlock(FusedModule):
 _FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock, {}))
 
 
-def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
     """Switch every MONAI Swin block (3D or 2D) inside ``model`` (or ``model`` itself) to the fused attention, in
     place.
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``), stored on each block as
-    ``block.vitkernels_backend``. Patching twice is harmless (only the backend is updated). Returns ``model``.
+    ``block.vitkernels_backend``. Patching twice is harmless (only the backend is updated). With ``linear=True``
+    (default) the model's plain ``nn.Linear`` layers also become :class:`vitkernels.modules.Linear` (a class swap,
+    :func:`vitkernels.compat._patching.patch_linears`; ``unpatch_model`` swaps them back). Returns ``model``.
     """
 
     def patch_one(module: nn.Module) -> Optional[str]:
@@ -87,7 +90,10 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         switch_class(module, _FUSED.fused(type(module)), backend)
         return None
 
-    return patch_modules(model, patch_one, "vitkernels.compat.monai.patch_model")
+    patch_modules(model, patch_one, "vitkernels.compat.monai.patch_model")
+    if linear:  # the model's plain nn.Linear layers through vitkernels.linear (CPU float32: oneDNN)
+        patch_linears(model, backend)
+    return model
 
 
 def __getattr__(name: str):

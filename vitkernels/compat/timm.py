@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from vitkernels.modules.linear import Linear
+from vitkernels.compat._patching import patch_linears
 from vitkernels.modules.patch_embed import PatchEmbed, embed
 from vitkernels.reference.patch_embed import resample_abs_pos_embed
 
@@ -122,18 +122,6 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
                     setattr(parent, name, converted)
     if linear:
         patch_linears(model, backend)
-    return model
-
-
-def patch_linears(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """Make every plain ``nn.Linear`` in ``model`` (``model`` itself included) a :class:`vitkernels.modules.Linear`
-    by a class swap: the same object, parameters and state dict, its forward now the vitkernels linear op (CPU
-    float32: oneDNN). Subclasses of ``nn.Linear`` (e.g. ``nn.MultiheadAttention``'s ``out_proj``, whose owner reads
-    its weight directly) are left alone. Returns ``model`` (modified in place)."""
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = Linear
-            module.backend = backend
     return model
 
 

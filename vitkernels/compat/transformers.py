@@ -49,6 +49,7 @@ from vitkernels.compat._patching import (
     FusedModule,
     NotPatchedWarning,
     is_patched,
+    patch_linears,
     patch_modules,
     switch_class,
     unpatch_model,
@@ -92,12 +93,14 @@ def _make_fused(cls: type):
 _FUSED = FusedClasses(__name__, {name: module for name, (module, _) in _LAYOUTS.items()}, _make_fused)
 
 
-def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
     """Switch every supported Swin layer inside ``model`` (or ``model`` itself) to the fused attention, in place.
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``); it is stored on each layer as
     ``layer.vitkernels_backend`` and can be changed there. Layers that cannot be patched are listed in a
-    :class:`NotPatchedWarning`. Patching twice is harmless (only the backend is updated). Returns ``model``.
+    :class:`NotPatchedWarning`. Patching twice is harmless (only the backend is updated). With ``linear=True``
+    (default) the model's plain ``nn.Linear`` layers also become :class:`vitkernels.modules.Linear` (a class swap,
+    :func:`vitkernels.compat._patching.patch_linears`; ``unpatch_model`` swaps them back). Returns ``model``.
     """
 
     def patch_one(module: nn.Module) -> Optional[str]:
@@ -113,7 +116,10 @@ def patch_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         switch_class(module, fused, backend)
         return None
 
-    return patch_modules(model, patch_one, "vitkernels.compat.transformers.patch_model")
+    patch_modules(model, patch_one, "vitkernels.compat.transformers.patch_model")
+    if linear:  # the model's plain nn.Linear layers through vitkernels.linear (CPU float32: oneDNN)
+        patch_linears(model, backend)
+    return model
 
 
 def __getattr__(name: str):
