@@ -333,6 +333,7 @@ def _problem_label(problem) -> str:
 # --- compiling (forked workers share the collected launches) --------------------------------------------------------
 
 _ITEMS: List[Item] = []
+_SASS = [True]  # SASS instruction counts wanted (set before the workers fork)
 
 
 def _cpu_seconds() -> float:
@@ -343,7 +344,8 @@ def _cpu_seconds() -> float:
 def _compile(index: int) -> Dict[str, Any]:
     item = _ITEMS[index]
     start, cpu = time.time(), _cpu_seconds()
-    row = kernel_resources.compile_launch(item.launch, item.target.arch, keep_dir=os.environ.get("GATE_KEEP_DIR"))
+    row = kernel_resources.compile_launch(item.launch, item.target.arch, keep_dir=os.environ.get("GATE_KEEP_DIR"),
+                                         sass=_SASS[0])
     row["headline"] = item.headline
     if item.launch.kwargs.get("COSINE"):  # Swin V2's cosine attention: V1's kernels, their own compile
         row["config"] += " COSINE"
@@ -475,10 +477,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda-json", default=None,
                         help="take the CUDA rows from this JSON (tools/compile_gate_cuda.py's output) instead of "
                              "compiling the CUDA sources again")
+    parser.add_argument("--no-sass", action="store_true",
+                        help="skip the SASS disassembly (its instruction counts are for the table, not the gate)")
     parser.add_argument("--keep", default=None, help="keep PTX / SASS of every compile in this folder")
     args = parser.parse_args(argv)
     if args.keep:
         os.environ["GATE_KEEP_DIR"] = args.keep
+    _SASS[0] = not args.no_sass or bool(args.table)
     start = time.time()
     # a fresh Triton cache: a cached kernel is not compiled again, and ptxas's log is how spills are read
     with tempfile.TemporaryDirectory(prefix="vitkernels-gate-cache-") as cache:

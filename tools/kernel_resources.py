@@ -94,8 +94,9 @@ def config_label(launch) -> str:
     return f"{dtype} {launch.config().label}".strip()
 
 
-def compile_launch(launch, arch: str, keep_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Compile ``launch`` for ``arch`` ("sm_80" / "sm_90"); a row with the resources, or status "fail"."""
+def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool = True) -> Dict[str, Any]:
+    """Compile ``launch`` for ``arch`` ("sm_80" / "sm_90"); a row with the resources, or status "fail". ``sass``:
+    also disassemble the cubin for the SASS instruction counts (not needed to gate resources; kept with ``keep_dir``)."""
     kernel = launch.kernel
     bound = dict(zip(kernel.arg_names, launch.args))
     options = {}
@@ -126,7 +127,8 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None) -> Dict[st
         with open(path, "wb") as f:
             f.write(cubin)
         usage = subprocess.run([cuobjdump(), "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True).stdout \
+            if sass or keep_dir else ""
     if keep_dir:
         os.makedirs(keep_dir, exist_ok=True)
         base = os.path.join(keep_dir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{arch}_{launch.name}_{row['config']}"))
@@ -151,5 +153,5 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None) -> Dict[st
         status="ok",
     )
     row["extra"] = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-                        **_sass_counts(sass))
+                        **(_sass_counts(sass) if sass else {}))
     return row
