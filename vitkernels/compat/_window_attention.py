@@ -14,21 +14,23 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vitkernels.ops.linear import linear
+from vitkernels.ops.linear import layer_backend, linear
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference.window_partition import padded_size
 
-def _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, attend: Callable) -> torch.Tensor:
+def _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, backend, attend: Callable) -> torch.Tensor:
     """``attend(qkv, padding_value)`` on ``qkv = x @ qkv_weight^T + qkv_bias`` with the map padded before the shift;
-    ``padding_value`` is what the op should give tokens it pads itself (None: zeros, or nothing left to pad)."""
+    ``padding_value`` is what the op should give tokens it pads itself (None: zeros, or nothing left to pad). The qkv
+    projection is the linear op, its backend derived from the layer's ``backend`` by ``layer_backend``."""
+    gemm_backend = layer_backend(backend)
     B, H, W, _ = x.shape
     Hp, Wp = padded_size(H, W, window_size)
     if (Hp, Wp) != (H, W) and any(shift_size):
         x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        return attend(linear(x, qkv_weight, qkv_bias), None)[:, :H, :W]
+        return attend(linear(x, qkv_weight, qkv_bias, backend=gemm_backend), None)[:, :H, :W]
     # no shift, or nothing to pad: the op's own padding (after its shift) is the same, with padded tokens = qkv_bias
-    return attend(linear(x, qkv_weight, qkv_bias), qkv_bias)
+    return attend(linear(x, qkv_weight, qkv_bias, backend=gemm_backend), qkv_bias)
 
 
 def window_attention_pad_first(
@@ -49,7 +51,7 @@ def window_attention_pad_first(
     ``qkv_bias``); shifted-window attention with the relative position bias and the -100 mask; reverse shift,
     crop. Returns (B, H, W, nH * hd) in original token order.
     """
-    return _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, lambda qkv, padding: window_attention(
+    return _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, backend, lambda qkv, padding: window_attention(
         qkv, relative_position_bias_table, window_size, shift_size, num_heads, scale, padding, backend=backend))
 
 
@@ -67,5 +69,5 @@ def window_attention_v2_pad_first(
     """Swin V2 (scaled cosine) window attention of ``x`` (B, H, W, C) in the same pad-first order, on
     ``vitkernels.ops.window_attention_v2`` (``bias_table`` = 16 sigmoid(cpb MLP), ``scale`` (nH,) = the clamped,
     exponentiated logit scale). Returns (B, H, W, nH * hd)."""
-    return _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, lambda qkv, padding: window_attention_v2(
+    return _pad_first(x, qkv_weight, qkv_bias, window_size, shift_size, backend, lambda qkv, padding: window_attention_v2(
         qkv, bias_table, scale, window_size, shift_size, num_heads, padding, backend=backend))

@@ -11,16 +11,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitkernels import dispatch
-from vitkernels.ops.linear import linear
+from vitkernels.ops.linear import layer_backend, linear
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` through the vitkernels linear op. ``backend`` (class default None: ``$VITKERNELS_BACKEND`` or
-    ``auto``) is a plain attribute, so a class-swapped module has it too. ``"reference"`` pins ``F.linear``; any
-    other value means ``auto`` (oneDNN where it serves the call, else ``F.linear``): a model pinned to ``triton`` or
-    ``native`` by ``patch_model(model, backend=...)`` pins its attention kernels, and its Linears -- for which there
-    is no Triton GEMM (cuBLAS is the one to use) and no float64 oneDNN path -- must not fail on that."""
+    ``auto``) is a plain attribute, so a class-swapped module has it too; it maps to the op's backend by
+    :func:`vitkernels.ops.linear.layer_backend` (``"reference"`` pins ``F.linear``, anything else is ``auto``)."""
 
     backend: Optional[str] = None
 
@@ -29,7 +26,4 @@ class Linear(nn.Linear):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        backend = self.backend
-        if dispatch.resolve_backend_name(backend) != "reference":
-            backend = "auto"
-        return linear(input, self.weight, self.bias, backend=backend)
+        return linear(input, self.weight, self.bias, backend=layer_backend(self.backend))

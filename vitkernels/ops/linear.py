@@ -92,6 +92,14 @@ def linear(
     return op.select(dispatch.Call(x.device, x.dtype), backend)(x, weight, bias, activation)
 
 
+def layer_backend(backend: Optional[str]) -> str:
+    """The linear op's backend for a layer of a model pinned to ``backend`` (None: ``$VITKERNELS_BACKEND`` or
+    ``auto``): ``"reference"`` stays ``"reference"`` (``F.linear``); anything else is ``"auto"``, since there is no
+    Triton GEMM (cuBLAS serves CUDA) and no float64 oneDNN path, and a model pinned to ``triton`` or ``native`` for
+    its attention must not fail on its Linears."""
+    return "reference" if dispatch.resolve_backend_name(backend) == "reference" else "auto"
+
+
 @op.register("reference")
 def _linear_reference(x, weight, bias, activation):
     return reference.linear(x, weight, bias, activation)
