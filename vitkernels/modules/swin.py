@@ -22,7 +22,8 @@ row ops work in place on tensors the block created. Every Linear runs through
 :func:`vitkernels.ops.linear.linear`: on CPU float32 that is oneDNN's inner product instead of ``F.linear``'s
 MKL sgemm, whose generic code path (taken on AMD CPUs) is the slower one at these shapes. oneDNN writes fresh
 outputs, so the in-place path no longer reuses dead buffers for the proj / fc2 GEMMs (two more fresh tensors per
-block, a cost expected to be far below the GEMM time saved; see the op's notes). Patch merging's gather + LayerNorm is one op too (:class:`PatchMerging`).
+block, a cost expected to be far below the GEMM time saved; see the op's notes). Patch merging's gather + LayerNorm
+is one op too (:class:`PatchMerging`).
 """
 from __future__ import annotations
 
