@@ -6,8 +6,8 @@ loss, backward to every parameter, SGD step), the step runs under ``torch.profil
 self CPU time is taken per step and its *minimum over the steps* kept: on a shared machine interference only adds
 time, so the minimum is the closest to the op's own cost. Ops are then split into
 
-* GEMM: ``aten::mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / the convolution kernels (the Linears, the patch-embed conv,
-  and timm's attention matmuls);
+* GEMM: ``aten::mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / oneDNN's ``mkldnn::_linear_pointwise`` / the convolution
+  kernels (the Linears, the patch-embed conv, and timm's attention matmuls);
 * everything else: attention (the fused op, or timm's softmax + copies), norms, activations, residual adds, copies,
   the optimizer, the framework's own ops.
 
@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (makes timm importable on a CPU-only torch: the tests' torchvision stub)
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
-            "aten::convolution_backward", "aten::_convolution"}
+            "aten::convolution_backward", "aten::_convolution",
+            "mkldnn::_linear_pointwise"}  # oneDNN's inner product: the patched model's Linears (vitkernels.linear)
 
 
 def build(which: str):
@@ -104,6 +105,15 @@ def per_op_minimum(step, steps: int):
 _aten = torch.ops.aten
 _CAPTURED = {_aten.addmm.default, _aten.mm.default, _aten.mm.out, _aten.bmm.default, _aten.convolution.default,
              _aten.convolution_backward.default}
+# the patched model's Linears: vitkernels::onednn_linear in the forward (a custom op: the mode sees it, not the
+# oneDNN call inside it), oneDNN's inner product directly in its backward
+_ONEDNN = set()
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _ONEDNN.add(torch.ops.mkldnn._linear_pointwise.default)
+    import vitkernels.ops.linear  # noqa: E402,F401  (registers vitkernels::onednn_linear where oneDNN exists)
+    if hasattr(torch.ops.vitkernels, "onednn_linear"):
+        _ONEDNN.add(torch.ops.vitkernels.onednn_linear.default)
+_CAPTURED |= _ONEDNN
 
 
 class _CaptureGemms(TorchDispatchMode):
@@ -142,6 +152,10 @@ def gemm_floor(step):
             a, b = _like(meta[0]), _like(meta[1])
             out = torch.empty(a.shape[0], a.shape[1], b.shape[2])
             jobs.append(lambda a=a, b=b, out=out: torch.bmm(a, b, out=out))
+        elif func in _ONEDNN:  # (rows..., K) x (N, K)^T, without the bias or the activation
+            x, w = _like(meta[0]), _like(meta[1])
+            x = x.reshape(-1, x.shape[-1]).contiguous()
+            jobs.append(lambda x=x, w=w.contiguous(): torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
         elif func is _aten.convolution.default:
             x, w = _like(meta[0]), _like(meta[1])
             jobs.append(lambda x=x, w=w, m=meta: _aten.convolution(x, w, None, m[3], m[4], m[5], m[6], m[7], m[8]))
