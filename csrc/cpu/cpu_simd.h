@@ -168,6 +168,30 @@ VK_INLINE Vec<double>::type verf(Vec<double>::type x, Vec<double>::type* gauss =
   return x;
 }
 
+// erf on a vector of floats without an exp: the odd rational minimax approximation erf(x) = x P(x^2) / Q(x^2) on x
+// clamped to [-4, 4] (erf(4) = 1 - 1.5e-8 rounds to 1 in float), P of degree 6 and Q of degree 4 in x^2 (the
+// coefficients of Eigen's and XLA's float erf). ~17 vector operations against ~28 for verf's form with its exp:
+// for the GELU forward, which needs no exp(-x^2). The division is vrcp's refined reciprocal.
+VK_INLINE Vec<float>::type verf_rational(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  x = x > 4.0f ? splat(4.0f) : x;
+  x = x < -4.0f ? splat(-4.0f) : x;
+  const V x2 = x * x;
+  V p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 - 2.10102402082508e-06f;
+  p = p * x2 - 5.69250639462346e-05f;
+  p = p * x2 - 7.34990630326855e-04f;
+  p = p * x2 - 2.95459980854025e-03f;
+  p = p * x2 - 1.60960333262415e-02f;
+  V q = x2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+  q = q * x2 - 1.68282697438203e-03f;
+  q = q * x2 - 7.37332916720468e-03f;
+  q = q * x2 - 1.42647390514189e-02f;
+  return x * p * vrcp(q);
+}
+
+VK_INLINE Vec<double>::type verf_rational(Vec<double>::type x) { return verf(x); }
+
 // tanh = 1 - 2 / (exp(2x) + 1), with |x| clamped to 10 (tanh(10) rounds to 1 in float); absolute error ~1e-7.
 VK_INLINE Vec<float>::type vtanh(Vec<float>::type x) {
   using V = Vec<float>::type;
@@ -188,7 +212,7 @@ VK_INLINE typename Vec<T>::type vgelu(typename Vec<T>::type x, bool tanh_approx)
     const auto inner = static_cast<T>(0.7978845608028654) * (x + static_cast<T>(0.044715) * x * x * x);
     return static_cast<T>(0.5) * x * (1 + vtanh(inner));
   }
-  return static_cast<T>(0.5) * x * (1 + verf(x * static_cast<T>(0.7071067811865476)));
+  return static_cast<T>(0.5) * x * (1 + verf_rational(x * static_cast<T>(0.7071067811865476)));
 }
 template <typename T>
 VK_INLINE typename Vec<T>::type vgelu_grad(typename Vec<T>::type x, bool tanh_approx) {
