@@ -15,11 +15,16 @@ Backends:
 The native op ``vitkernels::onednn_linear(x, weight, bias, activation)`` is a ``torch.library`` custom op with a fake
 implementation and autograd, so ``torch.compile(fullgraph=True)`` keeps it. Its backward, all GEMMs in oneDNN:
 
-* ``grad_x = g W``: ``_linear_pointwise(g, W^T)`` (one (K, N) copy of the weight);
-* ``grad_W = g^T x``: ``_linear_pointwise(g^T, x^T)`` on transposed copies (a reduction over the M rows needs M
-  contiguous in both operands). Faster than MKL's ``torch.mm(g.t(), x)`` copies included in a quick check
-  ((3136x1536)^T @ (3136x384): ~30 ms vs ~44 ms on the loaded 2-core CI box, not a benchmark; passing the strided
-  views to oneDNN directly: ~40 ms; ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors);
+* ``grad_x = g W``: ``_linear_pointwise(g, W^T)`` with the weight's transposed *view* (oneDNN reorders its weight
+  operand on every call anyway; copying ``W^T`` first cost up to 2x at Swin-T's stage-4 shapes, where the weight
+  is large and M small). Summed over Swin-T's 16 Linear shapes at batch 2 (two threads, interleaved quick check on
+  the 2-core dev VM, not a benchmark): 29.1 ms, against 35.5 ms for MKL's ``torch.mm(g, W)`` and 41.0 ms with the
+  copy.
+* ``grad_W = g^T x``: MKL's ``torch.mm(g.t(), x)``. oneDNN's inner product reduces over its operands' last dim, so
+  it needs both activations transposed (M last): as contiguous copies ATen's transposing copy alone costs as much
+  as the GEMM at stage 1 (8.5 ms for 12544 x 384 on one thread); as strided views oneDNN copies them itself. Same
+  quick check: 35.8 ms for ``torch.mm``, 39.1 ms oneDNN on the views, 49.2 ms oneDNN on contiguous copies (what
+  this backward did before). ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors.
 * ``grad_b = g.sum(0)``.
 
 With an activation, the op's backward recomputes the pre-activation with one more GEMM (it cannot save it: the
@@ -106,13 +111,16 @@ def _linear_reference(x, weight, bias, activation):
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: str = "none"):
-    """(M, K), (N, K) -> (M, N): ``act(a b^T + bias)`` in oneDNN. Empty products (M, N or K zero) go to ATen, whose
-    conventions (zeros for K = 0) oneDNN's primitive creation does not promise."""
+    """(M, K), (N, K) -> (M, N): ``act(a b^T + bias)`` in oneDNN. ``b`` may be strided (the backward passes the
+    weight's transposed view: oneDNN reorders the weight operand into its blocked layout on every call anyway, and
+    that reorder reads a transposed view about as fast as a contiguous one, so copying it first only adds a pass).
+    Empty products (M, N or K zero) go to ATen, whose conventions (zeros for K = 0) oneDNN's primitive creation does
+    not promise."""
     if a.numel() == 0 or b.numel() == 0:
         y = F.linear(a, b, bias)
         return y if activation == "none" else F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
     attr, scalars, algorithm = _POST_OPS[activation]
-    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, attr, scalars, algorithm)
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b, bias, attr, scalars, algorithm)
 
 
 def _row_major(lead, n: int):
@@ -156,9 +164,9 @@ if onednn_available():
             g = torch.ops.aten.gelu_backward(g, pre, approximate=reference.GELU_APPROXIMATION[ctx.activation])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(g, weight.t().contiguous(), None, "none").view(x.shape)
+            grad_x = _onednn_linear(g, weight.t(), None, "none").view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn_linear(g.t().contiguous(), x2.t().contiguous(), None, "none")
+            grad_w = torch.mm(g.t(), x2)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None
