@@ -114,6 +114,17 @@ if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     if hasattr(torch.ops.vitkernels, "onednn_linear"):
         _ONEDNN.add(torch.ops.vitkernels.onednn_linear.default)
 _CAPTURED |= _ONEDNN
+# the fused window attention: its two matmuls (four in the backward) are GEMMs timm runs as bmm; replayed as bmm at
+# the same shapes for the floor "with the attention matmuls" (arguments: window_size at 3 (forward) / 6 (backward),
+# num_heads at 5 / 8)
+_ATTENTION = {}
+if hasattr(torch.ops, "vitkernels"):
+    import vitkernels.ops.window_attention  # noqa: E402,F401  (registers the ops' Python parts)
+    for _name, _backward in (("window_attention", False), ("window_attention_add_bias", False),
+                             ("window_attention_backward", True), ("window_attention_add_bias_backward", True)):
+        if hasattr(torch.ops.vitkernels, _name):
+            _ATTENTION[getattr(torch.ops.vitkernels, _name).default] = _backward
+_CAPTURED |= set(_ATTENTION)
 
 
 class _CaptureGemms(TorchDispatchMode):
@@ -136,14 +147,37 @@ def _like(meta):
     return torch.randn(storage).as_strided(shape, stride)
 
 
-def gemm_floor(step):
+def _attention_matmuls(meta, backward: bool):
+    """The bmm jobs of one fused window attention call: (G, N, hd) x (G, hd, N) and (G, N, N) x (G, N, hd) in the
+    forward; dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q in the backward (G = windows x heads), as timm's
+    unfused attention runs them."""
+    (B, H, W, C3), _ = meta[1] if backward else meta[0]
+    (wh, ww), heads = (meta[6], meta[8]) if backward else (meta[3], meta[5])
+    N, hd = wh * ww, C3 // 3 // heads
+    G = B * -(-H // wh) * -(-W // ww) * heads
+    shapes = [((G, N, hd), (G, hd, N)), ((G, N, N), (G, N, hd))]
+    if backward:
+        shapes += [((G, N, N), (G, N, hd)), ((G, N, N), (G, N, hd))]
+    jobs = []
+    for sa, sb in shapes:
+        a, b, out = torch.randn(sa), torch.randn(sb), torch.empty(sa[0], sa[1], sb[2])
+        jobs.append(lambda a=a, b=b, out=out: torch.bmm(a, b, out=out))
+    return jobs
+
+
+def gemm_floor(step, attention: bool = False):
     """A function running the GEMMs of one ``step`` alone, on random operands of the same shapes and strides, each
-    into a preallocated output; and how many there are."""
+    into a preallocated output; and how many there are. With ``attention``, the fused window attention's matmuls
+    too, as bmm at timm's shapes (an unpatched model's attention matmuls are bmm calls already)."""
     capture = _CaptureGemms()
     with capture:
         step()
     jobs = []
     for func, meta in capture.calls:
+        if func in _ATTENTION:
+            if attention:
+                jobs += _attention_matmuls(meta, _ATTENTION[func])
+            continue
         if func in (_aten.addmm.default, _aten.mm.default, _aten.mm.out):
             a, b = (_like(meta[1]), _like(meta[2])) if func is _aten.addmm.default else (_like(meta[0]), _like(meta[1]))
             out = torch.empty(a.shape[0], b.shape[1])
@@ -219,15 +253,20 @@ def main(argv=None) -> int:
         for which, step in steps.items():
             floor, count = gemm_floor(step)
             fns[f"GEMM floor of {which} ({count} GEMMs)"] = floor
+        floor, count = gemm_floor(steps["patched"], attention=True)
+        fns[f"GEMM floor of patched+attention ({count} GEMMs, the attention's matmuls as bmm)"] = floor
         times = interleaved(fns, args.rounds)
         med = {name: statistics.median(t) for name, t in times.items()}
-        lines += ["", f"Step vs its GEMMs alone (interleaved, {args.rounds} rounds; median, in brackets the minimum):",
+        lines += ["", f"Step vs its GEMMs alone (interleaved, {args.rounds} rounds; median, in brackets the minimum). "
+                  "timm's floor holds its attention's matmuls (bmm); the patched model runs them inside the fused "
+                  "op, so its floor is given without and with them (replayed as bmm at timm's shapes):",
                   "", "| | step | its GEMM floor | outside the GEMMs | share outside | speedup vs timm |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for which in steps:
+        for which in list(steps) + ["patched+attention"]:
             floor_name = next(name for name in fns if name.startswith(f"GEMM floor of {which} "))
-            step_ms, floor_ms = med[which], med[floor_name]
-            lines.append(f"| {which} | {step_ms:.1f} ({min(times[which]):.1f}) ms | {floor_ms:.1f} "
+            step_ms, floor_ms = med[which.split("+")[0]], med[floor_name]
+            label = which.replace("+attention", " (floor with its attention matmuls)")
+            lines.append(f"| {label} | {step_ms:.1f} ({min(times[which.split('+')[0]]):.1f}) ms | {floor_ms:.1f} "
                          f"({min(times[floor_name]):.1f}) ms [{floor_name.split('(')[1][:-1]}] | "
                          f"{step_ms - floor_ms:.1f} ms | {100 * (step_ms - floor_ms) / step_ms:.0f}% | "
                          f"{med['timm'] / step_ms:.2f}x |")
