@@ -378,9 +378,9 @@ class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):
 
     def _chain_ready(self, x: torch.Tensor) -> bool:
         """Whether the blocks may run chained on ``x`` (the downsampled input): two blocks or more, all this
-        module's :class:`SwinTransformerBlock` (forward not overridden) and :meth:`~SwinTransformerBlock._fused_cpu_ready`
-        for ``x``; no activation checkpointing in effect (it needs the block boundaries); and no hooks on the blocks,
-        their ``nn.Sequential`` or global ones, which the chain would skip since it never calls the blocks."""
+        module's :class:`SwinTransformerBlock` (forward not overridden), each ``_fused_cpu_ready(x)``; no activation
+        checkpointing in effect (it needs the block boundaries; without grad there is none); and no hooks on the
+        blocks, their ``nn.Sequential`` or global ones, which the chain would skip since it never calls the blocks."""
         blocks = self.blocks
         if len(blocks) < 2 or (self.grad_checkpointing and torch.is_grad_enabled()):
             return False
