@@ -361,3 +361,280 @@ def test_patch_model_swaps_patch_merging_and_it_matches_timm():
     assert merges and all(isinstance(m, vitkernels.PatchMerging) for m in merges)
     assert list(patched.state_dict()) == list(original.state_dict())
     _same_outputs_and_gradients(patched, original, torch.randn(2, 3, 32, 48, dtype=torch.float64), seed=4)
+
+
+# --- the chained stage: each block's tail also computes the next block's LayerNorm1 --------------------------------
+
+# Chained vs the blocks one by one, |difference| / max |value| of each output / gradient tensor (measured worst in
+# these tests: float64 1.6e-15, float32 1.2e-6). In half precision the chain normalises the block's unrounded sum
+# where the next block's LayerNorm1 reads the rounded output: bf16 / fp16 rounding noise (measured 3.2e-3 fp16,
+# 3.7e-2 bf16, the worst on LayerNorm weight / bias gradients, summed over every row; the first block's norm1 as far
+# off as the chained ones); against float64 both are as far off (root mean square, forward).
+CHAIN_TOL = {torch.float64: 1e-13, torch.float32: 4e-6, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+CHAIN_RES = {"shifted": (18, 20), "unshifted": (10, 12)}  # after the merge: 9 x 10 (shift 3, padding), 5 x 6 (no shift)
+
+
+def _chain_stage(dtype=torch.float32, res=(18, 20), depth=3, drop_path=0.0, seed=0):
+    """A fast stage (merge + ``depth`` blocks) with parameters moved off their init (non-trivial LayerNorm affines)."""
+    torch.manual_seed(seed)
+    stage = vitkernels.SwinTransformerStage(dim=16, out_dim=32, input_resolution=res, depth=depth, num_heads=2,
+                                            window_size=7, drop_path=drop_path)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return stage.to(dtype)
+
+
+def _unchained(stage):
+    """The blocks called one by one (each computing its own LayerNorm1): the path before the chain."""
+    return lambda x: stage.blocks(stage.downsample(x))
+
+
+class _ChainSpy:
+    """Records each fused block call's (a given, next norm given) while a test runs."""
+
+    def __init__(self, monkeypatch):
+        from vitkernels.modules.swin import SwinTransformerBlock
+
+        self.calls = []
+        original = SwinTransformerBlock._forward_fused
+
+        def spy(block, x, a=None, next_norm=None):
+            self.calls.append((a is not None, next_norm is not None))
+            return original(block, x, a, next_norm)
+
+        monkeypatch.setattr(SwinTransformerBlock, "_forward_fused", spy)
+
+    def chained(self, depth):
+        """The calls were one chained stage of ``depth`` blocks."""
+        return self.calls == [(False, True)] + [(True, True)] * (depth - 2) + [(True, False)]
+
+    def unchained(self, depth):
+        return self.calls == [(False, False)] * depth
+
+
+def _run(fn, module, x, seed, grad):
+    """Output, input gradient and every parameter gradient of ``fn(x)`` (backward of ``grad``)."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = fn(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def _close(actual, expected, tol, msg=""):
+    """|actual - expected| <= tol * max|expected| (the error relative to the tensor's scale)."""
+    scale = expected.double().abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol * scale, msg=msg or None)
+
+
+@pytest.mark.parametrize("dtype", list(CHAIN_TOL), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("res", list(CHAIN_RES.values()), ids=list(CHAIN_RES))
+def test_chained_stage_inference_matches_the_blocks_one_by_one(dtype, res, monkeypatch):
+    """Eval, no grad (the in-place ops): close to the unchained blocks, and bitwise the chained autograd path."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage(dtype, res).eval()
+    x = torch.randn(3, *res, 16, dtype=dtype)
+    x_copy = x.clone()
+    spy = _ChainSpy(monkeypatch)
+    with torch.no_grad():
+        chained = stage(x)
+        assert spy.chained(3)
+        spy.calls.clear()
+        unchained = _unchained(stage)(x)
+        assert spy.unchained(3)
+    assert torch.equal(x, x_copy)
+    _close(chained, unchained, CHAIN_TOL[dtype])
+    assert torch.equal(chained, stage(x).detach())  # grad enabled: the functional ops, same numbers
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_chained_stage_in_half_precision_is_no_further_from_float64(dtype):
+    """The chain's half-precision outputs are as close to the float64 stage's as the blocks one by one (root mean
+    square error: measured within 1.2% of each other, either way)."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage(torch.float64, depth=4).eval()
+    x = torch.randn(3, 18, 20, 16, dtype=torch.float64)
+    half = _chain_stage(dtype, depth=4).eval()
+    with torch.no_grad():
+        expected = stage(x)
+        chained, unchained = half(x.to(dtype)).double(), _unchained(half)(x.to(dtype)).double()
+    assert (chained - expected).norm() <= 1.1 * (unchained - expected).norm()
+
+
+@pytest.mark.parametrize("dtype", list(CHAIN_TOL), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("res", list(CHAIN_RES.values()), ids=list(CHAIN_RES))
+def test_chained_stage_training_with_drop_path_matches_the_blocks_one_by_one(dtype, res, monkeypatch):
+    """Training with drop path (a fixed seed, some samples dropped): the chain draws the factors in the same order,
+    so outputs, the input gradient and every parameter gradient (the next norm1's included) agree closely."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage(dtype, res, depth=4, drop_path=[0.5, 0.3, 0.6, 0.4]).train()
+    x = torch.randn(6, *res, 16, dtype=dtype)
+    grad = torch.randn(6, (res[0] + 1) // 2, (res[1] + 1) // 2, 32, dtype=dtype)
+    spy = _ChainSpy(monkeypatch)
+    out_c, gx_c, gp_c = _run(stage, stage, x, 5, grad)
+    assert spy.chained(4)
+    out_u, gx_u, gp_u = _run(_unchained(stage), stage, x, 5, grad)
+    tol = CHAIN_TOL[dtype]
+    _close(out_c, out_u, tol)
+    _close(gx_c, gx_u, tol)
+    for name, g in gp_u.items():
+        _close(gp_c[name], g, tol, msg=name)
+    # drop path did act: another seed gives other numbers
+    other, _, _ = _run(stage, stage, x, 6, grad)
+    assert not torch.allclose(other, out_c)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward", "sequential", "global"])
+def test_hooks_force_the_stage_to_call_its_blocks(kind, monkeypatch):
+    """A hook on a block (or on the blocks' Sequential, or a global module hook) must fire: the stage then calls the
+    blocks one by one, each on the per-block fused path, with the unchained numbers."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage().eval()
+    x = torch.randn(2, 18, 20, 16)
+    with torch.no_grad():
+        expected = _unchained(stage)(x)
+    fired = []
+    hook = lambda *args: fired.append(kind)  # noqa: E731  (returns None: changes nothing)
+    if kind == "forward":
+        handle = stage.blocks[1].register_forward_hook(hook)
+    elif kind == "forward_pre":
+        handle = stage.blocks[2].register_forward_pre_hook(hook)
+    elif kind == "full_backward":
+        handle = stage.blocks[0].register_full_backward_hook(hook)
+    elif kind == "sequential":
+        handle = stage.blocks.register_forward_hook(hook)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    spy = _ChainSpy(monkeypatch)
+    try:
+        if kind == "full_backward":
+            out = stage(x.clone().requires_grad_())
+            out.sum().backward()
+        else:
+            with torch.no_grad():
+                out = stage(x)
+    finally:
+        handle.remove()
+    assert fired
+    assert spy.unchained(3)
+    assert torch.equal(out.detach(), expected)
+    spy.calls.clear()
+    with torch.no_grad():
+        stage(x)
+    assert spy.chained(3)  # hook removed: chained again
+
+
+def test_grad_checkpointing_stage_calls_its_blocks_and_matches(monkeypatch):
+    """Activation checkpointing needs the block boundaries: with grad, the blocks run one by one through
+    torch.utils.checkpoint (the unchained numbers, bitwise); without grad nothing is checkpointed and the chain runs."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage(drop_path=0.3).train()
+    x = torch.randn(4, 18, 20, 16)
+    grad = torch.randn(4, 9, 10, 32)
+    expected = _run(_unchained(stage), stage, x, 2, grad)
+    stage.grad_checkpointing = True
+    spy = _ChainSpy(monkeypatch)
+    out, gx, gp = _run(stage, stage, x, 2, grad)
+    assert spy.calls and all(call == (False, False) for call in spy.calls)  # forward + recomputation
+    assert torch.equal(out, expected[0]) and torch.equal(gx, expected[1])
+    for name, g in expected[2].items():
+        assert torch.equal(gp[name], g), name
+    spy.calls.clear()
+    with torch.no_grad():
+        stage.eval()(x)
+    assert spy.chained(3)
+
+
+def test_stage_chain_is_skipped_where_a_block_cannot_serve(monkeypatch):
+    _fused_cpu_or_skip()
+    stage = _chain_stage().eval()
+    x = torch.randn(2, 18, 20, 16)
+    spy = _ChainSpy(monkeypatch)
+    stage.blocks[2].mlp.drop1.p = 0.1  # one block off the fused path (in training): the stage calls its blocks
+    stage.train()
+    stage(x)
+    assert spy.calls == [(False, False), (False, False)]  # blocks 0, 1 fused alone, block 2 on timm's arithmetic
+    spy.calls.clear()
+    one = _chain_stage(depth=1).eval()
+    with torch.no_grad():
+        one(x)
+    assert spy.unchained(1)
+
+
+def _patched_small_swin(dtype=torch.float64):
+    import copy
+
+    original = _small_timm_swin(dtype)
+    return original, patch_model(copy.deepcopy(original))
+
+
+def test_patch_model_swaps_stages_and_the_chain_matches_timm_in_training(monkeypatch):
+    """A patched timm Swin's stages are vitkernels stages holding the same modules; in training (drop path, a fixed
+    seed) the chained stages give timm's outputs and gradients (float64)."""
+    _fused_cpu_or_skip()
+    original, patched = _patched_small_swin()
+    assert all(isinstance(s, vitkernels.SwinTransformerStage) for s in patched.layers)
+    assert [type(s).__name__ for s in original.layers] == ["SwinTransformerStage"] * 2
+    for ours, theirs in zip(patched.layers, original.layers):
+        assert (ours.dim, ours.input_resolution, ours.output_resolution, ours.depth) == \
+            (theirs.dim, theirs.input_resolution, theirs.output_resolution, theirs.depth)
+    assert list(patched.state_dict()) == list(original.state_dict())
+    original.train()
+    patched.train()
+    spy = _ChainSpy(monkeypatch)
+    _same_outputs_and_gradients(patched, original, torch.randn(4, 3, 32, 48, dtype=torch.float64), seed=9)
+    assert spy.calls == [(False, True), (True, False)] * 2
+    # timm's set_grad_checkpointing reaches the new stages
+    patched.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in patched.layers)
+
+
+def test_patch_model_keeps_a_hooked_timm_stage():
+    """The new stage would not carry the old one's hooks: such a stage stays timm's (its blocks are still swapped)."""
+    import copy
+
+    original = _small_timm_swin()
+    hooked = copy.deepcopy(original)
+    hooked.layers[1].register_forward_hook(lambda *args: None)
+    patched = patch_model(hooked)
+    assert isinstance(patched.layers[0], vitkernels.SwinTransformerStage)
+    assert not isinstance(patched.layers[1], vitkernels.SwinTransformerStage)
+    assert all(isinstance(b, vitkernels.SwinBlock) for b in patched.layers[1].blocks)
+    x = torch.randn(1, 3, 32, 48, dtype=torch.float64)
+    torch.testing.assert_close(patched(x), original(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+def test_compiled_patched_model_runs_the_chain_fullgraph(grad):
+    """torch.compile(fullgraph=True) of a patched timm Swin traces the chained stages (aot_eager: no codegen, to
+    keep it quick): each stage's first block ends with bias_residual_layernorm, its last with bias_residual."""
+    _fused_cpu_or_skip()
+    import collections
+
+    from torch._dynamo.backends.registry import lookup_backend
+
+    original, patched = _patched_small_swin(torch.float32)
+    graphs, aot_eager = [], lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=True, backend=backend)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.set_grad_enabled(grad):
+        out = compiled(x)
+        eager = patched(x)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-5)
+    ops = collections.Counter(str(n.target).split(".")[1] for g in graphs for n in g.graph.nodes
+                              if n.op == "call_function" and str(n.target).startswith("vitkernels."))
+    suffix = "" if grad else "_"  # without grad, the in-place variants
+    # 2 stages x 2 blocks: LayerNorm2 in every block + the one chained tail per stage; bias_residual in last blocks
+    assert ops["bias_residual_layernorm" + suffix] == 6 and ops["bias_residual" + suffix] == 2, ops
+    if grad:
+        out.sum().backward()
+        assert all(p.grad is not None for p in patched.parameters())

@@ -101,8 +101,10 @@ class FusedViTPatchEmbed(PatchEmbed):
 def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
     """Swap every timm ``SwinTransformerBlock`` inside ``model`` for a :class:`vitkernels.SwinBlock`, and every timm
     ``SwinTransformerV2Block`` (``swinv2_*`` models) for a :class:`vitkernels.SwinV2Block`, and every timm V1
-    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, in place; with ``linear=True`` (default) every remaining
-    plain ``nn.Linear`` too (:func:`patch_linears`: ViT / DeiT attention and MLP Linears, heads, Swin V2's Linears).
+    ``PatchMerging`` for a :class:`vitkernels.PatchMerging`, then every timm V1 ``SwinTransformerStage`` for a
+    :class:`vitkernels.SwinTransformerStage` holding those (which chains its blocks' fused CPU path; a stage with
+    hooks of its own is kept), in place; with ``linear=True`` (default) every remaining plain ``nn.Linear`` too
+    (:func:`patch_linears`: ViT / DeiT attention and MLP Linears, heads, Swin V2's Linears).
 
     The new modules hold the very same submodules and parameters (``norm1``, ``attn.qkv``,
     ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp``, ``reduction`` ...), so state-dict keys,
@@ -111,17 +113,25 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
     ``model`` may itself be a block. Works on any model (a ViT has no Swin block: only its Linears change).
     Returns the (possibly new) root module.
     """
-    converted = _convert_timm_block(model, backend)
-    if converted is not None:
-        model = converted
-    else:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                converted = _convert_timm_block(child, backend)
-                if converted is not None:
-                    setattr(parent, name, converted)
+    model = _replace_modules(model, lambda m: _convert_timm_block(m, backend))
+    # stages in a second pass: a new stage takes its (by now converted) downsample and blocks as they are
+    model = _replace_modules(model, lambda m: stage_from_timm(m, backend) if _is_timm_swin_stage(m) else None)
     if linear:
         patch_linears(model, backend)
+    return model
+
+
+def _replace_modules(model: nn.Module, convert) -> nn.Module:
+    """``model`` with each module for which ``convert`` returns a module replaced by it (the root, or else its
+    descendants); returns the (possibly new) root."""
+    converted = convert(model)
+    if converted is not None:
+        return converted
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            converted = convert(child)
+            if converted is not None:
+                setattr(parent, name, converted)
     return model
 
 
@@ -164,6 +174,38 @@ def patch_merging_from_timm(merge: nn.Module, backend: Optional[str] = None) -> 
     new.reduction = merge.reduction
     new._backend = backend
     new.train(merge.training)
+    return new
+
+
+def _is_timm_swin_stage(module: nn.Module) -> bool:
+    from vitkernels.modules.swin import SwinTransformerStage
+
+    return (
+        type(module).__name__ == "SwinTransformerStage"
+        and not isinstance(module, SwinTransformerStage)
+        and type(getattr(module, "blocks", None)) is nn.Sequential
+        and isinstance(getattr(module, "downsample", None), nn.Module)
+        and hasattr(module, "grad_checkpointing")
+        and hasattr(module, "output_resolution")
+        # the new stage would not carry hooks registered on the old one: leave such a stage alone
+        and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                 or module._backward_pre_hooks)
+    )
+
+
+def stage_from_timm(stage: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """A :class:`vitkernels.SwinTransformerStage` sharing a timm ``SwinTransformerStage``'s ``downsample`` and
+    ``blocks`` (the very modules: convert those first, as :func:`patch_model` does) and configuration."""
+    from vitkernels.modules.swin import SwinTransformerStage
+
+    new = SwinTransformerStage.__new__(SwinTransformerStage)
+    nn.Module.__init__(new)
+    for name in ("dim", "input_resolution", "output_resolution", "depth", "grad_checkpointing"):
+        setattr(new, name, getattr(stage, name))
+    new._backend = backend
+    new.downsample = stage.downsample
+    new.blocks = stage.blocks
+    new.training = stage.training  # not .train(): the children keep their own modes
     return new
 
 

@@ -11,14 +11,18 @@ On CPU with the native ops (backend ``auto`` or ``native``) the block runs every
 bias where the next fused op reads the GEMM's output anyway, so nothing but GEMMs and one pass of fused row ops
 stands between them:
 
-    a  = LayerNorm1(x)                                   (ATen)
+    a  = LayerNorm1(x)                                   (ATen; in a stage: given by the previous block)
     o  = window_attention_add_bias(a Wqkv^T, bqkv)       (the attention adds the qkv bias as it gathers)
     x1, a2 = x + dp1 * (o Wproj^T + bproj), LayerNorm2(x1)   (bias_residual_layernorm)
     h  = gelu(a2 W1^T + b1)                              (bias_gelu)
-    out = x1 + dp2 * (h W2^T + b2)                       (bias_residual)
+    out = x1 + dp2 * (h W2^T + b2)                       (bias_residual; the last block of a stage)
+    out, a' = x1 + dp2 * (h W2^T + b2), LayerNorm1'(out) (bias_residual_layernorm; the other blocks of a stage)
 
-(dp1, dp2: the per-sample drop-path factors, drawn as timm draws them). In inference (no grad) the
-row ops work in place on tensors the block created. Every Linear runs through
+(dp1, dp2: the per-sample drop-path factors, drawn as timm draws them). :class:`SwinTransformerStage` chains its
+blocks: each but the last ends with the second tail, ``LayerNorm1'`` being the next block's ``norm1``, and the next
+block starts from ``a'``, so no block but the first reads its input once more just to normalise it. A block called
+alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail. In inference (no grad)
+the row ops work in place on tensors the block created. Every Linear runs through
 :func:`vitkernels.ops.linear.linear`: on CPU float32 that is oneDNN's inner product instead of ``F.linear``'s
 MKL sgemm, whose generic code path (taken on AMD CPUs) is the slower one at these shapes. oneDNN writes fresh
 outputs, so the in-place path no longer reuses dead buffers for the proj / fc2 GEMMs (two more fresh tensors per
@@ -27,7 +31,7 @@ is one op too (:class:`PatchMerging`).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +97,18 @@ def _drop_path_factors(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if keep > 0.0 and getattr(m, "scale_by_keep", True):
         factors.div_(keep)
     return factors.reshape(-1)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks or backward (pre-)hooks registered on ``m`` itself (FSDP2's ``fully_shard`` adds some)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` ...)."""
+    g = torch.nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
 
 
 def _check_heads(dim, num_heads, head_dim) -> None:
@@ -195,11 +211,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_tokens(x, "(B, H, W, C)", self.dim)
         if self._fused_cpu_ready(x):
-            # without autograd, the in-place variant; torch.compile keeps it too (its reinplacing pass runs the
-            # mutating ops in place, with no copies: measured faster than the functional graph)
-            if torch.is_grad_enabled():
-                return self._forward_fused_cpu(x)
-            return self._forward_fused_cpu_inplace(x)
+            return self._forward_fused(x)[0]
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         return self._forward_inference(x)
@@ -220,6 +232,21 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             and _fusable_drop_path(self.drop_path1) and _fusable_drop_path(self.drop_path2)
         )
 
+    def _forward_fused(
+        self, x: torch.Tensor, a: Optional[torch.Tensor] = None, next_norm: Optional[nn.LayerNorm] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The fused CPU path (the caller has checked :meth:`_fused_cpu_ready`): :meth:`_forward_fused_cpu` with
+        autograd, else its in-place twin; torch.compile keeps the in-place one too (its reinplacing pass runs the
+        mutating ops in place, with no copies: measured faster than the functional graph).
+
+        ``a``: ``LayerNorm1(x)`` when the previous block of a stage already computed it; ``next_norm``: the next
+        block's ``norm1``, whose output on this block's output is then returned as well (see
+        :meth:`SwinTransformerStage._forward_chained`). Returns ``(out, next_norm(out) or None)``.
+        """
+        if torch.is_grad_enabled():
+            return self._forward_fused_cpu(x, a, next_norm)
+        return self._forward_fused_cpu_inplace(x, a, next_norm)
+
     def _attention_fused_cpu(self, a: torch.Tensor) -> torch.Tensor:
         """Window attention of LayerNorm1's output ``a``: the qkv Linear as a plain GEMM, its bias added by the op."""
         attn = self.attn
@@ -234,10 +261,15 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             )
         return out
 
-    def _forward_fused_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """The block as GEMMs + fused native row ops (module docstring), with autograd and under torch.compile."""
+    def _forward_fused_cpu(
+        self, x: torch.Tensor, a: Optional[torch.Tensor] = None, next_norm: Optional[nn.LayerNorm] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block as GEMMs + fused native row ops (module docstring), with autograd and under torch.compile.
+        ``a`` / ``next_norm`` / the returned pair: see :meth:`_forward_fused`."""
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
-        o = self._attention_fused_cpu(F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps))
+        if a is None:
+            a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        o = self._attention_fused_cpu(a)
         x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
             _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
@@ -245,15 +277,24 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         h = _gemm(a2, mlp.fc1.weight)
         h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
             else F.gelu(h, approximate=mlp.act.approximate)
-        return torch.ops.vitkernels.bias_residual(_gemm(h, mlp.fc2.weight), mlp.fc2.bias, x1,
-                                                  _drop_path_factors(self.drop_path2, x1))
+        y = _gemm(h, mlp.fc2.weight)
+        factors = _drop_path_factors(self.drop_path2, x1)
+        if next_norm is None:
+            return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
+        out, a_next, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+            y, mlp.fc2.bias, x1, factors, next_norm.weight, next_norm.bias, next_norm.eps
+        )
+        return out, a_next
 
-    def _forward_fused_cpu_inplace(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fused_cpu_inplace(
+        self, x: torch.Tensor, a: Optional[torch.Tensor] = None, next_norm: Optional[nn.LayerNorm] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`_forward_fused_cpu` without autograd: the same ops and GEMMs, in the same order (so the same
-        numbers, bitwise), the row ops in place on tensors this call created (LayerNorm1's output, qkv, the
-        attention output, the proj and MLP GEMM outputs)."""
+        numbers, bitwise), the row ops in place on tensors this call created (the attention output, the proj and
+        MLP GEMM outputs). ``x`` and ``a`` are only read."""
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
-        a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        if a is None:
+            a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
         o = self._attention_fused_cpu(a)
         y = _gemm(o, attn.proj.weight)
         torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
@@ -265,8 +306,14 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         else:
             h = F.gelu(h, approximate=mlp.act.approximate)
         out = _gemm(h, mlp.fc2.weight)
-        torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, _drop_path_factors(self.drop_path2, x1))
-        return out
+        factors = _drop_path_factors(self.drop_path2, x1)
+        if next_norm is None:
+            torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, factors)
+            return out, None
+        # a2 (o's buffer) is dead once fc1 has read it: it takes the next block's LayerNorm1
+        torch.ops.vitkernels.bias_residual_layernorm_(out, mlp.fc2.bias, x1, factors, next_norm.weight,
+                                                      next_norm.bias, next_norm.eps, o)  # out, o := next_norm(out)
+        return out, o
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode without autograd: the same arithmetic as :meth:`forward` (x + y and y + x are the same float),
@@ -308,7 +355,11 @@ class PatchMerging(_BackendAttribute, reference.PatchMerging):
 
 
 class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):
-    """Drop-in for timm ``SwinTransformerStage`` built from fast :class:`SwinTransformerBlock` s."""
+    """Drop-in for timm ``SwinTransformerStage`` built from fast :class:`SwinTransformerBlock` s.
+
+    On the fused CPU path the blocks are chained: each block's tail also computes the next block's LayerNorm1
+    (module docstring); anything that :meth:`_chain_ready` refuses runs the blocks one by one as timm does.
+    """
 
     block_cls = SwinTransformerBlock
     merging_cls = PatchMerging
@@ -319,6 +370,42 @@ class SwinTransformerStage(_BackendAttribute, reference.SwinTransformerStage):
 
     def _backend_children(self) -> Iterable[nn.Module]:
         return [self.downsample, *self.blocks] if isinstance(self.downsample, PatchMerging) else self.blocks
+
+    def _forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self._chain_ready(x):
+            return self._forward_chained(x)
+        return super()._forward_blocks(x)
+
+    def _chain_ready(self, x: torch.Tensor) -> bool:
+        """Whether the blocks may run chained on ``x`` (the downsampled input): two blocks or more, all this
+        module's :class:`SwinTransformerBlock` (forward not overridden), each ``_fused_cpu_ready(x)``; no activation
+        checkpointing in effect (it needs the block boundaries; without grad there is none); and no hooks on the
+        blocks, their ``nn.Sequential`` or global ones, which the chain would skip since it never calls the blocks."""
+        blocks = self.blocks
+        if len(blocks) < 2 or (self.grad_checkpointing and torch.is_grad_enabled()):
+            return False
+        if type(blocks) is not nn.Sequential or _has_hooks(blocks) or _global_hooks():
+            return False
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return False
+        for block in blocks:
+            if not (isinstance(block, SwinTransformerBlock) and type(block).forward is SwinTransformerBlock.forward
+                    and x.shape[-1] == block.dim and not _has_hooks(block) and block._fused_cpu_ready(x)):
+                return False
+        return True
+
+    def _forward_chained(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks with each block's last row op, ``bias_residual``, widened to ``bias_residual_layernorm`` with
+        the next block's ``norm1``: one pass over the activations gives both the block's output and the next
+        block's LayerNorm1 of it, which that block then takes instead of computing it. Same GEMMs, same drop-path
+        draws in the same order as the blocks called one by one; only the LayerNorm1 of blocks 2.. is the fused
+        op's instead of ATen's (a few float32 ulps apart)."""
+        blocks = list(self.blocks)
+        a = None
+        for i, block in enumerate(blocks):
+            next_norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
+            x, a = block._forward_fused(x, a, next_norm)
+        return x
 
 
 class SwinTransformer(_BackendAttribute, reference.SwinTransformer):

@@ -342,7 +342,10 @@ class SwinTransformerStage(nn.Module):
                                  always_partition=always_partition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
+        return self._forward_blocks(self.downsample(x))
+
+    def _forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks on the downsampled ``x``, each through ``torch.utils.checkpoint`` when ``grad_checkpointing``."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.blocks:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
