@@ -109,6 +109,42 @@ def test_non_contiguous_input():
                         expected64(xt, w_nc, b.detach(), "gelu"), torch.float32)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+@pytest.mark.parametrize("shape", [(6, 5, 8), (8,)], ids=["3d", "1d"])
+def test_eager_output_is_not_a_view_and_can_be_modified_in_place(shape, grad):
+    # eager calls skip the custom op (oneDNN's op directly / an autograd.Function): their output must still allow
+    # in-place updates (timm's ``qkv += bias``), which autograd forbids on a view made inside a Function
+    onednn_or_skip()
+    x, w, b = inputs(shape, 6, True)
+    with torch.set_grad_enabled(grad):
+        y = linear(x, w, b, backend="native")
+        assert y._base is None and y.shape == (*shape[:-1], 6)
+        y += 1
+    want = expected64(x, w, b, None) + 1
+    assert_close_scaled(y, want, torch.float32)
+    if grad:
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        got = torch.autograd.grad(y, (x, w, b), g)
+        ref = torch.autograd.grad(want, (x, w, b), g.double())
+        for a, r in zip(got, ref):
+            assert_close_scaled(a, r, torch.float32)
+
+
+def test_eager_double_backward_matches_f_linear():
+    # the eager autograd.Function's backward runs through the differentiable custom op under create_graph
+    onednn_or_skip()
+    x, w, b = inputs((7, 12), 5, True)
+
+    def grad_of_grad_norm(fn):
+        grads = torch.autograd.grad(fn(x, w, b).pow(2).sum(), (x, w, b), create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (x, w, b))
+
+    got = grad_of_grad_norm(lambda *a: linear(*a, backend="native"))
+    want = grad_of_grad_norm(F.linear)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 def test_auto_picks_native_for_float32_and_reference_otherwise():
     onednn_or_skip()
     cpu = torch.device("cpu")

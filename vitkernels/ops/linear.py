@@ -27,6 +27,10 @@ implementation and autograd, so ``torch.compile(fullgraph=True)`` keeps it. Its 
   this backward did before). ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors.
 * ``grad_b = g.sum(0)``.
 
+Eager calls skip the custom op's dispatch, which costs more than the GEMM at small shapes: without autograd they
+call oneDNN's op directly, with autograd an ``autograd.Function`` with the same forward and backward
+(``_EagerOneDNNLinear``). Under ``torch.compile`` the custom op is what gets traced.
+
 With an activation, the op's backward recomputes the pre-activation with one more GEMM (it cannot save it: the
 fused post-op never materialises it). :func:`linear` avoids that cost when autograd is recording: it runs the op
 without the activation and applies :func:`torch.nn.functional.gelu` after it, whose autograd saves the
@@ -132,18 +136,24 @@ def _row_major(lead, n: int):
     return tuple(reversed(strides))
 
 
+def _linear_unviewed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str = "none"):
+    """(..., K) -> (..., N) through :func:`_gemm`, returned as a tensor that is not a view. The (..., N) result
+    of a 2D GEMM is naturally a view of it, and a custom op's or autograd.Function's output that is a view of a
+    tensor made inside it may not be modified in place afterwards (autograd forbids it; timm's ``qkv += bias``
+    does it; oneDNN's op given an N-D input returns such a view too). So the result takes the GEMM output's
+    storage directly, with no view relation to it."""
+    N, K = weight.shape
+    rows = x.shape[:-1].numel()  # not reshape(-1, K): ambiguous when K = 0
+    y = _gemm(x.reshape(rows, K), weight, bias, activation)
+    return y.new_empty(0).set_(y.untyped_storage(), 0, (*x.shape[:-1], N), (*_row_major(x.shape[:-1], N), 1))
+
+
 if onednn_available():
 
     @torch.library.custom_op("vitkernels::onednn_linear", mutates_args=())
     def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        activation: str) -> torch.Tensor:
-        N, K = weight.shape
-        rows = x.shape[:-1].numel()  # not reshape(-1, K): ambiguous when K = 0
-        y = _gemm(x.reshape(rows, K), weight, bias, activation)
-        # The (..., N) result without a view: a custom op's output that is a view of a tensor made inside the op
-        # may not be modified in place afterwards (autograd forbids it; timm's ``qkv += bias`` does it), so the
-        # result takes the GEMM output's storage directly, with no view relation to it.
-        return y.new_empty(0).set_(y.untyped_storage(), 0, (*x.shape[:-1], N), (*_row_major(x.shape[:-1], N), 1))
+        return _linear_unviewed(x, weight, bias, activation)
 
     @_onednn_linear.register_fake
     def _onednn_linear_fake(x, weight, bias, activation):
@@ -153,23 +163,50 @@ if onednn_available():
         x, weight, bias, ctx.activation = inputs
         ctx.save_for_backward(x, weight, bias)
 
-    def _backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
+    def _linear_grads(grad, x, weight, bias, activation, needs_input_grad, gemm):
+        """(grad_x, grad_W, grad_b) of ``act(x W^T + b)`` (None where not needed), the GEMMs through ``gemm(a, b)`` =
+        ``a b^T`` (the custom op where the backward is traced or differentiated, oneDNN's op directly in eager)."""
         N, K = weight.shape
         rows = x.shape[:-1].numel()
         g = grad.reshape(rows, N)
         x2 = x.reshape(rows, K)
-        if ctx.activation != "none":
-            pre = _onednn_linear(x2, weight, bias, "none")  # recomputed: the fused post-op never stored it
-            g = torch.ops.aten.gelu_backward(g, pre, approximate=reference.GELU_APPROXIMATION[ctx.activation])
+        if activation != "none":
+            pre = gemm(x2, weight, bias)  # recomputed: the fused post-op never stored it
+            g = torch.ops.aten.gelu_backward(g, pre, approximate=reference.GELU_APPROXIMATION[activation])
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(g, weight.t(), None, "none").view(x.shape)
-        if ctx.needs_input_grad[1]:
+        if needs_input_grad[0]:
+            grad_x = gemm(g, weight.t()).view(x.shape)
+        if needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x2)
-        if bias is not None and ctx.needs_input_grad[2]:
+        if bias is not None and needs_input_grad[2]:
             grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b
+
+    def _custom_op_gemm(a, b, bias=None):
+        return _onednn_linear(a, b, bias, "none")
+
+    def _backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        return (*_linear_grads(grad, x, weight, bias, ctx.activation, ctx.needs_input_grad, _custom_op_gemm), None)
+
+    class _EagerOneDNNLinear(torch.autograd.Function):
+        """``x W^T + b`` with autograd in eager mode: the custom op's forward and backward, through an
+        ``autograd.Function``, whose dispatch costs ~150 us less per forward + backward than the custom op's
+        (quick check, one thread: a (49, 96) x (96, 96) Linear's forward + backward took 348 us through the
+        custom op, 196 us this way, 100 us with ``F.linear``): ~106 Linear calls per Swin-T training step.
+        torch.compile keeps the custom op (inductor's lowering of the raw oneDNN op wants constant weights)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(x, weight, bias)
+            return _linear_unviewed(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, bias = ctx.saved_tensors
+            # create_graph (double backward): the differentiable custom op; otherwise oneDNN's op directly
+            gemm = _custom_op_gemm if torch.is_grad_enabled() else _gemm
+            return _linear_grads(grad, x, weight, bias, "none", ctx.needs_input_grad, gemm)
 
     _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
 
@@ -186,14 +223,16 @@ if onednn_available():
         recording = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
-        if not recording and x.dim() >= 2 and x.numel() > 0 and weight.numel() > 0 \
-                and not torch.compiler.is_compiling():
+        eager = not torch.compiler.is_compiling()
+        if eager and not recording:
             # Eager without autograd (inference): oneDNN's op directly. The custom op's dispatch (autograd key, fake
             # registration, Python body) costs ~25 us a call, ~3% of a Swin-T inference at batch 4; under
             # torch.compile the custom op stays (inductor's lowering of mkldnn._linear_pointwise wants constant
-            # weights). The op takes (..., K) inputs of any strides and returns a fresh contiguous (..., N) tensor.
-            attr, scalars, algorithm = _POST_OPS["none" if activation is None else activation]
-            return torch.ops.mkldnn._linear_pointwise(x, weight.contiguous(), bias, attr, scalars, algorithm)
+            # weights).
+            return _linear_unviewed(x, weight, bias, "none" if activation is None else activation)
+        if eager:
+            y = _EagerOneDNNLinear.apply(x, weight, bias)
+            return y if activation is None else F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
         if activation is not None and recording:
             # autograd recording: keep the pre-activation (F.gelu saves it) rather than recompute a GEMM backward
             y = _onednn_linear(x, weight, bias, "none")
