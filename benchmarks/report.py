@@ -139,12 +139,24 @@ def iqr_pct(row: dict) -> float:
 
 # --- header -------------------------------------------------------------------------------------------------------
 
+def cpu_label(cpu: dict) -> str:
+    """The CPU's brand with its x86 family / model and widest SIMD. A VM's brand string alone ("AMD EPYC") hides the
+    core generation, and the GEMM-bound CPU results depend on it: a Zen 5 EPYC (family 26) runs AVX-512 FMAs at full
+    width, a Zen 4 (family 25) at half, and MKL's and oneDNN's GEMMs do not gain alike from that."""
+    label = cpu.get("brand_raw", "unknown")
+    if cpu.get("family") is not None and cpu.get("model") is not None:
+        flags = set(cpu.get("flags", ()))
+        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+        label += f", x86 family {cpu['family']} model {cpu['model']}" + (f", {simd}" if simd else "")
+    return label
+
+
 def run_info(data: dict) -> dict:
     machine = data.get("machine_info", {})
     ours = machine.get("vitkernels", {})
     commit = data.get("commit_info", {})
     if ours.get("device_type") == "cpu":
-        device = f"CPU ({machine.get('cpu', {}).get('brand_raw', 'unknown')}, {ours.get('cpu_threads')} threads)"
+        device = f"CPU ({cpu_label(machine.get('cpu', {}))}, {ours.get('cpu_threads')} threads)"
     else:
         device = ours.get("device") or "unknown device"
     return {
