@@ -205,6 +205,25 @@ def gemm_floor(step, attention: bool = False):
     return floor, len(jobs)
 
 
+def cpu_label() -> str:
+    """The CPU's model name, x86 family / model and widest SIMD from /proc/cpuinfo (a VM's "AMD EPYC" hides whether
+    it is a Zen 4, family 25, with half-width AVX-512 FMAs, or a Zen 5, family 26: the GEMM floors differ)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return "CPU model unknown"
+    flags = set(fields.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{fields.get('model name', 'unknown')}, x86 family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, {simd}")
+
+
 def interleaved(fns, rounds):
     """name -> step times (ms), the functions run in turn for ``rounds`` rounds after one warm-up each."""
     for fn in fns.values():
@@ -232,7 +251,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, 224, 224)
     lines = [f"# Swin-T CPU time breakdown: GEMMs vs the rest (batch {args.batch}, {args.threads} threads, "
              f"per-op minimum over {args.steps} steps)", "",
-             f"torch {torch.__version__}, {os.cpu_count()} CPUs visible; self time per op, summed.", ""]
+             f"torch {torch.__version__}, {os.cpu_count()} CPUs visible ({cpu_label()}); self time per op, summed.", ""]
     for mode in args.modes.split(","):
         steps = {which: step_fn(build(which), mode, x) for which in ("timm", "patched")}
         lines += [f"## {mode}", "", "Profile (self time per op, minimum over the profiled steps):", "",
