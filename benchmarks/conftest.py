@@ -154,6 +154,36 @@ def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int 
     return result
 
 
+def interleaved_speedup(benchmark, baseline_fn, fn, *, baseline: str, rounds: int) -> dict:
+    """Time ``fn`` against ``baseline_fn`` in alternation and record the speedup (baseline time / peer time) in
+    ``extra_info["vs_baseline"]``: the median over ``rounds`` pairs and its quartiles.
+
+    Why: pytest-benchmark times each peer in its own stretch of time, and a shared VM's speed drifts by more than a
+    peer's quartile range over minutes (a whole-model step measured 30% apart a few minutes later on the 2-core dev
+    VM). Timed in alternation, both sides of each pair see the same machine. Pairs alternate their order (baseline
+    first, then peer first) so that a steady drift does not favour either side. One warm-up call each first."""
+    import statistics
+
+    run_base, run = synchronized(baseline_fn), synchronized(fn)
+    run_base()
+    run()
+    ratios = []
+    for i in range(rounds):
+        order = (run_base, run) if i % 2 == 0 else (run, run_base)
+        times = {}
+        for which in order:
+            start = time.perf_counter()
+            which()
+            times[which] = time.perf_counter() - start
+        ratios.append(times[run_base] / times[run])
+    ratios.sort()
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    result = {"baseline": baseline, "median": statistics.median(ratios), "q1": quartiles[0], "q3": quartiles[2],
+              "rounds": rounds}
+    benchmark.extra_info["vs_baseline"] = result
+    return result
+
+
 # --- agreement before timing ----------------------------------------------------------------------------------------
 
 def _flatten(value):

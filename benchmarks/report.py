@@ -10,7 +10,9 @@ over the group's eager baseline (``timm eager``, else ``official eager``, else `
 that the quartiles allow (baseline p25 / peer p75 ... baseline p75 / peer p25), the achieved throughput (GB/s of the
 op's bandwidth floor: bytes that must be read and written at least once; TFLOP/s where the benchmark gives FLOPs) and
 the peer's max abs error against the reference, checked before timing. Skipped peers are listed with their reasons.
-A row whose IQR exceeds ``NOISY_IQR`` of its median is flagged: its ratios are not to be trusted.
+A row whose IQR exceeds ``NOISY_IQR`` of its median is flagged: its ratios are not to be trusted. Where a benchmark
+also timed each peer in alternation with the baseline (``extra_info["vs_baseline"]``, the whole-model benchmarks),
+that speedup gets its own column: on a machine whose speed drifts it is the ratio to read.
 
 Plots (one PNG per op and mode, one panel per shape): horizontal bars of the median time on a log axis, error bars
 from p25 to p75, one fixed colour per peer across every plot, skipped peers named in place of their bar.
@@ -103,6 +105,7 @@ def group_rows(data: dict) -> "OrderedDict[str, List[dict]]":
             "tflops": info.get("flops", 0) / median / 1e12 if info.get("flops") else None,
             "err": info.get("max_abs_err"),
             "peak_mib": info.get("peak_memory_mib"),
+            "vs_baseline": info.get("vs_baseline"),  # conftest.interleaved_speedup, where the benchmark took it
             "reason": None,
         }
         groups.setdefault(bench.get("group") or bench["name"], []).append(row)
@@ -179,15 +182,29 @@ def header(data: dict) -> str:
 
 # --- Markdown -----------------------------------------------------------------------------------------------------
 
+def interleaved_cell(row: dict, base: Optional[dict]) -> str:
+    """The speedup over the baseline timed in alternation with it (``median (q1-q3)``), ``1.00x`` for the baseline
+    itself, empty where the benchmark did not take one."""
+    vs = row.get("vs_baseline")
+    if vs:
+        return f"{vs['median']:.2f}x ({vs['q1']:.2f}-{vs['q3']:.2f})"
+    return "1.00x" if base is not None and row is base else ""
+
+
 def group_table(group: str, rows: List[dict]) -> List[str]:
     measured = [r for r in rows if r["median"] is not None]
     base = baseline(measured)
-    lines = [f"**{group}**" + (f" (speedups vs {base['peer']})" if base else ""), "",
-             "| peer | median | IQR (p25-p75) | speedup (quartile range) | GB/s | TFLOP/s | max abs err | rounds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    interleaved = any(r.get("vs_baseline") for r in measured)
+    lines = [f"**{group}**" + (f" (speedups vs {base['peer']})" if base else ""), ""]
+    if interleaved:
+        lines += ["| peer | median | IQR (p25-p75) | speedup (quartile range) | speedup, interleaved (p25-p75) | GB/s | "
+                  "TFLOP/s | max abs err | rounds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| peer | median | IQR (p25-p75) | speedup (quartile range) | GB/s | TFLOP/s | max abs err | rounds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["median"] is None:
-            lines.append(f"| {r['peer']} | skipped: {r['reason']} | | | | | | |")
+            lines.append(f"| {r['peer']} | skipped: {r['reason']} |" + " |" * (7 if interleaved else 6))
             continue
         noisy = " (noisy)" if iqr_pct(r) > NOISY_IQR else ""
         iqr = f"{fmt_time(r['q1'])}-{fmt_time(r['q3'])}, {100 * iqr_pct(r):.0f}%{noisy}"
@@ -196,7 +213,8 @@ def group_table(group: str, rows: List[dict]) -> List[str]:
         tflops = f"{r['tflops']:.2f}" if r.get("tflops") else ""
         err = f"{r['err']:.1e}" if r.get("err") is not None else ""
         name = f"**{r['peer']}**" if _is_ours(r["peer"]) else r["peer"]
-        lines.append(f"| {name} | {fmt_time(r['median'])} | {iqr} | {vs} | {gbps} | {tflops} | {err} | "
+        extra = f" {interleaved_cell(r, base)} |" if interleaved else ""
+        lines.append(f"| {name} | {fmt_time(r['median'])} | {iqr} | {vs} |{extra} {gbps} | {tflops} | {err} | "
                      f"{r.get('rounds') or ''} |")
     lines.append("")
     return lines

@@ -32,3 +32,60 @@ def test_header_carries_the_cpu_label_and_commit():
     text = report.header(_run({"brand_raw": "AMD EPYC", "family": 25, "model": 17, "flags": ["avx512f"]}))
     assert text.startswith("device: CPU (AMD EPYC, x86 family 25 model 17, AVX-512, 2 threads); allocator: glibc default")
     assert "commit 0123456789;" in text
+
+
+def test_group_table_adds_the_interleaved_speedup_column_where_a_benchmark_took_it():
+    rows = [
+        {"peer": "timm eager", "median": 0.3, "q1": 0.29, "q3": 0.31, "rounds": 7},
+        {"peer": "patched eager", "median": 0.2, "q1": 0.19, "q3": 0.21, "rounds": 7,
+         "vs_baseline": {"baseline": "timm eager", "median": 1.4, "q1": 1.3, "q3": 1.5, "rounds": 6}},
+        {"peer": "other", "median": None, "reason": "not here"},
+    ]
+    lines = report.group_table("model x | y", rows)
+    assert "speedup, interleaved (p25-p75)" in lines[2]
+    widths = {line.count("|") for line in lines[2:] if line.startswith("|")}
+    assert widths == {10}, lines  # header, rule, two measured rows and the skipped one: 9 columns each
+    assert "| 1.50x (1.38-1.63) | 1.40x (1.30-1.50) |" in next(line for line in lines if "patched eager" in line)
+    assert "| 1.00x (0.94-1.07) | 1.00x |" in next(line for line in lines if line.startswith("| timm eager"))
+    # without any interleaved measurement the table keeps its 8 columns
+    plain = report.group_table("op | shape", [rows[0], rows[2]])
+    assert "interleaved" not in plain[2] and {line.count("|") for line in plain[2:] if line.startswith("|")} == {9}
+
+
+def _bench_conftest():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(report.__file__), "conftest.py")
+    spec = importlib.util.spec_from_file_location("vitkernels_benchmarks_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_speedup_alternates_and_records_the_ratio():
+    bench_conftest = _bench_conftest()
+    calls = []
+
+    class FakeBenchmark:
+        extra_info = {}
+
+    clock = [0.0]
+
+    def advance(seconds, name):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+        return fn
+
+    real = bench_conftest.time.perf_counter
+    bench_conftest.time.perf_counter = lambda: clock[0]
+    try:
+        result = bench_conftest.interleaved_speedup(FakeBenchmark, advance(3.0, "base"), advance(2.0, "peer"),
+                                                    baseline="timm eager", rounds=4)
+    finally:
+        bench_conftest.time.perf_counter = real
+    # one warm-up each, then pairs in alternating order
+    assert calls == ["base", "peer", "base", "peer", "peer", "base", "base", "peer", "peer", "base"]
+    assert result == FakeBenchmark.extra_info["vs_baseline"]
+    assert result["baseline"] == "timm eager" and result["rounds"] == 4
+    assert abs(result["median"] - 1.5) < 1e-12 and abs(result["q1"] - 1.5) < 1e-12 and abs(result["q3"] - 1.5) < 1e-12
