@@ -89,3 +89,37 @@ def test_interleaved_speedup_alternates_and_records_the_ratio():
     assert result == FakeBenchmark.extra_info["vs_baseline"]
     assert result["baseline"] == "timm eager" and result["rounds"] == 4
     assert abs(result["median"] - 1.5) < 1e-12 and abs(result["q1"] - 1.5) < 1e-12 and abs(result["q3"] - 1.5) < 1e-12
+
+
+def _publish():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(report.__file__), "publish.py")
+    spec = importlib.util.spec_from_file_location("vitkernels_benchmarks_publish", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _settle(tmp_path, monkeypatch, porcelain):
+    import json
+    import subprocess
+
+    publish = _publish()
+    out = os.path.join(publish.ROOT, "benchmarks", "results")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"commit_info": {"id": "abc", "dirty": True}}))
+    monkeypatch.setattr(publish.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=porcelain, stderr=""))
+    publish.settle_dirty_flag(str(path), out)
+    return json.loads(path.read_text())["commit_info"]
+
+
+def test_publish_clears_dirty_when_only_earlier_results_differ(tmp_path, monkeypatch):
+    info = _settle(tmp_path, monkeypatch, " M benchmarks/results/cpu-glibc.json\n?? benchmarks/results/x.png\n")
+    assert info["dirty"] is False and info["dirty_results_only"] is True
+
+
+def test_publish_keeps_dirty_and_names_changed_code(tmp_path, monkeypatch):
+    info = _settle(tmp_path, monkeypatch, " M benchmarks/results/cpu-glibc.json\n M vitkernels/ops/linear.py\n")
+    assert info["dirty"] is True and info["dirty_paths"] == ["vitkernels/ops/linear.py"]
