@@ -20,8 +20,8 @@ else. The gap between a peer and its floor is what attention, norms, activations
   floor of the ``patched`` peers. Convs through ``F.conv2d`` in both.
 
 Every peer but the baseline (``timm eager`` / ``official eager``) is also timed in alternation with the baseline,
-6 pairs, one warm-up call each, before its own timing: ``extra_info["vs_baseline"]`` (median and quartiles of the per-pair
-speedups; the report's "speedup, interleaved" column). pytest-benchmark times each peer in its own stretch of
+6 pairs, one warm-up call each, before its own timing: ``extra_info["vs_baseline"]`` (median and quartiles of the
+per-pair speedups; the report's "speedup, interleaved" column). pytest-benchmark times each peer in its own stretch of
 time, and on the shared 2-core VM the machine's speed drifted by up to ~30% within minutes (Swin-B's training step:
 timm eager measured 782 ms in one run and 957 ms in the next, patched 841 and 708): the separate medians' ratio
 then says more about the drift than about the peers, the interleaved one does not.

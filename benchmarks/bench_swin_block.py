@@ -9,10 +9,13 @@ step's forward and backward, parameters' gradients included).
 Shapes: Swin-T stage 1 (56x56, C 96, 3 heads) and stage 3 (14x14, C 384, 12 heads), window 7, shift 3; batch 128 on
 a GPU (bf16); on CPU (fp32, 2 cores) batch 8 for inference -- the native-backend target shape -- and batch 2 for
 fwd+bwd. Every peer's output (and input gradient) is checked against the float64 reference block holding the same
-weights before timing. On CPU the torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backward
-takes minutes on 2 cores): ``-m "not heavy"`` leaves them out.
+weights before timing. Every peer but timm eager is also timed in alternation with timm eager (6 pairs,
+``extra_info["vs_baseline"]``, the report's "speedup, interleaved" column; see ``bench_models``). On CPU the
+torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backward takes minutes on 2 cores):
+``-m "not heavy"`` leaves them out.
 """
 import copy
+import importlib
 
 import pytest
 import torch
@@ -21,7 +24,8 @@ import vitkernels
 from vitkernels.reference import swin as reference
 
 from conftest import (
-    DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, run_benchmark, skip_auto_if_same, timm_or_skip,
+    DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, interleaved_speedup, run_benchmark, skip_auto_if_same,
+    timm_or_skip,
 )
 
 ON_GPU = DEVICE.type == "cuda"
@@ -35,8 +39,18 @@ for stage in STAGES:
     CASES.append((stage, "inference", 128 if ON_GPU else 8))
     # CPU fwd+bwd: batch 2 at stage 1 (12544 tokens), 8 at stage 3 (1568 tokens: the deep stages' few windows)
     CASES.append((stage, "fwd+bwd", 128 if ON_GPU else (2 if stage.startswith("swin-t stage1") else 8)))
+BASELINE = "timm eager"
+INTERLEAVED_ROUNDS = 6  # (timm eager, peer) pairs timed in alternation, per peer
 PEERS = ["timm eager", "timm sdpa", "timm torch.compile", "reference eager", "reference torch.compile",
          "vitkernels auto", "vitkernels triton", "vitkernels native"]
+
+
+def _timm_available() -> bool:
+    try:
+        importlib.import_module("timm")  # importable, or the interleaved baseline is left out
+    except Exception:
+        return False
+    return True
 
 
 def _timm_block(size, dim, heads):
@@ -120,4 +134,18 @@ def test_swin_block(benchmark, case, peer):
             xg.grad = None
             fn(xg).backward(grad)
         bytes_moved *= 2
+    if peer != BASELINE and not getattr(benchmark, "disabled", False) and _timm_available():
+        # the speedup over timm eager timed in alternation with it (conftest.interleaved_speedup): on a VM whose
+        # speed drifts, the separately timed medians' ratio followed the drift more than the peers
+        baseline_block = _make_block(BASELINE, size, dim, heads, copy.deepcopy(weights)).train(train)
+        xb = x.clone().requires_grad_(train)
+
+        def run_baseline():
+            if not train:
+                with torch.no_grad():
+                    return baseline_block(x)
+            xb.grad = None
+            baseline_block(xb).backward(grad)
+
+        interleaved_speedup(benchmark, run_baseline, run, baseline=BASELINE, rounds=INTERLEAVED_ROUNDS)
     run_benchmark(benchmark, run, peer=peer, bytes_moved=bytes_moved)

@@ -30,7 +30,8 @@ def test_cpu_label_without_family_is_the_brand():
 
 def test_header_carries_the_cpu_label_and_commit():
     text = report.header(_run({"brand_raw": "AMD EPYC", "family": 25, "model": 17, "flags": ["avx512f"]}))
-    assert text.startswith("device: CPU (AMD EPYC, x86 family 25 model 17, AVX-512, 2 threads); allocator: glibc default")
+    assert text.startswith("device: CPU (AMD EPYC, x86 family 25 model 17, AVX-512, 2 threads); "
+                           "allocator: glibc default")
     assert "commit 0123456789;" in text
 
 
