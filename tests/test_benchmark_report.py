@@ -53,18 +53,20 @@ def test_group_table_adds_the_interleaved_speedup_column_where_a_benchmark_took_
     assert "interleaved" not in plain[2] and {line.count("|") for line in plain[2:] if line.startswith("|")} == {9}
 
 
-def _bench_conftest():
+def _benchmarks_module(name):
+    """benchmarks/<name>.py loaded by path under a private name (benchmarks/conftest.py would clash with
+    tests/conftest.py as a plain ``import conftest``)."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(report.__file__), "conftest.py")
-    spec = importlib.util.spec_from_file_location("vitkernels_benchmarks_conftest", path)
+    path = os.path.join(os.path.dirname(report.__file__), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"vitkernels_benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_interleaved_speedup_alternates_and_records_the_ratio():
-    bench_conftest = _bench_conftest()
+    bench_conftest = _benchmarks_module("conftest")
     calls = []
 
     class FakeBenchmark:
@@ -92,21 +94,11 @@ def test_interleaved_speedup_alternates_and_records_the_ratio():
     assert abs(result["median"] - 1.5) < 1e-12 and abs(result["q1"] - 1.5) < 1e-12 and abs(result["q3"] - 1.5) < 1e-12
 
 
-def _publish():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(report.__file__), "publish.py")
-    spec = importlib.util.spec_from_file_location("vitkernels_benchmarks_publish", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _settle(tmp_path, monkeypatch, porcelain):
     import json
     import subprocess
 
-    publish = _publish()
+    publish = _benchmarks_module("publish")
     out = os.path.join(publish.ROOT, "benchmarks", "results")
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"commit_info": {"id": "abc", "dirty": True}}))
