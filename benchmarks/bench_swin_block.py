@@ -15,7 +15,6 @@ torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backwar
 ``-m "not heavy"`` leaves them out.
 """
 import copy
-import importlib
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from vitkernels.reference import swin as reference
 
 from conftest import (
     DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, interleaved_speedup, run_benchmark, skip_auto_if_same,
-    timm_or_skip,
+    timm_or_none, timm_or_skip,
 )
 
 ON_GPU = DEVICE.type == "cuda"
@@ -45,12 +44,20 @@ PEERS = ["timm eager", "timm sdpa", "timm torch.compile", "reference eager", "re
          "vitkernels auto", "vitkernels triton", "vitkernels native"]
 
 
-def _timm_available() -> bool:
-    try:
-        importlib.import_module("timm")  # importable, or the interleaved baseline is left out
-    except Exception:
-        return False
-    return True
+def _timed_step(fn, x, grad, train):
+    """The timed call of block ``fn``: inference under no_grad on ``x``, or forward + backward of ``grad`` through a
+    leaf copy of ``x`` (its gradient reset each call)."""
+    if not train:
+        def step():
+            with torch.no_grad():
+                return fn(x)
+        return step
+    xg = x.clone().requires_grad_()
+
+    def step():
+        xg.grad = None
+        fn(xg).backward(grad)
+    return step
 
 
 def _timm_block(size, dim, heads):
@@ -125,27 +132,13 @@ def test_swin_block(benchmark, case, peer):
         expected = (expected, x64.grad)
     assert_agrees(benchmark, got, expected)
     bytes_moved = 2 * x.numel() * x.element_size()  # the block's input read, output written (a lower bound)
-    if not train:
-        def run():
-            with torch.no_grad():
-                return fn(x)
-    else:
-        def run():
-            xg.grad = None
-            fn(xg).backward(grad)
+    if train:
         bytes_moved *= 2
-    if peer != BASELINE and not getattr(benchmark, "disabled", False) and _timm_available():
+    run = _timed_step(fn, x, grad, train)
+    if peer != BASELINE and not getattr(benchmark, "disabled", False) and timm_or_none() is not None:
         # the speedup over timm eager timed in alternation with it (conftest.interleaved_speedup): on a VM whose
         # speed drifts, the separately timed medians' ratio followed the drift more than the peers
         baseline_block = _make_block(BASELINE, size, dim, heads, copy.deepcopy(weights)).train(train)
-        xb = x.clone().requires_grad_(train)
-
-        def run_baseline():
-            if not train:
-                with torch.no_grad():
-                    return baseline_block(x)
-            xb.grad = None
-            baseline_block(xb).backward(grad)
-
+        run_baseline = _timed_step(baseline_block, x, grad, train)
         interleaved_speedup(benchmark, run_baseline, run, baseline=BASELINE, rounds=INTERLEAVED_ROUNDS)
     run_benchmark(benchmark, run, peer=peer, bytes_moved=bytes_moved)

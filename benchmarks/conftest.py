@@ -291,13 +291,26 @@ def peak_memory_mib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def timm_or_skip():
+def _import_timm():
+    """(timm, None), or (None, the exception) where timm does not import here."""
     try:
-        import timm  # noqa: F401
+        import timm
 
-        return timm
+        return timm, None
     except Exception as exc:
+        return None, exc
+
+
+def timm_or_none():
+    """timm, or None: for what runs without it (a peer's optional comparison with timm)."""
+    return _import_timm()[0]
+
+
+def timm_or_skip():
+    timm, exc = _import_timm()
+    if timm is None:
         pytest.skip(f"timm not importable: {type(exc).__name__}: {exc}")
+    return timm
 
 
 def compiled_or_skip(fn, **kwargs):
@@ -336,12 +349,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["triton"] = triton.__version__
     except Exception:
         info["triton"] = None
-    try:
-        import timm
-
-        info["timm"] = timm.__version__
-    except Exception:
-        info["timm"] = None
+    timm = timm_or_none()
+    info["timm"] = timm.__version__ if timm is not None else None
     machine_info["vitkernels"] = info
 
 
