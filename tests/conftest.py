@@ -4,6 +4,9 @@
   set before triton is first imported, so it is set here, before anything imports vitkernels.
 * timm imports torchvision, whose PyPI wheel does not import beside a CPU build of torch; when the real torchvision
   is unusable, ``tests/stubs`` provides an import-only stand-in so that timm's Swin / ViT / DeiT can be compared.
+* The interpreter's int32 overflow checks are off for the session: by default it computes them and drops the assert
+  (debug off), which more than doubles the time of the index-heavy kernels for nothing. The cheap
+  launch-configuration examples run them asserting: see ``helpers.set_interpreter_overflow_checks``.
 """
 import os
 import sys
@@ -27,6 +30,11 @@ def _ensure_torchvision_importable() -> None:
 
 
 _ensure_torchvision_importable()
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from helpers import set_interpreter_overflow_checks
+
+    set_interpreter_overflow_checks(False)
 
 CUDA = torch.cuda.is_available()
 

@@ -1,5 +1,8 @@
-"""Shared test utilities: devices, per-dtype tolerances, and optional imports."""
+"""Shared test utilities: devices, per-dtype tolerances, optional imports, the Triton interpreter's overflow checks."""
+import contextlib
+import dataclasses
 import importlib
+from typing import Iterator, Optional, Tuple
 
 import pytest
 import torch
@@ -54,6 +57,50 @@ def triton_interpreter_or_cuda(device: str) -> None:
     reason = triton_unavailable_reason(torch.device(device))
     if reason is not None:
         pytest.skip(reason)
+
+
+def _interpreter_builder():
+    """The Triton interpreter's builder (its ``options`` are what every interpreted kernel reads), or None."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover - triton missing or a layout this helper does not know
+        return None
+    builder = getattr(interpreter, "interpreter_builder", None)
+    return builder if hasattr(getattr(builder, "options", None), "sanitize_overflow") else None
+
+
+def set_interpreter_overflow_checks(enabled: bool) -> Optional[Tuple[bool, bool]]:
+    """Switch the Triton interpreter's int32 overflow checks (and its ``debug``, which makes them assert); returns the
+    previous (sanitize_overflow, debug) to pass to :func:`restore_interpreter_options` (None: no interpreter).
+
+    Under TRITON_INTERPRET=1 Triton computes, by default, every int32 ``+``, ``-``, ``*`` of a kernel a second time in
+    int64 with a range compare, and then drops the assert because ``debug`` is off: the check costs more than half
+    the time of the index-heavy window-attention kernels (a 7x7x7-window example: 24 s with it, 11 s without) and
+    checks nothing. tests/conftest.py turns it off for the session; the launch-configuration examples that are cheap
+    enough turn it on with ``debug`` (:func:`interpreter_overflow_checks`), so there it really asserts."""
+    builder = _interpreter_builder()
+    if builder is None:
+        return None
+    previous = (builder.options.sanitize_overflow, builder.options.debug)
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=bool(enabled), debug=bool(enabled))
+    return previous
+
+
+def restore_interpreter_options(previous: Optional[Tuple[bool, bool]]) -> None:
+    """Undo :func:`set_interpreter_overflow_checks` (its return value)."""
+    builder = _interpreter_builder()
+    if builder is not None and previous is not None:
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=previous[0], debug=previous[1])
+
+
+@contextlib.contextmanager
+def interpreter_overflow_checks(enabled: bool = True) -> Iterator[None]:
+    """The block with the interpreter's int32 overflow checks asserting (or off); restored after."""
+    previous = set_interpreter_overflow_checks(enabled)
+    try:
+        yield
+    finally:
+        restore_interpreter_options(previous)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:

@@ -6,6 +6,11 @@ every configuration the table can return on sm_80 and sm_90 with a tiny problem 
 example runs with the table forced to its GPU: the launches must use exactly the configurations the table gives,
 and the op's outputs and gradients must match the reference. A sweep over each table's inputs checks that the
 examples list every configuration the table can return.
+
+The interpreter's int32 overflow checks (off for the session, tests/conftest.py: by default the interpreter computes
+them and drops the assert) are on, asserting, for the examples of up to 16 tokens per window (all of the other ops') and for
+each kernel's smallest example: each kernel's index math runs checked, and the large windows (up to 392 tokens,
+~10 s each unchecked) do not pay twice the integer work.
 """
 import pytest
 import torch
@@ -13,7 +18,8 @@ import torch
 import vitkernels
 from vitkernels.triton import HAS_TRITON
 
-from helpers import assert_close_scaled, reference_dtype, tol, triton_interpreter_or_cuda
+from helpers import (assert_close_scaled, interpreter_overflow_checks, reference_dtype, restore_interpreter_options,
+                     set_interpreter_overflow_checks, tol, triton_interpreter_or_cuda)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
 
@@ -305,6 +311,30 @@ RUNNERS = {
 }
 
 
+def _tokens_per_window(example) -> int:
+    """Tokens per window of a window-attention example (0 for the other ops)."""
+    if not example.op.startswith("window_attention"):
+        return 0
+    window = example.problem[0][4 if example.op == "window_attention_3d" else 5]
+    n = 1
+    for w in window:
+        n *= w
+    return n
+
+
+def _overflow_checked(examples) -> set:
+    """Indices of the examples run with the interpreter's overflow checks asserting: every example of up to 16
+    tokens per window (every other op's), and for each kernel the example with the fewest tokens that launches it."""
+    checked = {i for i, ex in enumerate(examples) if _tokens_per_window(ex) <= 16}
+    by_size = sorted(range(len(examples)), key=lambda i: _tokens_per_window(examples[i]))
+    for name in {name for ex in examples for name in ex.configs}:
+        checked.add(next(i for i in by_size if name in examples[i].configs))
+    return checked
+
+
+OVERFLOW_CHECKED = _overflow_checked(EXAMPLES)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[_example_id(ex) for ex in EXAMPLES])
 def test_every_launch_configuration_matches_the_reference(example):
     """The example's problem with the table forced to its GPU: the launches use the table's configurations, and
@@ -312,7 +342,8 @@ def test_every_launch_configuration_matches_the_reference(example):
     triton_interpreter_or_cuda(DEV)
     from vitkernels.triton._launch import forced_target, recording
 
-    with forced_target(example.target), recording() as launches:
+    checked = EXAMPLES.index(example) in OVERFLOW_CHECKED
+    with interpreter_overflow_checks(checked), forced_target(example.target), recording() as launches:
         RUNNERS[example.op](example.problem)
     used = {}
     for launch in launches:
@@ -322,6 +353,50 @@ def test_every_launch_configuration_matches_the_reference(example):
         expected = example.configs[name]
         assert all(dict(c.tiles) == dict(expected.tiles) and (c.num_warps, c.num_stages) ==
                    (expected.num_warps, expected.num_stages) for c in configs), (name, configs, expected)
+
+
+def test_every_kernel_has_an_overflow_checked_example():
+    """Each kernel the examples launch is launched by at least one example that runs with the interpreter's overflow
+    checks asserting."""
+    checked = {name for i in OVERFLOW_CHECKED for name in EXAMPLES[i].configs}
+    every = {name for ex in EXAMPLES for name in ex.configs}
+    assert checked == every, f"no overflow-checked example launches {sorted(every - checked)}"
+    assert len(OVERFLOW_CHECKED) < len(EXAMPLES)
+
+
+def test_interpreter_overflow_checks_switch():
+    """The switch the examples use: with it on, a kernel whose int32 product overflows fails; off (the session's
+    setting), it runs and wraps -- as it does with Triton's default (checks computed, assert dropped, debug off)."""
+    if DEV != "cpu":
+        pytest.skip("the switch is the interpreter's")
+    triton_interpreter_or_cuda(DEV)
+    import dataclasses
+
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def _times_four(x_ptr, out_ptr):
+        tl.store(out_ptr, tl.load(x_ptr) * 4)
+
+    x = torch.tensor([2 ** 30], dtype=torch.int32)
+    out = torch.ones(1, dtype=torch.int32)
+    previous = set_interpreter_overflow_checks(False)
+    try:
+        assert previous is not None, "the Triton interpreter's builder has no overflow switch"
+        _times_four[(1,)](x, out)
+        assert out.item() == 0  # 2**32 wrapped
+        set_interpreter_overflow_checks(True)
+        with pytest.raises(Exception, match="overflow"):
+            _times_four[(1,)](x, out)
+        builder = interpreter.interpreter_builder  # Triton's default: checks computed, assert dropped
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=True, debug=False)
+        out.fill_(1)
+        _times_four[(1,)](x, out)
+        assert out.item() == 0
+    finally:
+        restore_interpreter_options(previous)
 
 
 def _sweep(module):
