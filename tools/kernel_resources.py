@@ -94,9 +94,22 @@ def config_label(launch) -> str:
     return f"{dtype} {launch.config().label}".strip()
 
 
-def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool = True) -> Dict[str, Any]:
+def _ptx_only_stages(*args):
+    """Triton's pipeline-stages hook (``knobs.runtime.add_stages_inspection_hook``) that ends a compile at PTX: the
+    "cubin" stage (ptxas) returns no binary. Called without arguments, it returns its part of the cache key, so a
+    PTX-only compile never stands in for a full one."""
+    if not args:
+        return "vitkernels-ptx-only", "vitkernels-ptx-only"
+    stages = args[1]
+    stages["cubin"] = lambda src, metadata: b""
+
+
+def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool = True,
+                   assemble: bool = True) -> Dict[str, Any]:
     """Compile ``launch`` for ``arch`` ("sm_80" / "sm_90"); a row with the resources, or status "fail". ``sass``:
-    also disassemble the cubin for the SASS instruction counts (not needed to gate resources; kept with ``keep_dir``)."""
+    also disassemble the cubin for the SASS instruction counts (not needed to gate resources; kept with ``keep_dir``).
+    ``assemble=False``: stop at PTX (no ptxas, about a quarter of a compile's time): the row has the shared memory
+    (Triton's allocation, known after the LLVM IR stage) and the tensor-core use, not registers / spills / stack."""
     kernel = launch.kernel
     bound = dict(zip(kernel.arg_names, launch.args))
     options = {}
@@ -112,8 +125,10 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
     try:
         sig, consts, attrs = _signature(kernel, bound)
         # Triton runs ptxas -v itself; with dump_ptxas_log it prints the log (registers, spills, stack) here
-        with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        with triton.knobs.nvidia.scope(), triton.knobs.runtime.scope(), contextlib.redirect_stdout(log):
             triton.knobs.nvidia.dump_ptxas_log = True
+            if not assemble:
+                triton.knobs.runtime.add_stages_inspection_hook = _ptx_only_stages
             compiled = triton.compile(ASTSource(kernel, sig, consts, attrs),
                                       target=GPUTarget("cuda", ARCH_CAPABILITY[arch], 32), options=options)
     except Exception as exc:  # the gate reports it as a failure
@@ -121,6 +136,15 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
         row["problem"] = f"compile: {type(exc).__name__}: {last}"
         return row
     ptx = compiled.asm["ptx"]
+    if not assemble:
+        if not ptx.strip() or compiled.metadata.shared is None:
+            row["problem"] = "no PTX / shared memory size from the compile"
+            return row
+        row.update(shared_bytes=int(compiled.metadata.shared),
+                   tensor_core=bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)), status="ok")
+        row["extra"] = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
+                            assembled=False)
+        return row
     cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
