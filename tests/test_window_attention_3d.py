@@ -554,22 +554,24 @@ def test_triton_half_matches_the_reference(dtype):
 def test_triton_opcheck():
     """Forward and backward custom ops (on a GPU: the triton_op / wrap_triton path torch.compile traces)."""
     triton_or_skip()
-    qkv = torch.randn(1, 3, 5, 4, 96, device=TRITON_DEV, requires_grad=True)
-    table = torch.randn(3 * 5 * 5, 2, device=TRITON_DEV, requires_grad=True)
-    bias = torch.randn(96, device=TRITON_DEV, requires_grad=True)
-    # the schema / fake / autograd checks: each qkv-bias case with one padding order (every pairing costs ~18 s under
-    # the interpreter); the numbers of both orders, with the bias, are test_window_attention_3d_matches_the_dense_*'s
+    # one head, 2 x 1 x 2 windows of 2 x 3 x 3 (padded along D and W, shifted along every axis): the op's checks run
+    # it a dozen times under the interpreter, so the volume is kept small (it was 8 windows x 2 heads, ~13 s a case)
+    qkv = torch.randn(1, 3, 3, 4, 48, device=TRITON_DEV, requires_grad=True)
+    table = torch.randn(3 * 5 * 5, 1, device=TRITON_DEV, requires_grad=True)
+    bias = torch.randn(48, device=TRITON_DEV, requires_grad=True)
+    # the schema / fake / autograd checks: each qkv-bias case with one padding order; the numbers of both orders,
+    # with the bias, are test_window_attention_3d_matches_the_dense_*'s
     for b, first in ((bias, True), (None, False)):
-        args = (qkv, table, b, [2, 3, 3], [1, 2, 1], 2, 0.25, first)
+        args = (qkv, table, b, [2, 3, 3], [1, 2, 1], 1, 0.25, first)
         torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d.default, args)
         with torch.no_grad():
             out, lse = torch.ops.vitkernels.triton_window_attention_3d(*args)
         grad = torch.randn_like(out)
         detached = (qkv.detach(), table.detach(), b.detach() if b is not None else None)
         torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d_backward.default,
-                              (grad, *detached, out, lse, [2, 3, 3], [1, 2, 1], 2, 0.25, first))
+                              (grad, *detached, out, lse, [2, 3, 3], [1, 2, 1], 1, 0.25, first))
         # inference: no log-sum-exp computed or stored (an empty tensor), the fake agrees
-        plain = (*detached, [2, 3, 3], [1, 2, 1], 2, 0.25, first, False)
+        plain = (*detached, [2, 3, 3], [1, 2, 1], 1, 0.25, first, False)
         torch.library.opcheck(torch.ops.vitkernels.triton_window_attention_3d.default, plain)
         out_inf, lse_inf = torch.ops.vitkernels.triton_window_attention_3d(*plain)
         assert lse_inf.numel() == 0 and torch.equal(out_inf, out)
