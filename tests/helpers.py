@@ -69,28 +69,27 @@ def _interpreter_builder():
     return builder if hasattr(getattr(builder, "options", None), "sanitize_overflow") else None
 
 
+def set_interpreter_options(sanitize_overflow: bool, debug: bool) -> Optional[Tuple[bool, bool]]:
+    """Set the Triton interpreter's ``sanitize_overflow`` and ``debug``; returns the previous pair (pass it back here
+    to restore them), or None without an interpreter."""
+    builder = _interpreter_builder()
+    if builder is None:
+        return None
+    previous = (builder.options.sanitize_overflow, builder.options.debug)
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=bool(sanitize_overflow), debug=bool(debug))
+    return previous
+
+
 def set_interpreter_overflow_checks(enabled: bool) -> Optional[Tuple[bool, bool]]:
-    """Switch the Triton interpreter's int32 overflow checks (and its ``debug``, which makes them assert); returns the
-    previous (sanitize_overflow, debug) to pass to :func:`restore_interpreter_options` (None: no interpreter).
+    """The Triton interpreter's int32 overflow checks on and asserting (with ``debug``), or off; returns the previous
+    options as :func:`set_interpreter_options` does.
 
     Under TRITON_INTERPRET=1 Triton computes, by default, every int32 ``+``, ``-``, ``*`` of a kernel a second time in
     int64 with a range compare, and then drops the assert because ``debug`` is off: the check costs more than half
     the time of the index-heavy window-attention kernels (a 7x7x7-window example: 24 s with it, 11 s without) and
     checks nothing. tests/conftest.py turns it off for the session; the launch-configuration examples that are cheap
     enough turn it on with ``debug`` (:func:`interpreter_overflow_checks`), so there it really asserts."""
-    builder = _interpreter_builder()
-    if builder is None:
-        return None
-    previous = (builder.options.sanitize_overflow, builder.options.debug)
-    builder.options = dataclasses.replace(builder.options, sanitize_overflow=bool(enabled), debug=bool(enabled))
-    return previous
-
-
-def restore_interpreter_options(previous: Optional[Tuple[bool, bool]]) -> None:
-    """Undo :func:`set_interpreter_overflow_checks` (its return value)."""
-    builder = _interpreter_builder()
-    if builder is not None and previous is not None:
-        builder.options = dataclasses.replace(builder.options, sanitize_overflow=previous[0], debug=previous[1])
+    return set_interpreter_options(enabled, enabled)
 
 
 @contextlib.contextmanager
@@ -100,7 +99,8 @@ def interpreter_overflow_checks(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        restore_interpreter_options(previous)
+        if previous is not None:
+            set_interpreter_options(*previous)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:

@@ -8,17 +8,19 @@ and the op's outputs and gradients must match the reference. A sweep over each t
 examples list every configuration the table can return.
 
 The interpreter's int32 overflow checks (off for the session, tests/conftest.py: by default the interpreter computes
-them and drops the assert) are on, asserting, for the examples of up to 16 tokens per window (all of the other ops') and for
-each kernel's smallest example: each kernel's index math runs checked, and the large windows (up to 392 tokens,
-~10 s each unchecked) do not pay twice the integer work.
+them and drops the assert) are on, asserting, for the examples of up to 16 tokens per window (all of the other
+ops') and for each kernel's smallest example: each kernel's index math runs checked, and the large windows (up to
+392 tokens, ~10 s each unchecked) do not pay twice the integer work.
 """
+import math
+
 import pytest
 import torch
 
 import vitkernels
 from vitkernels.triton import HAS_TRITON
 
-from helpers import (assert_close_scaled, interpreter_overflow_checks, reference_dtype, restore_interpreter_options,
+from helpers import (assert_close_scaled, interpreter_overflow_checks, reference_dtype, set_interpreter_options,
                      set_interpreter_overflow_checks, tol, triton_interpreter_or_cuda)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
@@ -315,11 +317,7 @@ def _tokens_per_window(example) -> int:
     """Tokens per window of a window-attention example (0 for the other ops)."""
     if not example.op.startswith("window_attention"):
         return 0
-    window = example.problem[0][4 if example.op == "window_attention_3d" else 5]
-    n = 1
-    for w in window:
-        n *= w
-    return n
+    return math.prod(example.problem[0][4 if example.op == "window_attention_3d" else 5])
 
 
 def _overflow_checked(examples) -> set:
@@ -370,11 +368,8 @@ def test_interpreter_overflow_checks_switch():
     if DEV != "cpu":
         pytest.skip("the switch is the interpreter's")
     triton_interpreter_or_cuda(DEV)
-    import dataclasses
-
     import triton
     import triton.language as tl
-    from triton.runtime import interpreter
 
     @triton.jit
     def _times_four(x_ptr, out_ptr):
@@ -390,13 +385,13 @@ def test_interpreter_overflow_checks_switch():
         set_interpreter_overflow_checks(True)
         with pytest.raises(Exception, match="overflow"):
             _times_four[(1,)](x, out)
-        builder = interpreter.interpreter_builder  # Triton's default: checks computed, assert dropped
-        builder.options = dataclasses.replace(builder.options, sanitize_overflow=True, debug=False)
+        set_interpreter_options(sanitize_overflow=True, debug=False)  # Triton's default: assert dropped
         out.fill_(1)
         _times_four[(1,)](x, out)
         assert out.item() == 0
     finally:
-        restore_interpreter_options(previous)
+        if previous is not None:
+            set_interpreter_options(*previous)
 
 
 def _sweep(module):

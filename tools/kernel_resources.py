@@ -136,14 +136,14 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
         row["problem"] = f"compile: {type(exc).__name__}: {last}"
         return row
     ptx = compiled.asm["ptx"]
+    tensor_core = bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
+    launch_options = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
     if not assemble:
         if not ptx.strip() or compiled.metadata.shared is None:
             row["problem"] = "no PTX / shared memory size from the compile"
             return row
-        row.update(shared_bytes=int(compiled.metadata.shared),
-                   tensor_core=bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)), status="ok")
-        row["extra"] = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-                            assembled=False)
+        row.update(shared_bytes=int(compiled.metadata.shared), tensor_core=tensor_core, status="ok")
+        row["extra"] = dict(**launch_options, assembled=False)
         return row
     cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,9 +173,8 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
         spill_bytes=int(spills.group(1)),  # bytes of spill stores (ptxas -v)
         stack_bytes=stack,
         shared_bytes=max(int(compiled.metadata.shared), static_smem),
-        tensor_core=bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx)),
+        tensor_core=tensor_core,
         status="ok",
     )
-    row["extra"] = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-                        **(_sass_counts(sass) if sass else {}))
+    row["extra"] = dict(**launch_options, **(_sass_counts(sass) if sass else {}))
     return row
