@@ -68,10 +68,13 @@ TORCH_LIBRARY(vitkernels, m) {
         "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
   // The same with qkv the qkv Linear's output *without* its bias, which the op adds to every token (CPU): the Linear
   // runs as a plain GEMM, with no broadcast copy of the bias. The backward's third output is the bias's gradient.
+  // The forward's second output is the softmax state for the backward: the row log-sum-exp (B * nW, nH, N), or with
+  // save_probs (training) the softmax itself (B * nW, nH, N, N), which the backward reads instead of recomputing.
   m.def("window_attention_add_bias(Tensor qkv, Tensor table, Tensor qkv_bias, int[2] window_size, int[2] shift_size, "
-        "int num_heads, float scale) -> (Tensor, Tensor)");
+        "int num_heads, float scale, bool save_probs=False) -> (Tensor, Tensor)");
   m.def("window_attention_add_bias_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor qkv_bias, Tensor out, "
-        "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor softmax_state, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> "
+        "(Tensor, Tensor, Tensor)");
 
   // 3D (volumetric / video) shifted-window attention, qkv (B, D, H, W, 3C) in original token order -> (out
   // (B, D, H, W, C), row log-sum-exp (B * nW, nH, N), fp32 or fp64 for fp64 inputs); windows and shifts are

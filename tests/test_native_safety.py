@@ -231,6 +231,20 @@ def _bad_native_calls():
         ("attn-bwd-grad-shape", lambda: ops.window_attention_backward(torch.randn(1, 4, 4, 3), qkv, table, None,
                                                                       torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4),
                                                                       [2, 2], [1, 1], 2, 0.5), "grad_out and out"),
+        # window_attention_add_bias's backward: the softmax state is the lse (4 windows, 2 heads, 4 tokens) or the
+        # saved softmax (4, 2, 4, 16): anything else is refused, never read past its end
+        ("attn-add-bias-bwd-lse", lambda: ops.window_attention_add_bias_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.randn(12), torch.randn(1, 4, 4, 4), torch.randn(3), [2, 2],
+            [1, 1], 2, 0.5), "lse must be"),
+        ("attn-add-bias-bwd-probs-unpadded", lambda: ops.window_attention_add_bias_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.randn(12), torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4, 4),
+            [2, 2], [1, 1], 2, 0.5), "softmax_state must be"),
+        ("attn-add-bias-bwd-probs-windows", lambda: ops.window_attention_add_bias_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.randn(12), torch.randn(1, 4, 4, 4), torch.randn(2, 2, 4, 16),
+            [2, 2], [1, 1], 2, 0.5), "softmax_state must be"),
+        ("attn-add-bias-bwd-probs-dtype", lambda: ops.window_attention_add_bias_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.randn(12), torch.randn(1, 4, 4, 4),
+            torch.randn(4, 2, 4, 16, dtype=torch.float64), [2, 2], [1, 1], 2, 0.5), "softmax_state must be"),
         # window_attention_3d: qkv (1, 4, 4, 4, 3 * 2 * 2), window (2, 2, 2): a (27, 2) table
         ("attn3d-rank", lambda: ops.window_attention_3d(qkv, table27, None, [2, 2, 2], [1, 1, 1], 2, 0.5, True),
          "qkv must be \\(B, D, H, W"),

@@ -73,6 +73,47 @@ def test_opcheck():
                           (qkv, table, bias, [7, 7], [3, 3], 2, 0.25))
 
 
+def test_native_opcheck_saving_the_softmax():
+    native_or_skip("window_attention_add_bias")
+    qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
+    table = torch.randn(169, 2, requires_grad=True)
+    bias = torch.randn(96, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_add_bias.default,
+                          (qkv, table, bias, [7, 7], [3, 3], 2, 0.25, True))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa, dtype, monkeypatch):
+    """The training forward saves P (rows padded with zeros to a multiple of 16 columns) and the backward reads it;
+    the lse path recomputes P: the same output, softmax rows, the same gradients (to rounding: one path normalises
+    P by 1 / sum, the other recomputes exp(S - lse)). Gradients against the reference: the tests above."""
+    native_or_skip("window_attention_add_bias")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    B, H, W, nH, hd, window, shift = 2, 9, 10, 3, 16, [7, 7], [3, 3]
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, H, W, 3 * nH * hd, generator=gen).to(dtype)
+    table = torch.randn(169, nH, generator=gen).to(dtype)
+    bias = torch.randn(3 * nH * hd, generator=gen).to(dtype)
+    grad_out = torch.randn(B, H, W, nH * hd, generator=gen).to(dtype)
+    args = (table, bias, window, shift, nH, hd ** -0.5)
+    out_lse, lse = torch.ops.vitkernels.window_attention_add_bias(qkv, *args, False)
+    out_p, probs = torch.ops.vitkernels.window_attention_add_bias(qkv, *args, True)
+    n_windows, N = B * 2 * 2, 49
+    assert lse.shape == (n_windows, nH, N) and probs.shape == (n_windows, nH, N, 64)
+    torch.testing.assert_close(out_p, out_lse, rtol=0, atol=0)
+    # softmax rows (padded queries' rows too: they attend like any token, their outputs are cropped)
+    assert torch.all(probs >= 0) and torch.all(probs[..., N:] == 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(lse), rtol=1e-5, atol=1e-5)
+    grads_lse = torch.ops.vitkernels.window_attention_add_bias_backward(grad_out, qkv, table, bias, out_lse, lse,
+                                                                        window, shift, nH, hd ** -0.5)
+    grads_p = torch.ops.vitkernels.window_attention_add_bias_backward(grad_out, qkv, table, bias, out_p, probs,
+                                                                      window, shift, nH, hd ** -0.5)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, expected in zip(grads_p, grads_lse):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 def test_compiles_fullgraph():
     native_or_skip("window_attention_add_bias")
     qkv, table, window, shift, nH, scale, bias = make_inputs(CASES[0])(torch.float32)

@@ -7,7 +7,8 @@
 //   g++ -O3 -std=c++17 -Wno-psabi -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx2 -mfma -mf16c \
 //       -DVK_CPU_VECTOR_BYTES=64 -DVK_CPU_TILE4_MR=6 -DVK_CPU_TILE2_MR=6 -DVK_CPU_TILE1_MR=8 \
 //       -Icsrc/include -Icsrc/cpu benchmarks/cpu/window_attention_items.cpp -o /tmp/wa_items
-//   /tmp/wa_items B H heads head_dim reps        e.g. /tmp/wa_items 4 56 3 32 30   (Swin-T stage 1, batch 4)
+//   /tmp/wa_items B H heads head_dim reps [probs]   e.g. /tmp/wa_items 4 56 3 32 30   (Swin-T stage 1, batch 4)
+// `probs`: the forward saves the softmax and the backward reads it (the training path), instead of the lse.
 // Window 7; shift 3 when H > 7. Prints two timings per pass: whole runs over all items with the caches flushed
 // before each (the model's case: qkv fresh from the GEMM), and the sum over items of each item's fastest run.
 #include <immintrin.h>
@@ -20,6 +21,7 @@
 #include <cstdlib>
 #include <limits>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -65,7 +67,11 @@ int main(int argc, char** argv) {
   a.qkv = qkv.data();
   a.pad_row = pad.data();
   a.bias_rows = bias_rows.data();
-  a.lse = lse.data();
+  const bool save_probs = argc > 6 && std::string(argv[6]) == "probs";
+  // the saved softmax: rows of NP values, 64-byte aligned (the kernel's streaming stores need whole aligned vectors)
+  float* probs = save_probs ? static_cast<float*>(std::aligned_alloc(64, items * N * NP * sizeof(float))) : nullptr;
+  a.lse = save_probs ? nullptr : lse.data();
+  a.probs = probs;
   a.out = out.data();
   a.grad_out = grad_out.data();
   a.grad_qkv = grad_qkv.data();
@@ -113,8 +119,9 @@ int main(int argc, char** argv) {
   const double bwd_best = best_items([&](int64_t i) {
     bench::backward_item(a, i / nH, i % nH, s, d_bias.data(), d_qkv_bias.data(), next_w(i), (i + 1) % nH);
   });
-  std::printf("B%ld %ldx%ld heads %ld head_dim %ld: %ld items\n", (long)B, (long)H, (long)H, (long)nH, (long)hd,
-              (long)items);
+  std::printf("B%ld %ldx%ld heads %ld head_dim %ld: %ld items%s\n", (long)B, (long)H, (long)H, (long)nH, (long)hd,
+              (long)items, save_probs ? ", softmax saved" : "");
+  std::free(probs);
   std::printf("  cold caches, median whole run: forward %.3f ms (%.2f us/item), backward %.3f ms (%.2f us/item)\n",
               fwd_cold * 1e3, fwd_cold / items * 1e6, bwd_cold * 1e3, bwd_cold / items * 1e6);
   std::printf("  per-item minimum, summed:      forward %.3f ms (%.2f us/item), backward %.3f ms (%.2f us/item)\n",

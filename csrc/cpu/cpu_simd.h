@@ -282,6 +282,28 @@ VK_INLINE void transpose_in_registers(typename Vec<T>::type* r) {
   transpose_round<1, L, V>(r);
 }
 
+// v stored at p (vector-aligned) bypassing the caches where the instruction set has a streaming store: for data
+// written once and read back much later (no read-for-ownership of the lines, no eviction of the working set).
+template <typename T> VK_INLINE void store_streaming(T* p, typename Vec<T>::type v) {
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  if constexpr (std::is_same<T, float>::value) _mm512_stream_ps(p, (__m512)v);
+  else _mm512_stream_pd(p, (__m512d)v);
+#elif defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 32
+  if constexpr (std::is_same<T, float>::value) _mm256_stream_ps(p, (__m256)v);
+  else _mm256_stream_pd(p, (__m256d)v);
+#else
+  store(p, v);
+#endif
+}
+
+// Orders the streaming stores before every later store (they are weakly ordered): once at the end of a thread's
+// run, before another thread may read what they wrote.
+VK_INLINE void streaming_fence() {
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES >= 32
+  _mm_sfence();
+#endif
+}
+
 // The first n (< lanes) values at p as a vector, zeros after; and the first n lanes of v stored at p.
 template <typename T> VK_INLINE typename Vec<T>::type load_partial(const T* p, int64_t n) {
   typename Vec<T>::type v{};

@@ -81,26 +81,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
 }
 
 // window_attention_add_bias: qkv is the qkv Linear's output without its bias, which the op adds to every token.
+// With save_probs (training) the second output is the softmax P (B * nW, nH, N, NP), rows zero-padded to NP = N
+// rounded up to 16, rather than the lse: the backward then reads P instead of recomputing it (one small GEMM and
+// the exp pass fewer per (window, head) item).
 std::tuple<at::Tensor, at::Tensor> window_attention_add_bias_cpu(const at::Tensor& qkv_in, const at::Tensor& table,
                                                                  const at::Tensor& qkv_bias,
                                                                  at::IntArrayRef window_size,
                                                                  at::IntArrayRef shift_size, int64_t num_heads,
-                                                                 double scale) {
+                                                                 double scale, bool save_probs) {
   const Problem p = check_window_attention_args("window_attention_add_bias", qkv_in, table, qkv_bias, window_size,
                                                 shift_size, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
-  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/true);
+  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/true,
+                     save_probs);
 }
 
+// softmax_state: the forward's second output, the lse (B * nW, nH, N) or the saved softmax (B * nW, nH, N, NP); a
+// 4-D state is read as P (checked: shape, dtype, device; its values are the forward's, as lse's are).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_add_bias_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& table, const at::Tensor& qkv_bias,
-    const at::Tensor& out_in, const at::Tensor& lse_in, at::IntArrayRef window_size, at::IntArrayRef shift_size,
-    int64_t num_heads, double scale) {
+    const at::Tensor& out_in, const at::Tensor& softmax_state, at::IntArrayRef window_size,
+    at::IntArrayRef shift_size, int64_t num_heads, double scale) {
   const char* op = "window_attention_add_bias_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
-  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
-  return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
-                      /*bias_every_token=*/true);
+  const bool probs = softmax_state.dim() == 4;
+  if (probs) {
+    check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, std::nullopt);
+    const auto acc = window_attention_acc_type(qkv_in);
+    const int64_t NP = round_to_vector(p.N);
+    TORCH_CHECK(softmax_state.sizes() == at::IntArrayRef({p.windows(), p.nH, p.N, NP}) &&
+                    softmax_state.scalar_type() == acc,
+                op, ": softmax_state must be the forward's lse (B * nW, nH, N) or its saved softmax (B * nW, nH, N, "
+                "NP) = (", p.windows(), ", ", p.nH, ", ", p.N, ", ", NP, ") ", acc, ", got ", softmax_state.sizes(),
+                " ", softmax_state.scalar_type());
+    check_same_device(op, qkv_in, softmax_state, "softmax_state");
+  } else {
+    check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, softmax_state);
+  }
+  return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, softmax_state, scale,
+                      /*bias_every_token=*/true, probs);
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

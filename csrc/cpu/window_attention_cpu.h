@@ -29,7 +29,10 @@ struct WindowAttentionArgs {
   const S* pad_row;      // (3C): what a padded token's q, k, v are (the qkv Linear's bias, or zeros)
   bool bias_every_token; // qkv lacks the qkv Linear's bias: add pad_row to every real token too
   const T* bias_rows;    // (nH, N, NP): table[rel(i, j), h], -inf for the padding columns j >= N
-  T* lse;                // (B * nW, nH, N)
+  T* lse;                // (B * nW, nH, N); null when `probs` holds the softmax instead
+  T* probs;              // (B * nW, nH, N, NP): the softmax P (rows padded with zeros to NP = round_to_vector(N)
+                         // columns, 64-byte aligned), written by a forward that saves it for the backward, which
+                         // then reads it instead of recomputing it from lse; null: not saved
   S* out;                // forward: (B, H, W, C)
   const S* grad_out;     // backward: (B, H, W, C)
   S* grad_qkv;           // backward: (B, H, W, 3C)

@@ -9,6 +9,9 @@
 //   S = (scale q) k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
 // backward, recomputing P = exp(S - lse) (delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id):
 //   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  dQ = scale dS k,  dK = dS^T (scale q),  d_bias += dS.
+// or, when the forward saved P itself (training on CPU: args.probs), reading it back: one of the backward's five
+// small GEMMs (S = q k^T, the widest, over the padded key columns) and the exp pass fewer, for the memory timm's
+// attention keeps anyway (its softmax output, saved for its own backward).
 //
 // Everything is fp32 for fp32 / bf16 / fp16 storage (double for double). A work item reads its head's slices of
 // the window's qkv rows straight from the image by index math (window_tokens + gather_rows / gather_columns: the
@@ -216,6 +219,10 @@ VK_INLINE void prefetch_item(const Args& a, int64_t w, int64_t h, ItemScratch<T>
   if (w < 0) return;
   const int64_t* source = s.tokens_of(a, w);
   const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(*a.qkv));
+  if (backward && a.probs != nullptr) {  // the saved softmax rows of the item: one contiguous block
+    const int64_t block = a.N * round_to_vector(a.N);
+    prefetch_span(a.probs + (w * a.nH + h) * block, block * static_cast<int64_t>(sizeof(T)), false);
+  }
   for (int64_t t = 0; t < a.N; ++t) {
     if (source[t] < 0) continue;
     const auto* qkv = a.qkv + source[t] * 3 * C + off;
@@ -276,8 +283,21 @@ void forward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, I
     store(s.rowstat + i, T(1) / sum);
     store(row_max + i, load(row_max + i) + vlog(sum));
   }
-  T* lse = a.lse + (w * a.nH + h) * N;
-  for (int64_t i = 0; i < N; ++i) lse[i] = row_max[i];
+  if (a.probs != nullptr) {
+    // P = the exp rows times 1 / sum (rows of NP values, zeros past N), saved for the backward instead of the lse;
+    // streamed to memory: it is read back only in the backward, and caching its lines would only evict the
+    // forward's working set (and read each line before writing it)
+    T* probs = a.probs + (w * a.nH + h) * N * NP;
+    for (int64_t i = 0; i < N; ++i) {
+      const V inv = splat(s.rowstat[i]);
+      const T* row = s.p + i * NP;
+      T* dst = probs + i * NP;
+      for (int64_t j = 0; j < NP; j += L) store_streaming(dst + j, load(row + j) * inv);
+    }
+  } else {
+    T* lse = a.lse + (w * a.nH + h) * N;
+    for (int64_t i = 0; i < N; ++i) lse[i] = row_max[i];
+  }
   // O = P v, each row scaled by 1 / sum as it is stored
   gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);
   scatter_rows(a.out + off, C, s.source, N, hd, s.o, HDP, s.rowstat);
@@ -299,7 +319,9 @@ void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, 
   const S* add = a.bias_every_token ? pad : nullptr;
   gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, scale, s.q, HDP);
   gather_rows(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, T(1), s.k, HDP);
-  gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  if (a.probs == nullptr) {  // k^T: only for recomputing S
+    gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  }
   gather_columns(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, s.vt, NP);
   // dO rows (a padded query was cropped from the output: dO = 0)
   for (int64_t t = 0; t < N; ++t) {
@@ -311,14 +333,24 @@ void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, 
     }
   }
   prefetch_item(a, next_w, next_h, s, /*backward=*/true);
-  // P = exp(S - lse), recomputed
-  gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
-  const T* lse = a.lse + (w * a.nH + h) * N;
-  for (int64_t i = 0; i < N; ++i) {
-    T* row = s.p + i * NP;
-    if (s.masked) add_mask(row, s.region, s.region[i], NP);
-    const V l = splat(lse[i]);
-    for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - l));
+  if (a.probs != nullptr) {
+    // P as the forward saved it, padding columns (zeros) included
+    const T* probs = a.probs + (w * a.nH + h) * N * NP;
+    for (int64_t i = 0; i < N; ++i) {
+      T* row = s.p + i * NP;
+      const T* src = probs + i * NP;
+      for (int64_t j = 0; j < NP; j += L) store(row + j, load(src + j));
+    }
+  } else {
+    // P = exp(S - lse), recomputed
+    gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
+    const T* lse = a.lse + (w * a.nH + h) * N;
+    for (int64_t i = 0; i < N; ++i) {
+      T* row = s.p + i * NP;
+      if (s.masked) add_mask(row, s.region, s.region[i], NP);
+      const V l = splat(lse[i]);
+      for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - l));
+    }
   }
   gemm<T>(N, HDP, N, s.p, 1, NP, s.dout, HDP, s.dv, HDP);  // dV = P^T dO
   gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);  // dP = dO v^T
@@ -385,6 +417,7 @@ void forward_items(const WindowAttentionArgs<S, T, G>& a, int64_t begin, int64_t
     const int64_t next = i + 1;
     forward_item(a, i / a.nH, i % a.nH, s, next < end ? next / a.nH : -1, next % a.nH);
   }
+  if (a.probs != nullptr) streaming_fence();
 }
 
 template <typename S, typename T, typename G>

@@ -37,7 +37,7 @@ using Geometry = decltype(std::declval<Problem>().g);
 template <typename S, typename T, typename Problem>
 WindowAttentionArgs<S, T, Geometry<Problem>> make_args(const Problem& p, double scale, const at::Tensor& qkv,
                                                        const at::Tensor& pad_row, const std::vector<T>& bias_rows,
-                                                       at::Tensor& lse) {
+                                                       const at::Tensor& softmax_state, bool probs) {
   WindowAttentionArgs<S, T, Geometry<Problem>> a{};
   a.g = p.g;
   a.N = p.N; a.nH = p.nH; a.hd = p.hd; a.C = p.C;
@@ -46,7 +46,7 @@ WindowAttentionArgs<S, T, Geometry<Problem>> make_args(const Problem& p, double 
   a.qkv = qkv.const_data_ptr<S>();
   a.pad_row = pad_row.const_data_ptr<S>();
   a.bias_rows = bias_rows.data();
-  a.lse = lse.mutable_data_ptr<T>();
+  (probs ? a.probs : a.lse) = softmax_state.mutable_data_ptr<T>();
   return a;
 }
 
@@ -61,18 +61,23 @@ struct ThreadScratch {
 };
 
 // The forward after the argument checks: qkv contiguous, pad_row the padded tokens' (and, with bias_every_token,
-// every token's added) q, k, v. Returns (out, lse (B * nW, nH, N) in the compute type).
+// every token's added) q, k, v. Returns (out, the softmax state for the backward in the compute type: the row
+// log-sum-exp (B * nW, nH, N), or with save_probs the softmax itself (B * nW, nH, N, NP), its rows zero-padded to
+// NP = round_to_vector(N) columns: whole aligned vectors, streamed to memory by the kernel).
 template <typename Problem>
 std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& qkv, const at::Tensor& table,
-                                               const at::Tensor& pad_row, double scale, bool bias_every_token) {
+                                               const at::Tensor& pad_row, double scale, bool bias_every_token,
+                                               bool save_probs = false) {
   at::Tensor out = at::empty(p.out_shape(), qkv.options());
-  at::Tensor lse = at::empty({p.windows(), p.nH, p.N}, qkv.options().dtype(window_attention_acc_type(qkv)));
-  if (p.windows() == 0) return {out, lse};
+  const auto state_options = qkv.options().dtype(window_attention_acc_type(qkv));
+  at::Tensor state = save_probs ? at::empty({p.windows(), p.nH, p.N, round_to_vector(p.N)}, state_options)
+                                : at::empty({p.windows(), p.nH, p.N}, state_options);
+  if (p.windows() == 0) return {out, state};
   const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const std::vector<T> bias_rows = expand_bias<T>(p, table);
-    auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
+    auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, state, save_probs);
     a.bias_every_token = bias_every_token;
     a.out = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
@@ -81,21 +86,22 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tenso
       VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
     });
   });
-  return {out, lse};
+  return {out, state};
 }
 
 // The backward after the argument checks; the qkv bias's gradient (empty without qkv_bias) sums what the padded
 // tokens (and, with bias_every_token, all tokens) pass to it. The forward's output (an argument of the op, checked)
-// is not read: the kernel gets sum_d dO O from P and dP, already in its cache.
+// is not read: the kernel gets sum_d dO O from P and dP, already in its cache. `state` is the forward's softmax
+// state, checked by the caller: the lse, or (`probs`) the saved softmax.
 template <typename Problem>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, const Problem& p,
                                                             const at::Tensor& grad_out_in, const at::Tensor& qkv,
                                                             const at::Tensor& table,
                                                             const std::optional<at::Tensor>& qkv_bias,
-                                                            const at::Tensor& lse_in, double scale,
-                                                            bool bias_every_token) {
+                                                            const at::Tensor& state_in, double scale,
+                                                            bool bias_every_token, bool probs = false) {
   const at::Tensor grad_out = grad_out_in.to(qkv.scalar_type()).contiguous();
-  at::Tensor lse = lse_in.contiguous();
+  const at::Tensor state = state_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);
   at::Tensor grad_qkv = at::empty_like(qkv);  // every real token's row is written (each is in one window)
   const int64_t threads = at::get_num_threads();
@@ -111,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
                                     [&] {
       using T = at::opmath_type<scalar_t>;
       const std::vector<T> bias_rows = expand_bias<T>(p, table);
-      auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, lse);
+      auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, state, probs);
       a.bias_every_token = bias_every_token;
       a.grad_out = grad_out.const_data_ptr<scalar_t>();
       a.grad_qkv = grad_qkv.mutable_data_ptr<scalar_t>();

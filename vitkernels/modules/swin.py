@@ -43,7 +43,7 @@ from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops import linear as _linear_op
-from vitkernels.ops.window_attention import window_attention
+from vitkernels.ops.window_attention import needs_grad, window_attention
 from vitkernels.reference import swin as reference
 
 # The native CPU ops the fused block and patch merging call directly (once _fused_cpu_allowed and the block's
@@ -256,8 +256,10 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             out, _ = torch.ops.vitkernels.window_attention(qkv, attn.relative_position_bias_table, None, window, shift,
                                                            attn.num_heads, attn.scale)
         else:
-            out, _ = torch.ops.vitkernels.window_attention_add_bias(
-                qkv, attn.relative_position_bias_table, attn.qkv.bias, window, shift, attn.num_heads, attn.scale
+            table = attn.relative_position_bias_table
+            out, _ = torch.ops.vitkernels.window_attention_add_bias(  # training: saves the softmax for the backward
+                qkv, table, attn.qkv.bias, window, shift, attn.num_heads, attn.scale,
+                needs_grad(qkv, table, attn.qkv.bias),
             )
         return out
 

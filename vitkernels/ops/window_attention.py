@@ -151,15 +151,35 @@ def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scal
     return out, qkv.new_empty(lse_shape, dtype=_lse_dtype(qkv))
 
 
+def _add_bias_forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, save_probs=False):
+    """window_attention_add_bias: the second output is the lse, or with ``save_probs`` the softmax itself, its rows
+    zero-padded to a multiple of 16 columns (B * nW, nH, N, NP) (csrc/cpu/window_attention.cpp)."""
+    out, lse = _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+    if save_probs:
+        n = lse.shape[-1]
+        lse = lse.new_empty((*lse.shape, -(-n // 16) * 16))
+    return out, lse
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` (None allowed): a forward then saves state for a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale):
     bias_grad = qkv_bias.new_empty(qkv_bias.shape) if qkv_bias is not None else qkv.new_empty(0)
     return qkv.new_empty(qkv.shape), table.new_empty(table.shape), bias_grad
 
 
-def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "window_attention") -> None:
+def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "window_attention",
+                                 forward_fake=_forward_fake, optional_lse: bool = True) -> None:
+    """Fakes of ``forward`` / ``backward`` and the autograd formula. ``optional_lse``: the forward's 8th argument,
+    when given, says whether it stores the lse (Triton's ``need_lse``); otherwise the forward always returns its
+    softmax state (window_attention_add_bias: the lse or, with ``save_probs``, the softmax) and the backward takes
+    it back as it came."""
     def setup_context(ctx, inputs, output):
         qkv, table, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads, ctx.scale = inputs[:7]
-        ctx.has_lse = len(inputs) < 8 or inputs[7]
+        ctx.has_lse = not optional_lse or len(inputs) < 8 or inputs[7]
         ctx.num_inputs = len(inputs)
         out, lse = output
         ctx.has_bias = qkv_bias is not None
@@ -176,7 +196,7 @@ def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "w
         )
         return (grad_qkv, grad_table, (grad_bias if ctx.has_bias else None)) + (None,) * (ctx.num_inputs - 3)
 
-    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     # second-order gradients would need the backward of the backward kernels: refused clearly, never silent zeros
@@ -262,8 +282,7 @@ if HAS_TRITON:
 
     @op.register("triton", _triton_supports)
     def _window_attention_triton(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
-        need_lse = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (qkv, table, qkv_bias))
+        need_lse = needs_grad(qkv, table, qkv_bias)
         out, _ = triton_window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, need_lse)
         return out
 
@@ -312,7 +331,7 @@ def _window_attention_add_bias_reference(qkv, table, window_size, shift_size, nu
 if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_add_bias.default,
                                  torch.ops.vitkernels.window_attention_add_bias_backward.default, "native",
-                                 "window_attention_add_bias")
+                                 "window_attention_add_bias", _add_bias_forward_fake, optional_lse=False)
 
     def _add_bias_native_supports(call: dispatch.Call) -> Optional[str]:
         if call.device.type != "cpu":
@@ -321,8 +340,10 @@ if _native.is_loaded():
 
     @add_bias_op.register("native", _add_bias_native_supports)
     def _window_attention_add_bias_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
+        # training: the forward saves the softmax and the backward reads it instead of recomputing it (timm's
+        # attention keeps its softmax for its backward too)
         out, _ = torch.ops.vitkernels.window_attention_add_bias(
-            qkv, table, qkv_bias, window_size, shift_size, num_heads, scale
+            qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, needs_grad(qkv, table, qkv_bias)
         )
         return out
 

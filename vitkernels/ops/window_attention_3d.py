@@ -29,7 +29,7 @@ import torch
 from vitkernels import _native, dispatch
 from vitkernels._validation import INT64_MAX, check_int, check_shape, check_tensor
 from vitkernels.ops._library import refuse_double_backward
-from vitkernels.ops.window_attention import checked_bias_scale_call
+from vitkernels.ops.window_attention import checked_bias_scale_call, needs_grad
 from vitkernels.reference import window_attention_3d as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -273,8 +273,7 @@ if HAS_TRITON:
     @op.register("triton", _triton_supports)
     def _window_attention_3d_triton(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias,
                                     pad_before_shift):
-        need_lse = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (qkv, table, qkv_bias))
+        need_lse = needs_grad(qkv, table, qkv_bias)
         out, _ = triton_window_attention_3d(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale,
                                             pad_before_shift, need_lse)
         return out

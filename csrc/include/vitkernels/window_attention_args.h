@@ -110,16 +110,17 @@ inline at::ScalarType window_attention_acc_type(const at::Tensor& qkv) {
 // The backward's extra inputs: grad_out and out of the output's shape, the forward's log-sum-exp.
 inline void check_window_attention_backward_args(const char* op, const WindowAttentionProblem& p,
                                                  const at::Tensor& qkv, const at::Tensor& grad_out,
-                                                 const at::Tensor& out, const at::Tensor& lse) {
+                                                 const at::Tensor& out, const std::optional<at::Tensor>& lse) {
   const std::vector<int64_t> shape = p.out_shape();
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape) && out.sizes() == at::IntArrayRef(shape), op,
               ": grad_out and out must be ", at::IntArrayRef(shape), ", got ", grad_out.sizes(), " and ", out.sizes());
-  const auto acc = window_attention_acc_type(qkv);
-  TORCH_CHECK(lse.numel() == p.windows() * p.nH * p.N && lse.scalar_type() == acc, op,
-              ": lse must be the forward's (B * nW, nH, N) ", acc, " log-sum-exp");
   check_same_device(op, qkv, grad_out, "grad_out");
   check_same_device(op, qkv, out, "out");
-  check_same_device(op, qkv, lse, "lse");
+  if (!lse.has_value()) return;  // the caller checks the softmax state it was given instead
+  const auto acc = window_attention_acc_type(qkv);
+  TORCH_CHECK(lse->numel() == p.windows() * p.nH * p.N && lse->scalar_type() == acc, op,
+              ": lse must be the forward's (B * nW, nH, N) ", acc, " log-sum-exp");
+  check_same_device(op, qkv, *lse, "lse");
 }
 
 // What a padded token's q, k, v are: the qkv bias in qkv's dtype, or zeros.
