@@ -87,6 +87,10 @@ TORCH_LIBRARY(vitkernels, m) {
         "Tensor lse, int[3] window_size, int[3] shift_size, int num_heads, float scale, bool pad_before_shift) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // x W^T + b through oneDNN's inner product, float32 CPU, recorded for autograd by a C++ autograd Function: the
+  // eager training path of vitkernels.linear (csrc/cpu/linear.cpp; torch.compile keeps the Python custom op).
+  m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.
   // y = gelu(x + bias) over the last dim; backward -> (grad_x, grad_bias).

@@ -37,6 +37,21 @@ def onednn_or_skip():
         pytest.skip(f"native linear unavailable: {reason}")
 
 
+@pytest.fixture(params=["native_cpp_function", "python_function"])
+def eager_path(request, monkeypatch):
+    """Each eager autograd path of the native backend: vitkernels::onednn_linear_eager (the C++ autograd Function
+    of vitkernels._C, the default where it is built) and the Python autograd.Function (without vitkernels._C)."""
+    onednn_or_skip()
+    if request.param == "native_cpp_function":
+        if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
+            pytest.skip("vitkernels._C is not built")
+        fn = torch.ops.vitkernels.onednn_linear_eager.default
+    else:
+        fn = linear_op._EagerOneDNNLinear.apply
+    monkeypatch.setattr(linear_op, "_eager_linear", fn)
+    return request.param
+
+
 def expected64(x, w, b, activation):
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
     return y if activation is None else F.gelu(y, approximate=GELU[activation])
@@ -58,6 +73,62 @@ def inputs(shape, N, bias, seed=0):
 def test_forward_backward_match_float64(backend, shape, N, bias, activation):
     if backend == "native":
         onednn_or_skip()
+    check_forward_backward(backend, shape, N, bias, activation)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,N", SHAPES)
+def test_each_eager_path_matches_float64(eager_path, shape, N, bias):
+    check_forward_backward("native", shape, N, bias, None)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)],
+                         ids=["x-only", "params-only", "bias-only"])
+def test_each_eager_path_computes_only_the_gradients_asked_for(eager_path, needs):
+    x, w, b = inputs((4, 6, 24), 12, True)
+    for t, need in zip((x, w, b), needs):
+        t.requires_grad_(need)
+    out = linear(x, w, b, backend="native")
+    wanted = [t for t in (x, w, b) if t.requires_grad]
+    got = torch.autograd.grad(out.pow(2).sum(), wanted)
+    ref = torch.autograd.grad(expected64(x, w, b, None).pow(2).sum(), wanted)
+    for g_, r in zip(got, ref):
+        assert_close_scaled(g_, r.detach(), torch.float32)
+
+
+def test_eager_training_uses_the_cpp_function_where_built():
+    onednn_or_skip()
+    if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
+        pytest.skip("vitkernels._C is not built")
+    assert linear_op._eager_linear is torch.ops.vitkernels.onednn_linear_eager.default
+    x, w, b = inputs((5, 16), 8, True)
+    assert "EagerOneDnnLinear" in linear(x, w, b, backend="native").grad_fn.name()
+
+
+def test_layer_linear_goes_straight_to_the_native_op_in_eager_float32():
+    """layer_linear (the Linear module's and the fused Swin block's GEMMs) skips linear()'s Python checks where
+    the C++ op serves the call, and is linear(backend="auto") everywhere else: float64, autocast, torch.compile."""
+    onednn_or_skip()
+    if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
+        pytest.skip("vitkernels._C is not built")
+    x, w, b = inputs((3, 5, 16), 8, True)
+    y = linear_op.layer_linear(x, w, b)
+    assert "EagerOneDnnLinear" in y.grad_fn.name()
+    assert_close_scaled(y, expected64(x, w, b, None).detach(), torch.float32)
+    with torch.no_grad():
+        y = linear_op.layer_linear(x, w, b)
+        assert y.grad_fn is None and y._base is None
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = linear_op.layer_linear(x64, w64, b64)
+    assert "EagerOneDnnLinear" not in y64.grad_fn.name() and y64.dtype == torch.float64
+    torch.testing.assert_close(y64, F.linear(x64, w64, b64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_op.layer_linear(x, w, b).dtype == torch.bfloat16
+    compiled = torch.compile(lambda t: linear_op.layer_linear(t, w, b), backend="aot_eager", fullgraph=True)
+    assert_close_scaled(compiled(x), expected64(x, w, b, None).detach(), torch.float32)
+
+
+def check_forward_backward(backend, shape, N, bias, activation):
     x, w, b = inputs(shape, N, bias)
     out = linear(x, w, b, activation, backend=backend)
     assert out.shape == (*shape[:-1], N) and out.dtype == torch.float32
@@ -111,10 +182,9 @@ def test_non_contiguous_input():
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("shape", [(6, 5, 8), (8,)], ids=["3d", "1d"])
-def test_eager_output_is_not_a_view_and_can_be_modified_in_place(shape, grad):
+def test_eager_output_is_not_a_view_and_can_be_modified_in_place(eager_path, shape, grad):
     # eager calls skip the custom op (oneDNN's op directly / an autograd.Function): their output must still allow
     # in-place updates (timm's ``qkv += bias``), which autograd forbids on a view made inside a Function
-    onednn_or_skip()
     x, w, b = inputs(shape, 6, True)
     with torch.set_grad_enabled(grad):
         y = linear(x, w, b, backend="native")
@@ -130,9 +200,8 @@ def test_eager_output_is_not_a_view_and_can_be_modified_in_place(shape, grad):
             assert_close_scaled(a, r, torch.float32)
 
 
-def test_eager_double_backward_matches_f_linear():
-    # the eager autograd.Function's backward runs through the differentiable custom op under create_graph
-    onednn_or_skip()
+def test_eager_double_backward_matches_f_linear(eager_path):
+    # under create_graph the eager Functions' backward runs differentiable ops (the custom op / ATen's mm)
     x, w, b = inputs((7, 12), 5, True)
 
     def grad_of_grad_norm(fn):

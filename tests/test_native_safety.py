@@ -231,6 +231,19 @@ def _bad_native_calls():
         ("attn-bwd-grad-shape", lambda: ops.window_attention_backward(torch.randn(1, 4, 4, 3), qkv, table, None,
                                                                       torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4),
                                                                       [2, 2], [1, 1], 2, 0.5), "grad_out and out"),
+        # onednn_linear_eager (x W^T + b, float32 CPU)
+        ("linear-eager-weight-shape", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 3), None),
+         "weight must be"),
+        ("linear-eager-weight-rank", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(4), None),
+         "weight must be"),
+        ("linear-eager-scalar-x", lambda: ops.onednn_linear_eager(torch.tensor(1.0), torch.randn(5, 1), None),
+         "at least one dimension"),
+        ("linear-eager-dtype", lambda: ops.onednn_linear_eager(torch.randn(3, 4).double(), torch.randn(5, 4).double(),
+                                                               None), "float32"),
+        ("linear-eager-bias-size", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 4),
+                                                                   torch.randn(4)), "bias must be"),
+        ("linear-eager-bias-dtype", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 4),
+                                                                    torch.randn(5).double()), "bias must be"),
         # window_attention_add_bias's backward: the softmax state is the lse (4 windows, 2 heads, 4 tokens) or the
         # saved softmax (4, 2, 4, 16): anything else is refused, never read past its end
         ("attn-add-bias-bwd-lse", lambda: ops.window_attention_add_bias_backward(

@@ -54,9 +54,10 @@ _FUSED_CPU_AVAILABLE = _native.is_loaded() and all(_native.has_kernel(op, "CPU")
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The fused CPU path's Linears: :func:`vitkernels.ops.linear.linear` with backend ``auto`` (oneDNN for float32,
-    ``F.linear`` for the other dtypes the fused path takes), whatever backend pinned the path itself."""
-    return _linear_op.linear(x, weight, bias, backend="auto")
+    """The fused CPU path's Linears: :func:`vitkernels.ops.linear.layer_linear`, the linear op with backend ``auto``
+    (oneDNN for float32, ``F.linear`` for the other dtypes the fused path takes), whatever backend pinned the path
+    itself."""
+    return _linear_op.layer_linear(x, weight, bias)
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
