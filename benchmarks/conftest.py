@@ -249,19 +249,31 @@ def record_backends():
     """Collect ``(op name, backend)`` for every dispatch made inside the block (eager calls)."""
     from vitkernels import dispatch
 
+    from vitkernels.ops import linear as linear_op
+
     chosen = []
     original = dispatch.Op.select
+    # layer_linear's direct call of the native op (the fused Swin block's and the Linear module's GEMMs) bypasses
+    # select: recorded as what it is, the linear op's native backend
+    fast = linear_op._layer_fast_path
 
     def select(self, call, backend=None):
         impl = original(self, call, backend)
         chosen.append((self.name, impl.backend))
         return impl
 
+    def fast_path(*args):
+        chosen.append(("linear", "native"))
+        return fast(*args)
+
     dispatch.Op.select = select
+    if fast is not None:
+        linear_op._layer_fast_path = fast_path
     try:
         yield chosen
     finally:
         dispatch.Op.select = original
+        linear_op._layer_fast_path = fast
 
 
 def skip_auto_if_same(run_once, named_backends=("native", "triton")):

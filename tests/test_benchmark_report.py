@@ -116,3 +116,31 @@ def test_publish_clears_dirty_when_only_earlier_results_differ(tmp_path, monkeyp
 def test_publish_keeps_dirty_and_names_changed_code(tmp_path, monkeypatch):
     info = _settle(tmp_path, monkeypatch, " M benchmarks/results/cpu-glibc.json\n M vitkernels/ops/linear.py\n")
     assert info["dirty"] is True and info["dirty_paths"] == ["vitkernels/ops/linear.py"]
+
+
+def test_auto_swin_block_counts_as_the_native_peer():
+    """The benchmarks' ``skip_auto_if_same``: on CPU the ``auto`` SwinBlock runs the fused native path, whose GEMMs
+    call the native linear op directly (layer_linear, no backend selection): recorded as the linear op's native
+    backend, so the 'vitkernels auto' peer is skipped as the same code as 'vitkernels native', not timed twice."""
+    import importlib.util
+
+    import pytest
+    import torch
+
+    import vitkernels
+    from vitkernels.ops import linear as linear_op
+
+    if linear_op._layer_fast_path is None:
+        pytest.skip("vitkernels._C is not built")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "conftest.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_conftest", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    block = vitkernels.SwinBlock(32, (14, 14), 2, window_size=7, shift_size=3)
+    x = torch.randn(1, 14, 14, 32)
+    with bench.record_backends() as chosen:
+        block(x)
+    assert chosen and {backend for _, backend in chosen} == {"native"}
+    with pytest.raises(pytest.skip.Exception, match="same code"):
+        bench.skip_auto_if_same(lambda: block(x))
+    assert linear_op._layer_fast_path is torch.ops.vitkernels.onednn_linear_eager.default  # restored
