@@ -37,16 +37,22 @@ def onednn_or_skip():
         pytest.skip(f"native linear unavailable: {reason}")
 
 
+def cpp_function_or_skip():
+    """Skip unless vitkernels::onednn_linear_eager (the C++ autograd Function of vitkernels._C) is there."""
+    onednn_or_skip()
+    if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
+        pytest.skip("vitkernels._C is not built")
+
+
 @pytest.fixture(params=["native_cpp_function", "python_function"])
 def eager_path(request, monkeypatch):
     """Each eager autograd path of the native backend: vitkernels::onednn_linear_eager (the C++ autograd Function
     of vitkernels._C, the default where it is built) and the Python autograd.Function (without vitkernels._C)."""
-    onednn_or_skip()
     if request.param == "native_cpp_function":
-        if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
-            pytest.skip("vitkernels._C is not built")
+        cpp_function_or_skip()
         fn = torch.ops.vitkernels.onednn_linear_eager.default
     else:
+        onednn_or_skip()
         fn = linear_op._EagerOneDNNLinear.apply
     monkeypatch.setattr(linear_op, "_eager_linear", fn)
     return request.param
@@ -97,9 +103,7 @@ def test_each_eager_path_computes_only_the_gradients_asked_for(eager_path, needs
 
 
 def test_eager_training_uses_the_cpp_function_where_built():
-    onednn_or_skip()
-    if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
-        pytest.skip("vitkernels._C is not built")
+    cpp_function_or_skip()
     assert linear_op._eager_linear is torch.ops.vitkernels.onednn_linear_eager.default
     x, w, b = inputs((5, 16), 8, True)
     assert "EagerOneDnnLinear" in linear(x, w, b, backend="native").grad_fn.name()
@@ -108,9 +112,7 @@ def test_eager_training_uses_the_cpp_function_where_built():
 def test_layer_linear_goes_straight_to_the_native_op_in_eager_float32():
     """layer_linear (the Linear module's and the fused Swin block's GEMMs) skips linear()'s Python checks where
     the C++ op serves the call, and is linear(backend="auto") everywhere else: float64, autocast, torch.compile."""
-    onednn_or_skip()
-    if not hasattr(torch.ops.vitkernels, "onednn_linear_eager"):
-        pytest.skip("vitkernels._C is not built")
+    cpp_function_or_skip()
     x, w, b = inputs((3, 5, 16), 8, True)
     y = linear_op.layer_linear(x, w, b)
     assert "EagerOneDnnLinear" in y.grad_fn.name()

@@ -64,22 +64,14 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda q, t, b: native(q, t, window, shift, nH, scale, b), (qkv, table, bias))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("save_probs", [False, True], ids=["lse", "saved-softmax"])
+def test_native_opcheck(save_probs):
     native_or_skip("window_attention_add_bias")
     qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
     table = torch.randn(169, 2, requires_grad=True)
     bias = torch.randn(96, requires_grad=True)
     torch.library.opcheck(torch.ops.vitkernels.window_attention_add_bias.default,
-                          (qkv, table, bias, [7, 7], [3, 3], 2, 0.25))
-
-
-def test_native_opcheck_saving_the_softmax():
-    native_or_skip("window_attention_add_bias")
-    qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
-    table = torch.randn(169, 2, requires_grad=True)
-    bias = torch.randn(96, requires_grad=True)
-    torch.library.opcheck(torch.ops.vitkernels.window_attention_add_bias.default,
-                          (qkv, table, bias, [7, 7], [3, 3], 2, 0.25, True))
+                          (qkv, table, bias, [7, 7], [3, 3], 2, 0.25, save_probs))
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

@@ -42,15 +42,20 @@ at::Tensor onednn_gemm(const at::Tensor& a, const at::Tensor& b, const std::opti
   return op.call(a.contiguous(), b, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+// Rows of x (..., K) as a 2D operand: the product of its leading dims (not numel / K: K may be 0).
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
 // (..., K) x (N, K) -> (..., N), returned as a tensor that is not a view: the GEMM's 2D result reshaped would be a
 // view of a tensor made inside the Function, which autograd forbids modifying in place afterwards (timm's
 // `qkv += bias` does); the result takes the GEMM output's storage directly instead.
 at::Tensor linear_unviewed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t N = weight.size(0), K = weight.size(1);
+  const at::Tensor y = onednn_gemm(x.reshape({leading_rows(x), K}), weight, bias);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  int64_t rows = 1;
-  for (int64_t s : shape) rows *= s;  // not reshape(-1, K): ambiguous when K = 0
-  const at::Tensor y = onednn_gemm(x.reshape({rows, K}), weight, bias);
   shape.push_back(N);
   std::vector<int64_t> strides(shape.size());
   int64_t step = 1;
@@ -90,8 +95,7 @@ struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];
     const int64_t N = weight.size(0), K = weight.size(1);
-    int64_t lead = 1;  // rows of the 2D products (not numel / K: K may be 0)
-    for (int64_t d = 0; d + 1 < x.dim(); ++d) lead *= x.size(d);
+    const int64_t lead = leading_rows(x);
     const at::Tensor g = grads[0].reshape({lead, N});
     const at::Tensor x2 = x.reshape({lead, K});
     // create_graph: differentiable ATen ops (oneDNN's op has no derivative)
