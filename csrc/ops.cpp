@@ -88,8 +88,12 @@ TORCH_LIBRARY(vitkernels, m) {
         "-> (Tensor, Tensor, Tensor)");
 
   // x W^T + b through oneDNN's inner product, float32 CPU, recorded for autograd by a C++ autograd Function: the
-  // eager training path of vitkernels.linear (csrc/cpu/linear.cpp; torch.compile keeps the Python custom op).
+  // eager training path of vitkernels.linear (csrc/cpu/linear.cpp; torch.compile keeps onednn_linear below).
   m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // act(x W^T + b), act in {none, gelu, gelu_tanh} as oneDNN's post-op, float32 CPU, no autograd of its own: the op
+  // torch.compile keeps (fake and autograd from vitkernels/ops/linear.py; without vitkernels._C the same op is a
+  // Python custom op there).
+  m.def("onednn_linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.

@@ -246,6 +246,53 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vitkernels.onednn_linear.default, (x, w, None, "none"))
 
 
+def test_op_without_the_extension_is_a_python_custom_op(tmp_path):
+    """Without vitkernels._C the op vitkernels::onednn_linear is defined in Python (same body, same fake and
+    autograd): checked in a fresh interpreter where importing vitkernels._C fails."""
+    import subprocess
+    import sys
+    onednn_or_skip()
+    code = """
+import sys
+sys.modules["vitkernels._C"] = None  # import fails: the package runs without its extension
+import torch
+from vitkernels import _native
+from vitkernels.ops import linear as linear_op
+assert not _native.is_loaded()
+assert linear_op._onednn_linear is torch.ops.vitkernels.onednn_linear.default
+torch.manual_seed(0)
+x = torch.randn(3, 5, 24, requires_grad=True)
+w = torch.randn(12, 24, requires_grad=True)
+b = torch.randn(12, requires_grad=True)
+for activation in ("none", "gelu", "gelu_tanh"):
+    torch.library.opcheck(torch.ops.vitkernels.onednn_linear.default, (x, w, b, activation))
+    y = torch.ops.vitkernels.onednn_linear(x, w, b, activation)
+    ref = torch.nn.functional.linear(x, w, b)
+    if activation != "none":
+        ref = torch.nn.functional.gelu(ref, approximate="none" if activation == "gelu" else "tanh")
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y.sum(), (x, w, b))
+    want = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+try:
+    torch.ops.vitkernels.onednn_linear(x, w, b, "relu")
+except ValueError as exc:
+    assert "activation must be one of" in str(exc)
+else:
+    raise AssertionError("an unknown activation was accepted")
+print("python custom op ok")
+"""
+    import os
+    import vitkernels
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vitkernels.__file__)))  # the package this run imports
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "python custom op ok" in proc.stdout
+
+
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_compiles_fullgraph(activation):
     onednn_or_skip()

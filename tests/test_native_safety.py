@@ -244,6 +244,17 @@ def _bad_native_calls():
                                                                    torch.randn(4)), "bias must be"),
         ("linear-eager-bias-dtype", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 4),
                                                                     torch.randn(5).double()), "bias must be"),
+        # onednn_linear (act(x W^T + b), the op torch.compile keeps): the same checks, and the activation's name
+        ("linear-weight-shape", lambda: ops.onednn_linear(torch.randn(3, 4), torch.randn(5, 3), None, "none"),
+         "onednn_linear: weight must be"),
+        ("linear-scalar-x", lambda: ops.onednn_linear(torch.tensor(1.0), torch.randn(5, 1), None, "none"),
+         "at least one dimension"),
+        ("linear-dtype", lambda: ops.onednn_linear(torch.randn(3, 4).double(), torch.randn(5, 4).double(), None,
+                                                   "gelu"), "float32"),
+        ("linear-bias-size", lambda: ops.onednn_linear(torch.randn(3, 4), torch.randn(5, 4), torch.randn(4),
+                                                       "none"), "bias must be"),
+        ("linear-activation", lambda: ops.onednn_linear(torch.randn(3, 4), torch.randn(5, 4), None, "relu"),
+         "activation must be"),
         # window_attention_add_bias's backward: the softmax state is the lse (4 windows, 2 heads, 4 tokens) or the
         # saved softmax (4, 2, 4, 16): anything else is refused, never read past its end
         ("attn-add-bias-bwd-lse", lambda: ops.window_attention_add_bias_backward(

@@ -12,8 +12,9 @@ Backends:
   bfloat16 is not served: there ``F.linear`` was the faster of the two in the same quick check (8.8 vs 12.4 ms at
   3136x384x1536), so ``auto`` leaves it to the reference.
 
-The native op ``vitkernels::onednn_linear(x, weight, bias, activation)`` is a ``torch.library`` custom op with a fake
-implementation and autograd, so ``torch.compile(fullgraph=True)`` keeps it. Its backward, all GEMMs in oneDNN:
+The native op ``vitkernels::onednn_linear(x, weight, bias, activation)`` has its CPU kernel in C++ (csrc/cpu/linear.cpp;
+without vitkernels._C it is a Python custom op with the same body) and its fake and autograd from here, so
+``torch.compile(fullgraph=True)`` keeps it. Its backward, all GEMMs in oneDNN:
 
 * ``grad_x = g W``: ``_linear_pointwise(g, W^T)`` with the weight's transposed *view* (oneDNN reorders its weight
   operand on every call anyway; copying ``W^T`` first cost up to 2x at Swin-T's stage-4 shapes, where the weight
@@ -169,14 +170,24 @@ def _linear_unviewed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 if onednn_available():
 
-    @torch.library.custom_op("vitkernels::onednn_linear", mutates_args=())
-    def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       activation: str) -> torch.Tensor:
-        return _linear_unviewed(x, weight, bias, activation)
-
-    @_onednn_linear.register_fake
     def _onednn_linear_fake(x, weight, bias, activation):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    if _native.is_loaded() and hasattr(torch.ops.vitkernels, "onednn_linear"):
+        # vitkernels._C defines the op with its CPU kernel in C++ (csrc/cpu/linear.cpp): a compiled graph calls it
+        # for every Linear, forward and backward, and the Python body below costs ~40 us more per call
+        _onednn_linear = torch.ops.vitkernels.onednn_linear.default
+        torch.library.register_fake("vitkernels::onednn_linear")(_onednn_linear_fake)
+    else:
+        @torch.library.custom_op("vitkernels::onednn_linear", mutates_args=())
+        def _onednn_linear_custom_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                     activation: str) -> torch.Tensor:
+            if activation not in _POST_OPS:
+                raise ValueError(f"onednn_linear: activation must be one of {tuple(_POST_OPS)}, got {activation!r}")
+            return _linear_unviewed(x, weight, bias, activation)
+
+        _onednn_linear_custom_op.register_fake(_onednn_linear_fake)
+        _onednn_linear = torch.ops.vitkernels.onednn_linear.default
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, ctx.activation = inputs
@@ -227,7 +238,7 @@ if onednn_available():
             gemm = _custom_op_gemm if torch.is_grad_enabled() else _gemm
             return _linear_grads(grad, x, weight, bias, "none", ctx.needs_input_grad, gemm)
 
-    _onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+    torch.library.register_autograd("vitkernels::onednn_linear", _backward, setup_context=_setup_context)
 
     # The eager autograd path: the C++ Function of vitkernels._C where it is built (~75 us less Python per Linear
     # forward + backward than the autograd.Function above: 361 -> 284 us at (49, 96) x (96, 96), one thread), else
