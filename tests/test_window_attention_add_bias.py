@@ -106,6 +106,19 @@ def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("save_probs", [False, True], ids=["lse", "saved-softmax"])
+def test_native_softmax_state_is_not_differentiable(save_probs):
+    """The softmax state is the backward's input, not a differentiable result (the gradient formula has no term for
+    it): it does not require grad, so autograd fills no zero gradient for it; the output does."""
+    native_or_skip("window_attention_add_bias")
+    qkv, table, window, shift, nH, scale, bias = make_inputs(CASES[0])(torch.float32)
+    out, state = torch.ops.vitkernels.window_attention_add_bias(qkv, table, bias, list(window), list(shift), nH, 0.25,
+                                                                save_probs)
+    assert out.requires_grad and not state.requires_grad
+    grads = torch.autograd.grad(out.sum(), (qkv, table, bias))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_compiles_fullgraph():
     native_or_skip("window_attention_add_bias")
     qkv, table, window, shift, nH, scale, bias = make_inputs(CASES[0])(torch.float32)
