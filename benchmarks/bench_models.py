@@ -20,7 +20,7 @@ else. The gap between a peer and its floor is what attention, norms, activations
   floor of the ``patched`` peers. Convs through ``F.conv2d`` in both.
 
 Every peer but the baseline (``timm eager`` / ``official eager``) is also timed in alternation with the baseline,
-6 pairs, one warm-up call each, before its own timing: ``extra_info["vs_baseline"]`` (median and quartiles of the
+10 pairs, one warm-up call each, before its own timing: ``extra_info["vs_baseline"]`` (median and quartiles of the
 per-pair speedups; the report's "speedup, interleaved" column). pytest-benchmark times each peer in its own stretch of
 time, and on the shared 2-core VM the machine's speed drifted by up to ~30% within minutes (Swin-B's training step:
 timm eager measured 782 ms in one run and 957 ms in the next, patched 841 and 708): the separate medians' ratio
@@ -295,7 +295,8 @@ def _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=False):
     return floor, floor_flops
 
 
-INTERLEAVED_ROUNDS = 6  # pairs (baseline, peer) timed in alternation, per peer
+# pairs (baseline, peer) timed in alternation, per peer: with 6, two runs of the same code differed by up to 0.13x
+INTERLEAVED_ROUNDS = 10
 
 
 def _interleaved(benchmark, baseline_step, fn, baseline_peer, imgs, extra):

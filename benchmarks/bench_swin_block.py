@@ -9,7 +9,7 @@ step's forward and backward, parameters' gradients included).
 Shapes: Swin-T stage 1 (56x56, C 96, 3 heads) and stage 3 (14x14, C 384, 12 heads), window 7, shift 3; batch 128 on
 a GPU (bf16); on CPU (fp32, 2 cores) batch 8 for inference -- the native-backend target shape -- and batch 2 for
 fwd+bwd. Every peer's output (and input gradient) is checked against the float64 reference block holding the same
-weights before timing. Every peer but timm eager is also timed in alternation with timm eager (6 pairs,
+weights before timing. Every peer but timm eager is also timed in alternation with timm eager (12 pairs,
 ``extra_info["vs_baseline"]``, the report's "speedup, interleaved" column; see ``bench_models``). On CPU the
 torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backward takes minutes on 2 cores):
 ``-m "not heavy"`` leaves them out.
@@ -39,7 +39,8 @@ for stage in STAGES:
     # CPU fwd+bwd: batch 2 at stage 1 (12544 tokens), 8 at stage 3 (1568 tokens: the deep stages' few windows)
     CASES.append((stage, "fwd+bwd", 128 if ON_GPU else (2 if stage.startswith("swin-t stage1") else 8)))
 BASELINE = "timm eager"
-INTERLEAVED_ROUNDS = 6  # (timm eager, peer) pairs timed in alternation, per peer
+# (timm eager, peer) pairs timed in alternation, per peer: with 6, two runs of the same code differed by up to 0.25x
+INTERLEAVED_ROUNDS = 12
 PEERS = ["timm eager", "timm sdpa", "timm torch.compile", "reference eager", "reference torch.compile",
          "vitkernels auto", "vitkernels triton", "vitkernels native"]
 
