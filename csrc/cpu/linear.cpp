@@ -45,29 +45,34 @@ Activation parse_activation(c10::string_view activation, const char* op) {
   TORCH_CHECK(false, op, ": activation must be 'none', 'gelu' or 'gelu_tanh', got '", std::string(activation), "'");
 }
 
+// ATen's / oneDNN's name of a GELU activation's approximation ("none" = erf).
+c10::string_view gelu_approximation(Activation activation) {
+  return activation == Activation::kGeluTanh ? "tanh" : "none";
+}
+
 // act(a b^T + bias) for a (M, K), b (N, K) (any strides: oneDNN reorders the weight operand into its blocked
 // layout on every call anyway, and reads a transposed view about as fast as a contiguous one) -> (M, N), the GELU
 // as oneDNN's post-op (attr "gelu", algorithm "none" = erf or "tanh", as inductor's mkldnn fusion writes it). Empty
 // products go to ATen, whose conventions (zeros for K = 0) oneDNN's primitive creation does not promise.
 at::Tensor onednn_gemm(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                        Activation activation = Activation::kNone) {
+  const bool gelu = activation != Activation::kNone;
   if (a.numel() == 0 || b.numel() == 0) {
     const at::Tensor y = at::linear(a, b, bias);
-    if (activation == Activation::kNone) return y;
-    return at::gelu(y, activation == Activation::kGelu ? "none" : "tanh");
+    return gelu ? at::gelu(y, gelu_approximation(activation)) : y;
   }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
-  if (activation == Activation::kNone) {
-    return op.call(a.contiguous(), b, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  c10::List<std::optional<at::Scalar>> scalars;  // the GELU post-op takes one (unset) scalar
+  std::optional<c10::string_view> algorithm;
+  if (gelu) {
+    scalars.push_back(std::nullopt);
+    algorithm = gelu_approximation(activation);
   }
-  c10::List<std::optional<at::Scalar>> scalars;
-  scalars.push_back(std::nullopt);
-  return op.call(a.contiguous(), b, bias, "gelu", scalars,
-                 activation == Activation::kGelu ? c10::string_view("none") : c10::string_view("tanh"));
+  return op.call(a.contiguous(), b, bias, gelu ? "gelu" : "none", scalars, algorithm);
 }
 
 // Rows of x (..., K) as a 2D operand: the product of its leading dims (not numel / K: K may be 0).
