@@ -5,6 +5,8 @@
 // without the Python checks, from torch.compile'd code and as torch.ops.vitkernels.<name>. Shared checks:
 // csrc/include/vitkernels/window_attention_args.h (window ops) and masking_args.h (masking ops).
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -146,4 +148,65 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("mae_unshuffle(Tensor x, Tensor ids_restore, Tensor mask_token, Tensor? pos_embed) -> Tensor");
   m.def("mae_unshuffle_backward(Tensor grad, Tensor ids_restore, int keep, ScalarType x_dtype, "
         "ScalarType token_dtype) -> (Tensor, Tensor)");
+}
+
+namespace vitkernels {
+namespace {
+
+// Autograd kernel of the in-place inference variants (bias_gelu_, ...), which have no gradient formula. Without one,
+// a call on tensors that require grad would leave the mutated tensor's autograd history as it was: its gradient
+// silently that of the tensor before the op. Refused instead, naming the argument and the differentiable op to use;
+// outside autograd (no_grad, inference_mode, no argument requiring grad) it only redispatches.
+void refuse_grad_for_inplace_variant(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    const size_t first = stack->size() - arguments.size();
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      const c10::IValue& value = (*stack)[first + i];
+      if (value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
+        const std::string& name = op.schema().name();
+        TORCH_CHECK(false, name, ": argument '", arguments[i].name(), "' requires grad, but this in-place variant ",
+                    "is for inference and has no gradient: call ", name.substr(0, name.size() - 1),
+                    " (out of place, differentiable) or run under torch.no_grad()");
+      }
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView kernel of the same ops: bumps the version counter of every argument the op writes (Tensor(a!)),
+// so that a tensor saved for another op's backward and then overwritten here is reported by autograd, as for
+// PyTorch's own in-place ops, instead of silently differentiating the overwritten values.
+void bump_versions_of_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                        torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    const c10::IValue& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor() && value.toTensor().defined()) {
+      written.push_back(value.toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+}
+
+}  // namespace
+}  // namespace vitkernels
+
+TORCH_LIBRARY_IMPL(vitkernels, Autograd, m) {
+  for (const char* name : {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&vitkernels::refuse_grad_for_inplace_variant>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, ADInplaceOrView, m) {
+  for (const char* name : {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&vitkernels::bump_versions_of_written_arguments>());
+  }
 }

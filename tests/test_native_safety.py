@@ -3,7 +3,8 @@
 * windows and shifts larger than the feature map, on every backend, against timm's roll + pad + partition;
 * the C++ entry points validate every argument they index, called directly (``torch.ops.vitkernels.*``) and from
   ``torch.compile``'d code, which skip the Python checks (a bad-input corpus: each case raises naming the argument);
-* second-order gradients: implemented (patch_embed) or refused with a clear error (window_attention, losses);
+* second-order gradients: implemented (patch_embed) or refused with a clear error (window attention, the fused row
+  ops, losses); every op has an autograd kernel; the in-place inference variants refuse tensors that require grad;
 * edge cases: empty batch / channels, unusual strides, clear errors for the unclear ones, NaN / Inf.
 
 The same cases run under AddressSanitizer + UBSan in ``.ci/sanitize``.
@@ -528,6 +529,101 @@ def test_window_attention_refuses_second_order_gradients(backend):
     (grad,) = torch.autograd.grad(out.pow(2).sum(), qkv, create_graph=True)
     (second,) = torch.autograd.grad(grad.pow(2).sum(), qkv)
     assert second.abs().sum() > 0
+
+
+# Ops whose native first-order gradient is a backward kernel without a gradient of its own: differentiating it again
+# (e.g. a gradient penalty on a block's input) must raise, never contribute silent zeros (the C++ backward ops have
+# no autograd formula; PyTorch would only warn).
+def _row_op_second_order_cases():
+    from vitkernels.ops.bias_gelu import bias_gelu
+    from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
+    from vitkernels.ops.patch_merging import patch_merging_norm
+
+    x, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(8)
+    weight, ln_bias = torch.randn(8), torch.randn(8)
+    return {
+        "bias_gelu": (lambda be: bias_gelu(x, bias, backend=be), x),
+        "bias_residual_layernorm": (lambda be: bias_residual_layernorm(x, bias, torch.randn(2, 5, 8), weight, ln_bias,
+                                                                       backend=be)[1], x),
+        "patch_merging_norm": (lambda be: patch_merging_norm(x.reshape(2, 5, 4, 2)[:, :4], torch.randn(8),
+                                                             torch.randn(8), backend=be), x),
+        "window_attention_v2": (lambda be: vitkernels.window_attention_v2(x.reshape(1, 2, 5, 8)[..., :6].contiguous(),
+                                                                          torch.randn(3 * 9, 2), torch.rand(2) + 1,
+                                                                          (2, 5), (0, 0), 2, backend=be), x),
+    }
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["bias_gelu", "bias_residual_layernorm", "patch_merging_norm", "window_attention_v2"])
+def test_native_row_ops_refuse_second_order_gradients(name):
+    fn, x = _row_op_second_order_cases()[name]
+    (grad,) = torch.autograd.grad(fn("native").pow(2).sum(), x, create_graph=True)  # create_graph alone is fine
+    with pytest.raises(NotImplementedError, match=f"double backward .* native backend of {name}"):
+        torch.autograd.grad(grad.pow(2).sum(), x)
+    # the reference backend computes them
+    (grad,) = torch.autograd.grad(fn("reference").pow(2).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), x)
+    assert second.abs().sum() > 0
+
+
+@needs_native
+def test_every_native_op_has_an_autograd_kernel():
+    """An op without an autograd kernel is differentiated by PyTorch's fallback, which only warns and treats it as
+    constant: silently wrong (zero) gradients. Every op that takes tensors registers a formula, a refusal, or is
+    composite (differentiated through the ops it calls)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("vitkernels::")]
+    assert len(names) > 20
+
+    def has(name, key):
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+
+    missing = [n for n in names if n != "vitkernels::build_info"
+               and not any(has(n, key) for key in ("Autograd", "AutogradCPU", "CompositeImplicitAutograd"))]
+    assert missing == []
+
+
+INPLACE_VARIANTS = {
+    "bias_gelu_": lambda y, b, r, out: ops.bias_gelu_(y, b, "none"),
+    "bias_residual_": lambda y, b, r, out: ops.bias_residual_(y, b, r, None),
+    "bias_residual_layernorm_": lambda y, b, r, out: ops.bias_residual_layernorm_(y, b, r, None, None, None, 1e-5, out),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("name", sorted(INPLACE_VARIANTS))
+def test_native_inplace_variants_refuse_tensors_that_require_grad(name):
+    """The in-place inference variants have no gradient: called on a tensor that requires grad they raise (naming
+    the argument and the differentiable op) instead of leaving the mutated tensor's history as it was."""
+    call = INPLACE_VARIANTS[name]
+    leaf = torch.randn(3, 8, requires_grad=True)
+    y, b, r, out = leaf * 1, torch.randn(8), torch.randn(3, 8), torch.empty(3, 8)
+    with pytest.raises(RuntimeError, match=f"vitkernels::{name}: argument 'y|x' requires grad.*call "
+                                           f"vitkernels::{name[:-1]} "):
+        call(y, b, r, out)
+    bias = torch.randn(8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="argument 'bias' requires grad"):
+        call(torch.randn(3, 8), bias, r, out)
+    # without autograd they run, and bump the version of what they write
+    with torch.no_grad():
+        y = leaf * 1
+        before = y._version
+        call(y, bias, r, out)
+    assert y._version > before
+    with torch.inference_mode():
+        call(torch.randn(3, 8), b, r, torch.empty(3, 8))
+
+
+@needs_native
+@pytest.mark.parametrize("name", sorted(INPLACE_VARIANTS))
+def test_native_inplace_variants_overwriting_a_saved_tensor_are_detected(name):
+    """A tensor saved for another op's backward and then overwritten by an in-place variant is reported by autograd
+    (version counter), as for PyTorch's own in-place ops, not differentiated with the overwritten values."""
+    weight = torch.randn(8, requires_grad=True)
+    y = torch.randn(3, 8)
+    product = y * weight  # saves y
+    INPLACE_VARIANTS[name](y, torch.randn(8), torch.randn(3, 8), torch.empty(3, 8))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.sum().backward()
 
 
 def test_triton_losses_refuse_second_order_gradients():

@@ -448,6 +448,19 @@ def test_native_refuses_double_backward():
         grad.sum().backward()
 
 
+def test_native_softmax_state_is_not_differentiable():
+    """The op's row log-sum-exp is the backward's input, not a differentiable result: it does not require grad (no
+    zero gradient is allocated for it on every backward); the output does."""
+    native_or_skip()
+    qkv = torch.randn(1, 3, 4, 4, 6, requires_grad=True)  # padded to whole windows: qkv_bias is the padding's qkv
+    table = torch.randn(3 * 5 * 5, 1, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    out, lse = torch.ops.vitkernels.window_attention_3d(qkv, table, bias, [2, 3, 3], [0, 0, 0], 1, 0.5, True)
+    assert out.requires_grad and not lse.requires_grad
+    grads = torch.autograd.grad(out.pow(2).sum(), (qkv, table, bias))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_native_is_the_cpu_default_and_says_why_not_elsewhere():
     native_or_skip()
     from vitkernels.ops.window_attention_3d import op

@@ -232,6 +232,18 @@ def test_native_zero_key_gradient_follows_f_normalize():
     check_against_reference(CASES[1], torch.float64, "native", zero_k_bias=True)
 
 
+def test_native_softmax_state_is_not_differentiable():
+    """The op's row log-sum-exp is the backward's input, not a differentiable result: it does not require grad (no
+    zero gradient is allocated for it on every backward); the output does."""
+    native_or_skip()
+    inputs = make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3)), dtype=torch.float32, zero_k_bias=False)
+    qkv, table, scale, bias = (t.requires_grad_() for t in inputs)
+    out, lse = torch.ops.vitkernels.window_attention_v2(qkv, table, scale, bias, [7, 7], [3, 3], 2)
+    assert out.requires_grad and not lse.requires_grad
+    grads = torch.autograd.grad(out.pow(2).sum(), (qkv, table, scale, bias))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
 def test_native_opcheck():
     native_or_skip()
     qkv, table, scale, bias = make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3)), dtype=torch.float32, zero_k_bias=False)

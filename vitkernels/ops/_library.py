@@ -25,6 +25,19 @@ def kernel_op(qualname: str, *, mutates_args: Iterable[str] = ()) -> Callable[[C
     return decorator
 
 
+def keep_softmax_state_out_of_autograd(ctx, state: torch.Tensor) -> None:
+    """In an attention op's ``setup_context``: its softmax state output (row log-sum-exp or saved softmax) is the
+    backward's input, not a result to differentiate (the gradient formula has no term for it).
+
+    Marked non-differentiable (it does not require grad), and unused output gradients are left None instead of
+    materialized: autograd then does not allocate and zero-fill a gradient the size of the state on every backward
+    (4.8 MB per Swin-T stage-1 block at batch 2 for a saved softmax). The backward must then accept
+    ``grad_out=None`` (the output itself unused) and return no gradients.
+    """
+    ctx.mark_non_differentiable(state)
+    ctx.set_materialize_grads(False)
+
+
 def refuse_double_backward(backward_op, op_name: str, backend: str) -> None:
     """Make differentiating ``backward_op`` (a second-order gradient through ``op_name``) raise a clear error.
 

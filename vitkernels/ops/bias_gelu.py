@@ -12,6 +12,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_shape, check_tensor
+from vitkernels.ops._library import refuse_double_backward
 from vitkernels.reference import bias_gelu as reference
 
 op = dispatch.op("bias_gelu", "gelu(x + bias) over the last dim (an MLP's fc1 bias + activation)")
@@ -74,6 +75,8 @@ if _native.is_loaded():
         return grad_x, (grad_bias.to(bias.dtype) if ctx.needs_input_grad[1] else None), None
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+    # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
+    refuse_double_backward(torch.ops.vitkernels.bias_gelu_backward.default, "bias_gelu", "native")
 
     @op.register("native", lambda call: _native.native_unavailable_reason("bias_gelu", call.device))
     def _bias_gelu_native(x, bias, approximate):

@@ -14,6 +14,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_shape, check_tensor
+from vitkernels.ops._library import refuse_double_backward
 from vitkernels.ops.bias_residual import check_bias_residual_args
 from vitkernels.reference import bias_residual_layernorm as reference
 
@@ -116,6 +117,8 @@ if _native.is_loaded():
         )
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+    # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
+    refuse_double_backward(torch.ops.vitkernels.bias_residual_layernorm_backward.default, "bias_residual_layernorm", "native")
 
     def _native_supports(call):
         return _native.native_unavailable_reason("bias_residual_layernorm", call.device)

@@ -13,6 +13,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_shape, check_tensor
+from vitkernels.ops._library import refuse_double_backward
 from vitkernels.reference import patch_merging as reference
 
 op = dispatch.op("patch_merging_norm", "Swin patch merging: 2x2 neighbours -> 4C channels, LayerNorm")
@@ -89,6 +90,8 @@ if _native.is_loaded():
                 grad_bias.to(ctx.dtypes[1]) if need[2] else None, None)
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+    # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
+    refuse_double_backward(torch.ops.vitkernels.patch_merging_norm_backward.default, "patch_merging_norm", "native")
 
     @op.register("native", lambda call: _native.native_unavailable_reason("patch_merging_norm", call.device))
     def _native_impl(x, weight, bias, eps):

@@ -31,7 +31,7 @@ from vitkernels._validation import (
     check_window_sizes,
     to_pair,
 )
-from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
 from vitkernels.reference import window_attention as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -184,11 +184,7 @@ def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "w
         out, lse = output
         ctx.has_bias = qkv_bias is not None
         ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
-        # The softmax state is the backward's input, not a result to differentiate (the formula below has no term
-        # for it): marked so, and with unused output gradients left None, autograd does not fill a zero gradient
-        # the size of the saved softmax (4.8 MB per Swin-T stage-1 block at batch 2) on every backward.
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        keep_softmax_state_out_of_autograd(ctx, lse)
 
     def backward_fn(ctx, grad_out, grad_lse):
         if grad_out is None:  # the output was not used: no gradient flows

@@ -28,7 +28,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import INT64_MAX, check_int, check_shape, check_tensor
-from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
 from vitkernels.ops.window_attention import checked_bias_scale_call, needs_grad
 from vitkernels.reference import window_attention_3d as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
@@ -171,8 +171,11 @@ def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
         out, lse = output
         ctx.has_bias = qkv_bias is not None
         ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+        keep_softmax_state_out_of_autograd(ctx, lse)
 
     def backward_fn(ctx, grad_out, grad_lse):
+        if grad_out is None:  # the output was not used: no gradient flows
+            return (None,) * ctx.num_inputs
         if not ctx.has_lse:
             raise RuntimeError("window_attention_3d: the forward ran with need_lse=False (no gradient was required), "
                                "so it cannot be differentiated")

@@ -27,6 +27,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import IntPair, check_int, check_same_device, check_shape, check_tensor, to_pair
+from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
 from vitkernels.ops.window_attention import _lse_dtype
 from vitkernels.reference import window_attention_v2 as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
@@ -128,14 +129,17 @@ def _backward_fake(grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_
     return qkv.new_empty(qkv.shape), bias_table.new_empty(bias_table.shape), scale.new_empty(scale.shape), bias_grad
 
 
-def _register_fakes_and_autograd(forward, backward) -> None:
+def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     def setup_context(ctx, inputs, output):
         qkv, bias_table, scale, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads = inputs
         out, lse = output
         ctx.has_bias = qkv_bias is not None
         ctx.save_for_backward(qkv, bias_table, scale, qkv_bias, out, lse)
+        keep_softmax_state_out_of_autograd(ctx, lse)
 
     def backward_fn(ctx, grad_out, grad_lse):
+        if grad_out is None:  # the output was not used: no gradient flows
+            return (None,) * 7
         qkv, bias_table, scale, qkv_bias, out, lse = ctx.saved_tensors
         grad_qkv, grad_table, grad_scale, grad_bias = backward(
             grad_out.contiguous(), qkv, bias_table, scale, qkv_bias, out, lse, ctx.window_size, ctx.shift_size,
@@ -146,13 +150,15 @@ def _register_fakes_and_autograd(forward, backward) -> None:
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(backward)(_backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    # second-order gradients would need the backward of the backward kernels: refused clearly, never silent zeros
+    refuse_double_backward(backward, "window_attention_v2", backend)
 
 
 # --- native backend: csrc/cpu/window_attention_v2.cpp --------------------------------------------------------------
 
 if "window_attention_v2" in _native.KERNELS:
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_v2.default,
-                                 torch.ops.vitkernels.window_attention_v2_backward.default)
+                                 torch.ops.vitkernels.window_attention_v2_backward.default, "native")
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
         reason = _native.native_unavailable_reason("window_attention_v2", call.device)
@@ -216,7 +222,7 @@ if HAS_TRITON:
         )
         return grad_qkv, grad_table, grad_scale, grad_bias if grad_bias is not None else qkv.new_empty(0)
 
-    _register_fakes_and_autograd(triton_window_attention_v2, triton_window_attention_v2_backward)
+    _register_fakes_and_autograd(triton_window_attention_v2, triton_window_attention_v2_backward, "triton")
 
     def _triton_supports(call: dispatch.Call) -> Optional[str]:
         reason = triton_unavailable_reason(call.device)
