@@ -1,5 +1,7 @@
 // Schemas of every op in vitkernels._C. Kernels register per device in csrc/cpu/*.cpp and csrc/cuda/*.cu;
-// fake (meta) implementations and autograd are registered from Python in vitkernels/ops/<op>.py.
+// fake (meta) implementations and autograd are registered from Python in vitkernels/ops/<op>.py, except the autograd
+// of onednn_linear_eager (a C++ autograd Function, csrc/cpu/linear.cpp) and of the in-place inference variants (at
+// the end of this file). tests/test_native_safety.py checks that every op has an autograd kernel.
 //
 // Every kernel validates the arguments it relies on itself (TORCH_CHECK, naming the argument): the ops are reachable
 // without the Python checks, from torch.compile'd code and as torch.ops.vitkernels.<name>. Shared checks:
