@@ -198,17 +198,20 @@ void bump_versions_of_written_arguments(const c10::OperatorHandle& op, c10::Disp
   for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
+// The in-place inference variants (schemas above), which both kernels serve.
+constexpr const char* kInplaceInferenceVariants[] = {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"};
+
 }  // namespace
 }  // namespace vitkernels
 
 TORCH_LIBRARY_IMPL(vitkernels, Autograd, m) {
-  for (const char* name : {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"}) {
+  for (const char* name : vitkernels::kInplaceInferenceVariants) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&vitkernels::refuse_grad_for_inplace_variant>());
   }
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, ADInplaceOrView, m) {
-  for (const char* name : {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"}) {
+  for (const char* name : vitkernels::kInplaceInferenceVariants) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&vitkernels::bump_versions_of_written_arguments>());
   }
 }

@@ -118,7 +118,8 @@ if _native.is_loaded():
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
     # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
-    refuse_double_backward(torch.ops.vitkernels.bias_residual_layernorm_backward.default, "bias_residual_layernorm", "native")
+    refuse_double_backward(torch.ops.vitkernels.bias_residual_layernorm_backward.default, "bias_residual_layernorm",
+                           "native")
 
     def _native_supports(call):
         return _native.native_unavailable_reason("bias_residual_layernorm", call.device)
