@@ -7,6 +7,8 @@
 // without the Python checks, from torch.compile'd code and as torch.ops.vitkernels.<name>. Shared checks:
 // csrc/include/vitkernels/window_attention_args.h (window ops) and masking_args.h (masking ops).
 #include <Python.h>
+// at::AutoDispatchBelowADInplaceOrView: included by name, torch 2.11's other headers do not bring it in
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>

@@ -65,9 +65,10 @@ inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads_
   at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
   at::Tensor d_pad_sum = at::zeros({nH, 2, hd}, qkv.options().dtype(at::kDouble));  // zero without padding
   if (s.d_bias.defined()) {
-    const at::Tensor d_bias_sum = at::sum(s.d_bias, {0}, /*keepdim=*/false, at::kDouble).contiguous();  // (nH, N, N)
+    // (nH, N, N); dims as IntArrayRef, not braced lists (see window_attention_v2.cu)
+    const at::Tensor d_bias_sum = at::sum(s.d_bias, at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble).contiguous();
     C10_CUDA_CHECK(scatter(d_bias_sum.const_data_ptr<double>(), grad_table.mutable_data_ptr<double>()));
-    d_pad_sum = at::sum(s.d_pad, {0}, /*keepdim=*/false, at::kDouble);
+    d_pad_sum = at::sum(s.d_pad, at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble);
   }
   at::Tensor grad_bias = at::empty({0}, qkv.options());
   if (qkv_bias.has_value()) {

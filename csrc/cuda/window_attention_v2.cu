@@ -97,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
           scratch.d_bias.mutable_data_ptr<acc_t>(), scratch.d_pad.mutable_data_ptr<acc_t>(), shape,
           scratch.windows_per_group, at::cuda::getCurrentCUDAStream()));
     });
-    grad_scale = at::sum(d_scale, {0, 2}, /*keepdim=*/false, at::kDouble);
+    // dims as an IntArrayRef: a braced {0, 2} is ambiguous with the DimnameList overload for nvcc and torch 2.11
+    grad_scale = at::sum(d_scale, at::IntArrayRef{0, 2}, /*keepdim=*/false, at::kDouble);
   }
   // The table gradient and the padded keys' (dk, dv) as V1.
   auto [grad_table, grad_bias] = window_attention_table_and_bias_grads(p, scratch, table, qkv, qkv_bias);
