@@ -458,3 +458,27 @@ def test_dispatcher_refuses_what_would_not_fit_a_smaller_gpu():
     reason = kernels.supported_reason(128, 256, torch.float32, small)
     assert reason is not None and "shared memory" in reason and "sm_86" in reason
     assert "compute capability" in kernels.supported_reason(32, 49, torch.float16, Target("sm_75", (7, 5), 65536, 40))
+
+
+# --- launch arguments: what a compiled launch refuses, refused under the interpreter too -------------------------
+
+def test_launcher_refuses_arguments_a_compiled_launch_refuses():
+    """The first GPU run failed every window-attention launch on a constexpr the forward kernel does not have (the
+    interpreter had ignored it): the launcher checks each launch's arguments against the kernel's parameters before
+    launching or recording it, so every launch of the examples above and of the compile gate is checked."""
+    from vitkernels.triton._launch import check_arguments
+    from vitkernels.triton.window_attention import _window_attention_bias_grad_kernel as kernel
+
+    names = kernel.arg_names
+    positional = tuple(range(len(names) - 3))
+    keywords = {n: 1 for n in names[len(positional):]}
+    check_arguments(kernel, positional, {**keywords, "num_warps": 4, "num_stages": 2})  # exact: accepted
+    with pytest.raises(TypeError, match="not its parameters: CHUNK0"):
+        check_arguments(kernel, positional, {**keywords, "CHUNK0": 64})
+    with pytest.raises(TypeError, match=f"parameters not given: {names[-1]}"):
+        check_arguments(kernel, positional, {k: v for k, v in keywords.items() if k != names[-1]})
+    with pytest.raises(TypeError, match=f"both by position and by keyword: {names[0]}"):
+        check_arguments(kernel, positional, {**keywords, names[0]: 1})
+    with pytest.raises(TypeError, match="positional arguments"):
+        check_arguments(kernel, tuple(range(len(names) + 1)), {})
+

@@ -62,6 +62,10 @@ def _signature(kernel, bound: Dict[str, Any]):
             sig[name] = "constexpr"
             consts[name] = key
             continue
+        if isinstance(value, float):
+            # torch.compile's inductor types a Python float argument of a user kernel fp64 (eager launches: fp32):
+            # the stricter of the two is compiled, so a kernel that lets fp64 into its math fails here, not on a GPU
+            ty = "fp64"
         sig[name] = ty
         if key == "D":  # 16-byte aligned pointer / integer divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -13,6 +13,7 @@ with a single "multiprocessor" so that programs that loop over several windows /
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
@@ -174,6 +175,7 @@ class _Launcher:
         grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
 
         def call(*args, **kwargs):
+            check_arguments(self.kernel, args, kwargs)
             launch = True
             for rec in _recordings:
                 rec.launches.append(Launch(self.kernel, grid, args, dict(kwargs)))
@@ -185,6 +187,37 @@ class _Launcher:
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
 
         return call
+
+
+# Keyword arguments of a launch that are Triton's options, not the kernel's parameters.
+LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"})
+
+
+def check_arguments(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` unless ``args`` / ``kwargs`` bind exactly to ``kernel``'s parameters (plus Triton's launch
+    options): a keyword the kernel does not have, a parameter given twice, one missing without a default.
+
+    A compiled launch refuses all of these (``KeyError: Keyword argument ... unrecognised``, or ``Incorrect number
+    of arguments`` inside torch.compile) but the interpreter ignores an unknown keyword, so without this check a
+    launcher that passes one kernel's constexprs to another passes every CPU test and fails on the first GPU.
+    """
+    fn = getattr(kernel, "fn", None)  # the Python function of a JITFunction, or of the interpreter's wrapper
+    if fn is None or not inspect.isfunction(fn):  # an autotuner / heuristics wrapper: Triton checks at launch
+        return
+    params = list(inspect.signature(fn).parameters.values())
+    names = [p.name for p in params]
+    name = fn.__name__
+    if len(args) > len(names):
+        raise TypeError(f"{name}: {len(args)} positional arguments for {len(names)} parameters")
+    unknown = sorted(k for k in kwargs if k not in names and k not in LAUNCH_OPTIONS)
+    if unknown:
+        raise TypeError(f"{name}: keyword arguments that are not its parameters: {', '.join(unknown)}")
+    twice = sorted(k for k in names[: len(args)] if k in kwargs)
+    if twice:
+        raise TypeError(f"{name}: parameters given both by position and by keyword: {', '.join(twice)}")
+    missing = [p.name for p in params[len(args):] if p.name not in kwargs and p.default is inspect.Parameter.empty]
+    if missing:
+        raise TypeError(f"{name}: parameters not given: {', '.join(missing)}")
 
 
 def launcher(kernel) -> _Launcher:

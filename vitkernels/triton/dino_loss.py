@@ -89,6 +89,7 @@ def _dino_teacher_stats_kernel(
     t_ptr, c_ptr, c_copy_ptr, pm_ptr, pl_ptr, K, NSPLIT, inv_tt,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    inv_tt = tl.cast(inv_tt, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK_K)
@@ -115,6 +116,8 @@ def _dino_fwd_kernel(
     B, K, NSPLIT, NCROPS, inv_ts, inv_tt,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, NSPLIT_P2: tl.constexpr, VIEWS_P2: tl.constexpr,
 ):
+    inv_ts = tl.cast(inv_ts, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    inv_tt = tl.cast(inv_tt, tl.float32)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lse0 = _merge_lse(tpm_ptr, tpl_ptr, b, NSPLIT, NSPLIT_P2)
@@ -156,6 +159,7 @@ def _dino_finalize_kernel(
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Rows in blocks of BLOCK_R; each row's NSPLIT (max, sum-exp, dot) partials merged BLOCK_S at a time."""
+    scale = tl.cast(scale, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     acc = tl.zeros((BLOCK_R,), tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
@@ -188,6 +192,9 @@ def _dino_bwd_kernel(
     B, K, NCROPS, inv_ts, inv_tt, scale,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    inv_ts = tl.cast(inv_ts, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    inv_tt = tl.cast(inv_tt, tl.float32)
+    scale = tl.cast(scale, tl.float32)
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     g = tl.load(g_ptr).to(tl.float32) * scale * inv_ts
@@ -215,6 +222,8 @@ def _dino_center_kernel(
     t_ptr, c_ptr, out_ptr, R, K, momentum, scale,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    momentum = tl.cast(momentum, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)

@@ -66,6 +66,7 @@ def _msn_logits_kernel(
     a_ptr, x_ptr, p_ptr, z_ptr, rn_ptr, N, NB, K, D, inv_tau,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
+    inv_tau = tl.cast(inv_tau, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
@@ -110,6 +111,7 @@ def _msn_logits_kernel(
 @tile_names("BK")
 @triton.jit
 def _msn_targets_kernel(z_ptr, t_ptr, N, K, inv_T, BK: tl.constexpr):
+    inv_T = tl.cast(inv_T, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     b = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + (N + b) * K
     lanes = tl.arange(0, BK)
@@ -185,6 +187,8 @@ def _msn_finalize_kernel(
     stats_ptr, colsum_ptr, avg_ptr, terms_ptr, N, K, NBLK, inv_N, log_K,
     BR: tl.constexpr, BK: tl.constexpr, ME_MAX: tl.constexpr, ENTROPY: tl.constexpr,
 ):
+    inv_N = tl.cast(inv_N, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    log_K = tl.cast(log_K, tl.float32)
     ce = tl.zeros((BR,), tl.float32)
     ent = tl.zeros((BR,), tl.float32)
     for r0 in range(0, N, BR):
@@ -216,6 +220,8 @@ def _msn_anchor_bwd_kernel(
 ):
     """dC = dL/dcos = dL/dz / tau for a block of anchor rows, and the normalisation backward's projections
     <dC, cos> along the rows (per anchor) and the columns (per prototype, one partial per row block)."""
+    inv_N = tl.cast(inv_N, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    tau = tl.cast(tau, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < N
@@ -271,6 +277,7 @@ def _msn_grad_gemm_kernel(
     HALF_DOT (bf16 / fp16 inputs): the product runs on tensor cores in Y's dtype, with operands ``m_scale * M``
     (M = dL/dz / (N tau): the scale brings it back to dL/dz, of order 1, clear of fp16's subnormals) and
     ``s * Y`` (the normalised rows, |.| <= 1); the accumulator is divided by ``m_scale`` after."""
+    m_scale = tl.cast(m_scale, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     ds = tl.program_id(1) * BD + tl.arange(0, BD)
     rmask = rows < R

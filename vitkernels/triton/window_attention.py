@@ -100,7 +100,7 @@ def _load_tokens(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.constexpr
 @triton.jit
 def _normalize_rows(x):
     """F.normalize over the rows of ``x`` (M, HD): fp32 ``x / max(|x|, 1e-12)``, and ``|x|`` (M,)."""
-    x = x.to(tl.float32)
+    x = tl.cast(x, tl.float32)
     norm = tl.sqrt(tl.sum(x * x, 1))
     return x / tl.maximum(norm, 1e-12)[:, None], norm
 
@@ -212,6 +212,7 @@ def _window_attention_fwd_kernel(
     once for all the program's windows), else a loop up to ``key_end`` = N rounded up to KEY_CHUNK (a runtime
     bound: the loop is not unrolled, so one chunk's tiles are live at a time); the dense bias is -inf past N.
     COSINE (Swin V2): q and k rows normalised, ``qk_scale`` times the head's ``tau`` (``tau_ptr``: (nH,))."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
     h, qt, g = _program_tile(NH, N, BLOCK_M)
     if COSINE:
         qk_scale = qk_scale * tl.load(tau_ptr + h).to(tl.float32)
@@ -350,6 +351,8 @@ def _window_attention_bwd_kernel(
     """COSINE (Swin V2): logits ``tau (q^ . k^)`` (``qk_scale`` and ``scale`` times the head's tau); dQ through
     F.normalize's backward, and the program's d tau partial (sum over its windows of dS * q^ k^) stored at
     ``dtau_ptr[(g * tiles + qt) * NH + h]``."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)
     h, qt, g = _program_tile(NH, N, BLOCK_M)
     if COSINE:
         tau = tl.load(tau_ptr + h).to(tl.float32)
@@ -475,6 +478,8 @@ def _window_attention_bwd_dkdv_kernel(
 ):
     """dK, dV of a key tile of BLOCK_N keys for a group of windows, over query tiles of BLOCK_M rows (windows larger
     than one query tile of the dQ kernel). COSINE: q^ and k^ in the dots, dK through F.normalize's backward."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 math: torch.compile passes Python floats as fp64
+    scale = tl.cast(scale, tl.float32)
     h, kt, g = _program_tile(NH, N, BLOCK_N)
     if COSINE:
         tau = tl.load(tau_ptr + h).to(tl.float32)
@@ -809,8 +814,9 @@ class _Problem:
         self.window = dict(WD=consts["WD"], WH=consts["WH"], WW=consts["WW"])
         # the dense bias is (nH, NP, NP): every query / key tile (and the dQ kernel's key chunks) lies inside it
         self.NP = max(-(-self.N // 64) * 64, sum(key_chunks(self.N)))
-        chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
-        self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded, **chunks,
+        # the dQ kernel's key chunks: its constexprs alone (a compiled launch refuses a keyword it does not have)
+        self.chunks = dict(zip(("CHUNK0", "CHUNK1", "CHUNK2"), key_chunks(self.N)))
+        self.consts = dict(N=self.N, NP=self.NP, HD=self.hd, **consts, PADDED=self.g.padded,
                            HAS_PAD_VALUES=has_pad_values and self.g.padded, COSINE=cosine, **_dot_flags(qkv.dtype))
 
     def tiles(self, kernel: str, block: str) -> int:
@@ -948,7 +954,7 @@ def attention_bwd(
     bias = pb.dense_bias(table)
     launcher(_window_attention_bwd_kernel)[(num_heads * q_tiles * groups,)](
         qkv, bias, pad, out, grad_out, lse, delta, dqkv, d_rel, d_pad, tau_arg, d_tau, *common, wpp, *runtime,
-        **pb.consts, **cfg.kwargs(),
+        **pb.consts, **pb.chunks, **cfg.kwargs(),
     )
     if not whole_window:
         cfg = pb.table["_window_attention_bwd_dkdv_kernel"]
