@@ -297,7 +297,9 @@ COMPILE_BACKEND = "inductor" if DEV == "cuda" else "aot_eager"
 
 
 def check_triton(ncrops, B, K, dtype, device=DEV, scale=3.0, student_temp=0.1, teacher_temp=0.04,
-                 center_shape="k", center_dtype=torch.float32):
+                 center_shape="k", center_dtype=torch.float32, conditioning=None):
+    """``conditioning``: a relative tolerance for the loss and (scaled by the largest gradient) the gradient, in
+    place of the dtype's, for inputs so large that one ulp of the fp32 logits ``x / T`` changes the softmax."""
     student, teacher, center = make_inputs(ncrops, B, K, dtype=torch.float32, scale=scale, center_shape=center_shape)
     student, teacher = student.to(device, dtype), teacher.to(device, dtype)
     center = center.to(device, center_dtype)
@@ -312,6 +314,10 @@ def check_triton(ncrops, B, K, dtype, device=DEV, scale=3.0, student_temp=0.1, t
     (ref_grad,) = torch.autograd.grad(ref, sr, g.to(rdt))
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad.dtype == dtype and grad.shape == student.shape
+    if conditioning is not None:
+        torch.testing.assert_close(loss.to(rdt), ref, atol=0, rtol=conditioning)
+        torch.testing.assert_close(grad.to(rdt), ref_grad, atol=conditioning * ref_grad.abs().max().item(), rtol=0)
+        return
     lt = tol(torch.float32)  # the loss is accumulated in fp32 whatever the input dtype
     torch.testing.assert_close(loss.to(rdt), ref, atol=lt["atol"] * max(1.0, ref.abs().item()), rtol=lt["rtol"])
     assert_close_scaled(grad, ref_grad, dtype)
@@ -340,7 +346,11 @@ def test_triton_temperatures_and_center_dtype():
 
 def test_triton_extreme_logits_are_finite():
     triton_interpreter_or_cuda(DEV)
-    check_triton(4, 2, 90, torch.float32, scale=1e4)
+    # logits ~1e4 / T ~ 1e5..1e6, where an fp32 ulp is 0.01..0.06: the rounding of x / T alone (which differs with
+    # the order of operations and FMA contraction: GPU and interpreter differ) moves near-tied teacher probabilities
+    # by percents, against log-probabilities of ~1e5. An H200 was 6e-4 from the fp64 reference (the interpreter
+    # closer); 5e-3 is what fp32 can promise here, and finite values are the point of this test.
+    check_triton(4, 2, 90, torch.float32, scale=1e4, conditioning=5e-3)
     # one dominating teacher class, all-negative huge student rows
     ncrops, B, K = 3, 2, 40
     student = -1e4 - 1e3 * torch.rand(ncrops * B, K, device=DEV)

@@ -15,9 +15,15 @@ try:
 
     IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # ImportError, or OSError / undefined symbols when built against another torch
+    import importlib.util
+
     _C = None
+    # a missing library reads "cannot import name '_C' from partially initialized module" (we are inside the
+    # package's __init__): say plainly that it was not built
+    _built = importlib.util.find_spec("vitkernels._C") is not None
     IMPORT_ERROR = (
-        f"the C++ extension vitkernels._C is not available ({type(exc).__name__}: {exc}); "
+        f"the C++ extension vitkernels._C is not available "
+        f"({f'{type(exc).__name__}: {exc}' if _built else 'not built: no vitkernels/_C*.so'}); "
         "build it with `pip install --no-build-isolation -e .`"
     )
 

@@ -70,7 +70,9 @@ def mask_by_noise(
     if pos_embed is not None:
         x = x + pos_embed
 
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascending: small is keep, large is remove
+    # fp16 / bf16 noise sorted as fp32 (exact, same order): torch's CUDA sort of bf16 does not put NaN last
+    key = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
+    ids_shuffle = torch.argsort(key, dim=1, stable=True)  # ascending: small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # a permutation: no ties, stability is moot
 
     ids_keep = ids_shuffle[:, :len_keep]
