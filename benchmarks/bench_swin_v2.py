@@ -30,7 +30,7 @@ from vitkernels.reference import window_attention as v1_reference
 from vitkernels.reference import window_attention_v2 as reference
 from vitkernels.reference.window_partition import padded_size, window_partition, window_reverse
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark, timm_or_skip
+from conftest import DEVICE, compiled_or_skip, padded_for_flex, run_benchmark, timm_or_skip
 
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -99,7 +99,8 @@ def _flex(ws, shift, heads, H, W):
     Hp, Wp = padded_size(H, W, (ws, ws))
     n_windows = (Hp // ws) * (Wp // ws)
     mask = v1_reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=DEVICE, dtype=torch.float32)
-    index = v1_reference.relative_position_index(ws, ws, device=DEVICE)
+    mask = None if mask is None else padded_for_flex(mask, (1, 2))  # see padded_for_flex
+    index = padded_for_flex(v1_reference.relative_position_index(ws, ws, device=DEVICE), (0, 1))
 
     def attend(qkv, table, scale, bias):
         B, H_, W_, _ = qkv.shape

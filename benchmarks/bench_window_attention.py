@@ -23,7 +23,8 @@ import vitkernels
 from vitkernels.reference import window_attention as reference
 from vitkernels.reference.window_partition import padded_size, window_partition, window_reverse
 
-from conftest import DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, run_benchmark, skip_auto_if_same
+from conftest import (DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, padded_for_flex, run_benchmark,
+                      skip_auto_if_same)
 
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -85,7 +86,8 @@ def _flex(ws, shift, heads, H, W):
     Hp, Wp = padded_size(H, W, (ws, ws))
     n_windows = (Hp // ws) * (Wp // ws)
     mask = reference.shifted_window_mask(Hp, Wp, (ws, ws), (shift, shift), device=DEVICE, dtype=torch.float32)
-    index = reference.relative_position_index(ws, ws, device=DEVICE)
+    mask = None if mask is None else padded_for_flex(mask, (1, 2))  # see padded_for_flex
+    index = padded_for_flex(reference.relative_position_index(ws, ws, device=DEVICE), (0, 1))
 
     def attend(qkv, table, bias):
         windows = window_partition(qkv, (ws, ws), (shift, shift))
@@ -223,7 +225,16 @@ def test_window_attention(benchmark, shape, mode, peer):
         if peer == "xformers":  # an xformers build without a kernel for this shape / dtype / bias
             pytest.skip(f"xformers cannot run this case: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         raise
-    assert_agrees(benchmark, got, _expected(qkv, table, bias, grad, ws, shift, heads))
+    expected = _expected(qkv, table, bias, grad, ws, shift, heads)
+    if train and DTYPE != torch.float32:
+        # the fp32 table gradient sums dS over every window (8192 at stage 1, batch 128): with half-precision qkv
+        # each term carries the input's rounding, so it is judged as a whole at that precision, not to fp32's 1e-4
+        # elementwise: an H200 saw max |err| 1-4 for every peer, timm's too; the bf16 reference on CPU is 4.7e-3
+        # from float64 in relative norm (batch 8 and 32, both stages; |grad| up to ~130)
+        assert_agrees(benchmark, got[:2], expected[:2])
+        assert_agrees(benchmark, got[2], expected[2], rel_norm=2e-2, what="table gradient")
+    else:
+        assert_agrees(benchmark, got, expected)
     elem = qkv.element_size()
     floor = B * H * W * 4 * C * elem  # qkv read once + output written once
     n_windows = B * -(-H // ws) * -(-W // ws)

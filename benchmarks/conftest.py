@@ -325,6 +325,19 @@ def timm_or_skip():
     return timm
 
 
+def padded_for_flex(t: torch.Tensor, dims) -> torch.Tensor:
+    """``t`` zero-padded along ``dims`` to a multiple of 128: a tensor a flex_attention ``score_mod`` indexes with
+    ``q_idx`` / ``kv_idx``. flex_attention's kernels evaluate ``score_mod`` on the padded lanes of their last tile
+    too (a window's 49 tokens fill part of a 64 / 128 tile), before masking them, so a capture sized to the sequence
+    is read out of bounds there (pytorch/pytorch#150321); padded, every read is in bounds and the padded lanes'
+    scores are discarded as before."""
+    pad = []
+    for d in range(t.dim() - 1, -1, -1):
+        extra = (-t.shape[d]) % 128 if d in dims else 0
+        pad += [0, extra]
+    return torch.nn.functional.pad(t, pad)
+
+
 def compiled_or_skip(fn, **kwargs):
     """``torch.compile(fn)`` where inductor works on this machine, else skip with the reason."""
     try:
