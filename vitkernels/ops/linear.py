@@ -112,7 +112,10 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     autocast, the call goes straight to ``vitkernels::onednn_linear_eager`` (which checks its arguments in C++, and
     records for autograd only when autograd is recording), not through :func:`linear`'s Python checks and backend
     selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear: 87 -> 45 us with autograd, one thread), about
-    50 calls per Swin-T forward. Anything else, or without vitkernels._C: :func:`linear`."""
+    50 calls per Swin-T forward. Off the CPU, ``F.linear`` directly (every backend is ``F.linear`` there: cuBLAS).
+    Anything else, or without vitkernels._C: :func:`linear`."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
     fast = _layer_fast_path
     if (fast is not None and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
             and (bias is None or bias.dtype is torch.float32) and not torch.is_autocast_enabled("cpu")
