@@ -1,6 +1,7 @@
 """Shared test utilities: devices, per-dtype tolerances, optional imports, the Triton interpreter's overflow checks."""
 import contextlib
 import dataclasses
+import functools
 import importlib
 from typing import Iterator, Optional, Tuple
 
@@ -48,6 +49,47 @@ def import_timm():
         return importlib.import_module("timm")
     except Exception as exc:  # pragma: no cover - depends on the environment
         pytest.skip(f"timm not importable: {type(exc).__name__}: {exc}")
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_swinv2_pads_shifted_mask() -> bool:
+    """Whether the installed timm's ``SwinTransformerV2Block`` builds its shifted-window ``attn_mask`` for a map the
+    window does not divide (feature test: a 3 x 3 map, window 2, shift 1). timm >= 1.0.31 pads the mask as ``_attn``
+    pads the input; timm 1.0.29 builds it on the unpadded map and its ``window_partition`` raises."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+    try:
+        SwinTransformerV2Block(4, (3, 3), 1, window_size=2, shift_size=1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def skip_unless_timm_swinv2_pads(needed: bool = True, error: Optional[BaseException] = None) -> None:
+    """Skip a comparison with timm's Swin V2 that ``needed`` a shifted window over a padded map (H or W not a
+    multiple of the window) when the installed timm cannot build that block or model (see
+    :func:`_timm_swinv2_pads_shifted_mask`); ``error`` is what timm raised, for the reason."""
+    timm = import_timm()
+    if needed and not _timm_swinv2_pads_shifted_mask():
+        pytest.skip(
+            f"timm {timm.__version__} lacks Swin V2 padding of a shifted window's attn_mask for a map the window does "
+            "not divide (timm >= 1.0.31 pads it)" + (f": {type(error).__name__}: {error}" if error is not None else "")
+        )
+
+
+def needs_padded_shift(input_resolution, window_size, shift_size) -> bool:
+    """A shifted window over a map whose H or W is not a multiple of the (clamped) window."""
+    return any(shift_size) and any(r % w for r, w in zip(input_resolution, window_size))
+
+
+def build_timm_swinv2_or_skip(build):
+    """``build()`` (a timm Swin V2 block, stage or model); where timm raises and the installed timm lacks Swin V2
+    padding of shifted-window masks, the test is skipped for that reason instead (otherwise the error propagates)."""
+    try:
+        return build()
+    except RuntimeError as exc:
+        skip_unless_timm_swinv2_pads(needed=True, error=exc)
+        raise
 
 
 def triton_interpreter_or_cuda(device: str) -> None:

@@ -85,6 +85,43 @@ def test_window_attention_module_matches_timm(impl):
     torch.testing.assert_close(ours(x, mask), theirs(x, mask), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("old,new", [((4, 4), (6, 6)), ((3, 4), (5, 5)), ((2, 3), (2, 2))],
+                         ids=["square", "non-square", "non-square-to-a-table-of-a-square-size"])
+def test_window_attention_set_window_size_matches_timm(impl, old, new):
+    """The bias table is resized by the installed timm's resize_rel_pos_bias_table, called as that timm's own
+    WindowAttention.set_window_size calls it (old_window_size= where the function takes it, timm >= 1.0.31). Where
+    that timm cannot resize a non-square window's table (timm 1.0.29 reads it as square: it raises, or hands the
+    table back unresized and its module indexes the stale table) ours raises and is left as it was."""
+    import_timm()
+    from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+
+    cls = reference.WindowAttention if impl == "reference" else vitkernels.WindowAttention
+    theirs = TimmWindowAttention(24, 3, window_size=old).double()
+    ours = cls(24, 3, window_size=old).double()
+    ours.load_state_dict(theirs.state_dict())
+    table = ours.relative_position_bias_table
+    try:
+        theirs.set_window_size(new)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            ours.set_window_size(new)
+        assert ours.window_size == old and ours.relative_position_bias_table is table
+        return
+    if theirs.relative_position_bias_table.shape[0] != (2 * new[0] - 1) * (2 * new[1] - 1):
+        with pytest.raises(ValueError, match="cannot resize a non-square window's table"):
+            ours.set_window_size(new)
+        assert ours.window_size == old and ours.relative_position_bias_table is table
+        return
+    ours.set_window_size(new)
+    assert ours.window_size == theirs.window_size == new
+    assert ours.relative_position_bias_table.dtype == theirs.relative_position_bias_table.dtype
+    assert torch.equal(ours.relative_position_bias_table, theirs.relative_position_bias_table)
+    assert torch.equal(ours.relative_position_index, theirs.relative_position_index)
+    x = torch.randn(5, new[0] * new[1], 24, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
 def test_patch_merging_matches_timm():
     import_timm()
     from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
@@ -193,11 +230,14 @@ def test_patched_timm_model_matches_unpatched_outputs_and_gradients(backend):
         torch.testing.assert_close(grads_p[name].grad, param.grad, **tol, msg=name)
 
 
-@pytest.mark.parametrize("resize", [dict(img_size=(48, 40)), dict(img_size=(48, 40), window_size=6)],
-                         ids=["new-resolution", "new-resolution-and-window"])
+@pytest.mark.parametrize("resize", [dict(img_size=(48, 40)), dict(img_size=(48, 40), window_size=6),
+                                    dict(img_size=(44, 44), window_size=5)],
+                         ids=["new-resolution", "new-resolution-and-window", "odd-merged-resolution"])
 def test_set_input_size_on_a_patched_timm_model_matches_timm(resize):
     """timm's model.set_input_size reaches the swapped blocks (set_input_size / set_window_size, bias-table resize)
-    and the resized models still agree."""
+    and the resized models still agree. odd-merged-resolution: the 11 x 11 patch grid merges to 6 x 6, which
+    timm >= 1.0.31's stage gives its blocks (window 5, shifted, padded) and timm 1.0.29's as floor 5 x 5 (window 5
+    = the map: not shifted); the swapped stage keeps the installed timm's rule."""
     import copy
 
     original = _small_timm_swin()
@@ -212,8 +252,8 @@ def test_set_input_size_on_a_patched_timm_model_matches_timm(resize):
         assert torch.equal(ours_block.attn.relative_position_bias_table, their_block.attn.relative_position_bias_table)
         assert torch.equal(ours_block.attn.relative_position_index, their_block.attn.relative_position_index)
     if "window_size" in resize:
-        assert blocks[0].window_size == (6, 6)
-    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+        assert blocks[0].window_size == (resize["window_size"],) * 2
+    x = torch.randn(2, 3, *resize["img_size"], dtype=torch.float64)
     torch.testing.assert_close(patched(x), original(x), rtol=1e-9, atol=1e-9)
 
 

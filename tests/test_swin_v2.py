@@ -9,7 +9,7 @@ import torch
 import vitkernels
 from vitkernels.reference import swin_v2 as reference
 
-from helpers import import_timm
+from helpers import build_timm_swinv2_or_skip, import_timm, needs_padded_shift, skip_unless_timm_swinv2_pads
 
 pytestmark = pytest.mark.timm
 
@@ -82,8 +82,9 @@ def test_block_matches_timm_float64(impl, case):
     res, window, shift, always, pretrained = case
     kwargs = dict(dim=24, input_resolution=res, num_heads=3, window_size=window, shift_size=shift,
                   always_partition=always, pretrained_window_size=pretrained)
-    theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs).double())
     ours = IMPLS[impl](**kwargs).double()
+    skip_unless_timm_swinv2_pads(needs_padded_shift(res, ours.window_size, ours.shift_size))
+    theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs).double())
     assert ours.window_size == theirs.window_size and ours.shift_size == theirs.shift_size
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
@@ -109,6 +110,7 @@ def test_block_matches_timm_float64(impl, case):
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_block_matches_timm_float32(impl):
     kwargs = dict(dim=32, input_resolution=(9, 10), num_heads=2, window_size=7, shift_size=3)
+    skip_unless_timm_swinv2_pads(needs_padded_shift((9, 10), (7, 7), (3, 3)))
     theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs))
     ours = IMPLS[impl](**kwargs)
     ours.load_state_dict(theirs.state_dict())
@@ -146,7 +148,8 @@ def test_stage_matches_timm(impl):
     cls = reference.SwinTransformerV2Stage if impl == "reference" else vitkernels.SwinTransformerV2Stage
     kwargs = dict(dim=16, out_dim=32, input_resolution=(18, 20), depth=2, downsample=True, num_heads=2,
                   window_size=7, drop_path=[0.0, 0.1], pretrained_window_size=5)
-    theirs = randomize(timm_v2().SwinTransformerV2Stage(**kwargs).double()).eval()
+    # the merged 9 x 10 map is padded to window multiples and shifted
+    theirs = randomize(build_timm_swinv2_or_skip(lambda: timm_v2().SwinTransformerV2Stage(**kwargs)).double()).eval()
     ours = cls(**kwargs).double().eval()
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
@@ -196,7 +199,8 @@ def _timm_model(name, dtype=torch.float64, seed=0, mild=False, **kwargs):
     own init perturbed (:func:`perturb_timm_init`)."""
     timm = import_timm()
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    # the models' padded, shifted stages need a timm that pads Swin V2's shifted-window masks
+    model = build_timm_swinv2_or_skip(lambda: timm.create_model(name, pretrained=False, **kwargs))
     model = perturb_timm_init(model, seed) if mild else randomize(model, seed)
     return model.to(dtype).eval()
 

@@ -4,6 +4,7 @@ Imports nothing of timm: the functions read the timm model's attributes.
 """
 from __future__ import annotations
 
+import functools
 import re
 import types
 from typing import Dict, Mapping, Optional
@@ -202,11 +203,33 @@ def stage_from_timm(stage: nn.Module, backend: Optional[str] = None) -> nn.Modul
     nn.Module.__init__(new)
     for name in ("dim", "input_resolution", "output_resolution", "depth", "grad_checkpointing"):
         setattr(new, name, getattr(stage, name))
+    if _timm_stage_floors_merged_resolution(stage):
+        new.floor_merged_resolution = True
     new._backend = backend
     new.downsample = stage.downsample
     new.blocks = stage.blocks
     new.training = stage.training  # not .train(): the children keep their own modes
     return new
+
+
+def _timm_stage_floors_merged_resolution(stage: nn.Module) -> bool:
+    """Whether ``stage``'s timm gives its blocks floor(H / 2) after the merge (timm <= 1.0.29) rather than the
+    merged map's ceil(H / 2) (timm >= 1.0.31). Told by the stage itself where its input is odd, else by a depth-0
+    stage of its class built on a 3 x 3 input (cached per class); ceil where neither tells."""
+    if not isinstance(stage.downsample, nn.Identity):
+        for size, merged in zip(stage.input_resolution, stage.output_resolution):
+            if size % 2:
+                return merged == size // 2
+    return _timm_stage_class_floors(type(stage))
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_stage_class_floors(cls: type) -> bool:
+    try:
+        probe = cls(dim=1, out_dim=1, input_resolution=(3, 3), depth=0, downsample=True, num_heads=1, window_size=1)
+        return tuple(probe.output_resolution) == (1, 1)
+    except Exception:  # another constructor: keep the default
+        return False
 
 
 def _is_timm_swin_block(module: nn.Module) -> bool:

@@ -8,6 +8,7 @@ take NHWC input, and compute the same numbers with the same arithmetic (timm's n
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple, Type, Union
 
 import torch
@@ -92,16 +93,32 @@ class WindowAttention(nn.Module):
                 "changing a Swin window resizes the relative position bias table with timm's "
                 f"resize_rel_pos_bias_table, and timm is not importable ({type(exc).__name__}: {exc})"
             ) from exc
+        # Called as the installed timm's own WindowAttention.set_window_size calls it. timm >= 1.0.31 passes the
+        # old window (old_window_size=, needed for non-square windows); timm <= 1.0.29's function has no such
+        # parameter and infers a square source window from the table size, so it is passed only when accepted.
         old_window_size = self.window_size
-        self.window_size = window_size
+        extra = {}
+        if "old_window_size" in inspect.signature(resize_rel_pos_bias_table).parameters:
+            extra["old_window_size"] = old_window_size
         win_h, win_w = window_size
-        self.window_area = win_h * win_w
         table = self.relative_position_bias_table
+        new_shape = ((2 * win_h - 1) * (2 * win_w - 1), self.num_heads)
         with torch.no_grad():
-            resized = resize_rel_pos_bias_table(
-                table, new_window_size=window_size, new_bias_shape=((2 * win_h - 1) * (2 * win_w - 1), self.num_heads),
-                old_window_size=old_window_size,
+            resized = resize_rel_pos_bias_table(table, new_window_size=window_size, new_bias_shape=new_shape, **extra)
+        if tuple(resized.shape) != new_shape:
+            # timm <= 1.0.29 reads a non-square window's table as square and may hand it back unresized (e.g. window
+            # (2, 3) -> (2, 2): 15 rows read as 3 x 3, "already" the size of (2, 2)'s 3 x 3); timm's model then indexes
+            # the stale table. Refused here (module unchanged) rather than computing with it.
+            raise ValueError(
+                f"resizing the relative position bias table from window {old_window_size} to {window_size}: the "
+                f"installed timm's resize_rel_pos_bias_table returned shape {tuple(resized.shape)}, not {new_shape} "
+                "(timm <= 1.0.29 cannot resize a non-square window's table; timm >= 1.0.31 can)"
             )
+        self.window_size = window_size
+        self.window_area = win_h * win_w
+        # The resized table is used as returned, as timm does: timm 1.0.31 returns the table's dtype, timm 1.0.29 an
+        # interpolated table in float32 (a float64 / half model's attention then promotes as timm's own does).
+        # requires_grad is kept as timm 1.0.31 keeps it (1.0.29 makes every resized table trainable); no numbers change.
         self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
         self.register_buffer(
             "relative_position_index", relative_position_index(win_h, win_w, device=table.device), persistent=False
@@ -278,6 +295,11 @@ class SwinTransformerStage(nn.Module):
 
     block_cls: Type[SwinTransformerBlock] = SwinTransformerBlock
     merging_cls: Type[PatchMerging] = PatchMerging
+    # The blocks' resolution after the 2x2 merge. PatchMerging zero-pads an odd H or W, so the merged map is
+    # ceil(H / 2), as timm >= 1.0.31's stage says; timm <= 1.0.29's stage says floor(H / 2) (the window clamp of an odd
+    # map then differs). compat.timm sets True on a stage it swaps into a timm model whose stages floor, so that
+    # model's set_input_size picks the windows the unpatched model picks.
+    floor_merged_resolution: bool = False
 
     def __init__(
         self,
@@ -335,6 +357,8 @@ class SwinTransformerStage(nn.Module):
         self.input_resolution = to_2tuple(feat_size)
         if isinstance(self.downsample, nn.Identity):
             self.output_resolution = self.input_resolution
+        elif self.floor_merged_resolution:
+            self.output_resolution = tuple(i // 2 for i in self.input_resolution)
         else:
             self.output_resolution = tuple((i + 1) // 2 for i in self.input_resolution)
         for block in self.blocks:
