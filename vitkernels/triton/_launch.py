@@ -13,6 +13,7 @@ with a single "multiprocessor" so that programs that loop over several windows /
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -193,6 +194,19 @@ class _Launcher:
 LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"})
 
 
+@functools.lru_cache(maxsize=None)
+def _binding(fn, n_positional: int) -> Tuple[frozenset, frozenset, frozenset]:
+    """For a kernel function called with ``n_positional`` positional arguments: the names it may take by keyword, the
+    names the positional arguments already bind, the names that must come by keyword (no default). Cached: a launch
+    should not pay inspect.signature (~20 us)."""
+    params = list(inspect.signature(fn).parameters.values())
+    if n_positional > len(params):
+        raise TypeError(f"{fn.__name__}: {n_positional} positional arguments for {len(params)} parameters")
+    rest = params[n_positional:]
+    return (frozenset(p.name for p in params) | LAUNCH_OPTIONS, frozenset(p.name for p in params[:n_positional]),
+            frozenset(p.name for p in rest if p.default is inspect.Parameter.empty))
+
+
 def check_arguments(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` unless ``args`` / ``kwargs`` bind exactly to ``kernel``'s parameters (plus Triton's launch
     options): a keyword the kernel does not have, a parameter given twice, one missing without a default.
@@ -204,20 +218,17 @@ def check_arguments(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
     fn = getattr(kernel, "fn", None)  # the Python function of a JITFunction, or of the interpreter's wrapper
     if fn is None or not inspect.isfunction(fn):  # an autotuner / heuristics wrapper: Triton checks at launch
         return
-    params = list(inspect.signature(fn).parameters.values())
-    names = [p.name for p in params]
-    name = fn.__name__
-    if len(args) > len(names):
-        raise TypeError(f"{name}: {len(args)} positional arguments for {len(names)} parameters")
-    unknown = sorted(k for k in kwargs if k not in names and k not in LAUNCH_OPTIONS)
+    allowed, positional, required = _binding(fn, len(args))
+    keys = kwargs.keys()
+    unknown = keys - allowed
     if unknown:
-        raise TypeError(f"{name}: keyword arguments that are not its parameters: {', '.join(unknown)}")
-    twice = sorted(k for k in names[: len(args)] if k in kwargs)
+        raise TypeError(f"{fn.__name__}: keyword arguments that are not its parameters: {', '.join(sorted(unknown))}")
+    twice = positional & keys
     if twice:
-        raise TypeError(f"{name}: parameters given both by position and by keyword: {', '.join(twice)}")
-    missing = [p.name for p in params[len(args):] if p.name not in kwargs and p.default is inspect.Parameter.empty]
+        raise TypeError(f"{fn.__name__}: parameters given both by position and by keyword: {', '.join(sorted(twice))}")
+    missing = required - keys
     if missing:
-        raise TypeError(f"{name}: parameters not given: {', '.join(missing)}")
+        raise TypeError(f"{fn.__name__}: parameters not given: {', '.join(sorted(missing))}")
 
 
 def launcher(kernel) -> _Launcher:
