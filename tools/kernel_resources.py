@@ -31,13 +31,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from vitkernels.triton._launch import LAUNCH_OPTIONS  # noqa: E402  (the launcher's list: one for both)
+
 try:  # triton >= 3.3
     from triton._C.libtriton import native_specialize_impl  # noqa: E402
 except ImportError:  # pragma: no cover - older triton
     native_specialize_impl = None
 
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
-LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 

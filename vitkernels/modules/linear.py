@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitkernels.ops.linear import layer_backend, layer_linear, linear
@@ -27,11 +26,9 @@ class Linear(nn.Linear):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu":
-            # every backend of the linear op is F.linear off the CPU (cuBLAS): called directly, without the op's
-            # Python checks and selection, which cost more than a small GEMM's launch (DeiT-S on an H200 is
-            # launch-bound: timm eager 10.9 ms against 3.7 ms of GEMMs at batch 128)
-            return F.linear(input, self.weight, self.bias)
-        if layer_backend(self.backend) == "auto":
+        # off the CPU every backend is F.linear, which layer_linear calls directly, without the op's Python checks
+        # and selection (they cost more than a small GEMM's launch: DeiT-S on an H200 is launch-bound, timm eager
+        # 10.9 ms against 3.7 ms of GEMMs at batch 128)
+        if input.device.type != "cpu" or layer_backend(self.backend) == "auto":
             return layer_linear(input, self.weight, self.bias)
         return linear(input, self.weight, self.bias, backend="reference")

@@ -100,7 +100,7 @@ def _load_tokens(qkv_ptr, pad_ptr, token, real, valid, col, CH, HD: tl.constexpr
 @triton.jit
 def _normalize_rows(x):
     """F.normalize over the rows of ``x`` (M, HD): fp32 ``x / max(|x|, 1e-12)``, and ``|x|`` (M,)."""
-    x = tl.cast(x, tl.float32)
+    x = x.to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, 1))
     return x / tl.maximum(norm, 1e-12)[:, None], norm
 
