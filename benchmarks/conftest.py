@@ -246,34 +246,46 @@ def assert_agrees(benchmark, got, expected, *, atol: float = None, rtol: float =
 
 @contextlib.contextmanager
 def record_backends():
-    """Collect ``(op name, backend)`` for every dispatch made inside the block (eager calls)."""
+    """Collect ``(op name, backend)`` for every dispatch made inside the block (eager calls), plus two routes that
+    bypass the dispatcher: the fused Swin block / patch merging path (``("swin_block", "native")``, when
+    ``_fused_cpu_allowed`` lets it run) and its GEMMs (``("layer_linear", library)``, library ``"onednn"`` or
+    ``"aten"``)."""
     from vitkernels import dispatch
-
+    from vitkernels.modules import swin as swin_module
     from vitkernels.ops import linear as linear_op
 
     chosen = []
-    original = dispatch.Op.select
-    # layer_linear's direct call of the native op (the fused Swin block's and the Linear module's GEMMs) bypasses
-    # select: recorded as what it is, the linear op's native backend
-    fast = linear_op._layer_fast_path
+    original_select = dispatch.Op.select
+    original_allowed = swin_module._fused_cpu_allowed
+    original_layer_linear = linear_op.layer_linear
 
     def select(self, call, backend=None):
-        impl = original(self, call, backend)
+        impl = original_select(self, call, backend)
         chosen.append((self.name, impl.backend))
         return impl
 
-    def fast_path(*args):
-        chosen.append(("linear", "native"))
-        return fast(*args)
+    def fused_cpu_allowed(backend, x):
+        allowed = original_allowed(backend, x)
+        if allowed:
+            chosen.append(("swin_block", "native"))
+        return allowed
+
+    def layer_linear(x, weight, bias=None):
+        direct = x.device.type != "cpu" or linear_op.CPU_GEMM == "aten" or linear_op._layer_fast_path is not None
+        if direct:  # otherwise layer_linear goes through linear(), whose select records itself
+            onednn = x.device.type == "cpu" and linear_op.CPU_GEMM == "onednn"
+            chosen.append(("layer_linear", "onednn" if onednn else "aten"))
+        return original_layer_linear(x, weight, bias)
 
     dispatch.Op.select = select
-    if fast is not None:
-        linear_op._layer_fast_path = fast_path
+    swin_module._fused_cpu_allowed = fused_cpu_allowed
+    linear_op.layer_linear = layer_linear
     try:
         yield chosen
     finally:
-        dispatch.Op.select = original
-        linear_op._layer_fast_path = fast
+        dispatch.Op.select = original_select
+        swin_module._fused_cpu_allowed = original_allowed
+        linear_op.layer_linear = original_layer_linear
 
 
 def skip_auto_if_same(run_once, named_backends=("native", "triton")):
@@ -281,12 +293,13 @@ def skip_auto_if_same(run_once, named_backends=("native", "triton")):
 
     ``run_once``: calls the auto peer once (eagerly); the backends it dispatched to are recorded. Where auto picks
     the same code as ``vitkernels native`` (CPU) or ``vitkernels triton`` (CUDA), timing it again would only add a
-    best-of-two over noise. Returns the backends auto used (when it is not skipped: a mix, or a backend no named
-    peer runs).
+    best-of-two over noise. The fused Swin path's GEMMs (``layer_linear``) do not count: they run the machine's CPU
+    GEMM library whatever backend the block is pinned to, so the named peer runs them too. Returns the backends auto
+    used (when it is not skipped: a mix, or a backend no named peer runs).
     """
     with record_backends() as chosen:
         run_once()
-    picked = sorted({backend for _, backend in chosen})
+    picked = sorted({backend for op_name, backend in chosen if op_name != "layer_linear"})
     if len(picked) == 1 and picked[0] in named_backends:
         pytest.skip(f"auto runs '{picked[0]}' here: the same code as the 'vitkernels {picked[0]}' peer "
                     "(not timed twice)")

@@ -118,16 +118,18 @@ def test_publish_keeps_dirty_and_names_changed_code(tmp_path, monkeypatch):
     assert info["dirty"] is True and info["dirty_paths"] == ["vitkernels/ops/linear.py"]
 
 
-def test_auto_swin_block_counts_as_the_native_peer():
-    """The benchmarks' ``skip_auto_if_same``: on CPU the ``auto`` SwinBlock runs the fused native path, whose GEMMs
-    call the native linear op directly (layer_linear, no backend selection): recorded as the linear op's native
-    backend, so the 'vitkernels auto' peer is skipped as the same code as 'vitkernels native', not timed twice."""
+def test_auto_swin_block_counts_as_the_native_peer(monkeypatch):
+    """The benchmarks' ``skip_auto_if_same``: on CPU the ``auto`` SwinBlock runs the fused native path (recorded as
+    such), whose GEMMs call the machine's CPU GEMM library directly (layer_linear, no backend selection, the same for
+    every pinned backend): so the 'vitkernels auto' peer is skipped as the same code as 'vitkernels native', not
+    timed twice, with either GEMM library; the patched functions are restored afterwards."""
     import importlib.util
 
     import pytest
     import torch
 
     import vitkernels
+    from vitkernels.modules import swin as swin_module
     from vitkernels.ops import linear as linear_op
 
     if linear_op._layer_fast_path is None:
@@ -138,9 +140,13 @@ def test_auto_swin_block_counts_as_the_native_peer():
     spec.loader.exec_module(bench)
     block = vitkernels.SwinBlock(32, (14, 14), 2, window_size=7, shift_size=3)
     x = torch.randn(1, 14, 14, 32)
-    with bench.record_backends() as chosen:
-        block(x)
-    assert chosen and {backend for _, backend in chosen} == {"native"}
-    with pytest.raises(pytest.skip.Exception, match="same code"):
-        bench.skip_auto_if_same(lambda: block(x))
-    assert linear_op._layer_fast_path is torch.ops.vitkernels.onednn_linear_eager.default  # restored
+    originals = (vitkernels.dispatch.Op.select, swin_module._fused_cpu_allowed, linear_op.layer_linear)
+    for library in ("onednn", "aten"):
+        monkeypatch.setattr(linear_op, "CPU_GEMM", library)
+        with bench.record_backends() as chosen:
+            block(x)
+        assert ("swin_block", "native") in chosen
+        assert {entry for entry in chosen if entry[0] == "layer_linear"} == {("layer_linear", library)}
+        with pytest.raises(pytest.skip.Exception, match="same code"):
+            bench.skip_auto_if_same(lambda: block(x))
+    assert (vitkernels.dispatch.Op.select, swin_module._fused_cpu_allowed, linear_op.layer_linear) == originals

@@ -109,10 +109,12 @@ def test_eager_training_uses_the_cpp_function_where_built():
     assert "EagerOneDnnLinear" in linear(x, w, b, backend="native").grad_fn.name()
 
 
-def test_layer_linear_goes_straight_to_the_native_op_in_eager_float32():
+def test_layer_linear_goes_straight_to_the_native_op_in_eager_float32(monkeypatch):
     """layer_linear (the Linear module's and the fused Swin block's GEMMs) skips linear()'s Python checks where
-    the C++ op serves the call, and is linear(backend="auto") everywhere else: float64, autocast, torch.compile."""
+    the C++ op serves the call, and is linear(backend="auto") everywhere else: float64, autocast, torch.compile.
+    (Where oneDNN is the machine's CPU GEMM: pinned here, so that the test runs on every CPU.)"""
     cpp_function_or_skip()
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
     x, w, b = inputs((3, 5, 16), 8, True)
     y = linear_op.layer_linear(x, w, b)
     assert "EagerOneDnnLinear" in y.grad_fn.name()
@@ -216,8 +218,63 @@ def test_eager_double_backward_matches_f_linear(eager_path):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_picks_native_for_float32_and_reference_otherwise():
+def test_layer_linear_is_f_linear_where_aten_is_the_cpu_gemm(monkeypatch):
+    """Where ATen's GEMM is the machine's CPU GEMM (an Intel CPU with MKL), layer_linear is F.linear itself: the
+    same grad_fn and bitwise the same numbers, forward and backward, with and without autograd."""
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "aten")
+    x, w, b = inputs((3, 5, 16), 8, True)
+    for bias in (b, None):
+        y, ref = linear_op.layer_linear(x, w, bias), F.linear(x, w, bias)
+        assert y.grad_fn.name() == ref.grad_fn.name() and torch.equal(y, ref)
+        wanted = (x, w) if bias is None else (x, w, b)
+        got, want = torch.autograd.grad(y.sum(), wanted), torch.autograd.grad(ref.sum(), wanted)
+        assert all(torch.equal(g_, r) for g_, r in zip(got, want))
+    with torch.no_grad():
+        assert torch.equal(linear_op.layer_linear(x, w, b), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("env,vendor,mkl,onednn,expected", [
+    ("", "GenuineIntel", True, True, "aten"),          # MKL runs its own kernels on Intel
+    ("", "AuthenticAMD", True, True, "onednn"),        # MKL's generic path off Intel
+    ("", "", True, True, "onednn"),                    # vendor unknown: oneDNN, as before
+    ("", "GenuineIntel", False, True, "onednn"),       # no MKL: oneDNN
+    ("", "AuthenticAMD", True, False, "aten"),         # no oneDNN: ATen is all there is
+    ("onednn", "GenuineIntel", True, True, "onednn"),  # the environment variable decides
+    (" ATen ", "AuthenticAMD", True, True, "aten"),
+])
+def test_choose_cpu_gemm(env, vendor, mkl, onednn, expected):
+    library, why = linear_op.choose_cpu_gemm(env=env, vendor=vendor, mkl=mkl, onednn=onednn)
+    assert library == expected and why
+    if env:
+        assert linear_op.CPU_GEMM_ENV_VAR in why
+
+
+def test_choose_cpu_gemm_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="VITKERNELS_CPU_GEMM must be one of"):
+        linear_op.choose_cpu_gemm(env="mkl", vendor="GenuineIntel", mkl=True, onednn=True)
+    with pytest.raises(ValueError, match="no oneDNN"):
+        linear_op.choose_cpu_gemm(env="onednn", vendor="GenuineIntel", mkl=True, onednn=False)
+
+
+def test_cpu_gemm_env_var_is_read_at_import(tmp_path):
+    """``VITKERNELS_CPU_GEMM`` set before vitkernels is imported decides CPU_GEMM (and so auto's linear backend)."""
+    import subprocess
+    import sys
+    code = ("from vitkernels.ops import linear as L; import torch; from vitkernels import dispatch; "
+            "print(L.CPU_GEMM, L.op.select(dispatch.Call(torch.device('cpu'), torch.float32)).backend)")
+    out = {}
+    for library in ("aten", "onednn"):
+        env = dict(__import__("os").environ, VITKERNELS_CPU_GEMM=library)
+        out[library] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split()
+    assert out["aten"] == ["aten", "reference"]
+    if linear_op.onednn_available():
+        assert out["onednn"] == ["onednn", "native"]
+
+
+def test_auto_picks_native_for_float32_and_reference_otherwise(monkeypatch):
     onednn_or_skip()
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
     cpu = torch.device("cpu")
     assert linear_op.op.select(dispatch.Call(cpu, torch.float32)).backend == "native"
     assert linear_op.op.select(dispatch.Call(cpu, torch.bfloat16)).backend == "reference"
@@ -227,6 +284,22 @@ def test_auto_picks_native_for_float32_and_reference_otherwise():
     out = linear(x.detach().double(), w.detach().double(), b.detach().double(), "gelu")
     assert out.dtype == torch.float64
     assert torch.equal(out, expected64(x, w, b, "gelu"))
+
+
+def test_auto_passes_native_over_where_aten_is_the_cpu_gemm(monkeypatch):
+    """auto picks the reference (F.linear) where ATen is the CPU GEMM, and says why; backend="native" still runs
+    oneDNN."""
+    onednn_or_skip()
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "aten")
+    call = dispatch.Call(torch.device("cpu"), torch.float32)
+    assert linear_op.op.select(call).backend == "reference"
+    choice, reasons = linear_op.op.auto_choice(call)
+    assert choice == "reference" and "auto passes it over" in reasons["native"]
+    assert linear_op.op.reasons(call)["native"] is None  # it can serve the call
+    assert linear_op.op.select(call, "native").backend == "native"
+    x, w, b = inputs((5, 8), 4, True)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert_close_scaled(linear(x, w, b, backend="native"), expected64(x, w, b, None).detach(), torch.float32)
 
 
 def test_autocast_goes_through_f_linear():

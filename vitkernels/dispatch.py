@@ -6,7 +6,9 @@ human-readable reason. A call picks one with its ``backend`` argument, or else t
 environment variable, or else ``"auto"``:
 
 * ``"auto"``: the first implementation that can serve the call, in the order
-  CUDA tensors: triton, native, reference; CPU tensors: native, reference.
+  CUDA tensors: triton, native, reference; CPU tensors: native, reference. An implementation may also carry
+  ``auto_checks``, measured preferences that make ``auto`` pass it over for a call it could serve (the oneDNN
+  linear on an Intel CPU, where ATen's MKL GEMM measured faster); asked for by name it still runs.
   (Triton on CPU tensors means the Triton *interpreter*, a correctness tool hundreds of times slower than
   eager PyTorch: it is used only when asked for by name.)
 * a backend name: that implementation, or :class:`BackendUnavailableError` listing why it cannot serve the call.
@@ -59,12 +61,26 @@ class Implementation:
     backend: str
     fn: Callable[..., Any]
     checks: Tuple[SupportCheck, ...]
+    # checks that only keep ``auto`` from picking this implementation (it can serve the call, but something else
+    # is preferred: e.g. the oneDNN linear on a CPU where MKL measured faster); asking for it by name still works
+    auto_checks: Tuple[SupportCheck, ...] = ()
 
     def unsupported_reason(self, call: Call) -> Optional[str]:
         for check in self.checks:
             reason = check(call)
             if reason is not None:
                 return reason
+        return None
+
+    def auto_skip_reason(self, call: Call) -> Optional[str]:
+        """Why ``auto`` passes over this implementation for ``call`` (it cannot serve it, or is not preferred)."""
+        reason = self.unsupported_reason(call)
+        if reason is not None:
+            return reason
+        for check in self.auto_checks:
+            reason = check(call)
+            if reason is not None:
+                return f"auto passes it over: {reason}"
         return None
 
     def __call__(self, *args, **kwargs):
@@ -80,13 +96,15 @@ class Op:
         self.implementations: Dict[str, Implementation] = {}
         self._missing: Dict[str, str] = {}
 
-    def register(self, backend: str, *checks: SupportCheck) -> Callable[[Callable], Callable]:
-        """Decorator registering ``fn`` as the ``backend`` implementation, served when all ``checks`` pass."""
+    def register(self, backend: str, *checks: SupportCheck,
+                 auto_checks: Tuple[SupportCheck, ...] = ()) -> Callable[[Callable], Callable]:
+        """Decorator registering ``fn`` as the ``backend`` implementation, served when all ``checks`` pass;
+        ``auto`` also requires ``auto_checks`` to pass (a preference, not a capability)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
         def decorator(fn: Callable) -> Callable:
-            self.implementations[backend] = Implementation(backend, fn, tuple(checks))
+            self.implementations[backend] = Implementation(backend, fn, tuple(checks), tuple(auto_checks))
             self._missing.pop(backend, None)
             return fn
 
@@ -121,7 +139,7 @@ class Op:
         order = _AUTO_ORDER.get(call.device.type, ("reference",))
         why_not: List[str] = []
         for name in order:
-            reason = self._reason_for(name, call)
+            reason = self._reason_for(name, call, auto=True)
             if reason is None:
                 return self.implementations[name]
             why_not.append(f"  {name}: {reason}")
@@ -132,7 +150,7 @@ class Op:
 
     def auto_choice(self, call: Call) -> Tuple[Optional[str], Dict[str, Optional[str]]]:
         """The backend ``auto`` would pick for ``call`` (or None) and every backend's reason, for reports."""
-        reasons = self.reasons(call)
+        reasons = {name: self._reason_for(name, call, auto=True) for name in BACKENDS}
         if call.device.type == "cpu" and reasons.get("triton") is None:
             reasons["triton"] = _TRITON_ON_CPU_REASON
         for name in _AUTO_ORDER.get(call.device.type, ("reference",)):
@@ -140,11 +158,11 @@ class Op:
                 return name, reasons
         return None, reasons
 
-    def _reason_for(self, backend: str, call: Call) -> Optional[str]:
+    def _reason_for(self, backend: str, call: Call, auto: bool = False) -> Optional[str]:
         impl = self.implementations.get(backend)
         if impl is None:
             return self._missing.get(backend, f"no {backend} implementation of {self.name}")
-        return impl.unsupported_reason(call)
+        return impl.auto_skip_reason(call) if auto else impl.unsupported_reason(call)
 
     def __repr__(self) -> str:
         return f"Op({self.name!r}, backends={sorted(self.implementations)})"

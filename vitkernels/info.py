@@ -14,6 +14,7 @@ import torch
 import vitkernels
 from vitkernels import _native, dispatch
 from vitkernels import triton as vk_triton
+from vitkernels.ops import linear as linear_op
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -30,6 +31,7 @@ def versions() -> Dict[str, str]:
         "triton": vk_triton.TRITON_VERSION or "not importable",
         "triton interpreter": "on (TRITON_INTERPRET=1)" if vk_triton.interpreter_active() else "off",
         "CPU threads": str(torch.get_num_threads()),
+        "CPU float32 GEMM": f"{linear_op.CPU_GEMM} ({linear_op.CPU_GEMM_REASON})",
     }
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()

@@ -28,6 +28,15 @@ without vitkernels._C it is a Python custom op with the same body) and its fake 
   this backward did before). ATen's ``mkldnn_linear_backward_weights`` refuses dense CPU tensors.
 * ``grad_b = g.sum(0)``.
 
+Which library serves a CPU float32 GEMM by default (``auto`` and the layers' :func:`layer_linear`) is a per-machine
+fact, :data:`CPU_GEMM` (:func:`choose_cpu_gemm`): ``"aten"`` (``F.linear``: MKL's ``sgemm``) on an Intel CPU with a
+PyTorch built with MKL, where MKL runs its own Intel-tuned kernels; ``"onednn"`` elsewhere (AMD: see above). On a
+2-core Intel Xeon (AVX-512, AMX; torch 2.13) ATen measured 4-10% faster than oneDNN at every Swin-T Linear shape,
+forward + backward at batch 2 and forward at batch 4 (interleaved medians per shape; summed over the model's
+Linears 224 vs 242 ms, 128 vs 136 ms), and the patched Swin-T training step 1.28x timm eager with it against 1.23x
+with oneDNN (12 paired rounds). ``$VITKERNELS_CPU_GEMM`` (``aten`` / ``onednn``, read at import) overrides the
+choice; ``backend="native"`` still runs oneDNN.
+
 Eager calls skip the custom op's dispatch, which costs more than the GEMM at small shapes: without autograd they
 call oneDNN's op directly, with autograd ``vitkernels::onednn_linear_eager``, the same forward and backward recorded
 by a C++ autograd Function (csrc/cpu/linear.cpp; without vitkernels._C the Python ``autograd.Function``
@@ -41,7 +50,9 @@ fused post-op.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+import platform
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +61,7 @@ from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
 from vitkernels.reference import linear as reference
 
-op = dispatch.op("linear", "act(x W^T + b): a Linear layer with an optional fused GELU (CPU: oneDNN)")
+op = dispatch.op("linear", "act(x W^T + b): a Linear layer with an optional fused GELU (CPU: oneDNN, or MKL on Intel)")
 
 ACTIVATIONS = reference.ACTIVATIONS
 NATIVE_DTYPES = (torch.float32,)
@@ -61,10 +72,55 @@ _POST_OPS = {"none": ("none", [], ""), "gelu": ("gelu", [None], "none"), "gelu_t
 
 _layer_fast_path = None  # layer_linear's direct call: vitkernels::onednn_linear_eager, set below where it exists
 
+CPU_GEMM_ENV_VAR = "VITKERNELS_CPU_GEMM"
+CPU_GEMM_LIBRARIES = ("aten", "onednn")
+
 
 def onednn_available() -> bool:
     """Whether this PyTorch build has oneDNN (mkldnn) and its fused linear op."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``"GenuineIntel"``, ``"AuthenticAMD"``, ...; ``""`` if unknown): ``/proc/cpuinfo`` on
+    Linux, else the tail of :func:`platform.processor` (Windows: ``"Intel64 Family 6 Model 85 ..., GenuineIntel"``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    tail = platform.processor().rsplit(",", 1)[-1].strip()
+    return tail if tail.startswith(("Genuine", "Authentic")) else ""
+
+
+def choose_cpu_gemm(env: Optional[str] = None, vendor: Optional[str] = None,
+                    mkl: Optional[bool] = None, onednn: Optional[bool] = None) -> Tuple[str, str]:
+    """``(library, why)``: the library for CPU float32 GEMMs, ``"aten"`` (``F.linear``) or ``"onednn"``. The
+    arguments default to this process's facts (``$VITKERNELS_CPU_GEMM``, :func:`cpu_vendor`, whether PyTorch has MKL
+    and oneDNN); passing them decides for another machine."""
+    env = os.environ.get(CPU_GEMM_ENV_VAR, "") if env is None else env
+    vendor = cpu_vendor() if vendor is None else vendor
+    mkl = torch.backends.mkl.is_available() if mkl is None else mkl
+    onednn = onednn_available() if onednn is None else onednn
+    asked = env.strip().lower()
+    if asked:
+        if asked not in CPU_GEMM_LIBRARIES:
+            raise ValueError(f"${CPU_GEMM_ENV_VAR} must be one of {CPU_GEMM_LIBRARIES}, got {env!r}")
+        if asked == "onednn" and not onednn:
+            raise ValueError(f"${CPU_GEMM_ENV_VAR}=onednn, but this PyTorch build has no oneDNN")
+        return asked, f"${CPU_GEMM_ENV_VAR}={asked}"
+    if not onednn:
+        return "aten", "this PyTorch build has no oneDNN"
+    if mkl and vendor == "GenuineIntel":
+        return "aten", "an Intel CPU and a PyTorch built with MKL: MKL's sgemm runs its Intel-tuned kernels"
+    return "onednn", (f"a {vendor or 'non-Intel'} CPU" if mkl else "a PyTorch built without MKL") + \
+        ": oneDNN's JIT GEMM (MKL's sgemm takes its generic code path off Intel CPUs)"
+
+
+# The library of this process's CPU float32 GEMMs (layer_linear, and what ``auto`` picks for the linear op)
+CPU_GEMM, CPU_GEMM_REASON = choose_cpu_gemm()
 
 
 def linear(
@@ -112,9 +168,10 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     autocast, the call goes straight to ``vitkernels::onednn_linear_eager`` (which checks its arguments in C++, and
     records for autograd only when autograd is recording), not through :func:`linear`'s Python checks and backend
     selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear: 87 -> 45 us with autograd, one thread), about
-    50 calls per Swin-T forward. Off the CPU, ``F.linear`` directly (every backend is ``F.linear`` there: cuBLAS).
-    Anything else, or without vitkernels._C: :func:`linear`."""
-    if x.device.type != "cpu":
+    50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM` is ``"aten"`` (an Intel CPU), ``F.linear``
+    directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything else, or without vitkernels._C:
+    :func:`linear`."""
+    if x.device.type != "cpu" or CPU_GEMM == "aten":
         return F.linear(x, weight, bias)
     fast = _layer_fast_path
     if (fast is not None and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
@@ -259,7 +316,12 @@ if onednn_available():
                     "F.linear measured faster than oneDNN's _linear_pointwise)")
         return None
 
-    @op.register("native", _native_reason)
+    def _native_preferred(call: dispatch.Call) -> Optional[str]:
+        if CPU_GEMM != "onednn":
+            return f"ATen's GEMM is this machine's CPU GEMM ({CPU_GEMM_REASON})"
+        return None
+
+    @op.register("native", _native_reason, auto_checks=(_native_preferred,))
     def _linear_native(x, weight, bias, activation):
         recording = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
