@@ -4,6 +4,7 @@
 // table and qkv-bias gradients.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -19,36 +20,74 @@
 namespace vitkernels {
 namespace cpu {
 
+// The table row offset of every (query i, key j) pair of a window, relative_index(i, j) * nH, row-major (N, N): the
+// index math (divisions) done once per call instead of once per head and pair.
+template <typename Problem>
+std::vector<int64_t> relative_offsets(const Problem& p) {
+  std::vector<int64_t> rel(p.N * p.N);
+  for (int64_t i = 0; i < p.N; ++i)
+    for (int64_t j = 0; j < p.N; ++j) rel[i * p.N + j] = p.g.relative_index(i, j) * p.nH;
+  return rel;
+}
+
+// Rows (of N entries) per task of the host loops below: serial for small problems (Swin-T stage 1: 3 heads x 49
+// rows), split over the threads where heads are many (stage 4: 24 heads; a MONAI 7x7x7 window: 343 x 343 per head).
+inline int64_t host_rows_grain(int64_t N) { return (8192 + N - 1) / N; }
+
 // (nH, N, NP) rows of the relative position bias, table[rel(i, j), h] in T, -inf in the padding columns j >= N (they
 // then drop out of the softmax): what the kernels' S accumulators start from.
 // Problem: WindowAttentionProblem, or WindowAttention3DProblem (its geometry's 3D relative index).
 template <typename T, typename Problem>
 std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
-  const int64_t NP = round_to_vector(p.N);
+  const int64_t N = p.N, NP = round_to_vector(N);
   const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* tab = t.const_data_ptr<T>();
-  std::vector<T> rows(p.nH * p.N * NP, -std::numeric_limits<T>::infinity());
-  for (int64_t h = 0; h < p.nH; ++h)
-    for (int64_t i = 0; i < p.N; ++i)
-      for (int64_t j = 0; j < p.N; ++j) rows[(h * p.N + i) * NP + j] = tab[p.g.relative_index(i, j) * p.nH + h];
+  const std::vector<int64_t> rel = relative_offsets(p);
+  std::vector<T> rows(p.nH * N * NP);
+  at::parallel_for(0, p.nH * N, host_rows_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t hi = begin; hi < end; ++hi) {  // row i of head h
+      const int64_t h = hi / N;
+      const int64_t* r = rel.data() + (hi % N) * N;
+      T* row = rows.data() + hi * NP;
+      for (int64_t j = 0; j < N; ++j) row[j] = tab[r[j] + h];
+      for (int64_t j = N; j < NP; ++j) row[j] = -std::numeric_limits<T>::infinity();
+    }
+  });
   return rows;
+}
+
+// The (table_rows, nH) table gradient in double from `threads` blocks of per-thread sums of dS, d_bias[t] (nH, N,
+// row_stride) (row_stride >= N): summed over the threads in double, in thread order, and scattered by relative
+// position, in the same order for every thread count split; heads in parallel (each head owns its table column).
+template <typename Acc, typename Problem>
+at::Tensor reduce_table_grad_double(const Problem& p, const Acc* d_bias, int64_t row_stride, int64_t threads,
+                                    const at::Tensor& table) {
+  at::Tensor grad = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
+  double* gt = grad.mutable_data_ptr<double>();
+  const int64_t N = p.N;
+  const std::vector<int64_t> rel = relative_offsets(p);
+  const int64_t block = p.nH * N * row_stride;
+  at::parallel_for(0, p.nH, (host_rows_grain(N) + N - 1) / N, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t* r = rel.data() + i * N;
+        const Acc* row = d_bias + (h * N + i) * row_stride;
+        for (int64_t j = 0; j < N; ++j) {
+          double sum = 0;
+          for (int64_t t = 0; t < threads; ++t) sum += static_cast<double>(row[t * block + j]);
+          gt[r[j] + h] += sum;
+        }
+      }
+    }
+  });
+  return grad;
 }
 
 // d_bias holds `threads` blocks of (nH, N, N) sums of dS; returns the (table_rows, nH) table gradient in the
 // table's dtype (summed in double, scattered by relative position).
 inline at::Tensor reduce_table_grad(const WindowAttentionProblem& p, const std::vector<double>& d_bias,
                                     int64_t threads, const at::Tensor& table) {
-  at::Tensor grad = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  double* gt = grad.mutable_data_ptr<double>();
-  const int64_t NN = p.N * p.N;
-  for (int64_t h = 0; h < p.nH; ++h) {
-    for (int64_t ij = 0; ij < NN; ++ij) {
-      double sum = 0;
-      for (int64_t t = 0; t < threads; ++t) sum += d_bias[(t * p.nH + h) * NN + ij];
-      gt[p.g.relative_index(ij / p.N, ij % p.N) * p.nH + h] += sum;
-    }
-  }
-  return grad.to(table.scalar_type());
+  return reduce_table_grad_double(p, d_bias.data(), p.N, threads, table).to(table.scalar_type());
 }
 
 // d_pad holds `threads` blocks of (nH, 2, hd) sums of padded tokens' (dk, dv); returns the (3C) qkv-bias gradient

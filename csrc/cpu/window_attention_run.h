@@ -109,14 +109,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
   // Per-thread sums: d_bias (nH, N, NP) over windows in the compute type, what the qkv bias receives (nH, 3, hd) in
   // double; reduced over threads in double below.
   std::vector<double> d_qkv_bias(threads * p.nH * 3 * p.hd, 0.0);
-  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
-  double* gt = grad_table.mutable_data_ptr<double>();
+  at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));  // stays zero without windows
   const Isa isa = selected_isa();
   if (p.windows() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "vitkernels_window_attention_bwd_cpu",
                                     [&] {
       using T = at::opmath_type<scalar_t>;
-      const std::vector<T> bias_rows = expand_bias<T>(p, table);
+      // with the saved softmax the kernel does not recompute S, so it reads no bias rows
+      const std::vector<T> bias_rows = probs ? std::vector<T>() : expand_bias<T>(p, table);
       auto a = make_args<scalar_t, T>(p, scale, qkv, pad_row, bias_rows, state, probs);
       a.bias_every_token = bias_every_token;
       a.grad_out = grad_out.const_data_ptr<scalar_t>();
@@ -131,17 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
                     d_bias.data() + tid * p.nH * p.N * NP, d_qkv_bias.data() + tid * p.nH * 3 * p.hd);
       });
       // Reduce the threads' sums and scatter d_bias into the table by relative position.
-      for (int64_t h = 0; h < p.nH; ++h) {
-        for (int64_t i = 0; i < p.N; ++i) {
-          for (int64_t j = 0; j < p.N; ++j) {
-            double sum = 0;
-            for (int64_t t = 0; t < threads; ++t) {
-              sum += static_cast<double>(d_bias[((t * p.nH + h) * p.N + i) * NP + j]);
-            }
-            gt[p.g.relative_index(i, j) * p.nH + h] += sum;
-          }
-        }
-      }
+      grad_table = reduce_table_grad_double(p, d_bias.data(), NP, threads, table);
     });
   }
   at::Tensor grad_bias = at::empty({0}, qkv.options());
