@@ -31,11 +31,11 @@ without vitkernels._C it is a Python custom op with the same body) and its fake 
 Which library serves a CPU float32 GEMM by default (``auto`` and the layers' :func:`layer_linear`) is a per-machine
 fact, :data:`CPU_GEMM` (:func:`choose_cpu_gemm`): ``"aten"`` (``F.linear``: MKL's ``sgemm``) on an Intel CPU with a
 PyTorch built with MKL, where MKL runs its own Intel-tuned kernels; ``"onednn"`` elsewhere (AMD: see above). On a
-2-core Intel Xeon (AVX-512, AMX; torch 2.13) ATen measured 4-10% faster than oneDNN at every Swin-T Linear shape,
-forward + backward at batch 2 and forward at batch 4 (interleaved medians per shape; summed over the model's
-Linears 224 vs 242 ms, 128 vs 136 ms), and the patched Swin-T training step 1.28x timm eager with it against 1.23x
-with oneDNN (12 paired rounds). ``$VITKERNELS_CPU_GEMM`` (``aten`` / ``onednn``, read at import) overrides the
-choice; ``backend="native"`` still runs oneDNN.
+2-core Intel Xeon (AVX-512, AMX; torch 2.13), per Swin-T Linear shape (interleaved medians), oneDNN ran at 0.80-1.00x
+ATen's speed forward + backward at batch 2 and 0.87-0.99x forward at batch 4 (1.07-1.09x only at stage 4's qkv and
+fc1); summed over the model's Linears ATen was 6-8% faster (224 vs 242 ms, 128 vs 136 ms), and the patched Swin-T
+training step ran 1.28x timm eager with it against 1.23x with oneDNN (12 paired rounds). ``$VITKERNELS_CPU_GEMM``
+(``aten`` / ``onednn``, read at import) overrides the choice; ``backend="native"`` still runs oneDNN.
 
 Eager calls skip the custom op's dispatch, which costs more than the GEMM at small shapes: without autograd they
 call oneDNN's op directly, with autograd ``vitkernels::onednn_linear_eager``, the same forward and backward recorded
