@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         for mode in modes:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "mode.md")
-                child = [a for a in (argv if argv is not None else sys.argv[1:])]
+                child = argv if argv is not None else sys.argv[1:]  # its later --modes / --out win
                 subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--modes", mode, "--out", out],
                                check=True)
                 with open(out) as f:

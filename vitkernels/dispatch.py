@@ -117,14 +117,7 @@ class Op:
 
     def reasons(self, call: Call) -> Dict[str, Optional[str]]:
         """For every backend: ``None`` if it can serve ``call``, else the reason it cannot."""
-        out: Dict[str, Optional[str]] = {}
-        for backend in BACKENDS:
-            impl = self.implementations.get(backend)
-            if impl is None:
-                out[backend] = self._missing.get(backend, f"no {backend} implementation of {self.name}")
-            else:
-                out[backend] = impl.unsupported_reason(call)
-        return out
+        return {backend: self._reason_for(backend, call) for backend in BACKENDS}
 
     def select(self, call: Call, backend: Optional[str] = None) -> Implementation:
         requested = resolve_backend_name(backend)

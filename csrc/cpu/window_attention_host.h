@@ -67,6 +67,7 @@ at::Tensor reduce_table_grad_double(const Problem& p, const Acc* d_bias, int64_t
   const int64_t N = p.N;
   const std::vector<int64_t> rel = relative_offsets(p);
   const int64_t block = p.nH * N * row_stride;
+  // split by heads (each head owns its table column), host_rows_grain's rows rounded up to whole heads of N rows
   at::parallel_for(0, p.nH, (host_rows_grain(N) + N - 1) / N, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t i = 0; i < N; ++i) {

@@ -164,17 +164,17 @@ def linear(
 
 def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``linear(x, weight, bias, backend="auto")`` for a layer's own parameters (:class:`vitkernels.modules.Linear`,
-    the fused Swin block's GEMMs), whose shapes the layer guarantees. In eager mode, on CPU, in float32, without
-    autocast, the call goes straight to ``vitkernels::onednn_linear_eager`` (which checks its arguments in C++, and
-    records for autograd only when autograd is recording), not through :func:`linear`'s Python checks and backend
-    selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear: 87 -> 45 us with autograd, one thread), about
-    50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM` is ``"aten"`` (an Intel CPU), ``F.linear``
-    directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything else, or without vitkernels._C:
-    :func:`linear`."""
+    the fused Swin block's GEMMs), whose shapes the layer guarantees. Where oneDNN is the CPU GEMM (:data:`CPU_GEMM`),
+    in eager mode, on CPU, in float32, without autocast, the call goes straight to ``vitkernels::onednn_linear_eager``
+    (which checks its arguments in C++, and records for autograd only when autograd is recording), not through
+    :func:`linear`'s Python checks and backend selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear:
+    87 -> 45 us with autograd, one thread), about 50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM`
+    is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
+    else, or without vitkernels._C: :func:`linear`."""
     if x.device.type != "cpu" or CPU_GEMM == "aten":
         return F.linear(x, weight, bias)
     fast = _layer_fast_path
-    if (fast is not None and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
+    if (fast is not None and x.dtype is torch.float32 and weight.dtype is torch.float32
             and (bias is None or bias.dtype is torch.float32) and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()):
         return fast(x, weight, bias)
