@@ -101,6 +101,12 @@ TORCH_LIBRARY(vitkernels, m) {
   // Python custom op there).
   m.def("onednn_linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 
+  // A transformer MLP, y = gelu(x W1^T + b1) W2^T + b2, x (..., C), w1 (H, C), w2 (N, H), float32 / float64 CPU, by
+  // blocks of block_rows rows (0: chosen from H) so the hidden activation stays in cache (csrc/cpu/gelu_mlp.cpp;
+  // fake and autograd from vitkernels/ops/gelu_mlp.py, whose backward recomputes the hidden activation).
+  m.def("gelu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, int block_rows=0) "
+        "-> Tensor");
+
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.
   // y = gelu(x + bias) over the last dim; backward -> (grad_x, grad_bias).

@@ -427,3 +427,50 @@ def test_fuzz_bad_window_attention_3d_sizes(seed):
     elif valid:  # refused only for sizes that overflow int64
         n = window[0] * window[1] * window[2]
         assert n * n * nH > 2 ** 63 - 1, f"seed {seed}: a valid call {window} {shift} {(D, H, W)} was refused"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_gelu_mlp(seed):
+    """Random widths (0 included), row counts, block sizes, strides and optional biases, some operands of the wrong
+    size or dtype: a clear error naming the argument, or the reference's values and gradients."""
+    from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    dtype = rng.choice([torch.float32, torch.float64])
+    lead = [rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
+    C, H, N = rng.randint(0, 20), rng.randint(0, 40), rng.randint(1, 10)
+    block_rows = rng.choice([0, 1, 2, 3, 7, 100])
+
+    def operand(shape, wrong):
+        if rng.random() < 0.08:  # the wrong size or dtype
+            return torch.randn([s + 1 for s in shape]) if wrong == "size" else torch.randn(shape, dtype=torch.float16)
+        return strided(rng, torch.randn(shape, dtype=dtype))
+
+    x = strided(rng, torch.randn(*lead, C, dtype=dtype))
+    w1, w2 = operand([H, C], rng.choice(["size", "dtype"])), operand([N, H], rng.choice(["size", "dtype"]))
+    b1 = operand([H], rng.choice(["size", "dtype"])) if rng.random() < 0.7 else None
+    b2 = operand([N], rng.choice(["size", "dtype"])) if rng.random() < 0.7 else None
+    args = [leaf(t) if t is not None and t.dtype == dtype else t for t in (x, w1, b1, w2, b2)]
+    out = raises_or(lambda: ops.gelu_mlp(*args, "none", block_rows), ["w1 must be", "w2 must be", "b1 must be",
+                                                                      "b2 must be"])
+    valid = all(t is None or t.dtype == dtype for t in (w1, b1, w2, b2)) and w1.shape == (H, C) \
+        and w2.shape == (N, H) and (b1 is None or b1.shape == (H,)) and (b2 is None or b2.shape == (N,))
+    assert (out is not None) == valid, f"seed {seed}: valid={valid} but the op {'ran' if out is not None else 'raised'}"
+    if out is None:
+        return
+    describe = f"seed {seed}: x {tuple(x.shape)}, H {H}, N {N}, block_rows {block_rows}, {dtype}"
+    want = reference_gelu_mlp(*[t.detach().double().requires_grad_() if t is not None else None
+                                for t in (x, w1, b1, w2, b2)])
+    compare("gelu_mlp", out, want, dtype, describe)
+    if out.numel():
+        grad = torch.randn_like(want)
+        leaves = [t for t in args if t is not None]
+        got = torch.autograd.grad(out, leaves, grad.to(dtype), allow_unused=True)
+        ref_inputs = [t.detach().double().requires_grad_() for t in leaves]
+        it = iter(ref_inputs)
+        ref_args = [next(it) if t is not None else None for t in args]
+        wanted = torch.autograd.grad(reference_gelu_mlp(*ref_args), ref_inputs, grad, allow_unused=True)
+        for g, w in zip(got, wanted):
+            if w is not None:
+                compare("gelu_mlp gradient", g, w, dtype, describe)

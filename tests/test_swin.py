@@ -377,6 +377,44 @@ def test_fused_cpu_block_float32_matches_timm_and_inference_is_bitwise_training(
     assert torch.equal(fused_inplace, ours(x).detach())
 
 
+def test_inference_runs_stage_one_mlp_blocked_with_the_training_numbers(monkeypatch):
+    """At Swin-T stage 1's width and a hidden activation of 9.6 MB the in-place path runs the MLP as the blocked
+    native gelu_mlp (where ATen's GEMM is the CPU GEMM): same numbers as the training arithmetic (the GEMMs' rows
+    are independent; bitwise with MKL here, 1e-6 allowed for other GEMM libraries' row blocking) and timm's."""
+    _fused_cpu_or_skip()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import vitkernels.modules.swin as swin_module
+    from vitkernels.ops import linear as linear_module
+
+    monkeypatch.setattr(linear_module, "CPU_GEMM", "aten")
+    theirs = timm_block(96, (56, 56), 3, window_size=7, shift_size=3).eval()
+    ours = vitkernels.SwinBlock(96, (56, 56), 3, window_size=7, shift_size=3).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 56, 56, 96)
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Calls() as calls:
+        blocked = ours(x)
+    if not vitkernels.ops.gelu_mlp.native_preferred(torch.empty(6272, 96), ours.mlp.fc1.weight, ours.mlp.fc2.weight):
+        pytest.skip("the native gelu_mlp is not available")
+    assert "vitkernels::gelu_mlp" in calls.names and "vitkernels::bias_gelu_" not in calls.names
+    training_arithmetic = ours(x).detach()  # grad enabled: the unblocked functional ops
+    torch.testing.assert_close(blocked, training_arithmetic, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(blocked, theirs(x), rtol=1e-4, atol=2e-5)
+        monkeypatch.setattr(swin_module, "_blocked_mlp_pays", lambda a, mlp: False)
+        assert torch.equal(ours(x), training_arithmetic)  # the unblocked in-place path: bitwise, as before
+
+
 def test_fused_cpu_path_is_skipped_where_it_cannot_serve():
     _fused_cpu_or_skip()
     block = vitkernels.SwinBlock(24, (9, 10), 3, window_size=7, shift_size=3)

@@ -22,12 +22,13 @@ stands between them:
 blocks: each but the last ends with the second tail, ``LayerNorm1'`` being the next block's ``norm1``, and the next
 block starts from ``a'``, so no block but the first reads its input once more just to normalise it. A block called
 alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail. In inference (no grad)
-the row ops work in place on tensors the block created. Every Linear runs through
-:func:`vitkernels.ops.linear.linear`: on CPU float32 that is oneDNN's inner product instead of ``F.linear``'s
-MKL sgemm, whose generic code path (taken on AMD CPUs) is the slower one at these shapes. oneDNN writes fresh
-outputs, so the in-place path no longer reuses dead buffers for the proj / fc2 GEMMs (two more fresh tensors per
-block, a cost expected to be far below the GEMM time saved; see the op's notes). Patch merging's gather + LayerNorm
-is one op too (:class:`PatchMerging`).
+the row ops work in place on tensors the block created, and where the MLP's weights are small beside its
+activations (stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM) the MLP's two GEMMs and bias + GELU
+run by blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), the hidden activation never allocated whole.
+Every Linear runs through :func:`vitkernels.ops.linear.layer_linear`: on CPU float32 that is this machine's CPU
+GEMM (:data:`vitkernels.ops.linear.CPU_GEMM`: MKL's sgemm through ``F.linear`` on Intel CPUs, oneDNN's inner
+product elsewhere, where MKL takes its slower generic code path). Patch merging's gather + LayerNorm is one op too
+(:class:`PatchMerging`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from vitkernels import _native, dispatch
 from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers the fake / autograd of the ops)
 from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
+from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops import linear as _linear_op
 from vitkernels.ops.window_attention import needs_grad, window_attention
@@ -55,9 +57,17 @@ _FUSED_CPU_AVAILABLE = _native.is_loaded() and all(_native.has_kernel(op, "CPU")
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused CPU path's Linears: :func:`vitkernels.ops.linear.layer_linear`, the linear op with backend ``auto``
-    (oneDNN for float32, ``F.linear`` for the other dtypes the fused path takes), whatever backend pinned the path
-    itself."""
+    (the CPU GEMM of :data:`vitkernels.ops.linear.CPU_GEMM` for float32, ``F.linear`` for the other dtypes the fused
+    path takes), whatever backend pinned the path itself."""
     return _linear_op.layer_linear(x, weight, bias)
+
+
+def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
+    """Whether the in-place (inference) path runs the MLP as the blocked native ``gelu_mlp``: where ATen's GEMM is
+    the CPU GEMM (the op's blocks call it; elsewhere the unblocked path's oneDNN GEMMs are the faster ones) and
+    ``gelu_mlp``'s ``auto`` would pick it (small weights, a large hidden activation: Swin stage 1 at batch >= 2)."""
+    return (_linear_op.CPU_GEMM == "aten" and a2.dtype == torch.float32
+            and _gelu_mlp_op.native_preferred(a2, mlp.fc1.weight, mlp.fc2.weight))
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
@@ -294,7 +304,9 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`_forward_fused_cpu` without autograd: the same ops and GEMMs, in the same order (so the same
         numbers, bitwise), the row ops in place on tensors this call created (the attention output, the proj and
-        MLP GEMM outputs). ``x`` and ``a`` are only read."""
+        MLP GEMM outputs). Where :func:`_blocked_mlp_pays`, the MLP runs by blocks of rows: the same GEMM
+        arithmetic per row (bitwise with MKL at Swin-T's stage-1 shapes; a GEMM library may round a block of rows
+        differently from the whole). ``x`` and ``a`` are only read."""
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         if a is None:
             a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
@@ -303,12 +315,18 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
                                                       n2.weight, n2.bias, n2.eps, o)  # y := x1, o := LayerNorm2(x1)
         x1, a2 = y, o
-        h = _gemm(a2, mlp.fc1.weight)
-        if mlp.fc1.bias is not None:
-            torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
+        if _blocked_mlp_pays(a2, mlp):
+            # fc1, its bias + GELU and fc2 by blocks of rows: the hidden activation never leaves the cache and is
+            # never allocated whole (vitkernels/ops/gelu_mlp.py); fc2's bias stays with the tail below
+            out = torch.ops.vitkernels.gelu_mlp(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None,
+                                                mlp.act.approximate)
         else:
-            h = F.gelu(h, approximate=mlp.act.approximate)
-        out = _gemm(h, mlp.fc2.weight)
+            h = _gemm(a2, mlp.fc1.weight)
+            if mlp.fc1.bias is not None:
+                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
+            else:
+                h = F.gelu(h, approximate=mlp.act.approximate)
+            out = _gemm(h, mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, factors)

@@ -8,6 +8,7 @@ from vitkernels.ops import bias_gelu  # noqa: F401
 from vitkernels.ops import bias_residual  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm  # noqa: F401
 from vitkernels.ops import dino_loss  # noqa: F401
+from vitkernels.ops import gelu_mlp  # noqa: F401
 from vitkernels.ops import linear  # noqa: F401
 from vitkernels.ops import mae_loss  # noqa: F401
 from vitkernels.ops import masking  # noqa: F401

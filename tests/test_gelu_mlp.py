@@ -1,0 +1,193 @@
+"""gelu_mlp: native (blocked) vs reference (values and gradients, odd widths, every block split, every CPU
+instruction set), the unblocked GEMM + bias_gelu sequence it replaces, autograd (gradcheck, double backward),
+opcheck, compile, auto's choice, argument errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkernels
+from vitkernels.ops import gelu_mlp as gelu_mlp_module
+from vitkernels.ops.gelu_mlp import gelu_mlp
+from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
+
+from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip
+from helpers import assert_close
+
+NATIVE_DTYPES = [torch.float32, torch.float64]
+# (x shape, H, N): C a multiple of 16 / odd / one value, H and N odd or not, one row, many rows
+SHAPES = [((2, 9, 24), 40, 24), ((3, 37), 19, 5), ((1, 4, 5, 16), 64, 16), ((7, 1), 3, 1), ((50, 8), 32, 8)]
+
+
+def make_inputs(shape, hidden, out, approximate, biases=(True, True)):
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        C = shape[-1]
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        w1 = torch.randn(hidden, C, generator=gen, dtype=torch.float64) / C ** 0.5
+        b1 = torch.randn(hidden, generator=gen, dtype=torch.float64)
+        w2 = torch.randn(out, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5
+        b2 = torch.randn(out, generator=gen, dtype=torch.float64)
+        return (leaf(x, dtype), leaf(w1, dtype), leaf(b1, dtype) if biases[0] else None, leaf(w2, dtype),
+                leaf(b2, dtype) if biases[1] else None, approximate)
+    return make
+
+
+@pytest.mark.parametrize("block_rows", [0, 1, 4])  # 0: one block here; 1 and 4: many, 4 with a remainder
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape, hidden, out", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+def test_native_matches_reference(shape, hidden, out, dtype, approximate, block_rows):
+    native_or_skip("gelu_mlp")
+    check_against_reference(
+        lambda x, w1, b1, w2, b2, a: gelu_mlp(x, w1, b1, w2, b2, a, block_rows=block_rows, backend="native"),
+        reference_gelu_mlp, make_inputs(shape, hidden, out, approximate), dtype)
+
+
+@pytest.mark.parametrize("biases", [(False, True), (True, False), (False, False)], ids=str)
+def test_without_biases(biases):
+    native_or_skip("gelu_mlp")
+    check_against_reference(
+        lambda x, w1, b1, w2, b2, a: gelu_mlp(x, w1, b1, w2, b2, a, block_rows=3, backend="native"),
+        reference_gelu_mlp, make_inputs((2, 7, 12), 20, 6, "none", biases), torch.float32)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_instruction_set(isa, monkeypatch):
+    native_or_skip("gelu_mlp")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    for approximate in ("none", "tanh"):
+        check_against_reference(
+            lambda x, w1, b1, w2, b2, a: gelu_mlp(x, w1, b1, w2, b2, a, block_rows=5, backend="native"),
+            reference_gelu_mlp, make_inputs((23, 20), 53, 20, approximate), torch.float32)
+
+
+def test_matches_the_unblocked_sequence_it_replaces():
+    """The Swin block's unblocked MLP (fc1 as a plain GEMM, bias_gelu, fc2 with its bias): each output row is the
+    same GEMM arithmetic, up to the GEMM library's own row blocking."""
+    native_or_skip("gelu_mlp")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 20, 20, 96, generator=gen)
+    w1, b1 = torch.randn(384, 96, generator=gen) * 0.05, torch.randn(384, generator=gen) * 0.05
+    w2, b2 = torch.randn(96, 384, generator=gen) * 0.05, torch.randn(96, generator=gen) * 0.05
+    expected = F.linear(torch.ops.vitkernels.bias_gelu(F.linear(x, w1), b1, "none"), w2, b2)
+    for block_rows in (0, 64, 100):
+        out = gelu_mlp(x, w1, b1, w2, b2, block_rows=block_rows, backend="native")
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_input():
+    native_or_skip("gelu_mlp")
+    x = torch.randn(6, 5, 16).transpose(0, 1)
+    w1, b1, w2, b2 = torch.randn(24, 16), torch.randn(24), torch.randn(16, 24), torch.randn(16)
+    assert_close(gelu_mlp(x, w1, b1, w2, b2, block_rows=4, backend="native"), reference_gelu_mlp(x, w1, b1, w2, b2))
+
+
+def test_empty_rows_and_zero_width():
+    native_or_skip("gelu_mlp")
+    w1, b1, w2, b2 = torch.randn(8, 4), torch.randn(8), torch.randn(3, 8), torch.randn(3)
+    out = gelu_mlp(torch.randn(0, 5, 4), w1, b1, w2, b2, backend="native")
+    assert out.shape == (0, 5, 3)
+    x = torch.randn(3, 0)  # C = 0: fc1 gives its bias alone
+    w1 = torch.randn(8, 0)
+    assert_close(gelu_mlp(x, w1, b1, w2, b2, backend="native"), reference_gelu_mlp(x, w1, b1, w2, b2))
+
+
+def test_gradcheck_and_double_backward_float64():
+    """The backward recomputes the hidden activation with differentiable ATen ops: second order works too."""
+    native_or_skip("gelu_mlp")
+    gen = torch.Generator().manual_seed(3)
+    args = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
+            for s in [(3, 4, 5), (7, 5), (7,), (4, 7), (4,)]]
+    for approximate in ("none", "tanh"):
+        fn = lambda x, w1, b1, w2, b2: gelu_mlp(x, w1, b1, w2, b2, approximate, block_rows=5,  # noqa: E731
+                                                backend="native")
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_opcheck():
+    native_or_skip("gelu_mlp")
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    w1, b1 = torch.randn(30, 20, requires_grad=True), torch.randn(30, requires_grad=True)
+    w2, b2 = torch.randn(20, 30, requires_grad=True), torch.randn(20, requires_grad=True)
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp.default, (x, w1, b1, w2, b2, "none", 4))
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp.default, (x, w1, None, w2, None, "tanh", 0))
+
+
+def test_compiles_fullgraph():
+    native_or_skip("gelu_mlp")
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    w1, b1 = torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True)
+    w2, b2 = torch.randn(32, 48, requires_grad=True), torch.randn(32, requires_grad=True)
+    fn = torch.compile(lambda *a: gelu_mlp(*a, block_rows=3, backend="native") * 2, backend="aot_eager",
+                       fullgraph=True)
+    out = fn(x, w1, b1, w2, b2)
+    out.sum().backward()
+    assert_close(out, 2 * reference_gelu_mlp(x, w1, b1, w2, b2))
+    assert all(t.grad is not None for t in (x, w1, b1, w2, b2))
+
+
+def test_auto_takes_native_only_where_blocking_pays():
+    native_or_skip("gelu_mlp")
+    cpu = torch.device("cpu")
+
+    def chosen(dtype, weight_bytes, hidden_bytes):
+        call = vitkernels.dispatch.Call(cpu, dtype, {"weight_bytes": weight_bytes, "hidden_bytes": hidden_bytes})
+        return gelu_mlp_module.op.select(call).backend
+
+    small_weights = 2 * 96 * 384 * 4  # Swin-T stage 1
+    assert chosen(torch.float32, small_weights, 12544 * 384 * 4) == "native"  # batch 4: a 19 MB hidden
+    assert chosen(torch.float32, small_weights, 1024 * 384 * 4) == "reference"  # small hidden
+    assert chosen(torch.float32, 2 * 192 * 768 * 4, 3136 * 768 * 4 * 4) == "reference"  # stage 2's weights
+    assert chosen(torch.bfloat16, small_weights, 12544 * 384 * 4) == "reference"  # not a native dtype
+    reasons = gelu_mlp_module.op.reasons(vitkernels.dispatch.Call(cpu, torch.bfloat16))
+    assert "dtype" in reasons["native"]
+    with pytest.raises(vitkernels.dispatch.BackendUnavailableError, match="dtype"):
+        gelu_mlp(torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16), None,
+                 torch.randn(4, 8, dtype=torch.bfloat16), None, backend="native")
+
+
+@pytest.mark.parametrize("args, kwargs, exc, match", [
+    ((torch.randn(3, 4), torch.randn(8, 5), None, torch.randn(4, 8), None), {}, ValueError, "w1 must have shape"),
+    ((torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(4, 7), None), {}, ValueError, "w2 must have shape"),
+    ((torch.randn(3, 4), torch.randn(8, 4), torch.randn(7), torch.randn(4, 8), None), {}, ValueError,
+     "b1 must have shape"),
+    ((torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(4, 8), torch.randn(5)), {}, ValueError,
+     "b2 must have shape"),
+    ((torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(4, 8), None, "fast"), {}, ValueError,
+     "approximate must be one of"),
+    ((torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(4, 8), None), {"block_rows": -1}, ValueError,
+     "block_rows"),
+    ((torch.randn(3, 4), torch.randn(8, 4).double(), None, torch.randn(4, 8), None), {}, (TypeError, ValueError),
+     "dtype"),
+])
+def test_bad_inputs(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        gelu_mlp(*args, **kwargs)
+
+
+def test_native_op_checks_its_arguments():
+    """The C++ entry point validates what it indexes (reachable without the Python checks)."""
+    native_or_skip("gelu_mlp")
+    op = torch.ops.vitkernels.gelu_mlp
+    x, w1, b1, w2, b2 = torch.randn(3, 4), torch.randn(8, 4), torch.randn(8), torch.randn(5, 8), torch.randn(5)
+    cases = [
+        ((x, torch.randn(8, 3), b1, w2, b2, "none", 0), "w1 must be"),
+        ((x, w1, b1, torch.randn(5, 7), b2, "none", 0), "w2 must be"),
+        ((x, w1, torch.randn(9), w2, b2, "none", 0), "b1 must be"),
+        ((x, w1, b1, w2, torch.randn(4), "none", 0), "b2 must be"),
+        ((x, w1, b1.double(), w2, b2, "none", 0), "b1 must be Float"),
+        ((x, w1, b1, w2.double(), b2, "none", 0), "w2 must be Float"),
+        ((x.int(), w1, b1, w2, b2, "none", 0), "x must be a float32 or float64"),
+        ((x, w1, b1, w2, b2, "erf", 0), "approximate must be"),
+        ((x, w1, b1, w2, b2, "none", -2), "block_rows must be"),
+        ((torch.randn(()), w1, b1, w2, b2, "none", 0), "x must be"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+
+
+def test_reference_backend_on_request():
+    x, w1, w2 = torch.randn(2, 8), torch.randn(16, 8), torch.randn(8, 16)
+    assert torch.equal(gelu_mlp(x, w1, None, w2, None, backend="reference"), reference_gelu_mlp(x, w1, None, w2, None))
