@@ -178,3 +178,27 @@ def native_or_skip(backend: str) -> None:
 
     if backend == "native" and not vitkernels._native.is_loaded():
         pytest.skip(vitkernels._native.IMPORT_ERROR)
+
+
+class OpCalls:
+    """Context manager recording the names of the ops dispatched inside it (``aten::mm``,
+    ``vitkernels::gelu_mlp``, ...): which kernels a fast path actually called."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class _Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(func.name())
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Record()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

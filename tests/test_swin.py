@@ -5,7 +5,7 @@ import torch
 import vitkernels
 from vitkernels.reference import swin as reference
 
-from helpers import import_timm
+from helpers import OpCalls, import_timm
 
 pytestmark = pytest.mark.timm
 
@@ -382,8 +382,6 @@ def test_inference_runs_stage_one_mlp_blocked_with_the_training_numbers(monkeypa
     native gelu_mlp (where ATen's GEMM is the CPU GEMM): same numbers as the training arithmetic (the GEMMs' rows
     are independent; bitwise with MKL here, 1e-6 allowed for other GEMM libraries' row blocking) and timm's."""
     _fused_cpu_or_skip()
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import vitkernels.modules.swin as swin_module
     from vitkernels.ops import linear as linear_module
 
@@ -393,16 +391,7 @@ def test_inference_runs_stage_one_mlp_blocked_with_the_training_numbers(monkeypa
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 56, 56, 96)
 
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Calls() as calls:
+    with torch.no_grad(), OpCalls() as calls:
         blocked = ours(x)
     if not vitkernels.ops.gelu_mlp.native_preferred(torch.empty(6272, 96), ours.mlp.fc1.weight, ours.mlp.fc2.weight):
         pytest.skip("the native gelu_mlp is not available")
