@@ -106,6 +106,12 @@ TORCH_LIBRARY(vitkernels, m) {
   // fake and autograd from vitkernels/ops/gelu_mlp.py, whose backward recomputes the hidden activation).
   m.def("gelu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, int block_rows=0) "
         "-> Tensor");
+  // Training: -> (y, pre = x W1^T (M, H), the fc1 GEMM's rows before their bias); the backward reads pre and
+  // recomputes the GELU block by block -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
+  m.def("gelu_mlp_train(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, "
+        "int block_rows=0) -> (Tensor, Tensor)");
+  m.def("gelu_mlp_backward(Tensor grad, Tensor x, Tensor pre, Tensor w1, Tensor? b1, Tensor w2, str approximate, "
+        "int block_rows=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.

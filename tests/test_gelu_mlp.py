@@ -1,6 +1,7 @@
 """gelu_mlp: native (blocked) vs reference (values and gradients, odd widths, every block split, every CPU
-instruction set), the unblocked GEMM + bias_gelu sequence it replaces, autograd (gradcheck, double backward),
-opcheck, compile, auto's choice, argument errors."""
+instruction set), the unblocked GEMM + bias_gelu sequence it replaces, the training ops (gelu_mlp_train and its
+blocked backward: used when autograd records, deterministic), autograd (gradcheck, double backward), opcheck,
+compile, auto's choice, argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from vitkernels.ops.gelu_mlp import gelu_mlp
 from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
 
 from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip
-from helpers import assert_close
+from helpers import OpCalls, assert_close
 
 NATIVE_DTYPES = [torch.float32, torch.float64]
 # (x shape, H, N): C a multiple of 16 / odd / one value, H and N odd or not, one row, many rows
@@ -105,6 +106,35 @@ def test_gradcheck_and_double_backward_float64():
         assert torch.autograd.gradgradcheck(fn, args)
 
 
+def test_training_runs_the_blocked_backward_deterministically():
+    native_or_skip("gelu_mlp")
+    x, w1, b1, w2, b2, _ = make_inputs((3, 50, 24), 96, 24, "none")(torch.float32)
+    g = torch.randn(3, 50, 24)
+
+    def grads():
+        with OpCalls() as calls:
+            out = gelu_mlp(x, w1, b1, w2, b2, block_rows=7, backend="native")
+            result = torch.autograd.grad(out, (x, w1, b1, w2, b2), g)
+        assert "vitkernels::gelu_mlp_train" in calls.names and "vitkernels::gelu_mlp_backward" in calls.names
+        return (out,) + result
+
+    first, second = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with torch.no_grad(), OpCalls() as calls:
+        out = gelu_mlp(x, w1, b1, w2, b2, block_rows=7, backend="native")
+    assert "vitkernels::gelu_mlp" in calls.names and "vitkernels::gelu_mlp_train" not in calls.names
+    assert torch.equal(out, first[0])  # the same blocks: inference and training outputs are bitwise equal
+
+
+def test_backward_of_an_unused_output_and_of_one_input():
+    native_or_skip("gelu_mlp")
+    x, w1, b1, w2, b2, _ = make_inputs((4, 10), 12, 6, "tanh")(torch.float64)
+    out = gelu_mlp(x.detach(), w1, None, w2.detach(), None, "tanh", backend="native")
+    (grad_w1,) = torch.autograd.grad(out.sum(), w1)
+    (expected,) = torch.autograd.grad(reference_gelu_mlp(x.detach(), w1, None, w2.detach(), None, "tanh").sum(), w1)
+    torch.testing.assert_close(grad_w1, expected)
+
+
 def test_opcheck():
     native_or_skip("gelu_mlp")
     x = torch.randn(3, 5, 20, requires_grad=True)
@@ -112,6 +142,11 @@ def test_opcheck():
     w2, b2 = torch.randn(20, 30, requires_grad=True), torch.randn(20, requires_grad=True)
     torch.library.opcheck(torch.ops.vitkernels.gelu_mlp.default, (x, w1, b1, w2, b2, "none", 4))
     torch.library.opcheck(torch.ops.vitkernels.gelu_mlp.default, (x, w1, None, w2, None, "tanh", 0))
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_train.default, (x, w1, b1, w2, b2, "none", 4))
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_train.default, (x, w1, None, w2, None, "tanh", 0))
+    _, pre = torch.ops.vitkernels.gelu_mlp_train(x.detach(), w1.detach(), b1.detach(), w2.detach(), None, "none", 4)
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_backward.default,
+                          (torch.randn(3, 5, 20), x.detach(), pre, w1.detach(), b1.detach(), w2.detach(), "none", 4))
 
 
 def test_compiles_fullgraph():
@@ -186,6 +221,20 @@ def test_native_op_checks_its_arguments():
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
             op(*args)
+    _, pre = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, "none", 0)
+    backward = torch.ops.vitkernels.gelu_mlp_backward
+    g = torch.randn(3, 5)
+    backward_cases = [
+        ((torch.randn(3, 4), x, pre, w1, b1, w2, "none", 0), "grad must be"),
+        ((g.double(), x, pre, w1, b1, w2, "none", 0), "grad must be"),
+        ((g, x, pre[:2], w1, b1, w2, "none", 0), "pre must be"),
+        ((g, x, pre.double(), w1, b1, w2, "none", 0), "pre must be"),
+        ((g, x, pre, w1, b1, torch.randn(5, 7), "none", 0), "w2 must be"),
+        ((g, x, pre, w1, b1, w2, "none", -1), "block_rows must be"),
+    ]
+    for args, match in backward_cases:
+        with pytest.raises(RuntimeError, match=match):
+            backward(*args)
 
 
 def test_reference_backend_on_request():

@@ -377,10 +377,11 @@ def test_fused_cpu_block_float32_matches_timm_and_inference_is_bitwise_training(
     assert torch.equal(fused_inplace, ours(x).detach())
 
 
-def test_inference_runs_stage_one_mlp_blocked_with_the_training_numbers(monkeypatch):
-    """At Swin-T stage 1's width and a hidden activation of 9.6 MB the in-place path runs the MLP as the blocked
-    native gelu_mlp (where ATen's GEMM is the CPU GEMM): same numbers as the training arithmetic (the GEMMs' rows
-    are independent; bitwise with MKL here, 1e-6 allowed for other GEMM libraries' row blocking) and timm's."""
+def test_stage_one_mlp_runs_blocked_in_inference_and_training_with_the_same_numbers(monkeypatch):
+    """At Swin-T stage 1's width and a hidden activation of 9.6 MB the fused path runs the MLP as the blocked native
+    gelu_mlp (where ATen's GEMM is the CPU GEMM): in inference (gelu_mlp) and in training (gelu_mlp_train, its
+    backward gelu_mlp_backward) alike, so the two keep the same numbers, bitwise; timm's to rounding (outputs and
+    gradients); and the unblocked path's output to GEMM rounding."""
     _fused_cpu_or_skip()
     import vitkernels.modules.swin as swin_module
     from vitkernels.ops import linear as linear_module
@@ -389,19 +390,29 @@ def test_inference_runs_stage_one_mlp_blocked_with_the_training_numbers(monkeypa
     theirs = timm_block(96, (56, 56), 3, window_size=7, shift_size=3).eval()
     ours = vitkernels.SwinBlock(96, (56, 56), 3, window_size=7, shift_size=3).eval()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 56, 56, 96)
-
-    with torch.no_grad(), OpCalls() as calls:
-        blocked = ours(x)
     if not vitkernels.ops.gelu_mlp.native_preferred(torch.empty(6272, 96), ours.mlp.fc1.weight, ours.mlp.fc2.weight):
         pytest.skip("the native gelu_mlp is not available")
+    x = torch.randn(2, 56, 56, 96)
+    with torch.no_grad(), OpCalls() as calls:
+        blocked = ours(x)
     assert "vitkernels::gelu_mlp" in calls.names and "vitkernels::bias_gelu_" not in calls.names
-    training_arithmetic = ours(x).detach()  # grad enabled: the unblocked functional ops
-    torch.testing.assert_close(blocked, training_arithmetic, rtol=1e-6, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    with OpCalls() as calls:
+        trained = ours(xg)
+        trained.pow(2).sum().backward()
+    assert "vitkernels::gelu_mlp_train" in calls.names and "vitkernels::gelu_mlp_backward" in calls.names
+    assert torch.equal(blocked, trained.detach())
+    xt = x.clone().requires_grad_()
+    expected = theirs(xt)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(xg.grad, xt.grad, rtol=1e-4, atol=1e-4)
+    for name in ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "norm2.weight"):
+        got, want = ours.get_parameter(name).grad, theirs.get_parameter(name).grad
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     with torch.no_grad():
-        torch.testing.assert_close(blocked, theirs(x), rtol=1e-4, atol=2e-5)
         monkeypatch.setattr(swin_module, "_blocked_mlp_pays", lambda a, mlp: False)
-        assert torch.equal(ours(x), training_arithmetic)  # the unblocked in-place path: bitwise, as before
+        torch.testing.assert_close(ours(x), blocked, rtol=1e-6, atol=1e-6)  # the unblocked in-place path
 
 
 def test_fused_cpu_path_is_skipped_where_it_cannot_serve():

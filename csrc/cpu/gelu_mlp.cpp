@@ -9,8 +9,8 @@
 // vitkernels/ops/gelu_mlp.py for where `auto` takes it.
 //
 // Each output row is the same GEMM arithmetic as the unblocked sequence's (the GEMMs' rows are independent), up to
-// the GEMM library's own row-blocking choices. No autograd here: vitkernels/ops/gelu_mlp.py registers a backward
-// that recomputes the hidden activation (the op never stores it).
+// the GEMM library's own row-blocking choices. gelu_mlp_train is the same forward keeping fc1's output for
+// gelu_mlp_backward, which runs by blocks too. Autograd: vitkernels/ops/gelu_mlp.py.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,12 +39,13 @@ namespace {
 // Bytes of the per-task hidden block: well inside a 1-2 MB L2 beside the block's input and output rows.
 constexpr int64_t kHiddenBlockBytes = 512 * 1024;
 
-void check_param(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x, at::IntArrayRef shape) {
+void check_param(const char* op, const char* name, const std::optional<at::Tensor>& t, const at::Tensor& x,
+                 at::IntArrayRef shape) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->sizes() == shape, "gelu_mlp: ", name, " must be ", shape, ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), "gelu_mlp: ", name, " must be ", x.scalar_type(), " like x, got ",
+  TORCH_CHECK(t->sizes() == shape, op, ": ", name, " must be ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", x.scalar_type(), " like x, got ",
               t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), "gelu_mlp: ", name, " must be on x's device ", x.device(), ", got ",
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
               t->device());
 }
 
@@ -55,66 +56,206 @@ int64_t gelu_mlp_block_rows(int64_t hidden, int64_t element_bytes) {
   return std::max<int64_t>(16, rows / 16 * 16);
 }
 
-at::Tensor gelu_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+namespace {
+
+// The checked sizes of one call: x (M, C) as rows (M = the product of x's leading dims), hidden H, output N.
+struct MlpShape {
+  int64_t M, C, H, N;
+};
+
+MlpShape check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                         const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate,
                         int64_t block_rows) {
-  TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "gelu_mlp: x must be a float32 or float64 (..., C) tensor, got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(approximate == "none" || approximate == "tanh",
-              "gelu_mlp: approximate must be 'none' or 'tanh', got '", std::string(approximate), "'");
-  TORCH_CHECK(block_rows >= 0, "gelu_mlp: block_rows must be >= 0 (0: chosen from the hidden width), got ",
-              block_rows);
+  TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble), op,
+              ": x must be a float32 or float64 (..., C) tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '",
+              std::string(approximate), "'");
+  TORCH_CHECK(block_rows >= 0, op, ": block_rows must be >= 0 (0: chosen from the hidden width), got ", block_rows);
   const int64_t C = x.size(-1);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, "gelu_mlp: w1 must be (H, ", C, "), got ", w1.sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, op, ": w1 must be (H, ", C, "), got ", w1.sizes());
   const int64_t H = w1.size(0);
-  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == H, "gelu_mlp: w2 must be (N, ", H, "), got ", w2.sizes());
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == H, op, ": w2 must be (N, ", H, "), got ", w2.sizes());
   const int64_t N = w2.size(0);
-  check_param("w1", w1, x, {H, C});
-  check_param("w2", w2, x, {N, H});
-  check_param("b1", b1, x, {H});
-  check_param("b2", b2, x, {N});
-
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  int64_t M = 1;  // the product of the leading dims (not numel / C: C may be 0)
+  check_param(op, "w1", w1, x, {H, C});
+  check_param(op, "w2", w2, x, {N, H});
+  check_param(op, "b1", b1, x, {H});
+  check_param(op, "b2", b2, x, {N});
+  int64_t M = 1;  // not numel / C: C may be 0
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
-  at::Tensor y = at::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0) return y.view(out_shape);
+  return {M, C, H, N};
+}
 
-  const at::Tensor xc = x.contiguous().view({M, C});
-  const at::Tensor w1t = w1.t(), w2t = w2.t();  // (C, H), (H, N) views: the GEMM reads them transposed
-  // gelu(h + 0) is gelu(h) for every h (-0 aside): without b1 the row kernel adds zeros
-  const at::Tensor bias1 = b1.has_value() ? b1->contiguous() : at::zeros({H}, x.options());
-  const bool tanh_approx = approximate == "tanh";
-  const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(H, x.element_size());
-  const int64_t blocks = (M + R - 1) / R;
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> shape(sizes.begin(), sizes.end());
+  shape.back() = last;
+  return shape;
+}
+
+// y (M, N) = gelu(x W1^T + b1) W2^T + b2 by blocks of R rows; with `pre` (M, H) defined, the blocks' x W1^T (before
+// the bias) are kept there for the backward, and the GELU goes to a per-task buffer instead of in place.
+void forward_blocks(const MlpShape& s, const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& bias1,
+                    const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool tanh_approx, int64_t R,
+                    at::Tensor& y, at::Tensor* pre) {
+  const int64_t blocks = (s.M + R - 1) / R;
+  const at::Tensor w1t = w1.detach().t(), w2t = w2.detach().t();  // (C, H), (H, N): the GEMM reads them transposed
+  const std::optional<at::Tensor> bias2 = b2.has_value() ? std::optional<at::Tensor>(b2->detach()) : std::nullopt;
   const Isa isa = selected_isa();
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vitkernels_gelu_mlp_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "vitkernels_gelu_mlp_cpu", [&] {
     const scalar_t* b1_ptr = bias1.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
       // Inside a parallel region ATen's GEMM runs on this thread only. The at::cpu:: functions are the CPU kernels
       // themselves (no dispatcher, hence no autograd on a worker thread whose grad mode is its own).
-      at::Tensor h = at::empty({std::min(R, M), H}, xc.options());
+      at::Tensor h = at::empty({std::min(R, s.M), s.H}, xc.options());
       for (int64_t blk = first; blk < last; ++blk) {
-        const int64_t r0 = blk * R, rows = std::min(R, M - r0);
+        const int64_t r0 = blk * R, rows = std::min(R, s.M - r0);
         at::Tensor hb = h.narrow(0, 0, rows);
-        at::cpu::mm_out(hb, xc.narrow(0, r0, rows), w1t);
-        scalar_t* h_ptr = hb.mutable_data_ptr<scalar_t>();
-        VK_CPU_CALL(isa, bias_gelu_rows, h_ptr, b1_ptr, h_ptr, int64_t{0}, rows, H, tanh_approx);
+        at::Tensor fc1 = pre != nullptr ? pre->narrow(0, r0, rows) : hb;
+        at::cpu::mm_out(fc1, xc.narrow(0, r0, rows), w1t);
+        VK_CPU_CALL(isa, bias_gelu_rows, fc1.const_data_ptr<scalar_t>(), b1_ptr, hb.mutable_data_ptr<scalar_t>(),
+                    int64_t{0}, rows, s.H, tanh_approx);
         at::Tensor yb = y.narrow(0, r0, rows);
-        if (b2.has_value()) {
-          at::cpu::addmm_out(yb, *b2, hb, w2t);  // as F.linear: the bias added by the GEMM (beta = 1)
+        if (bias2.has_value()) {
+          at::cpu::addmm_out(yb, *bias2, hb, w2t);  // as F.linear: the bias added by the GEMM (beta = 1)
         } else {
           at::cpu::mm_out(yb, hb, w2t);
         }
       }
     });
   });
-  return y.view(out_shape);
 }
 
-TORCH_LIBRARY_IMPL(vitkernels, CPU, m) { m.impl("gelu_mlp", &gelu_mlp_cpu); }
+// x (..., C) as its (M, C) rows, detached: the blocks are narrowed on worker threads, whose grad mode is their own
+// (a view of a tensor that requires grad would record autograd history there).
+at::Tensor rows_of(const at::Tensor& x, const MlpShape& s) { return x.detach().contiguous().view({s.M, s.C}); }
+
+at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t size, const at::Tensor& like) {
+  // gelu(h + 0) is gelu(h) for every h (-0 aside): without b1 the row kernels add zeros
+  return bias.has_value() ? bias->detach().contiguous() : at::zeros({size}, like.options());
+}
+
+}  // namespace
+
+at::Tensor gelu_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                        const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate,
+                        int64_t block_rows) {
+  const MlpShape s = check_mlp_args("gelu_mlp", x, w1, b1, w2, b2, approximate, block_rows);
+  at::Tensor y = at::empty({s.M, s.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.M > 0) {
+    const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
+    forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh",
+                   R, y, nullptr);
+  }
+  return y.view(with_last(x.sizes(), s.N));
+}
+
+// Training: also returns pre = x W1^T (M, H) (the fc1 GEMM's output before its bias), which gelu_mlp_backward reads.
+// The GELU's output is never stored (the backward recomputes it block by block).
+std::tuple<at::Tensor, at::Tensor> gelu_mlp_train_cpu(const at::Tensor& x, const at::Tensor& w1,
+                                                      const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                      const std::optional<at::Tensor>& b2,
+                                                      c10::string_view approximate, int64_t block_rows) {
+  const MlpShape s = check_mlp_args("gelu_mlp_train", x, w1, b1, w2, b2, approximate, block_rows);
+  at::Tensor y = at::empty({s.M, s.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor pre = at::empty({s.M, s.H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (s.M > 0) {
+    const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
+    forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh",
+                   R, y, &pre);
+  }
+  return {y.view(with_last(x.sizes(), s.N)), pre};
+}
+
+// Gradients of gelu_mlp_train, block by block, nothing (M, H)-sized written: for R rows, h = gelu(pre + b1)
+// (recomputed), grad_W2 += g^T h, grad_hidden = g W2, grad_pre = grad_hidden * gelu'(pre + b1) (in place, with its
+// column sums into grad_b1), grad_x = grad_pre W1, grad_W1 += grad_pre^T x. The weight and bias gradients are summed
+// per thread (in the compute type for the weights, in double for the biases) and the threads' partials added in
+// thread order: deterministic for a given thread count. Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2); the
+// bias gradients are computed whether or not the biases exist (a b1 of None reads as zeros).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, c10::string_view approximate, int64_t block_rows) {
+  const char* op = "gelu_mlp_backward";
+  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, std::nullopt, approximate, block_rows);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(with_last(x.sizes(), s.N)) && grad.scalar_type() == x.scalar_type(),
+              op, ": grad must be ", x.scalar_type(), " ", with_last(x.sizes(), s.N), " (x's rows, w2's rows), got ",
+              grad.scalar_type(), " ", grad.sizes());
+  TORCH_CHECK(pre.sizes() == at::IntArrayRef({s.M, s.H}) && pre.scalar_type() == x.scalar_type(), op,
+              ": pre must be gelu_mlp_train's ", x.scalar_type(), " (", s.M, ", ", s.H, "), got ", pre.scalar_type(),
+              " ", pre.sizes());
+  TORCH_CHECK(grad.device() == x.device() && pre.device() == x.device(), op, ": grad and pre must be on x's device");
+  const at::TensorOptions opt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_x = at::empty({s.M, s.C}, opt);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor acc_w1 = at::zeros({threads, s.H, s.C}, opt), acc_w2 = at::zeros({threads, s.N, s.H}, opt);
+  std::vector<double> acc_b1(threads * s.H, 0.0), acc_b2(threads * s.N, 0.0);
+  if (s.M > 0) {
+    const at::Tensor xc = rows_of(x, s), gc = grad.detach().contiguous().view({s.M, s.N});
+    const at::Tensor pc = pre.detach().contiguous(), bias1 = bias_or_zeros(b1, s.H, x);
+    const bool tanh_approx = approximate == "tanh";
+    const at::Tensor w1d = w1.detach(), w2d = w2.detach();
+    std::vector<at::Tensor> dw1s, dw2s;  // the threads' accumulators, as views made here (not on the workers)
+    for (int64_t t = 0; t < threads; ++t) {
+      dw1s.push_back(acc_w1[t]);
+      dw2s.push_back(acc_w2[t]);
+    }
+    // two (R, H) buffers per task (h and the hidden gradient) beside the weights and their gradients: half the
+    // forward's block
+    const int64_t R =
+        block_rows > 0 ? block_rows : std::max<int64_t>(16, gelu_mlp_block_rows(s.H, x.element_size()) / 2);
+    const int64_t blocks = (s.M + R - 1) / R;
+    const Isa isa = selected_isa();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vitkernels_gelu_mlp_backward_cpu", [&] {
+      const scalar_t* b1_ptr = bias1.const_data_ptr<scalar_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_CHECK(tid < threads, op, ": thread ", tid, " beyond the ", threads, " expected");
+        at::Tensor h = at::empty({std::min(R, s.M), s.H}, opt), gh = at::empty({std::min(R, s.M), s.H}, opt);
+        at::Tensor& dw1 = dw1s[tid];
+        at::Tensor& dw2 = dw2s[tid];
+        std::vector<scalar_t> db1(s.H);
+        double* sum_b1 = acc_b1.data() + tid * s.H;
+        double* sum_b2 = acc_b2.data() + tid * s.N;
+        for (int64_t blk = first; blk < last; ++blk) {
+          const int64_t r0 = blk * R, rows = std::min(R, s.M - r0);
+          const at::Tensor xb = xc.narrow(0, r0, rows), gb = gc.narrow(0, r0, rows), pb = pc.narrow(0, r0, rows);
+          at::Tensor hb = h.narrow(0, 0, rows), ghb = gh.narrow(0, 0, rows), gxb = grad_x.narrow(0, r0, rows);
+          const scalar_t* pre_ptr = pb.const_data_ptr<scalar_t>();
+          VK_CPU_CALL(isa, bias_gelu_rows, pre_ptr, b1_ptr, hb.mutable_data_ptr<scalar_t>(), int64_t{0}, rows, s.H,
+                      tanh_approx);
+          at::cpu::addmm_out(dw2, dw2, gb.t(), hb);  // grad_W2 += g^T h
+          const scalar_t* g_ptr = gb.const_data_ptr<scalar_t>();
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t n = 0; n < s.N; ++n) sum_b2[n] += static_cast<double>(g_ptr[r * s.N + n]);
+          at::cpu::mm_out(ghb, gb, w2d);  // grad_hidden = g W2
+          scalar_t* gh_ptr = ghb.mutable_data_ptr<scalar_t>();
+          std::fill(db1.begin(), db1.end(), scalar_t(0));
+          VK_CPU_CALL(isa, bias_gelu_backward_rows, gh_ptr, pre_ptr, b1_ptr, gh_ptr, db1.data(), int64_t{0}, rows,
+                      s.H, tanh_approx);
+          for (int64_t j = 0; j < s.H; ++j) sum_b1[j] += static_cast<double>(db1[j]);
+          at::cpu::mm_out(gxb, ghb, w1d);            // grad_x = grad_pre W1
+          at::cpu::addmm_out(dw1, dw1, ghb.t(), xb);  // grad_W1 += grad_pre^T x
+        }
+      });
+    });
+  }
+  std::vector<double> b1_total(s.H, 0.0), b2_total(s.N, 0.0);
+  for (int64_t t = 0; t < threads; ++t) {
+    for (int64_t j = 0; j < s.H; ++j) b1_total[j] += acc_b1[t * s.H + j];
+    for (int64_t n = 0; n < s.N; ++n) b2_total[n] += acc_b2[t * s.N + n];
+  }
+  const auto to_tensor = [&](const std::vector<double>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, x.options().dtype(at::kDouble));
+    std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+    return t.to(x.scalar_type());
+  };
+  return {grad_x.view(x.sizes()), acc_w1.sum(0), to_tensor(b1_total), acc_w2.sum(0), to_tensor(b2_total)};
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("gelu_mlp", &gelu_mlp_cpu);
+  m.impl("gelu_mlp_train", &gelu_mlp_train_cpu);
+  m.impl("gelu_mlp_backward", &gelu_mlp_backward_cpu);
+}
 
 }  // namespace cpu
 }  // namespace vitkernels

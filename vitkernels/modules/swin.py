@@ -22,9 +22,10 @@ stands between them:
 blocks: each but the last ends with the second tail, ``LayerNorm1'`` being the next block's ``norm1``, and the next
 block starts from ``a'``, so no block but the first reads its input once more just to normalise it. A block called
 alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail. In inference (no grad)
-the row ops work in place on tensors the block created, and where the MLP's weights are small beside its
-activations (stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM) the MLP's two GEMMs and bias + GELU
-run by blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), the hidden activation never allocated whole.
+the row ops work in place on tensors the block created. Where the MLP's weights are small beside its activations
+(stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM) the MLP's two GEMMs and bias + GELU run by
+blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), forward and backward, in inference and training alike:
+the hidden activation stays in cache, and only fc1's output is kept for the backward.
 Every Linear runs through :func:`vitkernels.ops.linear.layer_linear`: on CPU float32 that is this machine's CPU
 GEMM (:data:`vitkernels.ops.linear.CPU_GEMM`: MKL's sgemm through ``F.linear`` on Intel CPUs, oneDNN's inner
 product elsewhere, where MKL takes its slower generic code path). Patch merging's gather + LayerNorm is one op too
@@ -63,9 +64,10 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
 
 
 def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
-    """Whether the in-place (inference) path runs the MLP as the blocked native ``gelu_mlp``: where ATen's GEMM is
-    the CPU GEMM (the op's blocks call it; elsewhere the unblocked path's oneDNN GEMMs are the faster ones) and
-    ``gelu_mlp``'s ``auto`` would pick it (small weights, a large hidden activation: Swin stage 1 at batch >= 2)."""
+    """Whether the fused CPU path runs the MLP as the blocked native ``gelu_mlp`` (inference and training alike, so
+    both keep the same numbers): where ATen's GEMM is the CPU GEMM (the op's blocks call it; elsewhere the unblocked
+    path's oneDNN GEMMs are the faster ones) and ``gelu_mlp``'s ``auto`` would pick it (small weights, a large
+    hidden activation: Swin-T stage 1 at batch >= 2)."""
     return (_linear_op.CPU_GEMM == "aten" and a2.dtype == torch.float32
             and _gelu_mlp_op.native_preferred(a2, mlp.fc1.weight, mlp.fc2.weight))
 
@@ -287,10 +289,13 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
         )
-        h = _gemm(a2, mlp.fc1.weight)
-        h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
-            else F.gelu(h, approximate=mlp.act.approximate)
-        y = _gemm(h, mlp.fc2.weight)
+        if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
+            y = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, mlp.act.approximate, 0)
+        else:
+            h = _gemm(a2, mlp.fc1.weight)
+            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
+                else F.gelu(h, approximate=mlp.act.approximate)
+            y = _gemm(h, mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
@@ -304,9 +309,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """:meth:`_forward_fused_cpu` without autograd: the same ops and GEMMs, in the same order (so the same
         numbers, bitwise), the row ops in place on tensors this call created (the attention output, the proj and
-        MLP GEMM outputs). Where :func:`_blocked_mlp_pays`, the MLP runs by blocks of rows: the same GEMM
-        arithmetic per row (bitwise with MKL at Swin-T's stage-1 shapes; a GEMM library may round a block of rows
-        differently from the whole). ``x`` and ``a`` are only read."""
+        MLP GEMM outputs). ``x`` and ``a`` are only read."""
         attn, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         if a is None:
             a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)

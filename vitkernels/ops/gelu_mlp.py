@@ -16,8 +16,16 @@ Backends:
   in :data:`AUTO_MAX_WEIGHT_BYTES` and the hidden activation is at least :data:`AUTO_MIN_HIDDEN_BYTES` (at
   C = 192, 2 x 590 KB of weights, it ran 0.79-0.95x the unblocked sequence).
 
-Its autograd recomputes the hidden activation in the backward (the forward never stores it; like activation
-checkpointing of the MLP, one fc1 GEMM more), with differentiable ATen ops, so double backward works.
+Training (autograd recording) runs ``gelu_mlp_train``: the same blocks, keeping fc1's output ``x W1^T`` (M, H) for
+the backward (the GELU's output is not kept), and ``gelu_mlp_backward`` by blocks too: per block it recomputes the
+GELU, adds ``g^T h`` into the fc2 weight gradient, forms the hidden gradient and its GELU derivative in cache and
+adds ``grad^T x`` into the fc1 weight gradient (per-thread sums, added in thread order: deterministic for a thread
+count), so none of the (M, H) tensors of the unblocked backward (the GELU output, the hidden gradient, the
+pre-activation gradient) is written. Swin-T stage 1 (C = 96, 2-core Xeon, fwd + bwd of the MLP against fc1 GEMM +
+bias_gelu + fc2 GEMM under autograd): 1.07-1.27x at M = 6272, 1.15-1.22x at M = 12544; at C = 192 0.91-0.97x
+(``auto`` does not take it there). Under ``create_graph`` the backward is the differentiable recomputing formula of
+``gelu_mlp`` itself (the op stores nothing; its backward recomputes the hidden pre-activation with ATen ops), so
+double backward works on every path.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
+from vitkernels.ops._library import refuse_double_backward
 from vitkernels.reference import gelu_mlp as reference
 
 op = dispatch.op("gelu_mlp", "gelu(x W1^T + b1) W2^T + b2: a transformer MLP, its hidden activation kept in cache")
@@ -109,8 +118,10 @@ def auto_prefers_native(call: dispatch.Call) -> Optional[str]:
 
 
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it)."""
-    return op.select(_call(x, w1, w2), "auto").backend == "native"
+    """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it; a
+    question, not a dispatch: nothing is selected)."""
+    call = _call(x, w1, w2)
+    return op.reasons(call)["native"] is None and auto_prefers_native(call) is None
 
 
 if _native.is_loaded():
@@ -120,6 +131,37 @@ if _native.is_loaded():
     def _gelu_mlp_fake(x, w1, b1, w2, b2, approximate, block_rows=0):
         return x.new_empty((*x.shape[:-1], w2.shape[0]))
 
+    @torch.library.register_fake("vitkernels::gelu_mlp_train")
+    def _gelu_mlp_train_fake(x, w1, b1, w2, b2, approximate, block_rows=0):
+        return x.new_empty((*x.shape[:-1], w2.shape[0])), x.new_empty((math.prod(x.shape[:-1]), w1.shape[0]))
+
+    @torch.library.register_fake("vitkernels::gelu_mlp_backward")
+    def _gelu_mlp_backward_fake(grad, x, pre, w1, b1, w2, approximate, block_rows=0):
+        return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[:1]), w2.new_empty(w2.shape),
+                w2.new_empty(w2.shape[:1]))
+
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        """(..., K) as (rows, K), K = 0 included (where reshape(-1, K) is ambiguous)."""
+        return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+    def _recomputing_backward(grad, x, w1, b1, w2, has_b2, approximate, need):
+        """The gradients from the hidden pre-activation recomputed with differentiable ATen ops: gelu_mlp's own
+        backward (its forward stores nothing), and gelu_mlp_train's under ``create_graph`` (double backward)."""
+        pre = F.linear(x, w1, b1)
+        hidden = F.gelu(pre, approximate=approximate)
+        g2 = _rows(grad)
+        grad_pre = torch.ops.aten.gelu_backward(grad @ w2, pre, approximate=approximate)
+        gp2 = _rows(grad_pre)
+        return (
+            grad_pre @ w1 if need[0] else None,
+            gp2.t() @ _rows(x) if need[1] else None,
+            gp2.sum(0) if b1 is not None and need[2] else None,
+            g2.t() @ _rows(hidden) if need[3] else None,
+            g2.sum(0) if has_b2 and need[4] else None,
+            None,
+            None,
+        )
+
     def _setup_context(ctx, inputs, output):
         x, w1, b1, w2, b2, ctx.approximate, _ = inputs
         ctx.has_b2 = b2 is not None
@@ -127,28 +169,35 @@ if _native.is_loaded():
 
     def _backward(ctx, grad):
         x, w1, b1, w2 = ctx.saved_tensors
-        pre = F.linear(x, w1, b1)  # the hidden pre-activation, recomputed: the forward never stored it
-        hidden = F.gelu(pre, approximate=ctx.approximate)
-        g2 = _rows(grad)
-        grad_hidden = grad @ w2
-        grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre, approximate=ctx.approximate)
-        gp2 = _rows(grad_pre)
-        need = ctx.needs_input_grad
-        return (
-            grad_pre @ w1 if need[0] else None,
-            gp2.t() @ _rows(x) if need[1] else None,
-            gp2.sum(0) if b1 is not None and need[2] else None,
-            g2.t() @ _rows(hidden) if need[3] else None,
-            g2.sum(0) if ctx.has_b2 and need[4] else None,
-            None,
-            None,
-        )
-
-    def _rows(t: torch.Tensor) -> torch.Tensor:
-        """(..., K) as (rows, K), K = 0 included (where reshape(-1, K) is ambiguous)."""
-        return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+        return _recomputing_backward(grad, x, w1, b1, w2, ctx.has_b2, ctx.approximate, ctx.needs_input_grad)
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
+
+    def _train_setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, ctx.approximate, ctx.block_rows = inputs
+        ctx.has_b2 = b2 is not None
+        _, pre = output
+        ctx.save_for_backward(x, pre, w1, b1, w2)
+        ctx.mark_non_differentiable(pre)  # the backward's input, not a result
+        ctx.set_materialize_grads(False)
+
+    def _train_backward(ctx, grad, _grad_pre):
+        if grad is None:  # the output was not used
+            return (None,) * 7
+        x, pre, w1, b1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a formula autograd can differentiate again
+            return _recomputing_backward(grad, x, w1, b1, w2, ctx.has_b2, ctx.approximate, need)
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.vitkernels.gelu_mlp_backward(
+            grad, x, pre, w1, b1, w2, ctx.approximate, ctx.block_rows)
+        return (grad_x if need[0] else None, grad_w1 if need[1] else None,
+                grad_b1 if b1 is not None and need[2] else None, grad_w2 if need[3] else None,
+                grad_b2 if ctx.has_b2 and need[4] else None, None, None)
+
+    torch.library.register_autograd(torch.ops.vitkernels.gelu_mlp_train.default, _train_backward,
+                                    setup_context=_train_setup_context)
+    # create_graph takes the recomputing formula above; the C++ backward itself is never differentiated
+    refuse_double_backward(torch.ops.vitkernels.gelu_mlp_backward.default, "gelu_mlp", "native")
 
     def _native_reason(call: dispatch.Call) -> Optional[str]:
         reason = _native.native_unavailable_reason("gelu_mlp", call.device)
@@ -158,7 +207,13 @@ if _native.is_loaded():
 
     @op.register("native", _native_reason, auto_checks=(auto_prefers_native,))
     def _gelu_mlp_native(x, w1, b1, w2, b2, approximate, block_rows):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+            # training: the forward keeps fc1's output for the backward, which runs block by block too
+            y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows)
+            return y
         return _forward(x, w1, b1, w2, b2, approximate, block_rows)
+
+    run_native = _gelu_mlp_native  # for layers that asked native_preferred() first: no argument checks again
 
 else:
     op.mark_missing("native", _native.IMPORT_ERROR)
