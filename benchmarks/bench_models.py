@@ -16,8 +16,9 @@ else. The gap between a peer and its floor is what attention, norms, activations
 * ``GEMM floor (Linear + Conv only)``: the Linears through ``F.linear`` (ATen ``addmm``; on CPU MKL sgemm), the
   floor of the unpatched ``timm`` peers.
 * ``GEMM floor (vitkernels linear)``: the Linears through :func:`vitkernels.linear`, the GEMM backend the patched
-  models use (``patch_model`` swaps every Linear to it; on CPU float32 oneDNN, elsewhere ``F.linear`` again), the
-  floor of the ``patched`` peers. Convs through ``F.conv2d`` in both.
+  models use (``patch_model`` swaps every Linear to it; on CPU float32 the machine's CPU GEMM,
+  ``vitkernels.ops.linear.CPU_GEMM``: MKL through ``F.linear`` on Intel, oneDNN elsewhere; off the CPU ``F.linear``),
+  the floor of the ``patched`` peers. Convs through ``F.conv2d`` in both.
 
 Every peer but the baseline (``timm eager`` / ``official eager``) is also timed in alternation with the baseline,
 10 pairs, one warm-up call each, before its own timing: ``extra_info["vs_baseline"]`` (median and quartiles of the
