@@ -49,14 +49,11 @@ void check_param(const char* op, const char* name, const std::optional<at::Tenso
               t->device());
 }
 
-}  // namespace
-
+// Rows per forward block: kHiddenBlockBytes of hidden activation, a multiple of 16, at least 16.
 int64_t gelu_mlp_block_rows(int64_t hidden, int64_t element_bytes) {
   const int64_t rows = kHiddenBlockBytes / std::max<int64_t>(1, hidden * element_bytes);
   return std::max<int64_t>(16, rows / 16 * 16);
 }
-
-namespace {
 
 // The checked sizes of one call: x (M, C) as rows (M = the product of x's leading dims), hidden H, output N.
 struct MlpShape {

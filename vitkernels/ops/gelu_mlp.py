@@ -19,11 +19,12 @@ Backends:
 Training (autograd recording) runs ``gelu_mlp_train``: the same blocks, keeping fc1's output ``x W1^T`` (M, H) for
 the backward (the GELU's output is not kept), and ``gelu_mlp_backward`` by blocks too: per block it recomputes the
 GELU, adds ``g^T h`` into the fc2 weight gradient, forms the hidden gradient and its GELU derivative in cache and
-adds ``grad^T x`` into the fc1 weight gradient (per-thread sums, added in thread order: deterministic for a thread
+adds ``grad_pre^T x`` into the fc1 weight gradient (per-thread sums, added in thread order: deterministic for a thread
 count), so none of the (M, H) tensors of the unblocked backward (the GELU output, the hidden gradient, the
 pre-activation gradient) is written. Swin-T stage 1 (C = 96, 2-core Xeon, fwd + bwd of the MLP against fc1 GEMM +
 bias_gelu + fc2 GEMM under autograd): 1.07-1.27x at M = 6272, 1.15-1.22x at M = 12544; at C = 192 0.91-0.97x
-(``auto`` does not take it there). Under ``create_graph`` the backward is the differentiable recomputing formula of
+(``auto`` does not take it there); the whole Swin-T training step (b2), where only stage 1 takes it, 1.01-1.03x.
+Under ``create_graph`` the backward is the differentiable recomputing formula of
 ``gelu_mlp`` itself (the op stores nothing; its backward recomputes the hidden pre-activation with ATen ops), so
 double backward works on every path.
 """
