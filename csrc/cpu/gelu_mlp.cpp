@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "row_ops.h"
@@ -130,19 +131,30 @@ at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t size, co
   return bias.has_value() ? bias->detach().contiguous() : at::zeros({size}, like.options());
 }
 
+// The forward of gelu_mlp and gelu_mlp_train: y (..., N), and with keep_pre also fc1's output (M, H) (else an
+// undefined tensor).
+std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                               const std::optional<at::Tensor>& b2, c10::string_view approximate,
+                                               int64_t block_rows, bool keep_pre) {
+  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, block_rows);
+  const at::TensorOptions opt = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty({s.M, s.N}, opt);
+  at::Tensor pre = keep_pre ? at::empty({s.M, s.H}, opt) : at::Tensor();
+  if (s.M > 0) {
+    const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
+    forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh", R, y,
+                   keep_pre ? &pre : nullptr);
+  }
+  return {y.view(with_last(x.sizes(), s.N)), pre};
+}
+
 }  // namespace
 
 at::Tensor gelu_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                         const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate,
                         int64_t block_rows) {
-  const MlpShape s = check_mlp_args("gelu_mlp", x, w1, b1, w2, b2, approximate, block_rows);
-  at::Tensor y = at::empty({s.M, s.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (s.M > 0) {
-    const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
-    forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh",
-                   R, y, nullptr);
-  }
-  return y.view(with_last(x.sizes(), s.N));
+  return std::get<0>(run_forward("gelu_mlp", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/false));
 }
 
 // Training: also returns pre = x W1^T (M, H) (the fc1 GEMM's output before its bias), which gelu_mlp_backward reads.
@@ -151,15 +163,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_train_cpu(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                       const std::optional<at::Tensor>& b2,
                                                       c10::string_view approximate, int64_t block_rows) {
-  const MlpShape s = check_mlp_args("gelu_mlp_train", x, w1, b1, w2, b2, approximate, block_rows);
-  at::Tensor y = at::empty({s.M, s.N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor pre = at::empty({s.M, s.H}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (s.M > 0) {
-    const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
-    forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh",
-                   R, y, &pre);
-  }
-  return {y.view(with_last(x.sizes(), s.N)), pre};
+  return run_forward("gelu_mlp_train", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/true);
 }
 
 // Gradients of gelu_mlp_train, block by block, nothing (M, H)-sized written: for R rows, h = gelu(pre + b1)

@@ -46,7 +46,8 @@ from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_o
 from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops import linear as _linear_op
-from vitkernels.ops.window_attention import needs_grad, window_attention
+from vitkernels.ops._library import needs_grad
+from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
 
 # The native CPU ops the fused block and patch merging call directly (once _fused_cpu_allowed and the block's
@@ -321,8 +322,8 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         if _blocked_mlp_pays(a2, mlp):
             # fc1, its bias + GELU and fc2 by blocks of rows: the hidden activation never leaves the cache and is
             # never allocated whole (vitkernels/ops/gelu_mlp.py); fc2's bias stays with the tail below
-            out = torch.ops.vitkernels.gelu_mlp(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None,
-                                                mlp.act.approximate)
+            out = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None,
+                                          mlp.act.approximate, 0)
         else:
             h = _gemm(a2, mlp.fc1.weight)
             if mlp.fc1.bias is not None:

@@ -1,11 +1,16 @@
 """torch.library helpers shared by the op files."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from vitkernels.triton import interpreter_active
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` (None allowed): a forward then saves state for a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def kernel_op(qualname: str, *, mutates_args: Iterable[str] = ()) -> Callable[[Callable], "torch.library.CustomOpDef"]:

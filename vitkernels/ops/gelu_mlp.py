@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
-from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops._library import needs_grad, refuse_double_backward
 from vitkernels.reference import gelu_mlp as reference
 
 op = dispatch.op("gelu_mlp", "gelu(x W1^T + b1) W2^T + b2: a transformer MLP, its hidden activation kept in cache")
@@ -208,7 +208,7 @@ if _native.is_loaded():
 
     @op.register("native", _native_reason, auto_checks=(auto_prefers_native,))
     def _gelu_mlp_native(x, w1, b1, w2, b2, approximate, block_rows):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+        if needs_grad(x, w1, b1, w2, b2):
             # training: the forward keeps fc1's output for the backward, which runs block by block too
             y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows)
             return y

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
+from vitkernels.ops._library import needs_grad
 from vitkernels.reference import linear as reference
 
 op = dispatch.op("linear", "act(x W^T + b): a Linear layer with an optional fused GELU (CPU: oneDNN, or MKL on Intel)")
@@ -323,9 +324,7 @@ if onednn_available():
 
     @op.register("native", _native_reason, auto_checks=(_native_preferred,))
     def _linear_native(x, weight, bias, activation):
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
+        recording = needs_grad(x, weight, bias)
         eager = not torch.compiler.is_compiling()
         if eager and not recording:
             # Eager without autograd (inference): oneDNN's op directly. The custom op's dispatch (autograd key, fake

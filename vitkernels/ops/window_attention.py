@@ -31,7 +31,7 @@ from vitkernels._validation import (
     check_window_sizes,
     to_pair,
 )
-from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
+from vitkernels.ops._library import keep_softmax_state_out_of_autograd, needs_grad, refuse_double_backward
 from vitkernels.reference import window_attention as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -159,11 +159,6 @@ def _add_bias_forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_he
         n = lse.shape[-1]
         lse = lse.new_empty((*lse.shape, -(-n // 16) * 16))
     return out, lse
-
-
-def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd records an op on ``tensors`` (None allowed): a forward then saves state for a backward."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _backward_fake(grad_out, qkv, table, qkv_bias, out, lse, window_size, shift_size, num_heads, scale):

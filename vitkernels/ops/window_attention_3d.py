@@ -29,7 +29,8 @@ import torch
 from vitkernels import _native, dispatch
 from vitkernels._validation import INT64_MAX, check_int, check_shape, check_tensor
 from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
-from vitkernels.ops.window_attention import checked_bias_scale_call, needs_grad
+from vitkernels.ops._library import needs_grad
+from vitkernels.ops.window_attention import checked_bias_scale_call
 from vitkernels.reference import window_attention_3d as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
