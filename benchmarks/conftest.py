@@ -271,10 +271,9 @@ def record_backends():
         return allowed
 
     def layer_linear(x, weight, bias=None):
-        direct = x.device.type != "cpu" or linear_op.CPU_GEMM == "aten" or linear_op._layer_fast_path is not None
-        if direct:  # otherwise layer_linear goes through linear(), whose select records itself
-            onednn = x.device.type == "cpu" and linear_op.CPU_GEMM == "onednn"
-            chosen.append(("layer_linear", "onednn" if onednn else "aten"))
+        route = linear_op.layer_linear_route(x, weight, bias)
+        if route != "dispatch":  # otherwise layer_linear goes through linear(), whose select records itself
+            chosen.append(("layer_linear", route))
         return original_layer_linear(x, weight, bias)
 
     dispatch.Op.select = select

@@ -172,14 +172,24 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     87 -> 45 us with autograd, one thread), about 50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM`
     is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
     else, or without vitkernels._C: :func:`linear`."""
-    if x.device.type != "cpu" or CPU_GEMM == "aten":
+    route = layer_linear_route(x, weight, bias)
+    if route == "aten":
         return F.linear(x, weight, bias)
-    fast = _layer_fast_path
-    if (fast is not None and x.dtype is torch.float32 and weight.dtype is torch.float32
+    if route == "onednn":
+        return _layer_fast_path(x, weight, bias)
+    return linear(x, weight, bias, backend="auto")
+
+
+def layer_linear_route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> str:
+    """Where :func:`layer_linear` sends this call: ``"aten"`` (``F.linear`` directly), ``"onednn"``
+    (``vitkernels::onednn_linear_eager`` directly) or ``"dispatch"`` (:func:`linear`, backend ``auto``)."""
+    if x.device.type != "cpu" or CPU_GEMM == "aten":
+        return "aten"
+    if (_layer_fast_path is not None and x.dtype is torch.float32 and weight.dtype is torch.float32
             and (bias is None or bias.dtype is torch.float32) and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()):
-        return fast(x, weight, bias)
-    return linear(x, weight, bias, backend="auto")
+        return "onednn"
+    return "dispatch"
 
 
 def layer_backend(backend: Optional[str]) -> str:
