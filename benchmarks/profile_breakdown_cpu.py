@@ -180,10 +180,16 @@ def _attention_matmuls(meta, backward: bool):
     shapes = [((G, N, hd), (G, hd, N)), ((G, N, N), (G, N, hd))]
     if backward:
         shapes += [((G, N, N), (G, N, hd)), ((G, N, N), (G, N, hd))]
+    return _matmul_jobs(shapes)
+
+
+def _matmul_jobs(shapes):
+    """One job per (a shape, b shape): a @ b on random operands into a preallocated output (mm, or bmm for 3D)."""
     jobs = []
     for sa, sb in shapes:
-        a, b, out = torch.randn(sa), torch.randn(sb), torch.empty(sa[0], sa[1], sb[2])
-        jobs.append(lambda a=a, b=b, out=out: torch.bmm(a, b, out=out))
+        a, b, out = torch.randn(sa), torch.randn(sb), torch.empty(*sa[:-1], sb[-1])
+        matmul = torch.bmm if len(sa) == 3 else torch.mm
+        jobs.append(lambda a=a, b=b, out=out, matmul=matmul: matmul(a, b, out=out))
     return jobs
 
 
@@ -199,11 +205,7 @@ def _mlp_matmuls(meta, backward: bool):
     shapes = [((M, C), (C, H)), ((M, H), (H, N))]
     if backward:
         shapes = [((N, M), (M, H)), ((M, N), (N, H)), ((M, H), (H, C)), ((H, M), (M, C))]
-    jobs = []
-    for sa, sb in shapes:
-        a, b, out = torch.randn(sa), torch.randn(sb), torch.empty(sa[0], sb[1])
-        jobs.append(lambda a=a, b=b, out=out: torch.mm(a, b, out=out))
-    return jobs
+    return _matmul_jobs(shapes)
 
 
 def gemm_floor(step, attention: bool = False):

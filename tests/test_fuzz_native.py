@@ -460,17 +460,13 @@ def test_fuzz_gelu_mlp(seed):
     if out is None:
         return
     describe = f"seed {seed}: x {tuple(x.shape)}, H {H}, N {N}, block_rows {block_rows}, {dtype}"
-    want = reference_gelu_mlp(*[t.detach().double().requires_grad_() if t is not None else None
-                                for t in (x, w1, b1, w2, b2)])
+    ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in args]
+    want = reference_gelu_mlp(*ref_args)
     compare("gelu_mlp", out, want, dtype, describe)
     if out.numel():
         grad = torch.randn_like(want)
-        leaves = [t for t in args if t is not None]
-        got = torch.autograd.grad(out, leaves, grad.to(dtype), allow_unused=True)
-        ref_inputs = [t.detach().double().requires_grad_() for t in leaves]
-        it = iter(ref_inputs)
-        ref_args = [next(it) if t is not None else None for t in args]
-        wanted = torch.autograd.grad(reference_gelu_mlp(*ref_args), ref_inputs, grad, allow_unused=True)
+        got = torch.autograd.grad(out, [t for t in args if t is not None], grad.to(dtype), allow_unused=True)
+        wanted = torch.autograd.grad(want, [t for t in ref_args if t is not None], grad, allow_unused=True)
         for g, w in zip(got, wanted):
             if w is not None:
                 compare("gelu_mlp gradient", g, w, dtype, describe)
