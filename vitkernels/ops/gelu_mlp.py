@@ -121,8 +121,7 @@ def auto_prefers_native(call: dispatch.Call) -> Optional[str]:
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it; a
     question, not a dispatch: nothing is selected)."""
-    call = _call(x, w1, w2)
-    return op.reasons(call)["native"] is None and auto_prefers_native(call) is None
+    return op.auto_choice(_call(x, w1, w2))[0] == "native"
 
 
 if _native.is_loaded():
