@@ -21,9 +21,15 @@ strides), replayed alone into preallocated outputs (mm / bmm without a bias, so 
 interleaved with the steps; step minus floor is what the model spends outside its GEMMs. Run from the repository
 root:
 
-    python benchmarks/profile_breakdown_cpu.py --threads 2 --batch 4 --out benchmarks/results/cpu_breakdown.md
+    python benchmarks/profile_breakdown_cpu.py --threads 2 --batch 4 --allocator glibc \
+        --out benchmarks/results/cpu_breakdown.md
+    python benchmarks/profile_breakdown_cpu.py --threads 2 --batch 4 --allocator caching \
+        --out benchmarks/results/cpu_breakdown-caching.md
 
-(a few minutes on 2 cores). Timings on a machine shared with other work are distorted (memory-bound ops most);
+(a few minutes each on 2 cores). ``--allocator`` runs the script in a process with glibc's default allocator or with
+the caching settings of ``publish.py`` (the benchmarks' two CPU modes); without it, the allocator it was started
+with. Under glibc's default the step's largest fresh tensors are page-faulted in anew every step (the GEMMs timed
+alone write into preallocated outputs and never are), which shows up outside the GEMMs; the header names the mode. Timings on a machine shared with other work are distorted (memory-bound ops most);
 the per-op minimum limits that but does not remove it: read the shares from a quiet machine.
 """
 from __future__ import annotations
@@ -44,7 +50,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import conftest  # noqa: E402,F401  (makes timm importable on a CPU-only torch: the tests' torchvision stub)
+import conftest  # noqa: E402  (makes timm importable on a CPU-only torch: the tests' torchvision stub)
+from publish import ALLOCATOR_VARS, GLIBC_CACHING  # noqa: E402
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
             "aten::convolution_backward", "aten::_convolution",
@@ -292,13 +299,23 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=8, help="non-GEMM ops listed per model and mode")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the step vs floor timing")
     parser.add_argument("--out", help="also write the markdown here")
+    parser.add_argument("--allocator", choices=("inherit", "glibc", "caching"), default="inherit",
+                        help="run under glibc's default allocator or the benchmarks' glibc caching settings "
+                             "(default: the allocator this process was started with)")
     args = parser.parse_args(argv)
+    if args.allocator != "inherit":  # glibc reads its settings at process start: run again in a fresh process
+        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
+        if args.allocator == "caching":
+            env.update(GLIBC_CACHING)
+        child = argv if argv is not None else sys.argv[1:]
+        return subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--allocator", "inherit"],
+                              env=env).returncode
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, 224, 224)
     lines = [f"# Swin-T CPU time breakdown: GEMMs vs the rest (batch {args.batch}, {args.threads} threads, "
              f"per-op minimum over {args.steps} steps)", "",
-             f"torch {torch.__version__}, {os.cpu_count()} CPUs visible ({cpu_label()}); self time per op, summed. "
-             "Each mode in a fresh process.", ""]
+             f"torch {torch.__version__}, {os.cpu_count()} CPUs visible ({cpu_label()}); allocator: "
+             f"{conftest.allocator_mode()}; self time per op, summed. Each mode in a fresh process.", ""]
     modes = args.modes.split(",")
     if len(modes) > 1:  # one process per mode: one mode's profile and floors must not shape the next one's heap
         header = len(lines)  # the child writes the same header first
