@@ -153,7 +153,8 @@ def test_fast_block_backend_attribute_reaches_the_op():
     assert block.attn.backend == "reference"
     block.backend = "triton"
     assert block.attn.backend == "triton"
-    if vitkernels.ops.window_attention.op.reasons(vitkernels.dispatch.Call(torch.device("cpu"), torch.float32))["triton"]:
+    call = vitkernels.dispatch.Call(torch.device("cpu"), torch.float32)
+    if vitkernels.ops.window_attention.op.reasons(call)["triton"]:
         with pytest.raises(vitkernels.BackendUnavailableError, match="window_attention"):
             block(torch.randn(1, 14, 14, 16))
 
@@ -646,6 +647,87 @@ def _patched_small_swin(dtype=torch.float64):
 
     original = _small_timm_swin(dtype)
     return original, patch_model(copy.deepcopy(original))
+
+
+def _vitkernels_ops_in(graph_module):
+    """The vitkernels ops a traced graph calls, by name (``bias_residual_layernorm``, ...)."""
+    return {str(n.target).split(".")[1] for n in graph_module.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("vitkernels.")}
+
+
+def test_exported_patched_model_matches_eager():
+    """torch.export of a patched timm Swin traces the fused CPU path (the custom ops, not a fallback) and the
+    exported program gives the eager model's outputs, at the traced batch size and another one (dynamic batch)."""
+    _fused_cpu_or_skip()
+    original, patched = _patched_small_swin(torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(patched, (torch.randn(2, 3, 32, 48),), dynamic_shapes=({0: batch},))
+    assert {"window_attention_add_bias", "bias_residual_layernorm", "bias_gelu"} <= _vitkernels_ops_in(
+        program.graph_module)
+    exported = program.module()
+    for n in (2, 3):
+        x = torch.randn(n, 3, 32, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), patched(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(exported(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
+def test_compiled_patched_model_with_dynamic_batch(grad):
+    """torch.compile(dynamic=True) of a patched timm Swin (the ops' fake kernels on symbolic shapes): one graph
+    serves two batch sizes, with timm's outputs and, with autograd, its gradients."""
+    _fused_cpu_or_skip()
+    original, patched = _patched_small_swin(torch.float32)
+    original.train(), patched.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, dynamic=True, backend="aot_eager")
+    for n in (3, 5):
+        x = torch.randn(n, 3, 32, 48)
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(n)  # the same drop-path draws in both models
+            out = compiled(x)
+            torch.manual_seed(n)
+            ref = original(x)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        if grad:
+            out.square().sum().backward()
+            ref.square().sum().backward()
+            theirs = dict(original.named_parameters())
+            for name, p in patched.named_parameters():
+                torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+            patched.zero_grad(), original.zero_grad()
+
+
+def test_patched_model_serves_concurrent_threads():
+    """One patched model called from four Python threads at once (eval, no grad: the in-place fused path, whose
+    scratch tensors belong to each call) gives each thread the outputs of a call made alone (float64)."""
+    import threading
+
+    _fused_cpu_or_skip()
+    _, patched = _patched_small_swin()
+    inputs = [torch.randn(2, 3, 32, 48, dtype=torch.float64) for _ in range(4)]
+    with torch.no_grad():
+        alone = [patched(x) for x in inputs]
+    outputs, errors = [[] for _ in inputs], []
+
+    def serve(i):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    outputs[i].append(patched(inputs[i]))
+        except Exception as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, expected in enumerate(alone):
+        assert len(outputs[i]) == 5
+        for out in outputs[i]:
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_patch_model_swaps_stages_and_the_chain_matches_timm_in_training(monkeypatch):
