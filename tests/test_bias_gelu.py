@@ -62,6 +62,23 @@ def test_inplace_variant():
     assert torch.equal(strided.transpose(0, 1), expected)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("shape", [(2, 9, 96), (3, 37), (300, 33), (1, 1)], ids=str)
+def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, isa, monkeypatch):
+    """bfloat16 in place runs chunk by chunk through float scratch (no whole-tensor conversion): bitwise the
+    functional op's result (which converts the whole tensor), NaN and infinities included, rows across chunks."""
+    native_or_skip("bias_gelu")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    x = (4 * torch.randn(shape)).bfloat16()
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])[: x.numel()]
+    b = torch.randn(shape[-1]).bfloat16()
+    for approximate in ("none", "tanh"):
+        y = x.clone()
+        torch.ops.vitkernels.bias_gelu_(y, b, approximate)
+        expected = torch.ops.vitkernels.bias_gelu(x, b, approximate)
+        assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 def test_gradcheck_float64():
     native_or_skip("bias_gelu")
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)

@@ -63,6 +63,22 @@ def test_inplace_variant():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("scale", [False, True], ids=["no-scale", "scale"])
+@pytest.mark.parametrize("shape", [(3, 6, 40), (2, 300, 33), (4, 1, 7)], ids=str)
+def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, scale):
+    """bfloat16 in place runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float
+    scratch: bitwise the functional op's result (which converts whole tensors)."""
+    native_or_skip("bias_residual")
+    y, r = (torch.randn(shape).bfloat16() for _ in range(2))
+    y.view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    b = torch.randn(shape[-1]).bfloat16()
+    s = torch.rand(shape[0]).bfloat16() if scale else None
+    out = y.clone()
+    torch.ops.vitkernels.bias_residual_(out, b, r, s)
+    expected = torch.ops.vitkernels.bias_residual(y, b, r, s)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 def test_gradcheck_float64():
     native_or_skip("bias_residual")
     y, r = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))

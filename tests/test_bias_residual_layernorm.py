@@ -80,6 +80,22 @@ def test_inplace_variant():
     assert torch.equal(y2, x1) and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("scale", [False, True], ids=["no-scale", "scale"])
+@pytest.mark.parametrize("shape", [(3, 6, 40), (2, 300, 33), (4, 1, 7)], ids=str)
+def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, scale):
+    """bfloat16 in place runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float
+    scratch: bitwise the functional op's x1 and LayerNorm output (which convert whole tensors)."""
+    native_or_skip("bias_residual_layernorm")
+    y, r = (torch.randn(shape).bfloat16() for _ in range(2))
+    b, w, lb = (torch.randn(shape[-1]).bfloat16() for _ in range(3))
+    s = torch.rand(shape[0]).bfloat16() if scale else None
+    x1, expected, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
+    y2, out = y.clone(), torch.empty_like(y)
+    torch.ops.vitkernels.bias_residual_layernorm_(y2, b, r, s, w, lb, 1e-5, out)
+    assert torch.equal(y2.view(torch.int16), x1.view(torch.int16))
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 def test_gradcheck_float64():
     native_or_skip("bias_residual_layernorm")
     y, r = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))

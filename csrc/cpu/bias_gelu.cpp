@@ -69,6 +69,19 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
   const bool tanh_approx = tanh_approximation(approximate);
   if (x.is_contiguous() && x.scalar_type() == row_op_compute_type(x)) {
     forward_into(x, bias, x, tanh_approx);
+  } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
+    const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
+    const Isa isa = selected_isa();
+    const at::Tensor b = as_compute(bias, at::kFloat);
+    const float* b_ptr = b.const_data_ptr<float>();
+    at::BFloat16* x_ptr = x.mutable_data_ptr<at::BFloat16>();
+    bf16_rows_via_float<1, 1>(
+        rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},
+        [&](const uint16_t* src, float* dst, int64_t n) { VK_CPU_CALL(isa, bf16_to_float, src, dst, n); },
+        [&](const float* src, uint16_t* dst, int64_t n) { VK_CPU_CALL(isa, float_to_bf16, src, dst, n); },
+        [&](const auto& in, const auto& out, int64_t, int64_t n) {
+          VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
+        });
   } else {
     at::Tensor xc = as_compute(x, row_op_compute_type(x)).clone();
     forward_into(xc, bias, xc, tanh_approx);

@@ -58,6 +58,27 @@ void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& b
                                const std::optional<at::Tensor>& scale) {
   check_bias_residual_args("bias_residual_", y, bias, residual, scale);
   const at::ScalarType type = row_op_compute_type(y);
+  if (y.is_contiguous() && y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
+    const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
+    const Isa isa = selected_isa();
+    const at::Tensor rc = residual.contiguous();
+    const at::Tensor b = bias.has_value() ? as_compute(*bias, at::kFloat) : at::Tensor();
+    const at::Tensor s = scale.has_value() ? as_compute(*scale, at::kFloat) : at::Tensor();
+    const float* b_ptr = bias.has_value() ? b.const_data_ptr<float>() : nullptr;
+    const float* s_ptr = scale.has_value() ? s.const_data_ptr<float>() : nullptr;
+    const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
+    at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
+    bf16_rows_via_float<2, 1>(
+        rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()}, {y_ptr},
+        [&](const uint16_t* src, float* dst, int64_t n) { VK_CPU_CALL(isa, bf16_to_float, src, dst, n); },
+        [&](const float* src, uint16_t* dst, int64_t n) { VK_CPU_CALL(isa, float_to_bf16, src, dst, n); },
+        [&](const auto& in, const auto& out, int64_t first, int64_t n) {
+          // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
+          const float* s_chunk = s_ptr ? s_ptr + first / rows_per_sample : nullptr;
+          VK_CPU_CALL(isa, bias_residual_rows, in[0], b_ptr, in[1], s_chunk, n, out[0], int64_t{0}, n, C);
+        });
+    return;
+  }
   const at::Tensor rc = as_compute(residual, type);
   if (y.is_contiguous() && y.scalar_type() == type) {
     forward_into(y, bias, rc, scale, y);

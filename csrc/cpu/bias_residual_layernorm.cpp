@@ -99,10 +99,42 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
   TORCH_CHECK(out.sizes() == y.sizes() && out.scalar_type() == y.scalar_type() && out.device() == y.device(),
               "bias_residual_layernorm_: out must be like y");
   const at::ScalarType type = row_op_compute_type(y);
-  const at::Tensor rc = as_compute(residual, type);
   const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
   at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
   at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+  if (y.is_contiguous() && out.is_contiguous() && y.scalar_type() == at::kBFloat16) {  // through float scratch
+    const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
+    const Isa isa = selected_isa();
+    const at::Tensor rc = residual.contiguous();
+    auto as_float = [](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const float* {
+      if (!t.has_value()) return nullptr;
+      keep = as_compute(*t, at::kFloat);
+      return keep.const_data_ptr<float>();
+    };
+    at::Tensor b, s, w, lb;
+    const float* b_ptr = as_float(bias, b);
+    const float* s_ptr = as_float(scale, s);
+    const float* w_ptr = as_float(weight, w);
+    const float* lb_ptr = as_float(ln_bias, lb);
+    const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
+    float* m_ptr = mean.mutable_data_ptr<float>();
+    float* rs_ptr = rstd.mutable_data_ptr<float>();
+    const float e = static_cast<float>(eps);
+    at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
+    bf16_rows_via_float<2, 2>(
+        rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()},
+        {y_ptr, out.mutable_data_ptr<at::BFloat16>()},
+        [&](const uint16_t* src, float* dst, int64_t n) { VK_CPU_CALL(isa, bf16_to_float, src, dst, n); },
+        [&](const float* src, uint16_t* dst, int64_t n) { VK_CPU_CALL(isa, float_to_bf16, src, dst, n); },
+        [&](const auto& in, const auto& o, int64_t first, int64_t n) {
+          // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
+          const float* s_chunk = s_ptr ? s_ptr + first / rows_per_sample : nullptr;
+          VK_CPU_CALL(isa, bias_residual_layernorm_rows, in[0], b_ptr, in[1], s_chunk, n, w_ptr, lb_ptr, e, o[0],
+                      o[1], m_ptr + first, rs_ptr + first, int64_t{0}, n, C);
+        });
+    return;
+  }
+  const at::Tensor rc = as_compute(residual, type);
   const bool direct = y.is_contiguous() && out.is_contiguous() && y.scalar_type() == type;
   at::Tensor x1 = direct ? y : as_compute(y, type).clone();
   at::Tensor o = direct ? out : at::empty_like(x1, at::MemoryFormat::Contiguous);

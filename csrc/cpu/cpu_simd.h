@@ -314,6 +314,26 @@ template <typename T> VK_INLINE void store_partial(T* p, typename Vec<T>::type v
   for (int64_t l = 0; l < n; ++l) p[l] = v[l];
 }
 
+// --- bfloat16 storage of the row ops (inference in place): n values widened to float / rounded back --------------
+// Widening is exact (the 16 bits become the float's high half). Rounding is to nearest even, and a NaN becomes 0xFFFF:
+// what ATen's vectorised float -> bfloat16 conversion (Tensor.to, copy_) gives, so the row ops' bfloat16 results
+// are bitwise those of converting the whole tensors. Plain loops, vectorised by the compiler for this instruction
+// set; not always_inline: the host code calls them through VK_CPU_CALL.
+inline void bf16_to_float(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    __builtin_memcpy(dst + i, &u, sizeof u);
+  }
+}
+inline void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    __builtin_memcpy(&u, src + i, sizeof u);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dst[i] = src[i] != src[i] ? static_cast<uint16_t>(0xFFFF) : rounded;
+  }
+}
+
 // --- LayerNorm of one row of C values ------------------------------------------------------------------------------
 // y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
 // (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.
