@@ -34,7 +34,9 @@ be compared. Before timing, each peer's output (train: its loss and every parame
 the timm / official model run in float64 (relative error of each tensor's norm).
 
 Sizes: on CUDA, batch 128 (Swin-T, DeiT-S, MAE ViT-B) and 64 (Swin-B) under bf16 autocast. On a 2-core CPU, in fp32:
-Swin-T batch 4 (inference) / 2 (train), Swin-B batch 1 with 5 rounds, DeiT-S 4 / 2, MAE ViT-B 2. On CPU the
+Swin-T batch 4 (inference) / 2 (train), Swin-B batch 1 with 5 rounds, DeiT-S 4 / 2, MAE ViT-B 2; and Swin-T
+converted to bfloat16 whole (``swin_tiny_bf16``: weights, activations and images; inference, batch 4), how bf16 models
+are served on CPUs with bf16 GEMMs (AVX-512 BF16 / AMX), checked against float64 at the bf16 tolerance. On CPU the
 ``torch.compile`` peers (one to four minutes of compilation each on 2 cores) and every Swin-B case are marked
 ``heavy``; ``-m "not heavy"`` runs the eager peers of Swin-T, DeiT-S and MAE only.
 """
@@ -62,8 +64,11 @@ MODELS = {
     "deit_small": ("deit_small_distilled_patch16_224", {"inference": 128, "train": 128},
                    {"inference": 4, "train": 2}, None),
     "mae_vit_base": ("mae", {"train": 128}, {"train": 2}, None),
+    # CPU only: the whole model in bfloat16 (weights and activations; on a GPU every case runs under bf16 autocast)
+    "swin_tiny_bf16": ("swin_tiny_patch4_window7_224", {}, {"inference": 4}, None),
 }
 MODES = ("inference", "train")
+BF16_MODELS = {"swin_tiny_bf16"}  # converted to bfloat16 whole (model.bfloat16(), bfloat16 images)
 
 
 GEMM_FLOOR = "GEMM floor (Linear + Conv only)"
@@ -184,7 +189,7 @@ def _base_model(model):
         net = MAE()
     else:
         net = timm.create_model(name, pretrained=False, drop_path_rate=0.0)
-    return net.to(DEVICE)
+    return net.to(device=DEVICE, dtype=torch.bfloat16 if model in BF16_MODELS else None)
 
 
 def _patched(model, net):
@@ -199,7 +204,7 @@ def _patched(model, net):
 
 def _inputs(model, mode, batch):
     torch.manual_seed(1)
-    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE)
+    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16 if model in BF16_MODELS else None)
     if model.startswith("mae"):
         return imgs, torch.rand(batch, 196, device=DEVICE)  # the masking noise, the same for every peer
     return imgs, torch.randint(0, 1000, (batch,), device=DEVICE)
@@ -315,7 +320,7 @@ def _interleaved(benchmark, baseline_step, fn, baseline_peer, imgs, extra):
 def test_model(benchmark, model, mode, peer):
     name, gpu_batches, cpu_batches, cpu_rounds = MODELS[model]
     batch = (gpu_batches if ON_GPU else cpu_batches)[mode]
-    precision = "bf16 autocast" if ON_GPU else "fp32"
+    precision = "bf16 autocast" if ON_GPU else "bf16" if model in BF16_MODELS else "fp32"
     benchmark.group = f"model {model} {mode} | {name if name != 'mae' else 'mae vit-b/16 r0.75'} b{batch} {precision}"
     benchmark.extra_info["peer"] = peer
     base = _base_model(model)
@@ -334,7 +339,8 @@ def test_model(benchmark, model, mode, peer):
     imgs, extra = _inputs(model, mode, batch)
     # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
     # on 197); a FLOP is 2 MACs, a training step ~3 forwards
-    macs = {"swin_tiny": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
+    macs = {"swin_tiny": 4.5e9, "swin_tiny_bf16": 4.5e9, "swin_base": 15.5e9, "deit_small": 4.6e9,
+            "mae_vit_base": 9.4e9}[model]
     flops = 2 * macs * batch * (1 if mode == "inference" else 3)
     if peer in FLOORS:
         floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=peer == GEMM_FLOOR_VK)
@@ -347,7 +353,7 @@ def test_model(benchmark, model, mode, peer):
     # agreement with the unpatched model in float64 (relative norm error per tensor)
     got = _result(mode, step(imgs, extra), params)
     expected = _float64_expected(model, mode, batch, base, imgs, extra)
-    rel = 3e-2 if ON_GPU else 1e-3
+    rel = 3e-2 if ON_GPU or model in BF16_MODELS else 1e-3
     assert_agrees(benchmark, got, expected, rel_norm=rel)
 
     _interleaved(benchmark, baseline_step, lambda: step(imgs, extra), baseline_peer, imgs, extra)
