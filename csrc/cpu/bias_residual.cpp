@@ -28,12 +28,11 @@ void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, c
   const int64_t rows_per_sample = rows / yc.size(0);
   const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "vitkernels_bias_residual_cpu", [&] {
-    const at::Tensor b = bias.has_value() ? as_compute(*bias, yc.scalar_type()) : at::Tensor();
-    const at::Tensor s = scale.has_value() ? as_compute(*scale, yc.scalar_type()) : at::Tensor();
+    at::Tensor b, s;
+    const scalar_t* b_ptr = optional_data<scalar_t>(bias, yc.scalar_type(), b);
+    const scalar_t* s_ptr = optional_data<scalar_t>(scale, yc.scalar_type(), s);
     const scalar_t* y_ptr = yc.const_data_ptr<scalar_t>();
-    const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* r_ptr = rc.const_data_ptr<scalar_t>();
-    const scalar_t* s_ptr = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
       VK_CPU_CALL(isa, bias_residual_rows, y_ptr, b_ptr, r_ptr, s_ptr, rows_per_sample, o_ptr, begin, end, C);
@@ -62,10 +61,9 @@ void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& b
     const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
     const Isa isa = selected_isa();
     const at::Tensor rc = residual.contiguous();
-    const at::Tensor b = bias.has_value() ? as_compute(*bias, at::kFloat) : at::Tensor();
-    const at::Tensor s = scale.has_value() ? as_compute(*scale, at::kFloat) : at::Tensor();
-    const float* b_ptr = bias.has_value() ? b.const_data_ptr<float>() : nullptr;
-    const float* s_ptr = scale.has_value() ? s.const_data_ptr<float>() : nullptr;
+    at::Tensor b, s;
+    const float* b_ptr = optional_data<float>(bias, at::kFloat, b);
+    const float* s_ptr = optional_data<float>(scale, at::kFloat, s);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<2, 1>(

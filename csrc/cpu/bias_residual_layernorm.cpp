@@ -46,16 +46,12 @@ void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, c
   const int64_t rows_per_sample = rows / yc.size(0);
   const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES(yc.scalar_type(), "vitkernels_bias_residual_layernorm_cpu", [&] {
-    auto ptr = [&](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const scalar_t* {
-      if (!t.has_value()) return nullptr;
-      keep = as_compute(*t, yc.scalar_type());
-      return keep.const_data_ptr<scalar_t>();
-    };
+    const at::ScalarType type = yc.scalar_type();
     at::Tensor b, s, w, lb;
-    const scalar_t* b_ptr = ptr(bias, b);
-    const scalar_t* s_ptr = ptr(scale, s);
-    const scalar_t* w_ptr = ptr(weight, w);
-    const scalar_t* lb_ptr = ptr(ln_bias, lb);
+    const scalar_t* b_ptr = optional_data<scalar_t>(bias, type, b);
+    const scalar_t* s_ptr = optional_data<scalar_t>(scale, type, s);
+    const scalar_t* w_ptr = optional_data<scalar_t>(weight, type, w);
+    const scalar_t* lb_ptr = optional_data<scalar_t>(ln_bias, type, lb);
     const scalar_t* y_ptr = yc.const_data_ptr<scalar_t>();
     const scalar_t* r_ptr = rc.const_data_ptr<scalar_t>();
     scalar_t* x1_ptr = x1.mutable_data_ptr<scalar_t>();
@@ -106,16 +102,11 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
     const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
     const Isa isa = selected_isa();
     const at::Tensor rc = residual.contiguous();
-    auto as_float = [](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const float* {
-      if (!t.has_value()) return nullptr;
-      keep = as_compute(*t, at::kFloat);
-      return keep.const_data_ptr<float>();
-    };
     at::Tensor b, s, w, lb;
-    const float* b_ptr = as_float(bias, b);
-    const float* s_ptr = as_float(scale, s);
-    const float* w_ptr = as_float(weight, w);
-    const float* lb_ptr = as_float(ln_bias, lb);
+    const float* b_ptr = optional_data<float>(bias, at::kFloat, b);
+    const float* s_ptr = optional_data<float>(scale, at::kFloat, s);
+    const float* w_ptr = optional_data<float>(weight, at::kFloat, w);
+    const float* lb_ptr = optional_data<float>(ln_bias, at::kFloat, lb);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     float* m_ptr = mean.mutable_data_ptr<float>();
     float* rs_ptr = rstd.mutable_data_ptr<float>();

@@ -25,6 +25,15 @@ inline at::ScalarType row_op_compute_type(const at::Tensor& x) {
 // x as a contiguous tensor of the compute type (no copy when it already is one).
 inline at::Tensor as_compute(const at::Tensor& x, at::ScalarType type) { return x.to(type).contiguous(); }
 
+// An optional operand (a bias, a scale, LayerNorm's affine) as a contiguous tensor of the compute type, kept alive in
+// `keep`: its data, or null without one.
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t, at::ScalarType type, at::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = as_compute(*t, type);
+  return keep.const_data_ptr<T>();
+}
+
 // Rows per parallel task: about 64 KB of a row-major tensor of `cols` elements per task.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 
