@@ -72,8 +72,9 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
   } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
     const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
     const Isa isa = selected_isa();
-    const at::Tensor b = as_compute(bias, at::kFloat);
-    const float* b_ptr = b.const_data_ptr<float>();
+    std::vector<float> b;
+    at::Tensor bt;
+    const float* b_ptr = optional_float_data(bias, b, bt);
     at::BFloat16* x_ptr = x.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<1, 1>(
         rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "row_ops.h"
 
@@ -61,9 +62,10 @@ void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& b
     const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
     const Isa isa = selected_isa();
     const at::Tensor rc = residual.contiguous();
-    at::Tensor b, s;
-    const float* b_ptr = optional_data<float>(bias, at::kFloat, b);
-    const float* s_ptr = optional_data<float>(scale, at::kFloat, s);
+    std::vector<float> b, s;
+    at::Tensor bt, st;
+    const float* b_ptr = optional_float_data(bias, b, bt);
+    const float* s_ptr = optional_float_data(scale, s, st);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<2, 1>(

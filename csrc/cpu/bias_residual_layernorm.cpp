@@ -102,11 +102,12 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
     const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
     const Isa isa = selected_isa();
     const at::Tensor rc = residual.contiguous();
-    at::Tensor b, s, w, lb;
-    const float* b_ptr = optional_data<float>(bias, at::kFloat, b);
-    const float* s_ptr = optional_data<float>(scale, at::kFloat, s);
-    const float* w_ptr = optional_data<float>(weight, at::kFloat, w);
-    const float* lb_ptr = optional_data<float>(ln_bias, at::kFloat, lb);
+    std::vector<float> b, s, w, lb;
+    at::Tensor bt, st, wt, lbt;
+    const float* b_ptr = optional_float_data(bias, b, bt);
+    const float* s_ptr = optional_float_data(scale, s, st);
+    const float* w_ptr = optional_float_data(weight, w, wt);
+    const float* lb_ptr = optional_float_data(ln_bias, lb, lbt);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     float* m_ptr = mean.mutable_data_ptr<float>();
     float* rs_ptr = rstd.mutable_data_ptr<float>();
