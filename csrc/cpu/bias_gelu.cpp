@@ -18,6 +18,7 @@
 #define VK_CPU_BODY "bias_gelu_kernel.h"
 #include "cpu_isa_each.h"
 #undef VK_CPU_BODY
+#include "row_ops_bf16.h"
 
 namespace vitkernels {
 namespace cpu {
@@ -76,13 +77,10 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
     at::Tensor bt;
     const float* b_ptr = optional_float_data(bias, b, bt);
     at::BFloat16* x_ptr = x.mutable_data_ptr<at::BFloat16>();
-    bf16_rows_via_float<1, 1>(
-        rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},
-        [&](const uint16_t* src, float* dst, int64_t n) { VK_CPU_CALL(isa, bf16_to_float, src, dst, n); },
-        [&](const float* src, uint16_t* dst, int64_t n) { VK_CPU_CALL(isa, float_to_bf16, src, dst, n); },
-        [&](const auto& in, const auto& out, int64_t, int64_t n) {
-          VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
-        });
+    bf16_rows_via_float<1, 1>(isa, rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},
+                              [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {
+                                VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
+                              });
   } else {
     at::Tensor xc = as_compute(x, row_op_compute_type(x)).clone();
     forward_into(xc, bias, xc, tanh_approx);

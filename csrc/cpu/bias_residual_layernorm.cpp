@@ -21,6 +21,7 @@
 #define VK_CPU_BODY "bias_residual_layernorm_kernel.h"
 #include "cpu_isa_each.h"
 #undef VK_CPU_BODY
+#include "row_ops_bf16.h"
 
 namespace vitkernels {
 namespace cpu {
@@ -114,13 +115,11 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
     const float e = static_cast<float>(eps);
     at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<2, 2>(
-        rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()},
+        isa, rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()},
         {y_ptr, out.mutable_data_ptr<at::BFloat16>()},
-        [&](const uint16_t* src, float* dst, int64_t n) { VK_CPU_CALL(isa, bf16_to_float, src, dst, n); },
-        [&](const float* src, uint16_t* dst, int64_t n) { VK_CPU_CALL(isa, float_to_bf16, src, dst, n); },
-        [&](const auto& in, const auto& o, int64_t first, int64_t n) {
+        [&](const auto& in, const auto& o, int64_t first, int64_t n, int64_t sample) {
           // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
-          const float* s_chunk = s_ptr ? s_ptr + first / rows_per_sample : nullptr;
+          const float* s_chunk = s_ptr ? s_ptr + sample : nullptr;
           VK_CPU_CALL(isa, bias_residual_layernorm_rows, in[0], b_ptr, in[1], s_chunk, n, w_ptr, lb_ptr, e, o[0],
                       o[1], m_ptr + first, rs_ptr + first, int64_t{0}, n, C);
         });

@@ -8,7 +8,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -17,7 +16,7 @@ namespace vitkernels {
 namespace cpu {
 
 // The kernels compute in float (double for double inputs); half and bfloat16 tensors are converted around them
-// (whole tensors; the in-place ops on contiguous bfloat16 chunk by chunk: bf16_rows_via_float below).
+// (whole tensors; the in-place ops on contiguous bfloat16 chunk by chunk: row_ops_bf16.h).
 inline at::ScalarType row_op_compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -75,40 +74,6 @@ std::vector<double> parallel_rows_with_column_sums(int64_t rows, int64_t cols, i
   for (int64_t t = 0; t < threads; ++t)
     for (int64_t i = 0; i < sums * cols; ++i) out[i] += per_thread[t * sums * cols + i];
   return out;
-}
-
-// The in-place (inference) row ops on bfloat16 tensors, without whole-tensor conversions: in parallel over chunks of
-// rows (~32 KB of float per tensor; a chunk never crosses a sample, so a per-sample scale is one value per chunk),
-// each chunk's rows of the `in` tensors are widened into per-thread float scratch, kernel(in, out, first_row, n)
-// runs the float row kernel on them (in[i], out[j]: (n, C) float), and the `out` scratch is rounded back into the
-// out tensors' rows (an out tensor may be an in tensor: its chunk was read first). widen / narrow: the
-// instruction set's bf16_to_float / float_to_bf16 (cpu_simd.h). Bitwise what converting the whole tensors to float,
-// running the kernel and rounding back gives, at a fraction of the memory traffic.
-template <size_t NIn, size_t NOut, typename Widen, typename Narrow, typename Kernel>
-void bf16_rows_via_float(int64_t rows, int64_t C, int64_t rows_per_sample,
-                         const std::array<const at::BFloat16*, NIn>& in, const std::array<at::BFloat16*, NOut>& out,
-                         const Widen& widen, const Narrow& narrow, const Kernel& kernel) {
-  if (rows == 0 || C == 0) return;
-  TORCH_CHECK(rows_per_sample > 0 && rows % rows_per_sample == 0, "bf16_rows_via_float: ", rows,
-              " rows are not whole samples of ", rows_per_sample);
-  const int64_t chunk = std::max<int64_t>(1, 8192 / C);
-  at::parallel_for(0, rows, std::max(row_grain(C), chunk), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch((NIn + NOut) * std::min(chunk, end - begin) * C);
-    std::array<const float*, NIn> in_f;
-    std::array<float*, NOut> out_f;
-    for (int64_t r = begin; r < end;) {
-      const int64_t n = std::min({chunk, end - r, rows_per_sample - r % rows_per_sample});
-      for (size_t i = 0; i < NIn; ++i) {
-        float* buf = scratch.data() + i * n * C;
-        widen(reinterpret_cast<const uint16_t*>(in[i] + r * C), buf, n * C);
-        in_f[i] = buf;
-      }
-      for (size_t j = 0; j < NOut; ++j) out_f[j] = scratch.data() + (NIn + j) * n * C;
-      kernel(in_f, out_f, r, n);
-      for (size_t j = 0; j < NOut; ++j) narrow(out_f[j], reinterpret_cast<uint16_t*>(out[j] + r * C), n * C);
-      r += n;
-    }
-  });
 }
 
 // Checks shared with bias_residual_layernorm: y and residual (..., C) alike, bias (C), scale (y.size(0)).
