@@ -71,6 +71,11 @@ MODES = ("inference", "train")
 BF16_MODELS = {"swin_tiny_bf16"}  # converted to bfloat16 whole (model.bfloat16(), bfloat16 images)
 
 
+def _dtype(model):
+    """The dtype the model's weights and images are created in: None (the default, float32) or bfloat16."""
+    return torch.bfloat16 if model in BF16_MODELS else None
+
+
 GEMM_FLOOR = "GEMM floor (Linear + Conv only)"
 GEMM_FLOOR_VK = "GEMM floor (vitkernels linear)"
 FLOORS = (GEMM_FLOOR, GEMM_FLOOR_VK)
@@ -189,7 +194,7 @@ def _base_model(model):
         net = MAE()
     else:
         net = timm.create_model(name, pretrained=False, drop_path_rate=0.0)
-    return net.to(device=DEVICE, dtype=torch.bfloat16 if model in BF16_MODELS else None)
+    return net.to(device=DEVICE, dtype=_dtype(model))
 
 
 def _patched(model, net):
@@ -204,7 +209,7 @@ def _patched(model, net):
 
 def _inputs(model, mode, batch):
     torch.manual_seed(1)
-    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16 if model in BF16_MODELS else None)
+    imgs = torch.randn(batch, 3, 224, 224, device=DEVICE, dtype=_dtype(model))
     if model.startswith("mae"):
         return imgs, torch.rand(batch, 196, device=DEVICE)  # the masking noise, the same for every peer
     return imgs, torch.randint(0, 1000, (batch,), device=DEVICE)

@@ -29,8 +29,9 @@ root:
 (a few minutes each on 2 cores). ``--allocator`` runs the script in a process with glibc's default allocator or with
 the caching settings of ``publish.py`` (the benchmarks' two CPU modes); without it, the allocator it was started
 with. Under glibc's default the step's largest fresh tensors are page-faulted in anew every step (the GEMMs timed
-alone write into preallocated outputs and never are), which shows up outside the GEMMs; the header names the mode. Timings on a machine shared with other work are distorted (memory-bound ops most);
-the per-op minimum limits that but does not remove it: read the shares from a quiet machine.
+alone write into preallocated outputs and never are), which shows up outside the GEMMs; the header names the mode.
+Timings on a machine shared with other work are distorted (memory-bound ops most); the per-op minimum limits that
+but does not remove it: read the shares from a quiet machine.
 """
 from __future__ import annotations
 
