@@ -473,39 +473,36 @@ def test_fuzz_gelu_mlp(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_row_ops_inplace_bfloat16(seed):
+def test_fuzz_row_ops_inplace_bfloat16(seed, monkeypatch):
     """The in-place row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample): random
     sample counts, rows per sample and widths (0 included, chunk sizes crossed), optional bias / drop-path scale /
     LayerNorm affine, an ISA each: bitwise the functional ops' results, which convert whole tensors."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    os.environ["VITKERNELS_CPU_ISA"] = rng.choice(CPU_ISAS)
-    try:
-        N, R, C = rng.randint(1, 4), rng.randint(0, 300), rng.choice([0, 1, 7, 16, 33, 96, 200, 9000])
-        shape = (N, R, C)
-        y, r = (torch.randn(shape).mul(rng.choice([1.0, 1e3])).bfloat16() for _ in range(2))
-        b = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-        s = torch.rand(N).bfloat16() if rng.random() < 0.5 else None
-        w = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-        lb = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-        isa = os.environ["VITKERNELS_CPU_ISA"]
-        describe = f"seed {seed}: {shape}, bias {b is not None}, scale {s is not None}, {isa}"
+    isa = rng.choice(CPU_ISAS)
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    N, R, C = rng.randint(1, 4), rng.randint(0, 300), rng.choice([0, 1, 7, 16, 33, 96, 200, 9000])
+    shape = (N, R, C)
+    y, r = (torch.randn(shape).mul(rng.choice([1.0, 1e3])).bfloat16() for _ in range(2))
+    b = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
+    s = torch.rand(N).bfloat16() if rng.random() < 0.5 else None
+    w = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
+    lb = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
+    describe = f"seed {seed}: {shape}, bias {b is not None}, scale {s is not None}, {isa}"
 
-        def same(got, want, name):
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} differs for {describe}"
+    def same(got, want, name):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} differs for {describe}"
 
+    got = y.clone()
+    ops.bias_residual_(got, b, r, s)
+    same(got, ops.bias_residual(y, b, r, s), "bias_residual_")
+    got, out = y.clone(), torch.empty_like(y)
+    ops.bias_residual_layernorm_(got, b, r, s, w, lb, 1e-5, out)
+    x1, normed, _, _ = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
+    same(got, x1, "bias_residual_layernorm_ x1")
+    same(out, normed, "bias_residual_layernorm_ out")
+    if b is not None:
+        approximate = rng.choice(["none", "tanh"])
         got = y.clone()
-        ops.bias_residual_(got, b, r, s)
-        same(got, ops.bias_residual(y, b, r, s), "bias_residual_")
-        got, out = y.clone(), torch.empty_like(y)
-        ops.bias_residual_layernorm_(got, b, r, s, w, lb, 1e-5, out)
-        x1, normed, _, _ = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
-        same(got, x1, "bias_residual_layernorm_ x1")
-        same(out, normed, "bias_residual_layernorm_ out")
-        if b is not None:
-            approximate = rng.choice(["none", "tanh"])
-            got = y.clone()
-            ops.bias_gelu_(got, b, approximate)
-            same(got, ops.bias_gelu(y, b, approximate), "bias_gelu_")
-    finally:
-        os.environ.pop("VITKERNELS_CPU_ISA", None)
+        ops.bias_gelu_(got, b, approximate)
+        same(got, ops.bias_gelu(y, b, approximate), "bias_gelu_")
