@@ -75,7 +75,7 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
     const Isa isa = selected_isa();
     std::vector<float> b;
     at::Tensor bt;
-    const float* b_ptr = optional_float_data(bias, b, bt);
+    const float* b_ptr = optional_float_data(isa, bias, b, bt);
     at::BFloat16* x_ptr = x.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<1, 1>(isa, rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},
                               [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {

@@ -65,8 +65,8 @@ void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& b
     const at::Tensor rc = residual.contiguous();
     std::vector<float> b, s;
     at::Tensor bt, st;
-    const float* b_ptr = optional_float_data(bias, b, bt);
-    const float* s_ptr = optional_float_data(scale, s, st);
+    const float* b_ptr = optional_float_data(isa, bias, b, bt);
+    const float* s_ptr = optional_float_data(isa, scale, s, st);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
     bf16_rows_via_float<2, 1>(

@@ -105,10 +105,10 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
     const at::Tensor rc = residual.contiguous();
     std::vector<float> b, s, w, lb;
     at::Tensor bt, st, wt, lbt;
-    const float* b_ptr = optional_float_data(bias, b, bt);
-    const float* s_ptr = optional_float_data(scale, s, st);
-    const float* w_ptr = optional_float_data(weight, w, wt);
-    const float* lb_ptr = optional_float_data(ln_bias, lb, lbt);
+    const float* b_ptr = optional_float_data(isa, bias, b, bt);
+    const float* s_ptr = optional_float_data(isa, scale, s, st);
+    const float* w_ptr = optional_float_data(isa, weight, w, wt);
+    const float* lb_ptr = optional_float_data(isa, ln_bias, lb, lbt);
     const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
     float* m_ptr = mean.mutable_data_ptr<float>();
     float* rs_ptr = rstd.mutable_data_ptr<float>();

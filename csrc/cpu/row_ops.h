@@ -33,19 +33,6 @@ const T* optional_data(const std::optional<at::Tensor>& t, at::ScalarType type, 
   return keep.const_data_ptr<T>();
 }
 
-// The same for the bfloat16 in-place paths, which take float operands: a contiguous bfloat16 operand is widened
-// into `keep` by a plain loop, without a Tensor.to() (a dispatcher round trip per operand per call, ~100 of them per
-// Swin-T step, cost more than these few-hundred-value conversions); any other through as_compute into `keep_tensor`.
-inline const float* optional_float_data(const std::optional<at::Tensor>& t, std::vector<float>& keep,
-                                        at::Tensor& keep_tensor) {
-  if (!t.has_value()) return nullptr;
-  if (t->scalar_type() != at::kBFloat16 || !t->is_contiguous()) return optional_data<float>(t, at::kFloat, keep_tensor);
-  const at::BFloat16* src = t->const_data_ptr<at::BFloat16>();
-  keep.resize(t->numel());
-  for (int64_t i = 0; i < t->numel(); ++i) keep[i] = static_cast<float>(src[i]);
-  return keep.data();
-}
-
 // Rows per parallel task: about 64 KB of a row-major tensor of `cols` elements per task.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
 

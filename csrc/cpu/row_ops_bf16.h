@@ -5,11 +5,13 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -17,6 +19,20 @@
 
 namespace vitkernels {
 namespace cpu {
+
+// An optional (C,) operand (bias, scale, LayerNorm affine) as float for these paths: a contiguous bfloat16 one is
+// widened into `keep` by the instruction set's bf16_to_float, without a Tensor.to() (a dispatcher round trip per
+// operand per call, ~100 of them per Swin-T step, costs more than these few-hundred-value conversions); any other
+// through optional_data into `keep_tensor`.
+inline const float* optional_float_data(Isa isa, const std::optional<at::Tensor>& t, std::vector<float>& keep,
+                                        at::Tensor& keep_tensor) {
+  if (!t.has_value()) return nullptr;
+  if (t->scalar_type() != at::kBFloat16 || !t->is_contiguous()) return optional_data<float>(t, at::kFloat, keep_tensor);
+  keep.resize(t->numel());
+  VK_CPU_CALL(isa, bf16_to_float, reinterpret_cast<const uint16_t*>(t->const_data_ptr<at::BFloat16>()), keep.data(),
+              t->numel());
+  return keep.data();
+}
 
 // In parallel over chunks of rows (~32 KB of float per tensor; a chunk never crosses a sample, so a per-sample scale
 // is one value per chunk), each chunk's rows of the `in` tensors are widened into per-thread float scratch,
