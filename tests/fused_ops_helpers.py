@@ -50,3 +50,16 @@ def check_against_reference(fast, reference, make_inputs, dtype):
 
 def leaf(t: torch.Tensor, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
     return t.to(dtype).requires_grad_(grad)
+
+
+def assert_bf16_bitwise(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
+    """``got`` (bfloat16) holds exactly the bits of ``want`` rounded to bfloat16 (NaN payloads included)."""
+    assert got.dtype == torch.bfloat16, f"{name}: {got.dtype}"
+    want = want.to(torch.bfloat16)
+    assert got.shape == want.shape, f"{name}: {got.shape} vs {want.shape}"
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: differs from the float op rounded"
+
+
+def widen(*tensors):
+    """Each tensor as float32 (None stays None): the bfloat16 ops' specification is the float op on these."""
+    return [None if t is None else t.float() for t in tensors]

@@ -7,7 +7,8 @@ import vitkernels
 from vitkernels.ops.bias_gelu import bias_gelu
 from vitkernels.reference.bias_gelu import bias_gelu as reference_bias_gelu
 
-from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
+                               widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 37), (1, 4, 5, 16), (7, 1)]  # C: a multiple of 16, odd, one vector, one value
@@ -63,20 +64,34 @@ def test_inplace_variant():
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16-bias", "fp32-bias"])
 @pytest.mark.parametrize("shape", [(2, 9, 96), (3, 37), (300, 33), (1, 1)], ids=str)
-def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, isa, monkeypatch):
-    """bfloat16 in place runs chunk by chunk through float scratch (no whole-tensor conversion): bitwise the
-    functional op's result (which converts the whole tensor), NaN and infinities included, rows across chunks."""
+def test_native_bfloat16_is_the_float_op_rounded(shape, bias_dtype, isa, monkeypatch):
+    """bfloat16 runs chunk by chunk through float scratch (no whole-tensor conversion), forward, in place and
+    backward: bitwise the float op on the widened inputs, rounded (NaN and infinities included, rows across
+    chunks); the bias gradient (summed in float per chunk, in double across) within float rounding of it. An fp32
+    bias beside bf16 activations is the autocast case."""
     native_or_skip("bias_gelu")
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     x = (4 * torch.randn(shape)).bfloat16()
     x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])[: x.numel()]
-    b = torch.randn(shape[-1]).bfloat16()
+    b = torch.randn(shape[-1]).to(bias_dtype)
+    g = torch.randn(shape).bfloat16()
+    xf, bf, gf = widen(x, b, g)
     for approximate in ("none", "tanh"):
+        want = torch.ops.vitkernels.bias_gelu(xf, bf, approximate)
+        assert_bf16_bitwise(torch.ops.vitkernels.bias_gelu(x, b, approximate), want, "bias_gelu")
         y = x.clone()
         torch.ops.vitkernels.bias_gelu_(y, b, approximate)
-        expected = torch.ops.vitkernels.bias_gelu(x, b, approximate)
-        assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+        assert_bf16_bitwise(y, want, "bias_gelu_")
+        finite = x.isfinite()  # the backward on finite inputs (gelu' of inf * 0 is NaN in both, but sums spread it)
+        xs = torch.where(finite, x, 0)
+        dx, db = torch.ops.vitkernels.bias_gelu_backward(g, xs, b, approximate)
+        want_dx, want_db = torch.ops.vitkernels.bias_gelu_backward(gf, xs.float(), bf, approximate)
+        assert_bf16_bitwise(dx, want_dx, "bias_gelu_backward dx")
+        assert db.dtype == bias_dtype
+        assert_close(db.double(), want_db.to(bias_dtype).double(), rtol=1e-2 if bias_dtype == torch.bfloat16 else 1e-5,
+                     atol=1e-5)
 
 
 def test_gradcheck_float64():

@@ -6,7 +6,8 @@ import torch
 from vitkernels.ops.bias_residual import bias_residual
 from vitkernels.reference.bias_residual import bias_residual as reference_bias_residual
 
-from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
+                               widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -63,20 +64,23 @@ def test_inplace_variant():
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=["bf16-params", "fp32-params"])
 @pytest.mark.parametrize("scale", [False, True], ids=["no-scale", "scale"])
 @pytest.mark.parametrize("shape", [(3, 6, 40), (2, 300, 33), (4, 1, 7)], ids=str)
-def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, scale):
-    """bfloat16 in place runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float
-    scratch: bitwise the functional op's result (which converts whole tensors)."""
+def test_native_bfloat16_is_the_float_op_rounded(shape, scale, param_dtype):
+    """bfloat16 runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float scratch,
+    functional and in place: bitwise the float op on the widened inputs, rounded. fp32 bias / scale beside bf16
+    activations is the autocast case."""
     native_or_skip("bias_residual")
     y, r = (torch.randn(shape).bfloat16() for _ in range(2))
     y.view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
-    b = torch.randn(shape[-1]).bfloat16()
-    s = torch.rand(shape[0]).bfloat16() if scale else None
+    b = torch.randn(shape[-1]).to(param_dtype)
+    s = torch.rand(shape[0]).to(param_dtype) if scale else None
+    want = torch.ops.vitkernels.bias_residual(*widen(y, b, r, s))
+    assert_bf16_bitwise(torch.ops.vitkernels.bias_residual(y, b, r, s), want, "bias_residual")
     out = y.clone()
     torch.ops.vitkernels.bias_residual_(out, b, r, s)
-    expected = torch.ops.vitkernels.bias_residual(y, b, r, s)
-    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert_bf16_bitwise(out, want, "bias_residual_")
 
 
 def test_gradcheck_float64():

@@ -7,7 +7,8 @@ import torch
 from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
 from vitkernels.reference.bias_residual_layernorm import bias_residual_layernorm as reference_brln
 
-from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
+                               widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -80,20 +81,58 @@ def test_inplace_variant():
     assert torch.equal(y2, x1) and torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=["bf16-params", "fp32-params"])
 @pytest.mark.parametrize("scale", [False, True], ids=["no-scale", "scale"])
 @pytest.mark.parametrize("shape", [(3, 6, 40), (2, 300, 33), (4, 1, 7)], ids=str)
-def test_native_inplace_bfloat16_matches_the_functional_op_bitwise(shape, scale):
-    """bfloat16 in place runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float
-    scratch: bitwise the functional op's x1 and LayerNorm output (which convert whole tensors)."""
+def test_native_bfloat16_is_the_float_op_rounded(shape, scale, param_dtype):
+    """bfloat16 runs chunk by chunk (a chunk stays in one sample, for its drop-path scale) through float scratch,
+    forward, in place and backward (with and without a gradient reaching x1 directly): x1, the LayerNorm output,
+    the row statistics and the row gradients bitwise the float op on the widened inputs (rounded); the column sums
+    (bias and LayerNorm parameter gradients, summed in float per chunk, in double across) within float rounding.
+    fp32 parameters beside bf16 activations is the autocast case."""
     native_or_skip("bias_residual_layernorm")
+    ops = torch.ops.vitkernels
     y, r = (torch.randn(shape).bfloat16() for _ in range(2))
-    b, w, lb = (torch.randn(shape[-1]).bfloat16() for _ in range(3))
-    s = torch.rand(shape[0]).bfloat16() if scale else None
-    x1, expected, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
-    y2, out = y.clone(), torch.empty_like(y)
-    torch.ops.vitkernels.bias_residual_layernorm_(y2, b, r, s, w, lb, 1e-5, out)
-    assert torch.equal(y2.view(torch.int16), x1.view(torch.int16))
-    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    b, w, lb = (torch.randn(shape[-1]).to(param_dtype) for _ in range(3))
+    s = torch.rand(shape[0]).to(param_dtype) if scale else None
+    x1_f, out_f, mean_f, rstd_f = ops.bias_residual_layernorm(*widen(y, b, r, s, w, lb), 1e-5)
+    x1, out, mean, rstd = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
+    assert_bf16_bitwise(x1, x1_f, "x1")
+    assert_bf16_bitwise(out, out_f, "out")
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert torch.equal(mean, mean_f) and torch.equal(rstd, rstd_f)
+    y2, out2 = y.clone(), torch.empty_like(y)
+    ops.bias_residual_layernorm_(y2, b, r, s, w, lb, 1e-5, out2)
+    assert_bf16_bitwise(y2, x1_f, "x1 in place")
+    assert_bf16_bitwise(out2, out_f, "out in place")
+    g_out, g_x1 = (torch.randn(shape).bfloat16() for _ in range(2))
+    for grad_x1 in (g_x1, None):
+        got = ops.bias_residual_layernorm_backward(grad_x1, g_out, x1, mean, rstd, w, s)
+        want = ops.bias_residual_layernorm_backward(*widen(grad_x1, g_out, x1), mean, rstd, *widen(w, s))
+        assert_bf16_bitwise(got[0], want[0], "grad residual")
+        if scale:
+            assert_bf16_bitwise(got[1], want[1], "grad y")
+        else:
+            assert got[1].numel() == 0
+        for name, g, g_want in zip(("grad bias", "grad weight", "grad ln_bias"), got[2:], want[2:]):
+            assert g.dtype == param_dtype, name
+            assert_close(g.double(), g_want.to(param_dtype).double(), atol=1e-4,
+                         rtol=1e-2 if param_dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_rows_of_width_zero(dtype):
+    """Rows of width 0: the row statistics are ATen LayerNorm's (mean 0, rstd NaN), never uninitialised memory,
+    and the backward takes them back."""
+    native_or_skip("bias_residual_layernorm")
+    ops = torch.ops.vitkernels
+    y, r = torch.randn(2, 3, 0, dtype=dtype), torch.randn(2, 3, 0, dtype=dtype)
+    x1, out, mean, rstd = ops.bias_residual_layernorm(y, None, r, None, None, None, 1e-5)
+    _, aten_mean, aten_rstd = torch.native_layer_norm(y, [0], None, None, 1e-5)
+    assert x1.shape == out.shape == (2, 3, 0)
+    assert torch.equal(mean, aten_mean.reshape(2, 3)) and rstd.isnan().all() and aten_rstd.isnan().all()
+    grads = ops.bias_residual_layernorm_backward(None, torch.zeros_like(y), x1, mean, rstd, None, None)
+    assert grads[0].shape == (2, 3, 0) and all(g.numel() == 0 for g in grads[1:])
 
 
 def test_gradcheck_float64():

@@ -473,36 +473,72 @@ def test_fuzz_gelu_mlp(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_fuzz_row_ops_inplace_bfloat16(seed, monkeypatch):
-    """The in-place row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample): random
-    sample counts, rows per sample and widths (0 included, chunk sizes crossed), optional bias / drop-path scale /
-    LayerNorm affine, an ISA each: bitwise the functional ops' results, which convert whole tensors."""
+def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
+    """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample), functional, in
+    place and backward: random sample counts, rows per sample and widths (0 included, chunk sizes crossed), optional
+    bias / drop-path scale / LayerNorm affine / gradient into x1, bf16 or fp32 parameters (autocast), an ISA each:
+    the rows bitwise the float ops on the widened inputs, rounded; the column sums within float rounding."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     isa = rng.choice(CPU_ISAS)
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     N, R, C = rng.randint(1, 4), rng.randint(0, 300), rng.choice([0, 1, 7, 16, 33, 96, 200, 9000])
     shape = (N, R, C)
-    y, r = (torch.randn(shape).mul(rng.choice([1.0, 1e3])).bfloat16() for _ in range(2))
-    b = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-    s = torch.rand(N).bfloat16() if rng.random() < 0.5 else None
-    w = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-    lb = torch.randn(C).bfloat16() if rng.random() < 0.7 else None
-    describe = f"seed {seed}: {shape}, bias {b is not None}, scale {s is not None}, {isa}"
+    param = rng.choice([torch.bfloat16, torch.float32])
+    y, r, g, g1 = (torch.randn(shape).mul(rng.choice([1.0, 1e3])).bfloat16() for _ in range(4))
+    b = torch.randn(C).to(param) if rng.random() < 0.7 else None
+    s = torch.rand(N).to(param) if rng.random() < 0.5 else None
+    w = torch.randn(C).to(param) if rng.random() < 0.7 else None
+    lb = torch.randn(C).to(param) if rng.random() < 0.7 else None
+    g1 = g1 if rng.random() < 0.5 else None
+    describe = f"seed {seed}: {shape}, bias {b is not None}, scale {s is not None}, {param} parameters, {isa}"
+
+    def f32(*tensors):
+        return [None if t is None else t.float() for t in tensors]
 
     def same(got, want, name):
+        want = want.bfloat16()
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} differs for {describe}"
 
+    def close(got, want, name):
+        assert got.dtype == param, f"{name}: {got.dtype} for {describe}"
+        want = want.to(param).double()
+        tol_ = dict(rtol=1e-2, atol=1e-2) if param == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+        scale_ = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        torch.testing.assert_close(got.double(), want, rtol=tol_["rtol"], atol=tol_["atol"] * scale_,
+                                   msg=lambda m: f"{name} for {describe}: {m}")
+
+    want = ops.bias_residual(*f32(y, b, r, s))
+    same(ops.bias_residual(y, b, r, s), want, "bias_residual")
     got = y.clone()
     ops.bias_residual_(got, b, r, s)
-    same(got, ops.bias_residual(y, b, r, s), "bias_residual_")
-    got, out = y.clone(), torch.empty_like(y)
-    ops.bias_residual_layernorm_(got, b, r, s, w, lb, 1e-5, out)
-    x1, normed, _, _ = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
-    same(got, x1, "bias_residual_layernorm_ x1")
-    same(out, normed, "bias_residual_layernorm_ out")
+    same(got, want, "bias_residual_")
+    x1_f, out_f, mean_f, rstd_f = ops.bias_residual_layernorm(*f32(y, b, r, s, w, lb), 1e-5)
+    x1, out, mean, rstd = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
+    same(x1, x1_f, "bias_residual_layernorm x1")
+    same(out, out_f, "bias_residual_layernorm out")
+    for got, want in ((mean, mean_f), (rstd, rstd_f)):  # width 0: mean 0, rstd NaN as ATen's LayerNorm
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=f"row statistics for {describe}")
+    got, normed = y.clone(), torch.empty_like(y)
+    ops.bias_residual_layernorm_(got, b, r, s, w, lb, 1e-5, normed)
+    same(got, x1_f, "bias_residual_layernorm_ x1")
+    same(normed, out_f, "bias_residual_layernorm_ out")
+    got = ops.bias_residual_layernorm_backward(g1, g, x1, mean, rstd, w, s)
+    want = ops.bias_residual_layernorm_backward(*f32(g1, g, x1), mean, rstd, *f32(w, s))
+    same(got[0], want[0], "bias_residual_layernorm_backward grad residual")
+    if s is not None:
+        same(got[1], want[1], "bias_residual_layernorm_backward grad y")
+    if w is not None:
+        for name, k in (("grad bias", 2), ("grad weight", 3), ("grad ln_bias", 4)):
+            close(got[k], want[k], f"bias_residual_layernorm_backward {name}")
     if b is not None:
         approximate = rng.choice(["none", "tanh"])
+        want = ops.bias_gelu(*f32(y, b), approximate)
+        same(ops.bias_gelu(y, b, approximate), want, "bias_gelu")
         got = y.clone()
         ops.bias_gelu_(got, b, approximate)
-        same(got, ops.bias_gelu(y, b, approximate), "bias_gelu_")
+        same(got, want, "bias_gelu_")
+        dx, db = ops.bias_gelu_backward(g, y, b, approximate)
+        want_dx, want_db = ops.bias_gelu_backward(*f32(g, y, b), approximate)
+        same(dx, want_dx, "bias_gelu_backward dx")
+        close(db, want_db, "bias_gelu_backward grad bias")

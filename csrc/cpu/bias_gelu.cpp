@@ -53,11 +53,31 @@ void forward_into(const at::Tensor& xc, const at::Tensor& bias, at::Tensor& y, b
   });
 }
 
+// y (contiguous bfloat16, may be x itself) = gelu(x + bias) for a contiguous bfloat16 x, chunk by chunk through float.
+void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, bool tanh_approx) {
+  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
+  const Isa isa = selected_isa();
+  std::vector<float> b;
+  at::Tensor bt;
+  const float* b_ptr = optional_float_data(isa, bias, b, bt);
+  bf16_rows_via_float<1, 1>(isa, rows, C, std::max<int64_t>(rows, 1), {x.const_data_ptr<at::BFloat16>()},
+                            {y.mutable_data_ptr<at::BFloat16>()},
+                            [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {
+                              VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
+                            });
+}
+
 }  // namespace
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
   check_args("bias_gelu", x, bias);
   const bool tanh_approx = tanh_approximation(approximate);
+  if (x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    bf16_gelu_rows(xc, bias, y, tanh_approx);
+    return y;
+  }
   const at::Tensor xc = as_compute(x, row_op_compute_type(x));
   at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
   forward_into(xc, bias, y, tanh_approx);
@@ -71,16 +91,7 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
   if (x.is_contiguous() && x.scalar_type() == row_op_compute_type(x)) {
     forward_into(x, bias, x, tanh_approx);
   } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
-    const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-    const Isa isa = selected_isa();
-    std::vector<float> b;
-    at::Tensor bt;
-    const float* b_ptr = optional_float_data(isa, bias, b, bt);
-    at::BFloat16* x_ptr = x.mutable_data_ptr<at::BFloat16>();
-    bf16_rows_via_float<1, 1>(isa, rows, C, std::max<int64_t>(rows, 1), {x_ptr}, {x_ptr},
-                              [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {
-                                VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
-                              });
+    bf16_gelu_rows(x, bias, x, tanh_approx);
   } else {
     at::Tensor xc = as_compute(x, row_op_compute_type(x)).clone();
     forward_into(xc, bias, xc, tanh_approx);
@@ -94,6 +105,24 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.sizes() == x.sizes(), "bias_gelu_backward: grad must be ", x.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(grad.device() == x.device(), "bias_gelu_backward: grad must be on x's device");
   const bool tanh_approx = tanh_approximation(approximate);
+  if (all_bfloat16({&x, &grad})) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+    const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
+    at::Tensor dx = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
+    const Isa isa = selected_isa();
+    std::vector<float> b;
+    at::Tensor bt;
+    const float* b_ptr = optional_float_data(isa, bias, b, bt);
+    const std::vector<double> d_bias = bf16_rows_via_float_with_column_sums<2, 1>(
+        isa, rows, C, std::max<int64_t>(rows, 1), 1,
+        {gc.const_data_ptr<at::BFloat16>(), xc.const_data_ptr<at::BFloat16>()}, {dx.mutable_data_ptr<at::BFloat16>()},
+        [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t, float* sums) {
+          VK_CPU_CALL(isa, bias_gelu_backward_rows, in[0], in[1], b_ptr, out[0], sums, int64_t{0}, n, C, tanh_approx);
+        });
+    at::Tensor grad_bias = at::empty({C}, bias.options().dtype(at::kDouble));
+    std::copy(d_bias.begin(), d_bias.end(), grad_bias.mutable_data_ptr<double>());
+    return {dx, grad_bias.to(bias.scalar_type())};
+  }
   const at::ScalarType type = row_op_compute_type(x);
   const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
   at::Tensor dx = at::empty_like(xc, at::MemoryFormat::Contiguous);

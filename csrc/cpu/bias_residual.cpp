@@ -42,11 +42,39 @@ void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, c
   });
 }
 
+// out (contiguous bfloat16, may be y itself) = residual + scale (y + bias) for a contiguous bfloat16 y, chunk by
+// chunk through float scratch (row_ops_bf16.h).
+void bf16_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                       const std::optional<at::Tensor>& scale, at::Tensor& out) {
+  const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
+  const Isa isa = selected_isa();
+  const at::Tensor rc = residual.contiguous();
+  std::vector<float> b, s;
+  at::Tensor bt, st;
+  const float* b_ptr = optional_float_data(isa, bias, b, bt);
+  const float* s_ptr = optional_float_data(isa, scale, s, st);
+  const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
+  bf16_rows_via_float<2, 1>(
+      isa, rows, C, rows_per_sample, {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
+      {out.mutable_data_ptr<at::BFloat16>()},
+      [&](const auto& in, const auto& o, int64_t, int64_t n, int64_t sample) {
+        // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
+        const float* s_chunk = s_ptr ? s_ptr + sample : nullptr;
+        VK_CPU_CALL(isa, bias_residual_rows, in[0], b_ptr, in[1], s_chunk, n, o[0], int64_t{0}, n, C);
+      });
+}
+
 }  // namespace
 
 at::Tensor bias_residual_cpu(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                              const std::optional<at::Tensor>& scale) {
   check_bias_residual_args("bias_residual", y, bias, residual, scale);
+  if (y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+    const at::Tensor yc = y.contiguous();
+    at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
+    bf16_forward_into(yc, bias, residual, scale, out);
+    return out;
+  }
   const at::ScalarType type = row_op_compute_type(y);
   const at::Tensor yc = as_compute(y, type), rc = as_compute(residual, type);
   at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
@@ -60,22 +88,7 @@ void bias_residual_inplace_cpu(at::Tensor& y, const std::optional<at::Tensor>& b
   check_bias_residual_args("bias_residual_", y, bias, residual, scale);
   const at::ScalarType type = row_op_compute_type(y);
   if (y.is_contiguous() && y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
-    const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
-    const Isa isa = selected_isa();
-    const at::Tensor rc = residual.contiguous();
-    std::vector<float> b, s;
-    at::Tensor bt, st;
-    const float* b_ptr = optional_float_data(isa, bias, b, bt);
-    const float* s_ptr = optional_float_data(isa, scale, s, st);
-    const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
-    at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
-    bf16_rows_via_float<2, 1>(
-        isa, rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()}, {y_ptr},
-        [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t sample) {
-          // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
-          const float* s_chunk = s_ptr ? s_ptr + sample : nullptr;
-          VK_CPU_CALL(isa, bias_residual_rows, in[0], b_ptr, in[1], s_chunk, n, out[0], int64_t{0}, n, C);
-        });
+    bf16_forward_into(y, bias, residual, scale, y);
     return;
   }
   const at::Tensor rc = as_compute(residual, type);

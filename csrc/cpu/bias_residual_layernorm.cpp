@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,6 +68,45 @@ void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, c
   });
 }
 
+// x1 (may be y itself) and out, contiguous bfloat16, from a contiguous bfloat16 y, chunk by chunk through float
+// scratch (row_ops_bf16.h); mean, rstd: float (rows).
+void bf16_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                       const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& ln_bias, double eps, at::Tensor& x1, at::Tensor& out,
+                       at::Tensor& mean, at::Tensor& rstd) {
+  const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
+  const Isa isa = selected_isa();
+  const at::Tensor rc = residual.contiguous();
+  std::vector<float> b, s, w, lb;
+  at::Tensor bt, st, wt, lbt;
+  const float* b_ptr = optional_float_data(isa, bias, b, bt);
+  const float* s_ptr = optional_float_data(isa, scale, s, st);
+  const float* w_ptr = optional_float_data(isa, weight, w, wt);
+  const float* lb_ptr = optional_float_data(isa, ln_bias, lb, lbt);
+  const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
+  float* m_ptr = mean.mutable_data_ptr<float>();
+  float* rs_ptr = rstd.mutable_data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  bf16_rows_via_float<2, 2>(
+      isa, rows, C, rows_per_sample, {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
+      {x1.mutable_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>()},
+      [&](const auto& in, const auto& o, int64_t first, int64_t n, int64_t sample) {
+        // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
+        const float* s_chunk = s_ptr ? s_ptr + sample : nullptr;
+        VK_CPU_CALL(isa, bias_residual_layernorm_rows, in[0], b_ptr, in[1], s_chunk, n, w_ptr, lb_ptr, e, o[0], o[1],
+                    m_ptr + first, rs_ptr + first, int64_t{0}, n, C);
+      });
+}
+
+// Row k of the backward's (3, C) double column sums as a (C) tensor of the parameters' dtype (the LayerNorm
+// weight's, else x1's).
+at::Tensor column_sum(const std::vector<double>& sums, int64_t k, int64_t C, const at::Tensor& x1,
+                      const std::optional<at::Tensor>& weight) {
+  at::Tensor t = at::empty({C}, x1.options().dtype(at::kDouble));
+  std::copy(sums.begin() + k * C, sums.begin() + (k + 1) * C, t.mutable_data_ptr<double>());
+  return t.to(weight.has_value() ? weight->scalar_type() : x1.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layernorm_cpu(
@@ -76,13 +116,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layerno
   check_bias_residual_args("bias_residual_layernorm", y, bias, residual, scale);
   check_norm_args("bias_residual_layernorm", y, weight, ln_bias);
   const at::ScalarType type = row_op_compute_type(y);
+  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
+  if (y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+    const at::Tensor yc = y.contiguous();
+    at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
+    at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
+    at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
+    at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+    bf16_forward_into(yc, bias, residual, scale, weight, ln_bias, eps, x1, out, mean, rstd);
+    if (y.size(-1) == 0) empty_row_statistics(mean, rstd);
+    return {x1, out, mean, rstd};
+  }
   const at::Tensor yc = as_compute(y, type), rc = as_compute(residual, type);
   at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
-  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
   at::Tensor mean = at::empty(stats_shape, yc.options());
   at::Tensor rstd = at::empty(stats_shape, yc.options());
   forward_into(yc, bias, rc, scale, weight, ln_bias, eps, x1, out, mean, rstd);
+  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);
   return {x1.to(y.scalar_type()), out.to(y.scalar_type()), mean, rstd};
 }
 
@@ -100,29 +151,7 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
   at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
   at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
   if (y.is_contiguous() && out.is_contiguous() && y.scalar_type() == at::kBFloat16) {  // through float scratch
-    const int64_t C = y.size(-1), rows = C == 0 ? 0 : y.numel() / C;
-    const Isa isa = selected_isa();
-    const at::Tensor rc = residual.contiguous();
-    std::vector<float> b, s, w, lb;
-    at::Tensor bt, st, wt, lbt;
-    const float* b_ptr = optional_float_data(isa, bias, b, bt);
-    const float* s_ptr = optional_float_data(isa, scale, s, st);
-    const float* w_ptr = optional_float_data(isa, weight, w, wt);
-    const float* lb_ptr = optional_float_data(isa, ln_bias, lb, lbt);
-    const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
-    float* m_ptr = mean.mutable_data_ptr<float>();
-    float* rs_ptr = rstd.mutable_data_ptr<float>();
-    const float e = static_cast<float>(eps);
-    at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
-    bf16_rows_via_float<2, 2>(
-        isa, rows, C, rows_per_sample, {y_ptr, rc.const_data_ptr<at::BFloat16>()},
-        {y_ptr, out.mutable_data_ptr<at::BFloat16>()},
-        [&](const auto& in, const auto& o, int64_t first, int64_t n, int64_t sample) {
-          // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
-          const float* s_chunk = s_ptr ? s_ptr + sample : nullptr;
-          VK_CPU_CALL(isa, bias_residual_layernorm_rows, in[0], b_ptr, in[1], s_chunk, n, w_ptr, lb_ptr, e, o[0],
-                      o[1], m_ptr + first, rs_ptr + first, int64_t{0}, n, C);
-        });
+    bf16_forward_into(y, bias, residual, scale, weight, ln_bias, eps, y, out, mean, rstd);
     return;
   }
   const at::Tensor rc = as_compute(residual, type);
@@ -144,18 +173,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
   TORCH_CHECK(x1.dim() >= 2 && at::isFloatingType(x1.scalar_type()), op, ": x1 must be a floating (N, ..., C) tensor");
   TORCH_CHECK(grad_out.sizes() == x1.sizes(), op, ": grad_out must be ", x1.sizes(), ", got ", grad_out.sizes());
   TORCH_CHECK(!grad_x1.has_value() || grad_x1->sizes() == x1.sizes(), op, ": grad_x1 must be ", x1.sizes());
-  const int64_t C = x1.size(-1), rows = C == 0 ? 0 : x1.numel() / C;
+  const int64_t C = x1.size(-1), rows = C == 0 ? 0 : x1.numel() / C;  // the rows the kernels run on
+  const int64_t stat_rows = c10::multiply_integers(x1.sizes().slice(0, x1.dim() - 1));  // of width 0 too
   const at::ScalarType type = row_op_compute_type(x1);
-  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows && mean.scalar_type() == type &&
+  TORCH_CHECK(mean.numel() == stat_rows && rstd.numel() == stat_rows && mean.scalar_type() == type &&
                   rstd.scalar_type() == type,
-              op, ": mean and rstd must be the forward's (", rows, ") ", type, " row statistics");
+              op, ": mean and rstd must be the forward's (", stat_rows, ") ", type, " row statistics");
   check_norm_args(op, x1, weight, std::nullopt);
   if (scale.has_value()) {
     TORCH_CHECK(scale->numel() == x1.size(0) && at::isFloatingType(scale->scalar_type()), op,
                 ": scale must hold one value per sample");
   }
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
-    TORCH_CHECK(t->device() == x1.device(), op, ": every tensor must be on x1's device");
+  const at::Tensor gx1_in = grad_x1.has_value() ? *grad_x1 : at::Tensor();
+  const at::Tensor scale_in = scale.has_value() ? *scale : at::Tensor();
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd, &gx1_in, &scale_in}) {
+    TORCH_CHECK(!t->defined() || t->device() == x1.device(), op, ": every tensor must be on x1's device");
+  }
+  if (all_bfloat16({&grad_out, &x1, &gx1_in})) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+    const at::Tensor go = grad_out.contiguous(), xc = x1.contiguous();
+    const at::Tensor gx1 = gx1_in.defined() ? gx1_in.contiguous() : at::Tensor();
+    const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+    at::Tensor d_res = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    at::Tensor d_y =
+        scale.has_value() ? at::empty_like(xc, at::MemoryFormat::Contiguous) : at::empty({0}, xc.options());
+    const Isa isa = selected_isa();
+    std::vector<float> w, s;
+    at::Tensor wt, st;
+    const float* w_ptr = optional_float_data(isa, weight, w, wt);
+    const float* s_ptr = optional_float_data(isa, scale, s, st);
+    const float* m_ptr = mc.const_data_ptr<float>();
+    const float* rs_ptr = rc.const_data_ptr<float>();
+    const int64_t rows_per_sample = rows == 0 ? 1 : rows / x1.size(0);
+    const std::vector<double> sums = bf16_rows_via_float_with_column_sums<3, 2>(
+        isa, rows, C, rows_per_sample, 3,
+        {go.const_data_ptr<at::BFloat16>(), gx1.defined() ? gx1.const_data_ptr<at::BFloat16>() : nullptr,
+         xc.const_data_ptr<at::BFloat16>()},
+        {d_res.mutable_data_ptr<at::BFloat16>(), s_ptr ? d_y.mutable_data_ptr<at::BFloat16>() : nullptr},
+        [&](const auto& in, const auto& o, int64_t first, int64_t n, int64_t sample, float* acc) {
+          // one sample per chunk: its scale is one value, and n rows per "sample" index it for every row
+          VK_CPU_CALL(isa, bias_residual_layernorm_backward_rows, in[0], in[1], in[2], m_ptr + first, rs_ptr + first,
+                      w_ptr, s_ptr ? s_ptr + sample : nullptr, n, o[0], o[1], acc, int64_t{0}, n, C);
+        });
+    return {d_res, d_y, column_sum(sums, 0, C, x1, weight), column_sum(sums, 1, C, x1, weight),
+            column_sum(sums, 2, C, x1, weight)};
   }
   const at::Tensor go = as_compute(grad_out, type), xc = as_compute(x1, type);
   const at::Tensor gx1 = grad_x1.has_value() ? as_compute(*grad_x1, type) : at::Tensor();
@@ -182,11 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
                   rows_per_sample, dres_ptr, dy_ptr, acc, begin, end, C);
     });
   });
-  at::Tensor sum_t = at::empty({3, C}, x1.options().dtype(at::kDouble));
-  std::copy(sums.begin(), sums.end(), sum_t.mutable_data_ptr<double>());
-  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x1.scalar_type();
-  return {d_res.to(x1.scalar_type()), d_y.to(x1.scalar_type()), sum_t[0].to(param_type), sum_t[1].to(param_type),
-          sum_t[2].to(param_type)};
+  return {d_res.to(x1.scalar_type()), d_y.to(x1.scalar_type()), column_sum(sums, 0, C, x1, weight),
+          column_sum(sums, 1, C, x1, weight), column_sum(sums, 2, C, x1, weight)};
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

@@ -73,6 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
                     begin, end);
       });
     });
+  } else if (C == 0) {
+    empty_row_statistics(mean, rstd);
   }
   return {out.to(x.scalar_type()), mean, rstd};
 }

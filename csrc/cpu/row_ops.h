@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -31,6 +32,13 @@ const T* optional_data(const std::optional<at::Tensor>& t, at::ScalarType type, 
   if (!t.has_value()) return nullptr;
   keep = as_compute(*t, type);
   return keep.const_data_ptr<T>();
+}
+
+// The row statistics of rows of width 0 as ATen's LayerNorm gives them (mean 0, rstd NaN): the kernels never run on
+// such rows, and the statistics must not be left uninitialised.
+inline void empty_row_statistics(at::Tensor& mean, at::Tensor& rstd) {
+  mean.zero_();
+  rstd.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 // Rows per parallel task: about 64 KB of a row-major tensor of `cols` elements per task.
