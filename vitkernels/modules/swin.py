@@ -30,6 +30,14 @@ Every Linear runs through :func:`vitkernels.ops.linear.layer_linear`: on CPU flo
 GEMM (:data:`vitkernels.ops.linear.CPU_GEMM`: MKL's sgemm through ``F.linear`` on Intel CPUs, oneDNN's inner
 product elsewhere, where MKL takes its slower generic code path). Patch merging's gather + LayerNorm is one op too
 (:class:`PatchMerging`).
+
+Under CPU autocast to bfloat16 the fused path serves blocks whose input is already bfloat16 (in a timm Swin, every
+block: the patch embedding's convolution hands autocast's dtype on), with the float32 parameters as they are: the
+GEMMs go through ``F.linear``, so autocast casts their operands exactly as for timm's Linears, and the row ops read
+the bfloat16 activations beside the float32 bias / LayerNorm parameters, compute in float and write bfloat16, as
+timm's LayerNorm does under autocast (its adds round to bfloat16 once per op; ours once per fused op). A float32
+input under autocast (a block called alone on float32 tokens: timm keeps the residual stream float32 and only the
+branches bfloat16) runs the unfused path, which reproduces those promotions.
 """
 from __future__ import annotations
 
@@ -74,14 +82,17 @@ def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
-    """Whether the fused native CPU path may serve this call: CPU tensors, backend auto or native, no autocast (whose
-    per-op casts the fused ops would not reproduce)."""
+    """Whether the fused native CPU path may serve this call: CPU tensors, backend auto or native, and no autocast
+    unless it is bfloat16 autocast on a bfloat16 input (module docstring: then every op of the block already runs
+    in bfloat16 and the fused ops give timm's dtypes; with a float32 input timm's out-of-place adds promote the
+    residual stream back to float32, which the fused ops would not reproduce)."""
     return (
         _FUSED_CPU_AVAILABLE
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
         and dispatch.resolve_backend_name(backend) in ("auto", "native")
-        and not torch.is_autocast_enabled("cpu")
+        and (not torch.is_autocast_enabled("cpu")
+             or (x.dtype == torch.bfloat16 and torch.get_autocast_dtype("cpu") == torch.bfloat16))
     )
 
 
