@@ -474,10 +474,11 @@ def test_fuzz_gelu_mlp(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
-    """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample), functional, in
-    place and backward: random sample counts, rows per sample and widths (0 included, chunk sizes crossed), optional
-    bias / drop-path scale / LayerNorm affine / gradient into x1, bf16 or fp32 parameters (autocast), an ISA each:
-    the rows bitwise the float ops on the widened inputs, rounded; the column sums within float rounding."""
+    """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample) and patch merging
+    (row by row), functional, in place and backward: random sample counts, rows per sample and widths (0 included,
+    chunk sizes crossed), maps with odd sides, optional bias / drop-path scale / LayerNorm affine / gradient into x1,
+    bf16 or fp32 parameters (autocast), an ISA each: the rows bitwise the float ops on the widened inputs, rounded;
+    the column sums within float rounding."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     isa = rng.choice(CPU_ISAS)
@@ -542,3 +543,18 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
         want_dx, want_db = ops.bias_gelu_backward(*f32(g, y, b), approximate)
         same(dx, want_dx, "bias_gelu_backward dx")
         close(db, want_db, "bias_gelu_backward grad bias")
+    # patch merging's gather + LayerNorm: a (B, H, W, c) map, odd sides padded, 4c channels normalised
+    B, H, W, c = rng.randint(0, 3), rng.randint(1, 9), rng.randint(1, 9), rng.choice([1, 3, 8, 24, 50])
+    x = torch.randn(B, H, W, c).mul(rng.choice([1.0, 1e3])).bfloat16()
+    pw, pb = (torch.randn(4 * c).to(param), torch.randn(4 * c).to(param)) if rng.random() < 0.7 else (None, None)
+    out, mean, rstd = ops.patch_merging_norm(x, pw, pb, 1e-5)
+    want, want_mean, want_rstd = ops.patch_merging_norm(*f32(x, pw, pb), 1e-5)
+    same(out, want, f"patch_merging_norm of {tuple(x.shape)}")
+    assert torch.equal(mean, want_mean) and torch.equal(rstd, want_rstd), f"patch merging statistics: {describe}"
+    g = torch.randn(out.shape).bfloat16()
+    got = ops.patch_merging_norm_backward(g, x, mean, rstd, pw)
+    want = ops.patch_merging_norm_backward(*f32(g, x), mean, rstd, *f32(pw))
+    same(got[0], want[0], f"patch_merging_norm_backward grad x of {tuple(x.shape)}")
+    if pw is not None:
+        close(got[1], want[1], "patch_merging_norm_backward grad weight")
+        close(got[2], want[2], "patch_merging_norm_backward grad bias")

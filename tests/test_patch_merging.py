@@ -6,7 +6,8 @@ import torch
 from vitkernels.ops.patch_merging import patch_merging_norm
 from vitkernels.reference.patch_merging import patch_merging_norm as reference_pmn
 
-from fused_ops_helpers import CPU_ISAS, DTYPES, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
+                               widen)
 from helpers import assert_close, import_timm
 
 SHAPES = [(2, 8, 8, 16), (1, 7, 9, 5), (3, 1, 4, 8), (1, 5, 1, 3)]  # even, odd both, one row, one column
@@ -39,6 +40,37 @@ def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("patch_merging_norm")
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     check_against_reference(native, reference_pmn, make_inputs((2, 7, 6, 24)), torch.float32)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32, None], ids=["bf16-affine", "fp32-affine",
+                                                                                    "no-affine"])
+@pytest.mark.parametrize("shape", [(2, 9, 10, 24), (1, 4, 4, 3), (3, 5, 7, 40)], ids=str)
+def test_native_bfloat16_is_the_float_op_rounded(shape, param_dtype, isa, monkeypatch):
+    """bfloat16 runs row by row through float scratch (no whole-tensor conversion), forward and backward: the
+    output, the row statistics and the input gradient bitwise the float op on the widened inputs (rounded, odd
+    edges padded); the LayerNorm parameter gradients within float rounding of it. fp32 affine beside bf16 tokens
+    is the autocast case."""
+    native_or_skip("patch_merging_norm")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    ops = torch.ops.vitkernels
+    x = (3 * torch.randn(shape) + 1).bfloat16()
+    C4 = 4 * shape[-1]
+    w, b = (None, None) if param_dtype is None else (torch.randn(C4).to(param_dtype), torch.randn(C4).to(param_dtype))
+    out, mean, rstd = ops.patch_merging_norm(x, w, b, 1e-5)
+    want, want_mean, want_rstd = ops.patch_merging_norm(*widen(x, w, b), 1e-5)
+    assert_bf16_bitwise(out, want, "out")
+    assert mean.dtype == rstd.dtype == torch.float32
+    assert torch.equal(mean, want_mean) and torch.equal(rstd, want_rstd)
+    g = torch.randn(out.shape).bfloat16()
+    dx, dw, db = ops.patch_merging_norm_backward(g, x, mean, rstd, w)
+    want_dx, want_dw, want_db = ops.patch_merging_norm_backward(*widen(g, x), mean, rstd, *widen(w))
+    assert_bf16_bitwise(dx, want_dx, "grad x")
+    expected_dtype = torch.bfloat16 if param_dtype is None else param_dtype
+    for got, wanted in ((dw, want_dw), (db, want_db)):
+        assert got.dtype == expected_dtype
+        assert_close(got.double(), wanted.to(expected_dtype).double(), atol=1e-4,
+                     rtol=1e-2 if expected_dtype == torch.bfloat16 else 1e-5)
 
 
 def test_matches_timm_patch_merging():

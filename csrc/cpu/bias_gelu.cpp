@@ -119,9 +119,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
         [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t, float* sums) {
           VK_CPU_CALL(isa, bias_gelu_backward_rows, in[0], in[1], b_ptr, out[0], sums, int64_t{0}, n, C, tanh_approx);
         });
-    at::Tensor grad_bias = at::empty({C}, bias.options().dtype(at::kDouble));
-    std::copy(d_bias.begin(), d_bias.end(), grad_bias.mutable_data_ptr<double>());
-    return {dx, grad_bias.to(bias.scalar_type())};
+    return {dx, column_sums_tensor(d_bias, 0, C, bias, bias.scalar_type())};
   }
   const at::ScalarType type = row_op_compute_type(x);
   const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
@@ -139,9 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
       VK_CPU_CALL(isa, bias_gelu_backward_rows, g_ptr, x_ptr, b_ptr, dx_ptr, sums, begin, end, C, tanh_approx);
     });
   });
-  at::Tensor grad_bias = at::empty({C}, bias.options().dtype(at::kDouble));
-  std::copy(d_bias.begin(), d_bias.end(), grad_bias.mutable_data_ptr<double>());
-  return {dx.to(x.scalar_type()), grad_bias.to(bias.scalar_type())};
+  return {dx.to(x.scalar_type()), column_sums_tensor(d_bias, 0, C, bias, bias.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

@@ -98,15 +98,6 @@ void bf16_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& bia
       });
 }
 
-// Row k of the backward's (3, C) double column sums as a (C) tensor of the parameters' dtype (the LayerNorm
-// weight's, else x1's).
-at::Tensor column_sum(const std::vector<double>& sums, int64_t k, int64_t C, const at::Tensor& x1,
-                      const std::optional<at::Tensor>& weight) {
-  at::Tensor t = at::empty({C}, x1.options().dtype(at::kDouble));
-  std::copy(sums.begin() + k * C, sums.begin() + (k + 1) * C, t.mutable_data_ptr<double>());
-  return t.to(weight.has_value() ? weight->scalar_type() : x1.scalar_type());
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layernorm_cpu(
@@ -184,6 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
     TORCH_CHECK(scale->numel() == x1.size(0) && at::isFloatingType(scale->scalar_type()), op,
                 ": scale must hold one value per sample");
   }
+  // the parameter gradients' dtype: the LayerNorm weight's, else x1's
+  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x1.scalar_type();
   const at::Tensor gx1_in = grad_x1.has_value() ? *grad_x1 : at::Tensor();
   const at::Tensor scale_in = scale.has_value() ? *scale : at::Tensor();
   for (const at::Tensor* t : {&grad_out, &mean, &rstd, &gx1_in, &scale_in}) {
@@ -214,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
           VK_CPU_CALL(isa, bias_residual_layernorm_backward_rows, in[0], in[1], in[2], m_ptr + first, rs_ptr + first,
                       w_ptr, s_ptr ? s_ptr + sample : nullptr, n, o[0], o[1], acc, int64_t{0}, n, C);
         });
-    return {d_res, d_y, column_sum(sums, 0, C, x1, weight), column_sum(sums, 1, C, x1, weight),
-            column_sum(sums, 2, C, x1, weight)};
+    return {d_res, d_y, column_sums_tensor(sums, 0, C, x1, param_type),
+            column_sums_tensor(sums, 1, C, x1, param_type), column_sums_tensor(sums, 2, C, x1, param_type)};
   }
   const at::Tensor go = as_compute(grad_out, type), xc = as_compute(x1, type);
   const at::Tensor gx1 = grad_x1.has_value() ? as_compute(*grad_x1, type) : at::Tensor();
@@ -242,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
                   rows_per_sample, dres_ptr, dy_ptr, acc, begin, end, C);
     });
   });
-  return {d_res.to(x1.scalar_type()), d_y.to(x1.scalar_type()), column_sum(sums, 0, C, x1, weight),
-          column_sum(sums, 1, C, x1, weight), column_sum(sums, 2, C, x1, weight)};
+  return {d_res.to(x1.scalar_type()), d_y.to(x1.scalar_type()), column_sums_tensor(sums, 0, C, x1, param_type),
+          column_sums_tensor(sums, 1, C, x1, param_type), column_sums_tensor(sums, 2, C, x1, param_type)};
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

@@ -6,12 +6,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "row_ops.h"
@@ -19,6 +22,7 @@
 #define VK_CPU_BODY "patch_merging_kernel.h"
 #include "cpu_isa_each.h"
 #undef VK_CPU_BODY
+#include "row_ops_bf16.h"
 
 namespace vitkernels {
 namespace cpu {
@@ -50,12 +54,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
   check_params("patch_merging_norm", x, weight, bias);
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3), H2 = (H + 1) / 2, W2 = (W + 1) / 2;
   const at::ScalarType type = row_op_compute_type(x);
+  const int64_t rows = B * H2 * W2;
+  const Isa isa = selected_isa();
+  if (x.scalar_type() == at::kBFloat16) {  // row by row through float scratch: no whole-tensor conversion
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty({B, H2, W2, 4 * C}, xc.options());
+    at::Tensor mean = at::empty({B, H2, W2}, xc.options().dtype(type));
+    at::Tensor rstd = at::empty({B, H2, W2}, xc.options().dtype(type));
+    if (rows > 0 && C > 0) {
+      std::vector<float> w, b;
+      at::Tensor wt, bt;
+      const float* w_ptr = optional_float_data(isa, weight, w, wt);
+      const float* b_ptr = optional_float_data(isa, bias, b, bt);
+      const at::BFloat16* x_ptr = xc.const_data_ptr<at::BFloat16>();
+      at::BFloat16* o_ptr = out.mutable_data_ptr<at::BFloat16>();
+      float* m_ptr = mean.mutable_data_ptr<float>();
+      float* r_ptr = rstd.mutable_data_ptr<float>();
+      const float e = static_cast<float>(eps);
+      at::parallel_for(0, rows, row_grain(4 * C), [&](int64_t begin, int64_t end) {
+        std::vector<float> row(4 * C), out_row(4 * C);
+        VK_CPU_CALL(isa, patch_merging_norm_rows, x_ptr, H, W, C, w_ptr, b_ptr, e, o_ptr, m_ptr, r_ptr, row.data(),
+                    out_row.data(), begin, end);
+      });
+    } else if (C == 0) {
+      empty_row_statistics(mean, rstd);
+    }
+    return {out, mean, rstd};
+  }
   const at::Tensor xc = as_compute(x, type);
   at::Tensor out = at::empty({B, H2, W2, 4 * C}, xc.options());
   at::Tensor mean = at::empty({B, H2, W2}, xc.options());
   at::Tensor rstd = at::empty({B, H2, W2}, xc.options());
-  const int64_t rows = B * H2 * W2;
-  const Isa isa = selected_isa();
   if (rows > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_patch_merging_norm_cpu", [&] {
       const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
@@ -70,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
       at::parallel_for(0, rows, row_grain(4 * C), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> row(4 * C);
         VK_CPU_CALL(isa, patch_merging_norm_rows, x_ptr, H, W, C, w_ptr, b_ptr, e, o_ptr, m_ptr, r_ptr, row.data(),
-                    begin, end);
+                    static_cast<scalar_t*>(nullptr), begin, end);
       });
     });
   } else if (C == 0) {
@@ -98,11 +127,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_backward_cpu(
   for (const at::Tensor* t : {&grad, &mean, &rstd}) {
     TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on x's device");
   }
-  const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  at::Tensor dx = at::empty({B, H, W, C}, xc.options());
   const Isa isa = selected_isa();
   std::vector<double> sums(2 * 4 * C, 0.0);
+  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
+  if (x.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16) {  // row by row through float
+    const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
+    at::Tensor dx = at::empty({B, H, W, C}, xc.options());
+    if (rows > 0 && C > 0) {
+      std::vector<float> w;
+      at::Tensor wt;
+      const float* w_ptr = optional_float_data(isa, weight, w, wt);
+      const at::BFloat16* g_ptr = gc.const_data_ptr<at::BFloat16>();
+      const at::BFloat16* x_ptr = xc.const_data_ptr<at::BFloat16>();
+      const float* m_ptr = mc.const_data_ptr<float>();
+      const float* r_ptr = rc.const_data_ptr<float>();
+      at::BFloat16* dx_ptr = dx.mutable_data_ptr<at::BFloat16>();
+      sums = parallel_rows_with_column_sums<float>(rows, 4 * C, 2, [&](int64_t begin, int64_t end, float* acc) {
+        std::vector<float> row(4 * C), d_row(4 * C), g_row(4 * C);
+        VK_CPU_CALL(isa, patch_merging_norm_backward_rows, g_ptr, x_ptr, H, W, C, m_ptr, r_ptr, w_ptr, dx_ptr, acc,
+                    row.data(), d_row.data(), g_row.data(), begin, end);
+      });
+    }
+    return {dx, column_sums_tensor(sums, 0, 4 * C, x, param_type), column_sums_tensor(sums, 1, 4 * C, x, param_type)};
+  }
+  const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
+  at::Tensor dx = at::empty({B, H, W, C}, xc.options());
   if (rows > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_patch_merging_norm_backward_cpu", [&] {
       const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
@@ -115,14 +165,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_backward_cpu(
       sums = parallel_rows_with_column_sums<scalar_t>(rows, 4 * C, 2, [&](int64_t begin, int64_t end, scalar_t* acc) {
         std::vector<scalar_t> row(4 * C), d_row(4 * C);
         VK_CPU_CALL(isa, patch_merging_norm_backward_rows, g_ptr, x_ptr, H, W, C, m_ptr, r_ptr, w_ptr, dx_ptr, acc,
-                    row.data(), d_row.data(), begin, end);
+                    row.data(), d_row.data(), static_cast<scalar_t*>(nullptr), begin, end);
       });
     });
   }
-  at::Tensor sum_t = at::empty({2, 4 * C}, x.options().dtype(at::kDouble));
-  std::copy(sums.begin(), sums.end(), sum_t.mutable_data_ptr<double>());
-  const at::ScalarType param_type = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  return {dx.to(x.scalar_type()), sum_t[0].to(param_type), sum_t[1].to(param_type)};
+  return {dx.to(x.scalar_type()), column_sums_tensor(sums, 0, 4 * C, x, param_type),
+          column_sums_tensor(sums, 1, 4 * C, x, param_type)};
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

@@ -17,50 +17,82 @@ struct MergeGeometry {
   }
 };
 
-template <typename T>
-VK_INLINE void gather_merged_row(const T* x, const MergeGeometry& m, int64_t o, T* row) {
+// n values of storage type S as T: copied, or bfloat16 widened to float (exact).
+template <typename S, typename T>
+VK_INLINE void load_row(const S* src, T* dst, int64_t n) {
+  if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    bf16_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
+  }
+}
+
+// n values of T stored as S: copied, or float rounded to bfloat16 (to nearest even, as ATen's conversion).
+template <typename S, typename T>
+VK_INLINE void store_row(const T* src, S* dst, int64_t n) {
+  if constexpr (std::is_same<S, c10::BFloat16>::value) {
+    float_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
+  }
+}
+
+// The 4C values of output row o gathered into row (of the compute type T; x of storage type S).
+template <typename S, typename T>
+VK_INLINE void gather_merged_row(const S* x, const MergeGeometry& m, int64_t o, T* row) {
   for (int k = 0; k < 4; ++k) {
     const int64_t src = m.source(o, k);
     T* dst = row + k * m.C;
     if (src < 0) {
       for (int64_t c = 0; c < m.C; ++c) dst[c] = 0;
     } else {
-      const T* s = x + src * m.C;
-      for (int64_t c = 0; c < m.C; ++c) dst[c] = s[c];
+      load_row(x + src * m.C, dst, m.C);
     }
   }
 }
 
-// Output rows [begin, end); row: scratch of 4C.
-template <typename T>
-void patch_merging_norm_rows(const T* x, int64_t H, int64_t W, int64_t C, const T* w, const T* b, T eps, T* out,
-                             T* mean, T* rstd, T* row, int64_t begin, int64_t end) {
+// Output rows [begin, end). x, out: storage type S (the compute type T, or bfloat16 with T = float: each row is
+// widened, normalised and rounded in the scratch, never the whole tensor). row, out_row: scratch of 4C (out_row is
+// used only when S is not T).
+template <typename S, typename T>
+void patch_merging_norm_rows(const S* x, int64_t H, int64_t W, int64_t C, const T* w, const T* b, T eps, S* out,
+                             T* mean, T* rstd, T* row, T* out_row, int64_t begin, int64_t end) {
   const MergeGeometry m{H, W, C, (H + 1) / 2, (W + 1) / 2};
   const int64_t C4 = 4 * C;
   for (int64_t o = begin; o < end; ++o) {
     gather_merged_row(x, m, o, row);
-    layernorm_row(row, out + o * C4, w, b, C4, eps, mean + o, rstd + o);
+    if constexpr (std::is_same<S, T>::value) {
+      layernorm_row(row, out + o * C4, w, b, C4, eps, mean + o, rstd + o);
+    } else {
+      layernorm_row(row, out_row, w, b, C4, eps, mean + o, rstd + o);
+      store_row(out_row, out + o * C4, C4);
+    }
   }
 }
 
 // Backward of output rows [begin, end): scatters the input gradient of every real neighbour (each input token is
-// the neighbour of exactly one output row); adds d_weight, d_bias into sums (2, 4C). row, d_row: scratch of 4C.
-template <typename T>
-void patch_merging_norm_backward_rows(const T* g, const T* x, int64_t H, int64_t W, int64_t C, const T* mean,
-                                      const T* rstd, const T* w, T* dx, T* sums, T* row, T* d_row, int64_t begin,
-                                      int64_t end) {
+// the neighbour of exactly one output row); adds d_weight, d_bias into sums (2, 4C). g, x, dx: storage type S as
+// above. row, d_row, g_row: scratch of 4C (g_row used only when S is not T).
+template <typename S, typename T>
+void patch_merging_norm_backward_rows(const S* g, const S* x, int64_t H, int64_t W, int64_t C, const T* mean,
+                                      const T* rstd, const T* w, S* dx, T* sums, T* row, T* d_row, T* g_row,
+                                      int64_t begin, int64_t end) {
   const MergeGeometry m{H, W, C, (H + 1) / 2, (W + 1) / 2};
   const int64_t C4 = 4 * C;
   for (int64_t o = begin; o < end; ++o) {
     gather_merged_row(x, m, o, row);
-    layernorm_row_backward(g + o * C4, row, mean[o], rstd[o], w, C4, static_cast<const T*>(nullptr), d_row, sums,
-                           sums + C4);
+    const T* g_o;
+    if constexpr (std::is_same<S, T>::value) {
+      g_o = g + o * C4;
+    } else {
+      load_row(g + o * C4, g_row, C4);
+      g_o = g_row;
+    }
+    layernorm_row_backward(g_o, row, mean[o], rstd[o], w, C4, static_cast<const T*>(nullptr), d_row, sums, sums + C4);
     for (int k = 0; k < 4; ++k) {
       const int64_t src = m.source(o, k);
       if (src < 0) continue;
-      const T* s = d_row + k * m.C;
-      T* d = dx + src * m.C;
-      for (int64_t c = 0; c < m.C; ++c) d[c] = s[c];
+      store_row(d_row + k * m.C, dx + src * m.C, m.C);
     }
   }
 }

@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -69,6 +70,17 @@ std::vector<double> parallel_rows_with_column_sums(int64_t rows, int64_t cols, i
   for (int64_t t = 0; t < threads; ++t)
     for (int64_t i = 0; i < sums * cols; ++i) out[i] += per_thread[t * sums * cols + i];
   return out;
+}
+
+// Row k of a (sums, n) row-major vector of double column sums (parallel_rows_with_column_sums) as an (n) tensor of
+// `type` on `like`'s device: a parameter's gradient in the parameter's dtype.
+inline at::Tensor column_sums_tensor(const std::vector<double>& sums, int64_t k, int64_t n, const at::Tensor& like,
+                                     at::ScalarType type) {
+  TORCH_CHECK(static_cast<int64_t>(sums.size()) >= (k + 1) * n, "column_sums_tensor: row ", k, " of ", n,
+              " beyond the ", sums.size(), " sums");
+  at::Tensor t = at::empty({n}, like.options().dtype(at::kDouble));
+  std::copy(sums.begin() + k * n, sums.begin() + (k + 1) * n, t.mutable_data_ptr<double>());
+  return t.to(type);
 }
 
 // Checks shared with bias_residual_layernorm: y and residual (..., C) alike, bias (C), scale (y.size(0)).
