@@ -43,8 +43,9 @@ inline const float* optional_float_data(Isa isa, const std::optional<at::Tensor>
 // sample, so a per-sample scale is one value per chunk), each chunk's rows of the `in` tensors are widened into
 // per-thread float scratch, kernel(in, out, first_row, n, sample, partial) runs the float row kernel on them (in[i],
 // out[j]: (n, C) float, null where the tensor's pointer is null: an absent operand or an output not wanted; `sample`:
-// the chunk's sample, first_row / rows_per_sample; `partial`: `sums * C` zeros for the kernel to add column sums
-// into, null when sums is 0), and the `out` scratch is rounded back into the out tensors' rows (an out tensor may be
+// the chunk's sample, first_row / rows_per_sample; `partial`: `sums * C` floats for the kernel to add column sums
+// into, null when sums is 0, added into the thread's double sums and zeroed every kRowBlock rows or so, as
+// parallel_rows_with_column_sums does: per chunk, that would cost as much as the chunk's rows at large C), and the `out` scratch is rounded back into the out tensors' rows (an out tensor may be
 // an in tensor: its chunk was read first). Returns the column sums over all rows in double, (sums, C) row-major,
 // like parallel_rows_with_column_sums. The rows are bitwise what converting the whole tensors to float, running the
 // kernel and rounding back gives, at a fraction of the memory traffic; the sums differ from it by float rounding.
@@ -69,7 +70,8 @@ std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, 
       std::vector<float> scratch_storage((NIn + NOut) * stride + 16);
       float* scratch = scratch_storage.data() +
                        (16 - reinterpret_cast<uintptr_t>(scratch_storage.data()) / sizeof(float) % 16) % 16;
-      std::vector<float> partial(sums * C);
+      std::vector<float> partial(sums * C, 0.0f);
+      int64_t partial_rows = 0;  // rows summed into `partial` since it was last added into `total`
       double* total = per_thread.data() + tid * sums * C;
       std::array<const float*, NIn> in_f;
       std::array<float*, NOut> out_f;
@@ -81,13 +83,17 @@ std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, 
           in_f[i] = buf;
         }
         for (size_t j = 0; j < NOut; ++j) out_f[j] = out[j] ? scratch + (NIn + j) * stride : nullptr;
-        std::fill(partial.begin(), partial.end(), 0.0f);
         kernel(in_f, out_f, r, n, r / rows_per_sample, sums ? partial.data() : nullptr);
         for (size_t j = 0; j < NOut; ++j) {
           if (out[j]) VK_CPU_CALL(isa, float_to_bf16, out_f[j], reinterpret_cast<uint16_t*>(out[j] + r * C), n * C);
         }
-        for (int64_t i = 0; i < sums * C; ++i) total[i] += static_cast<double>(partial[i]);
         r += n;
+        partial_rows += n;
+        if (sums > 0 && (partial_rows >= kRowBlock || r == end)) {
+          for (int64_t i = 0; i < sums * C; ++i) total[i] += static_cast<double>(partial[i]);
+          std::fill(partial.begin(), partial.end(), 0.0f);
+          partial_rows = 0;
+        }
       }
     });
   }
