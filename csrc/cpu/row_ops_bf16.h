@@ -44,10 +44,11 @@ inline const float* optional_float_data(Isa isa, const std::optional<at::Tensor>
 // per-thread float scratch, kernel(in, out, first_row, n, sample, partial) runs the float row kernel on them (in[i],
 // out[j]: (n, C) float, null where the tensor's pointer is null: an absent operand or an output not wanted; `sample`:
 // the chunk's sample, first_row / rows_per_sample; `partial`: `sums * C` floats for the kernel to add column sums
-// into, null when sums is 0, added into the thread's double sums and zeroed every kRowBlock rows or so, as
-// parallel_rows_with_column_sums does: per chunk, that would cost as much as the chunk's rows at large C), and the `out` scratch is rounded back into the out tensors' rows (an out tensor may be
-// an in tensor: its chunk was read first). Returns the column sums over all rows in double, (sums, C) row-major,
-// like parallel_rows_with_column_sums. The rows are bitwise what converting the whole tensors to float, running the
+// into, null when sums is 0), and the `out` scratch is rounded back into the out tensors' rows (an out tensor may be
+// an in tensor: its chunk was read first). `partial` is added into the thread's double sums and zeroed every
+// kRowBlock rows or so, as parallel_rows_with_column_sums does (per chunk, a few rows at large C, that cost as much
+// as the rows themselves). Returns the column sums over all rows in double, (sums, C) row-major, like
+// parallel_rows_with_column_sums. The rows are bitwise what converting the whole tensors to float, running the
 // kernel and rounding back gives, at a fraction of the memory traffic; the sums differ from it by float rounding.
 template <size_t NIn, size_t NOut, typename Kernel>
 std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, int64_t C, int64_t rows_per_sample,
