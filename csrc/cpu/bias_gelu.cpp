@@ -60,7 +60,7 @@ void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, 
   std::vector<float> b;
   at::Tensor bt;
   const float* b_ptr = optional_float_data(isa, bias, b, bt);
-  bf16_rows_via_float<1, 1>(isa, rows, C, std::max<int64_t>(rows, 1), {x.const_data_ptr<at::BFloat16>()},
+  bf16_rows_via_float<1, 1>(isa, rows, C, /*samples=*/1, {x.const_data_ptr<at::BFloat16>()},
                             {y.mutable_data_ptr<at::BFloat16>()},
                             [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {
                               VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
     at::Tensor bt;
     const float* b_ptr = optional_float_data(isa, bias, b, bt);
     const std::vector<double> d_bias = bf16_rows_via_float_with_column_sums<2, 1>(
-        isa, rows, C, std::max<int64_t>(rows, 1), 1,
+        isa, rows, C, /*samples=*/1, /*sums=*/1,
         {gc.const_data_ptr<at::BFloat16>(), xc.const_data_ptr<at::BFloat16>()}, {dx.mutable_data_ptr<at::BFloat16>()},
         [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t, float* sums) {
           VK_CPU_CALL(isa, bias_gelu_backward_rows, in[0], in[1], b_ptr, out[0], sums, int64_t{0}, n, C, tanh_approx);

@@ -53,9 +53,8 @@ void bf16_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& bia
   at::Tensor bt, st;
   const float* b_ptr = optional_float_data(isa, bias, b, bt);
   const float* s_ptr = optional_float_data(isa, scale, s, st);
-  const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
   bf16_rows_via_float<2, 1>(
-      isa, rows, C, rows_per_sample, {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
+      isa, rows, C, y.size(0), {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
       {out.mutable_data_ptr<at::BFloat16>()},
       [&](const auto& in, const auto& o, int64_t, int64_t n, int64_t sample) {
         // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row

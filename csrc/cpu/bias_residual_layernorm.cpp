@@ -83,12 +83,11 @@ void bf16_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& bia
   const float* s_ptr = optional_float_data(isa, scale, s, st);
   const float* w_ptr = optional_float_data(isa, weight, w, wt);
   const float* lb_ptr = optional_float_data(isa, ln_bias, lb, lbt);
-  const int64_t rows_per_sample = rows == 0 ? 1 : rows / y.size(0);
   float* m_ptr = mean.mutable_data_ptr<float>();
   float* rs_ptr = rstd.mutable_data_ptr<float>();
   const float e = static_cast<float>(eps);
   bf16_rows_via_float<2, 2>(
-      isa, rows, C, rows_per_sample, {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
+      isa, rows, C, y.size(0), {y.const_data_ptr<at::BFloat16>(), rc.const_data_ptr<at::BFloat16>()},
       {x1.mutable_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>()},
       [&](const auto& in, const auto& o, int64_t first, int64_t n, int64_t sample) {
         // the chunk lies in one sample: its scale is one value, and n rows per "sample" index it for every row
@@ -108,23 +107,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layerno
   check_norm_args("bias_residual_layernorm", y, weight, ln_bias);
   const at::ScalarType type = row_op_compute_type(y);
   const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
+  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
+  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);  // rows of width 0: no kernel writes them
   if (y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
     const at::Tensor yc = y.contiguous();
     at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
     at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
-    at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
-    at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
     bf16_forward_into(yc, bias, residual, scale, weight, ln_bias, eps, x1, out, mean, rstd);
-    if (y.size(-1) == 0) empty_row_statistics(mean, rstd);
     return {x1, out, mean, rstd};
   }
   const at::Tensor yc = as_compute(y, type), rc = as_compute(residual, type);
   at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
   at::Tensor out = at::empty_like(yc, at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty(stats_shape, yc.options());
-  at::Tensor rstd = at::empty(stats_shape, yc.options());
   forward_into(yc, bias, rc, scale, weight, ln_bias, eps, x1, out, mean, rstd);
-  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);
   return {x1.to(y.scalar_type()), out.to(y.scalar_type()), mean, rstd};
 }
 
@@ -196,9 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
     const float* s_ptr = optional_float_data(isa, scale, s, st);
     const float* m_ptr = mc.const_data_ptr<float>();
     const float* rs_ptr = rc.const_data_ptr<float>();
-    const int64_t rows_per_sample = rows == 0 ? 1 : rows / x1.size(0);
     const std::vector<double> sums = bf16_rows_via_float_with_column_sums<3, 2>(
-        isa, rows, C, rows_per_sample, 3,
+        isa, rows, C, x1.size(0), /*sums=*/3,
         {go.const_data_ptr<at::BFloat16>(), gx1.defined() ? gx1.const_data_ptr<at::BFloat16>() : nullptr,
          xc.const_data_ptr<at::BFloat16>()},
         {d_res.mutable_data_ptr<at::BFloat16>(), s_ptr ? d_y.mutable_data_ptr<at::BFloat16>() : nullptr},

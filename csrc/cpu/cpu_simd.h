@@ -314,7 +314,7 @@ template <typename T> VK_INLINE void store_partial(T* p, typename Vec<T>::type v
   for (int64_t l = 0; l < n; ++l) p[l] = v[l];
 }
 
-// --- bfloat16 storage of the row ops (inference in place): n values widened to float / rounded back --------------
+// --- bfloat16 storage of the row ops and patch merging: n values widened to float / rounded back -----------------
 // Widening is exact (the 16 bits become the float's high half). Rounding is to nearest even, and a NaN becomes 0xFFFF:
 // what ATen's vectorised float -> bfloat16 conversion (Tensor.to, copy_) gives, so the row ops' bfloat16 results
 // are bitwise those of converting the whole tensors. Plain loops, vectorised by the compiler for this instruction

@@ -56,11 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
   const at::ScalarType type = row_op_compute_type(x);
   const int64_t rows = B * H2 * W2;
   const Isa isa = selected_isa();
+  at::Tensor mean = at::empty({B, H2, W2}, x.options().dtype(type));
+  at::Tensor rstd = at::empty({B, H2, W2}, x.options().dtype(type));
+  if (C == 0) empty_row_statistics(mean, rstd);  // rows of width 0: no kernel writes them
   if (x.scalar_type() == at::kBFloat16) {  // row by row through float scratch: no whole-tensor conversion
     const at::Tensor xc = x.contiguous();
     at::Tensor out = at::empty({B, H2, W2, 4 * C}, xc.options());
-    at::Tensor mean = at::empty({B, H2, W2}, xc.options().dtype(type));
-    at::Tensor rstd = at::empty({B, H2, W2}, xc.options().dtype(type));
     if (rows > 0 && C > 0) {
       std::vector<float> w, b;
       at::Tensor wt, bt;
@@ -76,15 +77,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
         VK_CPU_CALL(isa, patch_merging_norm_rows, x_ptr, H, W, C, w_ptr, b_ptr, e, o_ptr, m_ptr, r_ptr, row.data(),
                     out_row.data(), begin, end);
       });
-    } else if (C == 0) {
-      empty_row_statistics(mean, rstd);
     }
     return {out, mean, rstd};
   }
   const at::Tensor xc = as_compute(x, type);
   at::Tensor out = at::empty({B, H2, W2, 4 * C}, xc.options());
-  at::Tensor mean = at::empty({B, H2, W2}, xc.options());
-  at::Tensor rstd = at::empty({B, H2, W2}, xc.options());
   if (rows > 0 && C > 0) {
     AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_patch_merging_norm_cpu", [&] {
       const at::Tensor w = weight.has_value() ? as_compute(*weight, type) : at::Tensor();
@@ -102,8 +99,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_cpu(const at::
                     static_cast<scalar_t*>(nullptr), begin, end);
       });
     });
-  } else if (C == 0) {
-    empty_row_statistics(mean, rstd);
   }
   return {out.to(x.scalar_type()), mean, rstd};
 }

@@ -39,11 +39,11 @@ inline const float* optional_float_data(Isa isa, const std::optional<at::Tensor>
   return keep.data();
 }
 
-// In parallel over chunks of rows (kBf16ChunkFloats per tensor, at most kRowBlock rows; a chunk never crosses a
-// sample, so a per-sample scale is one value per chunk), each chunk's rows of the `in` tensors are widened into
-// per-thread float scratch, kernel(in, out, first_row, n, sample, partial) runs the float row kernel on them (in[i],
-// out[j]: (n, C) float, null where the tensor's pointer is null: an absent operand or an output not wanted; `sample`:
-// the chunk's sample, first_row / rows_per_sample; `partial`: `sums * C` floats for the kernel to add column sums
+// In parallel over chunks of the rows of `samples` equal samples (kBf16ChunkFloats per tensor, at most kRowBlock
+// rows; a chunk never crosses a sample, so a per-sample scale is one value per chunk), each chunk's rows of the `in`
+// tensors are widened into per-thread float scratch, kernel(in, out, first_row, n, sample, partial) runs the float
+// row kernel on them (in[i], out[j]: (n, C) float, null where the tensor's pointer is null: an absent operand or an
+// output not wanted; `sample`: the chunk's sample; `partial`: `sums * C` floats for the kernel to add column sums
 // into, null when sums is 0), and the `out` scratch is rounded back into the out tensors' rows (an out tensor may be
 // an in tensor: its chunk was read first). `partial` is added into the thread's double sums and zeroed every
 // kRowBlock rows or so, as parallel_rows_with_column_sums does (per chunk, a few rows at large C, that cost as much
@@ -51,7 +51,7 @@ inline const float* optional_float_data(Isa isa, const std::optional<at::Tensor>
 // parallel_rows_with_column_sums. The rows are bitwise what converting the whole tensors to float, running the
 // kernel and rounding back gives, at a fraction of the memory traffic; the sums differ from it by float rounding.
 template <size_t NIn, size_t NOut, typename Kernel>
-std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, int64_t C, int64_t rows_per_sample,
+std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, int64_t C, int64_t samples,
                                                          int64_t sums,
                                                          const std::array<const at::BFloat16*, NIn>& in,
                                                          const std::array<at::BFloat16*, NOut>& out,
@@ -59,8 +59,9 @@ std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, 
   const int64_t threads = at::get_num_threads();
   std::vector<double> per_thread(threads * sums * C, 0.0);
   if (rows > 0 && C > 0) {
-    TORCH_CHECK(rows_per_sample > 0 && rows % rows_per_sample == 0, "bf16_rows_via_float: ", rows,
-                " rows are not whole samples of ", rows_per_sample);
+    TORCH_CHECK(samples > 0 && rows % samples == 0, "bf16_rows_via_float: ", rows, " rows are not ", samples,
+                " whole samples");
+    const int64_t rows_per_sample = rows / samples;
     const int64_t chunk = std::clamp<int64_t>(kBf16ChunkFloats / C, 1, kRowBlock);
     at::parallel_for(0, rows, std::max(row_grain(C), chunk), [&](int64_t begin, int64_t end) {
       const int64_t tid = at::get_thread_num();
@@ -106,11 +107,11 @@ std::vector<double> bf16_rows_via_float_with_column_sums(Isa isa, int64_t rows, 
 
 // bf16_rows_via_float_with_column_sums without sums: kernel(in, out, first_row, n, sample).
 template <size_t NIn, size_t NOut, typename Kernel>
-void bf16_rows_via_float(Isa isa, int64_t rows, int64_t C, int64_t rows_per_sample,
+void bf16_rows_via_float(Isa isa, int64_t rows, int64_t C, int64_t samples,
                          const std::array<const at::BFloat16*, NIn>& in, const std::array<at::BFloat16*, NOut>& out,
                          const Kernel& kernel) {
   bf16_rows_via_float_with_column_sums<NIn, NOut>(
-      isa, rows, C, rows_per_sample, 0, in, out,
+      isa, rows, C, samples, 0, in, out,
       [&](const auto& in_f, const auto& out_f, int64_t first, int64_t n, int64_t sample, float*) {
         kernel(in_f, out_f, first, n, sample);
       });
