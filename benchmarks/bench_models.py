@@ -86,7 +86,7 @@ def _amp_dtype(model):
 
 
 def _precision(model):
-    if ON_GPU or model in CPU_AMP_MODELS:
+    if _amp_dtype(model) is not None:
         return "bf16 autocast"
     return "bf16" if model in BF16_MODELS else "fp32"
 

@@ -22,6 +22,7 @@ from vitkernels import _native
 from vitkernels.reference import masking as ref_masking
 from vitkernels.reference import patch_embed as ref_embed
 
+from fused_ops_helpers import widen
 from helpers import reference_dtype, tol
 
 pytestmark = pytest.mark.skipif(not _native.is_loaded(), reason=_native.IMPORT_ERROR or "")
@@ -494,9 +495,6 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
     g1 = g1 if rng.random() < 0.5 else None
     describe = f"seed {seed}: {shape}, bias {b is not None}, scale {s is not None}, {param} parameters, {isa}"
 
-    def f32(*tensors):
-        return [None if t is None else t.float() for t in tensors]
-
     def same(got, want, name):
         want = want.bfloat16()
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} differs for {describe}"
@@ -509,12 +507,12 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
         torch.testing.assert_close(got.double(), want, rtol=tol_["rtol"], atol=tol_["atol"] * scale_,
                                    msg=lambda m: f"{name} for {describe}: {m}")
 
-    want = ops.bias_residual(*f32(y, b, r, s))
+    want = ops.bias_residual(*widen(y, b, r, s))
     same(ops.bias_residual(y, b, r, s), want, "bias_residual")
     got = y.clone()
     ops.bias_residual_(got, b, r, s)
     same(got, want, "bias_residual_")
-    x1_f, out_f, mean_f, rstd_f = ops.bias_residual_layernorm(*f32(y, b, r, s, w, lb), 1e-5)
+    x1_f, out_f, mean_f, rstd_f = ops.bias_residual_layernorm(*widen(y, b, r, s, w, lb), 1e-5)
     x1, out, mean, rstd = ops.bias_residual_layernorm(y, b, r, s, w, lb, 1e-5)
     same(x1, x1_f, "bias_residual_layernorm x1")
     same(out, out_f, "bias_residual_layernorm out")
@@ -525,7 +523,7 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
     same(got, x1_f, "bias_residual_layernorm_ x1")
     same(normed, out_f, "bias_residual_layernorm_ out")
     got = ops.bias_residual_layernorm_backward(g1, g, x1, mean, rstd, w, s)
-    want = ops.bias_residual_layernorm_backward(*f32(g1, g, x1), mean, rstd, *f32(w, s))
+    want = ops.bias_residual_layernorm_backward(*widen(g1, g, x1), mean, rstd, *widen(w, s))
     same(got[0], want[0], "bias_residual_layernorm_backward grad residual")
     if s is not None:
         same(got[1], want[1], "bias_residual_layernorm_backward grad y")
@@ -534,13 +532,13 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
             close(got[k], want[k], f"bias_residual_layernorm_backward {name}")
     if b is not None:
         approximate = rng.choice(["none", "tanh"])
-        want = ops.bias_gelu(*f32(y, b), approximate)
+        want = ops.bias_gelu(*widen(y, b), approximate)
         same(ops.bias_gelu(y, b, approximate), want, "bias_gelu")
         got = y.clone()
         ops.bias_gelu_(got, b, approximate)
         same(got, want, "bias_gelu_")
         dx, db = ops.bias_gelu_backward(g, y, b, approximate)
-        want_dx, want_db = ops.bias_gelu_backward(*f32(g, y, b), approximate)
+        want_dx, want_db = ops.bias_gelu_backward(*widen(g, y, b), approximate)
         same(dx, want_dx, "bias_gelu_backward dx")
         close(db, want_db, "bias_gelu_backward grad bias")
     # patch merging's gather + LayerNorm: a (B, H, W, c) map, odd sides padded, 4c channels normalised
@@ -548,12 +546,12 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
     x = torch.randn(B, H, W, c).mul(rng.choice([1.0, 1e3])).bfloat16()
     pw, pb = (torch.randn(4 * c).to(param), torch.randn(4 * c).to(param)) if rng.random() < 0.7 else (None, None)
     out, mean, rstd = ops.patch_merging_norm(x, pw, pb, 1e-5)
-    want, want_mean, want_rstd = ops.patch_merging_norm(*f32(x, pw, pb), 1e-5)
+    want, want_mean, want_rstd = ops.patch_merging_norm(*widen(x, pw, pb), 1e-5)
     same(out, want, f"patch_merging_norm of {tuple(x.shape)}")
     assert torch.equal(mean, want_mean) and torch.equal(rstd, want_rstd), f"patch merging statistics: {describe}"
     g = torch.randn(out.shape).bfloat16()
     got = ops.patch_merging_norm_backward(g, x, mean, rstd, pw)
-    want = ops.patch_merging_norm_backward(*f32(g, x), mean, rstd, *f32(pw))
+    want = ops.patch_merging_norm_backward(*widen(g, x), mean, rstd, *widen(pw))
     same(got[0], want[0], f"patch_merging_norm_backward grad x of {tuple(x.shape)}")
     if pw is not None:
         close(got[1], want[1], "patch_merging_norm_backward grad weight")

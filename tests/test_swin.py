@@ -729,6 +729,11 @@ def _autocast_run(model, x, train, amp=True):
     return out.detach(), grads
 
 
+def _relative_error(a, b):
+    """||a - b|| / ||b||, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 def test_fused_cpu_path_under_bfloat16_autocast(train, monkeypatch):
     """Under bf16 autocast the patched model runs the fused CPU path (every block), returns timm's dtype and is as
@@ -754,15 +759,11 @@ def test_fused_cpu_path_under_bfloat16_autocast(train, monkeypatch):
     theirs, their_grads = _autocast_run(original, x, train)
     exact, exact_grads = _autocast_run(reference, x, train, amp=False)
     assert ours.dtype == theirs.dtype == torch.bfloat16
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-    assert rel(ours, exact) <= max(1.5 * rel(theirs, exact), 1e-2)
+    assert _relative_error(ours, exact) <= max(1.5 * _relative_error(theirs, exact), 1e-2)
     if train:
         assert all(our_grads[n].dtype == torch.float32 for n in our_grads)
-        ours_rel = [rel(our_grads[n], exact_grads[n]) for n in exact_grads]
-        theirs_rel = [rel(their_grads[n], exact_grads[n]) for n in exact_grads]
+        ours_rel = [_relative_error(our_grads[n], exact_grads[n]) for n in exact_grads]
+        theirs_rel = [_relative_error(their_grads[n], exact_grads[n]) for n in exact_grads]
         assert statistics.median(ours_rel) <= 1.5 * statistics.median(theirs_rel)
         assert max(ours_rel) <= 1.5 * max(theirs_rel)
 
@@ -792,19 +793,17 @@ def test_compiled_patched_model_under_bfloat16_autocast():
     compiled = torch.compile(patched, backend=inductor)
     x = torch.randn(2, 3, 64, 96)
 
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
     for train in (False, True):
         got, got_grads = _autocast_run(compiled, x, train)
         exact, exact_grads = _autocast_run(reference, x, train, amp=False)
         assert got.dtype == torch.bfloat16
-        assert rel(got, exact) < 1e-2
+        assert _relative_error(got, exact) < 1e-2
         assert {"window_attention_add_bias", "bias_gelu" + ("" if train else "_"),
                 "bias_residual_layernorm" + ("" if train else "_")} <= traced_ops, traced_ops
         if train:
             assert len(got_grads) == len(exact_grads)
-            errors = [rel(g, w) for g, w in zip(got_grads.values(), exact_grads.values())]  # compiled: "_orig_mod."
+            # by position: the compiled module's parameter names carry a "_orig_mod." prefix
+            errors = [_relative_error(g, w) for g, w in zip(got_grads.values(), exact_grads.values())]
             assert statistics.median(errors) < 1e-2 and max(errors) < 5e-2, max(errors)
 
 
