@@ -67,10 +67,10 @@ def test_inplace_variant():
 @pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16-bias", "fp32-bias"])
 @pytest.mark.parametrize("shape", [(2, 9, 96), (3, 37), (300, 33), (1, 1)], ids=str)
 def test_native_bfloat16_is_the_float_op_rounded(shape, bias_dtype, isa, monkeypatch):
-    """bfloat16 runs chunk by chunk through float scratch (no whole-tensor conversion), forward, in place and
-    backward: bitwise the float op on the widened inputs, rounded (NaN and infinities included, rows across
-    chunks); the bias gradient (summed in float per chunk, in double across) within float rounding of it. An fp32
-    bias beside bf16 activations is the autocast case."""
+    """bfloat16 is widened and rounded in the kernel's registers (no whole-tensor conversion, no float copy),
+    forward, in place and backward: bitwise the float op on the widened inputs, rounded (NaN and infinities included,
+    every vector tail); the bias gradient (summed in float per block of rows, in double across) within float rounding
+    of it. An fp32 bias beside bf16 activations is the autocast case."""
     native_or_skip("bias_gelu")
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     x = (4 * torch.randn(shape)).bfloat16()

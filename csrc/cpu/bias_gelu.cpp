@@ -53,18 +53,19 @@ void forward_into(const at::Tensor& xc, const at::Tensor& bias, at::Tensor& y, b
   });
 }
 
-// y (contiguous bfloat16, may be x itself) = gelu(x + bias) for a contiguous bfloat16 x, chunk by chunk through float.
+// y (contiguous bfloat16, may be x itself) = gelu(x + bias) for a contiguous bfloat16 x: the kernel widens and rounds
+// in registers (bitwise converting x to float, the float op, and rounding back), the bias and arithmetic in float.
 void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, bool tanh_approx) {
   const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
   const Isa isa = selected_isa();
   std::vector<float> b;
   at::Tensor bt;
   const float* b_ptr = optional_float_data(isa, bias, b, bt);
-  bf16_rows_via_float<1, 1>(isa, rows, C, /*samples=*/1, {x.const_data_ptr<at::BFloat16>()},
-                            {y.mutable_data_ptr<at::BFloat16>()},
-                            [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t) {
-                              VK_CPU_CALL(isa, bias_gelu_rows, in[0], b_ptr, out[0], int64_t{0}, n, C, tanh_approx);
-                            });
+  const at::BFloat16* x_ptr = x.const_data_ptr<at::BFloat16>();
+  at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+    VK_CPU_CALL(isa, bias_gelu_rows, x_ptr, b_ptr, y_ptr, begin, end, C, tanh_approx);
+  });
 }
 
 }  // namespace
@@ -72,7 +73,7 @@ void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
   check_args("bias_gelu", x, bias);
   const bool tanh_approx = tanh_approximation(approximate);
-  if (x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+  if (x.scalar_type() == at::kBFloat16) {  // widened and rounded in registers
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
     bf16_gelu_rows(xc, bias, y, tanh_approx);
@@ -90,7 +91,7 @@ void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_vi
   const bool tanh_approx = tanh_approximation(approximate);
   if (x.is_contiguous() && x.scalar_type() == row_op_compute_type(x)) {
     forward_into(x, bias, x, tanh_approx);
-  } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch
+  } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // widened and rounded in registers
     bf16_gelu_rows(x, bias, x, tanh_approx);
   } else {
     at::Tensor xc = as_compute(x, row_op_compute_type(x)).clone();
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.sizes() == x.sizes(), "bias_gelu_backward: grad must be ", x.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(grad.device() == x.device(), "bias_gelu_backward: grad must be on x's device");
   const bool tanh_approx = tanh_approximation(approximate);
-  if (all_bfloat16({&x, &grad})) {  // chunk by chunk through float scratch (row_ops_bf16.h)
+  if (all_bfloat16({&x, &grad})) {  // widened and rounded in registers, the bias gradient summed in float per block
     const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
     at::Tensor dx = at::empty_like(xc, at::MemoryFormat::Contiguous);
     const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
@@ -113,11 +114,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
     std::vector<float> b;
     at::Tensor bt;
     const float* b_ptr = optional_float_data(isa, bias, b, bt);
-    const std::vector<double> d_bias = bf16_rows_via_float_with_column_sums<2, 1>(
-        isa, rows, C, /*samples=*/1, /*sums=*/1,
-        {gc.const_data_ptr<at::BFloat16>(), xc.const_data_ptr<at::BFloat16>()}, {dx.mutable_data_ptr<at::BFloat16>()},
-        [&](const auto& in, const auto& out, int64_t, int64_t n, int64_t, float* sums) {
-          VK_CPU_CALL(isa, bias_gelu_backward_rows, in[0], in[1], b_ptr, out[0], sums, int64_t{0}, n, C, tanh_approx);
+    const at::BFloat16* g_ptr = gc.const_data_ptr<at::BFloat16>();
+    const at::BFloat16* x_ptr = xc.const_data_ptr<at::BFloat16>();
+    at::BFloat16* dx_ptr = dx.mutable_data_ptr<at::BFloat16>();
+    const std::vector<double> d_bias =
+        parallel_rows_with_column_sums<float>(rows, C, 1, [&](int64_t begin, int64_t end, float* sums) {
+          VK_CPU_CALL(isa, bias_gelu_backward_rows, g_ptr, x_ptr, b_ptr, dx_ptr, sums, begin, end, C, tanh_approx);
         });
     return {dx, column_sums_tensor(d_bias, 0, C, bias, bias.scalar_type())};
   }

@@ -7,15 +7,18 @@ namespace vitkernels {
 namespace cpu {
 namespace VK_CPU_ISA {
 
-// Rows [begin, end) of y = gelu(x + bias); y may alias x. The approximation is a template parameter, so each loop
-// holds only its own constants (in registers, not reloaded every vector).
-template <typename T, bool tanh_approx>
-void bias_gelu_rows_impl(const T* x, const T* bias, T* y, int64_t begin, int64_t end, int64_t C) {
+// Rows [begin, end) of y = gelu(x + bias); y may alias x. x and y are stored as S (float, double or bfloat16: a
+// bfloat16 row is widened and rounded in registers, cpu_simd.h), the bias and the arithmetic are in T = compute_t<S>.
+// The approximation is a template parameter, so each loop holds only its own constants (in registers, not reloaded
+// every vector).
+template <typename S, bool tanh_approx>
+void bias_gelu_rows_impl(const S* x, const compute_t<S>* bias, S* y, int64_t begin, int64_t end, int64_t C) {
+  using T = compute_t<S>;
   constexpr int L = Vec<T>::lanes;
   const int64_t full = C / L * L, tail = C - full;
   for (int64_t r = begin; r < end; ++r) {
-    const T* xr = x + r * C;
-    T* yr = y + r * C;
+    const S* xr = x + r * C;
+    S* yr = y + r * C;
     for (int64_t j = 0; j < full; j += L) store(yr + j, vgelu<T>(load(xr + j) + load(bias + j), tanh_approx));
     if (tail) {
       store_partial(yr + full, vgelu<T>(load_partial(xr + full, tail) + load_partial(bias + full, tail), tanh_approx),
@@ -24,22 +27,25 @@ void bias_gelu_rows_impl(const T* x, const T* bias, T* y, int64_t begin, int64_t
   }
 }
 
-template <typename T>
-void bias_gelu_rows(const T* x, const T* bias, T* y, int64_t begin, int64_t end, int64_t C, bool tanh_approx) {
-  if (tanh_approx) bias_gelu_rows_impl<T, true>(x, bias, y, begin, end, C);
-  else bias_gelu_rows_impl<T, false>(x, bias, y, begin, end, C);
+template <typename S>
+void bias_gelu_rows(const S* x, const compute_t<S>* bias, S* y, int64_t begin, int64_t end, int64_t C,
+                    bool tanh_approx) {
+  if (tanh_approx) bias_gelu_rows_impl<S, true>(x, bias, y, begin, end, C);
+  else bias_gelu_rows_impl<S, false>(x, bias, y, begin, end, C);
 }
 
-// Rows [begin, end) of dx = dy * gelu'(x + bias) (dx may alias dy); their column sums added into d_bias (C).
-template <typename T, bool tanh_approx>
-void bias_gelu_backward_rows_impl(const T* dy, const T* x, const T* bias, T* dx, T* d_bias, int64_t begin,
-                                  int64_t end, int64_t C) {
+// Rows [begin, end) of dx = dy * gelu'(x + bias) (dx may alias dy); their column sums added into d_bias (C). dy, x and
+// dx stored as S, bias and d_bias in T = compute_t<S> (as the forward).
+template <typename S, bool tanh_approx>
+void bias_gelu_backward_rows_impl(const S* dy, const S* x, const compute_t<S>* bias, S* dx, compute_t<S>* d_bias,
+                                  int64_t begin, int64_t end, int64_t C) {
+  using T = compute_t<S>;
   constexpr int L = Vec<T>::lanes;
   const int64_t full = C / L * L, tail = C - full;
   for (int64_t r = begin; r < end; ++r) {
-    const T* dyr = dy + r * C;
-    const T* xr = x + r * C;
-    T* dxr = dx + r * C;
+    const S* dyr = dy + r * C;
+    const S* xr = x + r * C;
+    S* dxr = dx + r * C;
     for (int64_t j = 0; j < full; j += L) {
       const auto g = load(dyr + j) * vgelu_grad<T>(load(xr + j) + load(bias + j), tanh_approx);
       store(dxr + j, g);
@@ -54,11 +60,11 @@ void bias_gelu_backward_rows_impl(const T* dy, const T* x, const T* bias, T* dx,
   }
 }
 
-template <typename T>
-void bias_gelu_backward_rows(const T* dy, const T* x, const T* bias, T* dx, T* d_bias, int64_t begin, int64_t end,
-                             int64_t C, bool tanh_approx) {
-  if (tanh_approx) bias_gelu_backward_rows_impl<T, true>(dy, x, bias, dx, d_bias, begin, end, C);
-  else bias_gelu_backward_rows_impl<T, false>(dy, x, bias, dx, d_bias, begin, end, C);
+template <typename S>
+void bias_gelu_backward_rows(const S* dy, const S* x, const compute_t<S>* bias, S* dx, compute_t<S>* d_bias,
+                             int64_t begin, int64_t end, int64_t C, bool tanh_approx) {
+  if (tanh_approx) bias_gelu_backward_rows_impl<S, true>(dy, x, bias, dx, d_bias, begin, end, C);
+  else bias_gelu_backward_rows_impl<S, false>(dy, x, bias, dx, d_bias, begin, end, C);
 }
 
 }  // namespace VK_CPU_ISA

@@ -2,6 +2,7 @@
 // (cpu_isa_each.h), and the flush-to-zero guard they run under. Header-only; no torch beyond c10's checks.
 #pragma once
 
+#include <c10/util/BFloat16.h>  // cpu_simd.h: the row kernels' bfloat16 loads and stores
 #include <c10/util/Exception.h>
 
 #include <cmath>

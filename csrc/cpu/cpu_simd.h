@@ -334,6 +334,52 @@ inline void float_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   }
 }
 
+// The same conversions one vector at a time, in registers: a row kernel templated on its storage type reads a
+// bfloat16 tensor as float vectors and writes float vectors back as bfloat16 through these overloads of load / store
+// (and their partial forms), without the float copy in memory. Non-template overloads: a kernel's load(p) on a
+// c10::BFloat16* picks them, on a float* the templates above. Only for kernels whose arithmetic is straight-line
+// code on registers (bias_gelu): its bfloat16 instantiation then contracts the same multiply-adds into FMAs as the
+// float one and its rows are bitwise the float op's, rounded. Where a loop has loop-invariant branches or re-reads
+// its inputs (the scaled residual, the LayerNorm rows), GCC unswitched and CSE'd the two instantiations differently
+// and so fused different multiply-adds (measured: results one bfloat16 ulp apart in the fuzz); those ops keep their
+// float kernel and convert through L1 scratch (row_ops_bf16.h).
+typedef uint16_t Bf16Bits __attribute__((vector_size(VK_CPU_VECTOR_BYTES / 2), __may_alias__, aligned(2)));
+typedef uint32_t FloatBits __attribute__((vector_size(VK_CPU_VECTOR_BYTES), __may_alias__, aligned(4)));
+
+VK_INLINE Vec<float>::type widen_bf16(Bf16Bits h) {
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  const FloatBits u = reinterpret_cast<FloatBits>(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)));
+#else
+  const FloatBits u = __builtin_convertvector(h, FloatBits);
+#endif
+  return reinterpret_cast<Vec<float>::type>(u << 16);
+}
+VK_INLINE Bf16Bits round_to_bf16(Vec<float>::type v) {
+  const FloatBits u = reinterpret_cast<FloatBits>(v);
+  const FloatBits rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const FloatBits bits = v != v ? FloatBits{} + 0xFFFFu : rounded;
+#if defined(VK_CPU_X86) && VK_CPU_VECTOR_BYTES == 64
+  return reinterpret_cast<Bf16Bits>(_mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(bits)));
+#else
+  return __builtin_convertvector(bits, Bf16Bits);
+#endif
+}
+VK_INLINE Vec<float>::type load(const c10::BFloat16* p) { return widen_bf16(*reinterpret_cast<const Bf16Bits*>(p)); }
+VK_INLINE void store(c10::BFloat16* p, Vec<float>::type v) { *reinterpret_cast<Bf16Bits*>(p) = round_to_bf16(v); }
+VK_INLINE Vec<float>::type load_partial(const c10::BFloat16* p, int64_t n) {
+  Bf16Bits h{};
+  for (int64_t l = 0; l < n; ++l) h[l] = p[l].x;
+  return widen_bf16(h);
+}
+VK_INLINE void store_partial(c10::BFloat16* p, Vec<float>::type v, int64_t n) {
+  const Bf16Bits h = round_to_bf16(v);
+  for (int64_t l = 0; l < n; ++l) p[l].x = h[l];
+}
+
+// The type a row kernel computes in for values stored as S: float for bfloat16, S itself otherwise.
+template <typename S>
+using compute_t = typename std::conditional<std::is_same<S, c10::BFloat16>::value, float, S>::type;
+
 // --- LayerNorm of one row of C values ------------------------------------------------------------------------------
 // y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
 // (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.

@@ -1,6 +1,7 @@
-// The row ops on bfloat16 tensors without whole-tensor conversions (bias_gelu, bias_residual, bias_residual_layernorm,
-// their in-place twins and backwards). Include it after cpu_isa_each.h: it calls each instruction set's bf16_to_float /
-// float_to_bf16 (cpu_simd.h) through VK_CPU_CALL.
+// The row ops on bfloat16 tensors without whole-tensor conversions: bias_residual and bias_residual_layernorm (their
+// in-place twins and backwards) run their float kernels on chunks widened into L1 scratch; bias_gelu, whose kernel
+// widens and rounds in registers (cpu_simd.h), uses only optional_float_data. Include it after cpu_isa_each.h: it calls
+// each instruction set's bf16_to_float / float_to_bf16 (cpu_simd.h) through VK_CPU_CALL.
 #pragma once
 
 #include <ATen/Parallel.h>
