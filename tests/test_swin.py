@@ -860,6 +860,46 @@ def test_patch_model_swaps_stages_and_the_chain_matches_timm_in_training(monkeyp
     assert all(s.grad_checkpointing for s in patched.layers)
 
 
+def test_patched_feature_extractors_match_timm():
+    """Detection / segmentation use a Swin as a backbone: ``features_only=True`` (timm's feature wrapper around the
+    stages) and ``forward_intermediates``. Patched, both run the fused CPU path and give timm's feature maps and
+    gradients in training (drop path, a fixed seed; float64)."""
+    import copy
+
+    _fused_cpu_or_skip()
+    timm = import_timm()
+    config = {k: v for k, v in SMALL_SWIN.items() if k != "num_classes"}
+    original = timm.create_model("swin_tiny_patch4_window7_224", features_only=True, drop_path_rate=0.2, **config)
+    original = original.double().train()
+    patched = patch_model(copy.deepcopy(original))
+    assert sum(isinstance(m, vitkernels.SwinBlock) for m in patched.modules()) == 4
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    torch.manual_seed(3)
+    theirs = original(x)
+    torch.manual_seed(3)
+    with OpCalls() as calls:
+        ours = patched(x)
+    assert "vitkernels::window_attention_add_bias" in calls.names and "vitkernels::bias_residual" in calls.names
+    assert [t.shape for t in ours] == [t.shape for t in theirs] == [(2, 8, 12, 16), (2, 4, 6, 32)]
+    grads = [torch.randn_like(t) for t in theirs]
+    torch.autograd.backward(theirs, grads)
+    torch.autograd.backward(ours, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    ours_grads = dict(patched.named_parameters())
+    for name, param in original.named_parameters():
+        torch.testing.assert_close(ours_grads[name].grad, param.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+    original, patched = _patched_small_swin()
+    with torch.no_grad(), OpCalls() as calls:
+        final, features = patched.forward_intermediates(x, indices=2)
+    assert "vitkernels::bias_residual_layernorm_" in calls.names
+    want_final, want_features = original.forward_intermediates(x, indices=2)
+    torch.testing.assert_close(final, want_final, rtol=1e-9, atol=1e-9)
+    for a, b in zip(features, want_features, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_patch_model_keeps_a_hooked_timm_stage():
     """The new stage would not carry the old one's hooks: such a stage stays timm's (its blocks are still swapped)."""
     import copy
