@@ -19,6 +19,7 @@ void bias_gelu_rows_impl(const S* x, const compute_t<S>* bias, S* y, int64_t beg
   for (int64_t r = begin; r < end; ++r) {
     const S* xr = x + r * C;
     S* yr = y + r * C;
+    if (r + kRowsAhead < end) prefetch_row(xr + kRowsAhead * C, C);
     for (int64_t j = 0; j < full; j += L) store(yr + j, vgelu<T>(load(xr + j) + load(bias + j), tanh_approx));
     if (tail) {
       store_partial(yr + full, vgelu<T>(load_partial(xr + full, tail) + load_partial(bias + full, tail), tanh_approx),
@@ -46,6 +47,10 @@ void bias_gelu_backward_rows_impl(const S* dy, const S* x, const compute_t<S>* b
     const S* dyr = dy + r * C;
     const S* xr = x + r * C;
     S* dxr = dx + r * C;
+    if (r + kRowsAhead < end) {
+      prefetch_row(dyr + kRowsAhead * C, C);
+      prefetch_row(xr + kRowsAhead * C, C);
+    }
     for (int64_t j = 0; j < full; j += L) {
       const auto g = load(dyr + j) * vgelu_grad<T>(load(xr + j) + load(bias + j), tanh_approx);
       store(dxr + j, g);

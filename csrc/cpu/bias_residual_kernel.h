@@ -30,6 +30,10 @@ void bias_residual_rows(const T* y, const T* bias, const T* res, const T* scale,
                         int64_t begin, int64_t end, int64_t C) {
   for (int64_t r = begin; r < end; ++r) {
     const T s = scale ? scale[r / rows_per_sample] : T(1);
+    if (r + kRowsAhead < end) {
+      prefetch_row(y + (r + kRowsAhead) * C, C);
+      prefetch_row(res + (r + kRowsAhead) * C, C);
+    }
     bias_residual_row(y + r * C, bias, res + r * C, s, scale != nullptr, out + r * C, C);
   }
 }

@@ -17,6 +17,10 @@ void bias_residual_layernorm_rows(const T* y, const T* bias, const T* res, const
                                   int64_t begin, int64_t end, int64_t C) {
   for (int64_t r = begin; r < end; ++r) {
     const T s = scale ? scale[r / rows_per_sample] : T(1);
+    if (r + kRowsAhead < end) {
+      prefetch_row(y + (r + kRowsAhead) * C, C);
+      prefetch_row(res + (r + kRowsAhead) * C, C);
+    }
     T* x1r = x1 + r * C;
     bias_residual_row(y + r * C, bias, res + r * C, s, scale != nullptr, x1r, C);
     layernorm_row(x1r, out + r * C, weight, ln_bias, C, eps, mean + r, rstd + r);
@@ -34,6 +38,11 @@ void bias_residual_layernorm_backward_rows(const T* d_out, const T* d_x1, const 
   const int64_t full = C / L * L, tail = C - full;
   for (int64_t r = begin; r < end; ++r) {
     T* g = d_res + r * C;
+    if (r + kRowsAhead < end) {
+      prefetch_row(d_out + (r + kRowsAhead) * C, C);
+      prefetch_row(x1 + (r + kRowsAhead) * C, C);
+      if (d_x1) prefetch_row(d_x1 + (r + kRowsAhead) * C, C);
+    }
     layernorm_row_backward(d_out + r * C, x1 + r * C, mean[r], rstd[r], weight, C, d_x1 ? d_x1 + r * C : nullptr, g,
                            sums + C, sums + 2 * C);
     // d_bias += d_y = s g
