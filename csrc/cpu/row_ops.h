@@ -17,8 +17,8 @@
 namespace vitkernels {
 namespace cpu {
 
-// The kernels compute in float (double for double inputs); half and bfloat16 tensors are converted around them
-// (whole tensors; the in-place ops on contiguous bfloat16 chunk by chunk: row_ops_bf16.h).
+// The kernels compute in float (double for double inputs); half tensors are converted around them whole, bfloat16
+// ones a few rows at a time through float scratch (row_ops_bf16.h) or, for bias_gelu, in the kernel's registers.
 inline at::ScalarType row_op_compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
