@@ -11,6 +11,7 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "row_ops.h"
@@ -38,33 +39,41 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& bias) {
   TORCH_CHECK(x.device() == bias.device(), op, ": bias must be on x's device ", x.device(), ", got ", bias.device());
 }
 
-// y (contiguous, of the compute type, may be x itself) = gelu(x + bias).
+// The type the kernels read and write x in: bfloat16 as it is (widened and rounded in the kernel's registers),
+// everything else as its compute type (float, or double).
+at::ScalarType storage_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : row_op_compute_type(x);
+}
+
+// The kernels' compute type for storage type S: float for bfloat16, S itself otherwise.
+template <typename S>
+using compute_of = std::conditional_t<std::is_same_v<S, at::BFloat16>, float, S>;
+
+// The bias as contiguous data of compute_of<S>, kept alive in keep / keep_tensor (a bfloat16 bias beside bfloat16 x
+// widened without a dispatcher round trip: optional_float_data).
+template <typename S>
+const compute_of<S>* bias_data(Isa isa, const at::Tensor& bias, std::vector<float>& keep, at::Tensor& keep_tensor) {
+  if constexpr (std::is_same_v<compute_of<S>, float>) {
+    return optional_float_data(isa, bias, keep, keep_tensor);
+  } else {
+    keep_tensor = as_compute(bias, c10::CppTypeToScalarType<S>::value);
+    return keep_tensor.const_data_ptr<S>();
+  }
+}
+
+// y (contiguous, of xc's storage_type, may be xc itself) = gelu(xc + bias), xc contiguous of its storage_type.
 void forward_into(const at::Tensor& xc, const at::Tensor& bias, at::Tensor& y, bool tanh_approx) {
   const int64_t C = xc.size(-1), rows = C == 0 ? 0 : xc.numel() / C;
   const Isa isa = selected_isa();
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "vitkernels_bias_gelu_cpu", [&] {
-    const at::Tensor b = as_compute(bias, xc.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xc.scalar_type(), "vitkernels_bias_gelu_cpu", [&] {
+    std::vector<float> keep;
+    at::Tensor keep_tensor;
+    const compute_of<scalar_t>* b_ptr = bias_data<scalar_t>(isa, bias, keep, keep_tensor);
     const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
-    const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
       VK_CPU_CALL(isa, bias_gelu_rows, x_ptr, b_ptr, y_ptr, begin, end, C, tanh_approx);
     });
-  });
-}
-
-// y (contiguous bfloat16, may be x itself) = gelu(x + bias) for a contiguous bfloat16 x: the kernel widens and rounds
-// in registers (bitwise converting x to float, the float op, and rounding back), the bias and arithmetic in float.
-void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, bool tanh_approx) {
-  const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-  const Isa isa = selected_isa();
-  std::vector<float> b;
-  at::Tensor bt;
-  const float* b_ptr = optional_float_data(isa, bias, b, bt);
-  const at::BFloat16* x_ptr = x.const_data_ptr<at::BFloat16>();
-  at::BFloat16* y_ptr = y.mutable_data_ptr<at::BFloat16>();
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-    VK_CPU_CALL(isa, bias_gelu_rows, x_ptr, b_ptr, y_ptr, begin, end, C, tanh_approx);
   });
 }
 
@@ -73,13 +82,7 @@ void bf16_gelu_rows(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y, 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
   check_args("bias_gelu", x, bias);
   const bool tanh_approx = tanh_approximation(approximate);
-  if (x.scalar_type() == at::kBFloat16) {  // widened and rounded in registers
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-    bf16_gelu_rows(xc, bias, y, tanh_approx);
-    return y;
-  }
-  const at::Tensor xc = as_compute(x, row_op_compute_type(x));
+  const at::Tensor xc = as_compute(x, storage_type(x));
   at::Tensor y = at::empty_like(xc, at::MemoryFormat::Contiguous);
   forward_into(xc, bias, y, tanh_approx);
   return y.to(x.scalar_type());
@@ -89,12 +92,10 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::strin
 void bias_gelu_inplace_cpu(at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
   check_args("bias_gelu_", x, bias);
   const bool tanh_approx = tanh_approximation(approximate);
-  if (x.is_contiguous() && x.scalar_type() == row_op_compute_type(x)) {
+  if (x.is_contiguous() && x.scalar_type() == storage_type(x)) {
     forward_into(x, bias, x, tanh_approx);
-  } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {  // widened and rounded in registers
-    bf16_gelu_rows(x, bias, x, tanh_approx);
   } else {
-    at::Tensor xc = as_compute(x, row_op_compute_type(x)).clone();
+    at::Tensor xc = as_compute(x, storage_type(x)).clone();
     forward_into(xc, bias, xc, tanh_approx);
     x.copy_(xc);
   }
@@ -106,36 +107,23 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   TORCH_CHECK(grad.sizes() == x.sizes(), "bias_gelu_backward: grad must be ", x.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(grad.device() == x.device(), "bias_gelu_backward: grad must be on x's device");
   const bool tanh_approx = tanh_approximation(approximate);
-  if (all_bfloat16({&x, &grad})) {  // widened and rounded in registers, the bias gradient summed in float per block
-    const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
-    at::Tensor dx = at::empty_like(xc, at::MemoryFormat::Contiguous);
-    const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
-    const Isa isa = selected_isa();
-    std::vector<float> b;
-    at::Tensor bt;
-    const float* b_ptr = optional_float_data(isa, bias, b, bt);
-    const at::BFloat16* g_ptr = gc.const_data_ptr<at::BFloat16>();
-    const at::BFloat16* x_ptr = xc.const_data_ptr<at::BFloat16>();
-    at::BFloat16* dx_ptr = dx.mutable_data_ptr<at::BFloat16>();
-    const std::vector<double> d_bias =
-        parallel_rows_with_column_sums<float>(rows, C, 1, [&](int64_t begin, int64_t end, float* sums) {
-          VK_CPU_CALL(isa, bias_gelu_backward_rows, g_ptr, x_ptr, b_ptr, dx_ptr, sums, begin, end, C, tanh_approx);
-        });
-    return {dx, column_sums_tensor(d_bias, 0, C, bias, bias.scalar_type())};
-  }
-  const at::ScalarType type = row_op_compute_type(x);
+  // bfloat16 read as it is only when both are (a mixed pair is converted to the compute type)
+  const at::ScalarType type = all_bfloat16({&x, &grad}) ? at::kBFloat16 : row_op_compute_type(x);
   const at::Tensor xc = as_compute(x, type), gc = as_compute(grad, type);
   at::Tensor dx = at::empty_like(xc, at::MemoryFormat::Contiguous);
   const int64_t C = x.size(-1), rows = C == 0 ? 0 : x.numel() / C;
   const Isa isa = selected_isa();
   std::vector<double> d_bias;
-  AT_DISPATCH_FLOATING_TYPES(type, "vitkernels_bias_gelu_backward_cpu", [&] {
-    const at::Tensor b = as_compute(bias, type);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "vitkernels_bias_gelu_backward_cpu", [&] {
+    using T = compute_of<scalar_t>;
+    std::vector<float> keep;
+    at::Tensor keep_tensor;
+    const T* b_ptr = bias_data<scalar_t>(isa, bias, keep, keep_tensor);
     const scalar_t* g_ptr = gc.const_data_ptr<scalar_t>();
     const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
-    const scalar_t* b_ptr = b.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
-    d_bias = parallel_rows_with_column_sums<scalar_t>(rows, C, 1, [&](int64_t begin, int64_t end, scalar_t* sums) {
+    // the bias gradient summed in T per block of rows, in double across them
+    d_bias = parallel_rows_with_column_sums<T>(rows, C, 1, [&](int64_t begin, int64_t end, T* sums) {
       VK_CPU_CALL(isa, bias_gelu_backward_rows, g_ptr, x_ptr, b_ptr, dx_ptr, sums, begin, end, C, tanh_approx);
     });
   });
