@@ -63,3 +63,22 @@ def assert_bf16_bitwise(got: torch.Tensor, want: torch.Tensor, name: str = "") -
 def widen(*tensors):
     """Each tensor as float32 (None stays None): the bfloat16 ops' specification is the float op on these."""
     return [None if t is None else t.float() for t in tensors]
+
+
+def check_split_across_threads(fast, make_inputs, dtype=torch.float32):
+    """``fast``'s outputs and gradients with the rows split over two threads (the shape must span two of the row
+    ops' tasks: 256 KB of rows each) are the one-thread ones: rows bitwise, parameter gradients (column sums, in
+    double across the tasks) within float rounding."""
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return forward_and_grads(fast, make_inputs(dtype))
+        finally:
+            torch.set_num_threads(before)
+    one_outs, one_grads, _ = run(1)
+    two_outs, two_grads, _ = run(2)
+    for a, b in zip(one_outs, two_outs):
+        assert torch.equal(a, b)
+    for a, b in zip(one_grads, two_grads):  # float partial sums of other rows: float rounding of the sums' scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

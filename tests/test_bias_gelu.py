@@ -7,8 +7,8 @@ import vitkernels
 from vitkernels.ops.bias_gelu import bias_gelu
 from vitkernels.reference.bias_gelu import bias_gelu as reference_bias_gelu
 
-from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
-                               widen)
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
+                               check_split_across_threads, leaf, native_or_skip, widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 37), (1, 4, 5, 16), (7, 1)]  # C: a multiple of 16, odd, one vector, one value
@@ -39,6 +39,14 @@ def test_every_instruction_set(isa, monkeypatch):
     for approximate in ("none", "tanh"):
         check_against_reference(lambda x, b, a: bias_gelu(x, b, a, backend="native"), reference_bias_gelu,
                                 make_inputs((5, 53), approximate), torch.float32)
+
+
+def test_rows_split_across_threads():
+    """200 rows of 512 are two tasks of the backward's column sums (Swin-T's deep stages are a few hundred rows)."""
+    native_or_skip("bias_gelu")
+    fast = lambda x, b, a: bias_gelu(x, b, a, backend="native")  # noqa: E731
+    check_against_reference(fast, reference_bias_gelu, make_inputs((2, 100, 512), "none"), torch.float32)
+    check_split_across_threads(fast, make_inputs((2, 100, 512), "none"))
 
 
 def test_matches_torch_gelu_of_a_linear():

@@ -7,8 +7,8 @@ import torch
 from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
 from vitkernels.reference.bias_residual_layernorm import bias_residual_layernorm as reference_brln
 
-from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
-                               widen)
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
+                               check_split_across_threads, leaf, native_or_skip, widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -40,6 +40,13 @@ def native(y, b, r, w, lb, eps, s):
 def test_native_matches_reference(shape, dtype, with_bias, with_scale, affine):
     native_or_skip("bias_residual_layernorm")
     check_against_reference(native, reference_brln, make_inputs(shape, with_bias, with_scale, affine), dtype)
+
+
+def test_rows_split_across_threads():
+    """200 rows of 512 are two tasks of the backward's column sums (bias, LayerNorm weight and bias)."""
+    native_or_skip("bias_residual_layernorm")
+    check_against_reference(native, reference_brln, make_inputs((2, 100, 512)), torch.float32)
+    check_split_across_threads(native, make_inputs((2, 100, 512)))
 
 
 def test_gradient_through_the_normalised_output_only():

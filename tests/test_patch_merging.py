@@ -6,8 +6,8 @@ import torch
 from vitkernels.ops.patch_merging import patch_merging_norm
 from vitkernels.reference.patch_merging import patch_merging_norm as reference_pmn
 
-from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
-                               widen)
+from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
+                               check_split_across_threads, leaf, native_or_skip, widen)
 from helpers import assert_close, import_timm
 
 SHAPES = [(2, 8, 8, 16), (1, 7, 9, 5), (3, 1, 4, 8), (1, 5, 1, 3)]  # even, odd both, one row, one column
@@ -40,6 +40,13 @@ def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("patch_merging_norm")
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     check_against_reference(native, reference_pmn, make_inputs((2, 7, 6, 24)), torch.float32)
+
+
+def test_rows_split_across_threads():
+    """A 32 x 32 map of 128 channels merges into 256 rows of 512: two tasks of the backward's column sums."""
+    native_or_skip("patch_merging_norm")
+    check_against_reference(native, reference_pmn, make_inputs((1, 32, 32, 128)), torch.float32)
+    check_split_across_threads(native, make_inputs((1, 32, 32, 128)))
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
