@@ -45,15 +45,11 @@ at::ScalarType storage_type(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : row_op_compute_type(x);
 }
 
-// The kernels' compute type for storage type S: float for bfloat16, S itself otherwise.
-template <typename S>
-using compute_of = std::conditional_t<std::is_same_v<S, at::BFloat16>, float, S>;
-
-// The bias as contiguous data of compute_of<S>, kept alive in keep / keep_tensor (a bfloat16 bias beside bfloat16 x
+// The bias as contiguous data of compute_t<S>, kept alive in keep / keep_tensor (a bfloat16 bias beside bfloat16 x
 // widened without a dispatcher round trip: optional_float_data).
 template <typename S>
-const compute_of<S>* bias_data(Isa isa, const at::Tensor& bias, std::vector<float>& keep, at::Tensor& keep_tensor) {
-  if constexpr (std::is_same_v<compute_of<S>, float>) {
+const compute_t<S>* bias_data(Isa isa, const at::Tensor& bias, std::vector<float>& keep, at::Tensor& keep_tensor) {
+  if constexpr (std::is_same_v<compute_t<S>, float>) {
     return optional_float_data(isa, bias, keep, keep_tensor);
   } else {
     keep_tensor = as_compute(bias, c10::CppTypeToScalarType<S>::value);
@@ -68,7 +64,7 @@ void forward_into(const at::Tensor& xc, const at::Tensor& bias, at::Tensor& y, b
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xc.scalar_type(), "vitkernels_bias_gelu_cpu", [&] {
     std::vector<float> keep;
     at::Tensor keep_tensor;
-    const compute_of<scalar_t>* b_ptr = bias_data<scalar_t>(isa, bias, keep, keep_tensor);
+    const compute_t<scalar_t>* b_ptr = bias_data<scalar_t>(isa, bias, keep, keep_tensor);
     const scalar_t* x_ptr = xc.const_data_ptr<scalar_t>();
     scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
@@ -115,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   const Isa isa = selected_isa();
   std::vector<double> d_bias;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type, "vitkernels_bias_gelu_backward_cpu", [&] {
-    using T = compute_of<scalar_t>;
+    using T = compute_t<scalar_t>;
     std::vector<float> keep;
     at::Tensor keep_tensor;
     const T* b_ptr = bias_data<scalar_t>(isa, bias, keep, keep_tensor);

@@ -27,6 +27,11 @@ namespace cpu {
 
 enum class Isa { kAvx512 = 0, kAvx2 = 1, kBaseline = 2 };  // ordered from most to least capable
 
+// The type a row kernel computes in for values stored as S: float for bfloat16, S itself otherwise. Here, outside
+// the per-instruction-set namespaces, so the kernels (cpu_simd.h's bodies) and their host code share one definition.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, c10::BFloat16>, float, S>;
+
 inline const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";

@@ -376,10 +376,6 @@ VK_INLINE void store_partial(c10::BFloat16* p, Vec<float>::type v, int64_t n) {
   for (int64_t l = 0; l < n; ++l) p[l].x = h[l];
 }
 
-// The type a row kernel computes in for values stored as S: float for bfloat16, S itself otherwise.
-template <typename S>
-using compute_t = typename std::conditional<std::is_same<S, c10::BFloat16>::value, float, S>::type;
-
 // The row kernels prefetch row r + kRowsAhead of their inputs (prefetch_row: bytes [0, C * sizeof(S)) of it) while
 // row r is computed: their arithmetic per vector is long (GELU, LayerNorm), so the out-of-order core keeps few of a
 // row's loads in flight, and a cold row (a GEMM output in L3 or memory: the model's case) would be fetched at
