@@ -57,7 +57,7 @@ class FusedClasses:
                 mixin, attributes = made
                 self._classes[cls] = type(f"Fused{cls.__name__}", (mixin, cls), {
                     "__module__": self.owner,
-                    "__doc__": f"{cls.__name__} with its window attention on vitkernels' fused op ({self.owner}).",
+                    "__doc__": f"{cls.__name__} on vitkernels' fused ops ({self.owner}).",
                     "_vk_original_class": cls,
                     **attributes,
                 })

@@ -12,7 +12,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from vitkernels.compat._patching import patch_linears
+from vitkernels.compat._patching import FusedClasses, FusedModule, patch_linears, switch_class
+from vitkernels.modules import vit as _vit
 from vitkernels.modules.patch_embed import PatchEmbed, embed
 from vitkernels.reference.patch_embed import resample_abs_pos_embed
 
@@ -97,6 +98,37 @@ class FusedViTPatchEmbed(PatchEmbed):
         return embed(self, x, pos_for_grid, _vit_prefix_tokens(model), no_embed_class)
 
 
+# --- ViT / DeiT blocks (class swap) ---------------------------------------------------------------------------------
+
+class _FusedViTBlock(FusedModule):
+    """timm ``vision_transformer.Block`` whose forward runs the fused CPU path (:mod:`vitkernels.modules.vit`)
+    where it can serve the call, timm's own forward everywhere else (GPUs, attention masks, LayerScale ...)."""
+
+    def forward(self, x, *args, **kwargs):
+        # timm >= 1.0.10 passes attn_mask (and later is_causal) on; the fused path serves only their defaults
+        defaults = all(v is None or v is False for v in (*args, *kwargs.values()))
+        if defaults and _vit.fused_cpu_ready(self, x, self.vitkernels_backend):
+            return _vit.forward_fused_cpu(self, x)
+        return super().forward(x, *args, **kwargs)
+
+
+_VIT_BLOCKS = FusedClasses(__name__, {"Block": "timm.models.vision_transformer"}, lambda cls: (_FusedViTBlock, {}))
+
+
+def patch_vit_blocks(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Switch every timm ``vision_transformer.Block`` inside ``model`` (``model`` itself included) to a subclass
+    running the fused CPU path of :mod:`vitkernels.modules.vit`, in place: the same object, submodules, parameters,
+    state dict and hooks; ``unpatch_model`` (:mod:`vitkernels.compat._patching`) switches them back. ``backend``
+    (None: ``$VITKERNELS_BACKEND`` or ``auto``) is stored as ``block.vitkernels_backend``; patching twice only
+    updates it. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, _FusedViTBlock):
+            module.vitkernels_backend = backend
+        elif _VIT_BLOCKS.matches(type(module)):
+            switch_class(module, _VIT_BLOCKS.fused(type(module)), backend)
+    return model
+
+
 # --- Swin ---------------------------------------------------------------------------------------------------------
 
 def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
@@ -111,12 +143,14 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
     ``attn.relative_position_bias_table`` / ``attn.cpb_mlp``, ``mlp``, ``reduction`` ...), so state-dict keys,
     optimizers and weight tying are unaffected, and compute the same numbers with fused kernels; timm's
     ``set_input_size`` reaches them. Modules are recognised by class name and attributes, so timm is not imported.
-    ``model`` may itself be a block. Works on any model (a ViT has no Swin block: only its Linears change).
-    Returns the (possibly new) root module.
+    ``model`` may itself be a block. Every timm ViT ``Block`` (ViT, DeiT, the official MAE code's encoder and
+    decoder) switches its class to one running the fused CPU path of :mod:`vitkernels.modules.vit`
+    (:func:`patch_vit_blocks`: the same object, parameters and state dict). Returns the (possibly new) root module.
     """
     model = _replace_modules(model, lambda m: _convert_timm_block(m, backend))
     # stages in a second pass: a new stage takes its (by now converted) downsample and blocks as they are
     model = _replace_modules(model, lambda m: stage_from_timm(m, backend) if _is_timm_swin_stage(m) else None)
+    patch_vit_blocks(model, backend)
     if linear:
         patch_linears(model, backend)
     return model
@@ -368,3 +402,8 @@ def convert_official_swin_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> 
             key = re.sub(r"^head\.", "head.fc.", key)
         out[key] = value
     return out
+
+
+def __getattr__(name: str):
+    """``FusedBlock``: the fused class of timm's ViT block, resolved on demand (for unpickling)."""
+    return _VIT_BLOCKS.resolve(name)

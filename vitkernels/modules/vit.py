@@ -1,0 +1,109 @@
+"""The fused CPU path of a ViT / DeiT transformer block: timm's ``vision_transformer.Block`` (DeiT, ViT, and the
+official MAE code's encoder and decoder, which are built from it) with the Swin block's native row ops between its
+GEMMs. :func:`vitkernels.compat.timm.patch_model` switches each such block's class to one whose ``forward`` runs
+:func:`forward_fused_cpu` where :func:`fused_cpu_ready` says it can serve the call, and timm's code everywhere else.
+
+timm's block (pre-norm, global attention over the N tokens, B x N rows of C channels):
+
+    x1  = x + dp1 * proj(SDPA(qkv(LayerNorm1(x))))
+    out = x1 + dp2 * fc2(gelu(fc1(LayerNorm2(x1))))
+
+runs proj, fc1 and fc2 with their biases (``addmm``), then the residual add, LayerNorm2, GELU and the second residual
+add each as a pass of its own over the (B, N, C) / (B, N, 4C) activations. Here the three Linears are plain GEMMs
+and each bias goes where the next row op reads the GEMM's output anyway:
+
+    a   = LayerNorm1(x)                                         (ATen)
+    o   = SDPA(heads(a Wqkv^T + bqkv))                          (ATen: addmm, scaled_dot_product_attention)
+    x1, a2 = x + dp1 * (o Wproj^T + bproj), LayerNorm2(x1)      (bias_residual_layernorm)
+    h   = gelu(a2 W1^T + b1)                                    (bias_gelu)
+    out = x1 + dp2 * (h W2^T + b2)                              (bias_residual)
+
+(dp1, dp2: the per-sample drop-path factors, drawn with timm's calls), the row ops in place on tensors the block
+created (the attention output, the GEMM outputs): no fresh LayerNorm2, GELU or residual outputs, and ``addmm``'s
+bias copies, the residual adds and the GELU make no passes of their own. The attention itself
+stays ATen's ``scaled_dot_product_attention`` (timm's ``fused_attn`` path; with ``fused_attn`` off timm computes
+the same softmax unfused, equal within float rounding).
+
+Inference only (grad mode off, as under ``torch.no_grad`` / ``torch.inference_mode``): in a training step the same
+ops with their backwards measured no faster than timm's ATen ops (DeiT-S, batch 2, 2-core Xeon: 0.98-1.00x; the
+GEMMs, SDPA and the GELU's backward are the step, and ATen's GELU and LayerNorm backwards are as fast as ours at
+these shapes), so with grad mode on the block runs timm's code, numbers and autograd graph unchanged.
+
+Served: grad mode off, CPU tensors (B, N, C), backend ``auto`` or ``native``, the dtypes and autocast cases of the
+Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only bfloat16 blocks on a
+bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add promotes it, so its
+blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``), timm's ``Attention``
+without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias, no hidden norm,
+dropouts inactive, no LayerScale (``init_values``: DeiT III, DINOv2 keep timm's code), drop paths, no attention mask,
+and no hooks on the block's submodules (they would not fire) nor global module hooks.
+"""
+from __future__ import annotations
+
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkernels.modules.swin import (
+    _drop_path_factors,
+    _fusable_drop_path,
+    _fused_cpu_allowed,
+    _gemm,
+    _global_hooks,
+    _has_hooks,
+    _inactive,
+    _is_layernorm,
+)
+
+
+def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
+    """Whether :func:`forward_fused_cpu` serves ``block(x)`` (module docstring: the call, the backend, the block's
+    parts), for a timm ``vision_transformer.Block`` ``block`` and tokens ``x`` (B, N, C)."""
+    if torch.is_grad_enabled() or x.ndim != 3 or not _fused_cpu_allowed(backend, x):
+        return False
+    attn, mlp, C = block.attn, block.mlp, x.shape[-1]
+    norms_ok = all(_is_layernorm(n, C) and not getattr(n, "_fast_norm", False) for n in (block.norm1, block.norm2))
+    return (
+        norms_ok
+        and type(attn).__name__ == "Attention" and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)
+        and attn.proj.out_features == C
+        and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+        and isinstance(getattr(attn, "norm", None), (nn.Identity, type(None))) and getattr(attn, "gate", None) is None
+        and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
+        and isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)
+        and type(mlp).__name__ == "Mlp" and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
+        and isinstance(mlp.fc1, nn.Linear) and mlp.fc1.bias is not None and isinstance(mlp.fc2, nn.Linear)
+        and mlp.fc2.out_features == C and _inactive(mlp.drop1) and _inactive(mlp.drop2)
+        and _fusable_drop_path(block.drop_path1) and _fusable_drop_path(block.drop_path2)
+        and not _global_hooks() and not any(_has_hooks(m) for m in islice(block.modules(), 1, None))
+    )
+
+
+def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention``'s heads without its proj: (B, N, C) LayerNorm1 output -> (B, N, heads * head_dim)."""
+    B, N, _ = a.shape
+    qkv = _gemm(a, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)  # timm's fused_attn call: its default scale is head_dim ** -0.5
+    return o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+
+
+def forward_fused_cpu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` through the fused CPU path (module docstring), without autograd (the caller has checked
+    :func:`fused_cpu_ready`): the row ops in place on tensors this call created. ``x`` is only read."""
+    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
+    a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+    o = _attention(attn, a)
+    y = _gemm(o, attn.proj.weight)
+    # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it (a fresh one where the
+    # heads' width is not C)
+    a2 = o if o.shape == y.shape and o.is_contiguous() else torch.empty_like(y)
+    torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(block.drop_path1, x),
+                                                  n2.weight, n2.bias, n2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
+    x1 = y
+    h = _gemm(a2, mlp.fc1.weight)
+    torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
+    out = _gemm(h, mlp.fc2.weight)
+    torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, _drop_path_factors(block.drop_path2, x1))
+    return out
