@@ -107,6 +107,14 @@ def _inactive(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
+def _fusable_gelu_mlp(mlp: nn.Module) -> bool:
+    """timm's ``Mlp`` as the fused paths compute it: Linears fc1 and fc2, an ``nn.GELU``, no hidden norm, dropouts
+    inactive."""
+    return (type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
+            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            and _inactive(mlp.drop1) and _inactive(mlp.drop2))
+
+
 def _fusable_drop_path(m: nn.Module) -> bool:
     """nn.Identity, or a DropPath (timm's or vitkernels') whose per-sample factor the fused ops can apply."""
     return isinstance(m, nn.Identity) or (hasattr(m, "drop_prob") and type(m).__name__ == "DropPath")
@@ -251,9 +259,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             _is_layernorm(self.norm1, C) and _is_layernorm(self.norm2, C)
             and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)
             and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
-            and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
-            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
-            and _inactive(mlp.drop1) and _inactive(mlp.drop2)
+            and _fusable_gelu_mlp(mlp)
             and _fusable_drop_path(self.drop_path1) and _fusable_drop_path(self.drop_path2)
         )
 

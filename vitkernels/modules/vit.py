@@ -32,10 +32,10 @@ these shapes), so with grad mode on the block runs timm's code, numbers and auto
 Served: grad mode off, CPU tensors (B, N, C), backend ``auto`` or ``native``, the dtypes and autocast cases of the
 Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only bfloat16 blocks on a
 bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add promotes it, so its
-blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``), timm's ``Attention``
-without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias, no hidden norm,
-dropouts inactive, no LayerScale (``init_values``: DeiT III, DINOv2 keep timm's code), drop paths, no attention mask,
-and no hooks on the block's submodules (they would not fire) nor global module hooks.
+blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``),
+timm's ``Attention`` without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias,
+no hidden norm, dropouts inactive, no LayerScale (``init_values``: DeiT III, DINOv2 keep timm's code), drop
+paths, no attention mask, and no hooks on the block's submodules (they would not fire) nor global module hooks.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ from torch import nn
 from vitkernels.modules.swin import (
     _drop_path_factors,
     _fusable_drop_path,
+    _fusable_gelu_mlp,
     _fused_cpu_allowed,
     _gemm,
     _global_hooks,
@@ -72,9 +73,8 @@ def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
         and isinstance(getattr(attn, "norm", None), (nn.Identity, type(None))) and getattr(attn, "gate", None) is None
         and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
         and isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)
-        and type(mlp).__name__ == "Mlp" and type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
-        and isinstance(mlp.fc1, nn.Linear) and mlp.fc1.bias is not None and isinstance(mlp.fc2, nn.Linear)
-        and mlp.fc2.out_features == C and _inactive(mlp.drop1) and _inactive(mlp.drop2)
+        and type(mlp).__name__ == "Mlp" and _fusable_gelu_mlp(mlp) and mlp.fc1.bias is not None
+        and mlp.fc2.out_features == C
         and _fusable_drop_path(block.drop_path1) and _fusable_drop_path(block.drop_path2)
         and not _global_hooks() and not any(_has_hooks(m) for m in islice(block.modules(), 1, None))
     )
@@ -96,9 +96,9 @@ def forward_fused_cpu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
     o = _attention(attn, a)
     y = _gemm(o, attn.proj.weight)
-    # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it (a fresh one where the
-    # heads' width is not C)
-    a2 = o if o.shape == y.shape and o.is_contiguous() else torch.empty_like(y)
+    # LayerNorm2's output goes to the attention output's buffer (contiguous: _attention's reshape), dead once proj
+    # has read it; a fresh one where the heads' width is not C
+    a2 = o if o.shape == y.shape else torch.empty_like(y)
     torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(block.drop_path1, x),
                                                   n2.weight, n2.bias, n2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
