@@ -116,6 +116,9 @@ def _worker(rank, init_file, state, images, labels, out_path):
             results[f"{engine}/{variant}"] = out
         if rank == 0:
             torch.save(results, out_path)
+        # both ranks tear gloo down together: a rank destroying its pairs while the other still uses them once
+        # aborted the process ("terminate called without an active exception") on the loaded 2-core CI box
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
