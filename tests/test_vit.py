@@ -71,13 +71,44 @@ def test_patched_vit_inference_matches_timm(case, dtype, fused_calls):
     with torch.no_grad():
         ours, theirs = patched(x), original(x)
     assert len(fused_calls) == 2
-    if dtype == torch.float64:
+    _assert_timms_numbers(ours, theirs, original, x)
+
+
+def _assert_timms_numbers(ours, theirs, original, x):
+    """float64: ``ours`` within 1e-10 of timm's ``theirs``; float32: no further from a float64 run of ``original``
+    than twice timm's own float32 error."""
+    if x.dtype == torch.float64:
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     else:
         with torch.no_grad():
             exact = copy.deepcopy(original).double()(x.double())
         our_error, their_error = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
         assert our_error <= 2 * their_error + 1e-6, (our_error, their_error)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["layer-scale", "layer-scale-inplace"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_layer_scale_blocks_run_fused_with_timms_numbers(inplace, dtype, fused_calls):
+    """DeiT III / DINOv2 blocks (timm ``LayerScale`` on both branches; random per-channel gammas, in place or not)
+    run the fused path with timm's numbers, the gammas untouched."""
+    _fused_cpu_or_skip()
+    original = _vit("deit3_small_patch16_224", dtype, embed_dim=64, num_heads=2, init_values=1.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for block in original.blocks:
+            for ls in (block.ls1, block.ls2):
+                assert type(ls).__name__ == "LayerScale"
+                ls.inplace = inplace
+                ls.gamma.copy_(torch.randn_like(ls.gamma))
+    patched = patch_model(copy.deepcopy(original))
+    gammas = [p.clone() for n, p in patched.named_parameters() if n.endswith("gamma")]
+    x = torch.randn(3, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        ours, theirs = patched(x), original(x)
+    assert len(fused_calls) == 2
+    _assert_timms_numbers(ours, theirs, original, x)
+    assert all(torch.equal(g, p) for g, p in zip(gammas, (p for n, p in patched.named_parameters()
+                                                          if n.endswith("gamma"))))
 
 
 def test_official_mae_block_in_inference_mode_matches_timm(fused_calls):
@@ -162,8 +193,9 @@ def _run(block, x, **kwargs):
         return block(x, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["layer-scale", "qk-norm", "gelu-tanh-class", "attn-mask", "reference-backend",
-                                  "submodule-hook", "global-hook", "float32-under-autocast", "cpu-dropout-active"])
+@pytest.mark.parametrize("case", ["layer-scale-subclass", "qk-norm", "gelu-tanh-class", "attn-mask",
+                                  "reference-backend", "submodule-hook", "global-hook", "float32-under-autocast",
+                                  "cpu-dropout-active"])
 def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
     """Each block or call outside what the fused path serves (vitkernels/modules/vit.py) runs timm's forward and
     gives timm's output, with hooks firing."""
@@ -171,7 +203,8 @@ def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
     from timm.models.vision_transformer import Block
 
     torch.manual_seed(0)
-    kwargs = {"init_values": 1e-2} if case == "layer-scale" else {"qk_norm": True} if case == "qk-norm" else {}
+    kwargs = {"init_values": 0.5} if case == "layer-scale-subclass" else {"qk_norm": True} if case == "qk-norm" \
+        else {}
     if case == "gelu-tanh-class":
         from timm.layers import get_act_layer
 
@@ -179,6 +212,12 @@ def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
     original = Block(32, 4, qkv_bias=True, proj_drop=0.1 if case == "cpu-dropout-active" else 0.0, **kwargs).eval()
     if case == "cpu-dropout-active":
         original.train()
+    if case == "layer-scale-subclass":  # a LayerScale with its own forward: not timm's x * gamma
+        class DoubledLayerScale(type(original.ls2)):
+            def forward(self, x):
+                return 2 * x * self.gamma
+
+        original.ls2.__class__ = DoubledLayerScale
     patched = patch_model(copy.deepcopy(original), backend="reference" if case == "reference-backend" else None)
     x = torch.randn(2, 5, 32)
     call = {}
@@ -225,7 +264,8 @@ def test_bfloat16_vit_inference_is_as_close_to_float64_as_timm(fused_calls):
     assert rel(ours) <= max(1.5 * rel(theirs), 1e-2), (rel(ours), rel(theirs))
 
 
-def test_compiled_patched_vit_runs_the_fused_ops_fullgraph():
+@pytest.mark.parametrize("case", ["deit", "deit3-layer-scale"])
+def test_compiled_patched_vit_runs_the_fused_ops_fullgraph(case):
     """torch.compile(fullgraph=True, dynamic=True) of a patched ViT in inference traces the fused path (the in-place
     custom ops, through their fake kernels; aot_eager: no codegen, to keep it quick) and gives eager's outputs, at
     two batch sizes."""
@@ -234,7 +274,7 @@ def test_compiled_patched_vit_runs_the_fused_ops_fullgraph():
 
     from torch._dynamo.backends.registry import lookup_backend
 
-    original = _vit()
+    original = _vit() if case == "deit" else _vit("deit3_small_patch16_224", embed_dim=64, num_heads=2, init_values=0.5)
     patched = patch_model(copy.deepcopy(original))
     graphs, aot_eager = [], lookup_backend("aot_eager")
 

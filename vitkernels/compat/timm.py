@@ -102,7 +102,7 @@ class FusedViTPatchEmbed(PatchEmbed):
 
 class _FusedViTBlock(FusedModule):
     """timm ``vision_transformer.Block`` whose forward runs the fused CPU path (:mod:`vitkernels.modules.vit`)
-    where it can serve the call, timm's own forward everywhere else (GPUs, attention masks, LayerScale ...)."""
+    where it can serve the call, timm's own forward everywhere else (GPUs, attention masks, q/k norms ...)."""
 
     def forward(self, x, *args, **kwargs):
         # timm >= 1.0.10 passes attn_mask (and later is_causal) on; the fused path serves only their defaults

@@ -5,8 +5,10 @@ GEMMs. :func:`vitkernels.compat.timm.patch_model` switches each such block's cla
 
 timm's block (pre-norm, global attention over the N tokens, B x N rows of C channels):
 
-    x1  = x + dp1 * proj(SDPA(qkv(LayerNorm1(x))))
-    out = x1 + dp2 * fc2(gelu(fc1(LayerNorm2(x1))))
+    x1  = x + dp1 * ls1 * proj(SDPA(qkv(LayerNorm1(x))))
+    out = x1 + dp2 * ls2 * fc2(gelu(fc1(LayerNorm2(x1))))
+
+(ls1, ls2: LayerScale's per-channel gammas, DeiT III and DINOv2; absent in ViT, DeiT, MAE).
 
 runs proj, fc1 and fc2 with their biases (``addmm``), then the residual add, LayerNorm2, GELU and the second residual
 add each as a pass of its own over the (B, N, C) / (B, N, 4C) activations. Here the three Linears are plain GEMMs
@@ -17,6 +19,9 @@ and each bias goes where the next row op reads the GEMM's output anyway:
     x1, a2 = x + dp1 * (o Wproj^T + bproj), LayerNorm2(x1)      (bias_residual_layernorm)
     h   = gelu(a2 W1^T + b1)                                    (bias_gelu)
     out = x1 + dp2 * (h W2^T + b2)                              (bias_residual)
+
+With LayerScale the branch's GEMM keeps its bias (``addmm``, as timm) and is scaled in place by gamma, and the row op
+adds no bias: ``x + dp * (gamma * (o Wproj^T + bproj))``, timm's products in timm's order.
 
 (dp1, dp2: the per-sample drop-path factors, drawn with timm's calls), the row ops in place on tensors the block
 created (the attention output, the GEMM outputs): no fresh LayerNorm2, GELU or residual outputs, and ``addmm``'s
@@ -34,8 +39,8 @@ Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocas
 bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add promotes it, so its
 blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``),
 timm's ``Attention`` without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias,
-no hidden norm, dropouts inactive, no LayerScale (``init_values``: DeiT III, DINOv2 keep timm's code), drop
-paths, no attention mask, and no hooks on the block's submodules (they would not fire) nor global module hooks.
+no hidden norm, dropouts inactive, timm's ``LayerScale`` (gamma of shape (C,)) or none, drop paths, no attention
+mask, and no hooks on the block's submodules (they would not fire) nor global module hooks.
 """
 from __future__ import annotations
 
@@ -72,12 +77,31 @@ def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
         and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
         and isinstance(getattr(attn, "norm", None), (nn.Identity, type(None))) and getattr(attn, "gate", None) is None
         and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
-        and isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)
+        and _layer_scale_ok(block.ls1, C) and _layer_scale_ok(block.ls2, C)
         and type(mlp).__name__ == "Mlp" and _fusable_gelu_mlp(mlp) and mlp.fc1.bias is not None
         and mlp.fc2.out_features == C
         and _fusable_drop_path(block.drop_path1) and _fusable_drop_path(block.drop_path2)
         and not _global_hooks() and not any(_has_hooks(m) for m in islice(block.modules(), 1, None))
     )
+
+
+def _layer_scale_ok(ls: nn.Module, C: int) -> bool:
+    """``ls`` is no LayerScale (``nn.Identity``) or timm's ``LayerScale`` (forward ``x * gamma``, in place or not)
+    with a (C,) gamma."""
+    if isinstance(ls, nn.Identity):
+        return True
+    cls = type(ls)
+    gamma = getattr(ls, "gamma", None)
+    return (cls.__name__ == "LayerScale" and cls.__module__.startswith("timm.")
+            and isinstance(gamma, torch.Tensor) and gamma.shape == (C,))
+
+
+def _branch(ls: nn.Module, x: torch.Tensor, linear: nn.Linear):
+    """A residual branch's output Linear before the row op that adds it: ``(x W^T, bias)`` for the row op to add
+    the bias; with LayerScale ``(gamma * (x W^T + bias), None)``, timm's products in its order."""
+    if isinstance(ls, nn.Identity):
+        return _gemm(x, linear.weight), linear.bias
+    return _gemm(x, linear.weight, linear.bias).mul_(ls.gamma), None
 
 
 def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -95,15 +119,15 @@ def forward_fused_cpu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
     a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
     o = _attention(attn, a)
-    y = _gemm(o, attn.proj.weight)
+    y, proj_bias = _branch(block.ls1, o, attn.proj)
     # LayerNorm2's output goes to the attention output's buffer (contiguous: _attention's reshape), dead once proj
     # has read it; a fresh one where the heads' width is not C
     a2 = o if o.shape == y.shape else torch.empty_like(y)
-    torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(block.drop_path1, x),
+    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(block.drop_path1, x),
                                                   n2.weight, n2.bias, n2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
     h = _gemm(a2, mlp.fc1.weight)
     torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
-    out = _gemm(h, mlp.fc2.weight)
-    torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, _drop_path_factors(block.drop_path2, x1))
+    out, fc2_bias = _branch(block.ls2, h, mlp.fc2)
+    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(block.drop_path2, x1))
     return out
