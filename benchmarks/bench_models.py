@@ -1,12 +1,13 @@
-"""Whole models, as users run them: timm Swin-T / Swin-B, a DeiT with the fused embedding, the MAE pre-training step.
+"""Whole models, as users run them: timm Swin-T / Swin-B, a DeiT and a DINOv2 ViT with the fused embedding, the MAE
+pre-training step.
 
 Peers for every model and mode (the same weights, random, created locally with ``pretrained=False``):
 
 * ``timm eager`` / ``timm torch.compile``: the timm model as it comes (for MAE: ``official eager`` /
   ``official torch.compile``, the official ``models_mae.py`` steps built from timm's ``PatchEmbed`` and ``Block``);
 * ``patched eager`` / ``patched torch.compile``: the same model after the one-call vitkernels patch
-  (``vitkernels.compat.timm.patch_model`` for Swin; ``patch_model(patch_vit_embedding(net))`` for DeiT: the fused
-  embedding, and the blocks' fused row ops in inference; for MAE the fused patch embedding, ``random_masking`` with
+  (``vitkernels.compat.timm.patch_model`` for Swin; ``patch_model(patch_vit_embedding(net))`` for DeiT and DINOv2:
+  the fused embedding, and the blocks' fused row ops in inference; for MAE the fused patch embedding, ``random_masking`` with
   the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
 
 Two floors, not peers: the model's ``nn.Linear`` and ``nn.Conv2d`` layers alone, at the shapes one call of the
@@ -35,7 +36,9 @@ be compared. Before timing, each peer's output (train: its loss and every parame
 the timm / official model run in float64 (relative error of each tensor's norm).
 
 Sizes: on CUDA, batch 128 (Swin-T, DeiT-S, MAE ViT-B) and 64 (Swin-B) under bf16 autocast. On a 2-core CPU, in fp32:
-Swin-T batch 4 (inference) / 2 (train), Swin-B batch 1 with 5 rounds, DeiT-S 4 / 2, MAE ViT-B 2; and Swin-T
+Swin-T batch 4 (inference) / 2 (train), Swin-B batch 1 with 5 rounds, DeiT-S 4 / 2, MAE ViT-B 2, DINOv2 ViT-S/14
+with 4 registers (``vit_small_patch14_reg4_dinov2`` at 224 x 224: 256 patches + 5 prefix tokens, LayerScale blocks)
+batch 4 in inference only (its training runs timm's block code, as DeiT-S's does); and Swin-T
 converted to bfloat16 whole (``swin_tiny_bf16``: weights, activations and images; inference, batch 4), how bf16 models
 are served on CPUs with bf16 GEMMs (AVX-512 BF16 / AMX), checked against float64 at the bf16 tolerance; and Swin-T
 in float32 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (``swin_tiny_amp``: inference batch 4, train batch
@@ -66,12 +69,14 @@ MODELS = {
     "deit_small": ("deit_small_distilled_patch16_224", {"inference": 128, "train": 128},
                    {"inference": 4, "train": 2}, None),
     "mae_vit_base": ("mae", {"train": 128}, {"train": 2}, None),
+    "dinov2_small": ("vit_small_patch14_reg4_dinov2", {"inference": 128, "train": 128}, {"inference": 4}, None),
     # CPU only (on a GPU every case runs under bf16 autocast): the whole model in bfloat16 (weights and
     # activations), and the float32 model under bf16 autocast
     "swin_tiny_bf16": ("swin_tiny_patch4_window7_224", {}, {"inference": 4}, None),
     "swin_tiny_amp": ("swin_tiny_patch4_window7_224", {}, {"inference": 4, "train": 2}, None),
 }
 MODES = ("inference", "train")
+CREATE_KWARGS = {"dinov2_small": {"img_size": 224}}  # timm.create_model's extra arguments (DINOv2's default is 518)
 BF16_MODELS = {"swin_tiny_bf16"}  # converted to bfloat16 whole (model.bfloat16(), bfloat16 images)
 CPU_AMP_MODELS = {"swin_tiny_amp"}  # float32 weights and images, run under torch.autocast("cpu", torch.bfloat16)
 
@@ -209,7 +214,7 @@ def _base_model(model):
     if name == "mae":
         net = MAE()
     else:
-        net = timm.create_model(name, pretrained=False, drop_path_rate=0.0)
+        net = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **CREATE_KWARGS.get(model, {}))
     return net.to(device=DEVICE, dtype=_dtype(model))
 
 
@@ -218,7 +223,7 @@ def _patched(model, net):
     if model.startswith("mae"):
         net.fused = True
         return patch_model(net)
-    if model.startswith("deit"):
+    if model.startswith(("deit", "dinov2")):
         return patch_model(patch_vit_embedding(net))
     return patch_model(net)
 
@@ -376,9 +381,10 @@ def test_model(benchmark, model, mode, peer):
         fn = compiled_or_skip(net, dynamic=False)
     imgs, extra = _inputs(model, mode, batch)
     # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
-    # on 197); a FLOP is 2 MACs, a training step ~3 forwards
+    # on 197; DINOv2 ViT-S/14 at 224: 261 tokens, Linears 5.6e9 + attention 0.6e9); a FLOP is 2 MACs, a training
+    # step ~3 forwards
     macs = {"swin_tiny": 4.5e9, "swin_tiny_bf16": 4.5e9, "swin_tiny_amp": 4.5e9, "swin_base": 15.5e9,
-            "deit_small": 4.6e9, "mae_vit_base": 9.4e9}[model]
+            "deit_small": 4.6e9, "mae_vit_base": 9.4e9, "dinov2_small": 6.2e9}[model]
     flops = 2 * macs * batch * (1 if mode == "inference" else 3)
     if peer in FLOORS:
         floor, floor_flops = _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=peer == GEMM_FLOOR_VK)
