@@ -7,8 +7,8 @@ Peers for every model and mode (the same weights, random, created locally with `
   ``official torch.compile``, the official ``models_mae.py`` steps built from timm's ``PatchEmbed`` and ``Block``);
 * ``patched eager`` / ``patched torch.compile``: the same model after the one-call vitkernels patch
   (``vitkernels.compat.timm.patch_model`` for Swin; ``patch_model(patch_vit_embedding(net))`` for DeiT and DINOv2:
-  the fused embedding, and the blocks' fused row ops in inference; for MAE the fused patch embedding, ``random_masking`` with
-  the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
+  the fused embedding, and the blocks' fused row ops in inference; for MAE the fused patch embedding,
+  ``random_masking`` with the pos-embed add, ``mae_unshuffle`` and ``mae_loss``).
 
 Two floors, not peers: the model's ``nn.Linear`` and ``nn.Conv2d`` layers alone, at the shapes one call of the
 model gives them (captured by forward hooks), forward (and, for ``train``, backward to inputs and weights), nothing
