@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+from collections import Counter
 from typing import Iterator, Optional, Tuple
 
 import pytest
@@ -202,3 +203,25 @@ class OpCalls:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def compile_recording_graphs(fn, **compile_kwargs):
+    """``torch.compile(fn, fullgraph=True, backend=<aot_eager, recording>, **compile_kwargs)`` (aot_eager: no
+    codegen, quick) and the list that collects the FX graphs it traces; dynamo is reset first. Count the custom ops
+    in them with :func:`vitkernels_ops`."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    graphs, aot_eager = [], lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend, **compile_kwargs), graphs
+
+
+def vitkernels_ops(graphs) -> Counter:
+    """How many times each ``torch.ops.vitkernels`` op (by name, overload dropped) is called in ``graphs``."""
+    return Counter(str(n.target).split(".")[1] for g in graphs for n in g.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("vitkernels."))

@@ -5,7 +5,7 @@ import torch
 import vitkernels
 from vitkernels.reference import swin as reference
 
-from helpers import OpCalls, import_timm
+from helpers import OpCalls, compile_recording_graphs, import_timm, vitkernels_ops
 
 pytestmark = pytest.mark.timm
 
@@ -920,27 +920,15 @@ def test_compiled_patched_model_runs_the_chain_fullgraph(grad):
     """torch.compile(fullgraph=True) of a patched timm Swin traces the chained stages (aot_eager: no codegen, to
     keep it quick): each stage's first block ends with bias_residual_layernorm, its last with bias_residual."""
     _fused_cpu_or_skip()
-    import collections
-
-    from torch._dynamo.backends.registry import lookup_backend
-
     original, patched = _patched_small_swin(torch.float32)
-    graphs, aot_eager = [], lookup_backend("aot_eager")
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(patched, fullgraph=True, backend=backend)
+    compiled, graphs = compile_recording_graphs(patched)
     x = torch.randn(2, 3, 32, 48)
     with torch.set_grad_enabled(grad):
         out = compiled(x)
         eager = patched(x)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-5)
-    ops = collections.Counter(str(n.target).split(".")[1] for g in graphs for n in g.graph.nodes
-                              if n.op == "call_function" and str(n.target).startswith("vitkernels."))
+    ops = vitkernels_ops(graphs)
     suffix = "" if grad else "_"  # without grad, the in-place variants
     # 2 stages x 2 blocks: LayerNorm2 in every block + the one chained tail per stage; bias_residual in last blocks
     assert ops["bias_residual_layernorm" + suffix] == 6 and ops["bias_residual" + suffix] == 2, ops

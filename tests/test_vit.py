@@ -14,7 +14,7 @@ from vitkernels.compat.timm import patch_model, patch_vit_blocks
 from vitkernels.modules import swin as fast_swin
 from vitkernels.modules import vit as fast_vit
 
-from helpers import import_timm
+from helpers import compile_recording_graphs, import_timm, vitkernels_ops
 
 pytestmark = pytest.mark.timm
 
@@ -270,27 +270,15 @@ def test_compiled_patched_vit_runs_the_fused_ops_fullgraph(case):
     custom ops, through their fake kernels; aot_eager: no codegen, to keep it quick) and gives eager's outputs, at
     two batch sizes."""
     _fused_cpu_or_skip()
-    import collections
-
-    from torch._dynamo.backends.registry import lookup_backend
-
     original = _vit() if case == "deit" else _vit("deit3_small_patch16_224", embed_dim=64, num_heads=2, init_values=0.5)
     patched = patch_model(copy.deepcopy(original))
-    graphs, aot_eager = [], lookup_backend("aot_eager")
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(patched, fullgraph=True, dynamic=True, backend=backend)
+    compiled, graphs = compile_recording_graphs(patched, dynamic=True)
     for n in (2, 3):
         x = torch.randn(n, 3, 32, 32)
         with torch.no_grad():
             out = compiled(x)
             torch.testing.assert_close(out, patched(x), rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-5)
-    ops = collections.Counter(str(n.target).split(".")[1] for g in graphs for n in g.graph.nodes
-                              if n.op == "call_function" and str(n.target).startswith("vitkernels."))
+    ops = vitkernels_ops(graphs)
     # one graph (fullgraph) for both batch sizes (dynamic): two blocks' ops once
     assert ops["bias_residual_layernorm_"] == ops["bias_gelu_"] == ops["bias_residual_"] == 2, ops
