@@ -1,4 +1,5 @@
-"""Run the window attention of Hugging Face ``transformers`` Swin models through vitkernels' fused op, in place.
+"""Run Hugging Face ``transformers`` Swin models' window attention through vitkernels' fused op, and the ViT
+family's layers through the fused CPU row ops, in place.
 
 ``patch_model(model)`` finds the Swin layers inside any model (``SwinModel``, ``SwinForImageClassification``,
 ``SwinForMaskedImageModeling``, ``SwinBackbone``, ``DonutSwinModel`` and the models built on it, e.g. Donut's
@@ -33,15 +34,23 @@ probabilities of at most e^-100 relative to the unmasked ones, unless a head's s
 ~100 (logit scale near its clamp of 100 and nearly parallel masked q, k). Without the op, the V2 layers are left as
 they are and ``patch_model`` warns (:class:`NotPatchedWarning`).
 
+The ViT family's pre-norm layers (transformers >= 5: ``ViTLayer`` and its copies in DeiT, ViT-MAE, ViT-MSN and
+I-JEPA; ``Dinov2Layer`` and DINOv2-with-registers', with LayerScale) switch to :class:`_FusedViTLayer`: in
+inference on CPU the fused row ops of timm's ViT blocks (:func:`vitkernels.modules.vit.fused_block_cpu`); in
+training, and for every call that path does not serve, the layer's own code.
+
 ``transformers`` is imported only when needed (``pip install vitkernels[transformers]``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from itertools import islice
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitkernels.compat._patching import (
@@ -58,6 +67,8 @@ from vitkernels.compat._window_attention import (
     window_attention_pad_first,
     window_attention_v2_pad_first,
 )
+from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _has_hooks, _inactive, _is_layernorm
+from vitkernels.modules.vit import fused_block_cpu
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
@@ -70,24 +81,39 @@ _LAYOUTS = {
     "ClapAudioLayer": ("transformers.models.clap.modeling_clap", "classic"),
     "Swinv2Layer": ("transformers.models.swinv2.modeling_swinv2", "v2"),
     "Swin2SRLayer": ("transformers.models.swin2sr.modeling_swin2sr", "v2"),
+    # the ViT family's pre-norm layers (transformers >= 5: one layer class, copied per model)
+    "ViTLayer": ("transformers.models.vit.modeling_vit", "vit"),
+    "DeiTLayer": ("transformers.models.deit.modeling_deit", "vit"),
+    "ViTMAELayer": ("transformers.models.vit_mae.modeling_vit_mae", "vit"),
+    "ViTMSNLayer": ("transformers.models.vit_msn.modeling_vit_msn", "vit"),
+    "IJepaLayer": ("transformers.models.ijepa.modeling_ijepa", "vit"),
+    "Dinov2Layer": ("transformers.models.dinov2.modeling_dinov2", "dinov2"),
+    "Dinov2WithRegistersLayer": ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
+                                 "dinov2"),
 }
 # the arguments the patched forwards understand beyond (hidden_states, input_dimensions)
 _KNOWN_ARGUMENTS = {"swin": {"always_partition", "kwargs"},
                     "classic": {"output_attentions", "always_partition", "head_mask"},
-                    "v2": {"output_attentions", "head_mask"}}
+                    "v2": {"output_attentions", "head_mask"},
+                    "vit": {"attention_mask", "kwargs"},
+                    "dinov2": {"attention_mask", "kwargs"}}
+# the arguments every patched forward starts with
+_LEADING_ARGUMENTS = {"swin": ["self", "hidden_states", "input_dimensions"], "vit": ["self", "hidden_states"]}
 _BUILTIN_ATTENTION = (None, "eager", "sdpa")
 
 
 def _make_fused(cls: type):
     layout = _LAYOUTS[cls.__name__][1]
     params = list(inspect.signature(cls.forward).parameters)
-    if params[:3] != ["self", "hidden_states", "input_dimensions"]:
+    leading = _LEADING_ARGUMENTS["vit" if layout in ("vit", "dinov2") else "swin"]
+    if params[:len(leading)] != leading:
         return f"unexpected {cls.__name__}.forward signature {params}"
-    unknown = set(params[3:]) - _KNOWN_ARGUMENTS[layout]
+    unknown = set(params[len(leading):]) - _KNOWN_ARGUMENTS[layout]
     if unknown:
         return f"{cls.__name__}.forward takes arguments the fused path does not know: {sorted(unknown)}"
-    mixin = {"swin": _FusedSwinLayer, "classic": _FusedClassicSwinLayer, "v2": _FusedSwinV2Layer}[layout]
-    return mixin, {"_vk_argument_names": tuple(params[3:])}
+    mixin = {"swin": _FusedSwinLayer, "classic": _FusedClassicSwinLayer, "v2": _FusedSwinV2Layer,
+             "vit": _FusedViTLayer, "dinov2": _FusedViTLayer}[layout]
+    return mixin, {"_vk_argument_names": tuple(params[len(leading):]), "_vk_layout": layout}
 
 
 _FUSED = FusedClasses(__name__, {name: module for name, (module, _) in _LAYOUTS.items()}, _make_fused)
@@ -284,3 +310,105 @@ class _FusedSwinV2Layer(_FusedLayer):
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
         layer_output = self.output(self.intermediate(hidden_states))
         return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
+
+
+def _gelu_approximate(act: nn.Module) -> Optional[str]:
+    """``approximate`` of a transformers GELU module computed by ``F.gelu`` (``"gelu"``: exact, ``"none"``;
+    ``"gelu_pytorch_tanh"``: ``"tanh"``), else None (the Python formulas, ``gelu_new`` ...: not served)."""
+    cls = type(act)
+    if cls.__module__ != "transformers.activations":
+        return None
+    fn = getattr(act, "act", None)
+    if cls.__name__ == "GELUActivation" and fn is F.gelu:
+        return "none"
+    if (cls.__name__ == "GELUTanh" and isinstance(fn, functools.partial) and fn.func is F.gelu and not fn.args
+            and fn.keywords == {"approximate": "tanh"}):
+        return "tanh"
+    return None
+
+
+def _layer_scale(ls: nn.Module, channels: int) -> Optional[torch.Tensor]:
+    """A DINOv2 layer's ``<Model>LayerScale`` (``x * lambda1``): its (C,) ``lambda1``, else None."""
+    cls = type(ls)
+    gamma = getattr(ls, "lambda1", None)
+    if (cls.__name__.endswith("LayerScale") and cls.__module__.startswith("transformers.models.")
+            and isinstance(gamma, torch.Tensor) and gamma.shape == (channels,)):
+        return gamma
+    return None
+
+
+class _FusedViTLayer(_FusedLayer):
+    """transformers >= 5 ViT-family layer, pre-norm: ``ViTLayer`` (also DeiT, ViT-MAE, ViT-MSN, I-JEPA:
+    ``layernorm_before`` / ``layernorm_after``, the hidden ``dropout``) and ``Dinov2Layer`` (also DINOv2 with
+    registers: ``norm1`` / ``norm2``, ``layer_scale1`` / ``layer_scale2``, ``drop_path``); ``attention.{q,k,v,o}_proj``
+    with the attention function of ``config._attn_implementation``, ``mlp.{fc1, activation_fn, fc2}``.
+
+    In inference (grad mode off) on CPU it runs :func:`vitkernels.modules.vit.fused_block_cpu`, the fused row ops
+    of timm's ViT blocks: q, k, v from one GEMM on the concatenated weights (kept between calls), ATen's SDPA at
+    the layer's ``scaling``, proj bias + residual + LayerNorm2, fc1 bias + GELU, fc2 bias + residual, in place on
+    tensors the call created; LayerScale scales the branch's GEMM output in place. Everything else runs the layer's
+    own code: grad mode on (training: the Hugging Face code and autograd graph unchanged), other devices or
+    backends, an attention mask, attention weights requested, attention implementations other than ``eager`` /
+    ``sdpa``, active dropouts or drop paths, other activations (``gelu_new`` ...), the SwiGLU MLP, hooks on the
+    layer's submodules or global ones, float32 under autocast."""
+
+    _vk_layout = "vit"
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if attention_mask is None and self._vk_fused_ready(hidden_states, kwargs):
+            return self._vk_forward_fused(hidden_states)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+    def _vk_parts(self, channels: int):
+        """(norm1, norm2, gamma1, gamma2, whether the dropout / drop path is inactive); a gamma of False: a
+        LayerScale the fused path does not know."""
+        if self._vk_layout == "vit":
+            return self.layernorm_before, self.layernorm_after, None, None, _inactive(self.dropout)
+        drop_path = self.drop_path
+        inactive = isinstance(drop_path, nn.Identity) or (
+            type(drop_path).__name__.endswith("DropPath") and (drop_path.drop_prob == 0.0 or not drop_path.training))
+        gammas = [_layer_scale(ls, channels) for ls in (self.layer_scale1, self.layer_scale2)]
+        return (self.norm1, self.norm2, *[False if g is None else g for g in gammas], inactive)
+
+    def _vk_fused_ready(self, x, kwargs) -> bool:
+        if (torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.ndim != 3
+                or not _fused_cpu_allowed(self.vitkernels_backend, x)):
+            return False
+        if _attentions_requested(kwargs) or any(v is not None and v is not False for v in kwargs.values()):
+            return False
+        attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
+        if (getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
+                or getattr(attention, "is_causal", False)
+                or (self.training and attention.attention_dropout > 0.0)):
+            return False
+        q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        if not all(isinstance(m, nn.Linear) for m in (q, k, v, o, fc1, fc2)):
+            return False
+        width = attention.num_attention_heads * attention.head_dim
+        norm1, norm2, gamma1, gamma2, inactive = self._vk_parts(channels)
+        return (
+            all(m.in_features == channels and m.out_features == width for m in (q, k, v))
+            and o.in_features == width and o.out_features == channels
+            and fc1.in_features == channels and fc2.out_features == channels and fc1.bias is not None
+            and _gelu_approximate(getattr(mlp, "activation_fn", None)) is not None
+            and _is_layernorm(norm1, channels) and _is_layernorm(norm2, channels)
+            and gamma1 is not False and gamma2 is not False and inactive
+            and not _global_hooks() and not any(_has_hooks(m) for m in islice(self.modules(), 1, None))
+        )
+
+    def _vk_forward_fused(self, x):
+        attention, mlp = self.attention, self.mlp
+        heads, head_dim, scaling = attention.num_attention_heads, attention.head_dim, attention.scaling
+        weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
+
+        def attend(a):
+            batch, length, _ = a.shape
+            qkv = _gemm(a, weight, bias).view(batch, length, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
+            return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+        norm1, norm2, gamma1, gamma2, _ = self._vk_parts(x.shape[-1])
+        return fused_block_cpu(x, norm1, attend, attention.o_proj, gamma1, None, norm2, mlp.fc1,
+                               _gelu_approximate(mlp.activation_fn), mlp.fc2, gamma2, None)

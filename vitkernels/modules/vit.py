@@ -45,6 +45,7 @@ mask, and no hooks on the block's submodules (they would not fire) nor global mo
 from __future__ import annotations
 
 from itertools import islice
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +97,17 @@ def _layer_scale_ok(ls: nn.Module, C: int) -> bool:
             and isinstance(gamma, torch.Tensor) and gamma.shape == (C,))
 
 
-def _branch(ls: nn.Module, x: torch.Tensor, linear: nn.Linear):
+def _gamma(ls: nn.Module):
+    """LayerScale's gamma, or None for no LayerScale (``nn.Identity``)."""
+    return None if isinstance(ls, nn.Identity) else ls.gamma
+
+
+def _branch(gamma: Optional[torch.Tensor], x: torch.Tensor, linear: nn.Linear):
     """A residual branch's output Linear before the row op that adds it: ``(x W^T, bias)`` for the row op to add
-    the bias; with LayerScale ``(gamma * (x W^T + bias), None)``, timm's products in its order."""
-    if isinstance(ls, nn.Identity):
+    the bias; with a LayerScale ``gamma``: ``(gamma * (x W^T + bias), None)``, timm's products in its order."""
+    if gamma is None:
         return _gemm(x, linear.weight), linear.bias
-    return _gemm(x, linear.weight, linear.bias).mul_(ls.gamma), None
+    return _gemm(x, linear.weight, linear.bias).mul_(gamma), None
 
 
 def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -116,18 +122,47 @@ def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
 def forward_fused_cpu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` through the fused CPU path (module docstring), without autograd (the caller has checked
     :func:`fused_cpu_ready`): the row ops in place on tensors this call created. ``x`` is only read."""
-    attn, mlp, n1, n2 = block.attn, block.mlp, block.norm1, block.norm2
-    a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-    o = _attention(attn, a)
-    y, proj_bias = _branch(block.ls1, o, attn.proj)
-    # LayerNorm2's output goes to the attention output's buffer (contiguous: _attention's reshape), dead once proj
-    # has read it; a fresh one where the heads' width is not C
+    attn, mlp = block.attn, block.mlp
+    return fused_block_cpu(x, block.norm1, lambda a: _attention(attn, a), attn.proj, _gamma(block.ls1),
+                           block.drop_path1, block.norm2, mlp.fc1, mlp.act.approximate, mlp.fc2, _gamma(block.ls2),
+                           block.drop_path2)
+
+
+def fused_block_cpu(
+    x: torch.Tensor,
+    norm1: nn.LayerNorm,
+    attend: Callable[[torch.Tensor], torch.Tensor],
+    proj: nn.Linear,
+    gamma1: Optional[torch.Tensor],
+    drop_path1: Optional[nn.Module],
+    norm2: nn.LayerNorm,
+    fc1: nn.Linear,
+    approximate: str,
+    fc2: nn.Linear,
+    gamma2: Optional[torch.Tensor],
+    drop_path2: Optional[nn.Module],
+) -> torch.Tensor:
+    """A pre-norm ViT block on (B, N, C) tokens ``x`` without autograd, as the module docstring computes it; shared
+    by timm's block (:func:`forward_fused_cpu`) and the Hugging Face ViT-family layers
+    (:mod:`vitkernels.compat.transformers`). ``attend``: LayerNorm1's output (B, N, C) -> the attention's heads
+    before ``proj`` (B, N, C'), a fresh contiguous tensor; ``gamma1`` / ``gamma2``: LayerScale's (C,) gammas or
+    None; ``drop_path1`` / ``drop_path2``: timm ``DropPath`` modules (their per-sample factors drawn with timm's
+    calls) or None / ``nn.Identity``; fc1 has a bias, GELU's ``approximate`` is ``"none"`` or ``"tanh"``."""
+    a = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    o = attend(a)
+    y, proj_bias = _branch(gamma1, o, proj)
+    # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it; a fresh one where the
+    # heads' width is not C
     a2 = o if o.shape == y.shape else torch.empty_like(y)
-    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(block.drop_path1, x),
-                                                  n2.weight, n2.bias, n2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
+    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _factors(drop_path1, x), norm2.weight,
+                                                  norm2.bias, norm2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
-    h = _gemm(a2, mlp.fc1.weight)
-    torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
-    out, fc2_bias = _branch(block.ls2, h, mlp.fc2)
-    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(block.drop_path2, x1))
+    h = _gemm(a2, fc1.weight)
+    torch.ops.vitkernels.bias_gelu_(h, fc1.bias, approximate)
+    out, fc2_bias = _branch(gamma2, h, fc2)
+    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _factors(drop_path2, x1))
     return out
+
+
+def _factors(drop_path: Optional[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if drop_path is None else _drop_path_factors(drop_path, x)
