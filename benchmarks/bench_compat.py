@@ -1,6 +1,6 @@
-"""Whole models through the adapters: Hugging Face ``SwinForImageClassification`` (Swin-T) and MONAI ``SwinUNETR``
-(2D and 3D), unpatched vs patched (``vitkernels.compat.transformers`` / ``vitkernels.compat.monai``), eager and
-``torch.compile``, inference and a training step, every peer side by side.
+"""Whole models through the adapters: Hugging Face ``SwinForImageClassification`` (Swin-T) and ``Dinov2Model``
+(DINOv2 ViT-S/14), and MONAI ``SwinUNETR`` (2D and 3D), unpatched vs patched (``vitkernels.compat.transformers`` /
+``vitkernels.compat.monai``), eager and ``torch.compile``, inference and a training step, every peer side by side.
 
 Peers: ``transformers`` / ``monai`` (the unpatched model as its library runs it by default: HF's ``sdpa`` attention,
 MONAI's eager attention), ``monai sdpa`` (MONAI's ``use_flash_attention=True``: SDPA with the materialised bias +
@@ -9,7 +9,9 @@ mask, inference only), the same compiled (``... torch.compile``), and ``vitkerne
 ``train step`` (train mode; zero grads, forward, a squared-output loss, backward). Every peer's eval output is
 checked against the unpatched model's before timing. Random weights, seeded; configs built here.
 
-Shapes: Swin-T 224x224 (batch 64 / 32 on a GPU in bf16; 2 / 1 on CPU in fp32); SwinUNETR 2D feature_size 24 on
+Shapes: Swin-T 224x224 (batch 64 / 32 on a GPU in bf16; 2 / 1 on CPU in fp32); DINOv2 ViT-S/14 224x224 (257
+tokens; batch 128 / 64 on a GPU, 4 / 2 on CPU; the patched layers run the fused CPU row ops in inference, the
+Hugging Face code in training and on GPUs); SwinUNETR 2D feature_size 24 on
 256x256 (GPU batch 8 / 4) or 128x128 (CPU, batch 1); SwinUNETR 3D feature_size 48 on 96^3 (GPU, batch 2 / 1) or
 feature_size 24 on CPU, batch 1: inference on 64x64x32, a training step on 64x32x32. The patched 3D model runs the
 fused 3D window attention (``vitkernels.window_attention_3d``): the native kernel on CPU, the Triton kernels on a GPU
@@ -17,7 +19,7 @@ fused 3D window attention (``vitkernels.window_attention_3d``): the native kerne
 compiled peers run inference only (compiling a
 whole model's backward takes minutes on 2 cores), and not for the 3D model (over 10 minutes). A smoke run
 (``--benchmark-disable``, CI) on CPU uses smaller inputs (MONAI 2D 64x64, 3D 64x32x32), batch 1, and compiles
-only the HF model.
+only the HF Swin.
 """
 import copy
 import warnings
@@ -35,6 +37,7 @@ AGREE_RTOL = 3e-2 if ON_GPU else 1e-3  # relative (norm-wise) error of a peer's 
 # model kind -> (name, spatial size, feature_size, batch for inference, batch for a training step)
 MODELS = {
     "transformers": ("hf swin-t", (224, 224), None, 64 if ON_GPU else 2, 32 if ON_GPU else 1),
+    "transformers-dinov2": ("hf dinov2-s/14", (224, 224), None, 128 if ON_GPU else 4, 64 if ON_GPU else 2),
     "monai-2d": ("monai swinunetr-2d", (256, 256) if ON_GPU else (128, 128), 24, 8 if ON_GPU else 1, 4 if ON_GPU else 1),
     "monai-3d": ("monai swinunetr-3d", (96, 96, 96) if ON_GPU else (64, 64, 32), 48 if ON_GPU else 24, 2 if ON_GPU else 1,
                  1),
@@ -56,6 +59,12 @@ def _build(kind, size, feature, batch):
                 if hasattr(module, "relative_position_bias_table"):
                     module.relative_position_bias_table.normal_(std=0.02)
         x = torch.randn(batch, 3, *size)
+    elif kind == "transformers-dinov2":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                           image_size=size[0], patch_size=14)  # dinov2-small at 224x224
+        model = transformers.Dinov2Model(config)
+        x = torch.randn(batch, 3, *size)
     else:
         swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
         model = swin_unetr.SwinUNETR(in_channels=1, out_channels=4, feature_size=feature, spatial_dims=len(size))
@@ -67,17 +76,20 @@ _EXPECTED = {}  # (kind, size, batch) -> the unpatched model's eval output, comp
 
 
 def _output(out):
-    return out.logits if hasattr(out, "logits") else out
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return out
 
 
 def _library_name(kind):
-    return "transformers" if kind == "transformers" else "monai"
+    return "transformers" if kind.startswith("transformers") else "monai"
 
 
 def _peer_model(kind, peer, model):
     """The peer's model (a copy), or pytest.skip with the reason it does not apply."""
     if peer == "library sdpa":
-        if kind == "transformers":
+        if kind.startswith("transformers"):
             pytest.skip("transformers' default attention is already sdpa (the 'transformers' peer)")
         for module in model.modules():
             if hasattr(module, "use_flash_attention"):
@@ -87,7 +99,7 @@ def _peer_model(kind, peer, model):
         from vitkernels.compat import monai as vk_monai
         from vitkernels.compat import transformers as vk_transformers
 
-        adapter = vk_transformers if kind == "transformers" else vk_monai
+        adapter = vk_transformers if kind.startswith("transformers") else vk_monai
         with warnings.catch_warnings():
             warnings.simplefilter("error", adapter.NotPatchedWarning)  # every block must be patched
             adapter.patch_model(model)
@@ -120,8 +132,8 @@ def test_compat_model(benchmark, kind, mode, peer):
     if compiled and not ON_GPU and kind == "monai-3d":
         pytest.skip("not run on CPU: compiling the 3D SwinUNETR takes over 10 minutes on 2 cores (measured on GPU)")
     if compiled and not ON_GPU and benchmark.disabled and kind != "transformers":
-        pytest.skip("smoke run on CPU: SwinUNETR is not compiled (about a minute per peer on 2 cores); the patched "
-                    "MONAI block's compile is tested in tests/test_compat_monai.py")
+        pytest.skip("smoke run on CPU: only the HF Swin is compiled (about a minute per peer on 2 cores); the patched "
+                    "layers' compile is tested in tests/test_compat_monai.py, tests/test_compat_transformers_vit.py")
     original, x = _build(kind, size, feature, batch)
     model = _peer_model(kind, peer, copy.deepcopy(original))
     fn = compiled_or_skip(model, dynamic=False) if compiled else model
