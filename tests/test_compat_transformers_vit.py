@@ -159,6 +159,27 @@ def test_calls_the_fused_path_does_not_serve_run_the_hugging_face_code(case, fus
         assert fired
 
 
+def test_hidden_states_are_served_and_transformers_capture_hooks_do_not_turn_the_path_off(fused_calls):
+    """``output_hidden_states`` runs the fused layers (transformers records them around each layer); asking for
+    attention weights falls back, and the output-capturing hooks transformers then leaves on the layers and their
+    attention do not keep later calls off the fused path."""
+    _fused_cpu_or_skip()
+    original = build("dinov2", torch.float64, "eager")
+    patched = vkt.patch_model(copy.deepcopy(original))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ours, theirs = patched(x, output_hidden_states=True), original(x, output_hidden_states=True)
+        assert len(fused_calls) == 2 and len(ours.hidden_states) == len(theirs.hidden_states) == 3
+        for a, b in zip(ours.hidden_states, theirs.hidden_states):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        ours, theirs = patched(x, output_attentions=True), original(x, output_attentions=True)
+        assert len(fused_calls) == 2 and len(ours.attentions) == 2
+        assert all(torch.equal(a, b) for a, b in zip(ours.attentions, theirs.attentions))
+        assert any(m._forward_hooks for m in patched.encoder.layer[0].modules())  # transformers' hooks stay
+        torch.testing.assert_close(output(patched, x), output(original, x), rtol=1e-10, atol=1e-10)
+    assert len(fused_calls) == 4
+
+
 def test_bfloat16_model_is_as_close_to_float64_as_the_unpatched_one(fused_calls):
     """A DINOv2 converted to bfloat16 whole runs the fused path; its error against float64 is within 1.5x the
     unpatched bfloat16 model's."""

@@ -67,7 +67,7 @@ from vitkernels.compat._window_attention import (
     window_attention_pad_first,
     window_attention_v2_pad_first,
 )
-from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _has_hooks, _inactive, _is_layernorm
+from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _inactive, _is_layernorm
 from vitkernels.modules.vit import fused_block_cpu
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
@@ -337,6 +337,35 @@ def _layer_scale(ls: nn.Module, channels: int) -> Optional[torch.Tensor]:
     return None
 
 
+def _output_capturing_hook(hook) -> bool:
+    """transformers' output-capturing forward hook: installed for good on the recordable modules (the layers, their
+    attention) the first time a caller asks for hidden states or attention weights, and inactive unless the current
+    call collects that output (:func:`_collecting_submodule_outputs`)."""
+    return (getattr(hook, "__name__", None) == "output_capturing_hook"
+            and getattr(hook, "__module__", None) == "transformers.utils.output_capturing")
+
+
+def _has_foreign_hooks(module: nn.Module) -> bool:
+    """Hooks on ``module`` other than transformers' output-capturing ones (which the fused layers honour by falling
+    back whenever a submodule's output is collected)."""
+    return bool(module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+                or not all(_output_capturing_hook(h) for h in module._forward_hooks.values()))
+
+
+def _collecting_submodule_outputs() -> bool:
+    """Whether this call collects outputs other than the hidden states (which transformers records on the layers
+    themselves, around the fused forward): attention weights, or any other submodule's output."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions
+        return False
+    collected = _active_collector.get()
+    return collected is not None and any(k not in ("hidden_states", "_hidden_states_layers") for k in collected)
+
+
+_IGNORED_LAYER_KWARGS = ("output_hidden_states", "output_attentions")  # the latter read by _attentions_requested
+
+
 class _FusedViTLayer(_FusedLayer):
     """transformers >= 5 ViT-family layer, pre-norm: ``ViTLayer`` (also DeiT, ViT-MAE, ViT-MSN, I-JEPA:
     ``layernorm_before`` / ``layernorm_after``, the hidden ``dropout``) and ``Dinov2Layer`` (also DINOv2 with
@@ -350,7 +379,8 @@ class _FusedViTLayer(_FusedLayer):
     own code: grad mode on (training: the Hugging Face code and autograd graph unchanged), other devices or
     backends, an attention mask, attention weights requested, attention implementations other than ``eager`` /
     ``sdpa``, active dropouts or drop paths, other activations (``gelu_new`` ...), the SwiGLU MLP, hooks on the
-    layer's submodules or global ones, float32 under autocast."""
+    layer's submodules (transformers' own output-capturing hooks aside: hidden states are served, attention
+    weights are not) or global ones, float32 under autocast."""
 
     _vk_layout = "vit"
 
@@ -374,7 +404,8 @@ class _FusedViTLayer(_FusedLayer):
         if (torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.ndim != 3
                 or not _fused_cpu_allowed(self.vitkernels_backend, x)):
             return False
-        if _attentions_requested(kwargs) or any(v is not None and v is not False for v in kwargs.values()):
+        if _attentions_requested(kwargs) or _collecting_submodule_outputs() or any(
+                v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_LAYER_KWARGS):
             return False
         attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
         if (getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
@@ -394,7 +425,7 @@ class _FusedViTLayer(_FusedLayer):
             and _gelu_approximate(getattr(mlp, "activation_fn", None)) is not None
             and _is_layernorm(norm1, channels) and _is_layernorm(norm2, channels)
             and gamma1 is not False and gamma2 is not False and inactive
-            and not _global_hooks() and not any(_has_hooks(m) for m in islice(self.modules(), 1, None))
+            and not _global_hooks() and not any(_has_foreign_hooks(m) for m in islice(self.modules(), 1, None))
         )
 
     def _vk_forward_fused(self, x):
