@@ -5,7 +5,10 @@
 Peers: ``transformers`` / ``monai`` (the unpatched model as its library runs it by default: HF's ``sdpa`` attention,
 MONAI's eager attention), ``monai sdpa`` (MONAI's ``use_flash_attention=True``: SDPA with the materialised bias +
 mask, inference only), the same compiled (``... torch.compile``), and ``vitkernels`` / ``vitkernels torch.compile``
-(``patch_model`` with the default backend: native on CPU, Triton on CUDA). Modes: ``inference`` (eval, no_grad) and
+(``patch_model`` with the default backend: native on CPU, Triton on CUDA). Speedups are over the unpatched eager
+model (``transformers`` / ``monai``): every other peer is also timed in alternation with it (10 pairs, 4 for the 3D
+model on CPU; conftest ``interleaved_speedup``), the report's "speedup, interleaved" column, which a drifting
+machine does not skew as it does the ratio of separate medians. Modes: ``inference`` (eval, no_grad) and
 ``train step`` (train mode; zero grads, forward, a squared-output loss, backward). Every peer's eval output is
 checked against the unpatched model's before timing. Random weights, seeded; configs built here.
 
@@ -28,7 +31,7 @@ import pytest
 import torch
 
 
-from conftest import DEVICE, compiled_or_skip, run_benchmark
+from conftest import DEVICE, compiled_or_skip, interleaved_speedup, run_benchmark
 
 ON_GPU = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -45,6 +48,8 @@ MODELS = {
 CPU_TRAIN_SIZES = {"monai-3d": (64, 32, 32)}  # a 3D training step at 64x64x32 takes ~10-20 s on 2 cores
 SMOKE_SIZES = {"monai-2d": (64, 64), "monai-3d": (64, 32, 32)}  # CPU smoke run
 PEERS = ["library", "library sdpa", "library torch.compile", "vitkernels", "vitkernels torch.compile"]
+INTERLEAVED_ROUNDS = 10  # pairs timed in alternation with the unpatched eager model
+CPU_INTERLEAVED_ROUNDS = {"monai-3d": 4}  # a 3D step takes seconds on 2 cores
 MODES = ["inference", "train step"]
 
 
@@ -88,9 +93,7 @@ def _library_name(kind):
 
 def _peer_model(kind, peer, model):
     """The peer's model (a copy), or pytest.skip with the reason it does not apply."""
-    if peer == "library sdpa":
-        if kind.startswith("transformers"):
-            pytest.skip("transformers' default attention is already sdpa (the 'transformers' peer)")
+    if peer == "library sdpa":  # MONAI only (test_compat_model skips it for transformers)
         for module in model.modules():
             if hasattr(module, "use_flash_attention"):
                 module.use_flash_attention = True  # MONAI: SDPA when autograd is off
@@ -124,6 +127,8 @@ def test_compat_model(benchmark, kind, mode, peer):
     shape = "x".join(map(str, size)) + (f" f{feature}" if feature else "")
     benchmark.group = f"compat {mode} | {name} {shape} b{batch}"
     benchmark.extra_info["peer"] = peer_name
+    if peer == "library sdpa" and kind.startswith("transformers"):
+        pytest.skip("transformers' default attention is already sdpa (the 'transformers' peer)")
     if peer == "library sdpa" and mode != "inference":
         pytest.skip("MONAI's use_flash_attention applies only when autograd is off")
     compiled = peer.endswith("torch.compile")
@@ -145,18 +150,31 @@ def test_compat_model(benchmark, kind, mode, peer):
         model.eval()
         err = _rel_err(_output(fn(x)), _EXPECTED[key])
     assert err < AGREE_RTOL, f"{peer_name} disagrees with the unpatched model: rel. err {err:.2e}"
-    del original
 
+    run = _step(model, fn, x, mode)
+    if peer != "library" and not benchmark.disabled:  # the unpatched eager model in alternation with this peer
+        run_baseline = _step(original, original, x, mode)
+        pairs = INTERLEAVED_ROUNDS if ON_GPU else CPU_INTERLEAVED_ROUNDS.get(kind, INTERLEAVED_ROUNDS)
+        interleaved_speedup(benchmark, run_baseline, run, baseline=_library_name(kind), rounds=pairs)
+    del original
+    rounds = 5 if not ON_GPU and kind == "monai-3d" else None
+    run_benchmark(benchmark, run, peer=peer_name, rounds=rounds)
+
+
+def _step(model, fn, x, mode):
+    """The timed call: ``fn(x)`` without autograd (inference), or a training step of ``model`` through ``fn``
+    (train mode; zero grads, forward, a squared-output loss, backward)."""
     if mode == "inference":
+        model.eval()
+
         def run():
             with torch.no_grad():
                 return fn(x)
-    else:
-        model.train()
+        return run
+    model.train()
 
-        def run():
-            model.zero_grad(set_to_none=True)
-            out = _output(fn(x))
-            out.float().square().mean().backward()
-    rounds = 5 if not ON_GPU and kind == "monai-3d" else None
-    run_benchmark(benchmark, run, peer=peer_name, rounds=rounds)
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = _output(fn(x))
+        out.float().square().mean().backward()
+    return run

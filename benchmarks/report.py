@@ -31,8 +31,9 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Sequence
 
 # The eager baseline speedups are measured against: the timm module where the benchmark runs it (what a user would
-# otherwise run), else the official code's eager arithmetic, else vitkernels' reference.
-BASELINE_PEERS = ("timm eager", "official eager", "reference eager")
+# otherwise run), else the official code's eager arithmetic, else vitkernels' reference; the adapters' benchmarks
+# (bench_compat.py): the unpatched Hugging Face / MONAI model.
+BASELINE_PEERS = ("timm eager", "official eager", "reference eager", "transformers", "monai")
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 NOISY_IQR = 0.10  # IQR above 10% of the median: flagged (the ratio's range says how much it can move)
 MODEL_PREFIX = "model "  # groups of bench_models.py: shown in full in the README
