@@ -113,6 +113,7 @@ def test_training_runs_the_hugging_face_code_bitwise(kind, fused_calls):
 FALLBACKS = {  # case -> (kind, build overrides)
     "gelu-new": ("vit", {"hidden_act": "gelu_new"}),
     "swiglu-mlp": ("dinov2", {"use_swiglu_ffn": True}),
+    "layer-scale-other-dtype": ("dinov2", {}),
     "hidden-dropout-active": ("vit", {"hidden_dropout_prob": 0.2}),
     "drop-path-active": ("dinov2", {"drop_path_rate": 0.2}),
     "attention-dropout-active": ("vit", {"attention_probs_dropout_prob": 0.2}),
@@ -132,6 +133,9 @@ def test_calls_the_fused_path_does_not_serve_run_the_hugging_face_code(case, fus
     original = build(kind, torch.float32, "eager" if case == "output-attentions" else "sdpa", **overrides)
     if case.endswith("-active"):
         original.train()
+    if case == "layer-scale-other-dtype":  # a lambda1 of another dtype than the tokens': not served
+        for layer in original.encoder.layer:
+            layer.layer_scale1.lambda1.data = layer.layer_scale1.lambda1.data.bfloat16()
     patched = vkt.patch_model(copy.deepcopy(original), backend="reference" if case == "reference-backend" else None,
                               linear=False)
     fired, handle = [], None

@@ -193,9 +193,9 @@ def _run(block, x, **kwargs):
         return block(x, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["layer-scale-subclass", "qk-norm", "gelu-tanh-class", "attn-mask",
-                                  "reference-backend", "submodule-hook", "global-hook", "float32-under-autocast",
-                                  "cpu-dropout-active"])
+@pytest.mark.parametrize("case", ["layer-scale-subclass", "layer-scale-other-dtype", "qk-norm", "gelu-tanh-class",
+                                  "attn-mask", "reference-backend", "submodule-hook", "global-hook",
+                                  "float32-under-autocast", "cpu-dropout-active"])
 def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
     """Each block or call outside what the fused path serves (vitkernels/modules/vit.py) runs timm's forward and
     gives timm's output, with hooks firing."""
@@ -203,7 +203,7 @@ def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
     from timm.models.vision_transformer import Block
 
     torch.manual_seed(0)
-    kwargs = {"init_values": 0.5} if case == "layer-scale-subclass" else {"qk_norm": True} if case == "qk-norm" \
+    kwargs = {"init_values": 0.5} if case.startswith("layer-scale") else {"qk_norm": True} if case == "qk-norm" \
         else {}
     if case == "gelu-tanh-class":
         from timm.layers import get_act_layer
@@ -218,6 +218,8 @@ def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls):
                 return 2 * x * self.gamma
 
         original.ls2.__class__ = DoubledLayerScale
+    if case == "layer-scale-other-dtype":  # a gamma of another dtype than the tokens': not served
+        original.ls1.gamma.data = original.ls1.gamma.data.bfloat16()
     patched = patch_model(copy.deepcopy(original), backend="reference" if case == "reference-backend" else None)
     x = torch.randn(2, 5, 32)
     call = {}

@@ -327,12 +327,13 @@ def _gelu_approximate(act: nn.Module) -> Optional[str]:
     return None
 
 
-def _layer_scale(ls: nn.Module, channels: int) -> Optional[torch.Tensor]:
-    """A DINOv2 layer's ``<Model>LayerScale`` (``x * lambda1``): its (C,) ``lambda1``, else None."""
+def _layer_scale(ls: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A DINOv2 layer's ``<Model>LayerScale`` (``x * lambda1``): its (C,) ``lambda1`` if of ``x``'s dtype (another
+    dtype would promote the layer's product, not the in-place one), else None."""
     cls = type(ls)
     gamma = getattr(ls, "lambda1", None)
     if (cls.__name__.endswith("LayerScale") and cls.__module__.startswith("transformers.models.")
-            and isinstance(gamma, torch.Tensor) and gamma.shape == (channels,)):
+            and isinstance(gamma, torch.Tensor) and gamma.shape == (x.shape[-1],) and gamma.dtype == x.dtype):
         return gamma
     return None
 
@@ -389,7 +390,7 @@ class _FusedViTLayer(_FusedLayer):
             return self._vk_forward_fused(hidden_states)
         return super().forward(hidden_states, attention_mask, **kwargs)
 
-    def _vk_parts(self, channels: int):
+    def _vk_parts(self, x: torch.Tensor):
         """(norm1, norm2, gamma1, gamma2, whether the dropout / drop path is inactive); a gamma of False: a
         LayerScale the fused path does not know."""
         if self._vk_layout == "vit":
@@ -397,7 +398,7 @@ class _FusedViTLayer(_FusedLayer):
         drop_path = self.drop_path
         inactive = isinstance(drop_path, nn.Identity) or (
             type(drop_path).__name__.endswith("DropPath") and (drop_path.drop_prob == 0.0 or not drop_path.training))
-        gammas = [_layer_scale(ls, channels) for ls in (self.layer_scale1, self.layer_scale2)]
+        gammas = [_layer_scale(ls, x) for ls in (self.layer_scale1, self.layer_scale2)]
         return (self.norm1, self.norm2, *[False if g is None else g for g in gammas], inactive)
 
     def _vk_fused_ready(self, x, kwargs) -> bool:
@@ -417,7 +418,7 @@ class _FusedViTLayer(_FusedLayer):
         if not all(isinstance(m, nn.Linear) for m in (q, k, v, o, fc1, fc2)):
             return False
         width = attention.num_attention_heads * attention.head_dim
-        norm1, norm2, gamma1, gamma2, inactive = self._vk_parts(channels)
+        norm1, norm2, gamma1, gamma2, inactive = self._vk_parts(x)
         return (
             all(m.in_features == channels and m.out_features == width for m in (q, k, v))
             and o.in_features == width and o.out_features == channels
@@ -440,6 +441,6 @@ class _FusedViTLayer(_FusedLayer):
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
             return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
-        norm1, norm2, gamma1, gamma2, _ = self._vk_parts(x.shape[-1])
+        norm1, norm2, gamma1, gamma2, _ = self._vk_parts(x)
         return fused_block_cpu(x, norm1, attend, attention.o_proj, gamma1, None, norm2, mlp.fc1,
                                _gelu_approximate(mlp.activation_fn), mlp.fc2, gamma2, None)

@@ -78,7 +78,7 @@ def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
         and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
         and isinstance(getattr(attn, "norm", None), (nn.Identity, type(None))) and getattr(attn, "gate", None) is None
         and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
-        and _layer_scale_ok(block.ls1, C) and _layer_scale_ok(block.ls2, C)
+        and _layer_scale_ok(block.ls1, x) and _layer_scale_ok(block.ls2, x)
         and type(mlp).__name__ == "Mlp" and _fusable_gelu_mlp(mlp) and mlp.fc1.bias is not None
         and mlp.fc2.out_features == C
         and _fusable_drop_path(block.drop_path1) and _fusable_drop_path(block.drop_path2)
@@ -86,15 +86,15 @@ def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
     )
 
 
-def _layer_scale_ok(ls: nn.Module, C: int) -> bool:
+def _layer_scale_ok(ls: nn.Module, x: torch.Tensor) -> bool:
     """``ls`` is no LayerScale (``nn.Identity``) or timm's ``LayerScale`` (forward ``x * gamma``, in place or not)
-    with a (C,) gamma."""
+    with a (C,) gamma of the tokens' dtype (another dtype would promote timm's product, not the in-place one)."""
     if isinstance(ls, nn.Identity):
         return True
     cls = type(ls)
     gamma = getattr(ls, "gamma", None)
     return (cls.__name__ == "LayerScale" and cls.__module__.startswith("timm.")
-            and isinstance(gamma, torch.Tensor) and gamma.shape == (C,))
+            and isinstance(gamma, torch.Tensor) and gamma.shape == (x.shape[-1],) and gamma.dtype == x.dtype)
 
 
 def _gamma(ls: nn.Module):
