@@ -54,7 +54,8 @@ def fused_calls(monkeypatch):
     """The layers the fused path served, in call order."""
     calls = []
     forward = vkt._FusedViTLayer._vk_forward_fused
-    monkeypatch.setattr(vkt._FusedViTLayer, "_vk_forward_fused", lambda self, x: calls.append(self) or forward(self, x))
+    monkeypatch.setattr(vkt._FusedViTLayer, "_vk_forward_fused",
+                        lambda self, x, plan: calls.append(self) or forward(self, x, plan))
     return calls
 
 

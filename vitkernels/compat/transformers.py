@@ -67,7 +67,7 @@ from vitkernels.compat._window_attention import (
     window_attention_pad_first,
     window_attention_v2_pad_first,
 )
-from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _inactive, _is_layernorm
+from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _has_hooks, _inactive, _is_layernorm
 from vitkernels.modules.vit import fused_block_cpu
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
@@ -346,13 +346,6 @@ def _output_capturing_hook(hook) -> bool:
             and getattr(hook, "__module__", None) == "transformers.utils.output_capturing")
 
 
-def _has_foreign_hooks(module: nn.Module) -> bool:
-    """Hooks on ``module`` other than transformers' output-capturing ones (which the fused layers honour by falling
-    back whenever a submodule's output is collected)."""
-    return bool(module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-                or not all(_output_capturing_hook(h) for h in module._forward_hooks.values()))
-
-
 def _collecting_submodule_outputs() -> bool:
     """Whether this call collects outputs other than the hidden states (which transformers records on the layers
     themselves, around the fused forward): attention weights, or any other submodule's output."""
@@ -386,50 +379,62 @@ class _FusedViTLayer(_FusedLayer):
     _vk_layout = "vit"
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        if attention_mask is None and self._vk_fused_ready(hidden_states, kwargs):
-            return self._vk_forward_fused(hidden_states)
+        plan = self._vk_fused_plan(hidden_states, kwargs) if attention_mask is None else None
+        if plan is not None:
+            return self._vk_forward_fused(hidden_states, plan)
         return super().forward(hidden_states, attention_mask, **kwargs)
 
-    def _vk_parts(self, x: torch.Tensor):
-        """(norm1, norm2, gamma1, gamma2, whether the dropout / drop path is inactive); a gamma of False: a
-        LayerScale the fused path does not know."""
+    def _vk_layout_parts(self, x: torch.Tensor):
+        """(norm1, norm2, gamma1, gamma2) of the layer's layout (gammas None: no LayerScale), or None where its
+        dropout / drop path is active or its LayerScale is not one the fused path knows."""
         if self._vk_layout == "vit":
-            return self.layernorm_before, self.layernorm_after, None, None, _inactive(self.dropout)
+            return (self.layernorm_before, self.layernorm_after, None, None) if _inactive(self.dropout) else None
         drop_path = self.drop_path
-        inactive = isinstance(drop_path, nn.Identity) or (
-            type(drop_path).__name__.endswith("DropPath") and (drop_path.drop_prob == 0.0 or not drop_path.training))
-        gammas = [_layer_scale(ls, x) for ls in (self.layer_scale1, self.layer_scale2)]
-        return (self.norm1, self.norm2, *[False if g is None else g for g in gammas], inactive)
+        if not (isinstance(drop_path, nn.Identity) or (type(drop_path).__name__.endswith("DropPath")
+                                                       and (drop_path.drop_prob == 0.0 or not drop_path.training))):
+            return None
+        gamma1, gamma2 = (_layer_scale(ls, x) for ls in (self.layer_scale1, self.layer_scale2))
+        if gamma1 is None or gamma2 is None:
+            return None
+        return self.norm1, self.norm2, gamma1, gamma2
 
-    def _vk_fused_ready(self, x, kwargs) -> bool:
+    def _vk_fused_plan(self, x, kwargs):
+        """``(norm1, norm2, gamma1, gamma2, approximate)`` for :meth:`_vk_forward_fused` where the fused path serves
+        this call (class docstring), else None."""
         if (torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.ndim != 3
                 or not _fused_cpu_allowed(self.vitkernels_backend, x)):
-            return False
+            return None
         if _attentions_requested(kwargs) or _collecting_submodule_outputs() or any(
                 v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_LAYER_KWARGS):
-            return False
+            return None
         attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
         if (getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
                 or getattr(attention, "is_causal", False)
                 or (self.training and attention.attention_dropout > 0.0)):
-            return False
+            return None
         q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
         fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
         if not all(isinstance(m, nn.Linear) for m in (q, k, v, o, fc1, fc2)):
-            return False
+            return None
+        parts = self._vk_layout_parts(x)
+        approximate = _gelu_approximate(getattr(mlp, "activation_fn", None))
+        if parts is None or approximate is None:
+            return None
         width = attention.num_attention_heads * attention.head_dim
-        norm1, norm2, gamma1, gamma2, inactive = self._vk_parts(x)
-        return (
+        norm1, norm2 = parts[:2]
+        served = (
             all(m.in_features == channels and m.out_features == width for m in (q, k, v))
             and o.in_features == width and o.out_features == channels
             and fc1.in_features == channels and fc2.out_features == channels and fc1.bias is not None
-            and _gelu_approximate(getattr(mlp, "activation_fn", None)) is not None
             and _is_layernorm(norm1, channels) and _is_layernorm(norm2, channels)
-            and gamma1 is not False and gamma2 is not False and inactive
-            and not _global_hooks() and not any(_has_foreign_hooks(m) for m in islice(self.modules(), 1, None))
+            # transformers' output-capturing hooks are inactive unless the call collects their output, and a call
+            # collecting any submodule's output was refused above
+            and not _global_hooks()
+            and not any(_has_hooks(m, ignore=_output_capturing_hook) for m in islice(self.modules(), 1, None))
         )
+        return (*parts, approximate) if served else None
 
-    def _vk_forward_fused(self, x):
+    def _vk_forward_fused(self, x, plan):
         attention, mlp = self.attention, self.mlp
         heads, head_dim, scaling = attention.num_attention_heads, attention.head_dim, attention.scaling
         weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
@@ -441,6 +446,6 @@ class _FusedViTLayer(_FusedLayer):
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
             return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
-        norm1, norm2, gamma1, gamma2, _ = self._vk_parts(x)
-        return fused_block_cpu(x, norm1, attend, attention.o_proj, gamma1, None, norm2, mlp.fc1,
-                               _gelu_approximate(mlp.activation_fn), mlp.fc2, gamma2, None)
+        norm1, norm2, gamma1, gamma2, approximate = plan
+        return fused_block_cpu(x, norm1, attend, attention.o_proj, gamma1, None, norm2, mlp.fc1, approximate, mlp.fc2,
+                               gamma2, None)

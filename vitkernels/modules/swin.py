@@ -41,7 +41,7 @@ branches bfloat16) runs the unfused path, which reproduces those promotions.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +120,10 @@ def _fusable_drop_path(m: nn.Module) -> bool:
     return isinstance(m, nn.Identity) or (hasattr(m, "drop_prob") and type(m).__name__ == "DropPath")
 
 
-def _drop_path_factors(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _drop_path_factors(m: Optional[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
     """(B,) per-sample factors of a DropPath in training, drawn with timm's exact calls (so the random stream and
-    the values match timm's ``x * random_tensor``); None when it is the identity."""
-    if isinstance(m, nn.Identity) or m.drop_prob == 0.0 or not m.training:
+    the values match timm's ``x * random_tensor``); None when it is the identity (or None: no drop path)."""
+    if m is None or isinstance(m, nn.Identity) or m.drop_prob == 0.0 or not m.training:
         return None
     keep = 1 - m.drop_prob
     factors = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
@@ -132,9 +132,13 @@ def _drop_path_factors(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return factors.reshape(-1)
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    """Forward (pre-)hooks or backward (pre-)hooks registered on ``m`` itself (FSDP2's ``fully_shard`` adds some)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+def _has_hooks(m: nn.Module, ignore: Optional[Callable[[Callable], bool]] = None) -> bool:
+    """Forward (pre-)hooks or backward (pre-)hooks registered on ``m`` itself (FSDP2's ``fully_shard`` adds some);
+    forward hooks for which ``ignore(hook)`` is true left out (an adapter's library's own hooks, inactive unless
+    the call asks for them)."""
+    forward_hooks = m._forward_hooks.values() if ignore is None else [h for h in m._forward_hooks.values()
+                                                                     if not ignore(h)]
+    return bool(forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:

@@ -154,15 +154,11 @@ def fused_block_cpu(
     # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it; a fresh one where the
     # heads' width is not C
     a2 = o if o.shape == y.shape else torch.empty_like(y)
-    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _factors(drop_path1, x), norm2.weight,
+    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(drop_path1, x), norm2.weight,
                                                   norm2.bias, norm2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
     h = _gemm(a2, fc1.weight)
     torch.ops.vitkernels.bias_gelu_(h, fc1.bias, approximate)
     out, fc2_bias = _branch(gamma2, h, fc2)
-    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _factors(drop_path2, x1))
+    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
     return out
-
-
-def _factors(drop_path: Optional[nn.Module], x: torch.Tensor) -> Optional[torch.Tensor]:
-    return None if drop_path is None else _drop_path_factors(drop_path, x)
