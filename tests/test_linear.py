@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import OpCalls
 from helpers import assert_close_scaled as _assert_close_scaled
 from helpers import import_timm
 from vitkernels import dispatch
@@ -100,6 +101,42 @@ def test_each_eager_path_computes_only_the_gradients_asked_for(eager_path, needs
     ref = torch.autograd.grad(expected64(x, w, b, None).pow(2).sum(), wanted)
     for g_, r in zip(got, ref):
         assert_close_scaled(g_, r.detach(), torch.float32)
+
+
+def test_grad_x_through_mm_only_on_avx2_cpus_for_wide_inputs():
+    """The input gradient goes to ATen's mm on AVX2-only CPUs (AMD Zen 1-3 where oneDNN is the GEMM) for weights of
+    >= GRAD_X_MM_MIN_IN_FEATURES input features, nowhere else (vitkernels/ops/linear.py grad_x_through_mm)."""
+    wide = linear_op.GRAD_X_MM_MIN_IN_FEATURES
+    assert linear_op.grad_x_through_mm(wide, "AVX2") and linear_op.grad_x_through_mm(4 * wide, "AVX2")
+    assert not linear_op.grad_x_through_mm(wide - 1, "AVX2")
+    for capability in ("AVX512", "DEFAULT", "ZVECTOR"):
+        assert not linear_op.grad_x_through_mm(wide, capability)
+    assert linear_op.grad_x_through_mm(wide) == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+
+
+@pytest.mark.parametrize("route", ["linear", "layer_linear"])
+@pytest.mark.parametrize("avx2", [False, True], ids=["other-cpu", "avx2-cpu"])
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+def test_each_eager_path_takes_the_input_gradient_product_the_rule_picks(eager_path, route, avx2, wide, monkeypatch):
+    """The eager backward's g W runs as ATen's mm exactly where grad_x_through_mm says (an AVX2-only CPU, a weight
+    of >= 768 input features), as oneDNN's product on the weight's transposed view elsewhere; every gradient matches
+    float64 either way. Through linear() and through layer_linear (the Linear module's and the Swin block's call)."""
+    if route == "layer_linear" and eager_path != "native_cpp_function":
+        pytest.skip("layer_linear's direct call is the C++ op")
+    monkeypatch.setattr(linear_op, "_AVX2_CPU", avx2)
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    K = linear_op.GRAD_X_MM_MIN_IN_FEATURES - (0 if wide else 1)
+    x, w, b = inputs((3, 2, K), 24, True)
+    with OpCalls() as calls:
+        out = linear(x, w, b, backend="native") if route == "linear" else linear_op.layer_linear(x, w, b)
+        grads = torch.autograd.grad(out.pow(2).sum(), (x, w, b))
+    mm = avx2 and wide
+    # forward: one oneDNN product; backward: grad_W = g^T x (mm), grad_x = g W (mm or oneDNN)
+    assert calls.names.count("aten::mm") == (2 if mm else 1)
+    assert calls.names.count("mkldnn::_linear_pointwise") == (1 if mm else 2)
+    ref = torch.autograd.grad(expected64(x, w, b, None).pow(2).sum(), (x, w, b))
+    for got, want in zip(grads, ref):
+        assert_close_scaled(got, want.detach(), torch.float32)
 
 
 def test_eager_training_uses_the_cpp_function_where_built():

@@ -1,7 +1,8 @@
 // Eager autograd of the CPU oneDNN Linear (semantics: vitkernels/reference/linear.py; Python side:
 // vitkernels/ops/linear.py): y = x W^T + b through oneDNN's inner product (mkldnn::_linear_pointwise, the op behind
 // torch's own oneDNN Linear), recorded for autograd by a C++ autograd Function, with its backward in C++ too:
-//   grad_x = g W (oneDNN, the weight operand transposed by view),  grad_W = g^T x (mm),  grad_b = column sums of g.
+//   grad_x = g W (oneDNN, the weight operand transposed by view; ATen's mm where the caller asks: grad_x_mm, chosen
+//            by vitkernels/ops/linear.py grad_x_through_mm),  grad_W = g^T x (mm),  grad_b = column sums of g.
 // The same computation as the Python autograd.Function it replaces in eager training, minus ~100 us of Python per
 // Linear forward + backward (the Function's apply, the saved-tensor unpacking, a dozen reshape / view / t calls
 // through Python): about 50 Linears per Swin-T training step.
@@ -118,9 +119,10 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, bool grad_x_mm) {
     ctx->save_for_backward({x, weight});
     ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["grad_x_mm"] = grad_x_mm;
     return linear_unviewed(x, weight, bias);
   }
 
@@ -133,20 +135,21 @@ struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
     const at::Tensor g = grads[0].reshape({lead, N});
     const at::Tensor x2 = x.reshape({lead, K});
     // create_graph: differentiable ATen ops (oneDNN's op has no derivative)
-    const bool differentiable = at::GradMode::is_enabled();
+    const bool mm = at::GradMode::is_enabled() || ctx->saved_data["grad_x_mm"].toBool();
     at::Tensor grad_x, grad_w, grad_b;
     if (ctx->needs_input_grad(0)) {
-      grad_x = (differentiable ? at::mm(g, weight) : onednn_gemm(g, weight.t(), std::nullopt)).view(x.sizes());
+      grad_x = (mm ? at::mm(g, weight) : onednn_gemm(g, weight.t(), std::nullopt)).view(x.sizes());
     }
     if (ctx->needs_input_grad(1)) grad_w = at::mm(g.t(), x2);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_b = g.sum(0);
-    return {grad_x, grad_w, grad_b};
+    return {grad_x, grad_w, grad_b, at::Tensor()};
   }
 };
 
-at::Tensor onednn_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor onednn_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               bool grad_x_mm) {
   check_args(x, weight, bias, "onednn_linear_eager");
-  return EagerOneDnnLinear::apply(x, weight, bias);
+  return EagerOneDnnLinear::apply(x, weight, bias, grad_x_mm);
 }
 
 // vitkernels::onednn_linear's CPU kernel (its autograd: vitkernels/ops/linear.py).

@@ -123,6 +123,24 @@ def choose_cpu_gemm(env: Optional[str] = None, vendor: Optional[str] = None,
 # The library of this process's CPU float32 GEMMs (layer_linear, and what ``auto`` picks for the linear op)
 CPU_GEMM, CPU_GEMM_REASON = choose_cpu_gemm()
 
+GRAD_X_MM_MIN_IN_FEATURES = 768
+
+
+def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> bool:
+    """Whether the oneDNN Linear's input gradient ``g W`` (g (M, N), W (N, K = in_features)) goes through ATen's
+    ``mm`` instead of oneDNN's inner product on the weight's transposed view: on CPUs whose best instruction set is
+    AVX2 (``capability``, default ``torch.backends.cpu.get_cpu_capability()``, is ``"AVX2"``; where oneDNN is the CPU
+    GEMM that means an AMD Zen 1-3), for K >= :data:`GRAD_X_MM_MIN_IN_FEATURES`. Why: on a 2-core AMD EPYC Zen 2
+    (alternating calls, M = 98 ... 3136) oneDNN's product took 1.15-1.5x mm's time at K >= 768 whatever M (Swin-T
+    stage 4's Linears, stage 3's fc2), 0.8-1.0x at K = 192 and 384, where it stays; oneDNN's forward ``x W^T`` (the
+    weight not transposed) is the faster one at every shape there. Not measured on AVX-512 AMD CPUs (Zen 4), where
+    oneDNN keeps the product."""
+    avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
+    return avx2 and in_features >= GRAD_X_MM_MIN_IN_FEATURES
+
+
+_AVX2_CPU = torch.backends.cpu.get_cpu_capability() == "AVX2"  # this process's answer, asked once
+
 
 def linear(
     x: torch.Tensor,
@@ -176,7 +194,7 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if route == "aten":
         return F.linear(x, weight, bias)
     if route == "onednn":
-        return _layer_fast_path(x, weight, bias)
+        return _layer_fast_path(x, weight, bias, grad_x_through_mm(weight.shape[1]))
     return linear(x, weight, bias, backend="auto")
 
 
@@ -276,7 +294,7 @@ if onednn_available():
             g = torch.ops.aten.gelu_backward(g, pre, approximate=reference.GELU_APPROXIMATION[activation])
         grad_x = grad_w = grad_b = None
         if needs_input_grad[0]:
-            grad_x = gemm(g, weight.t()).view(x.shape)
+            grad_x = (torch.mm(g, weight) if grad_x_through_mm(K) else gemm(g, weight.t())).view(x.shape)
         if needs_input_grad[1]:
             grad_w = torch.mm(g.t(), x2)
         if bias is not None and needs_input_grad[2]:
@@ -298,7 +316,8 @@ if onednn_available():
         torch.compile keeps the custom op (inductor's lowering of the raw oneDNN op wants constant weights)."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias):
+        def forward(ctx, x, weight, bias, grad_x_mm=False):
+            # grad_x_mm: the C++ op's argument, the same answer as _linear_grads' own grad_x_through_mm
             ctx.save_for_backward(x, weight, bias)
             return _linear_unviewed(x, weight, bias)
 
@@ -307,7 +326,7 @@ if onednn_available():
             x, weight, bias = ctx.saved_tensors
             # create_graph (double backward): the differentiable custom op; otherwise oneDNN's op directly
             gemm = _custom_op_gemm if torch.is_grad_enabled() else _gemm
-            return _linear_grads(grad, x, weight, bias, "none", ctx.needs_input_grad, gemm)
+            return (*_linear_grads(grad, x, weight, bias, "none", ctx.needs_input_grad, gemm), None)
 
     torch.library.register_autograd("vitkernels::onednn_linear", _backward, setup_context=_setup_context)
 
@@ -343,7 +362,7 @@ if onednn_available():
             # weights).
             return _linear_unviewed(x, weight, bias, "none" if activation is None else activation)
         if eager:
-            y = _eager_linear(x, weight, bias)
+            y = _eager_linear(x, weight, bias, grad_x_through_mm(weight.shape[1]))
             return y if activation is None else F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
         if activation is not None and recording:
             # autograd recording: keep the pre-activation (F.gelu saves it) rather than recompute a GEMM backward
