@@ -100,6 +100,22 @@ def test_info_report_lists_versions_and_every_op():
     assert "auto ->" in text
 
 
+@pytest.mark.parametrize("avx2", [False, True])
+@pytest.mark.parametrize("library", ["aten", "onednn"])
+def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, library, avx2):
+    """The report's CPU GEMM line says so where the Linears' wide input gradients go to ATen's mm instead of oneDNN
+    (vitkernels/ops/linear.py grad_x_through_mm: oneDNN the CPU GEMM, an AVX2-only CPU), and only there."""
+    from vitkernels import info
+    from vitkernels.ops import linear as linear_op
+
+    monkeypatch.setattr(linear_op, "CPU_GEMM", library)
+    monkeypatch.setattr(linear_op, "_AVX2_CPU", avx2)
+    line = info.versions()["CPU float32 GEMM"]
+    assert line.startswith(library)
+    assert ("input gradients of Linears with >= 768 input features: ATen's mm" in line) == (library == "onednn"
+                                                                                              and avx2)
+
+
 def test_info_main_runs_as_module():
     import subprocess
     import sys

@@ -33,6 +33,9 @@ def versions() -> Dict[str, str]:
         "CPU threads": str(torch.get_num_threads()),
         "CPU float32 GEMM": f"{linear_op.CPU_GEMM} ({linear_op.CPU_GEMM_REASON})",
     }
+    if linear_op.CPU_GEMM == "onednn" and linear_op.grad_x_through_mm(linear_op.GRAD_X_MM_MIN_IN_FEATURES):
+        info["CPU float32 GEMM"] += (f"; input gradients of Linears with >= {linear_op.GRAD_X_MM_MIN_IN_FEATURES} "
+                                     "input features: ATen's mm (an AVX2 CPU)")
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()
         info["CUDA capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

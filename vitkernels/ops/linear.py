@@ -131,10 +131,11 @@ def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> boo
     ``mm`` instead of oneDNN's inner product on the weight's transposed view: on CPUs whose best instruction set is
     AVX2 (``capability``, default ``torch.backends.cpu.get_cpu_capability()``, is ``"AVX2"``; where oneDNN is the CPU
     GEMM that means an AMD Zen 1-3), for K >= :data:`GRAD_X_MM_MIN_IN_FEATURES`. Why: on a 2-core AMD EPYC Zen 2
-    (alternating calls, M = 98 ... 3136) oneDNN's product took 1.15-1.5x mm's time at K >= 768 whatever M (Swin-T
-    stage 4's Linears, stage 3's fc2), 0.8-1.0x at K = 192 and 384, where it stays; oneDNN's forward ``x W^T`` (the
-    weight not transposed) is the faster one at every shape there. Not measured on AVX-512 AMD CPUs (Zen 4), where
-    oneDNN keeps the product."""
+    (alternating calls, M = 98 ... 3136) oneDNN's product took 1.15-1.54x mm's time at K = 768 / 3072 with N >= 768
+    (Swin-T stage 4's Linears) and at K = 1536, N = 384 (stage 3's fc2) whatever M, 0.95-1.18x at K = 768, N = 192,
+    0.82-1.03x at K = 192 and 384, where it stays (the Swin-T training step: 1.024-1.035x with the rule); oneDNN's
+    forward ``x W^T`` (the weight not transposed) stays the faster one there (0.86x MKL's time over Swin-T's shapes).
+    Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps the product."""
     avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
     return avx2 and in_features >= GRAD_X_MM_MIN_IN_FEATURES
 
