@@ -12,8 +12,8 @@ from torch import nn
 from vitkernels.compat._patching import is_patched, unpatch_model
 from vitkernels.compat.timm import patch_model, patch_vit_blocks
 from vitkernels.modules import swin as fast_swin
-from vitkernels.ops import linear as linear_op
 from vitkernels.modules import vit as fast_vit
+from vitkernels.ops import linear as linear_op
 
 from helpers import compile_recording_graphs, import_timm, vitkernels_ops
 

@@ -134,7 +134,8 @@ struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
     const int64_t lead = leading_rows(x);
     const at::Tensor g = grads[0].reshape({lead, N});
     const at::Tensor x2 = x.reshape({lead, K});
-    // create_graph: differentiable ATen ops (oneDNN's op has no derivative)
+    // ATen's mm for grad_x under create_graph (differentiable; oneDNN's op has no derivative) and where the caller
+    // asked for it (grad_x_mm)
     const bool mm = at::GradMode::is_enabled() || ctx->saved_data["grad_x_mm"].toBool();
     at::Tensor grad_x, grad_w, grad_b;
     if (ctx->needs_input_grad(0)) {

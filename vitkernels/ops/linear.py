@@ -124,6 +124,7 @@ def choose_cpu_gemm(env: Optional[str] = None, vendor: Optional[str] = None,
 CPU_GEMM, CPU_GEMM_REASON = choose_cpu_gemm()
 
 GRAD_X_MM_MIN_IN_FEATURES = 768
+_AVX2_CPU = torch.backends.cpu.get_cpu_capability() == "AVX2"  # grad_x_through_mm's default, asked once per process
 
 
 def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> bool:
@@ -138,9 +139,6 @@ def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> boo
     Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps the product."""
     avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
     return avx2 and in_features >= GRAD_X_MM_MIN_IN_FEATURES
-
-
-_AVX2_CPU = torch.backends.cpu.get_cpu_capability() == "AVX2"  # this process's answer, asked once
 
 
 def linear(
