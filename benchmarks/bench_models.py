@@ -382,7 +382,7 @@ def test_model(benchmark, model, mode, peer):
         baseline_step = _step(model, mode, baseline_net, baseline_params)
     fn = net
     if peer.endswith("torch.compile"):
-        fn = compiled_or_skip(net, dynamic=False)
+        fn = compiled_or_skip(net, dynamic=False, ours=peer.startswith("patched"))
     imgs, extra = _inputs(model, mode, batch)
     # multiply-accumulates per image of a forward (timm's model cards; MAE counted: encoder on 49 + 1 tokens, decoder
     # on 197; DINOv2 ViT-S/14 at 224: 261 tokens, Linears 5.6e9 + attention 0.6e9); a FLOP is 2 MACs, a training

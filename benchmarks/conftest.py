@@ -93,6 +93,7 @@ def pytest_configure(config):
         "markers", "heavy: minutes on a 2-core CPU (whole-model torch.compile peers, Swin-B); "
                    "the quick subset is -m 'not heavy'")
     option = config.option
+    SMOKE_RUN[0] = bool(getattr(option, "benchmark_disable", False))
     if not hasattr(option, "benchmark_sort"):
         return  # pytest-benchmark not installed: the plugin's options do not exist
     # pytest-benchmark reads these when its session starts (its pytest_configure runs last): set the defaults here,
@@ -355,8 +356,20 @@ def padded_for_flex(t: torch.Tensor, dims) -> torch.Tensor:
     return torch.nn.functional.pad(t, pad)
 
 
-def compiled_or_skip(fn, **kwargs):
-    """``torch.compile(fn)`` where inductor works on this machine, else skip with the reason."""
+# True in a smoke run (--benchmark-disable: each benchmark once, nothing timed; set by pytest_configure)
+SMOKE_RUN = [False]
+
+
+def compiled_or_skip(fn, *, ours: bool = False, **kwargs):
+    """``torch.compile(fn)`` where inductor works on this machine, else skip with the reason.
+
+    In a smoke run a peer that compiles other code than vitkernels' (``ours`` False: timm's, the references, the
+    official losses, ``flex_attention``) gets the ``aot_eager`` backend: Dynamo and AOTAutograd trace it as for
+    inductor and its output is still checked against the reference, but Inductor's code generation (20-55 s per
+    peer on a 2-core CPU with a cold cache, half of the smoke run) is left to the timed runs. A peer compiling the
+    vitkernels-patched model (``ours``) keeps inductor there too."""
+    if SMOKE_RUN[0] and not ours and "backend" not in kwargs:
+        kwargs["backend"] = "aot_eager"
     try:
         return torch.compile(fn, **kwargs)
     except Exception as exc:  # pragma: no cover
