@@ -92,6 +92,12 @@ def _check_against_eager(ours, eager, ref, dtype, name, ratio):
     assert ours_err <= bound, f"{name}: error {ours_err:.3g} > {ratio} x eager {eager_err:.3g} (+1e-3 x magnitude)"
 
 
+def _inputs_as(base, dtype, to=None):
+    """``base`` on DEV in ``to`` (default ``dtype``), rounded to the op's ``dtype`` first: the reference sees the same
+    values, only computes in a wider type; each keeps its ``requires_grad``."""
+    return [t.detach().to(dtype).to(DEV, to or dtype).requires_grad_(t.requires_grad) for t in base]
+
+
 def _compare(run, make_inputs, dtype, eager_ratios=None):
     """Run ``run(backend, *inputs)`` on Triton (inputs in ``dtype``) and the reference (float64 / fp32).
 
@@ -100,8 +106,7 @@ def _compare(run, make_inputs, dtype, eager_ratios=None):
     base = make_inputs()
 
     def cast(to):
-        # rounded to the op's dtype first: the reference sees the same values, only computes in a wider type
-        return [t.detach().to(dtype).to(DEV, to).requires_grad_(t.requires_grad) for t in base]
+        return _inputs_as(base, dtype, to)
 
     ours_in, ref_in = cast(dtype), cast(reference_dtype(dtype))
     outs, grads = _forward_backward(lambda *a: run("triton", *a), ours_in)
@@ -389,7 +394,7 @@ def _launches_without_running(example) -> list:
     from vitkernels.triton._launch import forced_target, recording
 
     run, make, dtype, _ = CASES[example.op](example.problem)
-    inputs = [t.detach().to(dtype).to(DEV).requires_grad_(t.requires_grad) for t in make()]
+    inputs = _inputs_as(make(), dtype)  # as _compare gives them to the Triton run
     with forced_target(example.target), recording(launch=False) as launches:
         _forward_backward(lambda *a: run("triton", *a), inputs)
     return launches
