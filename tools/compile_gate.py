@@ -412,10 +412,19 @@ def check(rows: List[Dict[str, Any]]) -> List[str]:
     return failures
 
 
+CUDA_JSON_WAIT_S = 1800  # the CUDA gate takes ~4 minutes on 2 cores
+
+
 def cuda_rows(from_json: str = None) -> List[Dict[str, Any]]:
     """Rows of the CUDA gate (tools/compile_gate_cuda.py prints a JSON list on stdout), if it exists; read from
-    ``from_json`` instead when given (the JSON .ci/cuda wrote: CI compiles the CUDA sources once)."""
+    ``from_json`` instead when given (the JSON .ci/cuda wrote: CI compiles the CUDA sources once). CI starts this
+    gate while the CUDA gate still runs, and .ci/cuda moves its JSON into place when that ends: wait for it."""
     if from_json:
+        deadline = time.time() + CUDA_JSON_WAIT_S
+        while not os.path.exists(from_json):
+            if time.time() > deadline:
+                raise SystemExit(f"compile gate: no CUDA rows at {from_json} after {CUDA_JSON_WAIT_S} s")
+            time.sleep(2)
         with open(from_json) as f:
             return json.load(f)
     if not os.path.exists(CUDA_GATE):
@@ -482,9 +491,10 @@ def main(argv=None) -> int:
                         help="skip the SASS disassembly (its instruction counts are for the table, not the gate)")
     parser.add_argument("--assemble", choices=("all", "headline"), default="all",
                         help="run ptxas for every compile (all), or only for the headline configurations, the others "
-                             "stopping at PTX: shared memory and compile errors up to PTX are still gated, registers "
-                             "and spills are then known for the headline rows only (about a quarter less CPU time; "
-                             "--table always assembles all)")
+                             "stopping at PTX emitted without LLVM's O3 pass pipeline: shared memory and compile "
+                             "errors through Triton's pipeline to PTX are still gated, registers and spills are then "
+                             "known for the headline rows only (about a third less CPU time; --table always "
+                             "assembles all)")
     parser.add_argument("--keep", default=None, help="keep PTX / SASS of every compile in this folder")
     args = parser.parse_args(argv)
     if args.keep:

@@ -99,13 +99,41 @@ def config_label(launch) -> str:
     return f"{dtype} {launch.config().label}".strip()
 
 
+@contextlib.contextmanager
+def _llvm_optimization_skipped():
+    """Within it, Triton's call of LLVM's O3 pipeline (``llvm.optimize_module`` in the backend's "llir" stage) does
+    nothing; where this Triton has no such function, nothing changes."""
+    from triton._C.libtriton import llvm
+
+    optimize = getattr(llvm, "optimize_module", None)
+    if optimize is None:
+        yield
+        return
+    llvm.optimize_module = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        llvm.optimize_module = optimize
+
+
 def _ptx_only_stages(*args):
-    """Triton's pipeline-stages hook (``knobs.runtime.add_stages_inspection_hook``) that ends a compile at PTX: the
-    "cubin" stage (ptxas) returns no binary. Called without arguments, it returns its part of the cache key, so a
-    PTX-only compile never stands in for a full one."""
+    """Triton's pipeline-stages hook (``knobs.runtime.add_stages_inspection_hook``) that ends a compile at PTX, and
+    skips LLVM's optimisation on the way: the "llir" stage still runs Triton's whole MLIR pipeline (layouts, the
+    shared-memory allocation, the lowering to LLVM IR) but not LLVM's O3 pipeline over the result (about a quarter of
+    a compile's CPU time; it changes the code ptxas would get, not the shared memory Triton allocated or its
+    tensor-core instructions), LLVM's NVPTX backend then emits PTX from that module, and the "cubin" stage (ptxas)
+    returns no binary. Called without arguments, it returns its part of the cache key, so such a compile never stands
+    in for a full one."""
     if not args:
-        return "vitkernels-ptx-only", "vitkernels-ptx-only"
+        return "vitkernels-ptx-unoptimized", "vitkernels-ptx-unoptimized"
     stages = args[1]
+    make_llir = stages["llir"]
+
+    def llir_without_llvm_optimization(src, metadata):
+        with _llvm_optimization_skipped():
+            return make_llir(src, metadata)
+
+    stages["llir"] = llir_without_llvm_optimization
     stages["cubin"] = lambda src, metadata: b""
 
 
@@ -113,8 +141,9 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
                    assemble: bool = True) -> Dict[str, Any]:
     """Compile ``launch`` for ``arch`` ("sm_80" / "sm_90"); a row with the resources, or status "fail". ``sass``:
     also disassemble the cubin for the SASS instruction counts (not needed to gate resources; kept with ``keep_dir``).
-    ``assemble=False``: stop at PTX (no ptxas, about a quarter of a compile's time): the row has the shared memory
-    (Triton's allocation, known after the LLVM IR stage) and the tensor-core use, not registers / spills / stack."""
+    ``assemble=False``: stop at PTX, emitted from LLVM IR that LLVM did not optimise (no O3, no ptxas: about half
+    of a compile's time, ``_ptx_only_stages``): the row has the shared memory (Triton's allocation, known after the
+    LLVM IR stage) and the tensor-core use, not registers / spills / stack."""
     kernel = launch.kernel
     bound = dict(zip(kernel.arg_names, launch.args))
     options = {}
