@@ -12,7 +12,8 @@ Environment switches:
     MAX_JOBS                  parallel compile jobs (read by torch's ninja build)
     VITKERNELS_DEBUG=1        -O0 -g
     VITKERNELS_SANITIZE=1     AddressSanitizer + UndefinedBehaviorSanitizer build of the CPU sources (-O0 -g1; any
-                              UB report aborts). Build it outside the source tree so it does not replace the normal
+                              UB report aborts; on a CPU without AVX-512, without the AVX-512 kernels, which its
+                              tests could not run). Build it outside the source tree so it does not replace the normal
                               in-place build, and preload the runtimes into the (uninstrumented) Python, as
                               .ci/sanitize does:
                                   python setup.py build_ext --build-lib build/sanitize --build-temp build/sanitize-tmp
@@ -105,6 +106,10 @@ def extension_modules():
         if with_cuda:
             raise RuntimeError("VITKERNELS_SANITIZE=1 builds the CPU sources only: set VITKERNELS_CUDA=0")
     macros = []
+    if sanitize and not cpu_has_avx512():
+        # the sanitized build serves this machine's tests, which can run no AVX-512 code here: not compiled (a third
+        # of the per-instruction-set kernel code, cpu_isa_each.h), never selected (cpu_isa.h)
+        macros.append(("VK_CPU_NO_AVX512", None))
     if with_cuda:
         macros.append(("VITKERNELS_WITH_CUDA", None))
         if os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -120,6 +125,17 @@ def extension_modules():
     kind = ("CPU + CUDA" if with_cuda else "CPU only") + (", ASan + UBSan" if sanitize else "")
     print(f"vitkernels: building vitkernels._C ({kind})", file=sys.stderr)
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+def cpu_has_avx512() -> bool:
+    """Whether this machine's CPU has the AVX-512 subsets the kernels use (csrc/cpu/cpu_isa.h's best_isa); True
+    where that cannot be read (not Linux / x86), so that nothing is left out there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= set(flags)
 
 
 ext_modules, cmdclass = extension_modules()

@@ -43,10 +43,12 @@ inline const char* isa_name(Isa isa) {
 inline Isa best_isa() {
 #ifdef VK_CPU_X86
   __builtin_cpu_init();
+#ifndef VK_CPU_NO_AVX512  // built without the AVX-512 code (cpu_isa_each.h)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
     return Isa::kAvx512;
   }
+#endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     return Isa::kAvx2;
   }
@@ -101,7 +103,16 @@ class FlushDenormals {
 }  // namespace vitkernels
 
 // VK_CPU_CALL(isa, fn, args...): fn(args...) from the namespace of the instruction set `isa` (an Isa value).
-#ifdef VK_CPU_X86
+#if defined(VK_CPU_X86) && defined(VK_CPU_NO_AVX512)  // no AVX-512 code built; best_isa() never picks it
+#define VK_CPU_CALL(isa, fn, ...)                                                   \
+  do {                                                                              \
+    switch (isa) {                                                                  \
+      case ::vitkernels::cpu::Isa::kAvx512:                                         \
+      case ::vitkernels::cpu::Isa::kAvx2: ::vitkernels::cpu::avx2::fn(__VA_ARGS__); break; \
+      default: ::vitkernels::cpu::baseline::fn(__VA_ARGS__);                        \
+    }                                                                               \
+  } while (0)
+#elif defined(VK_CPU_X86)
 #define VK_CPU_CALL(isa, fn, ...)                                                   \
   do {                                                                              \
     switch (isa) {                                                                  \

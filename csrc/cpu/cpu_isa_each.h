@@ -1,7 +1,8 @@
 // Compiles cpu_simd.h and then the file named by VK_CPU_BODY (a quoted include path) once per instruction set:
 // AVX-512, AVX2+FMA (x86-64 with GCC or clang) and the baseline, each in its own namespace (avx512, avx2, baseline)
-// with its GEMM register tiles. Include it once per translation unit. Pick one at run time with selected_isa()
-// and VK_CPU_CALL (cpu_isa.h):
+// with its GEMM register tiles; no AVX-512 with VK_CPU_NO_AVX512 (setup.py's sanitized build on a CPU without it,
+// whose tests could not run that code: cpu_isa.h then never selects it). Include it once per translation unit.
+// Pick one at run time with selected_isa() and VK_CPU_CALL (cpu_isa.h):
 //   #define VK_CPU_BODY "my_kernel.h"
 //   #include "cpu_isa_each.h"
 //   #undef VK_CPU_BODY
@@ -14,7 +15,7 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector types in inlined helpers: no ABI crosses a boundary
 
-#ifdef VK_CPU_X86
+#if defined(VK_CPU_X86) && !defined(VK_CPU_NO_AVX512)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))), \
                              apply_to = function)
@@ -39,7 +40,9 @@
 #else
 #pragma GCC pop_options
 #endif
+#endif  // VK_CPU_X86 && !VK_CPU_NO_AVX512
 
+#ifdef VK_CPU_X86
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
