@@ -7,6 +7,8 @@
 * The interpreter's int32 overflow checks are off for the session: by default it computes them and drops the assert
   (debug off), which more than doubles the time of the index-heavy kernels for nothing. The cheap
   launch-configuration examples run them asserting: see ``helpers.set_interpreter_overflow_checks``.
+* The interpreter does not re-patch ``triton.language`` at each ``@triton.jit`` helper call inside a launch (a
+  quarter of the attention kernels' interpreted time): see ``helpers.skip_interpreter_repatching_in_device_calls``.
 """
 import os
 import sys
@@ -32,9 +34,10 @@ def _ensure_torchvision_importable() -> None:
 _ensure_torchvision_importable()
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from helpers import set_interpreter_overflow_checks
+    from helpers import set_interpreter_overflow_checks, skip_interpreter_repatching_in_device_calls
 
     set_interpreter_overflow_checks(False)
+    skip_interpreter_repatching_in_device_calls()
 
 CUDA = torch.cuda.is_available()
 
