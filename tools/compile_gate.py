@@ -412,19 +412,10 @@ def check(rows: List[Dict[str, Any]]) -> List[str]:
     return failures
 
 
-CUDA_JSON_WAIT_S = 1800  # the CUDA gate takes ~4 minutes on 2 cores
-
-
 def cuda_rows(from_json: str = None) -> List[Dict[str, Any]]:
     """Rows of the CUDA gate (tools/compile_gate_cuda.py prints a JSON list on stdout), if it exists; read from
-    ``from_json`` instead when given (the JSON .ci/cuda wrote: CI compiles the CUDA sources once). CI starts this
-    gate while the CUDA gate still runs, and .ci/cuda moves its JSON into place when that ends: wait for it."""
+    ``from_json`` instead when given (the JSON .ci/cuda wrote: CI compiles the CUDA sources once)."""
     if from_json:
-        deadline = time.time() + CUDA_JSON_WAIT_S
-        while not os.path.exists(from_json):
-            if time.time() > deadline:
-                raise SystemExit(f"compile gate: no CUDA rows at {from_json} after {CUDA_JSON_WAIT_S} s")
-            time.sleep(2)
         with open(from_json) as f:
             return json.load(f)
     if not os.path.exists(CUDA_GATE):

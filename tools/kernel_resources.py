@@ -141,7 +141,7 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
                    assemble: bool = True) -> Dict[str, Any]:
     """Compile ``launch`` for ``arch`` ("sm_80" / "sm_90"); a row with the resources, or status "fail". ``sass``:
     also disassemble the cubin for the SASS instruction counts (not needed to gate resources; kept with ``keep_dir``).
-    ``assemble=False``: stop at PTX, emitted from LLVM IR that LLVM did not optimise (no O3, no ptxas: about half
+    ``assemble=False``: stop at PTX, emitted from LLVM IR that LLVM did not optimise (no O3, no ptxas: over 40%
     of a compile's time, ``_ptx_only_stages``): the row has the shared memory (Triton's allocation, known after the
     LLVM IR stage) and the tensor-core use, not registers / spills / stack."""
     kernel = launch.kernel
