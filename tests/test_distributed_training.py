@@ -82,6 +82,11 @@ def _train(wrapped, model, images, labels, variant, all_reduce_mean=None, full=l
 
 
 def _worker(rank, init_file, state, images, labels, out_path):
+    import faulthandler
+
+    # a worker that crashes in native code (rank 1 died of SIGSEGV once in CI, not reproduced) prints its Python
+    # stack to the inherited stderr, which pytest shows with the fixture's error
+    faulthandler.enable()
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
