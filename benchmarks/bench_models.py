@@ -367,12 +367,13 @@ SMOKE_FLOORS = {("swin_tiny", "inference"), ("swin_tiny", "train"), ("swin_tiny_
 
 @pytest.mark.parametrize("model,mode,peer", list(_params()))
 def test_model(benchmark, model, mode, peer):
-    if peer in FLOORS and not ON_GPU and getattr(benchmark, "disabled", False) and (model, mode) not in SMOKE_FLOORS:
+    cpu_smoke_run = not ON_GPU and getattr(benchmark, "disabled", False)  # --benchmark-disable: nothing timed
+    if peer in FLOORS and cpu_smoke_run and (model, mode) not in SMOKE_FLOORS:
         pytest.skip("smoke run: the GEMM floors of the float32 Swin-T and the autocast Swin-T's inference only "
                     "(the same code for every model, no result to check)")
     name, gpu_batches, cpu_batches, cpu_rounds = MODELS[model]
     batch = (gpu_batches if ON_GPU else cpu_batches)[mode]
-    if not ON_GPU and getattr(benchmark, "disabled", False) and model in BF16_MODELS | CPU_AMP_MODELS:
+    if cpu_smoke_run and model in BF16_MODELS | CPU_AMP_MODELS:
         # a smoke run (nothing timed): the bf16 rows at batch 1, the same code; on a CPU without bf16 instructions
         # (AMD Zen 2) a bf16 autocast training step at batch 2 took 11.6 s against 0.6 s in float32
         batch = 1

@@ -170,7 +170,6 @@ def skip_interpreter_repatching_in_device_calls() -> bool:
     if grid_call is None or patch_lang is None or scope_type is None:
         return False
     state = threading.local()
-
     seen = {}
 
     def languages(fn):  # the language modules _patch_lang patches for fn (a module's globals: read once)
