@@ -58,7 +58,9 @@ from torch import nn
 import vitkernels
 from vitkernels.compat.timm import patch_model, patch_vit_embedding
 
-from conftest import DEVICE, assert_agrees, compiled_or_skip, interleaved_speedup, run_benchmark, timm_or_skip
+from conftest import (
+    DEVICE, assert_agrees, compiled_or_skip, interleaved_speedup, linear_floor, run_benchmark, timm_or_skip,
+)
 
 ON_GPU = DEVICE.type == "cuda"
 
@@ -293,41 +295,13 @@ def _float64_expected(model, mode, batch, base, imgs, extra):
 
 
 def _gemm_floor(model, mode, net, imgs, extra, vitkernels_linear=False):
-    """The floor step: every Linear / Conv2d of ``net`` at the input shapes one call gives them, nothing else; the
-    Linears through ``F.linear``, or with ``vitkernels_linear`` through :func:`vitkernels.linear`."""
-    layers = []
-
-    def hook(module, inputs, output):
-        layers.append((module, torch.randn_like(inputs[0]), torch.randn_like(output)))
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.no_grad():
-            _step(model, "inference", net, [])(imgs, extra)
-    finally:
-        for h in handles:
-            h.remove()
-    train = mode == "train"
-    for module, x, _ in layers:
-        x.requires_grad_(train)
-    macs = sum(g.numel() * (m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) for m, _, g in layers)
-    floor_flops = 2 * macs * (3 if train else 1)  # backward: grad of the input and of the weight
-
-    linear = vitkernels.linear if vitkernels_linear else F.linear
-
-    def gemm(module, x):
-        return linear(x, module.weight, module.bias) if isinstance(module, nn.Linear) else module(x)
-
-    amp = _amp_dtype(model)
-
-    def floor(imgs_, extra_):
-        with torch.set_grad_enabled(train), torch.autocast(DEVICE.type, dtype=amp, enabled=amp is not None):
-            outs = [gemm(module, x) for module, x, _ in layers]
-            if train:
-                torch.autograd.backward(outs, [g.to(o.dtype) for o, (_, _, g) in zip(outs, layers)])
-        return outs
-
-    return floor, floor_flops
+    """The floor step (conftest ``linear_floor``): every Linear / Conv2d of ``net`` at the input shapes one call gives
+    them, nothing else; the Linears through ``F.linear``, or with ``vitkernels_linear`` through
+    :func:`vitkernels.linear`. Returns (floor(imgs, extra), its flops)."""
+    floor, flops = linear_floor(net, lambda: _step(model, "inference", net, [])(imgs, extra), mode == "train",
+                                linear=vitkernels.linear if vitkernels_linear else F.linear,
+                                amp_dtype=_amp_dtype(model))
+    return lambda imgs_, extra_: floor(), flops
 
 
 def _assert_no_farther_than(benchmark, got, theirs, expected, factor=1.5, slack=3e-2):

@@ -13,18 +13,27 @@ weights before timing. Every peer but timm eager is also timed in alternation wi
 ``extra_info["vs_baseline"]``, the report's "speedup, interleaved" column; see ``bench_models``). On CPU the
 torch.compile peers of fwd+bwd are marked ``heavy`` (compiling a block's backward takes minutes on 2 cores):
 ``-m "not heavy"`` leaves them out.
+
+Two floors, not peers (as in ``bench_models``): the block's four Linears alone (qkv, proj, fc1, fc2 at the block's
+token count; forward, and for fwd+bwd their input and weight gradients), nothing else -- ``GEMM floor (Linear
+only)`` through ``F.linear`` (timm's), ``GEMM floor (vitkernels linear)`` through :func:`vitkernels.linear` (the
+GEMM backend ``vitkernels.SwinBlock`` runs its Linears' weights with on CPU; on CUDA it is ``F.linear``, the same
+code: skipped). A floor's speedup over timm eager is the most any block built on those GEMMs can reach: the attention,
+norms, GELU and residuals in zero time. Every row's TFLOP/s counts the Linears' and the attention's matmuls
+(2 x tokens x (12 C^2 + 2 x 49 C) multiply-adds per forward, x 3 for fwd+bwd); a floor's, its Linears' only.
 """
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkernels
 from vitkernels.reference import swin as reference
 
 from conftest import (
-    DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, interleaved_speedup, run_benchmark, skip_auto_if_same,
-    timm_or_none, timm_or_skip,
+    DEVICE, TRITON_ON_CPU, assert_agrees, compiled_or_skip, interleaved_speedup, linear_floor, run_benchmark,
+    skip_auto_if_same, timm_or_none, timm_or_skip,
 )
 
 ON_GPU = DEVICE.type == "cuda"
@@ -41,8 +50,11 @@ for stage in STAGES:
 BASELINE = "timm eager"
 # (timm eager, peer) pairs timed in alternation, per peer: with 6, two runs of the same code differed by up to 0.25x
 INTERLEAVED_ROUNDS = 12
+GEMM_FLOOR = "GEMM floor (Linear only)"
+GEMM_FLOOR_VK = "GEMM floor (vitkernels linear)"
 PEERS = ["timm eager", "timm sdpa", "timm torch.compile", "reference eager", "reference torch.compile",
-         "vitkernels auto", "vitkernels triton", "vitkernels native"]
+         "vitkernels auto", "vitkernels triton", "vitkernels native", GEMM_FLOOR, GEMM_FLOOR_VK]
+MLP_RATIO = 4  # the blocks' (Swin-T's) MLP width: fc1 C -> 4C
 
 
 def _timed_step(fn, x, grad, train):
@@ -93,6 +105,31 @@ def _params():
                                id=f"{case[0]}-{case[1]}-b{case[2]}-{peer}")
 
 
+def _block_flops(tokens, dim, train):
+    """FLOPs of a block step: its Linears (qkv 3C^2, proj C^2, fc1 and fc2 4C^2 each: 12 C^2 multiply-adds per token)
+    and its attention's two matmuls (q k^T and P v: 2 x 49 C per token, window 7); x 3 for fwd+bwd."""
+    macs = tokens * (3 + 1 + 2 * MLP_RATIO) * dim * dim + tokens * 2 * 49 * dim
+    return 2 * macs * (3 if train else 1)
+
+
+def _time_floor(benchmark, peer, weights, x, grad, train, size, dim, heads):
+    """The GEMM floor rows (module docstring): the Linears captured from the reference block (vitkernels.SwinBlock
+    runs its Linears' weights as GEMMs, not through their modules), timed like the peers, and in alternation with
+    timm eager."""
+    if peer == GEMM_FLOOR_VK and ON_GPU:
+        pytest.skip("off the CPU vitkernels.linear is F.linear: the same code as the 'GEMM floor (Linear only)' row")
+    block = reference.SwinTransformerBlock(dim, (size, size), heads, window_size=7, shift_size=3)
+    block.load_state_dict(weights)
+    block = block.to(device=DEVICE, dtype=DTYPE).train(train)
+    floor, flops = linear_floor(block, lambda: block(x), train,
+                                linear=vitkernels.linear if peer == GEMM_FLOOR_VK else F.linear)
+    if not getattr(benchmark, "disabled", False) and timm_or_none() is not None:
+        baseline_block = _make_block(BASELINE, size, dim, heads, copy.deepcopy(weights)).train(train)
+        interleaved_speedup(benchmark, _timed_step(baseline_block, x, grad, train), floor, baseline=BASELINE,
+                            rounds=INTERLEAVED_ROUNDS)
+    run_benchmark(benchmark, floor, peer=peer, flops=flops)
+
+
 @pytest.mark.parametrize("case,peer", list(_params()))
 def test_swin_block(benchmark, case, peer):
     stage, mode, batch = case
@@ -103,6 +140,10 @@ def test_swin_block(benchmark, case, peer):
     torch.manual_seed(0)
     ref64 = reference.SwinTransformerBlock(dim, (size, size), heads, window_size=7, shift_size=3)
     weights = ref64.state_dict()
+    if peer in (GEMM_FLOOR, GEMM_FLOOR_VK):
+        x = torch.randn(batch, size, size, dim, device=DEVICE, dtype=DTYPE)
+        _time_floor(benchmark, peer, weights, x, torch.randn_like(x), train, size, dim, heads)
+        return
     block = _make_block(peer, size, dim, heads, copy.deepcopy(weights))
     block.train(train)
     ref64 = ref64.to(device=DEVICE, dtype=torch.float64).train(train)
@@ -142,4 +183,4 @@ def test_swin_block(benchmark, case, peer):
         baseline_block = _make_block(BASELINE, size, dim, heads, copy.deepcopy(weights)).train(train)
         run_baseline = _timed_step(baseline_block, x, grad, train)
         interleaved_speedup(benchmark, run_baseline, run, baseline=BASELINE, rounds=INTERLEAVED_ROUNDS)
-    run_benchmark(benchmark, run, peer=peer, bytes_moved=bytes_moved)
+    run_benchmark(benchmark, run, peer=peer, bytes_moved=bytes_moved, flops=_block_flops(x.numel() // dim, dim, train))

@@ -29,7 +29,12 @@ What this file provides:
   same code).
 * Skipped peers are kept with their reasons: in the console (``-rs`` is on by default here) and in the
   ``--benchmark-json`` file under ``"skipped"`` (group, peer, reason), which ``report.py`` shows in tables and plots.
-* ``machine_info["vitkernels"]``: device, versions, CPU threads and the allocator mode (see :func:`allocator_mode`).
+* :func:`linear_floor`: a network's GEMM floor, its ``nn.Linear`` / ``nn.Conv2d`` layers alone at the shapes one
+  forward gives them (the whole-model and SwinBlock benchmarks' ``GEMM floor`` rows: the time a peer would take if
+  nothing ran outside its GEMMs).
+* ``machine_info["vitkernels"]``: device, versions, CPU threads and the allocator mode (see :func:`allocator_mode`);
+  in a timed run also ``gemm_peak`` (:func:`measured_gemm_peak`: one large square GEMM's throughput, the scale the
+  TFLOP/s columns are read against).
 * Console defaults (each overridable on the command line): sorted by median, columns median / iqr / min / max /
   rounds, each row named by its peer (the group heading says the op and shape).
 """
@@ -381,6 +386,73 @@ def device():
     return DEVICE
 
 
+# --- GEMM floors and the machine's GEMM peak ------------------------------------------------------------------------
+
+def linear_floor(net, forward, train, linear=None, amp_dtype=None):
+    """The GEMM floor of ``net``: every ``nn.Linear`` / ``nn.Conv2d`` of it alone, at the input shapes one call of
+    ``forward()`` gives them (captured by forward hooks, under no_grad), on random inputs; forward and, with
+    ``train``, the backward to their inputs and weights; nothing else (no attention, norm, activation, copy). The
+    Linears run ``linear(x, weight, bias)`` (default ``F.linear``; the patched models' :func:`vitkernels.linear`),
+    the convolutions the module itself; under ``amp_dtype`` autocast if given. A net whose own forward skips its
+    Linear modules' ``forward`` (vitkernels.SwinBlock runs their weights as GEMMs) has nothing captured: capture
+    from a module of the same shapes that calls them (the reference block).
+
+    Returns (floor, flops): ``floor()`` runs the layers once (and their backward); ``flops`` counts 2 per
+    multiply-accumulate, x 3 with ``train`` (the input and the weight gradient)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    linear = linear or F.linear
+    layers = []
+
+    def hook(module, inputs, output):
+        layers.append((module, torch.randn_like(inputs[0]), torch.randn_like(output)))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    for _, x, _ in layers:
+        x.requires_grad_(train)
+    macs = sum(g.numel() * (m.in_features if isinstance(m, nn.Linear) else m.weight[0].numel()) for m, _, g in layers)
+
+    def gemm(module, x):
+        return linear(x, module.weight, module.bias) if isinstance(module, nn.Linear) else module(x)
+
+    def floor():
+        with torch.set_grad_enabled(train), torch.autocast(DEVICE.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outs = [gemm(module, x) for module, x, _ in layers]
+            if train:
+                torch.autograd.backward(outs, [g.to(o.dtype) for o, (_, _, g) in zip(outs, layers)])
+        return outs
+
+    return floor, 2 * macs * (3 if train else 1)
+
+
+def measured_gemm_peak(repeats: int = 5) -> dict:
+    """One large square GEMM's throughput on DEVICE, the scale the TFLOP/s columns are read against: on CPU float32
+    2048 x 2048 x 2048 ``torch.mm`` on the benchmarks' threads (MKL / oneDNN near the cores' FMA peak: a floor row at
+    that rate leaves nothing to win inside its GEMMs), on CUDA bfloat16 8192^3. Median of ``repeats`` calls after one
+    warm-up, into a preallocated output."""
+    n, dtype = (8192, torch.bfloat16) if ON_GPU else (2048, torch.float32)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    out = torch.empty(n, n, device=DEVICE, dtype=dtype)
+    run = synchronized(lambda: torch.mm(a, b, out=out))
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    median = sorted(times)[len(times) // 2]
+    return {"tflops": 2 * n ** 3 / median / 1e12,
+            "what": f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} torch.mm, median of {repeats}"}
+
+
 # --- recording: versions, allocator, skipped peers ----------------------------------------------------------------
 
 _SKIPPED = []
@@ -406,6 +478,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["triton"] = None
     timm = timm_or_none()
     info["timm"] = timm.__version__ if timm is not None else None
+    session = getattr(config, "_benchmarksession", None)
+    if session is not None and not session.disabled:  # a timed run (a smoke run, --benchmark-disable, times nothing)
+        info["gemm_peak"] = measured_gemm_peak()
     machine_info["vitkernels"] = info
 
 

@@ -57,6 +57,7 @@ PEER_COLOURS = {
     "flex_attention": "#2ca02c",
     "xformers": "#98df8a",
     "GEMM floor (Linear + Conv only)": "#000000",
+    "GEMM floor (Linear only)": "#000000",
     "GEMM floor (vitkernels linear)": "#666666",
 }
 _FALLBACK_COLOURS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1",
@@ -172,13 +173,16 @@ def run_info(data: dict) -> dict:
                     f"timm {ours.get('timm', '?')}, Python {ours.get('python', '?')}",
         "commit": f"{commit.get('id', '?')[:10]}{' (dirty)' if commit.get('dirty') else ''}",
         "date": data.get("datetime", "?")[:19],
+        "gemm_peak": (f"GEMM peak {ours['gemm_peak']['tflops']:.3f} TFLOP/s ({ours['gemm_peak']['what']})"
+                      if ours.get("gemm_peak") else ""),
     }
 
 
 def header(data: dict) -> str:
     info = run_info(data)
+    peak = f"; {info['gemm_peak']}" if info["gemm_peak"] else ""
     return (f"device: {info['device']}; allocator: {info['allocator']}; {info['versions']}; "
-            f"commit {info['commit']}; measured {info['date']}")
+            f"commit {info['commit']}; measured {info['date']}{peak}")
 
 
 # --- Markdown -----------------------------------------------------------------------------------------------------
@@ -328,8 +332,9 @@ def readme_section(runs: Sequence[dict], tables: Sequence[str], figures: Sequenc
     lines = []
     for data, table in zip(runs, tables):
         info = run_info(data)
+        peak = f"; {info['gemm_peak']}" if info["gemm_peak"] else ""
         lines.append(f"- {info['device']}, allocator **{info['allocator']}**: {info['versions']}; commit "
-                     f"{info['commit']}; {info['date']} ([all tables]({os.path.relpath(table, base_dir)}))")
+                     f"{info['commit']}; {info['date']}{peak} ([all tables]({os.path.relpath(table, base_dir)}))")
     lines.append("")
     model_groups = [(data, g, rows) for data in runs for g, rows in group_rows(data).items()
                     if g.startswith(MODEL_PREFIX)]

@@ -35,6 +35,13 @@ def test_header_carries_the_cpu_label_and_commit():
     assert "commit 0123456789;" in text
 
 
+def test_header_names_the_measured_gemm_peak_where_the_run_took_it():
+    data = _run({"brand_raw": "AMD EPYC"})
+    assert "GEMM peak" not in report.header(data)  # a run without it (older results, smoke runs)
+    data["machine_info"]["vitkernels"]["gemm_peak"] = {"tflops": 0.1274, "what": "float32 2048x2048x2048 torch.mm"}
+    assert report.header(data).endswith("; GEMM peak 0.127 TFLOP/s (float32 2048x2048x2048 torch.mm)")
+
+
 def test_group_table_adds_the_interleaved_speedup_column_where_a_benchmark_took_it():
     rows = [
         {"peer": "timm eager", "median": 0.3, "q1": 0.29, "q3": 0.31, "rounds": 7},
@@ -150,3 +157,42 @@ def test_auto_swin_block_counts_as_the_native_peer(monkeypatch):
         with pytest.raises(pytest.skip.Exception, match="same code"):
             bench.skip_auto_if_same(lambda: block(x))
     assert (vitkernels.dispatch.Op.select, swin_module._fused_cpu_allowed, linear_op.layer_linear) == originals
+
+
+def test_linear_floor_replays_each_linear_and_conv_at_its_captured_shape_with_its_flops():
+    import torch
+    from torch import nn
+
+    bench_conftest = _benchmarks_module("conftest")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.Flatten(2), nn.Identity())
+    head = nn.Linear(8, 5)
+    x = torch.randn(2, 3, 8, 8)
+
+    def forward():
+        return head(net(x).transpose(1, 2))  # (2, 4, 8) tokens into the Linear
+
+    seen = []
+
+    def linear(inp, weight, bias):
+        seen.append(tuple(inp.shape))
+        return torch.nn.functional.linear(inp, weight, bias)
+
+    container = nn.ModuleList([net, head])
+    floor, flops = bench_conftest.linear_floor(container, forward, train=False, linear=linear)
+    conv_macs = 2 * 8 * 2 * 2 * (3 * 4 * 4)  # output elements x (in channels x kernel)
+    linear_macs = 2 * 4 * 5 * 8
+    assert flops == 2 * (conv_macs + linear_macs)
+    outs = floor()
+    assert seen == [(2, 4, 8)] and [tuple(o.shape) for o in outs] == [(2, 8, 2, 2), (2, 4, 5)]
+    head.weight.grad = None
+    train_floor, train_flops = bench_conftest.linear_floor(container, forward, train=True, linear=linear)
+    assert train_flops == 3 * flops
+    train_floor()
+    assert head.weight.grad is not None and net[0].weight.grad is not None  # the backward to the weights ran
+
+
+def test_measured_gemm_peak_is_a_positive_rate_with_what_it_timed():
+    bench_conftest = _benchmarks_module("conftest")
+    peak = bench_conftest.measured_gemm_peak(repeats=1)
+    assert peak["tflops"] > 0 and "torch.mm" in peak["what"]
