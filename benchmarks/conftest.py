@@ -45,6 +45,8 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 _HERE = os.path.dirname(__file__)
 
@@ -358,7 +360,7 @@ def padded_for_flex(t: torch.Tensor, dims) -> torch.Tensor:
     for d in range(t.dim() - 1, -1, -1):
         extra = (-t.shape[d]) % 128 if d in dims else 0
         pad += [0, extra]
-    return torch.nn.functional.pad(t, pad)
+    return F.pad(t, pad)
 
 
 # True in a smoke run (--benchmark-disable: each benchmark once, nothing timed; set by pytest_configure)
@@ -399,9 +401,6 @@ def linear_floor(net, forward, train, linear=None, amp_dtype=None):
 
     Returns (floor, flops): ``floor()`` runs the layers once (and their backward); ``flops`` counts 2 per
     multiply-accumulate, x 3 with ``train`` (the input and the weight gradient)."""
-    import torch.nn.functional as F
-    from torch import nn
-
     linear = linear or F.linear
     layers = []
 
