@@ -114,6 +114,8 @@ def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, libra
     assert line.startswith(library)
     assert ("input gradients of Linears with >= 768 input features: ATen's mm" in line) == (library == "onednn"
                                                                                               and avx2)
+    assert ("MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows through ATen's mm"
+            in line) == (library == "onednn" and avx2)
 
 
 def test_info_main_runs_as_module():

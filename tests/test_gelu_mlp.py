@@ -182,6 +182,21 @@ def test_auto_takes_native_only_where_blocking_pays():
                  torch.randn(4, 8, dtype=torch.bfloat16), None, backend="native")
 
 
+def test_layers_take_it_beside_aten_gemm_and_on_avx2_cpus(monkeypatch):
+    """Layers' fused paths take the blocked op beside ATen's GEMM whatever the CPU, and beside oneDNN only on an
+    AVX2-only CPU (vitkernels/ops/gelu_mlp.py layers_take_it); by default the process's own CPU GEMM and CPU."""
+    from vitkernels.ops import linear as linear_op
+
+    for capability in ("AVX2", "AVX512", "DEFAULT"):
+        assert gelu_mlp_module.layers_take_it("aten", capability)
+        assert gelu_mlp_module.layers_take_it("onednn", capability) == (capability == "AVX2")
+    for library in ("aten", "onednn"):
+        for avx2 in (False, True):
+            monkeypatch.setattr(linear_op, "CPU_GEMM", library)
+            monkeypatch.setattr(linear_op, "_AVX2_CPU", avx2)
+            assert gelu_mlp_module.layers_take_it() == (library == "aten" or avx2)
+
+
 @pytest.mark.parametrize("args, kwargs, exc, match", [
     ((torch.randn(3, 4), torch.randn(8, 5), None, torch.randn(4, 8), None), {}, ValueError, "w1 must have shape"),
     ((torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(4, 7), None), {}, ValueError, "w2 must have shape"),

@@ -416,6 +416,43 @@ def test_stage_one_mlp_runs_blocked_in_inference_and_training_with_the_same_numb
         torch.testing.assert_close(ours(x), blocked, rtol=1e-6, atol=1e-6)  # the unblocked in-place path
 
 
+@pytest.mark.parametrize("library, avx2", [("aten", False), ("onednn", True), ("onednn", False)])
+def test_stage_one_mlp_runs_blocked_where_it_pays_beside_the_cpu_gemm(monkeypatch, library, avx2):
+    """The fused path's MLP at Swin-T stage 1's width (a 9.6 MB hidden activation) runs blocked beside ATen's GEMM
+    and, beside oneDNN, on an AVX2-only CPU (gelu_mlp.layers_take_it); else unblocked (oneDNN GEMMs + bias_gelu), in
+    inference and training alike; either way timm's numbers to rounding."""
+    _fused_cpu_or_skip()
+    from vitkernels.ops import linear as linear_module
+
+    if library == "onednn" and not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "CPU_GEMM", library)
+    monkeypatch.setattr(linear_module, "_AVX2_CPU", avx2)
+    theirs = timm_block(96, (56, 56), 3, window_size=7, shift_size=3)
+    ours = vitkernels.SwinBlock(96, (56, 56), 3, window_size=7, shift_size=3)
+    ours.load_state_dict(theirs.state_dict())
+    if not vitkernels.ops.gelu_mlp.native_preferred(torch.empty(6272, 96), ours.mlp.fc1.weight, ours.mlp.fc2.weight):
+        pytest.skip("the native gelu_mlp is not available")
+    blocked = library == "aten" or avx2
+    x = torch.randn(2, 56, 56, 96)
+    with torch.no_grad(), OpCalls() as calls:
+        inferred = ours.eval()(x)
+    assert ("vitkernels::gelu_mlp" in calls.names) == blocked
+    assert ("vitkernels::bias_gelu_" in calls.names) == (not blocked)
+    xg = x.clone().requires_grad_()
+    with OpCalls() as calls:
+        trained = ours.train()(xg)
+        trained.sum().backward()
+    assert ("vitkernels::gelu_mlp_backward" in calls.names) == blocked
+    assert ("vitkernels::bias_gelu_backward" in calls.names) == (not blocked)
+    xt = x.clone().requires_grad_()
+    expected = theirs.train()(xt)
+    expected.sum().backward()
+    torch.testing.assert_close(inferred, expected.detach(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(xg.grad, xt.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_cpu_path_is_skipped_where_it_cannot_serve():
     _fused_cpu_or_skip()
     block = vitkernels.SwinBlock(24, (9, 10), 3, window_size=7, shift_size=3)

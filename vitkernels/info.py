@@ -14,6 +14,7 @@ import torch
 import vitkernels
 from vitkernels import _native, dispatch
 from vitkernels import triton as vk_triton
+from vitkernels.ops import gelu_mlp as gelu_mlp_op
 from vitkernels.ops import linear as linear_op
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -36,6 +37,9 @@ def versions() -> Dict[str, str]:
     if linear_op.CPU_GEMM == "onednn" and linear_op.grad_x_through_mm(linear_op.GRAD_X_MM_MIN_IN_FEATURES):
         info["CPU float32 GEMM"] += (f"; input gradients of Linears with >= {linear_op.GRAD_X_MM_MIN_IN_FEATURES} "
                                      "input features: ATen's mm (an AVX2 CPU)")
+    if linear_op.CPU_GEMM == "onednn" and gelu_mlp_op.layers_take_it():
+        info["CPU float32 GEMM"] += ("; MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows "
+                                     "through ATen's mm (an AVX2 CPU)")
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()
         info["CUDA capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

@@ -23,9 +23,10 @@ blocks: each but the last ends with the second tail, ``LayerNorm1'`` being the n
 block starts from ``a'``, so no block but the first reads its input once more just to normalise it. A block called
 alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail. In inference (no grad)
 the row ops work in place on tensors the block created. Where the MLP's weights are small beside its activations
-(stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM) the MLP's two GEMMs and bias + GELU run by
-blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), forward and backward, in inference and training alike:
-the hidden activation stays in cache, and only fc1's output is kept for the backward.
+(stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM, or on an AVX2-only CPU) the MLP's two GEMMs
+and bias + GELU run by blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), forward and backward, in
+inference and training alike: the hidden activation stays in cache, and only fc1's output is kept for the
+backward.
 Every Linear runs through :func:`vitkernels.ops.linear.layer_linear`: on CPU float32 that is this machine's CPU
 GEMM (:data:`vitkernels.ops.linear.CPU_GEMM`: MKL's sgemm through ``F.linear`` on Intel CPUs, oneDNN's inner
 product elsewhere, where MKL takes its slower generic code path). Patch merging's gather + LayerNorm is one op too
@@ -74,10 +75,10 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
 
 def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
     """Whether the fused CPU path runs the MLP as the blocked native ``gelu_mlp`` (inference and training alike, so
-    both keep the same numbers): where ATen's GEMM is the CPU GEMM (the op's blocks call it; elsewhere the unblocked
-    path's oneDNN GEMMs are the faster ones) and ``gelu_mlp``'s ``auto`` would pick it (small weights, a large
-    hidden activation: Swin-T stage 1 at batch >= 2)."""
-    return (_linear_op.CPU_GEMM == "aten" and a2.dtype == torch.float32
+    both keep the same numbers): on the CPUs where it pays beside this machine's CPU GEMM
+    (:func:`vitkernels.ops.gelu_mlp.layers_take_it`: ATen's GEMM, or an AVX2-only CPU) and where ``gelu_mlp``'s
+    ``auto`` would pick it (small weights, a large hidden activation: Swin-T stage 1 at batch >= 2)."""
+    return (a2.dtype == torch.float32 and _gelu_mlp_op.layers_take_it()
             and _gelu_mlp_op.native_preferred(a2, mlp.fc1.weight, mlp.fc2.weight))
 
 

@@ -118,6 +118,23 @@ def auto_prefers_native(call: dispatch.Call) -> Optional[str]:
     return None
 
 
+def layers_take_it(cpu_gemm: Optional[str] = None, capability: Optional[str] = None) -> bool:
+    """Whether layers' fused CPU paths (the Swin block's) run their MLP as this op where ``auto`` prefers it, given
+    the CPU GEMM library (default :data:`vitkernels.ops.linear.CPU_GEMM`) and the CPU's best instruction set
+    (default ``torch.backends.cpu.get_cpu_capability()``): where ATen's GEMM is the CPU GEMM (the op's blocks call
+    it), and where oneDNN is but the CPU's best is AVX2 (AMD Zen 1-3), since ATen's ``mm`` in blocks beat oneDNN's
+    GEMMs on the whole (M, H) hidden there. Measured on a 2-core AMD EPYC Zen 2 (glibc's default allocator,
+    alternating, paired medians): the Swin-T stage-1 block 1.19x at b8 inference, 1.13x / 1.10x fwd + bwd at b2 /
+    b4; the whole Swin-T training step 1.02-1.04x at b2 / b4, inference b4 1.00-1.03x; with the memory kept by the
+    allocator (publish.py's caching settings) 0.99-1.03x: the unblocked path's cost is mostly the page faults of its
+    fresh hidden tensors. Elsewhere (oneDNN on AVX-512 CPUs) the unblocked path's oneDNN GEMMs stay."""
+    from vitkernels.ops import linear as linear_op
+
+    cpu_gemm = linear_op.CPU_GEMM if cpu_gemm is None else cpu_gemm
+    avx2 = linear_op._AVX2_CPU if capability is None else capability == "AVX2"
+    return cpu_gemm == "aten" or avx2
+
+
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it; a
     question, not a dispatch: nothing is selected)."""
