@@ -122,12 +122,13 @@ def layers_take_it(cpu_gemm: Optional[str] = None, capability: Optional[str] = N
     """Whether layers' fused CPU paths (the Swin block's) run their MLP as this op where ``auto`` prefers it, given
     the CPU GEMM library (default :data:`vitkernels.ops.linear.CPU_GEMM`) and the CPU's best instruction set
     (default ``torch.backends.cpu.get_cpu_capability()``): where ATen's GEMM is the CPU GEMM (the op's blocks call
-    it), and where oneDNN is but the CPU's best is AVX2 (AMD Zen 1-3), since ATen's ``mm`` in blocks beat oneDNN's
-    GEMMs on the whole (M, H) hidden there. Measured on a 2-core AMD EPYC Zen 2 (glibc's default allocator,
-    alternating, paired medians): the Swin-T stage-1 block 1.19x at b8 inference, 1.13x / 1.10x fwd + bwd at b2 /
-    b4; the whole Swin-T training step 1.02-1.04x at b2 / b4, inference b4 1.00-1.03x; with the memory kept by the
-    allocator (publish.py's caching settings) 0.99-1.03x: the unblocked path's cost is mostly the page faults of its
-    fresh hidden tensors. Elsewhere (oneDNN on AVX-512 CPUs) the unblocked path's oneDNN GEMMs stay."""
+    it), and where oneDNN is but the CPU's best is AVX2 (AMD Zen 1-3), where ATen's ``mm`` in blocks beat oneDNN's
+    GEMMs on the whole (M, H) hidden. Measured on a 2-core AMD EPYC Zen 2, glibc's default allocator, each variant in
+    its own process: the Swin-T stage-1 block 1.19x at b8 inference (its 38-MB hidden is above glibc's 32-MB ceiling
+    for reusing freed memory, so the unblocked path page-faults a fresh one in at every call) and 1.08x fwd + bwd at
+    b2 (against the build before, which also lacked three small attention-kernel changes: ~1-3% of the block); the
+    whole Swin-T step ~1.00-1.01x at b2 / b4 (its 9.6 / 19-MB hiddens stay in glibc's heap). Elsewhere (oneDNN on
+    AVX-512 CPUs) the unblocked path's oneDNN GEMMs stay."""
     from vitkernels.ops import linear as linear_op
 
     cpu_gemm = linear_op.CPU_GEMM if cpu_gemm is None else cpu_gemm
