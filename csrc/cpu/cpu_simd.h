@@ -388,6 +388,16 @@ VK_INLINE void prefetch_row(const S* row, int64_t C) {
   for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(S)); b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
+// Prefetch into L2 the cache lines of `bytes` bytes at p (for writing if `write`): the window attention kernels'
+// scattered head slices of the next item / window.
+VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / 64, last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) / 64;
+  for (uintptr_t line = first; line <= last; ++line) {
+    if (write) __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 1, 2);
+    else __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 0, 2);
+  }
+}
+
 // --- LayerNorm of one row of C values ------------------------------------------------------------------------------
 // y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
 // (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.

@@ -199,15 +199,6 @@ struct ItemScratch {
   }
 };
 
-// Prefetch into L2 the cache lines of `bytes` bytes at p (for writing if `write`).
-VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
-  const uintptr_t first = reinterpret_cast<uintptr_t>(p) / 64, last = (reinterpret_cast<uintptr_t>(p) + bytes - 1) / 64;
-  for (uintptr_t line = first; line <= last; ++line) {
-    if (write) __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 1, 2);
-    else __builtin_prefetch(reinterpret_cast<const void*>(line * 64), 0, 2);
-  }
-}
-
 // Prefetch what the next item (w, h) reads of its token row t (head h's q, k, v slices; in the backward also its
 // grad_out slice and its saved softmax row) and writes (its output slice, or its q, k, v gradient slices): the rows
 // are scattered over the image, so the hardware prefetchers do not see them coming. The current item calls it for

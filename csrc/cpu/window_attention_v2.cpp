@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_v2_cpu(const at::Tensor& qkv
     at::parallel_for(0, p.windows(), 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz(std::is_same<T, float>::value);
       std::vector<T> scratch(baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));  // zero: padding stays zero
-      std::vector<int64_t> source(p.N);
+      std::vector<int64_t> source(2 * p.N);  // this window's tokens, then the next one's
       VK_CPU_CALL(isa, forward_windows_v2, a, begin, end, scratch.data(), source.data());
     });
   });
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
         TORCH_CHECK(tid < threads, op, ": thread ", tid, " beyond the ", threads, " expected");
         const FlushDenormals ftz(std::is_same<T, float>::value);
         std::vector<T> scratch(baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));
-        std::vector<int64_t> source(p.N);
+        std::vector<int64_t> source(2 * p.N);  // this window's tokens, then the next one's
         double* bias_acc = d_bias.data() + tid * p.nH * p.N * p.N;
         double* scale_acc = d_scale.data() + tid * p.nH;
         double* pad_acc = d_pad.data() + tid * p.nH * 2 * p.hd;

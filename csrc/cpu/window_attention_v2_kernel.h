@@ -62,6 +62,42 @@ VK_INLINE void gather_window_v2(const WindowAttentionV2Args<S, T>& a, int64_t w,
   }
 }
 
+// Window w's source tokens (-1 for padding) into next: the next window's, found ahead to prefetch its rows.
+template <typename S, typename T>
+VK_INLINE void window_sources_v2(const WindowAttentionV2Args<S, T>& a, int64_t w, int64_t* next) {
+  for (int64_t t = 0; t < a.N; ++t) {
+    int region;
+    next[t] = a.g.window_token(w, t, &region);
+  }
+}
+
+// Prefetch into L2 what the next window's token t holds for head h (its q, k, v slices; in the backward also its
+// output-gradient slice) and what head h writes of it (its output slice, or its q, k, v gradient slices). The
+// current window calls it at head h's row t, so the next window's rows (scattered over the image: the hardware
+// prefetchers do not see them coming) arrive over the current window's work, its heads together covering whole
+// rows: V1's prefetch_row_of_next, for a kernel that gathers whole rows once per window (A/B on a 2-core AMD Zen 2,
+// Swin V2-T shapes: forward 1.04-1.09x at stage 1 b2 / b4 and stage 3 b8, 0.98-1.01x where qkv stays in cache (stage
+// 1 b1, stage 3 b4); forward + backward 1.07-1.11x). `next` null: no next window.
+template <typename S, typename T>
+VK_INLINE void prefetch_row_of_next_window(const WindowAttentionV2Args<S, T>& a, const int64_t* next, int64_t h,
+                                           int64_t t, bool backward) {
+  if (next == nullptr || next[t] < 0) return;  // a padded token reads pad_row, which stays cached
+  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(S));
+  const S* qkv = a.qkv + next[t] * 3 * C + off;
+  prefetch_span(qkv, bytes, false);
+  prefetch_span(qkv + C, bytes, false);
+  prefetch_span(qkv + 2 * C, bytes, false);
+  if (backward) {
+    prefetch_span(a.grad_out + next[t] * C + off, bytes, false);
+    const S* grad = a.grad_qkv + next[t] * 3 * C + off;
+    prefetch_span(grad, bytes, true);
+    prefetch_span(grad + C, bytes, true);
+    prefetch_span(grad + 2 * C, bytes, true);
+  } else {
+    prefetch_span(a.out + next[t] * C + off, bytes, true);
+  }
+}
+
 // |x| of hd values; x / max(|x|, eps) into dst (F.normalize: a division, as torch does it). Returns |x|.
 template <typename T>
 VK_INLINE T normalize_row(const T* x, int64_t hd, T* dst) {
@@ -130,7 +166,7 @@ VK_INLINE T normalize_backward_row(const T* x_hat, T* g, T norm, T tau, int64_t 
   return dot;
 }
 
-// Forward of windows [begin, end).
+// Forward of windows [begin, end). `source` holds 2 N tokens: the current window's and the next one's.
 template <typename S, typename T>
 void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
                         int64_t* source) {
@@ -139,14 +175,18 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
   ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
   const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd);
   const V neg_inf = splat(-std::numeric_limits<T>::infinity()), zero = V{};
+  int64_t* next_source = source + N;
   for (int64_t w = begin; w < end; ++w) {
     gather_window_v2(a, w, s);
+    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, below
+    if (next != nullptr) window_sources_v2(a, w + 1, next_source);
     for (int64_t h = 0; h < a.nH; ++h) {
       load_head_v2(a, h, s, /*v_rows=*/true);
       gemm<T>(N, NP, a.hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);  // q^ k^T
       const T tau = a.scale[h];
       T* lse = a.lse + (w * a.nH + h) * N;
       for (int64_t i = 0; i < N; ++i) {
+        prefetch_row_of_next_window(a, next, h, i, /*backward=*/false);
         T* row = s.p + i * NP;
         scale_add_bias_and_mask(a, h, i, tau, row, s);
         V vmax = neg_inf;
@@ -184,8 +224,11 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
   constexpr int L = Vec<T>::lanes;
   ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
   const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
+  int64_t* next_source = source + N;
   for (int64_t w = begin; w < end; ++w) {
     gather_window_v2(a, w, s);
+    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, below
+    if (next != nullptr) window_sources_v2(a, w + 1, next_source);
     // dO rows of all heads; padded queries were cropped from the output: dO = 0.
     for (int64_t t = 0; t < N; ++t) {
       T* grad = s.grad_rows + t * grad_stride;
@@ -218,6 +261,7 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
       gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);
       double* d_bias_h = d_bias + h * N * N;
       for (int64_t i = 0; i < N; ++i) {
+        prefetch_row_of_next_window(a, next, h, i, /*backward=*/true);
         T* dp = s.dp + i * NP;
         const T* p = s.p + i * NP;
         V dot = V{};
