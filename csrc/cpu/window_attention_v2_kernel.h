@@ -98,12 +98,26 @@ VK_INLINE void prefetch_row_of_next_window(const WindowAttentionV2Args<S, T>& a,
   }
 }
 
+// sum_d x[d] y[d] over n values: whole vectors into one vector of partial sums (lane l sums d = l mod L), then the
+// tail. The scalar loops it replaces kept C++'s left-to-right order, which the compiler cannot vectorise: ~13% of
+// the forward went to the norms of q and k (Swin V2-T stage 1, b4, 2-core Zen 2; A/B with row_dot: forward
+// 1.11-1.12x, forward + backward 1.06-1.11x at stage 1 b1 / b4 and stage 3 b4).
+template <typename T>
+VK_INLINE T row_dot(const T* x, const T* y, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc = V{};
+  int64_t d = 0;
+  for (; d + L <= n; d += L) acc += load(x + d) * load(y + d);
+  T sum = hsum<T>(acc);
+  for (; d < n; ++d) sum += x[d] * y[d];
+  return sum;
+}
+
 // |x| of hd values; x / max(|x|, eps) into dst (F.normalize: a division, as torch does it). Returns |x|.
 template <typename T>
 VK_INLINE T normalize_row(const T* x, int64_t hd, T* dst) {
-  T ss = 0;
-  for (int64_t d = 0; d < hd; ++d) ss += x[d] * x[d];
-  const T norm = std::sqrt(ss);
+  const T norm = std::sqrt(row_dot(x, x, hd));
   const T denom = norm > static_cast<T>(kNormEps) ? norm : static_cast<T>(kNormEps);
   for (int64_t d = 0; d < hd; ++d) dst[d] = x[d] / denom;
   return norm;
@@ -154,8 +168,7 @@ VK_INLINE void scale_add_bias_and_mask(const WindowAttentionV2Args<S, T>& a, int
 template <typename T>
 VK_INLINE T normalize_backward_row(const T* x_hat, T* g, T norm, T tau, int64_t hd) {
   T* dx = g;
-  T dot = 0;
-  for (int64_t d = 0; d < hd; ++d) dot += x_hat[d] * g[d];
+  const T dot = row_dot(x_hat, g, hd);
   if (norm >= static_cast<T>(kNormEps)) {
     const T inv = T(1) / norm;
     for (int64_t d = 0; d < hd; ++d) dx[d] = tau * (g[d] - x_hat[d] * dot) * inv;
