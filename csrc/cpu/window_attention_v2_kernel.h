@@ -296,7 +296,18 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
         const T* dv = s.dv + t * HDP;
         if (s.source[t] >= 0) {
           S* g = a.grad_qkv + s.source[t] * 3 * C + h * hd;
-          for (int64_t d = 0; d < hd; ++d) {
+          int64_t d = 0;
+          if constexpr (std::is_same<S, T>::value) {
+            // whole vectors: the scalar loop (three destinations the compiler cannot prove apart from the sources)
+            // took ~14% of the backward's samples (Swin V2-T stage 1, b4, 2-core Zen 2; A/B forward + backward
+            // 1.05-1.11x at stage 1 b1 / b4 and stage 3 b4)
+            for (; d + L <= hd; d += L) {
+              store(g + d, load(dq + d));
+              store(g + C + d, load(dk + d));
+              store(g + 2 * C + d, load(dv + d));
+            }
+          }
+          for (; d < hd; ++d) {
             g[d] = static_cast<S>(dq[d]);
             g[C + d] = static_cast<S>(dk[d]);
             g[2 * C + d] = static_cast<S>(dv[d]);
