@@ -398,6 +398,27 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
   }
 }
 
+// Prefetch head slice [off, off + bytes) of token `token`'s rows, where the window attention kernels' next item /
+// window will read and write them: its q, k, v in qkv (rows of 3C); in the forward its output (rows of C, for
+// writing); in the backward its output gradient and its q, k, v gradients (for writing).
+template <typename S>
+VK_INLINE void prefetch_token_slices(const S* qkv, const S* out, const S* grad_out, const S* grad_qkv, int64_t token,
+                                     int64_t C, int64_t off, int64_t bytes, bool backward) {
+  const S* q = qkv + token * 3 * C + off;
+  prefetch_span(q, bytes, false);
+  prefetch_span(q + C, bytes, false);
+  prefetch_span(q + 2 * C, bytes, false);
+  if (backward) {
+    prefetch_span(grad_out + token * C + off, bytes, false);
+    const S* grad = grad_qkv + token * 3 * C + off;
+    prefetch_span(grad, bytes, true);
+    prefetch_span(grad + C, bytes, true);
+    prefetch_span(grad + 2 * C, bytes, true);
+  } else {
+    prefetch_span(out + token * C + off, bytes, true);
+  }
+}
+
 // --- LayerNorm of one row of C values ------------------------------------------------------------------------------
 // y = (x - mean) * rstd * w + b, mean and variance (biased) of the row, rstd = 1 / sqrt(var + eps); w, b may be null
 // (1 and 0). The row is read three times (mean, variance, output): it is in L1 after the first.

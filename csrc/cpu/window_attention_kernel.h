@@ -220,19 +220,7 @@ VK_INLINE void prefetch_row_of_next(const Args& a, const int64_t* next, int64_t 
     prefetch_span(a.probs + ((w * a.nH + h) * a.N + t) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
   }
   if (next[t] < 0) return;  // a padded token: read from pad_row, which stays cached
-  const auto* qkv = a.qkv + next[t] * 3 * C + off;
-  prefetch_span(qkv, bytes, false);
-  prefetch_span(qkv + C, bytes, false);
-  prefetch_span(qkv + 2 * C, bytes, false);
-  if (backward) {
-    prefetch_span(a.grad_out + next[t] * C + off, bytes, false);
-    const auto* grad = a.grad_qkv + next[t] * 3 * C + off;
-    prefetch_span(grad, bytes, true);
-    prefetch_span(grad + C, bytes, true);
-    prefetch_span(grad + 2 * C, bytes, true);
-  } else {
-    prefetch_span(a.out + next[t] * C + off, bytes, true);
-  }
+  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], C, off, bytes, backward);
 }
 
 // Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows;

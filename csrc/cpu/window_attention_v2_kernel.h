@@ -82,20 +82,8 @@ template <typename S, typename T>
 VK_INLINE void prefetch_row_of_next_window(const WindowAttentionV2Args<S, T>& a, const int64_t* next, int64_t h,
                                            int64_t t, bool backward) {
   if (next == nullptr || next[t] < 0) return;  // a padded token reads pad_row, which stays cached
-  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(S));
-  const S* qkv = a.qkv + next[t] * 3 * C + off;
-  prefetch_span(qkv, bytes, false);
-  prefetch_span(qkv + C, bytes, false);
-  prefetch_span(qkv + 2 * C, bytes, false);
-  if (backward) {
-    prefetch_span(a.grad_out + next[t] * C + off, bytes, false);
-    const S* grad = a.grad_qkv + next[t] * 3 * C + off;
-    prefetch_span(grad, bytes, true);
-    prefetch_span(grad + C, bytes, true);
-    prefetch_span(grad + 2 * C, bytes, true);
-  } else {
-    prefetch_span(a.out + next[t] * C + off, bytes, true);
-  }
+  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd,
+                        a.hd * static_cast<int64_t>(sizeof(S)), backward);
 }
 
 // sum_d x[d] y[d] over n values: whole vectors into one vector of partial sums (lane l sums d = l mod L), then the
