@@ -388,6 +388,20 @@ VK_INLINE void prefetch_row(const S* row, int64_t C) {
   for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(S)); b += 64) __builtin_prefetch(p + b, 0, 3);
 }
 
+// dst[0:n] = scale * src[0:n], computed in F (the kernel's compute type) and stored as D; whole vectors where all
+// three types agree (the window attention kernels' row gathers and scatters).
+template <typename D, typename Src, typename F>
+VK_INLINE void convert_scaled(D* dst, const Src* src, int64_t n, F scale) {
+  int64_t d = 0;
+  if constexpr (std::is_same<D, F>::value && std::is_same<Src, F>::value) {
+    using V = typename Vec<F>::type;
+    constexpr int L = Vec<F>::lanes;
+    const V sc = splat(scale);
+    for (; d + L <= n; d += L) store(dst + d, load(src + d) * sc);
+  }
+  for (; d < n; ++d) dst[d] = static_cast<D>(static_cast<F>(src[d]) * scale);
+}
+
 // Prefetch into L2 the cache lines of `bytes` bytes at p (for writing if `write`): the window attention kernels'
 // scattered head slices of the next item / window.
 VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {

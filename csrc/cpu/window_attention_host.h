@@ -21,13 +21,14 @@
 namespace vitkernels {
 namespace cpu {
 
-// The table row offset of every (query i, key j) pair of a window, relative_index(i, j) * nH, row-major (N, N): the
-// index math (divisions) done once per call instead of once per head and pair.
+// The table offset of every (query i, key j) pair of a window, relative_index(i, j) * stride, row-major (N, N): the
+// index math (divisions) done once per call instead of once per head and pair. stride nH: the element offset in
+// the (rows, nH) table; 1: the table row.
 template <typename Problem>
-std::vector<int64_t> relative_offsets(const Problem& p) {
+std::vector<int64_t> relative_offsets(const Problem& p, int64_t stride) {
   std::vector<int64_t> rel(p.N * p.N);
   for (int64_t i = 0; i < p.N; ++i)
-    for (int64_t j = 0; j < p.N; ++j) rel[i * p.N + j] = p.g.relative_index(i, j) * p.nH;
+    for (int64_t j = 0; j < p.N; ++j) rel[i * p.N + j] = p.g.relative_index(i, j) * stride;
   return rel;
 }
 
@@ -43,7 +44,7 @@ std::vector<T> expand_bias(const Problem& p, const at::Tensor& table) {
   const int64_t N = p.N, NP = round_to_vector(N);
   const at::Tensor t = table.to(c10::CppTypeToScalarType<T>::value).contiguous();
   const T* tab = t.const_data_ptr<T>();
-  const std::vector<int64_t> rel = relative_offsets(p);
+  const std::vector<int64_t> rel = relative_offsets(p, p.nH);
   std::vector<T> rows(p.nH * N * NP);
   at::parallel_for(0, p.nH * N, host_rows_grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t hi = begin; hi < end; ++hi) {  // row i of head h
@@ -66,9 +67,7 @@ at::Tensor reduce_table_grad_double(const Problem& p, const Acc* d_bias, int64_t
   at::Tensor grad = at::empty(table.sizes(), table.options().dtype(at::kDouble));
   double* gt = grad.mutable_data_ptr<double>();
   const int64_t N = p.N, rows = table.size(0);
-  std::vector<int64_t> rel(N * N);  // relative_index(i, j): a row of the table
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < N; ++j) rel[i * N + j] = p.g.relative_index(i, j);
+  const std::vector<int64_t> rel = relative_offsets(p, 1);  // table rows
   const int64_t block = p.nH * N * row_stride;
   // split by heads (each head owns its table column), host_rows_grain's rows rounded up to whole heads of N rows.
   // A head's column is summed in the task's own buffer and written once: the table is row-major (rows, nH), so

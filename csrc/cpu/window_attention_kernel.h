@@ -43,19 +43,6 @@ VK_INLINE bool window_tokens(const G& g, int64_t w, int64_t* source, T* region) 
   return mixed;
 }
 
-// dst[0:n] = scale * src[0:n], computed in F (the kernel's compute type) and stored as D.
-template <typename D, typename Src, typename F>
-VK_INLINE void convert_scaled(D* dst, const Src* src, int64_t n, F scale) {
-  int64_t d = 0;
-  if constexpr (std::is_same<D, F>::value && std::is_same<Src, F>::value) {
-    using V = typename Vec<F>::type;
-    constexpr int L = Vec<F>::lanes;
-    const V sc = splat(scale);
-    for (; d + L <= n; d += L) store(dst + d, load(src + d) * sc);
-  }
-  for (; d < n; ++d) dst[d] = static_cast<D>(static_cast<F>(src[d]) * scale);
-}
-
 // dst[0:n] = scale * (src[0:n] + add[0:n]), computed in T.
 template <typename S, typename T>
 VK_INLINE void convert_added_scaled(T* dst, const S* src, const S* add, int64_t n, T scale) {

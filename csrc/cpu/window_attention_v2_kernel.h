@@ -284,22 +284,12 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
         const T* dv = s.dv + t * HDP;
         if (s.source[t] >= 0) {
           S* g = a.grad_qkv + s.source[t] * 3 * C + h * hd;
-          int64_t d = 0;
-          if constexpr (std::is_same<S, T>::value) {
-            // whole vectors: the scalar loop (three destinations the compiler cannot prove apart from the sources)
-            // took ~14% of the backward's samples (Swin V2-T stage 1, b4, 2-core Zen 2; A/B forward + backward
-            // 1.05-1.11x at stage 1 b1 / b4 and stage 3 b4)
-            for (; d + L <= hd; d += L) {
-              store(g + d, load(dq + d));
-              store(g + C + d, load(dk + d));
-              store(g + 2 * C + d, load(dv + d));
-            }
-          }
-          for (; d < hd; ++d) {
-            g[d] = static_cast<S>(dq[d]);
-            g[C + d] = static_cast<S>(dk[d]);
-            g[2 * C + d] = static_cast<S>(dv[d]);
-          }
+          // in whole vectors where S is T: one scalar loop over the three destinations (which the compiler cannot
+          // prove apart from the sources) took ~14% of the backward's samples (Swin V2-T stage 1, b4, 2-core Zen 2;
+          // A/B forward + backward 1.05-1.11x at stage 1 b1 / b4 and stage 3 b4)
+          convert_scaled(g, dq, hd, T(1));
+          convert_scaled(g + C, dk, hd, T(1));
+          convert_scaled(g + 2 * C, dv, hd, T(1));
         } else {  // a padded token's k and v are the qkv bias: their gradients go to it (its q gets none: dO = 0)
           double* pad = d_pad + h * 2 * hd;
           for (int64_t d = 0; d < hd; ++d) {
