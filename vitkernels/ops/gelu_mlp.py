@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_same_dtype, check_shape, check_tensor
+from vitkernels.ops import linear as linear_op
 from vitkernels.ops._library import needs_grad, refuse_double_backward
 from vitkernels.reference import gelu_mlp as reference
 
@@ -129,8 +130,6 @@ def layers_take_it(cpu_gemm: Optional[str] = None, capability: Optional[str] = N
     b2 (against the build before, which also lacked three small attention-kernel changes: ~1-3% of the block); the
     whole Swin-T step ~1.00-1.01x at b2 / b4 (its 9.6 / 19-MB hiddens stay in glibc's heap). Elsewhere (oneDNN on
     AVX-512 CPUs) the unblocked path's oneDNN GEMMs stay."""
-    from vitkernels.ops import linear as linear_op
-
     cpu_gemm = linear_op.CPU_GEMM if cpu_gemm is None else cpu_gemm
     avx2 = linear_op._AVX2_CPU if capability is None else capability == "AVX2"
     return cpu_gemm == "aten" or avx2
