@@ -65,11 +65,15 @@ TORCH_LIBRARY(vitkernels, m) {
   // windows (B * nWh * nWw, wh * ww, C) -> (B, height, width, C): the inverse (crop padding, roll by +shift).
   m.def("window_reverse(Tensor windows, int height, int width, int[2] window_size, int[2] shift_size) -> Tensor");
 
-  // Swin shifted-window attention, qkv (B, H, W, 3C) in original token order -> (out (B, H, W, C), row log-sum-exp
-  // (B * nW, nH, N), fp32 or fp64 for fp64 inputs). Same schema as the Triton custom op triton_window_attention.
+  // Swin shifted-window attention, qkv (B, H, W, 3C) in original token order -> (out (B, H, W, C), the softmax state
+  // for the backward: the row log-sum-exp (B * nW, nH, N), fp32 or fp64 for fp64 inputs, or with save_probs (CPU
+  // only: training, where the backward then reads the softmax instead of recomputing it) the softmax itself
+  // (B * nW, nH, N, NP), as window_attention_add_bias below). The Triton custom op triton_window_attention has the
+  // same first seven arguments (its eighth is need_lse).
   m.def("window_attention(Tensor qkv, Tensor table, Tensor? qkv_bias, int[2] window_size, int[2] shift_size, "
-        "int num_heads, float scale) -> (Tensor, Tensor)");
-  // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias).
+        "int num_heads, float scale, bool save_probs=False) -> (Tensor, Tensor)");
+  // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias); lse: the forward's softmax
+  // state as it came (the lse, or on CPU the saved softmax).
   m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor? qkv_bias, Tensor out, "
         "Tensor lse, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> (Tensor, Tensor, Tensor)");
   // The same with qkv the qkv Linear's output *without* its bias, which the op adds to every token (CPU): the Linear

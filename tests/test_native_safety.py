@@ -232,6 +232,16 @@ def _bad_native_calls():
         ("attn-bwd-grad-shape", lambda: ops.window_attention_backward(torch.randn(1, 4, 4, 3), qkv, table, None,
                                                                       torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4),
                                                                       [2, 2], [1, 1], 2, 0.5), "grad_out and out"),
+        # a 4-D softmax state is the saved softmax (4 windows, 2 heads, 4 tokens, 16): anything else is refused
+        ("attn-bwd-probs-unpadded", lambda: ops.window_attention_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, None, torch.randn(1, 4, 4, 4), torch.randn(4, 2, 4, 4), [2, 2],
+            [1, 1], 2, 0.5), "lse must be"),
+        ("attn-bwd-probs-heads", lambda: ops.window_attention_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, None, torch.randn(1, 4, 4, 4), torch.randn(4, 1, 4, 16), [2, 2],
+            [1, 1], 2, 0.5), "lse must be"),
+        ("attn-bwd-probs-dtype", lambda: ops.window_attention_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, None, torch.randn(1, 4, 4, 4),
+            torch.randn(4, 2, 4, 16, dtype=torch.float64), [2, 2], [1, 1], 2, 0.5), "lse must be"),
         # onednn_linear_eager (x W^T + b, float32 CPU)
         ("linear-eager-weight-shape", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 3), None),
          "weight must be"),

@@ -415,13 +415,50 @@ def test_native_gradcheck_float64(case, isa, monkeypatch):
     )
 
 
-def test_native_opcheck():
+@pytest.mark.parametrize("save_probs", [False, True], ids=["lse", "saved-softmax"])
+def test_native_opcheck(save_probs):
     native_or_skip()
     qkv = torch.randn(1, 9, 10, 96, requires_grad=True)
     table = torch.randn(169, 2, requires_grad=True)
     bias = torch.randn(96, requires_grad=True)
     for b in (bias, None):
-        torch.library.opcheck(torch.ops.vitkernels.window_attention.default, (qkv, table, b, [7, 7], [3, 3], 2, 0.25))
+        torch.library.opcheck(torch.ops.vitkernels.window_attention.default,
+                              (qkv, table, b, [7, 7], [3, 3], 2, 0.25, save_probs))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_training_saves_the_softmax_on_cpu(with_bias):
+    """Training on CPU keeps the softmax (windows, heads, N, NP) for the backward instead of the row lse, so the
+    backward reads P rather than recomputing S and its exp; inference (no gradient) keeps neither. The gradients
+    through the saved softmax match the float64 reference."""
+    native_or_skip()
+    case = (2, 9, 10, 3, 16, (7, 7), (3, 3))
+    B, H, W, nH, hd, window, shift = case
+    qkv, table, bias = make_inputs(case)
+    bias = bias if with_bias else None
+    inputs = [t.requires_grad_() for t in (qkv, table, bias) if t is not None]
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = vitkernels.window_attention(qkv.float(), table.float(), window, shift, nH,
+                                          qkv_bias=None if bias is None else bias.float(), backend="native")
+    n_windows, N = B * 2 * 2, window[0] * window[1]
+    assert (n_windows, nH, N, 64) in saved and (n_windows, nH, N) not in saved
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    expected_out = reference.window_attention(qkv, table, window, shift, nH, hd ** -0.5, bias)
+    expected = torch.autograd.grad(expected_out, inputs, grad.double())
+    torch.testing.assert_close(out, expected_out.float(), rtol=1e-4, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.no_grad():
+        vitkernels.window_attention(qkv.float(), table.float(), window, shift, nH, backend="native")
+    assert saved == []
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

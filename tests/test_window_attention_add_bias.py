@@ -76,33 +76,40 @@ def test_native_opcheck(save_probs):
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa, dtype, monkeypatch):
+@pytest.mark.parametrize("op_name,with_bias", [("window_attention_add_bias", True), ("window_attention", True),
+                                               ("window_attention", False)],
+                         ids=["add_bias", "window_attention", "window_attention-no-bias"])
+def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa, dtype, op_name, with_bias,
+                                                                             monkeypatch):
     """The training forward saves P (rows padded with zeros to a multiple of 16 columns) and the backward reads it;
     the lse path recomputes P: the same output, softmax rows, the same gradients (to rounding: one path normalises
-    P by 1 / sum, the other recomputes exp(S - lse)). Gradients against the reference: the tests above."""
-    native_or_skip("window_attention_add_bias")
+    P by 1 / sum, the other recomputes exp(S - lse)). Both native CPU ops (window_attention's qkv_bias is the padded
+    tokens' qkv only). Gradients against the reference: the tests above and test_window_attention.py."""
+    native_or_skip(op_name)
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    forward = getattr(torch.ops.vitkernels, op_name)
+    backward = getattr(torch.ops.vitkernels, op_name + "_backward")
     B, H, W, nH, hd, window, shift = 2, 9, 10, 3, 16, [7, 7], [3, 3]
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, H, W, 3 * nH * hd, generator=gen).to(dtype)
     table = torch.randn(169, nH, generator=gen).to(dtype)
-    bias = torch.randn(3 * nH * hd, generator=gen).to(dtype)
+    bias = torch.randn(3 * nH * hd, generator=gen).to(dtype) if with_bias else None
     grad_out = torch.randn(B, H, W, nH * hd, generator=gen).to(dtype)
     args = (table, bias, window, shift, nH, hd ** -0.5)
-    out_lse, lse = torch.ops.vitkernels.window_attention_add_bias(qkv, *args, False)
-    out_p, probs = torch.ops.vitkernels.window_attention_add_bias(qkv, *args, True)
+    out_lse, lse = forward(qkv, *args, False)
+    out_p, probs = forward(qkv, *args, True)
     n_windows, N = B * 2 * 2, 49
     assert lse.shape == (n_windows, nH, N) and probs.shape == (n_windows, nH, N, 64)
     torch.testing.assert_close(out_p, out_lse, rtol=0, atol=0)
     # softmax rows (padded queries' rows too: they attend like any token, their outputs are cropped)
     assert torch.all(probs >= 0) and torch.all(probs[..., N:] == 0)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(lse), rtol=1e-5, atol=1e-5)
-    grads_lse = torch.ops.vitkernels.window_attention_add_bias_backward(grad_out, qkv, table, bias, out_lse, lse,
-                                                                        window, shift, nH, hd ** -0.5)
-    grads_p = torch.ops.vitkernels.window_attention_add_bias_backward(grad_out, qkv, table, bias, out_p, probs,
-                                                                      window, shift, nH, hd ** -0.5)
+    grads_lse = backward(grad_out, qkv, table, bias, out_lse, lse, window, shift, nH, hd ** -0.5)
+    grads_p = backward(grad_out, qkv, table, bias, out_p, probs, window, shift, nH, hd ** -0.5)
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert (grads_p[2].numel() > 0) == with_bias
     for got, expected in zip(grads_p, grads_lse):
+        assert got.abs().sum() > 0 or got.numel() == 0
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 

@@ -8,8 +8,8 @@
 // scratch and stores the output slices back at the tokens they came from. The relative position bias is expanded
 // once per call into (nH, N, N) rows (a few hundred KB at most, shared by all tasks) that initialise S; the
 // shifted-window mask is a comparison of the tokens' region ids, applied only in windows that straddle regions.
-// The backward recomputes P from the saved log-sum-exp and sums the bias gradient over windows in per-thread
-// accumulators before scattering it into the table.
+// The backward reads P as the forward saved it (save_probs: training) or recomputes it from the saved log-sum-exp,
+// and sums the bias gradient over windows in per-thread accumulators before scattering it into the table.
 //
 // The per-task code is in window_attention_kernel.h, compiled here for AVX-512, AVX2 and the baseline; the best
 // one the CPU supports runs (VITKERNELS_CPU_ISA=avx512|avx2|baseline caps the choice, for tests and comparisons).
@@ -55,18 +55,44 @@ using Problem = WindowAttentionProblem;
 using window_attention_run::run_backward;
 using window_attention_run::run_forward;
 
+// Checks a backward's arguments and its softmax state, the forward's second output: the lse (B * nW, nH, N) or the
+// saved softmax (B * nW, nH, N, NP) (shape, dtype, device; its values are the forward's, as lse's are). Returns
+// whether the state is the saved softmax (4-D).
+bool check_backward_softmax_state(const char* op, const Problem& p, const at::Tensor& qkv, const at::Tensor& grad_out,
+                                  const at::Tensor& out, const at::Tensor& state, const char* state_name) {
+  if (state.dim() != 4) {
+    check_window_attention_backward_args(op, p, qkv, grad_out, out, state);
+    return false;
+  }
+  check_window_attention_backward_args(op, p, qkv, grad_out, out, std::nullopt);
+  const auto acc = window_attention_acc_type(qkv);
+  const int64_t NP = round_to_vector(p.N);
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({p.windows(), p.nH, p.N, NP}) && state.scalar_type() == acc, op, ": ",
+              state_name, " must be the forward's lse (B * nW, nH, N) or its saved softmax (B * nW, nH, N, NP) = (",
+              p.windows(), ", ", p.nH, ", ", p.N, ", ", NP, ") ", acc, ", got ", state.sizes(), " ",
+              state.scalar_type());
+  check_same_device(op, qkv, state, state_name);
+  return true;
+}
+
 }  // namespace
 
 std::string window_attention_cpu_isa() { return isa_name(selected_isa()); }
 
+// With save_probs (training) the second output is the softmax P (B * nW, nH, N, NP), rows zero-padded to NP = N
+// rounded up to the vector width, rather than the lse: the backward then reads P instead of recomputing it (one
+// small GEMM and the exp pass fewer per (window, head) item; the forward streams P out). P takes about 0.6x qkv's
+// memory at head_dim 32 (NP floats per token and head against 3 head_dim); timm's attention keeps its softmax for
+// its backward too.
 std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& table,
                                                         const std::optional<at::Tensor>& qkv_bias,
                                                         at::IntArrayRef window_size, at::IntArrayRef shift_size,
-                                                        int64_t num_heads, double scale) {
+                                                        int64_t num_heads, double scale, bool save_probs) {
   const Problem p =
       check_window_attention_args("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
   const at::Tensor qkv = qkv_in.contiguous();
-  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/false);
+  return run_forward(p, qkv, table, window_attention_pad_row(qkv, qkv_bias), scale, /*bias_every_token=*/false,
+                     save_probs);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
@@ -75,15 +101,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_backward_cpu(
     at::IntArrayRef window_size, at::IntArrayRef shift_size, int64_t num_heads, double scale) {
   const char* op = "window_attention_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
-  check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, lse_in);
+  const bool probs = check_backward_softmax_state(op, p, qkv_in, grad_out_in, out_in, lse_in, "lse");
   return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, lse_in, scale,
-                      /*bias_every_token=*/false);
+                      /*bias_every_token=*/false, probs);
 }
 
-// window_attention_add_bias: qkv is the qkv Linear's output without its bias, which the op adds to every token.
-// With save_probs (training) the second output is the softmax P (B * nW, nH, N, NP), rows zero-padded to NP = N
-// rounded up to 16, rather than the lse: the backward then reads P instead of recomputing it (one small GEMM and
-// the exp pass fewer per (window, head) item).
+// window_attention_add_bias: qkv is the qkv Linear's output without its bias, which the op adds to every token;
+// save_probs as window_attention's.
 std::tuple<at::Tensor, at::Tensor> window_attention_add_bias_cpu(const at::Tensor& qkv_in, const at::Tensor& table,
                                                                  const at::Tensor& qkv_bias,
                                                                  at::IntArrayRef window_size,
@@ -96,28 +120,15 @@ std::tuple<at::Tensor, at::Tensor> window_attention_add_bias_cpu(const at::Tenso
                      save_probs);
 }
 
-// softmax_state: the forward's second output, the lse (B * nW, nH, N) or the saved softmax (B * nW, nH, N, NP); a
-// 4-D state is read as P (checked: shape, dtype, device; its values are the forward's, as lse's are).
+// softmax_state: the forward's second output, the lse (B * nW, nH, N) or the saved softmax (B * nW, nH, N, NP).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_add_bias_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const at::Tensor& table, const at::Tensor& qkv_bias,
     const at::Tensor& out_in, const at::Tensor& softmax_state, at::IntArrayRef window_size,
     at::IntArrayRef shift_size, int64_t num_heads, double scale) {
   const char* op = "window_attention_add_bias_backward";
   const Problem p = check_window_attention_args(op, qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
-  const bool probs = softmax_state.dim() == 4;
-  if (probs) {
-    check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, std::nullopt);
-    const auto acc = window_attention_acc_type(qkv_in);
-    const int64_t NP = round_to_vector(p.N);
-    TORCH_CHECK(softmax_state.sizes() == at::IntArrayRef({p.windows(), p.nH, p.N, NP}) &&
-                    softmax_state.scalar_type() == acc,
-                op, ": softmax_state must be the forward's lse (B * nW, nH, N) or its saved softmax (B * nW, nH, N, "
-                "NP) = (", p.windows(), ", ", p.nH, ", ", p.N, ", ", NP, ") ", acc, ", got ", softmax_state.sizes(),
-                " ", softmax_state.scalar_type());
-    check_same_device(op, qkv_in, softmax_state, "softmax_state");
-  } else {
-    check_window_attention_backward_args(op, p, qkv_in, grad_out_in, out_in, softmax_state);
-  }
+  const bool probs =
+      check_backward_softmax_state(op, p, qkv_in, grad_out_in, out_in, softmax_state, "softmax_state");
   return run_backward(op, p, grad_out_in, qkv_in.contiguous(), table, qkv_bias, softmax_state, scale,
                       /*bias_every_token=*/true, probs);
 }

@@ -35,8 +35,10 @@ Problem check_problem(const char* op, const at::Tensor& qkv, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& qkv_in, const at::Tensor& table,
                                                          const std::optional<at::Tensor>& qkv_bias,
                                                          at::IntArrayRef window_size, at::IntArrayRef shift_size,
-                                                         int64_t num_heads, double scale) {
+                                                         int64_t num_heads, double scale, bool save_probs) {
   const Problem p = check_problem("window_attention", qkv_in, table, qkv_bias, window_size, shift_size, num_heads);
+  // the CUDA kernels recompute P from the lse (the Python op asks for the saved softmax on CPU only)
+  TORCH_CHECK(!save_probs, "window_attention: save_probs is CPU-only; the CUDA kernels keep the row log-sum-exp");
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);

@@ -287,13 +287,14 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         """Window attention of LayerNorm1's output ``a``: the qkv Linear as a plain GEMM, its bias added by the op."""
         attn = self.attn
         qkv = _gemm(a, attn.qkv.weight)
-        window, shift = list(self.window_size), list(self.shift_size)
+        window, shift, table = list(self.window_size), list(self.shift_size), attn.relative_position_bias_table
+        # training: either op saves the softmax for its backward
         if attn.qkv.bias is None:
-            out, _ = torch.ops.vitkernels.window_attention(qkv, attn.relative_position_bias_table, None, window, shift,
-                                                           attn.num_heads, attn.scale)
+            out, _ = torch.ops.vitkernels.window_attention(
+                qkv, table, None, window, shift, attn.num_heads, attn.scale, needs_grad(qkv, table),
+            )
         else:
-            table = attn.relative_position_bias_table
-            out, _ = torch.ops.vitkernels.window_attention_add_bias(  # training: saves the softmax for the backward
+            out, _ = torch.ops.vitkernels.window_attention_add_bias(
                 qkv, table, attn.qkv.bias, window, shift, attn.num_heads, attn.scale,
                 needs_grad(qkv, table, attn.qkv.bias),
             )

@@ -8,8 +8,9 @@ Backends:
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention`` (+ ``_backward``), launching the kernels of
   :mod:`vitkernels.triton.window_attention`;
 * ``native`` -- ``torch.ops.vitkernels.window_attention`` (+ ``_backward``) from ``csrc/cpu/window_attention.cpp``
-  (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) and ``csrc/cuda/window_attention.cu`` (a plain CUDA
-  fallback: windows of up to 256 tokens, head_dim <= 128).
+  (OpenMP, AVX-512 / AVX2 / baseline chosen at run time; in training its forward saves the softmax, which the
+  backward reads instead of recomputing it) and ``csrc/cuda/window_attention.cu`` (a plain CUDA fallback: windows
+  of up to 256 tokens, head_dim <= 128; its backward recomputes the softmax from the row log-sum-exp).
 
 Both fused backends fold shift, padding and partition into their addressing, gather the bias from the table by
 index math and compute the mask from token coordinates; they share one fake implementation and one autograd
@@ -133,11 +134,13 @@ def _window_attention_reference(qkv, table, window_size, shift_size, num_heads, 
 
 # --- fake implementations and autograd, shared by the native and triton ops ----------------------------------------
 # Both op sets have the schemas
-#   forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale[, need_lse]) -> (out, lse)
-#     (the triton forward takes need_lse: False skips the log-sum-exp, an empty tensor then, when no backward follows)
+#   forward(qkv, table, qkv_bias?, window_size, shift_size, num_heads, scale[, need_lse | save_probs]) -> (out, lse)
+#     (the triton forward takes need_lse: False skips the log-sum-exp, an empty tensor then, when no backward follows;
+#     the native one save_probs: True, on CPU, returns the softmax (B * nW, nH, N, NP) in the lse's place)
 #   backward(grad_out, qkv, table, qkv_bias?, out, lse, window_size, shift_size, num_heads, scale)
 #       -> (grad_qkv, grad_table, grad_qkv_bias or an empty tensor)
-# lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs).
+# lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs);
+# or the saved softmax, which the backward reads as it is.
 
 def _lse_dtype(qkv: torch.Tensor) -> torch.dtype:
     return torch.float64 if qkv.dtype == torch.float64 else torch.float32
@@ -151,9 +154,10 @@ def _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scal
     return out, qkv.new_empty(lse_shape, dtype=_lse_dtype(qkv))
 
 
-def _add_bias_forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, save_probs=False):
-    """window_attention_add_bias: the second output is the lse, or with ``save_probs`` the softmax itself, its rows
-    zero-padded to a multiple of 16 columns (B * nW, nH, N, NP) (csrc/cpu/window_attention.cpp)."""
+def _saved_softmax_forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, save_probs=False):
+    """The native ops (window_attention, window_attention_add_bias): the second output is the lse, or with
+    ``save_probs`` (CPU) the softmax itself, its rows zero-padded to a multiple of 16 columns (B * nW, nH, N, NP)
+    (csrc/cpu/window_attention.cpp)."""
     out, lse = _forward_fake(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
     if save_probs:
         n = lse.shape[-1]
@@ -205,7 +209,8 @@ def _register_fakes_and_autograd(forward, backward, backend: str, name: str = "w
 
 if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention.default,
-                                 torch.ops.vitkernels.window_attention_backward.default, "native")
+                                 torch.ops.vitkernels.window_attention_backward.default, "native",
+                                 forward_fake=_saved_softmax_forward_fake, optional_lse=False)
 
     def _native_supports(call: dispatch.Call) -> Optional[str]:
         reason = _native.native_unavailable_reason("window_attention", call.device)
@@ -219,7 +224,11 @@ if _native.is_loaded():
 
     @op.register("native", _native_supports)
     def _window_attention_native(qkv, table, window_size, shift_size, num_heads, scale, qkv_bias):
-        out, _ = torch.ops.vitkernels.window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
+        # training on CPU: the forward saves the softmax and the backward reads it instead of recomputing it (fwd+bwd
+        # 1.06-1.08x at Swin-T's stages 1 and 3 on a Zen 2); the CUDA kernels recompute it from the lse
+        save_probs = qkv.device.type == "cpu" and needs_grad(qkv, table, qkv_bias)
+        out, _ = torch.ops.vitkernels.window_attention(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale,
+                                                       save_probs)
         return out
 
 else:
@@ -329,7 +338,7 @@ def _window_attention_add_bias_reference(qkv, table, window_size, shift_size, nu
 if _native.is_loaded():
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_add_bias.default,
                                  torch.ops.vitkernels.window_attention_add_bias_backward.default, "native",
-                                 "window_attention_add_bias", _add_bias_forward_fake, optional_lse=False)
+                                 "window_attention_add_bias", _saved_softmax_forward_fake, optional_lse=False)
 
     def _add_bias_native_supports(call: dispatch.Call) -> Optional[str]:
         if call.device.type != "cpu":
