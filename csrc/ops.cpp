@@ -143,10 +143,12 @@ TORCH_LIBRARY(vitkernels, m) {
 
   // Swin V2 scaled cosine window attention, qkv (B, H, W, 3C) in original token order, bias_table
   // ((2wh-1)(2ww-1), nH) (16 sigmoid of the cpb MLP), scale (nH) (exp of the clamped logit scale) -> (out (B, H, W, C),
-  // row log-sum-exp (B * nW, nH, N)). Same schema as the Triton custom op triton_window_attention_v2.
+  // row log-sum-exp (B * nW, nH, N), or with save_probs (CPU only, as window_attention's) the softmax (B * nW, nH, N,
+  // NP)). The Triton custom op triton_window_attention_v2 has the same first seven arguments.
   m.def("window_attention_v2(Tensor qkv, Tensor bias_table, Tensor scale, Tensor? qkv_bias, int[2] window_size, "
-        "int[2] shift_size, int num_heads) -> (Tensor, Tensor)");
-  // Gradients of qkv, bias_table, scale and qkv_bias (an empty tensor when there is no qkv_bias).
+        "int[2] shift_size, int num_heads, bool save_probs=False) -> (Tensor, Tensor)");
+  // Gradients of qkv, bias_table, scale and qkv_bias (an empty tensor when there is no qkv_bias); lse: the forward's
+  // softmax state as it came.
   m.def("window_attention_v2_backward(Tensor grad_out, Tensor qkv, Tensor bias_table, Tensor scale, Tensor? qkv_bias, "
         "Tensor out, Tensor lse, int[2] window_size, int[2] shift_size, int num_heads) -> (Tensor, Tensor, Tensor, "
         "Tensor)");

@@ -242,6 +242,16 @@ def _bad_native_calls():
         ("attn-bwd-probs-dtype", lambda: ops.window_attention_backward(
             torch.randn(1, 4, 4, 4), qkv, table, None, torch.randn(1, 4, 4, 4),
             torch.randn(4, 2, 4, 16, dtype=torch.float64), [2, 2], [1, 1], 2, 0.5), "lse must be"),
+        # window_attention_v2's backward: the same softmax states (lse or saved softmax) as V1's
+        ("attn-v2-bwd-lse", lambda: ops.window_attention_v2_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.ones(2), None, torch.randn(1, 4, 4, 4), torch.randn(3), [2, 2],
+            [1, 1], 2), "lse must be"),
+        ("attn-v2-bwd-probs-unpadded", lambda: ops.window_attention_v2_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.ones(2), None, torch.randn(1, 4, 4, 4),
+            torch.randn(4, 2, 4, 4), [2, 2], [1, 1], 2), "lse must be"),
+        ("attn-v2-bwd-probs-windows", lambda: ops.window_attention_v2_backward(
+            torch.randn(1, 4, 4, 4), qkv, table, torch.ones(2), None, torch.randn(1, 4, 4, 4),
+            torch.randn(8, 2, 4, 16), [2, 2], [1, 1], 2), "lse must be"),
         # onednn_linear_eager (x W^T + b, float32 CPU)
         ("linear-eager-weight-shape", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 3), None),
          "weight must be"),

@@ -254,18 +254,79 @@ def test_native_softmax_state_is_not_differentiable():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_native_opcheck():
+@pytest.mark.parametrize("save_probs", [False, True], ids=["lse", "saved-softmax"])
+def test_native_opcheck(save_probs):
     native_or_skip()
     qkv, table, scale, bias = make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3)), dtype=torch.float32, zero_k_bias=False)
     for b in (bias, None):
         args = (qkv.requires_grad_(), table.requires_grad_(), scale.requires_grad_(),
-                b.requires_grad_() if b is not None else None, [7, 7], [3, 3], 2)
+                b.requires_grad_() if b is not None else None, [7, 7], [3, 3], 2, save_probs)
         torch.library.opcheck(torch.ops.vitkernels.window_attention_v2.default, args)
         with torch.no_grad():
             out, lse = torch.ops.vitkernels.window_attention_v2(*args)
         torch.library.opcheck(torch.ops.vitkernels.window_attention_v2_backward.default,
                               (torch.randn_like(out), qkv.detach(), table.detach(), scale.detach(),
                                b.detach() if b is not None else None, out, lse, [7, 7], [3, 3], 2))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa, dtype, with_bias, monkeypatch):
+    """The training forward saves P (rows padded with zeros to a multiple of 16 columns) and the backward reads it;
+    the lse path recomputes P: the same output and softmax rows, the same gradients (to rounding: one path normalises
+    P by 1 / sum, the other recomputes exp(S - lse)). Gradients against the reference: the tests above."""
+    native_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    case = (2, 9, 10, 3, 16, (7, 7), (3, 3))
+    qkv, table, scale, bias = make_inputs(case, dtype=dtype, with_bias=with_bias, zero_k_bias=False)
+    grad_out = torch.randn(2, 9, 10, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+    args = (table, scale, bias, [7, 7], [3, 3], 3)
+    out_lse, lse = torch.ops.vitkernels.window_attention_v2(qkv, *args, False)
+    out_p, probs = torch.ops.vitkernels.window_attention_v2(qkv, *args, True)
+    n_windows, N = 2 * 2 * 2, 49
+    assert lse.shape == (n_windows, 3, N) and probs.shape == (n_windows, 3, N, 64)
+    torch.testing.assert_close(out_p, out_lse, rtol=0, atol=0)
+    assert torch.all(probs >= 0) and torch.all(probs[..., N:] == 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(lse), rtol=1e-5, atol=1e-5)
+    grads_lse = torch.ops.vitkernels.window_attention_v2_backward(grad_out, qkv, *args[:3], out_lse, lse, *args[3:])
+    grads_p = torch.ops.vitkernels.window_attention_v2_backward(grad_out, qkv, *args[:3], out_p, probs, *args[3:])
+    # tau up to 100 makes S (and its rounding) large; the scale's gradient sums every window's q^ . G
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    assert (grads_p[3].numel() > 0) == with_bias
+    for got, expected in zip(grads_p, grads_lse):
+        assert got.abs().sum() > 0 or got.numel() == 0
+        scale_of = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * scale_of)
+
+
+def test_native_training_saves_the_softmax_on_cpu():
+    """Training on CPU keeps the softmax (windows, heads, N, NP) for the backward instead of the row lse; inference
+    keeps neither. The gradients through it match the float64 reference."""
+    native_or_skip()
+    inputs = make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3)), dtype=torch.float32, zero_k_bias=False)
+    qkv, table, scale, bias = (t.requires_grad_() for t in inputs)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = vitkernels.window_attention_v2(qkv, table, scale, 7, 3, 2, qkv_bias=bias, backend="native")
+    assert (4, 2, 49, 64) in saved and (4, 2, 49) not in saved
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (qkv, table, scale, bias), grad)
+    inputs64 = [t.detach().double().requires_grad_() for t in (qkv, table, scale, bias)]
+    out64 = reference.window_attention_v2(*inputs64[:3], (7, 7), (3, 3), 2, inputs64[3])
+    expected = torch.autograd.grad(out64, inputs64, grad.double())
+    torch.testing.assert_close(out, out64.float(), rtol=1e-4, atol=1e-4)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-3, atol=1e-3 * max(1.0, e.abs().max().item()))
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.no_grad():
+        vitkernels.window_attention_v2(qkv, table, scale, 7, 3, 2, qkv_bias=bias, backend="native")
+    assert saved == []
 
 
 def assert_v2_block_compiles_fullgraph(backend, device, compiler, tol):

@@ -55,26 +55,6 @@ using Problem = WindowAttentionProblem;
 using window_attention_run::run_backward;
 using window_attention_run::run_forward;
 
-// Checks a backward's arguments and its softmax state, the forward's second output: the lse (B * nW, nH, N) or the
-// saved softmax (B * nW, nH, N, NP) (shape, dtype, device; its values are the forward's, as lse's are). Returns
-// whether the state is the saved softmax (4-D).
-bool check_backward_softmax_state(const char* op, const Problem& p, const at::Tensor& qkv, const at::Tensor& grad_out,
-                                  const at::Tensor& out, const at::Tensor& state, const char* state_name) {
-  if (state.dim() != 4) {
-    check_window_attention_backward_args(op, p, qkv, grad_out, out, state);
-    return false;
-  }
-  check_window_attention_backward_args(op, p, qkv, grad_out, out, std::nullopt);
-  const auto acc = window_attention_acc_type(qkv);
-  const int64_t NP = round_to_vector(p.N);
-  TORCH_CHECK(state.sizes() == at::IntArrayRef({p.windows(), p.nH, p.N, NP}) && state.scalar_type() == acc, op, ": ",
-              state_name, " must be the forward's lse (B * nW, nH, N) or its saved softmax (B * nW, nH, N, NP) = (",
-              p.windows(), ", ", p.nH, ", ", p.N, ", ", NP, ") ", acc, ", got ", state.sizes(), " ",
-              state.scalar_type());
-  check_same_device(op, qkv, state, state_name);
-  return true;
-}
-
 }  // namespace
 
 std::string window_attention_cpu_isa() { return isa_name(selected_isa()); }

@@ -1,7 +1,7 @@
 // Host-side pieces of the CPU window attention ops (V1 window_attention.cpp, V2 window_attention_v2.cpp, 3D
 // window_attention_3d.cpp) around their per-instruction-set kernels: the relative position bias expanded into
-// per-head rows before the kernels run, and (V2) the per-thread double accumulators of the backward reduced into the
-// table and qkv-bias gradients.
+// per-head rows before the kernels run, and the per-thread accumulators of the backward reduced into the table and
+// (V2) qkv-bias gradients.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -92,11 +92,25 @@ at::Tensor reduce_table_grad_double(const Problem& p, const Acc* d_bias, int64_t
   return grad;
 }
 
-// d_bias holds `threads` blocks of (nH, N, N) sums of dS; returns the (table_rows, nH) table gradient in the
-// table's dtype (summed in double, scattered by relative position).
-inline at::Tensor reduce_table_grad(const WindowAttentionProblem& p, const std::vector<double>& d_bias,
-                                    int64_t threads, const at::Tensor& table) {
-  return reduce_table_grad_double(p, d_bias.data(), p.N, threads, table).to(table.scalar_type());
+// Checks a backward's arguments and its softmax state, the forward's second output: the lse (B * nW, nH, N) or the
+// saved softmax (B * nW, nH, N, NP) (shape, dtype, device; its values are the forward's, as lse's are). Returns
+// whether the state is the saved softmax (4-D). V1 and V2 (their forwards' save_probs).
+inline bool check_backward_softmax_state(const char* op, const WindowAttentionProblem& p, const at::Tensor& qkv,
+                                         const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& state,
+                                         const char* state_name) {
+  if (state.dim() != 4) {
+    check_window_attention_backward_args(op, p, qkv, grad_out, out, state);
+    return false;
+  }
+  check_window_attention_backward_args(op, p, qkv, grad_out, out, std::nullopt);
+  const auto acc = window_attention_acc_type(qkv);
+  const int64_t NP = round_to_vector(p.N);
+  TORCH_CHECK(state.sizes() == at::IntArrayRef({p.windows(), p.nH, p.N, NP}) && state.scalar_type() == acc, op, ": ",
+              state_name, " must be the forward's lse (B * nW, nH, N) or its saved softmax (B * nW, nH, N, NP) = (",
+              p.windows(), ", ", p.nH, ", ", p.N, ", ", NP, ") ", acc, ", got ", state.sizes(), " ",
+              state.scalar_type());
+  check_same_device(op, qkv, state, state_name);
+  return true;
 }
 
 // d_pad holds `threads` blocks of (nH, 2, hd) sums of padded tokens' (dk, dv); returns the (3C) qkv-bias gradient

@@ -7,8 +7,9 @@
 // Math, per window w and head h (N tokens; padded tokens read `pad_row`, the qkv Linear's bias or zeros):
 //   rq_i = |q_i|, q^_i = q_i / max(rq_i, eps)  (likewise k; eps = 1e-12, F.normalize)
 //   S = tau_h q^ k^T + table[rel(i, j), h] + mask(i, j),  P = softmax_j(S),  O = P v,  lse_i = log sum_j exp S_ij
-// backward, recomputing P = exp(S - lse) (delta_i = sum_j P_ij dP_ij, which equals dO_i . O_i, in fp32 from P and dP
-// rather than from the stored, rounded output: what V1 does):
+// backward, reading P as the forward saved it (save_probs: training) or recomputing P = exp(S - lse) (delta_i =
+// sum_j P_ij dP_ij, which equals dO_i . O_i, in fp32 from P and dP rather than from the stored, rounded output:
+// what V1 does):
 //   dV = P^T dO,  dP = dO v^T,  dS = P * (dP - delta),  d_table[rel, h] += dS,
 //   G = dS k^,  d tau_h += sum_i q^_i . G_i,  dq^ = tau G,  dk^ = tau dS^T q^,
 //   dq_i = (dq^_i - q^_i (q^_i . dq^_i)) / rq_i  where rq_i >= eps, else dq^_i / eps  (F.normalize's backward);
@@ -185,7 +186,10 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
       load_head_v2(a, h, s, /*v_rows=*/true);
       gemm<T>(N, NP, a.hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);  // q^ k^T
       const T tau = a.scale[h];
-      T* lse = a.lse + (w * a.nH + h) * N;
+      T* lse = a.lse != nullptr ? a.lse + (w * a.nH + h) * N : nullptr;
+      // with save_probs, P (rows of NP values, zeros past N) streamed to memory for the backward instead of the lse:
+      // it is read back only there, and caching its lines would only evict the forward's working set
+      T* probs = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : nullptr;
       for (int64_t i = 0; i < N; ++i) {
         prefetch_row_of_next_window(a, next, h, i, /*backward=*/false);
         T* row = s.p + i * NP;
@@ -201,8 +205,16 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
         }
         const T sum = hsum<T>(vsum);
         const V inv = splat(T(1) / sum);
-        for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
-        lse[i] = m + std::log(sum);
+        if (probs != nullptr) {
+          for (int64_t j = 0; j < NP; j += L) {
+            const V pij = load(row + j) * inv;
+            store(row + j, pij);
+            store_streaming(probs + i * NP + j, pij);
+          }
+        } else {
+          for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
+          lse[i] = m + std::log(sum);
+        }
       }
       gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);  // O = P v
       for (int64_t t = 0; t < N; ++t) {
@@ -215,12 +227,12 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
   }
 }
 
-// Backward of windows [begin, end): writes dq, dk, dv of real tokens; adds dS into d_bias (nH, N, N), each head's
-// sum_i q^_i . G_i into d_scale (nH) and padded tokens' dk, dv into d_pad (nH, 2, hd): this thread's own double
-// accumulators.
+// Backward of windows [begin, end): writes dq, dk, dv of real tokens; adds dS into d_bias (nH, N, NP) (in T, whole
+// vectors, as V1's), each head's sum_i q^_i . G_i into d_scale (nH) and padded tokens' dk, dv into d_pad (nH, 2, hd)
+// (double): this thread's own accumulators.
 template <typename S, typename T>
 void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
-                         int64_t* source, double* d_bias, double* d_scale, double* d_pad) {
+                         int64_t* source, T* d_bias, double* d_scale, double* d_pad) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
@@ -248,29 +260,39 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
         for (int64_t d = 0; d < hd; ++d) dout[d] = g[d];
       }
       const T tau = a.scale[h];
-      // P = exp(S - lse), recomputed.
-      gemm<T>(N, NP, hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);
-      const T* lse = a.lse + (w * a.nH + h) * N;
-      for (int64_t i = 0; i < N; ++i) {
-        T* row = s.p + i * NP;
-        scale_add_bias_and_mask(a, h, i, tau, row, s);
-        for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
+      // P: as the forward saved it (the next item's, the next block of the same array, is prefetched row by row in
+      // the dS loop below), else recomputed, exp(S - lse)
+      const T* P = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : s.p;
+      const bool next_probs = a.probs != nullptr && (h + 1 < a.nH || w + 1 < end);
+      if (a.probs == nullptr) {
+        gemm<T>(N, NP, hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);
+        const T* lse = a.lse + (w * a.nH + h) * N;
+        for (int64_t i = 0; i < N; ++i) {
+          T* row = s.p + i * NP;
+          scale_add_bias_and_mask(a, h, i, tau, row, s);
+          for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
+        }
       }
       // dV = P^T dO
-      gemm<T>(N, HDP, N, s.p, 1, NP, s.dout, HDP, s.dv, HDP);  // P read transposed
+      gemm<T>(N, HDP, N, P, 1, NP, s.dout, HDP, s.dv, HDP);  // P read transposed
       // dP = dO v^T;  dS = P * (dP - delta), into dp;  d_bias += dS
       gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);
-      double* d_bias_h = d_bias + h * N * N;
+      // (d_bias was summed in double, element by element: that scalar loop held ~10% of the backward's time)
+      T* d_bias_h = d_bias + h * N * NP;
       for (int64_t i = 0; i < N; ++i) {
         prefetch_row_of_next_window(a, next, h, i, /*backward=*/true);
+        if (next_probs) prefetch_span(P + (N + i) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
         T* dp = s.dp + i * NP;
-        const T* p = s.p + i * NP;
+        const T* p = P + i * NP;
+        T* acc = d_bias_h + i * NP;
         V dot = V{};
         for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
         const V delta = all_sum<T>(dot);
-        for (int64_t j = 0; j < NP; j += L) store(dp + j, load(p + j) * (load(dp + j) - delta));
-        double* acc = d_bias_h + i * N;
-        for (int64_t j = 0; j < N; ++j) acc[j] += static_cast<double>(dp[j]);
+        for (int64_t j = 0; j < NP; j += L) {
+          const V ds = load(p + j) * (load(dp + j) - delta);  // 0 in the padding columns (P is 0 there)
+          store(dp + j, ds);
+          store(acc + j, load(acc + j) + ds);
+        }
       }
       // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
       gemm<T>(N, HDP, N, s.dp, NP, 1, s.kn, HDP, s.o, HDP);

@@ -38,9 +38,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_v2_cuda(const at::Tensor& qk
                                                             const at::Tensor& scale,
                                                             const std::optional<at::Tensor>& qkv_bias,
                                                             at::IntArrayRef window_size, at::IntArrayRef shift_size,
-                                                            int64_t num_heads) {
+                                                            int64_t num_heads, bool save_probs) {
   const Problem p =
       check_problem("window_attention_v2", qkv_in, table, scale, qkv_bias, window_size, shift_size, num_heads);
+  // the CUDA kernels recompute P from the lse (the Python op asks for the saved softmax on CPU only)
+  TORCH_CHECK(!save_probs, "window_attention_v2: save_probs is CPU-only; the CUDA kernels keep the row log-sum-exp");
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   const at::Tensor qkv = qkv_in.contiguous();
   const at::Tensor pad_row = window_attention_pad_row(qkv, qkv_bias);

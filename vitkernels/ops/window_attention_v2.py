@@ -13,7 +13,8 @@ Backends:
 
 * ``reference`` -- :func:`vitkernels.reference.window_attention_v2.window_attention_v2` (timm's arithmetic).
 * ``native`` -- ``torch.ops.vitkernels.window_attention_v2`` (+ ``_backward``) from
-  ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1) and
+  ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1; in training its
+  forward saves the softmax, which the backward reads instead of recomputing it) and
   ``csrc/cuda/window_attention_v2.cu`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
   compile-checked, not yet run on a GPU).
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching V1's window
@@ -27,7 +28,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import IntPair, check_int, check_same_device, check_shape, check_tensor, to_pair
-from vitkernels.ops._library import keep_softmax_state_out_of_autograd, refuse_double_backward
+from vitkernels.ops._library import keep_softmax_state_out_of_autograd, needs_grad, refuse_double_backward
 from vitkernels.ops.window_attention import _lse_dtype
 from vitkernels.reference import window_attention_v2 as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
@@ -111,17 +112,19 @@ def _window_attention_v2_reference(qkv, bias_table, scale, window_size, shift_si
 
 # --- fake implementations and autograd, shared by the native and triton ops ----------------------------------------
 # Both op sets have the schemas
-#   forward(qkv, bias_table, scale, qkv_bias?, window_size, shift_size, num_heads) -> (out, lse)
+#   forward(qkv, bias_table, scale, qkv_bias?, window_size, shift_size, num_heads[, save_probs]) -> (out, lse)
 #   backward(grad_out, qkv, bias_table, scale, qkv_bias?, out, lse, window_size, shift_size, num_heads)
 #       -> (grad_qkv, grad_bias_table, grad_scale, grad_qkv_bias or an empty tensor)
-# lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs).
+# lse is the (B * nW, nH, N) row log-sum-exp the backward recomputes the softmax from: fp32 (fp64 for fp64 inputs);
+# with the native forward's save_probs (CPU), the softmax itself (B * nW, nH, N, NP), which the backward reads.
 
-def _forward_fake(qkv, bias_table, scale, qkv_bias, window_size, shift_size, num_heads):
+def _forward_fake(qkv, bias_table, scale, qkv_bias, window_size, shift_size, num_heads, save_probs=False):
     B, H, W, three_c = qkv.shape
     n_windows = B * -(-H // window_size[0]) * -(-W // window_size[1])
     out = qkv.new_empty((B, H, W, three_c // 3))
-    lse = qkv.new_empty((n_windows, num_heads, window_size[0] * window_size[1]), dtype=_lse_dtype(qkv))
-    return out, lse
+    n = window_size[0] * window_size[1]
+    state_shape = (n_windows, num_heads, n) + ((-(-n // 16) * 16,) if save_probs else ())  # rows padded to NP
+    return out, qkv.new_empty(state_shape, dtype=_lse_dtype(qkv))
 
 
 def _backward_fake(grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_size, shift_size, num_heads):
@@ -131,7 +134,8 @@ def _backward_fake(grad_out, qkv, bias_table, scale, qkv_bias, out, lse, window_
 
 def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     def setup_context(ctx, inputs, output):
-        qkv, bias_table, scale, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads = inputs
+        qkv, bias_table, scale, qkv_bias, ctx.window_size, ctx.shift_size, ctx.num_heads = inputs[:7]
+        ctx.num_inputs = len(inputs)
         out, lse = output
         ctx.has_bias = qkv_bias is not None
         ctx.save_for_backward(qkv, bias_table, scale, qkv_bias, out, lse)
@@ -139,13 +143,14 @@ def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
 
     def backward_fn(ctx, grad_out, grad_lse):
         if grad_out is None:  # the output was not used: no gradient flows
-            return (None,) * 7
+            return (None,) * ctx.num_inputs
         qkv, bias_table, scale, qkv_bias, out, lse = ctx.saved_tensors
         grad_qkv, grad_table, grad_scale, grad_bias = backward(
             grad_out.contiguous(), qkv, bias_table, scale, qkv_bias, out, lse, ctx.window_size, ctx.shift_size,
             ctx.num_heads,
         )
-        return grad_qkv, grad_table, grad_scale, (grad_bias if ctx.has_bias else None), None, None, None
+        grad_bias = grad_bias if ctx.has_bias else None
+        return (grad_qkv, grad_table, grad_scale, grad_bias) + (None,) * (ctx.num_inputs - 4)
 
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(backward)(_backward_fake)
@@ -172,8 +177,11 @@ if "window_attention_v2" in _native.KERNELS:
 
     @op.register("native", _native_supports)
     def _window_attention_v2_native(qkv, bias_table, scale, window_size, shift_size, num_heads, qkv_bias):
+        # training on CPU: the forward saves the softmax and the backward reads it instead of recomputing it; the CUDA
+        # kernels recompute it from the lse
+        save_probs = qkv.device.type == "cpu" and needs_grad(qkv, bias_table, scale, qkv_bias)
         out, _ = torch.ops.vitkernels.window_attention_v2(qkv, bias_table, scale, qkv_bias, window_size, shift_size,
-                                                          num_heads)
+                                                          num_heads, save_probs)
         return out
 
 elif not _native.is_loaded():
