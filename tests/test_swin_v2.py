@@ -9,7 +9,7 @@ import torch
 import vitkernels
 from vitkernels.reference import swin_v2 as reference
 
-from helpers import build_timm_swinv2_or_skip, import_timm, needs_padded_shift, skip_unless_timm_swinv2_pads
+from helpers import OpCalls, build_timm_swinv2_or_skip, import_timm, needs_padded_shift, skip_unless_timm_swinv2_pads
 
 pytestmark = pytest.mark.timm
 
@@ -115,6 +115,37 @@ def test_block_matches_timm_float32(impl):
     ours = IMPLS[impl](**kwargs)
     ours.load_state_dict(theirs.state_dict())
     compare_outputs_and_grads(ours, theirs, torch.randn(2, 9, 10, 32), rtol=1e-4, atol=1e-5)
+
+
+def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
+    """float32 on CPU: the fast block runs its Linears as the CPU GEMM and fc1's bias + GELU as the native bias_gelu
+    (in place in inference, with its native backward in training), timm's GELU module (``act_layer="gelu"``, V2's
+    default) included; outputs and gradients as timm's."""
+    if not vitkernels._native.has_kernel("bias_gelu", "CPU"):
+        pytest.skip("vitkernels._C is not built")
+    kwargs = dict(dim=32, input_resolution=(16, 16), num_heads=2, window_size=8, shift_size=4)
+    theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs))
+    assert type(theirs.mlp.act).__module__ == "timm.layers.activations"
+    ours = vitkernels.SwinV2Block(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    ours.mlp.act = theirs.mlp.act
+    x = torch.randn(2, 16, 16, 32, generator=torch.Generator().manual_seed(0))
+    for training in (False, True):
+        ours.train(training)
+        theirs.train(training)
+        with torch.no_grad(), OpCalls() as calls:
+            out = ours(x)
+        # eval without autograd: in place on the fc1 GEMM's output; in training mode the autograd path's op
+        assert ("vitkernels::bias_gelu" if training else "vitkernels::bias_gelu_") in calls.names
+        assert "aten::gelu" not in calls.names
+        torch.testing.assert_close(out, theirs(x).detach(), rtol=1e-4, atol=1e-5)
+        ours.zero_grad(set_to_none=True)
+        theirs.zero_grad(set_to_none=True)
+        compare_outputs_and_grads(ours, theirs, x, rtol=1e-4, atol=1e-5)
+        with OpCalls() as calls:
+            ours(x.clone().requires_grad_()).sum().backward()
+        assert "vitkernels::bias_gelu" in calls.names and "vitkernels::bias_gelu_backward" in calls.names
+        assert "aten::gelu" not in calls.names and "aten::gelu_backward" not in calls.names
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

@@ -112,6 +112,25 @@ def test_layer_scale_blocks_run_fused_with_timms_numbers(inplace, dtype, fused_c
                                                           if n.endswith("gamma"))))
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_timm_gelu_classes_run_fused_with_timms_numbers(act, fused_calls):
+    """Blocks built with ``act_layer="gelu"`` / ``"gelu_tanh"`` (timm's own GELU / GELUTanh modules, F.gelu exact
+    and tanh) run the fused path with timm's numbers (float64)."""
+    _fused_cpu_or_skip()
+    import_timm()
+    from timm.layers import get_act_layer
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    original = Block(32, 4, qkv_bias=True, act_layer=get_act_layer(act)).double().eval()
+    assert type(original.mlp.act).__module__ == "timm.layers.activations"
+    patched = patch_model(copy.deepcopy(original))
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    ours, theirs = _run(patched, x), _run(original, x)
+    assert fused_calls == [patched]
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
 def test_official_mae_block_in_inference_mode_matches_timm(fused_calls):
     """The official MAE code's block (nn.LayerNorm, eps 1e-6) under torch.inference_mode, on tokens that are not
     a multiple of anything (the 50 kept tokens + CLS of a masked encoder), float64."""
@@ -194,7 +213,7 @@ def _run(block, x, **kwargs):
         return block(x, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["layer-scale-subclass", "layer-scale-other-dtype", "qk-norm", "gelu-tanh-class",
+@pytest.mark.parametrize("case", ["layer-scale-subclass", "layer-scale-other-dtype", "qk-norm", "silu-mlp",
                                   "attn-mask", "reference-backend", "submodule-hook", "global-hook",
                                   "float32-under-autocast", "cpu-dropout-active"])
 def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls, monkeypatch):
@@ -209,10 +228,8 @@ def test_blocks_the_fused_path_cannot_serve_run_timm_code(case, fused_calls, mon
     torch.manual_seed(0)
     kwargs = {"init_values": 0.5} if case.startswith("layer-scale") else {"qk_norm": True} if case == "qk-norm" \
         else {}
-    if case == "gelu-tanh-class":
-        from timm.layers import get_act_layer
-
-        kwargs["act_layer"] = get_act_layer("gelu_tanh")
+    if case == "silu-mlp":  # not a GELU: the fused ops compute GELU only
+        kwargs["act_layer"] = torch.nn.SiLU
     original = Block(32, 4, qkv_bias=True, proj_drop=0.1 if case == "cpu-dropout-active" else 0.0, **kwargs).eval()
     if case == "cpu-dropout-active":
         original.train()

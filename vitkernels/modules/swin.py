@@ -108,10 +108,22 @@ def _inactive(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and (dropout.p == 0 or not dropout.training)
 
 
+def _gelu_approximate(act: nn.Module) -> Optional[str]:
+    """``approximate`` of a GELU module the fused ops compute: ``nn.GELU``'s own, timm's ``GELU`` (``F.gelu``:
+    ``"none"``; timm's ``Mlp`` gets it from ``act_layer="gelu"``, Swin V2's default) and ``GELUTanh`` (``"tanh"``);
+    None for anything else (not served)."""
+    cls = type(act)
+    if cls is nn.GELU:
+        return act.approximate
+    if cls.__module__ == "timm.layers.activations":
+        return {"GELU": "none", "GELUTanh": "tanh"}.get(cls.__name__)
+    return None
+
+
 def _fusable_gelu_mlp(mlp: nn.Module) -> bool:
-    """timm's ``Mlp`` as the fused paths compute it: Linears fc1 and fc2, an ``nn.GELU``, no hidden norm, dropouts
-    inactive."""
-    return (type(mlp.act) is nn.GELU and isinstance(mlp.norm, nn.Identity)
+    """timm's ``Mlp`` as the fused paths compute it: Linears fc1 and fc2, a GELU (:func:`_gelu_approximate`), no
+    hidden norm, dropouts inactive."""
+    return (_gelu_approximate(mlp.act) is not None and isinstance(mlp.norm, nn.Identity)
             and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
             and _inactive(mlp.drop1) and _inactive(mlp.drop2))
 
@@ -313,12 +325,13 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
         )
+        approximate = _gelu_approximate(mlp.act)
         if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
-            y = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, mlp.act.approximate, 0)
+            y = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
         else:
             h = _gemm(a2, mlp.fc1.weight)
-            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, mlp.act.approximate) if mlp.fc1.bias is not None \
-                else F.gelu(h, approximate=mlp.act.approximate)
+            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, approximate) if mlp.fc1.bias is not None \
+                else F.gelu(h, approximate=approximate)
             y = _gemm(h, mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
@@ -342,17 +355,17 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
                                                       n2.weight, n2.bias, n2.eps, o)  # y := x1, o := LayerNorm2(x1)
         x1, a2 = y, o
+        approximate = _gelu_approximate(mlp.act)
         if _blocked_mlp_pays(a2, mlp):
             # fc1, its bias + GELU and fc2 by blocks of rows: the hidden activation never leaves the cache and is
             # never allocated whole (vitkernels/ops/gelu_mlp.py); fc2's bias stays with the tail below
-            out = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None,
-                                          mlp.act.approximate, 0)
+            out = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
         else:
             h = _gemm(a2, mlp.fc1.weight)
             if mlp.fc1.bias is not None:
-                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, mlp.act.approximate)
+                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, approximate)
             else:
-                h = F.gelu(h, approximate=mlp.act.approximate)
+                h = F.gelu(h, approximate=approximate)
             out = _gemm(h, mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
@@ -374,8 +387,9 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         x = y.add_(x).reshape(B, H * W, C)
         mlp = self.mlp
         h = mlp.fc1(self.norm2(x))
-        if type(mlp.act) is nn.GELU:
-            h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
+        approximate = _gelu_approximate(mlp.act)
+        if approximate is not None:
+            h = torch.ops.aten.gelu_(h, approximate=approximate)
         else:
             h = mlp.act(h)
         z = self.drop_path2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h)))))

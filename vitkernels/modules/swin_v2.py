@@ -13,9 +13,18 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vitkernels.modules.swin import _BackendAttribute
+from vitkernels.modules.swin import (
+    _BackendAttribute,
+    _fusable_gelu_mlp,
+    _fused_cpu_allowed,
+    _gelu_approximate,
+    _gemm,
+    _inactive,
+    _is_layernorm,
+)
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference import swin_v2 as reference
 
@@ -56,36 +65,77 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
     def _make_attention(self, dim, **kwargs) -> nn.Module:
         return WindowAttentionV2(dim, backend=self._backend, **kwargs)
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor, cpu_gemm: bool = False) -> torch.Tensor:
+        """The attention branch before norm1; ``cpu_gemm``: the qkv projection as the fused CPU path's GEMM."""
         attn = self.attn
         if self.training and attn.attn_drop.p > 0.0:
             return super()._attn(x)  # attention dropout: not fused
         qkv_bias = attn.qkv_bias()
+        qkv = _gemm(x, attn.qkv.weight, qkv_bias) if cpu_gemm else attn.project_qkv(x, qkv_bias)
         out = window_attention_v2(
-            attn.project_qkv(x, qkv_bias), attn.bias_table(), attn.cosine_scale(), self.window_size, self.shift_size,
-            attn.num_heads, qkv_bias, backend=self._backend,
+            qkv, attn.bias_table(), attn.cosine_scale(), self.window_size, self.shift_size, attn.num_heads, qkv_bias,
+            backend=self._backend,
         )
         return attn.proj_drop(attn.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            if self._fused_cpu_ready(x):
+                return self._forward_fused(x)
             return super().forward(x)
         return self._forward_inference(x)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with autograd on the fused CPU path (:meth:`_fused_cpu_ready`): the Linears as the CPU
+        GEMM (the qkv one too) and fc1's bias + GELU as the native ``bias_gelu`` (its backward native too); the
+        post-norms, residual adds and drop paths as timm's."""
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self.norm1(self._attn(x, cpu_gemm=True)))
+        x = x.reshape(B, -1, C)
+        mlp = self.mlp
+        h = _gemm(x, mlp.fc1.weight)
+        if mlp.fc1.bias is not None:
+            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, _gelu_approximate(mlp.act))
+        else:
+            h = F.gelu(h, approximate=_gelu_approximate(mlp.act))
+        x = x + self.drop_path2(self.norm2(_gemm(h, mlp.fc2.weight, mlp.fc2.bias)))
+        return x.reshape(B, H, W, C)
+
+    def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
+        """The fused CPU path serves this call: the block's Linears as the CPU GEMM and fc1's bias + GELU as one
+        native pass (native ops, CPU, float32 without autocast, timm's standard block: LayerNorm post-norms, a GELU
+        MLP without a hidden norm, Linears, inactive dropouts)."""
+        attn, mlp, C = self.attn, self.mlp, x.shape[-1]
+        return (
+            x.dtype == torch.float32 and _fused_cpu_allowed(self._backend, x)
+            and _is_layernorm(self.norm1, C) and _is_layernorm(self.norm2, C)
+            and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear) and not attn.qkv_bias_separate
+            and _inactive(attn.proj_drop) and _fusable_gelu_mlp(mlp)
+        )
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode without autograd: the arithmetic of :meth:`forward` (x + y and y + x are the same float) with the
         residual adds and the MLP's GELU done in place on tensors this call created (on CPU each fresh large tensor
         is page-faulted in by the allocator; see V1's ``SwinTransformerBlock._forward_inference``). Not under
-        autocast, where an in-place add would not promote as timm's out-of-place add does."""
+        autocast, where an in-place add would not promote as timm's out-of-place add does. On the fused CPU path
+        (:meth:`_fused_cpu_ready`) the Linears are the CPU GEMM (the qkv one too, which timm calls as ``F.linear``)
+        and fc1's bias + GELU one in-place native pass (V1's ``bias_gelu_``)."""
         B, H, W, C = x.shape
-        y = self.drop_path1(self.norm1(self._attn(x)))  # drop path is the identity in eval mode
+        fused = self._fused_cpu_ready(x)
+        y = self.drop_path1(self.norm1(self._attn(x, fused)))  # drop path is the identity in eval mode
         x = y.add_(x).reshape(B, -1, C)
         mlp = self.mlp
-        h = mlp.fc1(x)
-        if type(mlp.act) is nn.GELU:
-            h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
+        approximate = _gelu_approximate(mlp.act)
+        if fused:
+            h = _gemm(x, mlp.fc1.weight)
+            if mlp.fc1.bias is not None:
+                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, approximate)
+            else:
+                h = torch.ops.aten.gelu_(h, approximate=approximate)
+        elif approximate is not None:
+            h = torch.ops.aten.gelu_(mlp.fc1(x), approximate=approximate)
         else:
-            h = mlp.act(h)
+            h = mlp.act(mlp.fc1(x))
         z = self.drop_path2(self.norm2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))))
         return z.add_(x).reshape(B, H, W, C)
 

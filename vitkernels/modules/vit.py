@@ -56,6 +56,7 @@ from vitkernels.modules.swin import (
     _fusable_drop_path,
     _fusable_gelu_mlp,
     _fused_cpu_allowed,
+    _gelu_approximate,
     _gemm,
     _global_hooks,
     _has_hooks,
@@ -124,8 +125,8 @@ def forward_fused_cpu(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     :func:`fused_cpu_ready`): the row ops in place on tensors this call created. ``x`` is only read."""
     attn, mlp = block.attn, block.mlp
     return fused_block_cpu(x, block.norm1, lambda a: _attention(attn, a), attn.proj, _gamma(block.ls1),
-                           block.drop_path1, block.norm2, mlp.fc1, mlp.act.approximate, mlp.fc2, _gamma(block.ls2),
-                           block.drop_path2)
+                           block.drop_path1, block.norm2, mlp.fc1, _gelu_approximate(mlp.act), mlp.fc2,
+                           _gamma(block.ls2), block.drop_path2)
 
 
 def fused_block_cpu(
