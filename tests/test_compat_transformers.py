@@ -11,6 +11,7 @@ import torch
 from vitkernels.compat import transformers as vkt
 
 from helpers import (
+    OpCalls,
     assert_grads_close,
     native_or_skip,
     perturb_parameters,
@@ -117,6 +118,41 @@ def test_the_op_is_what_runs(monkeypatch):
     model.eval()(x)
     model.train()(x)
     assert calls == [(5, 5)] * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_swin_layers_run_whole_on_the_fused_path(geometry, dtype):
+    """On CPU a SwinLayer runs whole on the fused path (the row ops around the fused attention: in place in
+    inference, with their autograd otherwise) with the layer's numbers and gradients; with an active drop path
+    (train mode) it runs the layer's code after the attention."""
+    native_or_skip("native")
+    model, x = build("swin", geometry, dtype)
+    patched = vkt.patch_model(copy.deepcopy(model)).eval()
+    with torch.no_grad(), OpCalls() as calls:
+        ours = _output(patched(x))
+    assert calls.names.count("vitkernels::bias_residual_layernorm_") == 4
+    assert calls.names.count("vitkernels::bias_gelu_") == 4 and "aten::gelu" not in calls.names
+    with torch.no_grad():
+        theirs = _output(model.eval()(x))
+    assert rel_err(ours, theirs) < (1e-12 if dtype == torch.float64 else 1e-5)
+    # grad mode on: the same ops with their autograd; the input's and every parameter's gradients as the layer's
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with OpCalls() as calls:
+        out_p = _run(patched, xp)
+    assert calls.names.count("vitkernels::bias_residual_layernorm") == 4
+    assert calls.names.count("vitkernels::bias_gelu_backward") == 4 and "aten::gelu" not in calls.names
+    out_o = _run(model, xo)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_err(out_p, out_o) < tol and rel_err(xp.grad, xo.grad) < tol
+    assert_grads_close(patched, model, tol)
+    # drop_path_rate 0.1, linearly from 0 over the layers: the layers whose drop path draws fall back
+    layers = [m for m in patched.modules() if vkt.is_patched(m)]
+    quiet = sum(getattr(m.drop_path, "drop_prob", 0.0) == 0.0 for m in layers)
+    assert 0 < quiet < len(layers) == 4
+    with torch.no_grad(), OpCalls() as calls:
+        patched.train()(x)
+    assert calls.names.count("vitkernels::bias_residual_layernorm_") == quiet
 
 
 def _forbid_the_op(monkeypatch):

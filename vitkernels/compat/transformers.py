@@ -221,7 +221,13 @@ class _FusedLayer(FusedModule):
 
 class _FusedSwinLayer(_FusedLayer):
     """transformers >= 5 ``SwinLayer``: ``attention.{q,k,v,o}_proj``, ``attention.relative_position_bias``, the
-    attention function chosen by ``config._attn_implementation``; post-projection ``dropout``, ``mlp``."""
+    attention function chosen by ``config._attn_implementation``; post-projection ``dropout``, ``mlp``.
+
+    On CPU, where :meth:`_vk_fused_plan` serves the call, the whole layer runs fused: around the fused window
+    attention, o_proj's bias + the residual + layernorm_after, fc1's bias + GELU and fc2's bias + the residual as
+    the native row ops of timm's Swin blocks, with their autograd (grad mode on) or in place
+    (:func:`vitkernels.modules.vit.fused_block_cpu`, grad mode off); otherwise the attention branch alone is fused
+    and the rest is the layer's code."""
 
     def forward(self, hidden_states, input_dimensions, always_partition=False, **kwargs):
         if not always_partition:
@@ -234,6 +240,9 @@ class _FusedSwinLayer(_FusedLayer):
             or (self.training and attention.attention_dropout > 0.0)
             or getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
         ):
+            approximate = self._vk_fused_plan(hidden_states, kwargs)
+            if approximate is not None:
+                return self._vk_forward_fused(hidden_states, input_dimensions, approximate), None
             out = self._attention_branch(
                 hidden_states, input_dimensions, attention.q_proj, attention.k_proj, attention.v_proj,
                 position_bias.relative_position_bias_table, position_bias.window_size,
@@ -247,6 +256,65 @@ class _FusedSwinLayer(_FusedLayer):
         residual = hidden_states
         hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
         return hidden_states, None
+
+    def _vk_fused_plan(self, x, kwargs) -> Optional[str]:
+        """GELU's ``approximate`` where the whole layer runs fused (class docstring) for this call, else None: CPU,
+        the layer's window matching its bias table, inactive dropout and drop path (the layer's own draws are kept
+        where they are active), LayerNorms, Linears and a GELU MLP of the layer's width, no other keyword, no hooks
+        (transformers' own output capturing aside) and no submodule outputs collected."""
+        if (not isinstance(x, torch.Tensor) or x.ndim != 3
+                or not _fused_cpu_allowed(self.vitkernels_backend, x)):
+            return None
+        attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
+        o, fc1, fc2 = attention.o_proj, getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        approximate = _gelu_approximate(getattr(mlp, "activation_fn", None))
+        drop_path = self.drop_path
+        served = (
+            approximate is not None
+            and _window(self, attention.relative_position_bias.window_size) is not None
+            and not _collecting_submodule_outputs()
+            and not any(v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_LAYER_KWARGS)
+            and all(isinstance(m, nn.Linear) for m in (o, fc1, fc2))
+            and o.in_features == o.out_features == channels and fc1.in_features == fc2.out_features == channels
+            and fc1.bias is not None
+            and _is_layernorm(self.layernorm_before, channels) and _is_layernorm(self.layernorm_after, channels)
+            and _inactive(self.dropout)
+            and (isinstance(drop_path, nn.Identity) or (type(drop_path).__name__.endswith("DropPath")
+                                                        and (drop_path.drop_prob == 0.0 or not drop_path.training)))
+            and not _global_hooks()
+            and not any(_has_hooks(m, ignore=_output_capturing_hook) for m in islice(self.modules(), 1, None))
+        )
+        return approximate if served else None
+
+    def _vk_forward_fused(self, x, input_dimensions, approximate):
+        attention, mlp = self.attention, self.mlp
+        height, width = input_dimensions
+        position_bias = attention.relative_position_bias
+        window = _window(self, position_bias.window_size)
+        if torch.is_grad_enabled():
+            batch, length, channels = x.shape
+            out = self._attention_branch(x, input_dimensions, attention.q_proj, attention.k_proj, attention.v_proj,
+                                         position_bias.relative_position_bias_table, position_bias.window_size,
+                                         attention.num_attention_heads, attention.scaling)
+            o_proj, norm, fc1, fc2 = attention.o_proj, self.layernorm_after, mlp.fc1, mlp.fc2
+            x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+                _gemm(out.reshape(batch, length, -1), o_proj.weight), o_proj.bias, x, None, norm.weight, norm.bias,
+                norm.eps)
+            h = torch.ops.vitkernels.bias_gelu(_gemm(a2, fc1.weight), fc1.bias, approximate)
+            return torch.ops.vitkernels.bias_residual(_gemm(h, fc2.weight), fc2.bias, x1, None)
+        weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
+        shift = (int(self.shift_size),) * 2
+
+        def attend(a):  # layernorm_before's output (B, L, C) -> the heads before o_proj (B, L, C)
+            batch, length, channels = a.shape
+            out = window_attention_pad_first(a.view(batch, height, width, channels), weight, bias,
+                                             position_bias.relative_position_bias_table, window, shift,
+                                             attention.num_attention_heads, attention.scaling,
+                                             self.vitkernels_backend)
+            return out.reshape(batch, length, -1)
+
+        return fused_block_cpu(x, self.layernorm_before, attend, attention.o_proj, None, None, self.layernorm_after,
+                               mlp.fc1, approximate, mlp.fc2, None, None)
 
 
 class _FusedClassicSwinLayer(_FusedLayer):
