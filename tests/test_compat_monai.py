@@ -11,6 +11,7 @@ import torch
 from vitkernels.compat import monai as vkm
 
 from helpers import (
+    OpCalls,
     assert_grads_close,
     native_or_skip,
     perturb_parameters,
@@ -216,12 +217,40 @@ def test_attention_dropout_in_training_and_missing_mask_fall_back(monkeypatch):
     # block 0 (no attention dropout) is fused, block 1 runs MONAI's code with the same random draws
     torch.testing.assert_close(_run(patched.train(), x), _run(original.train(), x), rtol=1e-5, atol=1e-5)
     assert calls == [((4, 4), (0, 0))]
-    # a shifted block called without a mask: MONAI then attends across regions; so does the fallback
+    # a shifted block called without a mask: MONAI then attends across regions; so does the fallback (its MLP's
+    # bias + GELU is still the native pass: float rounding apart, MONAI's numbers)
     block, theirs = patched.blocks[1].eval(), original.blocks[1].eval()
     y = torch.randn(2, 8, 8, 12)
     calls.clear()
-    torch.testing.assert_close(block(y, None), theirs(y, None), rtol=0, atol=0)
+    torch.testing.assert_close(block(y, None), theirs(y, None), rtol=1e-6, atol=1e-6)
     assert calls == []
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_mlp_bias_and_gelu_run_as_one_native_pass(dims):
+    """forward_part2 on CPU: linear1 without its bias, then bias + GELU in one native pass (in place without
+    autograd, bias_gelu with its backward otherwise), MONAI's numbers and gradients; active dropout or a hook on the
+    MLP keep MONAI's code."""
+    native_or_skip("native")
+    window = (4,) * dims
+    original = _stage(window, torch.float32).eval()
+    patched = vkm.patch_model(copy.deepcopy(original))
+    x = torch.randn(2, 12, *(8,) * dims)
+    with torch.no_grad(), OpCalls() as calls:
+        ours = patched(x)
+    assert calls.names.count("vitkernels::bias_gelu_") == 2 and "aten::gelu" not in calls.names
+    with torch.no_grad():
+        torch.testing.assert_close(ours, original(x), rtol=1e-5, atol=1e-5)
+    with OpCalls() as calls:
+        _run(patched, x)
+    assert calls.names.count("vitkernels::bias_gelu_backward") == 2 and "aten::gelu_backward" not in calls.names
+    _run(original, x)
+    assert_grads_close(patched, original, 1e-4)
+    patched.blocks[0].mlp.drop1.p = 0.1
+    patched.blocks[1].mlp.register_forward_hook(lambda *_: None)
+    with torch.no_grad(), OpCalls() as calls:
+        patched.train()(x)
+    assert "vitkernels::bias_gelu_" not in calls.names and calls.names.count("aten::gelu") == 2
 
 
 def test_use_checkpoint_and_flash_attention_blocks():

@@ -6,8 +6,11 @@ fused op, in place.
 ``proj(window_attention(qkv(norm1(x))))`` on the unshifted, unpartitioned volume or map: no roll, partition, mask or
 bias materialised, and no per-call mask rebuild. 3D blocks run :func:`vitkernels.ops.window_attention_3d.
 window_attention_3d` (fused: the native kernel on CPU, the Triton kernels on GPUs; head dims the Triton kernels do
-not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference there), 2D blocks the 2D op. The rest of the block (residuals, drop path, MLP, ``use_checkpoint``) is MONAI's own code, and parameters,
-buffers and state-dict keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention --
+not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference there), 2D blocks the 2D op. On CPU its
+``forward_part2`` (the MLP branch) runs linear1 without its bias, then the bias + GELU as one native pass (in place
+without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks. The rest of
+the block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict
+keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention --
 its "v2" adds residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the
 classes.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from vitkernels.compat._patching import (
@@ -40,6 +44,7 @@ from vitkernels.compat._patching import (
     unpatch_model,
 )
 from vitkernels.compat._window_attention import window_attention_pad_first
+from vitkernels.modules.swin import _fused_cpu_allowed, _gelu_approximate, _gemm, _global_hooks, _has_hooks, _inactive
 from vitkernels.ops.window_attention_3d import window_attention_3d
 from vitkernels.reference.window_attention_3d import effective_window_and_shift, monai_equivalent_table
 
@@ -47,7 +52,8 @@ __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
 _BLOCKS = {"SwinTransformerBlock": "monai.networks.nets.swin_unetr"}
 class _FusedSwinTransformerBlock(FusedModule):
-    """MONAI ``SwinTransformerBlock`` (3D or 2D) with ``forward_part1`` on the fused op."""
+    """MONAI ``SwinTransformerBlock`` (3D or 2D) with ``forward_part1`` on the fused op and ``forward_part2``'s bias
+    + GELU as one native pass (module docstring)."""
 
     def forward_part1(self, x, mask_matrix):
         attn = self.attn
@@ -64,6 +70,22 @@ class _FusedSwinTransformerBlock(FusedModule):
                                                      shift, attn.num_heads, attn.scale, self.vitkernels_backend)
                 return attn.proj_drop(attn.proj(out))
         return super().forward_part1(x, mask_matrix)
+
+    def forward_part2(self, x):
+        mlp = self.mlp
+        approximate = _gelu_approximate(getattr(mlp, "fn", None))
+        if (approximate is None or type(mlp).__name__ != "MLPBlock"
+                or not _fused_cpu_allowed(self.vitkernels_backend, x)
+                or not (isinstance(mlp.linear1, nn.Linear) and isinstance(mlp.linear2, nn.Linear))
+                or mlp.linear1.bias is None or not (_inactive(mlp.drop1) and _inactive(mlp.drop2))
+                or _global_hooks() or any(_has_hooks(m) for m in mlp.modules())):
+            return super().forward_part2(x)
+        h = _gemm(self.norm2(x), mlp.linear1.weight)
+        if torch.is_grad_enabled():
+            h = torch.ops.vitkernels.bias_gelu(h, mlp.linear1.bias, approximate)
+        else:
+            torch.ops.vitkernels.bias_gelu_(h, mlp.linear1.bias, approximate)
+        return self.drop_path(mlp.linear2(h))
 
 
 _FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock, {}))
