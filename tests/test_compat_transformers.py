@@ -297,6 +297,31 @@ def _v2_output(out):
     return out.logits if hasattr(out, "logits") else out.reconstruction
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_swin_v2_intermediate_bias_and_gelu_run_as_one_native_pass(dtype):
+    """Swinv2 layers on CPU: the intermediate dense layer without its bias, then bias + GELU in one native pass (in
+    place without autograd, with its backward otherwise), the layers' numbers and gradients."""
+    native_or_skip("native")
+    original, x = build_v2("swinv2", "pad+shift", dtype)
+    patched = vkt.patch_model(copy.deepcopy(original)).eval()
+    with torch.no_grad(), OpCalls() as calls:
+        ours = _v2_output(patched(x))
+    assert calls.names.count("vitkernels::bias_gelu_") == 4 and "aten::gelu" not in calls.names
+    with torch.no_grad():
+        theirs = _v2_output(original.eval()(x))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(ours, theirs) < tol
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with OpCalls() as calls:
+        out_p = _v2_output(patched(xp))
+        out_p.sum().backward()
+    assert calls.names.count("vitkernels::bias_gelu_backward") == 4 and "aten::gelu_backward" not in calls.names
+    out_o = _v2_output(original(xo))
+    out_o.sum().backward()
+    assert rel_err(xp.grad, xo.grad) < tol * 10
+    assert_grads_close(patched, original, tol * 10)
+
+
 V2_CASES = [("swinv2", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float32),
             ("swin2sr", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float64)]
 

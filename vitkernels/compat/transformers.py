@@ -376,8 +376,25 @@ class _FusedSwinV2Layer(_FusedLayer):
         projection = self.attention.output
         out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
         hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
-        layer_output = self.output(self.intermediate(hidden_states))
+        layer_output = self.output(self._vk_intermediate(hidden_states))
         return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
+
+    def _vk_intermediate(self, x):
+        """``self.intermediate(x)``; on CPU with a GELU, a biased dense layer and no hooks or collected outputs:
+        the dense layer without its bias, then bias + GELU as one native pass (in place without autograd)."""
+        intermediate = self.intermediate
+        dense = getattr(intermediate, "dense", None)
+        approximate = _gelu_approximate(getattr(intermediate, "intermediate_act_fn", None))
+        if (approximate is None or not isinstance(dense, nn.Linear) or dense.bias is None
+                or not _fused_cpu_allowed(self.vitkernels_backend, x) or _collecting_submodule_outputs()
+                or _global_hooks()
+                or any(_has_hooks(m, ignore=_output_capturing_hook) for m in intermediate.modules())):
+            return intermediate(x)
+        h = _gemm(x, dense.weight)
+        if torch.is_grad_enabled():
+            return torch.ops.vitkernels.bias_gelu(h, dense.bias, approximate)
+        torch.ops.vitkernels.bias_gelu_(h, dense.bias, approximate)
+        return h
 
 
 def _gelu_approximate(act: nn.Module) -> Optional[str]:
