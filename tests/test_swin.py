@@ -608,7 +608,9 @@ def test_chained_stage_training_with_drop_path_matches_the_blocks_one_by_one(dty
 @pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward", "sequential", "global"])
 def test_hooks_force_the_stage_to_call_its_blocks(kind, monkeypatch):
     """A hook on a block (or on the blocks' Sequential, or a global module hook) must fire: the stage then calls the
-    blocks one by one, each on the per-block fused path, with the unchained numbers."""
+    blocks one by one, each on the per-block fused path, with the unchained numbers; a global hook must fire for
+    every submodule as in timm, so there the blocks run their modules (not the fused path, which calls submodules
+    by their weights)."""
     _fused_cpu_or_skip()
     stage = _chain_stage().eval()
     x = torch.randn(2, 18, 20, 16)
@@ -637,12 +639,36 @@ def test_hooks_force_the_stage_to_call_its_blocks(kind, monkeypatch):
     finally:
         handle.remove()
     assert fired
-    assert spy.unchained(3)
-    assert torch.equal(out.detach(), expected)
+    if kind == "global":
+        assert spy.calls == [] and len(fired) > 3 * 10  # every block's submodules fired too
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert spy.unchained(3)
+        assert torch.equal(out.detach(), expected)
     spy.calls.clear()
     with torch.no_grad():
         stage(x)
     assert spy.chained(3)  # hook removed: chained again
+
+
+def test_a_hook_on_a_submodule_fires_and_keeps_timms_numbers():
+    """The fused path calls the block's Linears and norms by their weights, so a hook on one of them (here fc1's
+    output, as feature-extraction code registers) sends the block through its modules: the hook fires, with the
+    block's numbers."""
+    _fused_cpu_or_skip()
+    stage = _chain_stage().eval()
+    x = torch.randn(2, 18, 20, 16)
+    with torch.no_grad():
+        expected = stage(x)
+    seen = []
+    handle = stage.blocks[1].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            out = stage(x)
+    finally:
+        handle.remove()
+    assert seen and seen[0][-1] == stage.blocks[1].mlp.fc1.out_features
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_checkpointing_stage_calls_its_blocks_and_matches(monkeypatch):

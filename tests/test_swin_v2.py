@@ -146,6 +146,12 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
             ours(x.clone().requires_grad_()).sum().backward()
         assert "vitkernels::bias_gelu" in calls.names and "vitkernels::bias_gelu_backward" in calls.names
         assert "aten::gelu" not in calls.names and "aten::gelu_backward" not in calls.names
+    # a hook on a module the fused path would call by its weights: timm's code, the hook fires
+    fired = []
+    ours.mlp.fc1.register_forward_hook(lambda *_: fired.append(1))
+    with torch.no_grad(), OpCalls() as calls:
+        ours.eval()(x)
+    assert fired and "vitkernels::bias_gelu_" not in calls.names
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

@@ -21,7 +21,9 @@ stands between them:
 (dp1, dp2: the per-sample drop-path factors, drawn as timm draws them). :class:`SwinTransformerStage` chains its
 blocks: each but the last ends with the second tail, ``LayerNorm1'`` being the next block's ``norm1``, and the next
 block starts from ``a'``, so no block but the first reads its input once more just to normalise it. A block called
-alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail. In inference (no grad)
+alone, or a stage with hooks on its blocks or activation checkpointing, runs the first tail; a block with hooks on
+its submodules (which the fused path calls by their weights), or with global module hooks, runs its modules, so
+the hooks fire as in timm. In inference (no grad)
 the row ops work in place on tensors the block created. Where the MLP's weights are small beside its activations
 (stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM, or on an AVX2-only CPU) the MLP's two GEMMs
 and bias + GELU run by blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), forward and backward, in
@@ -42,6 +44,7 @@ branches bfloat16) runs the unfused path, which reproduces those promotions.
 """
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable, Iterable, Optional, Tuple
 
 import torch
@@ -268,7 +271,8 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
 
     def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
         """The fused CPU path serves this call: native ops, CPU, and the block is timm's standard one (LayerNorms,
-        GELU MLP without a hidden norm, Linears, drop paths, dropouts inactive)."""
+        GELU MLP without a hidden norm, Linears, drop paths, dropouts inactive) with no hooks on its submodules,
+        which the fused path calls by their weights (hooks on the block itself, FSDP2's included, still run)."""
         if not _fused_cpu_allowed(self._backend, x):
             return False
         attn, mlp, C = self.attn, self.mlp, x.shape[-1]
@@ -278,6 +282,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             and _inactive(attn.attn_drop) and _inactive(attn.proj_drop)
             and _fusable_gelu_mlp(mlp)
             and _fusable_drop_path(self.drop_path1) and _fusable_drop_path(self.drop_path2)
+            and not _global_hooks() and not any(_has_hooks(m) for m in islice(self.modules(), 1, None))
         )
 
     def _forward_fused(

@@ -22,6 +22,8 @@ from vitkernels.modules.swin import (
     _fused_cpu_allowed,
     _gelu_approximate,
     _gemm,
+    _global_hooks,
+    _has_hooks,
     _inactive,
     _is_layernorm,
 )
@@ -104,13 +106,15 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
     def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
         """The fused CPU path serves this call: the block's Linears as the CPU GEMM and fc1's bias + GELU as one
         native pass (native ops, CPU, float32 without autocast, timm's standard block: LayerNorm post-norms, a GELU
-        MLP without a hidden norm, Linears, inactive dropouts)."""
+        MLP without a hidden norm, Linears, inactive dropouts; no hooks on the modules it calls by their weights:
+        the qkv Linear and the MLP's)."""
         attn, mlp, C = self.attn, self.mlp, x.shape[-1]
         return (
             x.dtype == torch.float32 and _fused_cpu_allowed(self._backend, x)
             and _is_layernorm(self.norm1, C) and _is_layernorm(self.norm2, C)
             and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear) and not attn.qkv_bias_separate
             and _inactive(attn.proj_drop) and _fusable_gelu_mlp(mlp)
+            and not _global_hooks() and not any(_has_hooks(m) for m in (attn.qkv, *mlp.modules()))
         )
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
