@@ -24,11 +24,6 @@ class FusedModule:
     vitkernels_backend: Optional[str] = None
     _vk_original_class: Type[nn.Module]
 
-    def __getstate__(self):
-        state = self.__dict__.copy()  # pickles / deep copies leave out what the layer keeps between calls
-        state.pop("_vk_qkv_cache", None)
-        return state
-
 
 class FusedClasses:
     """The fused subclasses of one adapter.
@@ -117,7 +112,6 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         if isinstance(module, FusedModule):
             module.__class__ = module._vk_original_class
             del module.vitkernels_backend
-            module.__dict__.pop("_vk_qkv_cache", None)
         elif module.__dict__.pop("_vk_swapped_linear", False):
             module.__class__ = nn.Linear
             module.__dict__.pop("backend", None)

@@ -191,18 +191,11 @@ class _FusedLayer(FusedModule):
     _vk_argument_names: Tuple[str, ...] = ()
 
     def _qkv_parameters(self, query, key, value):
-        """:func:`_concat_qkv`, kept between calls without autograd (inference): the concatenation copies the three
-        weights, ~3% of a Swin-T forward on CPU. Keyed by the parameters' storage and version counters, so moving
-        the model or changing a weight in place (an optimizer step, ``load_state_dict``) rebuilds it."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return _concat_qkv(query, key, value)
-        tensors = [t for layer in (query, key, value) for t in (layer.weight, layer.bias) if t is not None]
-        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        cached = self.__dict__.get("_vk_qkv_cache")
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, _concat_qkv(query, key, value))
-            self.__dict__["_vk_qkv_cache"] = cached
-        return cached[1]
+        """:func:`_concat_qkv`, at every call. Not kept between calls: a weight updated through ``.data`` (the EMA
+        teacher of DINO / MSN-style training: ``param.data.mul_(m).add_(...)``) does not bump its version counter,
+        so no stamp of storage and version can tell a kept copy is stale (an earlier cache keyed on them served a
+        stale teacher). The copy costs ~1-4% of a Swin-T inference step on CPU (26 MB of weights at Swin-T)."""
+        return _concat_qkv(query, key, value)
 
     def _attention_branch(self, hidden_states, input_dimensions, query, key, value, table, table_window, num_heads,
                           scale):
@@ -452,7 +445,7 @@ class _FusedViTLayer(_FusedLayer):
     with the attention function of ``config._attn_implementation``, ``mlp.{fc1, activation_fn, fc2}``.
 
     In inference (grad mode off) on CPU it runs :func:`vitkernels.modules.vit.fused_block_cpu`, the fused row ops
-    of timm's ViT blocks: q, k, v from one GEMM on the concatenated weights (kept between calls), ATen's SDPA at
+    of timm's ViT blocks: q, k, v from one GEMM on the concatenated weights (concatenated per call), ATen's SDPA at
     the layer's ``scaling``, proj bias + residual + LayerNorm2, fc1 bias + GELU, fc2 bias + residual, in place on
     tensors the call created; LayerScale scales the branch's GEMM output in place. Everything else runs the layer's
     own code: grad mode on (training: the Hugging Face code and autograd graph unchanged), other devices or
