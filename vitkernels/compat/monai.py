@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from vitkernels.compat._patching import (
@@ -44,7 +43,14 @@ from vitkernels.compat._patching import (
     unpatch_model,
 )
 from vitkernels.compat._window_attention import window_attention_pad_first
-from vitkernels.modules.swin import _fused_cpu_allowed, _gelu_approximate, _gemm, _global_hooks, _has_hooks, _inactive
+from vitkernels.modules.swin import (
+    _fused_cpu_allowed,
+    _gelu_approximate,
+    _global_hooks,
+    _has_hooks,
+    _inactive,
+    _linear_gelu,
+)
 from vitkernels.ops.window_attention_3d import window_attention_3d
 from vitkernels.reference.window_attention_3d import effective_window_and_shift, monai_equivalent_table
 
@@ -80,12 +86,7 @@ class _FusedSwinTransformerBlock(FusedModule):
                 or mlp.linear1.bias is None or not (_inactive(mlp.drop1) and _inactive(mlp.drop2))
                 or _global_hooks() or any(_has_hooks(m) for m in mlp.modules())):
             return super().forward_part2(x)
-        h = _gemm(self.norm2(x), mlp.linear1.weight)
-        if torch.is_grad_enabled():
-            h = torch.ops.vitkernels.bias_gelu(h, mlp.linear1.bias, approximate)
-        else:
-            torch.ops.vitkernels.bias_gelu_(h, mlp.linear1.bias, approximate)
-        return self.drop_path(mlp.linear2(h))
+        return self.drop_path(mlp.linear2(_linear_gelu(self.norm2(x), mlp.linear1, approximate)))
 
 
 _FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock, {}))

@@ -67,7 +67,15 @@ from vitkernels.compat._window_attention import (
     window_attention_pad_first,
     window_attention_v2_pad_first,
 )
-from vitkernels.modules.swin import _fused_cpu_allowed, _gemm, _global_hooks, _has_hooks, _inactive, _is_layernorm
+from vitkernels.modules.swin import (
+    _fused_cpu_allowed,
+    _gemm,
+    _global_hooks,
+    _has_hooks,
+    _inactive,
+    _is_layernorm,
+    _linear_gelu,
+)
 from vitkernels.modules.vit import fused_block_cpu
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
@@ -190,6 +198,17 @@ class _FusedLayer(FusedModule):
 
     _vk_argument_names: Tuple[str, ...] = ()
 
+    def _vk_call_served(self, x, kwargs) -> bool:
+        """What a whole-layer fused path asks of every call: tokens (B, N, C) the fused CPU path takes, no keyword
+        beyond the ignored ones, no submodule outputs collected, no global hooks and none on the layer's submodules
+        (transformers' own output-capturing hooks are inactive unless the call collects their output, refused here)."""
+        return (isinstance(x, torch.Tensor) and x.ndim == 3 and _fused_cpu_allowed(self.vitkernels_backend, x)
+                and not _collecting_submodule_outputs()
+                and not any(v is not None and v is not False for k, v in kwargs.items()
+                            if k not in _IGNORED_LAYER_KWARGS)
+                and not _global_hooks()
+                and not any(_has_hooks(m, ignore=_output_capturing_hook) for m in islice(self.modules(), 1, None)))
+
     def _qkv_parameters(self, query, key, value):
         """:func:`_concat_qkv`, at every call. Not kept between calls: a weight updated through ``.data`` (the EMA
         teacher of DINO / MSN-style training: ``param.data.mul_(m).add_(...)``) does not bump its version counter,
@@ -253,29 +272,21 @@ class _FusedSwinLayer(_FusedLayer):
     def _vk_fused_plan(self, x, kwargs) -> Optional[str]:
         """GELU's ``approximate`` where the whole layer runs fused (class docstring) for this call, else None: CPU,
         the layer's window matching its bias table, inactive dropout and drop path (the layer's own draws are kept
-        where they are active), LayerNorms, Linears and a GELU MLP of the layer's width, no other keyword, no hooks
-        (transformers' own output capturing aside) and no submodule outputs collected."""
-        if (not isinstance(x, torch.Tensor) or x.ndim != 3
-                or not _fused_cpu_allowed(self.vitkernels_backend, x)):
+        where they are active), LayerNorms, Linears and a GELU MLP of the layer's width, and the call checks of
+        :meth:`_vk_call_served`."""
+        if not self._vk_call_served(x, kwargs):
             return None
         attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
         o, fc1, fc2 = attention.o_proj, getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
         approximate = _gelu_approximate(getattr(mlp, "activation_fn", None))
-        drop_path = self.drop_path
         served = (
             approximate is not None
             and _window(self, attention.relative_position_bias.window_size) is not None
-            and not _collecting_submodule_outputs()
-            and not any(v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_LAYER_KWARGS)
             and all(isinstance(m, nn.Linear) for m in (o, fc1, fc2))
             and o.in_features == o.out_features == channels and fc1.in_features == fc2.out_features == channels
             and fc1.bias is not None
             and _is_layernorm(self.layernorm_before, channels) and _is_layernorm(self.layernorm_after, channels)
-            and _inactive(self.dropout)
-            and (isinstance(drop_path, nn.Identity) or (type(drop_path).__name__.endswith("DropPath")
-                                                        and (drop_path.drop_prob == 0.0 or not drop_path.training)))
-            and not _global_hooks()
-            and not any(_has_hooks(m, ignore=_output_capturing_hook) for m in islice(self.modules(), 1, None))
+            and _inactive(self.dropout) and _drop_path_inactive(self.drop_path)
         )
         return approximate if served else None
 
@@ -283,7 +294,6 @@ class _FusedSwinLayer(_FusedLayer):
         attention, mlp = self.attention, self.mlp
         height, width = input_dimensions
         position_bias = attention.relative_position_bias
-        window = _window(self, position_bias.window_size)
         if torch.is_grad_enabled():
             batch, length, channels = x.shape
             out = self._attention_branch(x, input_dimensions, attention.q_proj, attention.k_proj, attention.v_proj,
@@ -293,10 +303,10 @@ class _FusedSwinLayer(_FusedLayer):
             x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
                 _gemm(out.reshape(batch, length, -1), o_proj.weight), o_proj.bias, x, None, norm.weight, norm.bias,
                 norm.eps)
-            h = torch.ops.vitkernels.bias_gelu(_gemm(a2, fc1.weight), fc1.bias, approximate)
+            h = _linear_gelu(a2, fc1, approximate)
             return torch.ops.vitkernels.bias_residual(_gemm(h, fc2.weight), fc2.bias, x1, None)
         weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
-        shift = (int(self.shift_size),) * 2
+        window, shift = _window(self, position_bias.window_size), (int(self.shift_size),) * 2
 
         def attend(a):  # layernorm_before's output (B, L, C) -> the heads before o_proj (B, L, C)
             batch, length, channels = a.shape
@@ -383,11 +393,14 @@ class _FusedSwinV2Layer(_FusedLayer):
                 or _global_hooks()
                 or any(_has_hooks(m, ignore=_output_capturing_hook) for m in intermediate.modules())):
             return intermediate(x)
-        h = _gemm(x, dense.weight)
-        if torch.is_grad_enabled():
-            return torch.ops.vitkernels.bias_gelu(h, dense.bias, approximate)
-        torch.ops.vitkernels.bias_gelu_(h, dense.bias, approximate)
-        return h
+        return _linear_gelu(x, dense, approximate)
+
+
+def _drop_path_inactive(drop_path: nn.Module) -> bool:
+    """A layer's drop path that is the identity here: ``nn.Identity``, or a ``*DropPath`` with probability 0 or in
+    eval mode."""
+    return isinstance(drop_path, nn.Identity) or (type(drop_path).__name__.endswith("DropPath")
+                                                  and (drop_path.drop_prob == 0.0 or not drop_path.training))
 
 
 def _gelu_approximate(act: nn.Module) -> Optional[str]:
@@ -467,9 +480,7 @@ class _FusedViTLayer(_FusedLayer):
         dropout / drop path is active or its LayerScale is not one the fused path knows."""
         if self._vk_layout == "vit":
             return (self.layernorm_before, self.layernorm_after, None, None) if _inactive(self.dropout) else None
-        drop_path = self.drop_path
-        if not (isinstance(drop_path, nn.Identity) or (type(drop_path).__name__.endswith("DropPath")
-                                                       and (drop_path.drop_prob == 0.0 or not drop_path.training))):
+        if not _drop_path_inactive(self.drop_path):
             return None
         gamma1, gamma2 = (_layer_scale(ls, x) for ls in (self.layer_scale1, self.layer_scale2))
         if gamma1 is None or gamma2 is None:
@@ -479,11 +490,7 @@ class _FusedViTLayer(_FusedLayer):
     def _vk_fused_plan(self, x, kwargs):
         """``(norm1, norm2, gamma1, gamma2, approximate)`` for :meth:`_vk_forward_fused` where the fused path serves
         this call (class docstring), else None."""
-        if (torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.ndim != 3
-                or not _fused_cpu_allowed(self.vitkernels_backend, x)):
-            return None
-        if _attentions_requested(kwargs) or _collecting_submodule_outputs() or any(
-                v is not None and v is not False for k, v in kwargs.items() if k not in _IGNORED_LAYER_KWARGS):
+        if torch.is_grad_enabled() or not self._vk_call_served(x, kwargs) or _attentions_requested(kwargs):
             return None
         attention, mlp, channels = self.attention, self.mlp, x.shape[-1]
         if (getattr(attention.config, "_attn_implementation", None) not in _BUILTIN_ATTENTION
@@ -505,10 +512,6 @@ class _FusedViTLayer(_FusedLayer):
             and o.in_features == width and o.out_features == channels
             and fc1.in_features == channels and fc2.out_features == channels and fc1.bias is not None
             and _is_layernorm(norm1, channels) and _is_layernorm(norm2, channels)
-            # transformers' output-capturing hooks are inactive unless the call collects their output, and a call
-            # collecting any submodule's output was refused above
-            and not _global_hooks()
-            and not any(_has_hooks(m, ignore=_output_capturing_hook) for m in islice(self.modules(), 1, None))
         )
         return (*parts, approximate) if served else None
 

@@ -76,6 +76,19 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = 
     return _linear_op.layer_linear(x, weight, bias)
 
 
+def _linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.Tensor:
+    """``gelu(linear(x))`` as the fused paths compute it: the Linear's GEMM without its bias (:func:`_gemm`), then
+    bias + GELU as one native pass, ``bias_gelu`` (with its backward) under autograd, else ``bias_gelu_`` in place on
+    the GEMM's fresh output; without a bias, ``F.gelu``."""
+    h = _gemm(x, linear.weight)
+    if linear.bias is None:
+        return F.gelu(h, approximate=approximate)
+    if torch.is_grad_enabled():
+        return torch.ops.vitkernels.bias_gelu(h, linear.bias, approximate)
+    torch.ops.vitkernels.bias_gelu_(h, linear.bias, approximate)
+    return h
+
+
 def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
     """Whether the fused CPU path runs the MLP as the blocked native ``gelu_mlp`` (inference and training alike, so
     both keep the same numbers): on the CPUs where it pays beside this machine's CPU GEMM
@@ -334,10 +347,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
             y = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
         else:
-            h = _gemm(a2, mlp.fc1.weight)
-            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, approximate) if mlp.fc1.bias is not None \
-                else F.gelu(h, approximate=approximate)
-            y = _gemm(h, mlp.fc2.weight)
+            y = _gemm(_linear_gelu(a2, mlp.fc1, approximate), mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
@@ -366,12 +376,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             # never allocated whole (vitkernels/ops/gelu_mlp.py); fc2's bias stays with the tail below
             out = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
         else:
-            h = _gemm(a2, mlp.fc1.weight)
-            if mlp.fc1.bias is not None:
-                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, approximate)
-            else:
-                h = F.gelu(h, approximate=approximate)
-            out = _gemm(h, mlp.fc2.weight)
+            out = _gemm(_linear_gelu(a2, mlp.fc1, approximate), mlp.fc2.weight)
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, factors)

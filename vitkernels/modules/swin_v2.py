@@ -23,6 +23,7 @@ from vitkernels.modules.swin import (
     _gelu_approximate,
     _gemm,
     _global_hooks,
+    _linear_gelu,
     _has_hooks,
     _inactive,
     _is_layernorm,
@@ -95,7 +96,7 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
         x = x + self.drop_path1(self.norm1(self._attn(x, cpu_gemm=True)))
         x = x.reshape(B, -1, C)
         mlp = self.mlp
-        h = _gemm(x, mlp.fc1.weight)
+        h = _gemm(x, mlp.fc1.weight)  # the functional bias_gelu here: this path runs in training mode, grad on or off
         if mlp.fc1.bias is not None:
             h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, _gelu_approximate(mlp.act))
         else:
@@ -131,11 +132,7 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
         mlp = self.mlp
         approximate = _gelu_approximate(mlp.act)
         if fused:
-            h = _gemm(x, mlp.fc1.weight)
-            if mlp.fc1.bias is not None:
-                torch.ops.vitkernels.bias_gelu_(h, mlp.fc1.bias, approximate)
-            else:
-                h = torch.ops.aten.gelu_(h, approximate=approximate)
+            h = _linear_gelu(x, mlp.fc1, approximate)
         elif approximate is not None:
             h = torch.ops.aten.gelu_(mlp.fc1(x), approximate=approximate)
         else:

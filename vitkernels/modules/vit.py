@@ -59,6 +59,7 @@ from vitkernels.modules.swin import (
     _gelu_approximate,
     _gemm,
     _global_hooks,
+    _linear_gelu,
     _has_hooks,
     _inactive,
     _is_layernorm,
@@ -158,8 +159,6 @@ def fused_block_cpu(
     torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(drop_path1, x), norm2.weight,
                                                   norm2.bias, norm2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
-    h = _gemm(a2, fc1.weight)
-    torch.ops.vitkernels.bias_gelu_(h, fc1.bias, approximate)
-    out, fc2_bias = _branch(gamma2, h, fc2)
+    out, fc2_bias = _branch(gamma2, _linear_gelu(a2, fc1, approximate), fc2)
     torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
     return out
