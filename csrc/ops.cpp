@@ -135,6 +135,15 @@ TORCH_LIBRARY(vitkernels, m) {
         "Tensor? ln_bias, float eps, Tensor(b!) out) -> ()");
   m.def("bias_residual_layernorm_backward(Tensor? grad_x1, Tensor grad_out, Tensor x1, Tensor mean, Tensor rstd, "
         "Tensor? weight, Tensor? scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Post-norm (Swin V2's res-post-norm blocks): out = residual + scale[sample] * LayerNorm(y + bias) -> (out, mean,
+  // rstd); the in-place variant leaves out in y. Backward -> (grad_y, grad_bias, grad_weight, grad_ln_bias); the
+  // residual's gradient is grad_out. x1 = y + bias is recomputed from y, not saved.
+  m.def("bias_layernorm_residual(Tensor y, Tensor? bias, Tensor residual, Tensor? scale, Tensor? weight, "
+        "Tensor? ln_bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("bias_layernorm_residual_(Tensor(a!) y, Tensor? bias, Tensor residual, Tensor? scale, Tensor? weight, "
+        "Tensor? ln_bias, float eps) -> ()");
+  m.def("bias_layernorm_residual_backward(Tensor grad_out, Tensor y, Tensor? bias, Tensor mean, Tensor rstd, "
+        "Tensor? weight, Tensor? scale) -> (Tensor, Tensor, Tensor, Tensor)");
   // Swin patch merging's 2x2 gather + LayerNorm(4C): x (B, H, W, C) -> (out (B, ceil(H/2), ceil(W/2), 4C), mean,
   // rstd); backward -> (grad_x, grad_weight, grad_bias).
   m.def("patch_merging_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
@@ -219,7 +228,8 @@ void bump_versions_of_written_arguments(const c10::OperatorHandle& op, c10::Disp
 }
 
 // The in-place inference variants (schemas above), which both kernels serve.
-constexpr const char* kInplaceInferenceVariants[] = {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_"};
+constexpr const char* kInplaceInferenceVariants[] = {"bias_gelu_", "bias_residual_", "bias_residual_layernorm_",
+                                                     "bias_layernorm_residual_"};
 
 }  // namespace
 }  // namespace vitkernels

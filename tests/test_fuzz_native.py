@@ -475,7 +475,8 @@ def test_fuzz_gelu_mlp(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
-    """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample) and patch merging
+    """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample; the post-norm op
+    through a float copy) and patch merging
     (row by row), functional, in place and backward: random sample counts, rows per sample and widths (0 included,
     chunk sizes crossed), maps with odd sides, optional bias / drop-path scale / LayerNorm affine / gradient into x1,
     bf16 or fp32 parameters (autocast), an ISA each: the rows bitwise the float ops on the widened inputs, rounded;
@@ -530,6 +531,20 @@ def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
     if w is not None:
         for name, k in (("grad bias", 2), ("grad weight", 3), ("grad ln_bias", 4)):
             close(got[k], want[k], f"bias_residual_layernorm_backward {name}")
+    # the post-norm op converts bfloat16 whole to float and back: the float op on the widened inputs, rounded
+    want_out, mean_f, rstd_f = ops.bias_layernorm_residual(*widen(y, b, r, s, w, lb), 1e-5)
+    post, mean, rstd = ops.bias_layernorm_residual(y, b, r, s, w, lb, 1e-5)
+    same(post, want_out, "bias_layernorm_residual")
+    torch.testing.assert_close(mean, mean_f, rtol=0, atol=0, equal_nan=True, msg=f"post-norm mean for {describe}")
+    got = y.clone()
+    ops.bias_layernorm_residual_(got, b, r, s, w, lb, 1e-5)
+    same(got, want_out, "bias_layernorm_residual_")
+    got = ops.bias_layernorm_residual_backward(g, y, b, mean, rstd, w, s)
+    want = ops.bias_layernorm_residual_backward(*widen(g, y, b), mean_f, rstd_f, *widen(w, s))
+    same(got[0], want[0], "bias_layernorm_residual_backward grad y")
+    if b is not None and w is not None:
+        for name, k in (("grad bias", 1), ("grad weight", 2), ("grad ln_bias", 3)):
+            close(got[k], want[k], f"bias_layernorm_residual_backward {name}")
     if b is not None:
         approximate = rng.choice(["none", "tanh"])
         want = ops.bias_gelu(*widen(y, b), approximate)

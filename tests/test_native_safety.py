@@ -556,6 +556,7 @@ def test_window_attention_refuses_second_order_gradients(backend):
 # no autograd formula; PyTorch would only warn).
 def _row_op_second_order_cases():
     from vitkernels.ops.bias_gelu import bias_gelu
+    from vitkernels.ops.bias_layernorm_residual import bias_layernorm_residual
     from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
     from vitkernels.ops.patch_merging import patch_merging_norm
 
@@ -565,6 +566,8 @@ def _row_op_second_order_cases():
         "bias_gelu": (lambda be: bias_gelu(x, bias, backend=be), x),
         "bias_residual_layernorm": (lambda be: bias_residual_layernorm(x, bias, torch.randn(2, 5, 8), weight, ln_bias,
                                                                        backend=be)[1], x),
+        "bias_layernorm_residual": (lambda be: bias_layernorm_residual(x, bias, torch.randn(2, 5, 8), weight, ln_bias,
+                                                                       backend=be), x),
         "patch_merging_norm": (lambda be: patch_merging_norm(x.reshape(2, 5, 4, 2)[:, :4], torch.randn(8),
                                                              torch.randn(8), backend=be), x),
         "window_attention_v2": (lambda be: vitkernels.window_attention_v2(x.reshape(1, 2, 5, 8)[..., :6].contiguous(),
@@ -574,7 +577,8 @@ def _row_op_second_order_cases():
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["bias_gelu", "bias_residual_layernorm", "patch_merging_norm", "window_attention_v2"])
+@pytest.mark.parametrize("name", ["bias_gelu", "bias_residual_layernorm", "bias_layernorm_residual",
+                                  "patch_merging_norm", "window_attention_v2"])
 def test_native_row_ops_refuse_second_order_gradients(name):
     fn, x = _row_op_second_order_cases()[name]
     (grad,) = torch.autograd.grad(fn("native").pow(2).sum(), x, create_graph=True)  # create_graph alone is fine
@@ -606,6 +610,7 @@ INPLACE_VARIANTS = {
     "bias_gelu_": lambda y, b, r, out: ops.bias_gelu_(y, b, "none"),
     "bias_residual_": lambda y, b, r, out: ops.bias_residual_(y, b, r, None),
     "bias_residual_layernorm_": lambda y, b, r, out: ops.bias_residual_layernorm_(y, b, r, None, None, None, 1e-5, out),
+    "bias_layernorm_residual_": lambda y, b, r, out: ops.bias_layernorm_residual_(y, b, r, None, None, None, 1e-5),
 }
 
 

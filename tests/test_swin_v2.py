@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vitkernels
+from vitkernels.modules.swin import _drop_path_factors
 from vitkernels.reference import swin_v2 as reference
 
 from helpers import OpCalls, build_timm_swinv2_or_skip, import_timm, needs_padded_shift, skip_unless_timm_swinv2_pads
@@ -118,9 +119,10 @@ def test_block_matches_timm_float32(impl):
 
 
 def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
-    """float32 on CPU: the fast block runs its Linears as the CPU GEMM and fc1's bias + GELU as the native bias_gelu
-    (in place in inference, with its native backward in training), timm's GELU module (``act_layer="gelu"``, V2's
-    default) included; outputs and gradients as timm's."""
+    """float32 on CPU: the fast block runs its Linears as the CPU GEMM, fc1's bias + GELU as the native bias_gelu and
+    each post-norm seam x + norm(linear(h)) as the native bias_layernorm_residual (in place in inference, with
+    their native backwards in training), timm's GELU module (``act_layer="gelu"``, V2's default) included; outputs
+    and gradients as timm's."""
     if not vitkernels._native.has_kernel("bias_gelu", "CPU"):
         pytest.skip("vitkernels._C is not built")
     kwargs = dict(dim=32, input_resolution=(16, 16), num_heads=2, window_size=8, shift_size=4)
@@ -136,8 +138,10 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
         with torch.no_grad(), OpCalls() as calls:
             out = ours(x)
         # eval without autograd: in place on the fc1 GEMM's output; in training mode the autograd path's op
-        assert ("vitkernels::bias_gelu" if training else "vitkernels::bias_gelu_") in calls.names
-        assert "aten::gelu" not in calls.names
+        suffix = "" if training else "_"
+        assert "vitkernels::bias_gelu" + suffix in calls.names
+        assert calls.names.count("vitkernels::bias_layernorm_residual" + suffix) == 2
+        assert "aten::gelu" not in calls.names and "aten::native_layer_norm" not in calls.names
         torch.testing.assert_close(out, theirs(x).detach(), rtol=1e-4, atol=1e-5)
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
@@ -145,13 +149,51 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
         with OpCalls() as calls:
             ours(x.clone().requires_grad_()).sum().backward()
         assert "vitkernels::bias_gelu" in calls.names and "vitkernels::bias_gelu_backward" in calls.names
+        assert calls.names.count("vitkernels::bias_layernorm_residual_backward") == 2
         assert "aten::gelu" not in calls.names and "aten::gelu_backward" not in calls.names
+        assert "aten::native_layer_norm_backward" not in calls.names
     # a hook on a module the fused path would call by its weights: timm's code, the hook fires
     fired = []
     ours.mlp.fc1.register_forward_hook(lambda *_: fired.append(1))
     with torch.no_grad(), OpCalls() as calls:
         ours.eval()(x)
     assert fired and "vitkernels::bias_gelu_" not in calls.names
+
+
+@pytest.mark.parametrize("attn_drop", [0.0, 0.25], ids=["no-attn-drop", "attn-drop"])
+def test_block_fused_cpu_path_drop_path_matches_timm(attn_drop):
+    """Training with stochastic depth on the fused CPU path: the post-norm op applies the per-sample factors drawn
+    with timm's calls (same random stream: same samples dropped), outputs and gradients as timm's; with attention
+    dropout the attention branch is timm's, the MLP seam still fused."""
+    if not vitkernels._native.has_kernel("bias_layernorm_residual", "CPU"):
+        pytest.skip("vitkernels._C is not built")
+    kwargs = dict(dim=32, input_resolution=(8, 8), num_heads=2, window_size=4, shift_size=2, drop_path=0.5,
+                  attn_drop=attn_drop)
+    theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs)).train()
+    ours = vitkernels.SwinV2Block(**kwargs).train()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(8, 8, 8, 32, generator=torch.Generator().manual_seed(0))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(7)
+    with OpCalls() as calls:
+        out_ours = ours(x_ours)
+    torch.manual_seed(7)
+    out_theirs = theirs(x_theirs)
+    assert calls.names.count("vitkernels::bias_layernorm_residual") == (1 if attn_drop else 2)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * max(1.0, q.grad.abs().max().item()),
+                                       msg=name)
+    if not attn_drop:  # the seed drops some samples' branches and keeps others' (the first draw the block makes)
+        torch.manual_seed(7)
+        factors = _drop_path_factors(ours.drop_path1, x)
+        assert (factors == 0).any() and (factors != 0).any()
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

@@ -28,16 +28,6 @@ namespace vitkernels {
 namespace cpu {
 namespace {
 
-void check_norm_args(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& ln_bias) {
-  for (const auto* t : {&weight, &ln_bias}) {
-    if (!t->has_value()) continue;
-    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == y.size(-1) && at::isFloatingType((*t)->scalar_type()), op,
-                ": weight and ln_bias must be floating (", y.size(-1), ") tensors, got ", (*t)->sizes());
-    TORCH_CHECK((*t)->device() == y.device(), op, ": weight and ln_bias must be on y's device");
-  }
-}
-
 // x1 (may be yc) and out, contiguous of the compute type; mean, rstd (rows) of the compute type.
 void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, const at::Tensor& rc,
                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
@@ -104,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layerno
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& ln_bias, double eps) {
   check_bias_residual_args("bias_residual_layernorm", y, bias, residual, scale);
-  check_norm_args("bias_residual_layernorm", y, weight, ln_bias);
+  check_layernorm_args("bias_residual_layernorm", y, weight, ln_bias);
   const at::ScalarType type = row_op_compute_type(y);
   const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
   at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
@@ -130,7 +120,7 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
                                          const std::optional<at::Tensor>& weight,
                                          const std::optional<at::Tensor>& ln_bias, double eps, at::Tensor& out) {
   check_bias_residual_args("bias_residual_layernorm_", y, bias, residual, scale);
-  check_norm_args("bias_residual_layernorm_", y, weight, ln_bias);
+  check_layernorm_args("bias_residual_layernorm_", y, weight, ln_bias);
   TORCH_CHECK(out.sizes() == y.sizes() && out.scalar_type() == y.scalar_type() && out.device() == y.device(),
               "bias_residual_layernorm_: out must be like y");
   const at::ScalarType type = row_op_compute_type(y);
@@ -166,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_resi
   TORCH_CHECK(mean.numel() == stat_rows && rstd.numel() == stat_rows && mean.scalar_type() == type &&
                   rstd.scalar_type() == type,
               op, ": mean and rstd must be the forward's (", stat_rows, ") ", type, " row statistics");
-  check_norm_args(op, x1, weight, std::nullopt);
+  check_layernorm_args(op, x1, weight, std::nullopt);
   if (scale.has_value()) {
     TORCH_CHECK(scale->numel() == x1.size(0) && at::isFloatingType(scale->scalar_type()), op,
                 ": scale must hold one value per sample");

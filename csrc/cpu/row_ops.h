@@ -105,5 +105,16 @@ inline void check_bias_residual_args(const char* op, const at::Tensor& y, const 
   }
 }
 
+// Checks shared by the LayerNorm row ops: weight and ln_bias, where given, floating (C) tensors on y's device.
+inline void check_layernorm_args(const char* op, const at::Tensor& y, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& ln_bias) {
+  for (const auto* t : {&weight, &ln_bias}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == y.size(-1) && at::isFloatingType((*t)->scalar_type()), op,
+                ": weight and ln_bias must be floating (", y.size(-1), ") tensors, got ", (*t)->sizes());
+    TORCH_CHECK((*t)->device() == y.device(), op, ": weight and ln_bias must be on y's device");
+  }
+}
+
 }  // namespace cpu
 }  // namespace vitkernels

@@ -10,6 +10,7 @@ stay in PyTorch around the op. Each module takes an extra keyword ``backend`` (d
 """
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterable, Optional
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from vitkernels.modules.swin import (
     _BackendAttribute,
+    _drop_path_factors,
+    _fusable_drop_path,
     _fusable_gelu_mlp,
     _fused_cpu_allowed,
     _gelu_approximate,
@@ -28,6 +31,7 @@ from vitkernels.modules.swin import (
     _inactive,
     _is_layernorm,
 )
+from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_op  # noqa: F401  (registers autograd)
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference import swin_v2 as reference
 
@@ -71,15 +75,23 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
     def _attn(self, x: torch.Tensor, cpu_gemm: bool = False) -> torch.Tensor:
         """The attention branch before norm1; ``cpu_gemm``: the qkv projection as the fused CPU path's GEMM."""
         attn = self.attn
-        if self.training and attn.attn_drop.p > 0.0:
+        if self._attn_dropout_active():
             return super()._attn(x)  # attention dropout: not fused
+        return attn.proj_drop(attn.proj(self._attn_heads(x, cpu_gemm)))
+
+    def _attn_dropout_active(self) -> bool:
+        return self.training and self.attn.attn_drop.p > 0.0
+
+    def _attn_heads(self, x: torch.Tensor, cpu_gemm: bool) -> torch.Tensor:
+        """(B, H, W, C) -> the heads' outputs before proj, (B, H, W, C) in the original token order, by the fused
+        op (no attention dropout)."""
+        attn = self.attn
         qkv_bias = attn.qkv_bias()
         qkv = _gemm(x, attn.qkv.weight, qkv_bias) if cpu_gemm else attn.project_qkv(x, qkv_bias)
-        out = window_attention_v2(
+        return window_attention_v2(
             qkv, attn.bias_table(), attn.cosine_scale(), self.window_size, self.shift_size, attn.num_heads, qkv_bias,
             backend=self._backend,
         )
-        return attn.proj_drop(attn.proj(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
@@ -90,32 +102,42 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with autograd on the fused CPU path (:meth:`_fused_cpu_ready`): the Linears as the CPU
-        GEMM (the qkv one too) and fc1's bias + GELU as the native ``bias_gelu`` (its backward native too); the
-        post-norms, residual adds and drop paths as timm's."""
+        GEMM (the qkv one too), fc1's bias + GELU as the native ``bias_gelu`` and each post-norm seam,
+        ``x + drop_path(norm(linear(h)))``, as the native ``bias_layernorm_residual`` after the Linear's GEMM
+        without its bias (their backwards native too; drop path's per-sample factors drawn as timm draws them)."""
         B, H, W, C = x.shape
-        x = x + self.drop_path1(self.norm1(self._attn(x, cpu_gemm=True)))
+        ops = torch.ops.vitkernels
+        attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+        if self._attn_dropout_active():
+            x = x + self.drop_path1(norm1(self._attn(x)))
+        else:
+            y = _gemm(self._attn_heads(x, cpu_gemm=True), attn.proj.weight)
+            x = ops.bias_layernorm_residual(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
+                                            norm1.weight, norm1.bias, norm1.eps)[0]
         x = x.reshape(B, -1, C)
-        mlp = self.mlp
         h = _gemm(x, mlp.fc1.weight)  # the functional bias_gelu here: this path runs in training mode, grad on or off
         if mlp.fc1.bias is not None:
-            h = torch.ops.vitkernels.bias_gelu(h, mlp.fc1.bias, _gelu_approximate(mlp.act))
+            h = ops.bias_gelu(h, mlp.fc1.bias, _gelu_approximate(mlp.act))
         else:
             h = F.gelu(h, approximate=_gelu_approximate(mlp.act))
-        x = x + self.drop_path2(self.norm2(_gemm(h, mlp.fc2.weight, mlp.fc2.bias)))
+        x = ops.bias_layernorm_residual(_gemm(h, mlp.fc2.weight), mlp.fc2.bias, x,
+                                        _drop_path_factors(self.drop_path2, x), norm2.weight, norm2.bias, norm2.eps)[0]
         return x.reshape(B, H, W, C)
 
     def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
         """The fused CPU path serves this call: the block's Linears as the CPU GEMM and fc1's bias + GELU as one
-        native pass (native ops, CPU, float32 without autocast, timm's standard block: LayerNorm post-norms, a GELU
-        MLP without a hidden norm, Linears, inactive dropouts; no hooks on the modules it calls by their weights:
-        the qkv Linear and the MLP's)."""
+        native pass, each post-norm seam one native pass after its Linear's GEMM (native ops, CPU, float32 without
+        autocast, timm's standard block: LayerNorm post-norms, a GELU MLP without a hidden norm, Linears, inactive
+        dropouts, DropPath or Identity drop paths; no hooks on its submodules, which the fused path calls by their
+        weights or not at all)."""
         attn, mlp, C = self.attn, self.mlp, x.shape[-1]
         return (
             x.dtype == torch.float32 and _fused_cpu_allowed(self._backend, x)
             and _is_layernorm(self.norm1, C) and _is_layernorm(self.norm2, C)
             and isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear) and not attn.qkv_bias_separate
             and _inactive(attn.proj_drop) and _fusable_gelu_mlp(mlp)
-            and not _global_hooks() and not any(_has_hooks(m) for m in (attn.qkv, *mlp.modules()))
+            and _fusable_drop_path(self.drop_path1) and _fusable_drop_path(self.drop_path2)
+            and not _global_hooks() and not any(_has_hooks(m) for m in islice(self.modules(), 1, None))
         )
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,22 +145,35 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
         residual adds and the MLP's GELU done in place on tensors this call created (on CPU each fresh large tensor
         is page-faulted in by the allocator; see V1's ``SwinTransformerBlock._forward_inference``). Not under
         autocast, where an in-place add would not promote as timm's out-of-place add does. On the fused CPU path
-        (:meth:`_fused_cpu_ready`) the Linears are the CPU GEMM (the qkv one too, which timm calls as ``F.linear``)
-        and fc1's bias + GELU one in-place native pass (V1's ``bias_gelu_``)."""
+        (:meth:`_fused_cpu_ready`): :meth:`_forward_inference_fused`."""
         B, H, W, C = x.shape
-        fused = self._fused_cpu_ready(x)
-        y = self.drop_path1(self.norm1(self._attn(x, fused)))  # drop path is the identity in eval mode
+        if self._fused_cpu_ready(x):
+            return self._forward_inference_fused(x)
+        y = self.drop_path1(self.norm1(self._attn(x)))  # drop path is the identity in eval mode
         x = y.add_(x).reshape(B, -1, C)
         mlp = self.mlp
         approximate = _gelu_approximate(mlp.act)
-        if fused:
-            h = _linear_gelu(x, mlp.fc1, approximate)
-        elif approximate is not None:
+        if approximate is not None:
             h = torch.ops.aten.gelu_(mlp.fc1(x), approximate=approximate)
         else:
             h = mlp.act(mlp.fc1(x))
         z = self.drop_path2(self.norm2(mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))))
         return z.add_(x).reshape(B, H, W, C)
+
+    def _forward_inference_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward_inference` on the fused CPU path: each Linear as the CPU GEMM without its bias (the qkv
+        one with its bias, which timm calls as ``F.linear``), then its bias + post-norm + residual
+        (``bias_layernorm_residual_``) or bias + GELU (``bias_gelu_``) in place on the GEMM's fresh output (eval
+        mode: drop paths and dropouts are the identity)."""
+        B, H, W, C = x.shape
+        ops = torch.ops.vitkernels
+        attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+        y = _gemm(self._attn_heads(x, cpu_gemm=True), attn.proj.weight)
+        ops.bias_layernorm_residual_(y, attn.proj.bias, x, None, norm1.weight, norm1.bias, norm1.eps)
+        x = y.reshape(B, -1, C)
+        z = _gemm(_linear_gelu(x, mlp.fc1, _gelu_approximate(mlp.act)), mlp.fc2.weight)
+        ops.bias_layernorm_residual_(z, mlp.fc2.bias, x, None, norm2.weight, norm2.bias, norm2.eps)
+        return z.reshape(B, H, W, C)
 
 
 SwinV2Block = SwinTransformerV2Block

@@ -5,6 +5,7 @@ functions are re-exported from the top-level package (``vitkernels.window_partit
 re-export them, so that ``vitkernels.ops.window_partition`` stays the module.
 """
 from vitkernels.ops import bias_gelu  # noqa: F401
+from vitkernels.ops import bias_layernorm_residual  # noqa: F401
 from vitkernels.ops import bias_residual  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm  # noqa: F401
 from vitkernels.ops import dino_loss  # noqa: F401

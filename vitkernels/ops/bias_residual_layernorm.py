@@ -47,6 +47,16 @@ def bias_residual_layernorm(
         ``(x1, LayerNorm(x1) * weight + ln_bias)``, both like ``y``.
     """
     check_bias_residual_args(y, bias, residual, scale)
+    check_layernorm_args(y, weight, ln_bias, eps)
+    impl = op.select(dispatch.Call(y.device, y.dtype), backend)
+    return impl(y, bias, residual, weight, ln_bias, float(eps), scale)
+
+
+def check_layernorm_args(y: torch.Tensor, weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                         eps: float) -> None:
+    """The LayerNorm arguments' checks shared with
+    :func:`vitkernels.ops.bias_layernorm_residual.bias_layernorm_residual`: (C,) affine parameters on y's device, a
+    non-negative eps."""
     for name, t in (("weight", weight), ("ln_bias", ln_bias)):
         if t is not None:
             check_tensor(name, t, ndim=1)
@@ -55,8 +65,6 @@ def bias_residual_layernorm(
                 raise ValueError(f"{name} must be on y's device {y.device}, got {t.device}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    impl = op.select(dispatch.Call(y.device, y.dtype), backend)
-    return impl(y, bias, residual, weight, ln_bias, float(eps), scale)
 
 
 @op.register("reference")
