@@ -42,7 +42,7 @@ def test_native_matches_reference(shape, dtype, with_bias, with_scale, affine):
     check_against_reference(native, reference_blnr, make_inputs(shape, with_bias, with_scale, affine), dtype)
 
 
-def test_rows_split_across_threads():
+def test_native_rows_split_across_threads():
     """200 rows of 512 are two tasks of the backward's column sums (bias, LayerNorm weight and bias)."""
     native_or_skip("bias_layernorm_residual")
     check_against_reference(native, reference_blnr, make_inputs((2, 100, 512)), torch.float32)
@@ -50,7 +50,7 @@ def test_rows_split_across_threads():
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
-def test_every_instruction_set(isa, monkeypatch):
+def test_native_every_instruction_set(isa, monkeypatch):
     native_or_skip("bias_layernorm_residual")
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     check_against_reference(native, reference_blnr, make_inputs((3, 4, 53)), torch.float32)
@@ -79,7 +79,7 @@ def test_matches_timm_v2_block_seam(train):
     assert_close(got, want)
 
 
-def test_inplace_variant():
+def test_native_inplace_variant():
     native_or_skip("bias_layernorm_residual")
     y, r, b = torch.randn(3, 6, 40), torch.randn(3, 6, 40), torch.randn(40)
     w, lb, s = torch.randn(40), torch.randn(40), torch.tensor([1.0, 0.0, 2.0])
@@ -101,7 +101,7 @@ def test_inplace_variant():
                                              1e-5, s), atol=5e-2, rtol=2e-2)
 
 
-def test_inplace_variant_with_the_residual_or_a_parameter_in_y():
+def test_native_inplace_variant_with_the_residual_or_a_parameter_in_y():
     """The residual (or LayerNorm's weight) sharing y's memory is read as it was before the call, not as the rows
     the op has already written."""
     native_or_skip("bias_layernorm_residual")
@@ -131,7 +131,7 @@ def test_native_rows_of_width_zero(dtype):
     assert grads[0].shape == (2, 3, 0) and all(g.numel() == 0 for g in grads[1:])
 
 
-def test_gradcheck_float64():
+def test_native_gradcheck_float64():
     native_or_skip("bias_layernorm_residual")
     y, r = (torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
     b, w, lb = (torch.randn(7, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -298,15 +298,18 @@ def _v2_output(out):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_swin_v2_intermediate_bias_and_gelu_run_as_one_native_pass(dtype):
-    """Swinv2 layers on CPU: the intermediate dense layer without its bias, then bias + GELU in one native pass (in
-    place without autograd, with its backward otherwise), the layers' numbers and gradients."""
+def test_swin_v2_mlp_and_post_norm_seams_run_as_native_passes(dtype):
+    """Swinv2 layers on CPU: the intermediate dense layer without its bias, then bias + GELU in one native pass, and
+    each post-norm seam (the attention output's and the MLP output's dense layer, layernorm_before / _after and the
+    residual add) after the dense layer's GEMM without its bias as one native pass (in place without autograd, with
+    their backwards otherwise), the layers' numbers and gradients."""
     native_or_skip("native")
     original, x = build_v2("swinv2", "pad+shift", dtype)
     patched = vkt.patch_model(copy.deepcopy(original)).eval()
     with torch.no_grad(), OpCalls() as calls:
         ours = _v2_output(patched(x))
     assert calls.names.count("vitkernels::bias_gelu_") == 4 and "aten::gelu" not in calls.names
+    assert calls.names.count("vitkernels::bias_layernorm_residual_") == 8
     with torch.no_grad():
         theirs = _v2_output(original.eval()(x))
     tol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -316,6 +319,7 @@ def test_swin_v2_intermediate_bias_and_gelu_run_as_one_native_pass(dtype):
         out_p = _v2_output(patched(xp))
         out_p.sum().backward()
     assert calls.names.count("vitkernels::bias_gelu_backward") == 4 and "aten::gelu_backward" not in calls.names
+    assert calls.names.count("vitkernels::bias_layernorm_residual_backward") == 8
     out_o = _v2_output(original(xo))
     out_o.sum().backward()
     assert rel_err(xp.grad, xo.grad) < tol * 10

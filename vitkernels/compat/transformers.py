@@ -377,10 +377,27 @@ class _FusedSwinV2Layer(_FusedLayer):
             (self.window_size,) * 2, (int(self.shift_size),) * 2, heads, self.vitkernels_backend,
         )
         projection = self.attention.output
-        out = projection.dropout(projection.dense(out)).reshape(batch, length, channels)
-        hidden_states = hidden_states + self.drop_path(self.layernorm_before(out))
-        layer_output = self.output(self._vk_intermediate(hidden_states))
-        return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
+        hidden_states = self._vk_post_norm(out.reshape(batch, length, channels), hidden_states, projection.dense,
+                                           projection.dropout, self.layernorm_before)
+        h = self._vk_intermediate(hidden_states)
+        return (self._vk_post_norm(h, hidden_states, self.output.dense, self.output.dropout, self.layernorm_after),)
+
+    def _vk_post_norm(self, x, residual, dense, dropout, norm):
+        """``residual + drop_path(norm(dropout(dense(x))))``; on CPU with a biased dense layer, inactive dropout and
+        drop path, a LayerNorm and no hooks or collected outputs: the dense layer without its bias, then bias +
+        LayerNorm + residual as one native pass (``bias_layernorm_residual``, in place without autograd)."""
+        if (not isinstance(dense, nn.Linear) or dense.bias is None or not _is_layernorm(norm, residual.shape[-1])
+                or not _inactive(dropout) or not _drop_path_inactive(self.drop_path)
+                or not _fused_cpu_allowed(self.vitkernels_backend, x) or x.dtype not in (torch.float32, torch.float64)
+                or _collecting_submodule_outputs() or _global_hooks()
+                or any(_has_hooks(m, ignore=_output_capturing_hook) for m in (dense, dropout, norm, self.drop_path))):
+            return residual + self.drop_path(norm(dropout(dense(x))))
+        y = _gemm(x, dense.weight)
+        if torch.is_grad_enabled():
+            return torch.ops.vitkernels.bias_layernorm_residual(y, dense.bias, residual, None, norm.weight, norm.bias,
+                                                                norm.eps)[0]
+        torch.ops.vitkernels.bias_layernorm_residual_(y, dense.bias, residual, None, norm.weight, norm.bias, norm.eps)
+        return y
 
     def _vk_intermediate(self, x):
         """``self.intermediate(x)``; on CPU with a GELU, a biased dense layer and no hooks or collected outputs:
