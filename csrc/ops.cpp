@@ -99,7 +99,9 @@ TORCH_LIBRARY(vitkernels, m) {
 
   // x W^T + b through oneDNN's inner product, float32 CPU, recorded for autograd by a C++ autograd Function: the
   // eager training path of vitkernels.linear (csrc/cpu/linear.cpp; torch.compile keeps onednn_linear below).
-  m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias, bool grad_x_mm=False) -> Tensor");
+  // forward_mm: the forward product through ATen's GEMM (MKL) instead, the backward the same.
+  m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias, bool grad_x_mm=False, bool forward_mm=False) "
+        "-> Tensor");
   // act(x W^T + b), act in {none, gelu, gelu_tanh} as oneDNN's post-op, float32 CPU, no autograd of its own: the op
   // torch.compile keeps (fake and autograd from vitkernels/ops/linear.py; without vitkernels._C the same op is a
   // Python custom op there).

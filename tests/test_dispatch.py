@@ -104,7 +104,8 @@ def test_info_report_lists_versions_and_every_op():
 @pytest.mark.parametrize("library", ["aten", "onednn"])
 def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, library, avx2):
     """The report's CPU GEMM line says so where the Linears' wide input gradients go to ATen's mm instead of oneDNN
-    (vitkernels/ops/linear.py grad_x_through_mm: oneDNN the CPU GEMM, an AVX2-only CPU), and only there."""
+    (vitkernels/ops/linear.py grad_x_through_mm: oneDNN the CPU GEMM, an AVX2-only CPU), and where the layers'
+    mid-size forward products do (forward_through_mm), and only there."""
     from vitkernels import info
     from vitkernels.ops import linear as linear_op
 
@@ -116,6 +117,8 @@ def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, libra
                                                                                               and avx2)
     assert ("MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows through ATen's mm"
             in line) == (library == "onednn" and avx2)
+    assert ("layers' forward products with >= 512 rows, >= 192 input features and weights of <= 589824 elements: "
+            "ATen's GEMM" in line) == (library == "onednn" and avx2)
 
 
 def test_info_main_runs_as_module():

@@ -139,6 +139,59 @@ def test_each_eager_path_takes_the_input_gradient_product_the_rule_picks(eager_p
         assert_close_scaled(got, want.detach(), torch.float32)
 
 
+def test_forward_through_mm_only_on_avx2_cpus_for_mid_size_weights_and_many_rows():
+    """The layers' forward product goes to ATen's GEMM on AVX2-only CPUs for K >= 192, N K <= 384 * 1536 and at
+    least 512 rows (Swin-T's stages 2 and 3), nowhere else (vitkernels/ops/linear.py forward_through_mm)."""
+    rows, K, most = linear_op.FORWARD_MM_MIN_ROWS, linear_op.FORWARD_MM_MIN_IN_FEATURES, linear_op.FORWARD_MM_MAX_WEIGHT
+    assert linear_op.forward_through_mm(rows, K, K, "AVX2") and linear_op.forward_through_mm(3136, 384, 1536, "AVX2")
+    assert linear_op.forward_through_mm(rows, 1536, 384, "AVX2") and most == 384 * 1536
+    assert not linear_op.forward_through_mm(rows - 1, K, K, "AVX2")  # few rows (stage 3 at batch 1)
+    assert not linear_op.forward_through_mm(rows, K - 1, K, "AVX2")  # narrow inputs (stage 1's K = 96)
+    assert not linear_op.forward_through_mm(rows, 768, 3072, "AVX2")  # large weights (stage 4)
+    for capability in ("AVX512", "DEFAULT", "ZVECTOR"):
+        assert not linear_op.forward_through_mm(rows, K, K, capability)
+    assert linear_op.forward_through_mm(rows, K, K) == (torch.backends.cpu.get_cpu_capability() == "AVX2")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_native_linear_eager_forward_through_aten_keeps_the_backward(bias):
+    """onednn_linear_eager(forward_mm=True): the forward is ATen's product (bitwise F.linear's), not oneDNN's; the
+    gradients are those of the oneDNN forward's call bitwise (the same backward), and no view of an internal tensor
+    comes back (in-place updates of the output, as timm's ``qkv += bias``, stay allowed)."""
+    cpp_function_or_skip()
+    x, w, b = inputs((4, 3, 200), 72, bias)
+    op = torch.ops.vitkernels.onednn_linear_eager
+    g = torch.randn(4, 3, 72, generator=torch.Generator().manual_seed(3))
+    with OpCalls() as calls:
+        y = op(x, w, b, False, True)
+    assert "mkldnn::_linear_pointwise" not in calls.names
+    assert torch.equal(y, F.linear(x, w, b)) and y._base is None
+    got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    y_onednn = op(x, w, b, False, False)
+    want = torch.autograd.grad(y_onednn, [t for t in (x, w, b) if t is not None], g)
+    assert all(torch.equal(a, e) for a, e in zip(got, want))
+    assert_close_scaled(y, expected64(x, w, b, None).detach(), torch.float32)
+    y.add_(1.0)  # allowed: not a view made inside the Function
+    with torch.no_grad():
+        assert torch.equal(op(x, w, b, False, True), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("rows", [512, 511], ids=["many-rows", "few-rows"])
+def test_layer_linear_forward_takes_the_product_the_rule_picks(rows, monkeypatch):
+    """layer_linear's forward runs ATen's product exactly where forward_through_mm says (an AVX2-only CPU pinned
+    here, so that the test runs on every CPU), in training and in inference alike: the same numbers either way."""
+    cpp_function_or_skip()
+    monkeypatch.setattr(linear_op, "_AVX2_CPU", True)
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    x, w, b = inputs((rows, 192), 192, True)
+    with OpCalls() as calls:
+        y = linear_op.layer_linear(x, w, b)
+    assert ("mkldnn::_linear_pointwise" in calls.names) == (rows < 512)
+    with torch.no_grad():
+        assert torch.equal(linear_op.layer_linear(x, w, b), y.detach())
+    assert_close_scaled(y, expected64(x, w, b, None).detach(), torch.float32)
+
+
 def test_eager_training_uses_the_cpp_function_where_built():
     cpp_function_or_skip()
     assert linear_op._eager_linear is torch.ops.vitkernels.onednn_linear_eager.default

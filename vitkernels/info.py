@@ -37,6 +37,11 @@ def versions() -> Dict[str, str]:
     if linear_op.CPU_GEMM == "onednn" and linear_op.grad_x_through_mm(linear_op.GRAD_X_MM_MIN_IN_FEATURES):
         info["CPU float32 GEMM"] += (f"; input gradients of Linears with >= {linear_op.GRAD_X_MM_MIN_IN_FEATURES} "
                                      "input features: ATen's mm (an AVX2 CPU)")
+    if linear_op.CPU_GEMM == "onednn" and linear_op.forward_through_mm(linear_op.FORWARD_MM_MIN_ROWS,
+                                                                        linear_op.FORWARD_MM_MIN_IN_FEATURES, 1):
+        info["CPU float32 GEMM"] += (f"; layers' forward products with >= {linear_op.FORWARD_MM_MIN_ROWS} rows, "
+                                     f">= {linear_op.FORWARD_MM_MIN_IN_FEATURES} input features and weights of <= "
+                                     f"{linear_op.FORWARD_MM_MAX_WEIGHT} elements: ATen's GEMM (an AVX2 CPU)")
     if linear_op.CPU_GEMM == "onednn" and gelu_mlp_op.layers_take_it():
         info["CPU float32 GEMM"] += ("; MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows "
                                      "through ATen's mm (an AVX2 CPU)")

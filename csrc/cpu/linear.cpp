@@ -3,6 +3,8 @@
 // torch's own oneDNN Linear), recorded for autograd by a C++ autograd Function, with its backward in C++ too:
 //   grad_x = g W (oneDNN, the weight operand transposed by view; ATen's mm where the caller asks: grad_x_mm, chosen
 //            by vitkernels/ops/linear.py grad_x_through_mm),  grad_W = g^T x (mm),  grad_b = column sums of g.
+// The forward runs through ATen's GEMM instead where the caller asks (forward_mm, chosen by forward_through_mm):
+// the same backward either way.
 // The same computation as the Python autograd.Function it replaces in eager training, minus ~100 us of Python per
 // Linear forward + backward (the Function's apply, the saved-tensor unpacking, a dozen reshape / view / t calls
 // through Python): about 50 Linears per Swin-T training step.
@@ -86,10 +88,13 @@ int64_t leading_rows(const at::Tensor& x) {
 // (..., K) x (N, K) -> (..., N), returned as a tensor that is not a view: the GEMM's 2D result reshaped would be a
 // view of a tensor made inside the Function, which autograd forbids modifying in place afterwards (timm's
 // `qkv += bias` does); the result takes the GEMM output's storage directly instead.
+// aten_gemm: the product through ATen's GEMM (at::linear: MKL's sgemm in a CPU build) instead of oneDNN's, no
+// activation (the forward_mm argument of onednn_linear_eager).
 at::Tensor linear_unviewed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           Activation activation = Activation::kNone) {
+                           Activation activation = Activation::kNone, bool aten_gemm = false) {
   const int64_t N = weight.size(0), K = weight.size(1);
-  const at::Tensor y = onednn_gemm(x.reshape({leading_rows(x), K}), weight, bias, activation);
+  const at::Tensor x2 = x.reshape({leading_rows(x), K});
+  const at::Tensor y = aten_gemm ? at::linear(x2, weight, bias) : onednn_gemm(x2, weight, bias, activation);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(N);
   std::vector<int64_t> strides(shape.size());
@@ -119,11 +124,11 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool grad_x_mm) {
+                            const std::optional<at::Tensor>& bias, bool grad_x_mm, bool forward_mm) {
     ctx->save_for_backward({x, weight});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["grad_x_mm"] = grad_x_mm;
-    return linear_unviewed(x, weight, bias);
+    return linear_unviewed(x, weight, bias, Activation::kNone, forward_mm);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -143,14 +148,14 @@ struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
     }
     if (ctx->needs_input_grad(1)) grad_w = at::mm(g.t(), x2);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_b = g.sum(0);
-    return {grad_x, grad_w, grad_b, at::Tensor()};
+    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor onednn_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               bool grad_x_mm) {
+                               bool grad_x_mm, bool forward_mm) {
   check_args(x, weight, bias, "onednn_linear_eager");
-  return EagerOneDnnLinear::apply(x, weight, bias, grad_x_mm);
+  return EagerOneDnnLinear::apply(x, weight, bias, grad_x_mm, forward_mm);
 }
 
 // vitkernels::onednn_linear's CPU kernel (its autograd: vitkernels/ops/linear.py).

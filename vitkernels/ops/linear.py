@@ -135,10 +135,33 @@ def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> boo
     (alternating calls, M = 98 ... 3136) oneDNN's product took 1.15-1.54x mm's time at K = 768 / 3072 with N >= 768
     (Swin-T stage 4's Linears) and at K = 1536, N = 384 (stage 3's fc2) whatever M, 0.95-1.18x at K = 768, N = 192,
     0.82-1.03x at K = 192 and 384, where it stays (the Swin-T training step: 1.024-1.035x with the rule); oneDNN's
-    forward ``x W^T`` (the weight not transposed) stays the faster one there (0.86x MKL's time over Swin-T's shapes).
-    Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps the product."""
+    forward ``x W^T`` (the weight not transposed) was the faster one summed over Swin-T's shapes (0.86x MKL's time;
+    per shape see :func:`forward_through_mm`). Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps the
+    product."""
     avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
     return avx2 and in_features >= GRAD_X_MM_MIN_IN_FEATURES
+
+
+FORWARD_MM_MIN_ROWS = 512
+FORWARD_MM_MIN_IN_FEATURES = 192
+FORWARD_MM_MAX_WEIGHT = 384 * 1536
+
+
+def forward_through_mm(rows: int, in_features: int, out_features: int, capability: Optional[str] = None) -> bool:
+    """Whether :func:`layer_linear`'s forward product ``x W^T + b`` (x (rows, K = in_features), W (N =
+    out_features, K)) runs through ATen's GEMM (MKL's ``sgemm``) instead of oneDNN's inner product, its backward
+    unchanged: on AVX2-only CPUs (``capability`` as in :func:`grad_x_through_mm`) where oneDNN is the CPU GEMM, for
+    mid-size weights, K >= :data:`FORWARD_MM_MIN_IN_FEATURES` and N K <= :data:`FORWARD_MM_MAX_WEIGHT`, and at least
+    :data:`FORWARD_MM_MIN_ROWS` rows. Why: on a 2-core AMD EPYC Zen 2 (interleaved forward products, Swin-T's
+    shapes) oneDNN's took 1.02-1.25x MKL's time there (Swin-T stages 2 and 3 at batch 4 and stage 2 at batch 1:
+    the worst its (3136, 192) x (192, 192) projection), while it stays the faster one at K = 96 (stage 1: 0.77-0.93x)
+    and for the large stage-4 weights (0.80-0.96x); with fewer rows (stage 3 at batch 1: 196) MKL's product measured
+    faster alone but the patched Swin-T ran 3.6% slower with it. The rule's whole-model effect, interleaved with
+    the plain path in one process: Swin-T inference 1.011-1.016x at batch 1, 1.015x at batch 2, 1.02-1.04x at batch
+    4, 1.008x at batch 8. Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps every product."""
+    avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
+    return (avx2 and rows >= FORWARD_MM_MIN_ROWS and in_features >= FORWARD_MM_MIN_IN_FEATURES
+            and in_features * out_features <= FORWARD_MM_MAX_WEIGHT)
 
 
 def linear(
@@ -184,7 +207,8 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     """``linear(x, weight, bias, backend="auto")`` for a layer's own parameters (:class:`vitkernels.modules.Linear`,
     the fused Swin block's GEMMs), whose shapes the layer guarantees. Where oneDNN is the CPU GEMM (:data:`CPU_GEMM`),
     in eager mode, on CPU, in float32, without autocast, the call goes straight to ``vitkernels::onednn_linear_eager``
-    (which checks its arguments in C++, and records for autograd only when autograd is recording), not through
+    (which checks its arguments in C++, records for autograd only when autograd is recording, and runs its forward
+    through ATen's GEMM where :func:`forward_through_mm` says, the same in training and inference), not through
     :func:`linear`'s Python checks and backend selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear:
     87 -> 45 us with autograd, one thread), about 50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM`
     is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
@@ -193,7 +217,8 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if route == "aten":
         return F.linear(x, weight, bias)
     if route == "onednn":
-        return _layer_fast_path(x, weight, bias, grad_x_through_mm(weight.shape[1]))
+        N, K = weight.shape
+        return _layer_fast_path(x, weight, bias, grad_x_through_mm(K), forward_through_mm(x.shape[:-1].numel(), K, N))
     return linear(x, weight, bias, backend="auto")
 
 
