@@ -324,6 +324,14 @@ def test_swin_v2_mlp_and_post_norm_seams_run_as_native_passes(dtype):
     out_o.sum().backward()
     assert rel_err(xp.grad, xo.grad) < tol * 10
     assert_grads_close(patched, original, tol * 10)
+    # a hook on a layer's Swinv2Output (which the fused seam calls by its dense layer's weights): the seam runs
+    # transformers' code and the hook fires, the other seams stay fused
+    fired = []
+    patched.swinv2.encoder.layers[0].blocks[0].output.register_forward_hook(lambda *_: fired.append(1))
+    with torch.no_grad(), OpCalls() as calls:
+        hooked = _v2_output(patched(x))
+    assert fired and calls.names.count("vitkernels::bias_layernorm_residual_") == 7
+    assert rel_err(hooked, theirs) < tol
 
 
 V2_CASES = [("swinv2", "divisible", torch.float32), ("swinv2", "pad+shift", torch.float32),

@@ -377,21 +377,25 @@ class _FusedSwinV2Layer(_FusedLayer):
             (self.window_size,) * 2, (int(self.shift_size),) * 2, heads, self.vitkernels_backend,
         )
         projection = self.attention.output
-        hidden_states = self._vk_post_norm(out.reshape(batch, length, channels), hidden_states, projection.dense,
-                                           projection.dropout, self.layernorm_before)
+        hidden_states = self._vk_post_norm(out.reshape(batch, length, channels), hidden_states, projection,
+                                           lambda t: projection.dropout(projection.dense(t)), self.layernorm_before)
         h = self._vk_intermediate(hidden_states)
-        return (self._vk_post_norm(h, hidden_states, self.output.dense, self.output.dropout, self.layernorm_after),)
+        return (self._vk_post_norm(h, hidden_states, self.output, self.output, self.layernorm_after),)
 
-    def _vk_post_norm(self, x, residual, dense, dropout, norm):
-        """``residual + drop_path(norm(dropout(dense(x))))``; on CPU with a biased dense layer, inactive dropout and
-        drop path, a LayerNorm and no hooks or collected outputs: the dense layer without its bias, then bias +
-        LayerNorm + residual as one native pass (``bias_layernorm_residual``, in place without autograd)."""
+    def _vk_post_norm(self, x, residual, output, project, norm):
+        """``residual + drop_path(norm(project(x)))``, ``project`` the dense layer and dropout of ``output`` (the
+        attention's output projection, or the layer's ``Swinv2Output`` called as a module); on CPU with a biased
+        dense layer, inactive dropout and drop path, a LayerNorm and no hooks or collected outputs: the dense layer
+        without its bias, then bias + LayerNorm + residual as one native pass (``bias_layernorm_residual``, in place
+        without autograd)."""
+        dense, dropout = output.dense, output.dropout
         if (not isinstance(dense, nn.Linear) or dense.bias is None or not _is_layernorm(norm, residual.shape[-1])
                 or not _inactive(dropout) or not _drop_path_inactive(self.drop_path)
                 or not _fused_cpu_allowed(self.vitkernels_backend, x) or x.dtype not in (torch.float32, torch.float64)
                 or _collecting_submodule_outputs() or _global_hooks()
-                or any(_has_hooks(m, ignore=_output_capturing_hook) for m in (dense, dropout, norm, self.drop_path))):
-            return residual + self.drop_path(norm(dropout(dense(x))))
+                or any(_has_hooks(m, ignore=_output_capturing_hook) for m in (*output.modules(), norm,
+                                                                               self.drop_path))):
+            return residual + self.drop_path(norm(project(x)))
         y = _gemm(x, dense.weight)
         if torch.is_grad_enabled():
             return torch.ops.vitkernels.bias_layernorm_residual(y, dense.bias, residual, None, norm.weight, norm.bias,
