@@ -157,8 +157,9 @@ def forward_through_mm(rows: int, in_features: int, out_features: int, capabilit
     the worst its (3136, 192) x (192, 192) projection), while it stays the faster one at K = 96 (stage 1: 0.77-0.93x)
     and for the large stage-4 weights (0.80-0.96x); with fewer rows (stage 3 at batch 1: 196) MKL's product measured
     faster alone but the patched Swin-T ran 3.6% slower with it. The rule's whole-model effect, interleaved with
-    the plain path in one process: Swin-T inference 1.011-1.016x at batch 1, 1.015x at batch 2, 1.02-1.04x at batch
-    4, 1.008x at batch 8. Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps every product."""
+    the plain path in one process: Swin-T inference 1.022-1.028x at batch 4, 0.996-1.016x at batch 1, 1.015x at
+    batch 2, 1.008x at batch 8; training steps and Swin V2-T 1.00x. Not measured on AVX-512 AMD CPUs (Zen 4), where
+    oneDNN keeps every product."""
     avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
     return (avx2 and rows >= FORWARD_MM_MIN_ROWS and in_features >= FORWARD_MM_MIN_IN_FEATURES
             and in_features * out_features <= FORWARD_MM_MAX_WEIGHT)
