@@ -82,3 +82,26 @@ def check_split_across_threads(fast, make_inputs, dtype=torch.float32):
         assert torch.equal(a, b)
     for a, b in zip(one_grads, two_grads):  # float partial sums of other rows: float rounding of the sums' scale
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def residual_layernorm_inputs(shape, with_bias=True, with_scale=True, affine=True, normalised="residual"):
+    """``make(dtype)`` for the LayerNorm row ops' signature ``(y, bias, residual, weight, ln_bias, eps, scale)``: the
+    same float64 draws for every dtype (seeded), optional bias, drop-path scale (a zero and a non-unit factor) and
+    LayerNorm affine; ``normalised`` (``"residual"`` or ``"y"``) gets a non-zero mean and a wider spread, since it
+    dominates what the LayerNorm sees (bias_residual_layernorm normalises residual + y, bias_layernorm_residual y)."""
+    def make(dtype):
+        gen = torch.Generator().manual_seed(0)
+        y = torch.randn(shape, generator=gen, dtype=torch.float64)
+        b = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        r = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if normalised == "residual":
+            r = 3 * r + 1
+        else:
+            y = 3 * y + 1
+        w = 1 + 0.5 * torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        lb = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
+        s = torch.tensor([0.0, 1.25, 1.25, 1.25][:shape[0]], dtype=torch.float64)
+        return (leaf(y, dtype), leaf(b, dtype) if with_bias else None, leaf(r, dtype),
+                leaf(w, dtype) if affine else None, leaf(lb, dtype) if affine else None, 1e-5,
+                s.to(dtype) if with_scale else None)
+    return make

@@ -7,26 +7,15 @@ import torch
 from vitkernels.ops.bias_layernorm_residual import bias_layernorm_residual
 from vitkernels.reference.bias_layernorm_residual import bias_layernorm_residual as reference_blnr
 
-from fused_ops_helpers import (CPU_ISAS, DTYPES, check_against_reference, check_split_across_threads, leaf,
-                               native_or_skip)
+from fused_ops_helpers import (CPU_ISAS, DTYPES, check_against_reference, check_split_across_threads, native_or_skip,
+                               residual_layernorm_inputs)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
 
 
 def make_inputs(shape, with_bias=True, with_scale=True, affine=True):
-    def make(dtype):
-        gen = torch.Generator().manual_seed(0)
-        y = 3 * torch.randn(shape, generator=gen, dtype=torch.float64) + 1  # LayerNorm sees a non-zero mean
-        b = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
-        r = torch.randn(shape, generator=gen, dtype=torch.float64)
-        w = 1 + 0.5 * torch.randn(shape[-1], generator=gen, dtype=torch.float64)
-        lb = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
-        s = torch.tensor([0.0, 1.25, 1.25, 1.25][:shape[0]], dtype=torch.float64)
-        return (leaf(y, dtype), leaf(b, dtype) if with_bias else None, leaf(r, dtype),
-                leaf(w, dtype) if affine else None, leaf(lb, dtype) if affine else None, 1e-5,
-                s.to(dtype) if with_scale else None)
-    return make
+    return residual_layernorm_inputs(shape, with_bias, with_scale, affine, normalised="y")
 
 
 def native(y, b, r, w, lb, eps, s):
