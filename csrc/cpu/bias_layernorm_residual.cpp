@@ -56,14 +56,6 @@ void forward_into(const at::Tensor& yc, const std::optional<at::Tensor>& bias, c
   });
 }
 
-std::pair<at::Tensor, at::Tensor> row_statistics(const at::Tensor& y, at::ScalarType type) {
-  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
-  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
-  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
-  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);  // rows of width 0: no kernel writes them
-  return {mean, rstd};
-}
-
 }  // namespace
 
 // out = residual + scale[sample] * (LayerNorm(y + bias) * weight + ln_bias) -> (out, mean, rstd). Float and double

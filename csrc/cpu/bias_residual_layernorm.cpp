@@ -96,10 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_residual_layerno
   check_bias_residual_args("bias_residual_layernorm", y, bias, residual, scale);
   check_layernorm_args("bias_residual_layernorm", y, weight, ln_bias);
   const at::ScalarType type = row_op_compute_type(y);
-  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
-  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
-  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
-  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);  // rows of width 0: no kernel writes them
+  auto [mean, rstd] = row_statistics(y, type);
   if (y.scalar_type() == at::kBFloat16) {  // chunk by chunk through float scratch (row_ops_bf16.h)
     const at::Tensor yc = y.contiguous();
     at::Tensor x1 = at::empty_like(yc, at::MemoryFormat::Contiguous);
@@ -124,9 +121,7 @@ void bias_residual_layernorm_inplace_cpu(at::Tensor& y, const std::optional<at::
   TORCH_CHECK(out.sizes() == y.sizes() && out.scalar_type() == y.scalar_type() && out.device() == y.device(),
               "bias_residual_layernorm_: out must be like y");
   const at::ScalarType type = row_op_compute_type(y);
-  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
-  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
-  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+  auto [mean, rstd] = row_statistics(y, type);
   if (y.is_contiguous() && out.is_contiguous() && y.scalar_type() == at::kBFloat16) {  // through float scratch
     bf16_forward_into(y, bias, residual, scale, weight, ln_bias, eps, y, out, mean, rstd);
     return;

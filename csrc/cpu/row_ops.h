@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace vitkernels {
@@ -40,6 +41,16 @@ const T* optional_data(const std::optional<at::Tensor>& t, at::ScalarType type, 
 inline void empty_row_statistics(at::Tensor& mean, at::Tensor& rstd) {
   mean.zero_();
   rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// (mean, rstd) for the rows of y (..., C), uninitialised but for rows of width 0 (empty_row_statistics): what the
+// LayerNorm row ops' kernels write one value per row into.
+inline std::pair<at::Tensor, at::Tensor> row_statistics(const at::Tensor& y, at::ScalarType type) {
+  const auto stats_shape = y.sizes().slice(0, y.dim() - 1);
+  at::Tensor mean = at::empty(stats_shape, y.options().dtype(type));
+  at::Tensor rstd = at::empty(stats_shape, y.options().dtype(type));
+  if (y.size(-1) == 0) empty_row_statistics(mean, rstd);  // rows of width 0: no kernel writes them
+  return {mean, rstd};
 }
 
 // Rows per parallel task: about 64 KB of a row-major tensor of `cols` elements per task.
