@@ -75,6 +75,7 @@ from vitkernels.modules.swin import (
     _inactive,
     _is_layernorm,
     _linear_gelu,
+    _linear_post_norm,
 )
 from vitkernels.modules.vit import fused_block_cpu
 
@@ -386,8 +387,7 @@ class _FusedSwinV2Layer(_FusedLayer):
         """``residual + drop_path(norm(project(x)))``, ``project`` the dense layer and dropout of ``output`` (the
         attention's output projection, or the layer's ``Swinv2Output`` called as a module); on CPU with a biased
         dense layer, inactive dropout and drop path, a LayerNorm and no hooks or collected outputs: the dense layer
-        without its bias, then bias + LayerNorm + residual as one native pass (``bias_layernorm_residual``, in place
-        without autograd)."""
+        without its bias, then bias + LayerNorm + residual as one native pass (:func:`_linear_post_norm`)."""
         dense, dropout = output.dense, output.dropout
         if (not isinstance(dense, nn.Linear) or dense.bias is None or not _is_layernorm(norm, residual.shape[-1])
                 or not _inactive(dropout) or not _drop_path_inactive(self.drop_path)
@@ -396,12 +396,7 @@ class _FusedSwinV2Layer(_FusedLayer):
                 or any(_has_hooks(m, ignore=_output_capturing_hook) for m in (*output.modules(), norm,
                                                                                self.drop_path))):
             return residual + self.drop_path(norm(project(x)))
-        y = _gemm(x, dense.weight)
-        if torch.is_grad_enabled():
-            return torch.ops.vitkernels.bias_layernorm_residual(y, dense.bias, residual, None, norm.weight, norm.bias,
-                                                                norm.eps)[0]
-        torch.ops.vitkernels.bias_layernorm_residual_(y, dense.bias, residual, None, norm.weight, norm.bias, norm.eps)
-        return y
+        return _linear_post_norm(x, dense, residual, norm)
 
     def _vk_intermediate(self, x):
         """``self.intermediate(x)``; on CPU with a GELU, a biased dense layer and no hooks or collected outputs:

@@ -53,6 +53,7 @@ from torch import nn
 
 from vitkernels import _native, dispatch
 from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers the fake / autograd of the ops)
+from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
 from vitkernels.ops import gelu_mlp as _gelu_mlp_op
@@ -87,6 +88,19 @@ def _linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.
         return torch.ops.vitkernels.bias_gelu(h, linear.bias, approximate)
     torch.ops.vitkernels.bias_gelu_(h, linear.bias, approximate)
     return h
+
+
+def _linear_post_norm(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``residual + norm(linear(x))`` (a res-post-norm seam, Swin V2's, its drop path the identity) as the fused paths
+    compute it: the Linear's GEMM without its bias (:func:`_gemm`), then bias + LayerNorm + residual as one native
+    pass, ``bias_layernorm_residual`` (with its backward) under autograd, else ``bias_layernorm_residual_`` in place
+    on the GEMM's fresh output."""
+    y = _gemm(x, linear.weight)
+    if torch.is_grad_enabled():
+        return torch.ops.vitkernels.bias_layernorm_residual(y, linear.bias, residual, None, norm.weight, norm.bias,
+                                                            norm.eps)[0]
+    torch.ops.vitkernels.bias_layernorm_residual_(y, linear.bias, residual, None, norm.weight, norm.bias, norm.eps)
+    return y
 
 
 def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:

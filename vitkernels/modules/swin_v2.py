@@ -27,11 +27,11 @@ from vitkernels.modules.swin import (
     _gemm,
     _global_hooks,
     _linear_gelu,
+    _linear_post_norm,
     _has_hooks,
     _inactive,
     _is_layernorm,
 )
-from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_op  # noqa: F401  (registers autograd)
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference import swin_v2 as reference
 
@@ -166,14 +166,10 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
         (``bias_layernorm_residual_``) or bias + GELU (``bias_gelu_``) in place on the GEMM's fresh output (eval
         mode: drop paths and dropouts are the identity)."""
         B, H, W, C = x.shape
-        ops = torch.ops.vitkernels
-        attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
-        y = _gemm(self._attn_heads(x, cpu_gemm=True), attn.proj.weight)
-        ops.bias_layernorm_residual_(y, attn.proj.bias, x, None, norm1.weight, norm1.bias, norm1.eps)
-        x = y.reshape(B, -1, C)
-        z = _gemm(_linear_gelu(x, mlp.fc1, _gelu_approximate(mlp.act)), mlp.fc2.weight)
-        ops.bias_layernorm_residual_(z, mlp.fc2.bias, x, None, norm2.weight, norm2.bias, norm2.eps)
-        return z.reshape(B, H, W, C)
+        attn, mlp = self.attn, self.mlp
+        x = _linear_post_norm(self._attn_heads(x, cpu_gemm=True), attn.proj, x, self.norm1).reshape(B, -1, C)
+        h = _linear_gelu(x, mlp.fc1, _gelu_approximate(mlp.act))
+        return _linear_post_norm(h, mlp.fc2, x, self.norm2).reshape(B, H, W, C)
 
 
 SwinV2Block = SwinTransformerV2Block

@@ -127,6 +127,12 @@ GRAD_X_MM_MIN_IN_FEATURES = 768
 _AVX2_CPU = torch.backends.cpu.get_cpu_capability() == "AVX2"  # grad_x_through_mm's default, asked once per process
 
 
+def _avx2_only(capability: Optional[str]) -> bool:
+    """Whether the CPU's best instruction set is AVX2: ``capability`` as ``torch.backends.cpu.get_cpu_capability()``
+    names it, None for this process's CPU (asked once, :data:`_AVX2_CPU`)."""
+    return _AVX2_CPU if capability is None else capability == "AVX2"
+
+
 def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> bool:
     """Whether the oneDNN Linear's input gradient ``g W`` (g (M, N), W (N, K = in_features)) goes through ATen's
     ``mm`` instead of oneDNN's inner product on the weight's transposed view: on CPUs whose best instruction set is
@@ -138,8 +144,7 @@ def grad_x_through_mm(in_features: int, capability: Optional[str] = None) -> boo
     forward ``x W^T`` (the weight not transposed) was the faster one summed over Swin-T's shapes (0.86x MKL's time;
     per shape see :func:`forward_through_mm`). Not measured on AVX-512 AMD CPUs (Zen 4), where oneDNN keeps the
     product."""
-    avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
-    return avx2 and in_features >= GRAD_X_MM_MIN_IN_FEATURES
+    return _avx2_only(capability) and in_features >= GRAD_X_MM_MIN_IN_FEATURES
 
 
 FORWARD_MM_MIN_ROWS = 512
@@ -160,8 +165,7 @@ def forward_through_mm(rows: int, in_features: int, out_features: int, capabilit
     the plain path in one process: Swin-T inference 1.022-1.028x at batch 4, 0.996-1.016x at batch 1, 1.015x at
     batch 2, 1.008x at batch 8; training steps and Swin V2-T 1.00x. Not measured on AVX-512 AMD CPUs (Zen 4), where
     oneDNN keeps every product."""
-    avx2 = _AVX2_CPU if capability is None else capability == "AVX2"
-    return (avx2 and rows >= FORWARD_MM_MIN_ROWS and in_features >= FORWARD_MM_MIN_IN_FEATURES
+    return (_avx2_only(capability) and rows >= FORWARD_MM_MIN_ROWS and in_features >= FORWARD_MM_MIN_IN_FEATURES
             and in_features * out_features <= FORWARD_MM_MAX_WEIGHT)
 
 
