@@ -70,7 +70,7 @@ def test_patched_swinunetr_2d_matches_unpatched(monkeypatch, backend, use_v2):
     native_or_skip(backend)
     original = swinunetr_2d(use_v2=use_v2)
     patched = vkm.patch_model(copy.deepcopy(original), backend=backend)
-    assert sum(vkm.is_patched(m) for m in patched.modules()) == 8
+    assert sum(vkm.is_patched(m) for m in patched.modules()) == 8 + 4  # the blocks and their stages
     assert list(patched.state_dict()) == list(original.state_dict())
     calls = _op_calls(monkeypatch)
     x = torch.randn(2, 1, 32, 64)
@@ -162,7 +162,7 @@ def test_patched_swinunetr_3d_matches_unpatched(monkeypatch, backend, use_v2):
     with warnings.catch_warnings():
         warnings.simplefilter("error", vkm.NotPatchedWarning)  # every 3D block is patched
         patched = vkm.patch_model(copy.deepcopy(original), backend=backend)
-    assert sum(vkm.is_patched(m) for m in patched.modules()) == 8
+    assert sum(vkm.is_patched(m) for m in patched.modules()) == 8 + 4  # the blocks and their stages
     assert list(patched.state_dict()) == list(original.state_dict())
     calls = _op_calls_3d(monkeypatch)
     x = torch.randn(1, 1, 32, 64, 64)
@@ -288,12 +288,12 @@ def test_parameters_state_dict_unpatch_pickle():
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded.blocks[0]) is vkm.FusedSwinTransformerBlock
+    assert type(loaded.blocks[0]) is vkm.FusedSwinTransformerBlock and type(loaded) is vkm.FusedBasicLayer
     assert rel_err(loaded(x), expected) < 1e-5
     vkm.patch_model(model, backend="native")
     assert model.blocks[1].vitkernels_backend == "native"
     vkm.unpatch_model(model)
-    assert type(model.blocks[0]) is swin_unetr.SwinTransformerBlock
+    assert type(model.blocks[0]) is swin_unetr.SwinTransformerBlock and type(model) is swin_unetr.BasicLayer
     assert all(type(m) is torch.nn.Linear for m in linears)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
@@ -307,3 +307,69 @@ def test_block_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, mask), block(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def _count_masks(monkeypatch):
+    """Count MONAI's compute_mask calls (BasicLayer's forward and the deferred mask both look it up in the module)."""
+    built = []
+    original = swin_unetr.compute_mask
+
+    def spy(*args, **kwargs):
+        built.append(tuple(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(swin_unetr, "compute_mask", spy)
+    return built
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_stage_builds_its_mask_only_for_monai_code(monkeypatch, dims):
+    """A patched BasicLayer hands its blocks a deferred mask: the fused blocks never build it; a block that falls
+    back to MONAI's code (here attention dropout while training, or a window shrunk along a later axis) builds it
+    once per stage call; a hook on a block (it would see the mask argument) keeps MONAI's forward. The same
+    numbers and gradients as MONAI's in each case."""
+    native_or_skip("native")
+    window = (4,) * dims
+    original = _stage(window, torch.float32).train()
+    patched = vkm.patch_model(copy.deepcopy(original))
+    built = _count_masks(monkeypatch)
+    x = torch.randn(2, 12, *(9,) * dims)  # padded before the shift: the shifted block needs the mask
+    assert rel_err(_run(patched, x), _run(original, x)) < 1e-5
+    assert built == [window]  # MONAI's own stage only
+    assert_grads_close(patched, original, 1e-4)
+    built.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(patched.eval()(x), original.eval()(x), rtol=1e-5, atol=1e-5)
+    assert built == [window]
+
+    patched.blocks[1].attn.attn_drop.p = original.blocks[1].attn.attn_drop.p = 0.2  # MONAI's code, training
+    patched.train(), original.train()
+    built.clear()
+    assert rel_err(_run(patched, x, seed=3), _run(original, x, seed=3)) < 1e-5
+    assert built == [window, window]
+    patched.blocks[1].attn.attn_drop.p = original.blocks[1].attn.attn_drop.p = 0.0
+
+    short = torch.randn(1, 12, *(9,) * (dims - 1), 3)  # the last axis <= the window: MONAI's sliced index
+    built.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(patched.eval()(short), original.eval()(short), rtol=1e-5, atol=1e-5)
+    assert built == [window[:-1] + (3,)] * 2
+
+    patched.blocks[0].register_forward_pre_hook(lambda module, args: None)
+    built.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), original(x), rtol=1e-5, atol=1e-5)
+    assert built == [window, window]
+
+
+def test_stage_compiles_fullgraph(monkeypatch):
+    """The patched stage (deferred mask, fused blocks) compiles whole, without building the mask."""
+    native_or_skip("native")
+    layer = vkm.patch_model(_stage((4, 4, 4), torch.float32).eval(), backend="native")
+    built = _count_masks(monkeypatch)
+    x = torch.randn(1, 12, 9, 6, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert built == []

@@ -119,5 +119,5 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` is a layer running vitkernels' fused attention."""
+    """Whether ``module`` was switched to one of vitkernels' fused classes (a layer running its fused ops)."""
     return isinstance(module, FusedModule)

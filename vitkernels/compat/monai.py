@@ -10,9 +10,11 @@ not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference the
 ``forward_part2`` (the MLP branch) runs linear1 without its bias, then the bias + GELU as one native pass (in place
 without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks. The rest of
 the block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict
-keys are unchanged. ``SwinUNETR(use_v2=True)`` has the same (V1-style) window attention --
-its "v2" adds residual conv blocks before the stages -- and is patched the same way. ``unpatch_model`` restores the
-classes.
+keys are unchanged. Each ``BasicLayer`` (a stage) is switched too, so that it no longer builds the shifted-window
+mask its fused blocks do not read (MONAI's ``compute_mask`` at every forward, tens of MB at 3D sizes): its blocks
+get a deferred mask, built only for a block that runs MONAI's attention code. ``SwinUNETR(use_v2=True)`` has the
+same (V1-style) window attention -- its "v2" adds residual conv blocks before the stages -- and is patched the same
+way. ``unpatch_model`` restores the classes.
 
 Exactly MONAI's semantics (see :mod:`vitkernels.reference.window_attention_3d`): the per-axis window shrink and shift
 drop of ``get_window_size`` (per input size, at each call), zero padding *before* the cyclic shift (padded tokens
@@ -28,8 +30,10 @@ coordinates.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
+import torch
 from torch import nn
 
 from vitkernels.compat._patching import (
@@ -56,7 +60,30 @@ from vitkernels.reference.window_attention_3d import effective_window_and_shift,
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
-_BLOCKS = {"SwinTransformerBlock": "monai.networks.nets.swin_unetr"}
+_SWIN_UNETR = "monai.networks.nets.swin_unetr"
+_BLOCKS = {"SwinTransformerBlock": _SWIN_UNETR, "BasicLayer": _SWIN_UNETR}
+
+
+class _DeferredMask:
+    """The shifted-window mask MONAI's ``BasicLayer`` passes its blocks (``compute_mask(dims, window, shift,
+    device)``: (nW, N, N), -100 across regions), built only if a block falls back to MONAI's attention code: the
+    fused op computes the mask from token coordinates. At 3D SwinUNETR sizes the mask is tens of MB per stage
+    (nW x 343 x 343 floats) and MONAI rebuilds it at every forward: ~8% of a patched 64 x 64 x 32 inference on
+    2 CPU cores."""
+
+    __slots__ = ("_args", "_mask")
+
+    def __init__(self, dims, window, shift, device):
+        self._args = (dims, window, shift, device)
+        self._mask = None
+
+    def materialize(self):
+        if self._mask is None:
+            self._mask = sys.modules[_SWIN_UNETR].compute_mask(*self._args)  # imported: its classes are patched
+        return self._mask
+
+
+
 class _FusedSwinTransformerBlock(FusedModule):
     """MONAI ``SwinTransformerBlock`` (3D or 2D) with ``forward_part1`` on the fused op and ``forward_part2``'s bias
     + GELU as one native pass (module docstring)."""
@@ -75,6 +102,8 @@ class _FusedSwinTransformerBlock(FusedModule):
                     out = window_attention_pad_first(self.norm1(x), attn.qkv.weight, attn.qkv.bias, table, window,
                                                      shift, attn.num_heads, attn.scale, self.vitkernels_backend)
                 return attn.proj_drop(attn.proj(out))
+        if isinstance(mask_matrix, _DeferredMask):
+            mask_matrix = mask_matrix.materialize()
         return super().forward_part1(x, mask_matrix)
 
     def forward_part2(self, x):
@@ -89,12 +118,38 @@ class _FusedSwinTransformerBlock(FusedModule):
         return self.drop_path(mlp.linear2(_linear_gelu(self.norm2(x), mlp.linear1, approximate)))
 
 
-_FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (_FusedSwinTransformerBlock, {}))
+class _FusedBasicLayer(FusedModule):
+    """MONAI ``BasicLayer`` (one Swin stage) that hands its blocks a :class:`_DeferredMask` instead of building the
+    shifted-window mask, when every block is a fused one without hooks (a hook would see the mask argument);
+    otherwise, or for a Hyena stage, MONAI's forward. The same steps as MONAI's forward: the per-input window and
+    shift (``get_window_size``'s), channels last, the blocks, the downsampling, channels first."""
+
+    def forward(self, x):
+        blocks = list(self.blocks)
+        if (getattr(self, "use_hyena", False) or not isinstance(x, torch.Tensor) or x.dim() not in (4, 5)
+                or len(self.window_size) != x.dim() - 2 or _global_hooks()
+                or not all(isinstance(b, _FusedSwinTransformerBlock) and not _has_hooks(b) for b in blocks)):
+            return super().forward(x)
+        spatial = tuple(x.shape[2:])
+        window, shift = effective_window_and_shift(spatial, self.window_size, self.shift_size)  # get_window_size
+        padded = [-(-size // w) * w for size, w in zip(spatial, window)]
+        mask = _DeferredMask(padded, window, shift, x.device)
+        x = x.permute(0, *range(2, x.dim()), 1)  # b c (d) h w -> b (d) h w c, a view as einops' rearrange
+        for block in blocks:
+            x = block(x, mask)
+        x = x.view(x.shape[0], *spatial, -1)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+
+
+_FUSED = FusedClasses(__name__, _BLOCKS, lambda cls: (
+    _FusedBasicLayer if cls.__name__ == "BasicLayer" else _FusedSwinTransformerBlock, {}))
 
 
 def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
-    """Switch every MONAI Swin block (3D or 2D) inside ``model`` (or ``model`` itself) to the fused attention, in
-    place.
+    """Switch every MONAI Swin block (3D or 2D) inside ``model`` (or ``model`` itself) to the fused attention, and
+    every ``BasicLayer`` to one that builds its mask only where a block falls back to MONAI's code, in place.
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``), stored on each block as
     ``block.vitkernels_backend``. Patching twice is harmless (only the backend is updated). With ``linear=True``
@@ -108,7 +163,7 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
             return None
         if not _FUSED.matches(type(module)):
             return None
-        if len(module.attn.window_size) not in (2, 3):
+        if type(module).__name__ == "SwinTransformerBlock" and len(module.attn.window_size) not in (2, 3):
             return f"{len(module.attn.window_size)}D windows: only 2D and 3D Swin blocks have a fused attention"
         switch_class(module, _FUSED.fused(type(module)), backend)
         return None
