@@ -119,5 +119,6 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def is_patched(module: nn.Module) -> bool:
-    """Whether ``module`` was switched to one of vitkernels' fused classes (a layer running its fused ops)."""
+    """Whether ``module`` was switched to one of vitkernels' fused classes by an adapter's ``patch_model`` (a layer
+    running the fused ops, or a stage around them: MONAI's ``BasicLayer``)."""
     return isinstance(module, FusedModule)

@@ -83,7 +83,6 @@ class _DeferredMask:
         return self._mask
 
 
-
 class _FusedSwinTransformerBlock(FusedModule):
     """MONAI ``SwinTransformerBlock`` (3D or 2D) with ``forward_part1`` on the fused op and ``forward_part2``'s bias
     + GELU as one native pass (module docstring)."""
