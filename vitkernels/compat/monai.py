@@ -56,7 +56,11 @@ from vitkernels.modules.swin import (
     _linear_gelu,
 )
 from vitkernels.ops.window_attention_3d import window_attention_3d
-from vitkernels.reference.window_attention_3d import effective_window_and_shift, monai_equivalent_table
+from vitkernels.reference.window_attention_3d import (
+    effective_window_and_shift,
+    monai_equivalent_table,
+    padded_size_3d,
+)
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
@@ -131,8 +135,7 @@ class _FusedBasicLayer(FusedModule):
             return super().forward(x)
         spatial = tuple(x.shape[2:])
         window, shift = effective_window_and_shift(spatial, self.window_size, self.shift_size)  # get_window_size
-        padded = [-(-size // w) * w for size, w in zip(spatial, window)]
-        mask = _DeferredMask(padded, window, shift, x.device)
+        mask = _DeferredMask(list(padded_size_3d(spatial, window)), window, shift, x.device)
         x = x.permute(0, *range(2, x.dim()), 1)  # b c (d) h w -> b (d) h w c, a view as einops' rearrange
         for block in blocks:
             x = block(x, mask)

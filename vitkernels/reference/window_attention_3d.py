@@ -62,7 +62,7 @@ def effective_window_and_shift(size: Sequence[int], window_size: Sequence[int], 
 
 
 def padded_size_3d(size: Sequence[int], window_size: Sequence[int]) -> Triple:
-    """(Dp, Hp, Wp): the volume rounded up to whole windows."""
+    """(Dp, Hp, Wp): the volume rounded up to whole windows (axis by axis: (Hp, Wp) for a 2D map's two axes)."""
     return tuple(-(-n // w) * w for n, w in zip(size, window_size))
 
 
