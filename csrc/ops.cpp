@@ -100,8 +100,12 @@ TORCH_LIBRARY(vitkernels, m) {
   // x W^T + b through oneDNN's inner product, float32 CPU, recorded for autograd by a C++ autograd Function: the
   // eager training path of vitkernels.linear (csrc/cpu/linear.cpp; torch.compile keeps onednn_linear below).
   // forward_mm: the forward product through ATen's GEMM (MKL) instead, the backward the same.
-  m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias, bool grad_x_mm=False, bool forward_mm=False) "
-        "-> Tensor");
+  // own_gemm: all three products (forward and backward) through vitkernels' own GEMM (cpu_gemm below) instead.
+  m.def("onednn_linear_eager(Tensor x, Tensor weight, Tensor? bias, bool grad_x_mm=False, bool forward_mm=False, "
+        "bool own_gemm=False) -> Tensor");
+  // a (..., K) @ b (K, N) [+ bias (N)], float32 CPU, any strides: vitkernels' own packed GEMM (csrc/cpu/gemm.cpp),
+  // the products of onednn_linear_eager(own_gemm=True); fake and autograd from vitkernels/ops/linear.py.
+  m.def("cpu_gemm(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
   // act(x W^T + b), act in {none, gelu, gelu_tanh} as oneDNN's post-op, float32 CPU, no autograd of its own: the op
   // torch.compile keeps (fake and autograd from vitkernels/ops/linear.py; without vitkernels._C the same op is a
   // Python custom op there).
@@ -109,15 +113,16 @@ TORCH_LIBRARY(vitkernels, m) {
 
   // A transformer MLP, y = gelu(x W1^T + b1) W2^T + b2, x (..., C), w1 (H, C), w2 (N, H), float32 / float64 CPU, by
   // blocks of block_rows rows (0: chosen from H) so the hidden activation stays in cache (csrc/cpu/gelu_mlp.cpp;
-  // fake and autograd from vitkernels/ops/gelu_mlp.py, whose backward recomputes the hidden activation).
-  m.def("gelu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, int block_rows=0) "
-        "-> Tensor");
+  // fake and autograd from vitkernels/ops/gelu_mlp.py, whose backward recomputes the hidden activation). own_gemm:
+  // the blocks' float32 GEMMs through vitkernels' own GEMM (cpu_gemm) instead of ATen's.
+  m.def("gelu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, int block_rows=0, "
+        "bool own_gemm=False) -> Tensor");
   // Training: -> (y, pre = x W1^T (M, H), the fc1 GEMM's rows before their bias); the backward reads pre and
   // recomputes the GELU block by block -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
   m.def("gelu_mlp_train(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, "
-        "int block_rows=0) -> (Tensor, Tensor)");
+        "int block_rows=0, bool own_gemm=False) -> (Tensor, Tensor)");
   m.def("gelu_mlp_backward(Tensor grad, Tensor x, Tensor pre, Tensor w1, Tensor? b1, Tensor w2, str approximate, "
-        "int block_rows=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int block_rows=0, bool own_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.

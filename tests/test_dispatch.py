@@ -111,6 +111,7 @@ def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, libra
 
     monkeypatch.setattr(linear_op, "CPU_GEMM", library)
     monkeypatch.setattr(linear_op, "_AVX2_CPU", avx2)
+    monkeypatch.setattr(linear_op, "OWN_GEMM", False)
     line = info.versions()["CPU float32 GEMM"]
     assert line.startswith(library)
     assert ("input gradients of Linears with >= 768 input features: ATen's mm" in line) == (library == "onednn"
@@ -119,6 +120,22 @@ def test_info_names_where_linear_input_gradients_take_aten_mm(monkeypatch, libra
             in line) == (library == "onednn" and avx2)
     assert ("layers' forward products with >= 512 rows, >= 192 input features and weights of <= 589824 elements: "
             "ATen's GEMM" in line) == (library == "onednn" and avx2)
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["oneDNN-products", "own-gemm"])
+def test_info_names_whether_the_layers_linears_take_the_own_gemm(monkeypatch, own):
+    """The report says whether the layers' Linears run vitkernels' own GEMM (OWN_GEMM) and why; with it, the
+    forward-product rule (which it overrides) is not reported, and the blocked MLPs name the own GEMM."""
+    from vitkernels import info
+    from vitkernels.ops import linear as linear_op
+
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_op, "_AVX2_CPU", True)
+    monkeypatch.setattr(linear_op, "OWN_GEMM", own)
+    monkeypatch.setattr(linear_op, "OWN_GEMM_REASON", "why")
+    report = info.versions()
+    assert report["CPU own GEMM (layers' Linears)"] == ("on (why)" if own else "off (why)")
+    assert ("layers' forward products with" in report["CPU float32 GEMM"]) == (not own)
 
 
 def test_info_main_runs_as_module():

@@ -431,6 +431,57 @@ def test_fuzz_bad_window_attention_3d_sizes(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_cpu_gemm(seed, monkeypatch):
+    """vitkernels' own GEMM (cpu_gemm) on random shapes (0 included; K past the split-over-K threshold at times),
+    strided or transposed operands, an optional bias, every instruction set, one or two threads; some operands of
+    the wrong size or dtype: a clear error naming the argument, or float64's values and gradients."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", rng.choice(CPU_ISAS))
+    M, N = rng.randint(0, 40), rng.randint(0, 40)
+    K = rng.choice([rng.randint(0, 50), rng.randint(380, 800), rng.randint(1536, 2000)])
+    lead = [M] if rng.random() < 0.7 else [rng.randint(0, 3), M]
+
+    def operand(shape):
+        if rng.random() < 0.5 and len(shape) == 2:
+            return strided(rng, torch.randn(shape[::-1])).t()  # transposed
+        return strided(rng, torch.randn(shape))
+
+    a, b = operand([*lead, K]), operand([K, N])
+    bias = operand([N]) if rng.random() < 0.6 else None
+    wrong = rng.random() < 0.1
+    if wrong:
+        choice = rng.choice(["k", "bias", "dtype"])
+        if choice == "k":
+            b = torch.randn(K + 1, N)
+        elif choice == "bias":
+            bias = torch.randn(N + 1)
+        else:
+            a = a.double()
+    args = [leaf(t) if t is not None else None for t in (a, b, bias)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(rng.choice([1, 2]))
+    try:
+        out = raises_or(lambda: ops.cpu_gemm(*args), ["must agree on K", "bias must be", "must be float32"])
+    finally:
+        torch.set_num_threads(before)
+    ran = out is not None
+    assert ran == (not wrong), f"seed {seed}: wrong={wrong}, but the op {'ran' if ran else 'raised'}"
+    if out is None:
+        return
+    describe = f"seed {seed}: a {tuple(a.shape)} {a.stride()}, b {tuple(b.shape)} {b.stride()}, bias {bias is not None}"
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in args]
+    want = ref[0] @ ref[1] + (ref[2] if bias is not None else 0)
+    compare("cpu_gemm", out, want, torch.float32, describe)
+    if out.numel():
+        grad = torch.randn_like(want)
+        got = torch.autograd.grad(out, [t for t in args if t is not None], grad.float())
+        wanted = torch.autograd.grad(want, [t for t in ref if t is not None], grad)
+        for g, w in zip(got, wanted):
+            compare("cpu_gemm gradient", g, w, torch.float32, describe)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_gelu_mlp(seed):
     """Random widths (0 included), row counts, block sizes, strides and optional biases, some operands of the wrong
     size or dtype: a clear error naming the argument, or the reference's values and gradients."""
@@ -453,14 +504,15 @@ def test_fuzz_gelu_mlp(seed):
     b1 = operand([H], rng.choice(["size", "dtype"])) if rng.random() < 0.7 else None
     b2 = operand([N], rng.choice(["size", "dtype"])) if rng.random() < 0.7 else None
     args = [leaf(t) if t is not None and t.dtype == dtype else t for t in (x, w1, b1, w2, b2)]
-    out = raises_or(lambda: ops.gelu_mlp(*args, "none", block_rows), ["w1 must be", "w2 must be", "b1 must be",
-                                                                      "b2 must be"])
+    own = rng.random() < 0.5  # the blocks' float32 GEMMs on vitkernels' own GEMM (csrc/cpu/gemm.cpp)
+    out = raises_or(lambda: ops.gelu_mlp(*args, "none", block_rows, own),
+                    ["w1 must be", "w2 must be", "b1 must be", "b2 must be"])
     valid = all(t is None or t.dtype == dtype for t in (w1, b1, w2, b2)) and w1.shape == (H, C) \
         and w2.shape == (N, H) and (b1 is None or b1.shape == (H,)) and (b2 is None or b2.shape == (N,))
     assert (out is not None) == valid, f"seed {seed}: valid={valid} but the op {'ran' if out is not None else 'raised'}"
     if out is None:
         return
-    describe = f"seed {seed}: x {tuple(x.shape)}, H {H}, N {N}, block_rows {block_rows}, {dtype}"
+    describe = f"seed {seed}: x {tuple(x.shape)}, H {H}, N {N}, block_rows {block_rows}, {dtype}, own GEMM {own}"
     ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in args]
     want = reference_gelu_mlp(*ref_args)
     compare("gelu_mlp", out, want, dtype, describe)
@@ -471,6 +523,15 @@ def test_fuzz_gelu_mlp(seed):
         for g, w in zip(got, wanted):
             if w is not None:
                 compare("gelu_mlp gradient", g, w, dtype, describe)
+        # the training pair (gelu_mlp_train keeps fc1's output, gelu_mlp_backward runs by blocks) on the same GEMMs
+        y, pre = ops.gelu_mlp_train(*[t.detach() if t is not None else None for t in args], "none", block_rows, own)
+        compare("gelu_mlp_train", y, want, dtype, describe)
+        grads = ops.gelu_mlp_backward(grad.to(dtype), x, pre, w1, b1, w2, "none", block_rows, own)
+        names = [n for n, t in zip(("x", "w1", "b1", "w2", "b2"), args) if t is not None]
+        by_name = dict(zip(names, wanted))
+        for name, g in zip(("x", "w1", "b1", "w2", "b2"), grads):
+            if by_name.get(name) is not None:
+                compare(f"gelu_mlp_backward grad_{name}", g, by_name[name], dtype, describe)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -45,18 +45,34 @@ def cpp_function_or_skip():
         pytest.skip("vitkernels._C is not built")
 
 
-@pytest.fixture(params=["native_cpp_function", "python_function"])
-def eager_path(request, monkeypatch):
-    """Each eager autograd path of the native backend: vitkernels::onednn_linear_eager (the C++ autograd Function
-    of vitkernels._C, the default where it is built) and the Python autograd.Function (without vitkernels._C)."""
-    if request.param == "native_cpp_function":
-        cpp_function_or_skip()
-        fn = torch.ops.vitkernels.onednn_linear_eager.default
-    else:
+def use_eager_path(path, monkeypatch):
+    """Pin the native backend's eager autograd path: vitkernels::onednn_linear_eager (the C++ autograd Function of
+    vitkernels._C, the default where it is built) with oneDNN's / ATen's products ("native_cpp_function"), the
+    Python autograd.Function (without vitkernels._C), or the C++ Function on vitkernels' own GEMM ("own_gemm",
+    OWN_GEMM: an AVX2-only AMD CPU)."""
+    if path == "python_function":
         onednn_or_skip()
         fn = linear_op._EagerOneDNNLinear.apply
+    else:
+        cpp_function_or_skip()
+        if path == "own_gemm" and not hasattr(torch.ops.vitkernels, "cpu_gemm"):
+            pytest.skip("vitkernels._C has no cpu_gemm")
+        fn = torch.ops.vitkernels.onednn_linear_eager.default
     monkeypatch.setattr(linear_op, "_eager_linear", fn)
-    return request.param
+    monkeypatch.setattr(linear_op, "OWN_GEMM", path == "own_gemm")
+    return path
+
+
+@pytest.fixture(params=["native_cpp_function", "python_function", "own_gemm"])
+def eager_path(request, monkeypatch):
+    """Each eager autograd path of the native backend (use_eager_path)."""
+    return use_eager_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["native_cpp_function", "python_function"])
+def onednn_eager_path(request, monkeypatch):
+    """The eager autograd paths whose products are oneDNN's / ATen's (use_eager_path)."""
+    return use_eager_path(request.param, monkeypatch)
 
 
 def expected64(x, w, b, activation):
@@ -117,11 +133,12 @@ def test_grad_x_through_mm_only_on_avx2_cpus_for_wide_inputs():
 @pytest.mark.parametrize("route", ["linear", "layer_linear"])
 @pytest.mark.parametrize("avx2", [False, True], ids=["other-cpu", "avx2-cpu"])
 @pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
-def test_each_eager_path_takes_the_input_gradient_product_the_rule_picks(eager_path, route, avx2, wide, monkeypatch):
+def test_each_eager_path_takes_the_input_gradient_product_the_rule_picks(onednn_eager_path, route, avx2, wide,
+                                                                        monkeypatch):
     """The eager backward's g W runs as ATen's mm exactly where grad_x_through_mm says (an AVX2-only CPU, a weight
     of >= 768 input features), as oneDNN's product on the weight's transposed view elsewhere; every gradient matches
     float64 either way. Through linear() and through layer_linear (the Linear module's and the Swin block's call)."""
-    if route == "layer_linear" and eager_path != "native_cpp_function":
+    if route == "layer_linear" and onednn_eager_path != "native_cpp_function":
         pytest.skip("layer_linear's direct call is the C++ op")
     monkeypatch.setattr(linear_op, "_AVX2_CPU", avx2)
     monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
@@ -183,6 +200,7 @@ def test_layer_linear_forward_takes_the_product_the_rule_picks(rows, monkeypatch
     cpp_function_or_skip()
     monkeypatch.setattr(linear_op, "_AVX2_CPU", True)
     monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_op, "OWN_GEMM", False)
     x, w, b = inputs((rows, 192), 192, True)
     with OpCalls() as calls:
         y = linear_op.layer_linear(x, w, b)

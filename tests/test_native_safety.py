@@ -252,6 +252,18 @@ def _bad_native_calls():
         ("attn-v2-bwd-probs-windows", lambda: ops.window_attention_v2_backward(
             torch.randn(1, 4, 4, 4), qkv, table, torch.ones(2), None, torch.randn(1, 4, 4, 4),
             torch.randn(8, 2, 4, 16), [2, 2], [1, 1], 2), "lse must be"),
+        # cpu_gemm (a @ b + bias, float32 CPU, vitkernels' own GEMM)
+        ("gemm-b-rank", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(4, 5, 1)), "must be 2D"),
+        ("gemm-scalar-a", lambda: ops.cpu_gemm(torch.tensor(1.0), torch.randn(1, 5)), "at least one dimension"),
+        ("gemm-k", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(5, 5)), "must agree on K"),
+        ("gemm-dtype", lambda: ops.cpu_gemm(torch.randn(3, 4).double(), torch.randn(4, 5).double()), "float32"),
+        ("gemm-mixed-dtype", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(4, 5).half()), "float32"),
+        ("gemm-bias-size", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(4, 5), torch.randn(4)),
+         "bias must be"),
+        ("gemm-bias-rank", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(4, 5), torch.randn(1, 5)),
+         "bias must be"),
+        ("gemm-bias-dtype", lambda: ops.cpu_gemm(torch.randn(3, 4), torch.randn(4, 5), torch.randn(5).double()),
+         "bias must be a float32"),
         # onednn_linear_eager (x W^T + b, float32 CPU)
         ("linear-eager-weight-shape", lambda: ops.onednn_linear_eager(torch.randn(3, 4), torch.randn(5, 3), None),
          "weight must be"),

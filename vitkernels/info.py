@@ -37,14 +37,17 @@ def versions() -> Dict[str, str]:
     if linear_op.CPU_GEMM == "onednn" and linear_op.grad_x_through_mm(linear_op.GRAD_X_MM_MIN_IN_FEATURES):
         info["CPU float32 GEMM"] += (f"; input gradients of Linears with >= {linear_op.GRAD_X_MM_MIN_IN_FEATURES} "
                                      "input features: ATen's mm (an AVX2 CPU)")
-    if linear_op.CPU_GEMM == "onednn" and linear_op.forward_through_mm(linear_op.FORWARD_MM_MIN_ROWS,
-                                                                        linear_op.FORWARD_MM_MIN_IN_FEATURES, 1):
+    forward_mm = linear_op.forward_through_mm(linear_op.FORWARD_MM_MIN_ROWS, linear_op.FORWARD_MM_MIN_IN_FEATURES, 1)
+    if linear_op.CPU_GEMM == "onednn" and not linear_op.OWN_GEMM and forward_mm:
         info["CPU float32 GEMM"] += (f"; layers' forward products with >= {linear_op.FORWARD_MM_MIN_ROWS} rows, "
                                      f">= {linear_op.FORWARD_MM_MIN_IN_FEATURES} input features and weights of <= "
                                      f"{linear_op.FORWARD_MM_MAX_WEIGHT} elements: ATen's GEMM (an AVX2 CPU)")
+    info["CPU own GEMM (layers' Linears)"] = (f"{'on' if linear_op.OWN_GEMM else 'off'} "
+                                              f"({linear_op.OWN_GEMM_REASON})")
     if linear_op.CPU_GEMM == "onednn" and gelu_mlp_op.layers_take_it():
+        mlp_gemm = "vitkernels' own GEMM" if linear_op.OWN_GEMM else "ATen's mm"
         info["CPU float32 GEMM"] += ("; MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows "
-                                     "through ATen's mm (an AVX2 CPU)")
+                                     f"through {mlp_gemm} (an AVX2 CPU)")
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()
         info["CUDA capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

@@ -9,8 +9,10 @@
 // vitkernels/ops/gelu_mlp.py for where `auto` takes it.
 //
 // Each output row is the same GEMM arithmetic as the unblocked sequence's (the GEMMs' rows are independent), up to
-// the GEMM library's own row-blocking choices. gelu_mlp_train is the same forward keeping fc1's output for
-// gelu_mlp_backward, which runs by blocks too. Autograd: vitkernels/ops/gelu_mlp.py.
+// the GEMM library's own row-blocking choices. With own_gemm (vitkernels/ops/linear.py OWN_GEMM, float32 only) the
+// blocks' GEMMs are vitkernels' own (csrc/cpu/gemm.cpp), as the layers' Linears then are, instead of ATen's.
+// gelu_mlp_train is the same forward keeping fc1's output for gelu_mlp_backward, which runs by blocks too.
+// Autograd: vitkernels/ops/gelu_mlp.py.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -27,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gemm.h"
 #include "row_ops.h"
 
 #define VK_CPU_BODY "bias_gelu_kernel.h"
@@ -83,6 +86,26 @@ MlpShape check_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w
   return {M, C, H, N};
 }
 
+// out (rows, n) = [out +] a (rows, k) b (k, n) [+ bias (n)] (out's values added with accumulate), single-threaded
+// inside a task: vitkernels' own GEMM where own (float32; any strides of a and b, out with unit column stride),
+// else ATen's CPU kernels (no dispatcher, hence no autograd on a worker thread whose grad mode is its own).
+void block_mm(bool own, at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+              const std::optional<at::Tensor>& bias, bool accumulate) {
+  if (own && out.scalar_type() == at::kFloat) {
+    TORCH_CHECK(out.stride(1) == 1 && a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
+                "gelu_mlp: internal block product of mismatched shapes");
+    gemm_f32(out.size(0), out.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+             b.const_data_ptr<float>(), b.stride(0), b.stride(1), out.mutable_data_ptr<float>(), out.stride(0),
+             bias.has_value() ? bias->const_data_ptr<float>() : nullptr, accumulate);
+  } else if (accumulate) {
+    at::cpu::addmm_out(out, out, a, b);
+  } else if (bias.has_value()) {
+    at::cpu::addmm_out(out, *bias, a, b);  // as F.linear: the bias added by the GEMM (beta = 1)
+  } else {
+    at::cpu::mm_out(out, a, b);
+  }
+}
+
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> shape(sizes.begin(), sizes.end());
   shape.back() = last;
@@ -93,30 +116,26 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 // the bias) are kept there for the backward, and the GELU goes to a per-task buffer instead of in place.
 void forward_blocks(const MlpShape& s, const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& bias1,
                     const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool tanh_approx, int64_t R,
-                    at::Tensor& y, at::Tensor* pre) {
+                    at::Tensor& y, at::Tensor* pre, bool own) {
   const int64_t blocks = (s.M + R - 1) / R;
   const at::Tensor w1t = w1.detach().t(), w2t = w2.detach().t();  // (C, H), (H, N): the GEMM reads them transposed
-  const std::optional<at::Tensor> bias2 = b2.has_value() ? std::optional<at::Tensor>(b2->detach()) : std::nullopt;
+  const std::optional<at::Tensor> bias2 =
+      b2.has_value() ? std::optional<at::Tensor>(b2->detach().contiguous()) : std::nullopt;
   const Isa isa = selected_isa();
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "vitkernels_gelu_mlp_cpu", [&] {
     const scalar_t* b1_ptr = bias1.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-      // Inside a parallel region ATen's GEMM runs on this thread only. The at::cpu:: functions are the CPU kernels
-      // themselves (no dispatcher, hence no autograd on a worker thread whose grad mode is its own).
+      // Inside a parallel region the GEMMs run on this thread only (block_mm).
       at::Tensor h = at::empty({std::min(R, s.M), s.H}, xc.options());
       for (int64_t blk = first; blk < last; ++blk) {
         const int64_t r0 = blk * R, rows = std::min(R, s.M - r0);
         at::Tensor hb = h.narrow(0, 0, rows);
         at::Tensor fc1 = pre != nullptr ? pre->narrow(0, r0, rows) : hb;
-        at::cpu::mm_out(fc1, xc.narrow(0, r0, rows), w1t);
+        block_mm(own, fc1, xc.narrow(0, r0, rows), w1t, std::nullopt, false);
         VK_CPU_CALL(isa, bias_gelu_rows, fc1.const_data_ptr<scalar_t>(), b1_ptr, hb.mutable_data_ptr<scalar_t>(),
                     int64_t{0}, rows, s.H, tanh_approx);
         at::Tensor yb = y.narrow(0, r0, rows);
-        if (bias2.has_value()) {
-          at::cpu::addmm_out(yb, *bias2, hb, w2t);  // as F.linear: the bias added by the GEMM (beta = 1)
-        } else {
-          at::cpu::mm_out(yb, hb, w2t);
-        }
+        block_mm(own, yb, hb, w2t, bias2, false);
       }
     });
   });
@@ -136,7 +155,7 @@ at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t size, co
 std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor& x, const at::Tensor& w1,
                                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                const std::optional<at::Tensor>& b2, c10::string_view approximate,
-                                               int64_t block_rows, bool keep_pre) {
+                                               int64_t block_rows, bool keep_pre, bool own) {
   const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, block_rows);
   const at::TensorOptions opt = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor y = at::empty({s.M, s.N}, opt);
@@ -144,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
   if (s.M > 0) {
     const int64_t R = block_rows > 0 ? block_rows : gelu_mlp_block_rows(s.H, x.element_size());
     forward_blocks(s, rows_of(x, s), w1, bias_or_zeros(b1, s.H, x), w2, b2, approximate == "tanh", R, y,
-                   keep_pre ? &pre : nullptr);
+                   keep_pre ? &pre : nullptr, own);
   }
   return {y.view(with_last(x.sizes(), s.N)), pre};
 }
@@ -153,8 +172,9 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const char* op, const at::Tensor&
 
 at::Tensor gelu_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                         const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate,
-                        int64_t block_rows) {
-  return std::get<0>(run_forward("gelu_mlp", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/false));
+                        int64_t block_rows, bool own_gemm) {
+  return std::get<0>(
+      run_forward("gelu_mlp", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/false, own_gemm));
 }
 
 // Training: also returns pre = x W1^T (M, H) (the fc1 GEMM's output before its bias), which gelu_mlp_backward reads.
@@ -162,8 +182,9 @@ at::Tensor gelu_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::op
 std::tuple<at::Tensor, at::Tensor> gelu_mlp_train_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                       const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                       const std::optional<at::Tensor>& b2,
-                                                      c10::string_view approximate, int64_t block_rows) {
-  return run_forward("gelu_mlp_train", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/true);
+                                                      c10::string_view approximate, int64_t block_rows,
+                                                      bool own_gemm) {
+  return run_forward("gelu_mlp_train", x, w1, b1, w2, b2, approximate, block_rows, /*keep_pre=*/true, own_gemm);
 }
 
 // Gradients of gelu_mlp_train, block by block, nothing (M, H)-sized written: for R rows, h = gelu(pre + b1)
@@ -174,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> gelu_mlp_train_cpu(const at::Tensor& x, const
 // bias gradients are computed whether or not the biases exist (a b1 of None reads as zeros).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& w1,
-    const std::optional<at::Tensor>& b1, const at::Tensor& w2, c10::string_view approximate, int64_t block_rows) {
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, c10::string_view approximate, int64_t block_rows,
+    bool own_gemm) {
   const char* op = "gelu_mlp_backward";
   const MlpShape s = check_mlp_args(op, x, w1, b1, w2, std::nullopt, approximate, block_rows);
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(with_last(x.sizes(), s.N)) && grad.scalar_type() == x.scalar_type(),
@@ -223,18 +245,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_
           const scalar_t* pre_ptr = pb.const_data_ptr<scalar_t>();
           VK_CPU_CALL(isa, bias_gelu_rows, pre_ptr, b1_ptr, hb.mutable_data_ptr<scalar_t>(), int64_t{0}, rows, s.H,
                       tanh_approx);
-          at::cpu::addmm_out(dw2, dw2, gb.t(), hb);  // grad_W2 += g^T h
+          block_mm(own_gemm, dw2, gb.t(), hb, std::nullopt, true);  // grad_W2 += g^T h
           const scalar_t* g_ptr = gb.const_data_ptr<scalar_t>();
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t n = 0; n < s.N; ++n) sum_b2[n] += static_cast<double>(g_ptr[r * s.N + n]);
-          at::cpu::mm_out(ghb, gb, w2d);  // grad_hidden = g W2
+          block_mm(own_gemm, ghb, gb, w2d, std::nullopt, false);  // grad_hidden = g W2
           scalar_t* gh_ptr = ghb.mutable_data_ptr<scalar_t>();
           std::fill(db1.begin(), db1.end(), scalar_t(0));
           VK_CPU_CALL(isa, bias_gelu_backward_rows, gh_ptr, pre_ptr, b1_ptr, gh_ptr, db1.data(), int64_t{0}, rows,
                       s.H, tanh_approx);
           for (int64_t j = 0; j < s.H; ++j) sum_b1[j] += static_cast<double>(db1[j]);
-          at::cpu::mm_out(gxb, ghb, w1d);            // grad_x = grad_pre W1
-          at::cpu::addmm_out(dw1, dw1, ghb.t(), xb);  // grad_W1 += grad_pre^T x
+          block_mm(own_gemm, gxb, ghb, w1d, std::nullopt, false);  // grad_x = grad_pre W1
+          block_mm(own_gemm, dw1, ghb.t(), xb, std::nullopt, true);  // grad_W1 += grad_pre^T x
         }
       });
     });

@@ -4,7 +4,8 @@
 //   grad_x = g W (oneDNN, the weight operand transposed by view; ATen's mm where the caller asks: grad_x_mm, chosen
 //            by vitkernels/ops/linear.py grad_x_through_mm),  grad_W = g^T x (mm),  grad_b = column sums of g.
 // The forward runs through ATen's GEMM instead where the caller asks (forward_mm, chosen by forward_through_mm):
-// the same backward either way.
+// the same backward either way. With own_gemm (chosen by own_gemm_takes_it) all three products, forward and
+// backward, run through vitkernels' own packed GEMM (csrc/cpu/gemm.cpp) instead, the bias added in its tiles.
 // The same computation as the Python autograd.Function it replaces in eager training, minus ~100 us of Python per
 // Linear forward + backward (the Function's apply, the saved-tensor unpacking, a dozen reshape / view / t calls
 // through Python): about 50 Linears per Swin-T training step.
@@ -30,6 +31,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "gemm.h"
 
 namespace vitkernels {
 namespace cpu {
@@ -88,13 +91,17 @@ int64_t leading_rows(const at::Tensor& x) {
 // (..., K) x (N, K) -> (..., N), returned as a tensor that is not a view: the GEMM's 2D result reshaped would be a
 // view of a tensor made inside the Function, which autograd forbids modifying in place afterwards (timm's
 // `qkv += bias` does); the result takes the GEMM output's storage directly instead.
-// aten_gemm: the product through ATen's GEMM (at::linear: MKL's sgemm in a CPU build) instead of oneDNN's, no
-// activation (the forward_mm argument of onednn_linear_eager).
+// gemm: the product's library, no activation for the first two (the forward_mm / own_gemm arguments of
+// onednn_linear_eager): ATen's GEMM (at::linear: MKL's sgemm in a CPU build), vitkernels' own (gemm.h), oneDNN's.
+enum class Gemm { kAten, kOwn, kOneDnn };
+
 at::Tensor linear_unviewed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           Activation activation = Activation::kNone, bool aten_gemm = false) {
+                           Activation activation = Activation::kNone, Gemm gemm = Gemm::kOneDnn) {
   const int64_t N = weight.size(0), K = weight.size(1);
   const at::Tensor x2 = x.reshape({leading_rows(x), K});
-  const at::Tensor y = aten_gemm ? at::linear(x2, weight, bias) : onednn_gemm(x2, weight, bias, activation);
+  const at::Tensor y = gemm == Gemm::kAten  ? at::linear(x2, weight, bias)
+                       : gemm == Gemm::kOwn ? gemm_f32(x2, weight.t(), bias, "onednn_linear_eager")
+                                            : onednn_gemm(x2, weight, bias, activation);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(N);
   std::vector<int64_t> strides(shape.size());
@@ -124,11 +131,14 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
 
 struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool grad_x_mm, bool forward_mm) {
+                            const std::optional<at::Tensor>& bias, bool grad_x_mm, bool forward_mm,
+                            bool own_gemm) {
     ctx->save_for_backward({x, weight});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["grad_x_mm"] = grad_x_mm;
-    return linear_unviewed(x, weight, bias, Activation::kNone, forward_mm);
+    ctx->saved_data["own_gemm"] = own_gemm;
+    return linear_unviewed(x, weight, bias, Activation::kNone,
+                           own_gemm ? Gemm::kOwn : forward_mm ? Gemm::kAten : Gemm::kOneDnn);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -141,21 +151,28 @@ struct EagerOneDnnLinear : public torch::autograd::Function<EagerOneDnnLinear> {
     const at::Tensor x2 = x.reshape({lead, K});
     // ATen's mm for grad_x under create_graph (differentiable; oneDNN's op has no derivative) and where the caller
     // asked for it (grad_x_mm)
-    const bool mm = at::GradMode::is_enabled() || ctx->saved_data["grad_x_mm"].toBool();
+    const bool differentiable = at::GradMode::is_enabled();
+    const bool own = !differentiable && ctx->saved_data["own_gemm"].toBool();
+    const bool mm = differentiable || ctx->saved_data["grad_x_mm"].toBool();
     at::Tensor grad_x, grad_w, grad_b;
     if (ctx->needs_input_grad(0)) {
-      grad_x = (mm ? at::mm(g, weight) : onednn_gemm(g, weight.t(), std::nullopt)).view(x.sizes());
+      grad_x = (own  ? gemm_f32(g, weight, std::nullopt, "onednn_linear_eager backward")
+                : mm ? at::mm(g, weight)
+                     : onednn_gemm(g, weight.t(), std::nullopt))
+                   .view(x.sizes());
     }
-    if (ctx->needs_input_grad(1)) grad_w = at::mm(g.t(), x2);
+    if (ctx->needs_input_grad(1)) {
+      grad_w = own ? gemm_f32(g.t(), x2, std::nullopt, "onednn_linear_eager backward") : at::mm(g.t(), x2);
+    }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_b = g.sum(0);
-    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor()};
+    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor onednn_linear_eager(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               bool grad_x_mm, bool forward_mm) {
+                               bool grad_x_mm, bool forward_mm, bool own_gemm) {
   check_args(x, weight, bias, "onednn_linear_eager");
-  return EagerOneDnnLinear::apply(x, weight, bias, grad_x_mm, forward_mm);
+  return EagerOneDnnLinear::apply(x, weight, bias, grad_x_mm, forward_mm, own_gemm);
 }
 
 // vitkernels::onednn_linear's CPU kernel (its autograd: vitkernels/ops/linear.py).

@@ -145,15 +145,15 @@ if _native.is_loaded():
     _forward = torch.ops.vitkernels.gelu_mlp.default
 
     @torch.library.register_fake("vitkernels::gelu_mlp")
-    def _gelu_mlp_fake(x, w1, b1, w2, b2, approximate, block_rows=0):
+    def _gelu_mlp_fake(x, w1, b1, w2, b2, approximate, block_rows=0, own_gemm=False):
         return x.new_empty((*x.shape[:-1], w2.shape[0]))
 
     @torch.library.register_fake("vitkernels::gelu_mlp_train")
-    def _gelu_mlp_train_fake(x, w1, b1, w2, b2, approximate, block_rows=0):
+    def _gelu_mlp_train_fake(x, w1, b1, w2, b2, approximate, block_rows=0, own_gemm=False):
         return x.new_empty((*x.shape[:-1], w2.shape[0])), x.new_empty((math.prod(x.shape[:-1]), w1.shape[0]))
 
     @torch.library.register_fake("vitkernels::gelu_mlp_backward")
-    def _gelu_mlp_backward_fake(grad, x, pre, w1, b1, w2, approximate, block_rows=0):
+    def _gelu_mlp_backward_fake(grad, x, pre, w1, b1, w2, approximate, block_rows=0, own_gemm=False):
         return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[:1]), w2.new_empty(w2.shape),
                 w2.new_empty(w2.shape[:1]))
 
@@ -177,10 +177,11 @@ if _native.is_loaded():
             g2.sum(0) if has_b2 and need[4] else None,
             None,
             None,
+            None,
         )
 
     def _setup_context(ctx, inputs, output):
-        x, w1, b1, w2, b2, ctx.approximate, _ = inputs
+        x, w1, b1, w2, b2, ctx.approximate, _, _ = inputs
         ctx.has_b2 = b2 is not None
         ctx.save_for_backward(x, w1, b1, w2)
 
@@ -191,7 +192,7 @@ if _native.is_loaded():
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
 
     def _train_setup_context(ctx, inputs, output):
-        x, w1, b1, w2, b2, ctx.approximate, ctx.block_rows = inputs
+        x, w1, b1, w2, b2, ctx.approximate, ctx.block_rows, ctx.own_gemm = inputs
         ctx.has_b2 = b2 is not None
         _, pre = output
         ctx.save_for_backward(x, pre, w1, b1, w2)
@@ -200,16 +201,16 @@ if _native.is_loaded():
 
     def _train_backward(ctx, grad, _grad_pre):
         if grad is None:  # the output was not used
-            return (None,) * 7
+            return (None,) * 8
         x, pre, w1, b1, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: a formula autograd can differentiate again
             return _recomputing_backward(grad, x, w1, b1, w2, ctx.has_b2, ctx.approximate, need)
         grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = torch.ops.vitkernels.gelu_mlp_backward(
-            grad, x, pre, w1, b1, w2, ctx.approximate, ctx.block_rows)
+            grad, x, pre, w1, b1, w2, ctx.approximate, ctx.block_rows, ctx.own_gemm)
         return (grad_x if need[0] else None, grad_w1 if need[1] else None,
                 grad_b1 if b1 is not None and need[2] else None, grad_w2 if need[3] else None,
-                grad_b2 if ctx.has_b2 and need[4] else None, None, None)
+                grad_b2 if ctx.has_b2 and need[4] else None, None, None, None)
 
     torch.library.register_autograd(torch.ops.vitkernels.gelu_mlp_train.default, _train_backward,
                                     setup_context=_train_setup_context)
@@ -226,9 +227,11 @@ if _native.is_loaded():
     def _gelu_mlp_native(x, w1, b1, w2, b2, approximate, block_rows):
         if needs_grad(x, w1, b1, w2, b2):
             # training: the forward keeps fc1's output for the backward, which runs block by block too
-            y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows)
+            y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows,
+                                                       linear_op.OWN_GEMM)
             return y
-        return _forward(x, w1, b1, w2, b2, approximate, block_rows)
+        # the blocks' GEMMs through vitkernels' own where the layers' Linears take it (linear_op.OWN_GEMM)
+        return _forward(x, w1, b1, w2, b2, approximate, block_rows, linear_op.OWN_GEMM)
 
     run_native = _gelu_mlp_native  # for layers that asked native_preferred() first: no argument checks again
 

@@ -169,6 +169,39 @@ def forward_through_mm(rows: int, in_features: int, out_features: int, capabilit
             and in_features * out_features <= FORWARD_MM_MAX_WEIGHT)
 
 
+OWN_GEMM_ENV_VAR = "VITKERNELS_OWN_GEMM"
+
+
+def own_gemm_takes_it(env: Optional[str] = None, capability: Optional[str] = None, built: Optional[bool] = None,
+                      cpu_gemm: Optional[str] = None) -> Tuple[bool, str]:
+    """``(takes_it, why)``: whether the layers' float32 CPU Linears (:func:`layer_linear`'s direct path) run their
+    three products, ``x W^T + b`` forward and ``g W``, ``g^T x`` backward, through vitkernels' own packed GEMM
+    (``vitkernels::cpu_gemm``, csrc/cpu/gemm.cpp) instead of oneDNN's / MKL's. By default on CPUs whose best
+    instruction set is AVX2 (``capability`` as in :func:`grad_x_through_mm`) where oneDNN is the CPU GEMM
+    (``cpu_gemm``, default :data:`CPU_GEMM`: a non-Intel CPU, an AMD Zen 1-3) and vitkernels._C has the GEMM
+    (``built``). Why: on a 2-core AMD EPYC Zen 2 MKL's and oneDNN's GEMMs ran Swin-T's Linear shapes at ~65-75% of
+    the cores' FMA peak (independent FMAs: ~216 GFLOP/s on both cores, 2048^3 ``torch.mm``: ~150); the packed
+    6 x 16 register tile ran them 1.0-1.25x faster than the faster of the two per shape, forward, input and
+    weight gradients (interleaved calls). ``$VITKERNELS_OWN_GEMM`` (``env``: ``1`` / ``0``, read at import)
+    overrides the rule (``1`` still needs vitkernels._C and oneDNN as the CPU GEMM: the Linears' other route is
+    ``F.linear``). Not measured on AVX-512 CPUs, where oneDNN / MKL keep every product."""
+    env = os.environ.get(OWN_GEMM_ENV_VAR, "") if env is None else env
+    built = (_native.is_loaded() and hasattr(torch.ops.vitkernels, "cpu_gemm")) if built is None else built
+    cpu_gemm = CPU_GEMM if cpu_gemm is None else cpu_gemm
+    asked = env.strip()
+    if asked not in ("", "0", "1"):
+        raise ValueError(f"${OWN_GEMM_ENV_VAR} must be 0 or 1, got {env!r}")
+    if not built:
+        return False, "vitkernels._C is not built"
+    if cpu_gemm != "onednn":
+        return False, f"the layers' Linears run F.linear here (CPU GEMM {cpu_gemm!r})"
+    if asked:
+        return asked == "1", f"${OWN_GEMM_ENV_VAR}={asked}"
+    if _avx2_only(capability):
+        return True, "an AVX2 CPU where oneDNN is the GEMM (AMD Zen 1-3): the packed tile ran 1.0-1.25x faster"
+    return False, "not an AVX2-only CPU (oneDNN / MKL keep the products)"
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -213,7 +246,8 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     the fused Swin block's GEMMs), whose shapes the layer guarantees. Where oneDNN is the CPU GEMM (:data:`CPU_GEMM`),
     in eager mode, on CPU, in float32, without autocast, the call goes straight to ``vitkernels::onednn_linear_eager``
     (which checks its arguments in C++, records for autograd only when autograd is recording, and runs its forward
-    through ATen's GEMM where :func:`forward_through_mm` says, the same in training and inference), not through
+    through ATen's GEMM where :func:`forward_through_mm` says, the same in training and inference; all three products
+    through vitkernels' own GEMM where :data:`OWN_GEMM` says, :func:`own_gemm_takes_it`), not through
     :func:`linear`'s Python checks and backend selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear:
     87 -> 45 us with autograd, one thread), about 50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM`
     is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
@@ -223,7 +257,8 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         return F.linear(x, weight, bias)
     if route == "onednn":
         N, K = weight.shape
-        return _layer_fast_path(x, weight, bias, grad_x_through_mm(K), forward_through_mm(x.shape[:-1].numel(), K, N))
+        return _layer_fast_path(x, weight, bias, grad_x_through_mm(K), forward_through_mm(x.shape[:-1].numel(), K, N),
+                                OWN_GEMM)
     return linear(x, weight, bias, backend="auto")
 
 
@@ -384,6 +419,12 @@ if onednn_available():
     def _linear_native(x, weight, bias, activation):
         recording = needs_grad(x, weight, bias)
         eager = not torch.compiler.is_compiling()
+        if OWN_GEMM:
+            # vitkernels' own GEMM for the three products (own_gemm_takes_it), eager and compiled alike: the C++
+            # autograd Function in eager training, vitkernels::cpu_gemm (fake and autograd below) elsewhere
+            y = (_eager_linear(x, weight, bias, False, False, True) if eager and recording
+                 else _own_gemm_linear(x, weight, bias))
+            return y if activation is None else F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
         if eager and not recording:
             # Eager without autograd (inference): oneDNN's op directly. The custom op's dispatch (autograd key, fake
             # registration, Python body) costs ~25 us a call, ~3% of a Swin-T inference at batch 4; under
@@ -401,3 +442,37 @@ if onednn_available():
 
 else:
     op.mark_missing("native", "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)")
+
+
+if _native.is_loaded() and hasattr(torch.ops.vitkernels, "cpu_gemm"):
+    # vitkernels::cpu_gemm(a, b, bias): a (..., K) @ b (K, N) [+ bias], vitkernels' own packed CPU GEMM (float32, any
+    # strides; csrc/cpu/gemm.cpp), the products of layer_linear's Linears where OWN_GEMM says. Its fake and its
+    # autograd (the gradients through the same op, so they are differentiable in turn).
+    @torch.library.register_fake("vitkernels::cpu_gemm")
+    def _cpu_gemm_fake(a, b, bias=None):
+        return a.new_empty((*a.shape[:-1], b.shape[1]))
+
+    def _cpu_gemm_setup_context(ctx, inputs, output):
+        a, b, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(a, b)
+
+    def _cpu_gemm_backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        gemm = torch.ops.vitkernels.cpu_gemm
+        K, N = b.shape
+        rows = a.shape[:-1].numel()
+        grad_a = gemm(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = gemm(a.reshape(rows, K).t(), grad.reshape(rows, N)) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.reshape(rows, N).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_bias
+
+    torch.library.register_autograd("vitkernels::cpu_gemm", _cpu_gemm_backward, setup_context=_cpu_gemm_setup_context)
+
+    def _own_gemm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x W^T + b``, (..., K) -> (..., N), through ``vitkernels::cpu_gemm`` (the weight's transposed view read
+        in place; a fresh output, no view of another tensor)."""
+        return torch.ops.vitkernels.cpu_gemm(x, weight.t(), bias)
+
+# Whether this process's layers run their CPU Linears through vitkernels' own GEMM (layer_linear), and why
+OWN_GEMM, OWN_GEMM_REASON = own_gemm_takes_it()

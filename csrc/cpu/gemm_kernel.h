@@ -1,0 +1,141 @@
+// Body of the CPU packed GEMM (csrc/cpu/gemm.cpp), compiled per instruction set by cpu_isa_each.h.
+// Deliberately no include guard.
+//   C (M, N) = A (M, K) B (K, N) [+ bias (N) on every row],  float32,
+//   A(i, k) = A[i * a_row + k * a_col],  B(k, j) = B[k * b_row + j * b_col],  C[i * ldc + j]
+// The operands are packed into the layouts the register tile reads (Goto / BLIS): a block of A's rows as panels of
+// kMR rows, k-major (a[k * kMR + r]), a block of B's columns as panels of kNR columns, k-major (b[k * kNR + c]), both
+// zero-padded to whole panels. The tile (kMR x kNR: 6 x 2 vectors, 12 accumulators) then streams its two panels
+// with unit stride whatever the operands' strides were (x W^T, g W, g^T x: the three products of a Linear).
+
+namespace vitkernels {
+namespace cpu {
+namespace VK_CPU_ISA {
+
+constexpr int kGemmMR = VK_CPU_TILE2_MR;
+constexpr int kGemmNR = 2 * Vec<float>::lanes;
+
+// The kMR x kNR tile C = init + sum_k a[k] b[k]^T over packed panels a (K x kMR) and b (K x kNR); init: C's own
+// values (add_c) plus the bias row (bias, kNR values, or none). C's rows are ldc apart.
+VK_INLINE void gemm_packed_tile(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
+                                const float* bias) {
+  using V = Vec<float>::type;
+  constexpr int L = Vec<float>::lanes;
+  V acc[kGemmMR][2];
+  const V b0 = bias != nullptr ? load(bias) : V{}, b1 = bias != nullptr ? load(bias + L) : V{};
+#pragma GCC unroll 16
+  for (int r = 0; r < kGemmMR; ++r) {
+    acc[r][0] = add_c ? load(C + r * ldc) + b0 : b0;
+    acc[r][1] = add_c ? load(C + r * ldc + L) + b1 : b1;
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = load(b + k * kGemmNR), b1 = load(b + k * kGemmNR + L);
+#pragma GCC unroll 16
+    for (int r = 0; r < kGemmMR; ++r) {
+      const float x = a[k * kGemmMR + r];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kGemmMR; ++r) {
+    store(C + r * ldc, acc[r][0]);
+    store(C + r * ldc + L, acc[r][1]);
+  }
+}
+
+// A tile on C's ragged edge (rows < kMR or cols < kNR): through a whole tile in registers-sized scratch.
+VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
+                                const float* bias, int rows, int cols) {
+  alignas(64) float tile[kGemmMR * kGemmNR];
+  alignas(64) float bias_tile[kGemmNR] = {};
+  for (int r = 0; r < kGemmMR; ++r) {
+    for (int c = 0; c < kGemmNR; ++c) tile[r * kGemmNR + c] = add_c && r < rows && c < cols ? C[r * ldc + c] : 0.0f;
+  }
+  if (bias != nullptr) {
+    for (int c = 0; c < cols; ++c) bias_tile[c] = bias[c];
+  }
+  gemm_packed_tile(K, a, b, tile, kGemmNR, add_c, bias != nullptr ? bias_tile : nullptr);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) C[r * ldc + c] = tile[r * kGemmNR + c];
+  }
+}
+
+// Rows [0, rows) x k [0, kc) of A into panels of kMR rows: out[panel][k][r], rows past the end zero.
+inline void gemm_pack_a(int64_t rows, int64_t kc, const float* A, int64_t a_row, int64_t a_col, float* out) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kGemmMR, out += kGemmMR * kc) {
+    const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, rows - i0));
+    const float* src = A + i0 * a_row;
+    if (mr == kGemmMR && a_row == 1) {
+      // A = g^T (g^T x): kMR consecutive values per k
+      for (int64_t k = 0; k < kc; ++k) {
+#pragma GCC unroll 16
+        for (int r = 0; r < kGemmMR; ++r) out[k * kGemmMR + r] = src[k * a_col + r];
+      }
+    } else if (mr == kGemmMR && a_col == 1) {
+      // row-major A (x, g): kMR rows read side by side, each with unit stride
+      const float* row[kGemmMR];
+      for (int r = 0; r < kGemmMR; ++r) row[r] = src + r * a_row;
+      for (int64_t k = 0; k < kc; ++k) {
+#pragma GCC unroll 16
+        for (int r = 0; r < kGemmMR; ++r) out[k * kGemmMR + r] = row[r][k];
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int r = 0; r < mr; ++r) out[k * kGemmMR + r] = src[r * a_row + k * a_col];
+        for (int r = mr; r < kGemmMR; ++r) out[k * kGemmMR + r] = 0.0f;
+      }
+    }
+  }
+}
+
+// Columns [0, cols) x k [0, kc) of B into panels of kNR columns: out[panel][k][c], columns past the end zero.
+inline void gemm_pack_b(int64_t kc, int64_t cols, const float* B, int64_t b_row, int64_t b_col, float* out) {
+  constexpr int L = Vec<float>::lanes;
+  for (int64_t j0 = 0; j0 < cols; j0 += kGemmNR, out += kGemmNR * kc) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, cols - j0));
+    const float* src = B + j0 * b_col;
+    if (nr == kGemmNR && b_col == 1) {
+      // row-major B (W in g W, x in g^T x): two vectors per k
+      for (int64_t k = 0; k < kc; ++k) {
+        store(out + k * kGemmNR, load(src + k * b_row));
+        store(out + k * kGemmNR + L, load(src + k * b_row + L));
+      }
+    } else if (b_row == 1) {
+      // B = W^T (x W^T): each column is a weight row, unit stride over k
+      for (int c = 0; c < nr; ++c) {
+        const float* col = src + c * b_col;
+        for (int64_t k = 0; k < kc; ++k) out[k * kGemmNR + c] = col[k];
+      }
+      for (int c = nr; c < kGemmNR; ++c) {
+        for (int64_t k = 0; k < kc; ++k) out[k * kGemmNR + c] = 0.0f;
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int c = 0; c < nr; ++c) out[k * kGemmNR + c] = src[k * b_row + c * b_col];
+        for (int c = nr; c < kGemmNR; ++c) out[k * kGemmNR + c] = 0.0f;
+      }
+    }
+  }
+}
+
+// C rows [0, rows) x columns [0, cols) from a packed A block (rows x kc) and packed B block (kc x cols): the tiles,
+// B's panels outer (one kc x kNR panel stays in L1 while the A block, in L2, streams past it).
+inline void gemm_packed_block(int64_t rows, int64_t cols, int64_t kc, const float* a, const float* b, float* C,
+                              int64_t ldc, bool add_c, const float* bias) {
+  for (int64_t j = 0; j < cols; j += kGemmNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, cols - j));
+    const float* bp = b + j * kc;  // panel j / kNR
+    const float* bj = bias != nullptr ? bias + j : nullptr;
+    for (int64_t i = 0; i < rows; i += kGemmMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, rows - i));
+      float* c = C + i * ldc + j;
+      if (mr == kGemmMR && nr == kGemmNR) gemm_packed_tile(kc, a + i * kc, bp, c, ldc, add_c, bj);
+      else gemm_packed_edge(kc, a + i * kc, bp, c, ldc, add_c, bj, mr, nr);
+    }
+  }
+}
+
+}  // namespace VK_CPU_ISA
+}  // namespace cpu
+}  // namespace vitkernels
