@@ -41,6 +41,10 @@ constexpr int64_t kSerialMacs = int64_t(1) << 18;
 constexpr int64_t kSplitKMin = 4 * kMaxKC;
 constexpr int64_t kSplitKMaxC = int64_t(1) << 20;
 
+// Floats of room past a packed A block for gemm_pack_a's whole-vector stores: every instruction set's
+// kGemmPackSlack (its vector's lanes) at most.
+constexpr int64_t kPackSlack = 16;
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // A per-thread scratch buffer of at least n floats, 64-byte aligned, kept between calls (the packed blocks are
@@ -91,7 +95,7 @@ void run_blocked(int64_t M, int64_t N, int64_t K, const float* B, int64_t b_row,
           const int64_t r0 = groups * t / threads * MR, r1 = std::min<int64_t>(M, groups * (t + 1) / threads * MR);
           for (int64_t i0 = r0; i0 < r1; i0 += kMaxMC) {
             const int64_t mc = std::min<int64_t>(kMaxMC, r1 - i0);
-            float* packed_a = scratch(1, round_up(mc, MR) * std::max<int64_t>(kc, 1));
+            float* packed_a = scratch(1, round_up(mc, MR) * std::max<int64_t>(kc, 1) + kPackSlack);
             pack_a(mc, kc, A + i0 * a_row + k0 * a_col, a_row, a_col, packed_a);
             block(mc, nc, kc, packed_a, packed_b, C + i0 * ldc + j0, ldc, accumulate || !first,
                   first && bias != nullptr ? bias + j0 : nullptr);
@@ -148,6 +152,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, in
                           ? 1
                           : static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
 #define VK_GEMM_RUN(ns)                                                                                      \
+  static_assert(ns::kGemmPackSlack <= kPackSlack, "gemm_pack_a's stores need more room past the block");        \
   run_split<ns::kGemmMR, ns::kGemmNR>(M, N, K, A, a_row, a_col, B, b_row, b_col, C, ldc, bias, accumulate, \
                                       threads, ns::gemm_pack_b, ns::gemm_pack_a, ns::gemm_packed_block)
   switch (selected_isa()) {

@@ -61,8 +61,14 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
   }
 }
 
-// Rows [0, rows) x k [0, kc) of A into panels of kMR rows: out[panel][k][r], rows past the end zero.
+// Floats the caller leaves writable past a packed A block: gemm_pack_a's whole-vector stores may run that far.
+constexpr int64_t kGemmPackSlack = Vec<float>::lanes;
+
+// Rows [0, rows) x k [0, kc) of A into panels of kMR rows: out[panel][k][r], rows past the end zero; out needs
+// kGemmPackSlack floats of room past the panels.
 inline void gemm_pack_a(int64_t rows, int64_t kc, const float* A, int64_t a_row, int64_t a_col, float* out) {
+  using V = Vec<float>::type;
+  constexpr int L = Vec<float>::lanes;
   for (int64_t i0 = 0; i0 < rows; i0 += kGemmMR, out += kGemmMR * kc) {
     const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, rows - i0));
     const float* src = A + i0 * a_row;
@@ -76,7 +82,22 @@ inline void gemm_pack_a(int64_t rows, int64_t kc, const float* A, int64_t a_row,
       // row-major A (x, g): kMR rows read side by side, each with unit stride
       const float* row[kGemmMR];
       for (int r = 0; r < kGemmMR; ++r) row[r] = src + r * a_row;
-      for (int64_t k = 0; k < kc; ++k) {
+      int64_t k = 0;
+      if constexpr (L >= kGemmMR) {
+        // L values of each row at a time, transposed in registers (rows past kMR zero); each transposed vector
+        // holds one k's kMR values and is stored whole: its L - kMR extra lanes land on the next k's slots, which
+        // the next store (or the scalar tail, or the next panel) overwrites, and past the last panel on the
+        // kGemmPackSlack floats the caller leaves there
+        for (; k + L <= kc; k += L) {
+          V r[L];
+#pragma GCC unroll 16
+          for (int i = 0; i < L; ++i) r[i] = i < kGemmMR ? load(row[i] + k) : V{};
+          transpose_in_registers<float>(r);
+#pragma GCC unroll 16
+          for (int j = 0; j < L; ++j) store(out + (k + j) * kGemmMR, r[j]);
+        }
+      }
+      for (; k < kc; ++k) {
 #pragma GCC unroll 16
         for (int r = 0; r < kGemmMR; ++r) out[k * kGemmMR + r] = row[r][k];
       }
@@ -101,8 +122,26 @@ inline void gemm_pack_b(int64_t kc, int64_t cols, const float* B, int64_t b_row,
         store(out + k * kGemmNR, load(src + k * b_row));
         store(out + k * kGemmNR + L, load(src + k * b_row + L));
       }
+    } else if (b_row == 1 && nr == kGemmNR) {
+      // B = W^T (x W^T): each column is a weight row, unit stride over k; L columns x L values of k at a time,
+      // transposed in registers into L rows of the panel's half
+      int64_t k = 0;
+      for (; k + L <= kc; k += L) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          Vec<float>::type r[L];
+#pragma GCC unroll 16
+          for (int c = 0; c < L; ++c) r[c] = load(src + (h * L + c) * b_col + k);
+          transpose_in_registers<float>(r);
+#pragma GCC unroll 16
+          for (int j = 0; j < L; ++j) store(out + (k + j) * kGemmNR + h * L, r[j]);
+        }
+      }
+      for (; k < kc; ++k) {
+        for (int c = 0; c < kGemmNR; ++c) out[k * kGemmNR + c] = src[c * b_col + k];
+      }
     } else if (b_row == 1) {
-      // B = W^T (x W^T): each column is a weight row, unit stride over k
+      // B = W^T, a ragged last panel
       for (int c = 0; c < nr; ++c) {
         const float* col = src + c * b_col;
         for (int64_t k = 0; k < kc; ++k) out[k * kGemmNR + c] = col[k];
