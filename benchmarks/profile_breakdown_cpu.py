@@ -7,7 +7,8 @@ self CPU time is taken per step and its *minimum over the steps* kept: on a shar
 time, so the minimum is the closest to the op's own cost. Ops are then split into
 
 * GEMM: ``aten::mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` / oneDNN's ``mkldnn::_linear_pointwise`` / the convolution
-  kernels (the Linears, the patch-embed conv, and timm's attention matmuls);
+  kernels (the Linears, the patch-embed conv, and timm's attention matmuls), and where the patched Linears run
+  vitkernels' own GEMM (``vitkernels.ops.linear.OWN_GEMM``) the ops it runs inside (``OWN_GEMM_OPS``);
 * everything else: attention (the fused op, or timm's softmax + copies), norms, activations, residual adds, copies,
   the optimizer, the framework's own ops.
 
@@ -53,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402  (makes timm importable on a CPU-only torch: the tests' torchvision stub)
 from publish import ALLOCATOR_VARS, GLIBC_CACHING  # noqa: E402
+from vitkernels.ops import linear as linear_op  # noqa: E402
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
             "aten::convolution_backward", "aten::_convolution",
@@ -87,8 +89,15 @@ def step_fn(model, mode: str, x: torch.Tensor):
     return step
 
 
+# The patched model's Linears on vitkernels' own GEMM (vitkernels.ops.linear.OWN_GEMM: AVX2-only AMD CPUs): the
+# products run inside vitkernels::onednn_linear_eager (forward), its C++ autograd node (backward) and
+# vitkernels::cpu_gemm (compiled code), no GEMM op of their own; profiled names containing these count as GEMM (on
+# the oneDNN / MKL route the first two hold only their wrapper, ~2-3 ms of a b4 step).
+OWN_GEMM_OPS = ("onednn_linear_eager", "EagerOneDnnLinear", "cpu_gemm")
+
+
 def _is_gemm(name: str) -> bool:
-    return name in GEMM_OPS or any(op in name for op in MLP_OPS)
+    return name in GEMM_OPS or any(op in name for op in MLP_OPS + OWN_GEMM_OPS)
 
 
 def _label(name: str) -> str:
@@ -191,17 +200,21 @@ def _attention_matmuls(meta, backward: bool):
     return _matmul_jobs(shapes)
 
 
-def _matmul_jobs(shapes):
-    """One job per (a shape, b shape): a @ b on random operands into a preallocated output (mm, or bmm for 3D)."""
+def _matmul_jobs(shapes, own: bool = False):
+    """One job per (a shape, b shape): a @ b on random operands into a preallocated output (mm, or bmm for 3D); 2D
+    products through vitkernels' own GEMM with ``own`` (which allocates its output)."""
     jobs = []
     for sa, sb in shapes:
         a, b, out = torch.randn(sa), torch.randn(sb), torch.empty(*sa[:-1], sb[-1])
+        if own and len(sa) == 2:
+            jobs.append(lambda a=a, b=b: torch.ops.vitkernels.cpu_gemm(a, b))
+            continue
         matmul = torch.bmm if len(sa) == 3 else torch.mm
         jobs.append(lambda a=a, b=b, out=out, matmul=matmul: matmul(a, b, out=out))
     return jobs
 
 
-def _mlp_matmuls(meta, backward: bool):
+def _mlp_matmuls(meta, backward: bool, own: bool = False):
     """The mm jobs of one blocked MLP call at full size, as the unblocked model runs them: x W1^T (M, C) x (C, H) and
     h W2^T (M, H) x (H, N) in the forward; g^T h, g W2, dpre W1, dpre^T x in the backward."""
     (*lead, C), _ = meta[1] if backward else meta[0]
@@ -213,16 +226,24 @@ def _mlp_matmuls(meta, backward: bool):
     shapes = [((M, C), (C, H)), ((M, H), (H, N))]
     if backward:
         shapes = [((N, M), (M, H)), ((M, N), (N, H)), ((M, H), (H, C)), ((H, M), (M, C))]
-    return _matmul_jobs(shapes)
+    return _matmul_jobs(shapes, own)
 
 
-def gemm_floor(step, attention: bool = False):
+def gemm_floor(step, attention: bool = False, own: bool = False):
     """A function running the GEMMs of one ``step`` alone, on random operands of the same shapes and strides, each
     into a preallocated output; and how many there are. With ``attention``, the fused window attention's matmuls
-    too, as bmm at timm's shapes (an unpatched model's attention matmuls are bmm calls already)."""
+    too, as bmm at timm's shapes (an unpatched model's attention matmuls are bmm calls already). With ``own`` (the
+    patched model where its Linears run vitkernels' own GEMM, which no dispatch mode sees: it is called from C++),
+    the step is captured with the own GEMM off, so its Linears show as oneDNN / mm calls, and those are replayed
+    through vitkernels' own GEMM."""
     capture = _CaptureGemms()
-    with capture:
-        step()
+    own_before = linear_op.OWN_GEMM
+    linear_op.OWN_GEMM = linear_op.OWN_GEMM and not own
+    try:
+        with capture:
+            step()
+    finally:
+        linear_op.OWN_GEMM = own_before
     jobs = []
     for func, meta in capture.calls:
         if func in _ATTENTION:
@@ -230,12 +251,15 @@ def gemm_floor(step, attention: bool = False):
                 jobs += _attention_matmuls(meta, _ATTENTION[func])
             continue
         if func in _MLP:
-            jobs += _mlp_matmuls(meta, _MLP[func])
+            jobs += _mlp_matmuls(meta, _MLP[func], own)
             continue
         if func in (_aten.addmm.default, _aten.mm.default, _aten.mm.out):
             a, b = (_like(meta[1]), _like(meta[2])) if func is _aten.addmm.default else (_like(meta[0]), _like(meta[1]))
             out = torch.empty(a.shape[0], b.shape[1])
-            jobs.append(lambda a=a, b=b, out=out: torch.mm(a, b, out=out))
+            if own:  # a patched Linear's product (the patch-embed conv and the attention are not mm calls)
+                jobs.append(lambda a=a, b=b: torch.ops.vitkernels.cpu_gemm(a, b))
+            else:
+                jobs.append(lambda a=a, b=b, out=out: torch.mm(a, b, out=out))
         elif func is _aten.bmm.default:
             a, b = _like(meta[0]), _like(meta[1])
             out = torch.empty(a.shape[0], a.shape[1], b.shape[2])
@@ -243,7 +267,11 @@ def gemm_floor(step, attention: bool = False):
         elif func in _ONEDNN:  # (rows..., K) x (N, K)^T, without the bias or the activation
             x, w = _like(meta[0]), _like(meta[1])
             x = x.reshape(-1, x.shape[-1]).contiguous()
-            jobs.append(lambda x=x, w=w.contiguous(): torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+            if own:
+                jobs.append(lambda x=x, w=w.contiguous(): torch.ops.vitkernels.cpu_gemm(x, w.t()))
+            else:
+                jobs.append(lambda x=x, w=w.contiguous(): torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [],
+                                                                                             ""))
         elif func is _aten.convolution.default:
             x, w = _like(meta[0]), _like(meta[1])
             jobs.append(lambda x=x, w=w, m=meta: _aten.convolution(x, w, None, m[3], m[4], m[5], m[6], m[7], m[8]))
@@ -339,10 +367,11 @@ def main(argv=None) -> int:
         # patched training step by ~15% in the timing (Swin-T b4 on an Intel Xeon: 1.12x timm instead of the
         # 1.31-1.35x of the same steps timed alone, after the profile alone, or beside the floors alone).
         fns = dict(steps)
+        own = linear_op.OWN_GEMM  # the patched model's Linears on vitkernels' own GEMM: its floor replays them so
         for which, step in steps.items():
-            floor, count = gemm_floor(step)
+            floor, count = gemm_floor(step, own=own and which == "patched")
             fns[f"GEMM floor of {which} ({count} GEMMs)"] = floor
-        floor, count = gemm_floor(steps["patched"], attention=True)
+        floor, count = gemm_floor(steps["patched"], attention=True, own=own)
         fns[f"GEMM floor of patched+attention ({count} GEMMs, the attention's matmuls as bmm)"] = floor
         times = interleaved(fns, args.rounds)
         med = {name: statistics.median(t) for name, t in times.items()}
@@ -364,9 +393,11 @@ def main(argv=None) -> int:
             print(timing_lines[-1], flush=True)
         del fns, floor
         gc.collect()
+        own_note = (" and its Linears' ops (vk::onednn_linear_eager and its autograd node), whose self time holds "
+                    "vitkernels' own GEMM" if linear_op.OWN_GEMM else "")
         lines += [f"## {mode}", "", "Profile (self time per op, minimum over the profiled steps; the patched "
                   "model's blocked MLP ops (vk::gelu_mlp*, Swin stage 1), whose self time holds the MLP's GEMMs and "
-                  "its bias + GELU, counted as GEMM):", "",
+                  f"its bias + GELU{own_note}, counted as GEMM):", "",
                   "| model | step (min, profiled) | self time | GEMM | rest | GEMM share | largest non-GEMM ops (ms) |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for which, step in steps.items():
