@@ -1,9 +1,10 @@
 // vitkernels' own float32 CPU GEMM, C = A B [+ bias] (gemm.h), Goto / BLIS style: B's columns in blocks of up to
 // kMaxNC, K in passes of at most kMaxKC (K split evenly), B's block packed into column panels (by all threads), then
 // each thread packs blocks of up to kMaxMC of its rows of A and runs the register tile (gemm_kernel.h) over them.
-// Why a GEMM of our own: on a 2-core AMD EPYC Zen 2 (AVX2) MKL's sgemm and oneDNN's ran Swin-T's Linear products at
-// 65-75% of the cores' FMA peak (a loop of independent FMAs: ~216 GFLOP/s on both cores); the packed 6 x 16 tile
-// streams both operands at unit stride whatever their layout, so x W^T, g W and g^T x run at one rate.
+// Why a GEMM of our own: on a 2-core AMD EPYC Zen 3 (x86 family 25 model 1, AVX2 only) MKL's sgemm and oneDNN's
+// ran Swin-T's Linear products at 65-75% of the cores' FMA peak (a loop of independent FMAs: 216-234 GFLOP/s on both
+// cores); the packed 6 x 16 tile streams both operands at unit stride whatever their layout, so x W^T, g W and g^T x
+// run at one rate.
 //
 // vitkernels::cpu_gemm(a, b, bias) exposes it (tests, the sanitizer fuzz): it checks everything it indexes.
 #include "gemm.h"
@@ -28,7 +29,7 @@ namespace cpu {
 namespace {
 
 // Blocking, in elements: a kc x kNR panel of B (384 x 16 floats, 24 KB) stays in L1 while a kMC x kc block of A
-// (144 x 384, 216 KB) sits in L2 (512 KB per core on Zen 2) and the kc x kMaxNC block of B (3 MB) in L3.
+// (144 x 384, 216 KB) sits in L2 (512 KB per core on Zen 2 and 3) and the kc x kMaxNC block of B (3 MB) in L3.
 constexpr int64_t kMaxKC = 384;
 constexpr int64_t kMaxMC = 144;
 constexpr int64_t kMaxNC = 2048;
