@@ -105,7 +105,9 @@ TORCH_LIBRARY(vitkernels, m) {
         "bool own_gemm=False) -> Tensor");
   // a (..., K) @ b (K, N) [+ bias (N)], float32 CPU, any strides: vitkernels' own packed GEMM (csrc/cpu/gemm.cpp),
   // the products of onednn_linear_eager(own_gemm=True); fake and autograd from vitkernels/ops/linear.py.
-  m.def("cpu_gemm(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
+  // flexible_layout: it reads any strides, so inductor passes its buffers and views as they are (its default for a
+  // custom op, needs_exact_strides, copied them into eager's layouts: ~70 ms of copies per Swin-T b2 training step).
+  m.def("cpu_gemm(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", {at::Tag::flexible_layout});
   // act(x W^T + b), act in {none, gelu, gelu_tanh} as oneDNN's post-op, float32 CPU, no autograd of its own: the op
   // torch.compile keeps (fake and autograd from vitkernels/ops/linear.py; without vitkernels._C the same op is a
   // Python custom op there).

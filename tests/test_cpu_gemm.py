@@ -208,3 +208,24 @@ def test_native_gemm_rule():
         rule("yes", "AVX2", True, "onednn")
     takes, why = rule()
     assert takes == linear_op.OWN_GEMM and why == linear_op.OWN_GEMM_REASON
+
+
+def test_native_gemm_linear_weight_gradient_keeps_the_weights_layout():
+    """``x W^T + b`` through cpu_gemm (the compiled Linears' op where OWN_GEMM): W's gradient comes back row-major
+    like W (the product of the transposed view's gradient is formed transposed, so the two transposes cancel: no
+    copy), and every gradient matches float64, eager and through aot_eager."""
+    if not linear_op.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 50, 40, generator=gen, requires_grad=True)
+    w = (torch.randn(24, 40, generator=gen) / 6).requires_grad_()
+    b = torch.randn(24, generator=gen, requires_grad=True)
+    g = torch.randn(3, 50, 24, generator=gen)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = torch.autograd.grad(F.linear(*leaves64), leaves64, g.double())
+    for fn in (linear_op._own_gemm_linear, torch.compile(linear_op._own_gemm_linear, backend="aot_eager",
+                                                          fullgraph=True)):
+        got = torch.autograd.grad(fn(x, w, b), (x, w, b), g)
+        assert got[1].is_contiguous()
+        for a, e in zip(got, want):
+            assert_close_scaled(a, e, torch.float32)

@@ -458,6 +458,10 @@ if _native.is_loaded() and hasattr(torch.ops.vitkernels, "cpu_gemm"):
     def _cpu_gemm_setup_context(ctx, inputs, output):
         a, b, bias = inputs
         ctx.has_bias = bias is not None
+        # b a transposed view of a row-major matrix (the Linear's W^T): its gradient is given as the transpose of a
+        # row-major product, so the transposes cancel on the way to W's gradient (no copy; under torch.compile a
+        # plain (K, N) gradient of W^T was copied into W's layout: ~70 ms per Swin-T b2 training step)
+        ctx.b_transposed = b.shape[0] > 1 and b.stride(0) == 1
         ctx.save_for_backward(a, b)
 
     def _cpu_gemm_backward(ctx, grad):
@@ -466,7 +470,10 @@ if _native.is_loaded() and hasattr(torch.ops.vitkernels, "cpu_gemm"):
         K, N = b.shape
         rows = a.shape[:-1].numel()
         grad_a = gemm(grad, b.t()) if ctx.needs_input_grad[0] else None
-        grad_b = gemm(a.reshape(rows, K).t(), grad.reshape(rows, N)) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            a2, g2 = a.reshape(rows, K), grad.reshape(rows, N)
+            grad_b = gemm(g2.t(), a2).t() if ctx.b_transposed else gemm(a2.t(), g2)
         grad_bias = grad.reshape(rows, N).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_a, grad_b, grad_bias
 
