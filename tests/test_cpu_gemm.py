@@ -229,3 +229,25 @@ def test_native_gemm_linear_weight_gradient_keeps_the_weights_layout():
         assert got[1].is_contiguous()
         for a, e in zip(got, want):
             assert_close_scaled(a, e, torch.float32)
+
+
+def test_native_gemm_fits_only_linears_it_ran_faster():
+    """own_gemm_fits: both sizes >= 32 and out_features a multiple of 16 or >= 128 (MONAI f24's 24-wide stage-0
+    Linears ran slower on the own GEMM than on oneDNN); layer_linear sends the others to oneDNN even with OWN_GEMM."""
+    fits = linear_op.own_gemm_fits
+    assert fits(96, 288) and fits(48, 48) and fits(768, 1000) and fits(3072, 768)
+    assert not fits(24, 96) and not fits(96, 24) and not fits(24, 72) and not fits(48, 72)
+    if not linear_op.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    x = torch.randn(40, 96)
+    for out_features, own in ((24, False), (32, True)):
+        w = torch.randn(out_features, 96)
+        old = (linear_op.CPU_GEMM, linear_op.OWN_GEMM, linear_op._AVX2_CPU)
+        linear_op.CPU_GEMM, linear_op.OWN_GEMM, linear_op._AVX2_CPU = "onednn", True, False
+        try:
+            with torch.no_grad(), OpCalls() as calls:
+                y = linear_op.layer_linear(x, w)
+        finally:
+            linear_op.CPU_GEMM, linear_op.OWN_GEMM, linear_op._AVX2_CPU = old
+        assert ("mkldnn::_linear_pointwise" in calls.names) == (not own)
+        assert_close_scaled(y, x.double() @ w.double().t(), torch.float32)

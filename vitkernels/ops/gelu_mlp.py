@@ -227,11 +227,15 @@ if _native.is_loaded():
     def _gelu_mlp_native(x, w1, b1, w2, b2, approximate, block_rows):
         if needs_grad(x, w1, b1, w2, b2):
             # training: the forward keeps fc1's output for the backward, which runs block by block too
-            y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows,
-                                                       linear_op.OWN_GEMM)
+            y, _ = torch.ops.vitkernels.gelu_mlp_train(x, w1, b1, w2, b2, approximate, block_rows, _own_gemm(w1, w2))
             return y
-        # the blocks' GEMMs through vitkernels' own where the layers' Linears take it (linear_op.OWN_GEMM)
-        return _forward(x, w1, b1, w2, b2, approximate, block_rows, linear_op.OWN_GEMM)
+        return _forward(x, w1, b1, w2, b2, approximate, block_rows, _own_gemm(w1, w2))
+
+    def _own_gemm(w1: torch.Tensor, w2: torch.Tensor) -> bool:
+        """The blocks' GEMMs through vitkernels' own where the layers' Linears of these sizes take it
+        (linear_op.OWN_GEMM, linear_op.own_gemm_fits for fc1 and fc2)."""
+        (H, C), (N, _) = w1.shape, w2.shape
+        return linear_op.OWN_GEMM and linear_op.own_gemm_fits(C, H) and linear_op.own_gemm_fits(H, N)
 
     run_native = _gelu_mlp_native  # for layers that asked native_preferred() first: no argument checks again
 

@@ -205,6 +205,21 @@ def own_gemm_takes_it(env: Optional[str] = None, capability: Optional[str] = Non
     return False, "not an AVX2-only CPU (oneDNN / MKL keep the products)"
 
 
+OWN_GEMM_MIN_FEATURES = 32
+OWN_GEMM_ANY_OUT_FEATURES = 128
+
+
+def own_gemm_fits(in_features: int, out_features: int) -> bool:
+    """Whether a Linear of these sizes runs on vitkernels' own GEMM where :data:`OWN_GEMM` is on: both >=
+    :data:`OWN_GEMM_MIN_FEATURES`, and out_features a multiple of 16 or >= :data:`OWN_GEMM_ANY_OUT_FEATURES`. Why:
+    its tile is 16 columns wide and a ragged last panel goes through a scratch tile; on the Zen 3 (interleaved,
+    32768 rows, MONAI SwinUNETR f24's stage 0) it took 1.16-1.64x oneDNN's time at (K, N) = (24, 24), (96, 24),
+    (24, 72), while every Swin-T shape (K, N >= 96, N a multiple of 16) and MONAI's 48-wide stage ran 1.1-1.4x
+    faster than oneDNN."""
+    return (min(in_features, out_features) >= OWN_GEMM_MIN_FEATURES
+            and (out_features % 16 == 0 or out_features >= OWN_GEMM_ANY_OUT_FEATURES))
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -250,7 +265,7 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     in eager mode, on CPU, in float32, without autocast, the call goes straight to ``vitkernels::onednn_linear_eager``
     (which checks its arguments in C++, records for autograd only when autograd is recording, and runs its forward
     through ATen's GEMM where :func:`forward_through_mm` says, the same in training and inference; all three products
-    through vitkernels' own GEMM where :data:`OWN_GEMM` says, :func:`own_gemm_takes_it`), not through
+    through vitkernels' own GEMM where :data:`OWN_GEMM` and :func:`own_gemm_fits` say), not through
     :func:`linear`'s Python checks and backend selection: ~40-50 us less per call (a (49, 96) x (96, 96) Linear:
     87 -> 45 us with autograd, one thread), about 50 calls per Swin-T forward. Off the CPU, or where :data:`CPU_GEMM`
     is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
@@ -261,7 +276,7 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if route == "onednn":
         N, K = weight.shape
         return _layer_fast_path(x, weight, bias, grad_x_through_mm(K), forward_through_mm(x.shape[:-1].numel(), K, N),
-                                OWN_GEMM)
+                                OWN_GEMM and own_gemm_fits(K, N))
     return linear(x, weight, bias, backend="auto")
 
 
@@ -422,7 +437,7 @@ if onednn_available():
     def _linear_native(x, weight, bias, activation):
         recording = needs_grad(x, weight, bias)
         eager = not torch.compiler.is_compiling()
-        if OWN_GEMM:
+        if OWN_GEMM and own_gemm_fits(weight.shape[1], weight.shape[0]):
             # vitkernels' own GEMM for the three products (own_gemm_takes_it), eager and compiled alike: the C++
             # autograd Function in eager training, vitkernels::cpu_gemm (fake and autograd below) elsewhere
             y = (_eager_linear(x, weight, bias, False, False, True) if eager and recording
