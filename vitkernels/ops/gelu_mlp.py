@@ -233,9 +233,9 @@ if _native.is_loaded():
 
     def _own_gemm(w1: torch.Tensor, w2: torch.Tensor) -> bool:
         """The blocks' GEMMs through vitkernels' own where the layers' Linears of these sizes take it
-        (linear_op.OWN_GEMM, linear_op.own_gemm_fits for fc1 and fc2)."""
+        (linear_op.runs_own_gemm for fc1 and fc2)."""
         (H, C), (N, _) = w1.shape, w2.shape
-        return linear_op.OWN_GEMM and linear_op.own_gemm_fits(C, H) and linear_op.own_gemm_fits(H, N)
+        return linear_op.runs_own_gemm(C, H) and linear_op.runs_own_gemm(H, N)
 
     run_native = _gelu_mlp_native  # for layers that asked native_preferred() first: no argument checks again
 

@@ -220,6 +220,13 @@ def own_gemm_fits(in_features: int, out_features: int) -> bool:
             and (out_features % 16 == 0 or out_features >= OWN_GEMM_ANY_OUT_FEATURES))
 
 
+def runs_own_gemm(in_features: int, out_features: int) -> bool:
+    """Whether a float32 CPU Linear of these sizes runs vitkernels' own GEMM in this process: :data:`OWN_GEMM`
+    (read at call time) and :func:`own_gemm_fits`. The one decision for the layers' Linears, the linear op's native
+    paths and the blocked MLP's GEMMs."""
+    return OWN_GEMM and own_gemm_fits(in_features, out_features)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -276,7 +283,7 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if route == "onednn":
         N, K = weight.shape
         return _layer_fast_path(x, weight, bias, grad_x_through_mm(K), forward_through_mm(x.shape[:-1].numel(), K, N),
-                                OWN_GEMM and own_gemm_fits(K, N))
+                                runs_own_gemm(K, N))
     return linear(x, weight, bias, backend="auto")
 
 
@@ -437,7 +444,7 @@ if onednn_available():
     def _linear_native(x, weight, bias, activation):
         recording = needs_grad(x, weight, bias)
         eager = not torch.compiler.is_compiling()
-        if OWN_GEMM and own_gemm_fits(weight.shape[1], weight.shape[0]):
+        if runs_own_gemm(weight.shape[1], weight.shape[0]):
             # vitkernels' own GEMM for the three products (own_gemm_takes_it), eager and compiled alike: the C++
             # autograd Function in eager training, vitkernels::cpu_gemm (fake and autograd below) elsewhere
             y = (_eager_linear(x, weight, bias, False, False, True) if eager and recording
