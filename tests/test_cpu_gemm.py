@@ -20,6 +20,9 @@ SHAPES = [  # (M, K, N): the paths of csrc/cpu/gemm.cpp
     (5, 3, 7),          # one ragged tile
     (6, 16, 16),        # one whole AVX2 tile
     (7, 17, 33),        # ragged rows and columns
+    (12, 20, 24),       # a last panel of one vector (AVX2: 16 + 8), straight into C; baseline: 8 + 8 + 8
+    (13, 20, 48),       # AVX-512's half-width panel (32 + 16), AVX2's whole ones; ragged rows
+    (12, 9, 12),        # baseline's half-width panel (8 + 4); AVX2 / AVX-512: a half-width one through scratch
     (13, 385, 33),      # two K passes (K > 384)
     (150, 40, 2100),    # two row blocks (> 144 rows) and two column blocks (N > 2048)
     (20, 1600, 24),     # split over K (K >= 1536, small C)
@@ -68,10 +71,10 @@ def test_native_gemm_empty_products(shape):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_native_gemm_every_instruction_set(isa, monkeypatch):
     """Each instruction set's tile (AVX-512: 6 x 32, AVX2: 6 x 16, baseline: 6 x 8; a CPU without one runs its best)
-    on ragged, multi-pass and split-K shapes."""
+    on ragged, half-width, multi-pass and split-K shapes."""
     monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(7)
-    for M, K, N in [(7, 17, 33), (13, 385, 70), (20, 1600, 24)]:
+    for M, K, N in [(7, 17, 33), (13, 385, 70), (20, 1600, 24), (12, 20, 24), (13, 20, 48), (12, 9, 12)]:
         a, b, c = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen).t(), torch.randn(N, generator=gen)
         assert_close_scaled(torch.ops.vitkernels.cpu_gemm(a, b, c), expected64(a, b, c), torch.float32)
 

@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <memory>
 #include <optional>
 #include <vector>
 
@@ -60,6 +59,7 @@ float* scratch(int slot, int64_t n) {
   Buffer& buf = buffers[slot];
   if (buf.size < n) {
     std::free(buf.data);
+    buf.size = 0;  // a failed allocation must not leave the old size behind a null buffer
     buf.data = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_up(n, 16)) * sizeof(float)));
     TORCH_CHECK(buf.data != nullptr, "cpu_gemm: could not allocate ", n * sizeof(float), " bytes of scratch");
     buf.size = n;

@@ -44,9 +44,36 @@ VK_INLINE void gemm_packed_tile(int64_t K, const float* a, const float* b, float
   }
 }
 
-// A tile on C's ragged edge (rows < kMR or cols < kNR): through a whole tile in registers-sized scratch.
+// The kMR x (kNR / 2) tile: a last panel of at most one vector's columns (out_features 24 = 16 + 8, 72 = 64 + 8
+// on AVX2) reads the first half of its packed panel only, instead of a whole tile's multiply-adds over zero columns.
+// Six accumulators do not hide the FMA latency as twelve do, but a half-width panel is one of several.
+VK_INLINE void gemm_packed_tile_half(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
+                                     const float* bias) {
+  using V = Vec<float>::type;
+  V acc[kGemmMR];
+  const V b0 = bias != nullptr ? load(bias) : V{};
+#pragma GCC unroll 16
+  for (int r = 0; r < kGemmMR; ++r) acc[r] = add_c ? load(C + r * ldc) + b0 : b0;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K; ++k) {
+    const V bk = load(b + k * kGemmNR);
+#pragma GCC unroll 16
+    for (int r = 0; r < kGemmMR; ++r) acc[r] += a[k * kGemmMR + r] * bk;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kGemmMR; ++r) store(C + r * ldc, acc[r]);
+}
+
+// A tile on C's ragged edge (rows < kMR or cols < kNR): a whole half-width tile straight into C where it fits,
+// otherwise through a tile in scratch (the half-width one when cols <= one vector).
 VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
                                 const float* bias, int rows, int cols) {
+  constexpr int L = Vec<float>::lanes;
+  const bool half = cols <= L;
+  if (half && rows == kGemmMR && cols == L) {
+    gemm_packed_tile_half(K, a, b, C, ldc, add_c, bias);
+    return;
+  }
   alignas(64) float tile[kGemmMR * kGemmNR];
   alignas(64) float bias_tile[kGemmNR] = {};
   for (int r = 0; r < kGemmMR; ++r) {
@@ -55,7 +82,9 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
   if (bias != nullptr) {
     for (int c = 0; c < cols; ++c) bias_tile[c] = bias[c];
   }
-  gemm_packed_tile(K, a, b, tile, kGemmNR, add_c, bias != nullptr ? bias_tile : nullptr);
+  const float* tile_bias = bias != nullptr ? bias_tile : nullptr;
+  if (half) gemm_packed_tile_half(K, a, b, tile, kGemmNR, add_c, tile_bias);
+  else gemm_packed_tile(K, a, b, tile, kGemmNR, add_c, tile_bias);
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) C[r * ldc + c] = tile[r * kGemmNR + c];
   }

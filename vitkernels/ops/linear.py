@@ -212,10 +212,12 @@ OWN_GEMM_ANY_OUT_FEATURES = 128
 def own_gemm_fits(in_features: int, out_features: int) -> bool:
     """Whether a Linear of these sizes runs on vitkernels' own GEMM where :data:`OWN_GEMM` is on: both >=
     :data:`OWN_GEMM_MIN_FEATURES`, and out_features a multiple of 16 or >= :data:`OWN_GEMM_ANY_OUT_FEATURES`. Why:
-    its tile is 16 columns wide and a ragged last panel goes through a scratch tile; on the Zen 3 (interleaved,
-    32768 rows, MONAI SwinUNETR f24's stage 0) it took 1.16-1.64x oneDNN's time at (K, N) = (24, 24), (96, 24),
-    (24, 72), while every Swin-T shape (K, N >= 96, N a multiple of 16) and MONAI's 48-wide stage ran 1.1-1.4x
-    faster than oneDNN."""
+    its tile is 16 columns wide (AVX2); a ragged last panel of 8 columns runs a half-width tile, a narrower one goes
+    through a scratch tile. On the Zen 3 (interleaved, 32768 rows, MONAI SwinUNETR f24's stage 0) it took 1.16-1.64x
+    oneDNN's time at (K, N) = (24, 24), (96, 24), (24, 72) with whole tiles only; with the half-width tile its
+    forward products there ran 0.74-1.02x oneDNN's speed, its weight gradients 0.8x (one noisy run), no gain to
+    take, while every Swin-T shape (K, N >= 96, N a multiple of 16) and MONAI's 48-wide stage ran 1.1-1.4x faster
+    than oneDNN."""
     return (min(in_features, out_features) >= OWN_GEMM_MIN_FEATURES
             and (out_features % 16 == 0 or out_features >= OWN_GEMM_ANY_OUT_FEATURES))
 
