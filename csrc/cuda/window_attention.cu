@@ -1,6 +1,8 @@
 // torch binding of the CUDA Swin window attention kernels in window_attention.cuh (same op schemas, argument checks
 // and outputs as csrc/cpu/window_attention.cpp).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,8 @@
 // torch binding of the CUDA 3D window attention kernels (launch API: window_attention_3d.cuh; same op schemas,
 // argument checks and outputs as csrc/cpu/window_attention_3d.cpp).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,10 @@
 // torch binding of the CUDA Swin V2 window attention kernels (launch API: window_attention_v2.cuh; same op schemas,
 // argument checks and outputs as csrc/cpu/window_attention_v2.cpp).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/promote_types.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
