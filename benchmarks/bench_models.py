@@ -408,4 +408,4 @@ def test_model(benchmark, model, mode, peer):
 
     _interleaved(benchmark, baseline_step, lambda: step(imgs, extra), baseline_peer, imgs, extra)
     run_benchmark(benchmark, lambda: step(imgs, extra), peer=peer, flops=int(flops),
-                  rounds=None if ON_GPU else cpu_rounds)
+                  rounds=None if ON_GPU else cpu_rounds, smoke_checked=True)

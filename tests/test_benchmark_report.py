@@ -101,6 +101,34 @@ def test_interleaved_speedup_alternates_and_records_the_ratio():
     assert abs(result["median"] - 1.5) < 1e-12 and abs(result["q1"] - 1.5) < 1e-12 and abs(result["q3"] - 1.5) < 1e-12
 
 
+def test_smoke_run_calls_fn_once_or_not_at_all_when_the_caller_checked_it(monkeypatch):
+    """--benchmark-disable (CI's smoke run): run_benchmark calls fn once, untimed; with smoke_checked (the model rows,
+    whose agreement check has just run the same step) not at all. A timed run (its CPU branch) calls it regardless."""
+    import torch
+
+    bench_conftest = _benchmarks_module("conftest")
+    monkeypatch.setattr(bench_conftest, "DEVICE", torch.device("cpu"))
+
+    class FakeBenchmark:
+        def __init__(self, disabled):
+            self.disabled, self.extra_info, self.rounds = disabled, {}, []
+
+        def pedantic(self, fn, rounds, iterations, warmup_rounds=0):
+            self.rounds.append(rounds)
+            for _ in range(warmup_rounds + rounds * iterations):
+                fn()
+
+    calls = []
+    smoke = FakeBenchmark(disabled=True)
+    bench_conftest.run_benchmark(smoke, lambda: calls.append("smoke"), peer="p")
+    assert calls == ["smoke"] and smoke.rounds == [1]
+    bench_conftest.run_benchmark(smoke, lambda: calls.append("checked"), peer="p", smoke_checked=True)
+    assert calls == ["smoke"] and smoke.extra_info["peer"] == "p"
+    timed = FakeBenchmark(disabled=False)
+    bench_conftest.run_benchmark(timed, lambda: calls.append("timed"), peer="p", rounds=3, smoke_checked=True)
+    assert calls.count("timed") == 1 + 1 + 3  # the warm-up call, pedantic's warm-up round, three rounds
+
+
 def _settle(tmp_path, monkeypatch, porcelain):
     import json
     import subprocess
