@@ -2,7 +2,8 @@
 
 Each Triton op has one launch-configuration table (``launch_table`` in its ``vitkernels/triton/<op>.py``) and lists
 every configuration the table can return on sm_80 and sm_90 with a tiny problem that selects it
-(``table_examples()``); the compile gate (``tools/compile_gate.py``) compiles the same list for both GPUs. Here each
+(``table_examples()``); the compile gate (``tools/compile_gate.py``) compiles the same list for both GPUs (CI's:
+for sm_90, ``--example-archs``; sm_80 there compiles the headline, extreme and benchmark problems). Here each
 example runs with the table forced to its GPU: the launches must use exactly the configurations the table gives,
 and the op's outputs and gradients must match the reference. A sweep over each table's inputs checks that the
 examples list every configuration the table can return. Under the interpreter, which runs a launch the same whatever

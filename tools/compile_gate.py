@@ -299,7 +299,9 @@ def record(op: str, problem, target: Target) -> List[Any]:
     return list(launches)
 
 
-def collect(only: str = "") -> List[Item]:
+def collect(only: str = "", example_archs: Tuple[str, ...] = ()) -> List[Item]:
+    """The compiles: every table example's launches (only on ``example_archs`` where given), the extreme problems'
+    and the headline problems' on every gate architecture, deduplicated."""
     items: Dict[Any, Item] = {}
 
     def add(op, problem, label, target, headline):
@@ -316,7 +318,8 @@ def collect(only: str = "") -> List[Item]:
 
     for module in _table_modules():
         for ex in module.table_examples():
-            add(ex.op, ex.problem, f"{ex.op} example {_problem_label(ex.problem)}", ex.target, False)
+            if not example_archs or ex.target.arch in example_archs:
+                add(ex.op, ex.problem, f"{ex.op} example {_problem_label(ex.problem)}", ex.target, False)
     for op, label, problem in extreme_problems():
         for target in GATE_TARGETS:
             add(op, problem, label, target, False)
@@ -487,6 +490,10 @@ def main(argv=None) -> int:
                              "known for the headline rows only (about a third less CPU time; --table always "
                              "assembles all)")
     parser.add_argument("--keep", default=None, help="keep PTX / SASS of every compile in this folder")
+    parser.add_argument("--example-archs", default="",
+                        help="comma-separated: compile the table examples (the non-headline launch configurations) "
+                             "for these architectures only, e.g. sm_90 (default: every gate architecture; the "
+                             "headline, extreme and benchmark problems always compile for all)")
     args = parser.parse_args(argv)
     if args.keep:
         os.environ["GATE_KEEP_DIR"] = args.keep
@@ -496,7 +503,7 @@ def main(argv=None) -> int:
     # a fresh Triton cache: a cached kernel is not compiled again, and ptxas's log is how spills are read
     with tempfile.TemporaryDirectory(prefix="vitkernels-gate-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        _ITEMS[:] = collect(args.only)
+        _ITEMS[:] = collect(args.only, tuple(a for a in args.example_archs.split(",") if a))
         assembled = len(_ITEMS) if _ASSEMBLE_ALL[0] else sum(item.headline for item in _ITEMS)
         print(f"compile gate: {len(_ITEMS)} compiles ({len(GATE_TARGETS)} architectures), {args.jobs} processes, "
               f"{assembled} through ptxas", flush=True)
