@@ -145,10 +145,10 @@ def run_benchmark(benchmark, fn, *, peer: str, bytes_moved: int = 0, flops: int 
     """
     run = synchronized(fn)
     benchmark.extra_info.update(peer=peer, device=DEVICE_NAME, bytes=int(bytes_moved), flops=int(flops))
-    if getattr(benchmark, "disabled", False) and smoke_checked:
-        # the whole-model rows: the agreement check ran this step; a second call was a third of their smoke run
-        return None
     if getattr(benchmark, "disabled", False):
+        if smoke_checked:
+            # the whole-model rows: the agreement check ran this step; a second call was a third of their smoke run
+            return None
         # a smoke run (--benchmark-disable, CI): pytest-benchmark calls fn once and times nothing, so no warm-up
         # call (it doubled the run's time: a bf16 Swin-T training step takes ~12 s on an AVX2-only CPU)
         return benchmark.pedantic(run, rounds=1, iterations=1)
