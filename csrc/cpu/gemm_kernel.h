@@ -14,54 +14,44 @@ namespace VK_CPU_ISA {
 constexpr int kGemmMR = VK_CPU_TILE2_MR;
 constexpr int kGemmNR = 2 * Vec<float>::lanes;
 
-// The kMR x kNR tile C = init + sum_k a[k] b[k]^T over packed panels a (K x kMR) and b (K x kNR); init: C's own
-// values (add_c) plus the bias row (bias, kNR values, or none). C's rows are ldc apart.
+// The kMR x (kVectors vectors) tile C = init + sum_k a[k] b[k]^T over packed panels a (K x kMR) and b (K x kNR, its
+// first kVectors vectors read); init: C's own values (add_c) plus the bias row (bias, kVectors vectors, or none).
+// C's rows are ldc apart. kVectors = 2 is the whole tile (12 accumulators); 1 serves a last panel of at most one
+// vector's columns (out_features 24 = 16 + 8, 72 = 64 + 8 on AVX2), which reads the first half of its packed panel
+// only instead of a whole tile's multiply-adds over zero columns (six accumulators do not hide the FMA latency as
+// twelve do, but a half-width panel is one of several).
+template <int kVectors>
 VK_INLINE void gemm_packed_tile(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
                                 const float* bias) {
+  static_assert(kVectors == 1 || kVectors == 2, "a tile is one or two vectors wide");
   using V = Vec<float>::type;
   constexpr int L = Vec<float>::lanes;
-  V acc[kGemmMR][2];
-  const V b0 = bias != nullptr ? load(bias) : V{}, b1 = bias != nullptr ? load(bias + L) : V{};
+  V acc[kGemmMR][kVectors];
+  V init[kVectors];
+#pragma GCC unroll 2
+  for (int v = 0; v < kVectors; ++v) init[v] = bias != nullptr ? load(bias + v * L) : V{};
 #pragma GCC unroll 16
   for (int r = 0; r < kGemmMR; ++r) {
-    acc[r][0] = add_c ? load(C + r * ldc) + b0 : b0;
-    acc[r][1] = add_c ? load(C + r * ldc + L) + b1 : b1;
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = add_c ? load(C + r * ldc + v * L) + init[v] : init[v];
   }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
-    const V b0 = load(b + k * kGemmNR), b1 = load(b + k * kGemmNR + L);
+    V bk[kVectors];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) bk[v] = load(b + k * kGemmNR + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < kGemmMR; ++r) {
       const float x = a[k * kGemmMR + r];
-      acc[r][0] += x * b0;
-      acc[r][1] += x * b1;
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) acc[r][v] += x * bk[v];
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kGemmMR; ++r) {
-    store(C + r * ldc, acc[r][0]);
-    store(C + r * ldc + L, acc[r][1]);
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) store(C + r * ldc + v * L, acc[r][v]);
   }
-}
-
-// The kMR x (kNR / 2) tile: a last panel of at most one vector's columns (out_features 24 = 16 + 8, 72 = 64 + 8
-// on AVX2) reads the first half of its packed panel only, instead of a whole tile's multiply-adds over zero columns.
-// Six accumulators do not hide the FMA latency as twelve do, but a half-width panel is one of several.
-VK_INLINE void gemm_packed_tile_half(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
-                                     const float* bias) {
-  using V = Vec<float>::type;
-  V acc[kGemmMR];
-  const V b0 = bias != nullptr ? load(bias) : V{};
-#pragma GCC unroll 16
-  for (int r = 0; r < kGemmMR; ++r) acc[r] = add_c ? load(C + r * ldc) + b0 : b0;
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
-    const V bk = load(b + k * kGemmNR);
-#pragma GCC unroll 16
-    for (int r = 0; r < kGemmMR; ++r) acc[r] += a[k * kGemmMR + r] * bk;
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < kGemmMR; ++r) store(C + r * ldc, acc[r]);
 }
 
 // A tile on C's ragged edge (rows < kMR or cols < kNR): a whole half-width tile straight into C where it fits,
@@ -71,7 +61,7 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
   constexpr int L = Vec<float>::lanes;
   const bool half = cols <= L;
   if (half && rows == kGemmMR && cols == L) {
-    gemm_packed_tile_half(K, a, b, C, ldc, add_c, bias);
+    gemm_packed_tile<1>(K, a, b, C, ldc, add_c, bias);
     return;
   }
   alignas(64) float tile[kGemmMR * kGemmNR];
@@ -83,8 +73,8 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
     for (int c = 0; c < cols; ++c) bias_tile[c] = bias[c];
   }
   const float* tile_bias = bias != nullptr ? bias_tile : nullptr;
-  if (half) gemm_packed_tile_half(K, a, b, tile, kGemmNR, add_c, tile_bias);
-  else gemm_packed_tile(K, a, b, tile, kGemmNR, add_c, tile_bias);
+  if (half) gemm_packed_tile<1>(K, a, b, tile, kGemmNR, add_c, tile_bias);
+  else gemm_packed_tile<2>(K, a, b, tile, kGemmNR, add_c, tile_bias);
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) C[r * ldc + c] = tile[r * kGemmNR + c];
   }
@@ -198,7 +188,7 @@ inline void gemm_packed_block(int64_t rows, int64_t cols, int64_t kc, const floa
     for (int64_t i = 0; i < rows; i += kGemmMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, rows - i));
       float* c = C + i * ldc + j;
-      if (mr == kGemmMR && nr == kGemmNR) gemm_packed_tile(kc, a + i * kc, bp, c, ldc, add_c, bj);
+      if (mr == kGemmMR && nr == kGemmNR) gemm_packed_tile<2>(kc, a + i * kc, bp, c, ldc, add_c, bj);
       else gemm_packed_edge(kc, a + i * kc, bp, c, ldc, add_c, bj, mr, nr);
     }
   }
