@@ -1,6 +1,8 @@
 // Bias + GELU on CPU, fused (semantics: vitkernels/reference/bias_gelu.py): an MLP's fc1 runs as a plain GEMM and this
 // op adds its bias inside the activation, so the bias is never broadcast-copied into the GEMM output (what addmm
 // does) and the activation makes one pass. Its backward makes one pass too and sums the bias gradient on the way.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>

@@ -3,6 +3,8 @@
 // normalises the row and adds the residual, reading each row once. The backward recomputes x1 = y + bias per row (it
 // saves no copy of x1), and sums the bias and LayerNorm parameter gradients on the way; the residual's gradient is
 // the output's (the caller's, no kernel).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>

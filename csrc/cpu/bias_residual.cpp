@@ -1,6 +1,8 @@
 // Bias + (drop-path scaled) residual add on CPU, fused (semantics: vitkernels/reference/bias_residual.py): a block's
 // last Linear runs as a plain GEMM and this op adds its bias, the per-sample drop-path scale and the residual in one
 // pass. The backward is plain tensor arithmetic (vitkernels/ops/bias_residual.py).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -3,6 +3,8 @@
 // as a plain GEMM, and this op adds its bias and the residual, keeps the sum (the MLP branch's residual) and
 // normalises it for the MLP, reading each row once. The backward adds the residual path's gradient into the
 // LayerNorm's input gradient in the same pass and sums the bias and LayerNorm parameter gradients on the way.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -13,6 +13,8 @@
 // blocks' GEMMs are vitkernels' own (csrc/cpu/gemm.cpp), as the layers' Linears then are, instead of ATen's.
 // gelu_mlp_train is the same forward keeping fc1's output for gelu_mlp_backward, which runs by blocks too.
 // Autograd: vitkernels/ops/gelu_mlp.py.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -7,6 +7,8 @@
 // run at one rate.
 //
 // vitkernels::cpu_gemm(a, b, bias) exposes it (tests, the sanitizer fuzz): it checks everything it indexes.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include "gemm.h"
 
 #include <ATen/Parallel.h>

@@ -17,6 +17,8 @@
 // registered from Python): its CPU kernel here is the same oneDNN call, with the GELU as oneDNN's post-op. In C++
 // rather than as a Python custom op because a compiled graph calls it for every Linear, forward and backward: the
 // Python body cost ~40 us more per call (a (4, 96) x (96, 96) Linear: 70 -> 30 us, one thread).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>

@@ -10,6 +10,8 @@
 // direct torch.ops.vitkernels.* calls, which skip the Python checks): gather_rows masks out-of-range ids and checks
 // that inverse_idx is idx's inverse (what makes its backward, a gather by inverse_idx, the adjoint); ids_restore
 // must be a permutation of range(L) in every row (an O(N L) pass, small next to the O(N L D) copies).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

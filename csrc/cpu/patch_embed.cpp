@@ -8,6 +8,8 @@
 // prefix (+ pos_embed[:P] unless no_embed_class), copied to every image.
 // Backward: grad_weight = sum_b G_b^T A_b (A rebuilt from the image), grad_x = col2im(G @ W) (patches do not
 // overlap, so col2im is a scatter). The bias / pos_embed / prefix gradients are batch sums done in Python.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

@@ -2,6 +2,8 @@
 // row gathers its 2x2 neighbours straight from the NHWC input into a cache-resident row and normalises it, instead of
 // pad + reshape/permute copy + LayerNorm (two full passes and a fresh tensor in timm). The reduction Linear follows
 // as a plain GEMM. The backward recomputes the gathered row, and scatters the LayerNorm's input gradient back.
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

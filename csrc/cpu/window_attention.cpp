@@ -15,6 +15,8 @@
 // one the CPU supports runs (VITKERNELS_CPU_ISA=avx512|avx2|baseline caps the choice, for tests and comparisons).
 // The host side around it (scratch, parallel loop, gradient reductions) is window_attention_run.h, shared with the
 // 3D op (window_attention_3d.cpp).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -11,6 +11,8 @@
 // log-sum-exp. The host side (window_attention_run.h) is the 2D op's: bias expanded once per call into (nH, N, N)
 // rows, per-thread bias-gradient sums reduced in double. Compiled for AVX-512, AVX2 and the baseline
 // (VITKERNELS_CPU_ISA caps the choice).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -12,6 +12,8 @@
 // into (nH, N, N) rows. The backward reads P as the forward saved it in training (save_probs) or recomputes it from
 // the saved log-sum-exp, and reduces the bias and scale
 // gradients over windows in per-thread accumulators (the bias's in the compute type, as V1's; reduced in double).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,5 +1,7 @@
 // Fused cyclic shift + window partition (and its inverse) on CPU: one pass that copies each token's C channels
 // straight to its window row, instead of roll + pad + view/permute/contiguous (three full copies in timm).
+#include <vitkernels/precompiled.h>  // first: precompiled by setup.py
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
