@@ -168,7 +168,9 @@ def precompiled_header_build(build_extension):
                     precompile_header(os.path.join(build_directory, "build.ninja"), pch_dir)
                 except Exception as e:  # the units then parse the header themselves: slower, the same objects
                     print(f"vitkernels: no precompiled header ({type(e).__name__}: {e})", file=sys.stderr)
-                    shutil.rmtree(pch_dir, ignore_errors=True)
+                    if os.path.isdir(pch_dir):  # objects made with the one it leaves behind are stale too
+                        shutil.rmtree(pch_dir, ignore_errors=True)
+                        remove_objects(build_directory)
                 return run_ninja(build_directory, *args, **kwargs)
 
             cpp_extension._run_ninja_build = run_ninja_after_precompiling
@@ -207,8 +209,10 @@ def precompile_header(ninja_file, pch_dir):
         identity = "\0".join([command, version, torch.__version__, str(torch.version.git_version), f.read().decode()])
     stamp = hashlib.sha256(identity.encode()).hexdigest()
     stamp_file = gch + ".stamp"
-    if os.path.exists(gch) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
-        return
+    if os.path.exists(gch) and os.path.exists(stamp_file):
+        with open(stamp_file) as f:
+            if f.read() == stamp:
+                return
     os.makedirs(os.path.dirname(gch), exist_ok=True)
     print("vitkernels: precompiling csrc/include/" + PRECOMPILED_HEADER, file=sys.stderr)
     proc = subprocess.run(command, shell=True, capture_output=True, text=True)
@@ -217,9 +221,14 @@ def precompile_header(ninja_file, pch_dir):
     os.replace(gch + ".tmp", gch)
     with open(stamp_file, "w") as f:
         f.write(stamp)
-    # the units' dependency files list what they parsed, not what the precompiled header holds: ninja would not
-    # rebuild them for a new torch or a changed header, so a new precompiled header rebuilds them all
-    for folder, _, files in os.walk(os.path.dirname(ninja_file)):
+    remove_objects(os.path.dirname(ninja_file))
+
+
+def remove_objects(build_directory):
+    """Remove the build's objects, so that ninja compiles every unit again: the units' dependency files list what
+    they parsed, not what a precompiled header held, so ninja would not rebuild them when it changes (a new torch,
+    a changed header) or goes."""
+    for folder, _, files in os.walk(build_directory):
         for name in files:
             if name.endswith(".o"):
                 os.remove(os.path.join(folder, name))

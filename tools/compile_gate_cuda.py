@@ -213,7 +213,7 @@ def demangle(names):
     return dict(zip(names, out)) if proc.returncode == 0 and len(out) == len(names) else {n: n for n in names}
 
 
-def tensor_core_use(cuobjdump, objects):
+def tensor_core_use(cuobjdump, objects, jobs):
     """{(mangled, arch): bool} from the SASS of the objects; {} when cuobjdump is missing or fails."""
     found = {}
     if cuobjdump is None:
@@ -223,7 +223,7 @@ def tensor_core_use(cuobjdump, objects):
         return subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True)
 
     # the objects' disassemblies side by side (one after the other they kept one core of two idle)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         procs = list(pool.map(sass, objects))
     for proc in procs:
         if proc.returncode != 0:
@@ -392,7 +392,7 @@ def main(argv=None):
             for key, value in parse_ptxas(res["output"]).items():
                 resources.setdefault(key, value)  # a kernel compiled into two objects: the same code
     objects = [res["object"] for res in results if res["rc"] == 0]
-    tensor_core = tensor_core_use(find_tool("cuobjdump"), objects)
+    tensor_core = tensor_core_use(find_tool("cuobjdump"), objects, args.jobs)
     names = demangle(sorted({mangled for mangled, _ in resources}))
     for (mangled, arch), res in resources.items():
         kernel, config, headline = describe(names[mangled])

@@ -1,8 +1,8 @@
 // The torch and standard headers most CPU translation units of vitkernels._C include, first in each of them (not
-// csrc/ops.cpp, which needs <Python.h> first), so that setup.py can precompile them once per build: parsing torch's
-// headers was ~9 of each unit's 12-17 seconds at -O3 (setup.py, PrecompiledHeaderBuild). Without the precompiled
-// form (another build system, a compiler without it, flags that do not match) this is an ordinary header. A unit
-// still includes what it uses itself; this list only has to be common, not complete.
+// csrc/ops.cpp, which needs <Python.h> first), so that setup.py can precompile them once per build: 5-7 s less per
+// unit at -O3 (setup.py, precompiled_header_build). Without the precompiled form (another build system, a compiler
+// without it, flags that do not match) this is an ordinary header. A unit still includes what it uses itself; this
+// list only has to be common, not complete.
 #pragma once
 
 #include <ATen/Dispatch.h>
