@@ -89,7 +89,7 @@ TORCH_LIBRARY(vitkernels, m) {
   // 3D (volumetric / video) shifted-window attention, qkv (B, D, H, W, 3C) in original token order -> (out
   // (B, D, H, W, C), row log-sum-exp (B * nW, nH, N), fp32 or fp64 for fp64 inputs); windows and shifts are
   // (d, h, w) triples, pad_before_shift picks MONAI's / Video Swin's order (pad, then roll) or timm's (roll, then
-  // pad). CPU: csrc/cpu/window_attention_3d.cpp; CUDA: csrc/cuda/window_attention_3d.cu.
+  // pad). CPU: csrc/cpu/window_attention_3d.cpp; CUDA: csrc/cuda/window_attention_3d.cpp.
   m.def("window_attention_3d(Tensor qkv, Tensor table, Tensor? qkv_bias, int[3] window_size, int[3] shift_size, "
         "int num_heads, float scale, bool pad_before_shift) -> (Tensor, Tensor)");
   // Gradients of qkv, table and qkv_bias (an empty tensor when there is no qkv_bias).

@@ -474,7 +474,7 @@ def test_native_is_the_cpu_default_and_says_why_not_elsewhere():
     if not _native.has_kernel("window_attention_3d", "CUDA"):  # the extension was built without CUDA
         assert "without CUDA kernels" in reasons["native"]
         return
-    # with the CUDA kernel (csrc/cuda/window_attention_3d.cu): windows of at most 512 tokens, head_dim <= 128
+    # with the CUDA kernel (csrc/cuda/window_attention_3d.cpp): windows of at most 512 tokens, head_dim <= 128
     for details, why in (({"head_dim": 32, "tokens_per_window": 8 * 8 * 9}, "at most 512 tokens"),
                          ({"head_dim": 160, "tokens_per_window": 343}, "head_dim <= 128")):
         reasons = op.auto_choice(vitkernels.dispatch.Call(torch.device("cuda"), torch.float32, details))[1]

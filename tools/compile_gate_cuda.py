@@ -2,10 +2,11 @@
 
     python tools/compile_gate_cuda.py [--arch sm_80,sm_90] [--jobs N] [--log build.log] > rows.json
 
-Compiles each ``cuda:`` source of ``csrc/SOURCES`` (the torch bindings ``*.cu`` and the runtime-only kernel
-instantiations) once with nvcc, ``-gencode`` for every arch, with torch's headers and the flags of ``setup.py``'s CUDA
-build, and ``-Xptxas -v``. Where the CPU wheel of torch or this CUDA toolkit lacks a header that torch's CUDA headers
-include (``c10/cuda/impl/cuda_cmake_macros.h``; cuBLAS / cuSPARSE / cuSOLVER headers), a compile-only stand-in from
+Compiles each ``cuda:`` source of ``csrc/SOURCES`` as ``setup.py``'s CUDA build does: the kernels (``*.cu``, no torch
+headers) once with nvcc, ``-gencode`` for every arch and ``-Xptxas -v``; the torch bindings (``*.cpp``, host code
+calling the kernels' launchers) with the host compiler, torch's headers and CUDA's include directory. Where the CPU
+wheel of torch or this CUDA toolkit lacks a header that torch's CUDA headers include
+(``c10/cuda/impl/cuda_cmake_macros.h``; cuBLAS / cuSPARSE / cuSOLVER headers), a compile-only stand-in from
 ``csrc/cuda/check/stub_include`` is put on the include path; nothing is linked or run. Then reads, per kernel
 instantiation and arch, ptxas's registers, stack frame, spill stores + loads and static shared memory, and whether
 its SASS has tensor-core instructions (``cuobjdump -sass``, the one Triton ships when the toolkit has none).
@@ -18,7 +19,7 @@ merges with the Triton gate's rows)::
      "status": "ok" | "fail", "problem": str | null}
 
 and a readable table on stderr. Exits 1 when a row fails:
-  * a source does not compile (a row per source and arch, kernel = the source);
+  * a source does not compile (a row per source and arch, kernel = the source; arch "host" for a binding);
   * a headline configuration spills (window attention forward / backward, Swin V1 and V2, fp16 / bf16, head_dim <=
     32 or <= 64; 3D window attention forward / backward, fp32 / fp16 / bf16, head_dim <= 32: the instantiation that
     runs MONAI's 7x7x7 windows at head_dim 16 and 32 and Video Swin's 8x7x7 at head_dim 32, window sizes being a
@@ -46,8 +47,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUB_INCLUDE = os.path.join(ROOT, "csrc", "cuda", "check", "stub_include")
 
-# The nvcc flags of setup.py's CUDA build (release: -O3), then torch's own (COMMON_NVCC_FLAGS).
+# The nvcc flags of setup.py's CUDA build (release: -O3), then torch's own (COMMON_NVCC_FLAGS); and its host
+# compiler's flags for the bindings.
 SETUP_NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-DVITKERNELS_WITH_CUDA"]
+SETUP_CXX_FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-DVITKERNELS_WITH_CUDA"]
 
 ARCH_SHARED_LIMIT = {  # bytes of shared memory one block may use (static + dynamic, opt-in)
     "sm_80": 163 * 1024,
@@ -164,10 +167,14 @@ def split_top_level(text, sep=","):
     return parts
 
 
-def compile_source(nvcc, source, flags, archs, workdir):
-    obj = os.path.join(workdir, os.path.basename(source).replace(".cu", ".o"))
-    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
-    cmd = [nvcc, "-c", source, "-o", obj, "-Xptxas", "-v"] + gencode + flags
+def compile_source(nvcc, cxx, source, flags, host_flags, archs, workdir):
+    """A kernel source (.cu) through nvcc for every arch, a binding (.cpp) through the host compiler."""
+    obj = os.path.join(workdir, os.path.splitext(os.path.basename(source))[0] + ".o")
+    if source.endswith(".cpp"):
+        cmd = [cxx, "-c", source, "-o", obj] + host_flags
+    else:
+        gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
+        cmd = [nvcc, "-c", source, "-o", obj, "-Xptxas", "-v"] + gencode + flags
     t0 = time.time()
     with tempfile.TemporaryFile(mode="w+") as output:
         # wait4: the CPU time of nvcc and every tool it ran (cicc, ptxas, the host compiler), for the CI budget
@@ -356,21 +363,27 @@ def main(argv=None):
     workdir = args.keep or tempfile.mkdtemp(prefix="vitkernels_cuda_gate_")
     os.makedirs(workdir, exist_ok=True)
     stubs, stubbed = stub_dir(torch_includes + nvcc_includes, workdir)
-    flags = SETUP_NVCC_FLAGS + list(COMMON_NVCC_FLAGS) + [
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xcompiler", "-fPIC",
-        "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-        "-I" + os.path.join(ROOT, "csrc", "include")] + ["-I" + d for d in torch_includes] + ["-I" + stubs]
+    common = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+              "-DTORCH_EXTENSION_NAME=_C", "-I" + os.path.join(ROOT, "csrc", "include")]
+    includes = ["-I" + d for d in torch_includes] + ["-I" + stubs]
+    flags = SETUP_NVCC_FLAGS + list(COMMON_NVCC_FLAGS) + ["-Xcompiler", "-fPIC"] + common + includes
+    # the bindings: torch's headers, then CUDA's (nvcc adds those itself), the stand-ins last
+    host_flags = SETUP_CXX_FLAGS + ["-fPIC"] + common + includes[:-1] + ["-I" + d for d in nvcc_includes] + \
+        includes[-1:]
+    cxx = os.environ.get("CXX") or shutil.which("c++") or "g++"
     sources = cuda_sources()
-    log(f"compile_gate_cuda: {len(sources)} sources x {','.join(archs)} with {nvcc} ({args.jobs} jobs); torch "
+    log(f"compile_gate_cuda: {len(sources)} sources ({','.join(archs)} with {nvcc}, bindings with {cxx}; {args.jobs} "
+        f"jobs); torch "
         f"{torch.__version__}; stand-ins for missing headers: {', '.join(stubbed) or 'none'}")
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        # the longest compiles first, so that neither job is left alone at the end: the bindings (torch's headers
-        # through nvcc's three front ends: 45-65 CPU-s each), then the backward kernel instantiations (30-41), then
-        # the forward ones (22-28)
-        order = sorted(sources, key=lambda s: (s.endswith("_kernels.cu"), s.endswith("_fwd_kernels.cu"), s))
-        results = list(pool.map(lambda s: compile_source(nvcc, s, flags, archs, workdir), order))
+        # the longest compiles first, so that neither job is left alone at the end: the backward kernel
+        # instantiations (30-41 CPU-s each), the forward ones (20-23), then the bindings (~11 each with the host
+        # compiler; through nvcc's front ends, once per arch and once for the host, they took 45-57)
+        order = sorted(sources, key=lambda s: (not s.endswith("_bwd_kernels.cu"), not s.endswith("_fwd_kernels.cu"),
+                                               s.endswith(".cpp"), s))
+        results = list(pool.map(lambda s: compile_source(nvcc, cxx, s, flags, host_flags, archs, workdir), order))
     for res in results:
         log(f"  {res['source']}: {'ok' if res['rc'] == 0 else 'FAILED'} in {res['seconds']:.0f} s "
             f"({res['cpu_seconds']:.0f} CPU s)")
@@ -387,7 +400,8 @@ def main(argv=None):
             errors = [ln for ln in res["output"].splitlines() if "error" in ln.lower()]
             problem = (errors[0] if errors else res["output"].strip().splitlines()[-1:] or ["nvcc failed"])[0]
             log(f"--- {res['source']} failed:\n" + "\n".join(errors[:20] or res["output"].splitlines()[-20:]))
-            rows += [fail_row(res["source"], "compile", a, problem.strip()[:300]) for a in archs]
+            arches = ["host"] if res["source"].endswith(".cpp") else archs
+            rows += [fail_row(res["source"], "compile", a, problem.strip()[:300]) for a in arches]
         else:
             for key, value in parse_ptxas(res["output"]).items():
                 resources.setdefault(key, value)  # a kernel compiled into two objects: the same code

@@ -1,5 +1,5 @@
 // torch's scalar types -> the CUDA types the runtime-only kernels (*.cuh) are written for, and typed data pointers
-// of tensors in those types; for the torch bindings (*.cu). Same layouts: c10::Half is __half, c10::BFloat16 is
+// of tensors in those types; for the torch bindings (*.cpp). Same layouts: c10::Half is __half, c10::BFloat16 is
 // __nv_bfloat16.
 #pragma once
 

@@ -1,4 +1,4 @@
-// CUDA Swin (shifted) window attention: the launch API the torch binding (window_attention.cu) calls, with the
+// CUDA Swin (shifted) window attention: the launch API the torch binding (window_attention.cpp) calls, with the
 // problem description and its limits. Fused from the qkv Linear's output in original NHWC token order to the attention
 // output in original order (semantics: vitkernels/reference/window_attention.py; the CPU kernels of
 // csrc/cpu/window_attention_kernel.h compute the same thing).

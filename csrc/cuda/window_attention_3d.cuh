@@ -1,4 +1,4 @@
-// CUDA 3D (volumetric / video) shifted-window attention: the launch API the torch binding (window_attention_3d.cu)
+// CUDA 3D (volumetric / video) shifted-window attention: the launch API the torch binding (window_attention_3d.cpp)
 // calls. Fused from the qkv Linear's output in original (B, D, H, W) token order to the attention output in original
 // order (semantics: vitkernels/reference/window_attention_3d.py, MONAI SwinUNETR / Video Swin; the CPU kernel of
 // csrc/cpu/window_attention_3d.cpp computes the same thing).

@@ -1,5 +1,5 @@
-// What the torch bindings of the CUDA window attention kernels, Swin V1 (window_attention.cu), V2
-// (window_attention_v2.cu) and 3D (window_attention_3d.cu), share around their launches: the kernels' limits, the
+// What the torch bindings of the CUDA window attention kernels, Swin V1 (window_attention.cpp), V2
+// (window_attention_v2.cpp) and 3D (window_attention_3d.cpp), share around their launches: the kernels' limits, the
 // backward's scratch and the host-side reductions of its partial sums into the bias-table and qkv-bias gradients.
 // Torch code: bindings only.
 #pragma once
@@ -50,7 +50,8 @@ inline WindowAttentionBackwardScratch window_attention_backward_scratch(
   WindowAttentionBackwardScratch s;
   s.windows_per_group = cuda::window_attention_windows_per_group(p.windows(), p.nH, 4 * sms);
   const int64_t groups = cuda::window_attention_groups(p.windows(), s.windows_per_group);
-  const int64_t windows = p.windows(), nH = p.nH, N = p.N, hd = p.hd;  // (locals: nvcc's front end garbles {p.x} in a template)
+  // locals: nvcc's front end garbled {p.x} in a template (when the bindings were .cu files)
+  const int64_t windows = p.windows(), nH = p.nH, N = p.N, hd = p.hd;
   s.delta = at::empty({windows, nH, N}, acc);
   s.d_bias = at::zeros({groups, nH, N, N}, acc);
   s.d_pad = at::empty({cuda::window_attention_pad_partials(shape, s.windows_per_group), nH, 2, hd}, acc);
@@ -65,11 +66,11 @@ template <typename Problem, typename Scatter>
 inline std::tuple<at::Tensor, at::Tensor> window_attention_table_and_bias_grads_with(
     const Problem& p, const WindowAttentionBackwardScratch& s, const at::Tensor& table, const at::Tensor& qkv,
     const std::optional<at::Tensor>& qkv_bias, Scatter&& scatter) {
-  const int64_t nH = p.nH, hd = p.hd, C = p.C;  // (locals: nvcc's front end garbles {p.C} in a template)
+  const int64_t nH = p.nH, hd = p.hd, C = p.C;  // (locals: see window_attention_backward_scratch)
   at::Tensor grad_table = at::zeros(table.sizes(), table.options().dtype(at::kDouble));
   at::Tensor d_pad_sum = at::zeros({nH, 2, hd}, qkv.options().dtype(at::kDouble));  // zero without padding
   if (s.d_bias.defined()) {
-    // (nH, N, N); dims as IntArrayRef, not braced lists (see window_attention_v2.cu)
+    // (nH, N, N); dims as IntArrayRef, not braced lists (see window_attention_v2.cpp)
     const at::Tensor d_bias_sum = at::sum(s.d_bias, at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble).contiguous();
     C10_CUDA_CHECK(scatter(d_bias_sum.const_data_ptr<double>(), grad_table.mutable_data_ptr<double>()));
     d_pad_sum = at::sum(s.d_pad, at::IntArrayRef{0}, /*keepdim=*/false, at::kDouble);

@@ -1,4 +1,4 @@
-// CUDA Swin V2 (shifted) window attention: the launch API the torch binding (window_attention_v2.cu) calls. Scaled
+// CUDA Swin V2 (shifted) window attention: the launch API the torch binding (window_attention_v2.cpp) calls. Scaled
 // cosine attention with a continuous position bias, fused from the qkv Linear's output in original NHWC token order
 // to the attention output in original order (semantics: vitkernels/reference/window_attention_v2.py; the CPU kernels
 // of csrc/cpu/window_attention_v2_kernel.h compute the same thing).

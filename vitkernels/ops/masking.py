@@ -8,7 +8,7 @@ Public functions validate their arguments and dispatch to
   :mod:`vitkernels.triton.masking` (rank by comparison instead of two argsorts, gathers with the pos-embed add fused,
   the decoder input built in one pass),
 * ``native``    -- the same four ops without the ``triton_`` prefix from ``csrc/cpu/masking.cpp`` and
-  ``csrc/cuda/masking.cu`` (a stable sort, then the same row gathers / scatters in C++ / CUDA).
+  ``csrc/cuda/masking.cpp`` (a stable sort, then the same row gathers / scatters in C++ / CUDA).
 
 Both op sets get the same fake implementations and autograd (:func:`_register_fakes_and_autograd`: each gather's
 backward is the gather by the inverse index; the unshuffle and its backward are each other's adjoint), so
@@ -494,7 +494,7 @@ else:
         _op.mark_missing("triton", triton_unavailable_reason(torch.device("cpu")))
 
 
-# --- native backend: csrc/cpu/masking.cpp, csrc/cuda/masking.cu ---------------------------------------------------
+# --- native backend: csrc/cpu/masking.cpp, csrc/cuda/masking.cpp ---------------------------------------------------
 
 if _native.is_loaded():
     NATIVE_OPS = MaskingOps(

@@ -9,7 +9,7 @@ Backends:
   :mod:`vitkernels.triton.window_attention`;
 * ``native`` -- ``torch.ops.vitkernels.window_attention`` (+ ``_backward``) from ``csrc/cpu/window_attention.cpp``
   (OpenMP, AVX-512 / AVX2 / baseline chosen at run time; in training its forward saves the softmax, which the
-  backward reads instead of recomputing it) and ``csrc/cuda/window_attention.cu`` (a plain CUDA fallback: windows
+  backward reads instead of recomputing it) and ``csrc/cuda/window_attention.cpp`` (a plain CUDA fallback: windows
   of up to 256 tokens, head_dim <= 128; its backward recomputes the softmax from the row log-sum-exp).
 
 Both fused backends fold shift, padding and partition into their addressing, gather the bias from the table by

@@ -8,7 +8,7 @@ Backends:
   materialised bias and 27-region mask, softmax, reverse: MONAI's arithmetic).
 * ``native`` -- ``torch.ops.vitkernels.window_attention_3d`` (+ ``_backward``) from ``csrc/cpu/window_attention_3d.cpp``:
   the 2D op's CPU kernel (OpenMP, AVX-512 / AVX2 / baseline chosen at run time) over a 3D window addressing; and on
-  CUDA from ``csrc/cuda/window_attention_3d.cu``: the 2D op's CUDA kernels over the 3D geometry (windows of at most
+  CUDA from ``csrc/cuda/window_attention_3d.cpp``: the 2D op's CUDA kernels over the 3D geometry (windows of at most
   512 tokens, head_dim <= 128; built when the extension is built with CUDA).
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_3d`` (+ ``_backward``), launching the 2D op's kernels
   with their depth axis (:mod:`vitkernels.triton.window_attention_3d`): the GPU path (windows of up to 512 tokens,
@@ -191,7 +191,7 @@ def _register_fakes_and_autograd(forward, backward, backend: str) -> None:
     refuse_double_backward(backward, "window_attention_3d", backend)
 
 
-# --- native backend: csrc/cpu/window_attention_3d.cpp, csrc/cuda/window_attention_3d.cu ----------------------------
+# --- native backend: csrc/cpu/window_attention_3d.cpp, csrc/cuda/window_attention_3d.cpp ----------------------------
 
 if _native.is_loaded() and hasattr(torch.ops.vitkernels, "window_attention_3d"):
     _register_fakes_and_autograd(torch.ops.vitkernels.window_attention_3d.default,

@@ -15,7 +15,7 @@ Backends:
 * ``native`` -- ``torch.ops.vitkernels.window_attention_v2`` (+ ``_backward``) from
   ``csrc/cpu/window_attention_v2.cpp`` (OpenMP; AVX-512 / AVX2 / baseline chosen at run time, as V1; in training its
   forward saves the softmax, which the backward reads instead of recomputing it) and
-  ``csrc/cuda/window_attention_v2.cu`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
+  ``csrc/cuda/window_attention_v2.cpp`` (V1's plain CUDA fallback design: windows of up to 256 tokens, head_dim <= 128;
   compile-checked, not yet run on a GPU).
 * ``triton`` -- ``torch.ops.vitkernels.triton_window_attention_v2`` (+ ``_backward``), launching V1's window
   attention kernels with their cosine branch (:mod:`vitkernels.triton.window_attention_v2`).

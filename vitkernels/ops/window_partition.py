@@ -4,7 +4,7 @@ Public functions :func:`window_partition` and :func:`window_reverse` validate th
 
 * ``reference`` -- :mod:`vitkernels.reference.window_partition` (roll + pad + view/permute copies),
 * ``native``    -- ``torch.ops.vitkernels.window_partition`` / ``window_reverse`` from ``csrc/cpu/window_partition.cpp``
-  and ``csrc/cuda/window_partition.cu``,
+  and ``csrc/cuda/window_partition.cpp``,
 * ``triton``    -- ``torch.ops.vitkernels.triton_window_partition`` / ``triton_window_reverse`` launching the kernels
   of :mod:`vitkernels.triton.window_partition`.
 
@@ -149,7 +149,7 @@ def _register_fake_and_autograd(partition, reverse) -> None:
     torch.library.register_autograd(reverse, reverse_backward, setup_context=reverse_setup)
 
 
-# --- native backend: csrc/cpu/window_partition.cpp, csrc/cuda/window_partition.cu ----------------------------------
+# --- native backend: csrc/cpu/window_partition.cpp, csrc/cuda/window_partition.cpp ----------------------------------
 
 if _native.is_loaded():
     _register_fake_and_autograd(torch.ops.vitkernels.window_partition.default, torch.ops.vitkernels.window_reverse.default)

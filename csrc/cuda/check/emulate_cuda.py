@@ -10,7 +10,7 @@ fibers, real block and warp barriers, shuffles through per-warp buffers), with e
 into a call of the emulated launcher. Three kernel sets, one build: V1 (window_attention: vitkernels/reference/
 window_attention.py), V2 (window_attention_v2, cosine attention: vitkernels/reference/window_attention_v2.py) and 3D
 (window_attention_3d, the V1 blocks over 3D windows: vitkernels/reference/window_attention_3d.py). The host side
-mirrors the torch bindings (csrc/cuda/window_attention{,_v2,_3d}.cu): the same outputs, scratch buffers,
+mirrors the torch bindings (csrc/cuda/window_attention{,_v2,_3d}.cpp): the same outputs, scratch buffers,
 windows-per-group choice (for a 132-multiprocessor GPU, and 1 and 3 windows per group) and reductions. Outputs start
 as NaN, so a row a kernel fails to write is caught. What it cannot find: anything that depends on the GPU's memory
 model beyond the kernels' barriers, real expf / logf / sqrtf rounding, launch-resource failures (see
@@ -50,7 +50,9 @@ def build(workdir, sanitize=None):
     src = os.path.join(workdir, "src")
     os.makedirs(src, exist_ok=True)
     units = []
-    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cuh")) + glob.glob(os.path.join(CUDA_DIR, "*_kernels.cu"))):
+    # the window attention instantiations only (the masking / partition kernels are not emulated)
+    kernels = glob.glob(os.path.join(CUDA_DIR, "window_attention*_kernels.cu"))
+    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cuh")) + kernels):
         with open(path) as f:
             text = rewrite_launches(f.read())
         out = os.path.join(src, os.path.basename(path).replace(".cu", ".cpp") if path.endswith(".cu") else
@@ -75,7 +77,7 @@ def build(workdir, sanitize=None):
 
 
 class Emulated:
-    """The torch bindings' host code (csrc/cuda/window_attention.cu, window_attention_v2.cu) around the emulated
+    """The torch bindings' host code (csrc/cuda/window_attention.cpp, window_attention_v2.cpp) around the emulated
     launchers. ``scale`` is V1's float or V2's (nH) tensor tau, as in the ops' schemas: it picks the kernel set."""
 
     DTYPE_CODE = None
@@ -188,7 +190,7 @@ class Emulated:
                                    d_pad_sum[:, 1].reshape(C)]).to(qkv_bias.dtype)
         return grad_qkv, grad_table.to(table.dtype), grad_scale, grad_bias
 
-    # --- 3D (csrc/cuda/window_attention_3d.cu): qkv (B, D, H, W, 3C), window / shift triples -----------------------
+    # --- 3D (csrc/cuda/window_attention_3d.cpp): qkv (B, D, H, W, 3C), window / shift triples -----------------------
 
     def _dims_3d(self, qkv, window, shift, pad_before_shift, nH):
         B, D, H, W, three_c = qkv.shape

@@ -1,5 +1,5 @@
 // Argument checks of the MAE / MSN masking ops, shared by the CPU and CUDA torch bindings (csrc/cpu/masking.cpp,
-// csrc/cuda/masking.cu) so both refuse the same calls with the same messages: ranks, shapes, dtypes and devices of
+// csrc/cuda/masking.cpp) so both refuse the same calls with the same messages: ranks, shapes, dtypes and devices of
 // every tensor argument, optional ones included. These are what make direct torch.ops.vitkernels.* calls and
 // torch.compile'd calls (which skip the Python checks) safe. The checks of index *values* (permutations, inverse
 // pairs) need the data on the host: csrc/cpu/masking.cpp does them; the CUDA binding masks instead (see there).

@@ -1,5 +1,7 @@
 // torch binding of the CUDA Swin V2 window attention kernels (launch API: window_attention_v2.cuh; same op schemas,
 // argument checks and outputs as csrc/cpu/window_attention_v2.cpp).
+// Host code, compiled by the host compiler (no nvcc front end over torch's headers): the kernels are in
+// window_attention_v2_{fwd,bwd}_kernels.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -103,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
           scratch.d_bias.mutable_data_ptr<acc_t>(), scratch.d_pad.mutable_data_ptr<acc_t>(), shape,
           scratch.windows_per_group, at::cuda::getCurrentCUDAStream()));
     });
-    // dims as an IntArrayRef: a braced {0, 2} is ambiguous with the DimnameList overload for nvcc and torch 2.11
+    // dims as an IntArrayRef: a braced {0, 2} was ambiguous with the DimnameList overload for nvcc and torch 2.11
     grad_scale = at::sum(d_scale, at::IntArrayRef{0, 2}, /*keepdim=*/false, at::kDouble);
   }
   // The table gradient and the padded keys' (dk, dv) as V1.

@@ -1,4 +1,5 @@
-// torch binding of the CUDA shift + partition kernels in window_partition.cuh.
+// torch binding of the CUDA shift + partition kernels (launch API: window_partition.cuh). Host code, compiled by the
+// host compiler: the kernels are in window_partition_kernels.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -26,7 +27,8 @@ at::Tensor window_partition_cuda(const at::Tensor& x, at::IntArrayRef window_siz
 
 at::Tensor window_reverse_cuda(const at::Tensor& windows, int64_t height, int64_t width, at::IntArrayRef window_size,
                                at::IntArrayRef shift_size) {
-  TORCH_CHECK(windows.dim() == 3, "window_reverse: windows must be (B * num_windows, wh * ww, C), got ", windows.sizes());
+  TORCH_CHECK(windows.dim() == 3, "window_reverse: windows must be (B * num_windows, wh * ww, C), got ",
+              windows.sizes());
   auto g = checked_window_geometry("window_reverse", 1, height, width, windows.size(2), window_size, shift_size);
   TORCH_CHECK(windows.size(1) == g.tokens_per_window() && windows.size(0) % g.windows_per_image() == 0,
               "window_reverse: windows must be (B * ", g.windows_per_image(), ", ", g.tokens_per_window(), ", C), got ",
@@ -38,7 +40,8 @@ at::Tensor window_reverse_cuda(const at::Tensor& windows, int64_t height, int64_
   at::Tensor out = at::empty({g.B, height, width, windows.size(2)}, windows.options());
   if (out.numel() == 0) return out;
   C10_CUDA_CHECK(cuda::launch_window_reverse(src.const_data_ptr(), out.mutable_data_ptr(), g,
-                                             windows.size(2) * windows.element_size(), at::cuda::getCurrentCUDAStream()));
+                                             windows.size(2) * windows.element_size(),
+                                             at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

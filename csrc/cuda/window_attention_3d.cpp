@@ -1,5 +1,7 @@
 // torch binding of the CUDA 3D window attention kernels (launch API: window_attention_3d.cuh; same op schemas,
 // argument checks and outputs as csrc/cpu/window_attention_3d.cpp).
+// Host code, compiled by the host compiler (no nvcc front end over torch's headers): the kernels are in
+// window_attention_3d_{fwd,bwd}_kernels.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

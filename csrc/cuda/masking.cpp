@@ -1,4 +1,5 @@
-// torch binding of the CUDA masking kernels in masking.cuh (same op schemas as csrc/cpu/masking.cpp).
+// torch binding of the CUDA masking kernels (launch API: masking.cuh; same op schemas as csrc/cpu/masking.cpp).
+// Host code, compiled by the host compiler: the kernels are in masking_kernels.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -58,15 +59,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
   masking_args::check_random_masking(x, noise, len_keep, pos_embed);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), L = x.size(1);
-  const at::Tensor shuffle = std::get<1>(at::sort(noise, /*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
+  const at::Tensor shuffle =
+      std::get<1>(at::sort(noise, /*stable=*/true, /*dim=*/1, /*descending=*/false)).contiguous();
   at::Tensor restore = at::empty({N, L}, noise.options().dtype(at::kLong));
   const auto dtype = promoted(x, pos_embed);
   at::Tensor mask = at::empty({N, L}, x.options().dtype(dtype));
   if (N * L > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "vitkernels_masking_cuda", [&] {
-      C10_CUDA_CHECK(cuda::launch_restore_and_mask(shuffle.const_data_ptr<int64_t>(), restore.mutable_data_ptr<int64_t>(),
-                                                   mptr<scalar_t>(mask), N, L, len_keep,
-                                                   at::cuda::getCurrentCUDAStream()));
+      C10_CUDA_CHECK(cuda::launch_restore_and_mask(shuffle.const_data_ptr<int64_t>(),
+                                                   restore.mutable_data_ptr<int64_t>(), mptr<scalar_t>(mask), N, L,
+                                                   len_keep, at::cuda::getCurrentCUDAStream()));
     });
   }
   at::Tensor keep_ids = shuffle.narrow(1, 0, len_keep).contiguous();
@@ -110,9 +112,9 @@ std::tuple<at::Tensor, at::Tensor> mae_unshuffle_backward_cuda(const at::Tensor&
   if (N * D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "vitkernels_unshuffle_bwd_cuda", [&] {
       using acc_t = typename cuda::Acc<typename CudaType<scalar_t>::type>::type;
-      C10_CUDA_CHECK(cuda::launch_unshuffle_bwd(cptr<scalar_t>(g), ids.const_data_ptr<int64_t>(), mptr<scalar_t>(grad_x),
-                                                partial.mutable_data_ptr<acc_t>(), N, L, keep, D,
-                                                at::cuda::getCurrentCUDAStream()));
+      C10_CUDA_CHECK(cuda::launch_unshuffle_bwd(cptr<scalar_t>(g), ids.const_data_ptr<int64_t>(),
+                                                mptr<scalar_t>(grad_x), partial.mutable_data_ptr<acc_t>(), N, L, keep,
+                                                D, at::cuda::getCurrentCUDAStream()));
     });
   }
   return {grad_x.to(x_dtype), partial.sum(0).to(token_dtype)};
