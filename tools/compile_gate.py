@@ -485,10 +485,10 @@ def main(argv=None) -> int:
                         help="skip the SASS disassembly (its instruction counts are for the table, not the gate)")
     parser.add_argument("--assemble", choices=("all", "headline"), default="all",
                         help="run ptxas for every compile (all), or only for the headline configurations, the others "
-                             "stopping at PTX emitted without LLVM's O3 pass pipeline: shared memory and compile "
-                             "errors through Triton's pipeline to PTX are still gated, registers and spills are then "
-                             "known for the headline rows only (about a third less CPU time; --table always "
-                             "assembles all)")
+                             "stopping at LLVM IR, without LLVM's O3 pass pipeline: shared memory and compile "
+                             "errors through Triton's pipeline to LLVM IR are still gated, registers and spills are "
+                             "then known for the headline rows only (over half the CPU time of such a compile; "
+                             "--table always assembles all)")
     parser.add_argument("--keep", default=None, help="keep PTX / SASS of every compile in this folder")
     parser.add_argument("--example-archs", default="",
                         help="comma-separated: compile the table examples (the non-headline launch configurations) "
