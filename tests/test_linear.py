@@ -410,13 +410,56 @@ def test_auto_passes_native_over_where_aten_is_the_cpu_gemm(monkeypatch):
     assert_close_scaled(linear(x, w, b, backend="native"), expected64(x, w, b, None).detach(), torch.float32)
 
 
-def test_autocast_goes_through_f_linear():
+def test_autocast_goes_through_f_linear(monkeypatch):
+    """Under autocast, where the CPU has bf16 GEMM instructions (pinned here), the call is F.linear's, bit for bit
+    (autocast casts its operands exactly as for timm)."""
+    monkeypatch.setattr(linear_op, "CPU_BF16_GEMM_EMULATED", False)
     x, w, b = inputs((6, 32), 16, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = linear(x, w, b)
         ref = F.linear(x, w, b)
+        assert torch.equal(linear_op.layer_linear(x, w, b), ref)
     assert out.dtype == ref.dtype == torch.bfloat16
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_autocast_bf16_product_through_float32_gemm_where_bf16_is_emulated(monkeypatch, bias, activation):
+    """Where the CPU's bf16 GEMM is emulated (pinned here, so that every CPU runs it; Zen 2 / 3 really are), CPU
+    bf16 autocast's product runs through the float32 GEMM on the bf16-rounded operands: the same dtypes as
+    autocast's F.linear, the output equal up to summation order (products of bf16 values are exact in float32)
+    and as close to the exact product of the rounded operands, the gradients too; linear() and layer_linear() both;
+    float16 autocast and torch.compile keep autocast's own GEMM."""
+    monkeypatch.setattr(linear_op, "CPU_BF16_GEMM_EMULATED", True)
+    torch.manual_seed(0)
+    x, w, b = inputs((3, 40, 96), 160, bias)
+    g = torch.randn(3, 40, 160)
+    results = []
+    for fn in (lambda *a: linear(*a, activation), lambda *a: linear_op.reference.linear(*a, activation)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        leaves = [t for t in (x, w, b) if t is not None]
+        results.append((y, torch.autograd.grad(y, leaves, g.to(y.dtype))))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    assert [t.dtype for t in our_grads] == [t.dtype for t in ref_grads] == [torch.float32] * len(ref_grads)
+    rel = lambda a, e: ((a.double() - e.double()).norm() / e.double().norm()).item()  # noqa: E731
+    assert rel(ours, ref) < 1e-4
+    exact = linear_op.reference.linear(*(t.detach().bfloat16().double() if t is not None else None for t in (x, w, b)),
+                                       activation)
+    assert rel(ours, exact) < 1.25 * rel(ref, exact) + 1e-6
+    for mine, theirs in zip(our_grads, ref_grads):
+        assert rel(mine, theirs) < 2e-3
+    if activation is None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear_op.layer_linear_route(x, w, b) == "autocast"
+            assert rel(linear_op.layer_linear(x, w, b), ref) < 1e-4
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        compiled = torch.compile(lambda t: linear(t, w, b), backend="aot_eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(compiled(x), F.linear(x, w, b))
 
 
 def test_opcheck():

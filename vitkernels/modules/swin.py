@@ -36,9 +36,10 @@ product elsewhere, where MKL takes its slower generic code path). Patch merging'
 
 Under CPU autocast to bfloat16 the fused path serves blocks whose input is already bfloat16 (in a timm Swin, every
 block: the patch embedding's convolution hands autocast's dtype on), with the float32 parameters as they are: the
-GEMMs go through ``F.linear``, so autocast casts their operands exactly as for timm's Linears, and the row ops read
-the bfloat16 activations beside the float32 bias / LayerNorm parameters, compute in float and write bfloat16, as
-timm's LayerNorm does under autocast (its adds round to bfloat16 once per op; ours once per fused op). A float32
+GEMMs go through ``F.linear``, so autocast casts their operands exactly as for timm's Linears (on CPUs without bf16
+instructions the same product through the float32 GEMM: :func:`vitkernels.ops.linear.autocast_linear`), and the row
+ops read the bfloat16 activations beside the float32 bias / LayerNorm parameters, compute in float and write bfloat16,
+as timm's LayerNorm does under autocast (its adds round to bfloat16 once per op; ours once per fused op). A float32
 input under autocast (a block called alone on float32 tokens: timm keeps the residual stream float32 and only the
 branches bfloat16) runs the unfused path, which reproduces those promotions.
 """

@@ -229,6 +229,41 @@ def runs_own_gemm(in_features: int, out_features: int) -> bool:
     return OWN_GEMM and own_gemm_fits(in_features, out_features)
 
 
+def _cpu_bf16_gemm_emulated() -> bool:
+    """Whether this CPU's oneDNN runs bfloat16 GEMMs without bf16 instructions (no AVX512-BF16 / AMX-BF16: AVX2-only
+    and older AVX-512 CPUs), i.e. emulated: there a bf16 ``F.linear`` took ~8x the float32 GEMM on the same operands
+    (3136 x 384 x 1536, Zen 3: 102 vs 12.7 ms, conversions included)."""
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return is_supported is not None and torch.backends.mkldnn.is_available() and not is_supported()
+    except Exception:  # pragma: no cover - an unusual build: keep autocast's own GEMM
+        return False
+
+
+CPU_BF16_GEMM_EMULATED = _cpu_bf16_gemm_emulated()
+
+
+def autocast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    activation: Optional[str] = None) -> torch.Tensor:
+    """The linear op under autocast: the reference (``F.linear``), whose operands autocast casts exactly as for timm,
+    except under CPU bfloat16 autocast on a CPU whose bf16 GEMM is emulated (:data:`CPU_BF16_GEMM_EMULATED`), in
+    eager mode: there the same product, autocast's ``bf16(x) bf16(W)^T + bf16(b)`` accumulated in float32 and
+    rounded to bfloat16, runs through the float32 GEMM on the bf16-rounded operands (products of two bf16 values
+    are exact in float32; only the summation order can differ from oneDNN's), forward and, through autograd, the
+    backward's products too (their bf16 outputs rounded the same way). Costs: float32 copies of the operands, and
+    autograd saves the activations in float32 instead of bfloat16. The activation runs on the bf16 output under
+    the ambient autocast, as in the reference."""
+    if not (CPU_BF16_GEMM_EMULATED and x.device.type == "cpu" and torch.get_autocast_dtype("cpu") is torch.bfloat16
+            and not torch.compiler.is_compiling()):
+        return reference.linear(x, weight, bias, activation)
+    with torch.autocast("cpu", enabled=False):
+        y = F.linear(x.to(torch.bfloat16).float(), weight.to(torch.bfloat16).float(),
+                     None if bias is None else bias.to(torch.bfloat16).float()).to(torch.bfloat16)
+    if activation is None:
+        return y
+    return F.gelu(y, approximate=reference.GELU_APPROXIMATION[activation])
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -249,7 +284,8 @@ def linear(
     Returns:
         (..., N), dtype of ``x``.
 
-    Under autocast the call goes to the reference (``F.linear``), so autocast's casts apply exactly as for timm.
+    Under autocast the call goes to :func:`autocast_linear` (the reference, whose operands autocast casts exactly as
+    for timm; on CPUs without bf16 GEMM instructions its bf16 product through the float32 GEMM).
     """
     check_tensor("x", x)
     if x.dim() == 0:
@@ -263,7 +299,7 @@ def linear(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_same_device(x=x, weight=weight, bias=bias)
     if torch.is_autocast_enabled(x.device.type):
-        return reference.linear(x, weight, bias, activation)
+        return autocast_linear(x, weight, bias, activation)
     check_same_dtype(x=x, weight=weight, bias=bias)
     return op.select(dispatch.Call(x.device, x.dtype), backend)(x, weight, bias, activation)
 
@@ -280,6 +316,8 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     is ``"aten"`` (an Intel CPU), ``F.linear`` directly (every backend is ``F.linear`` off the CPU: cuBLAS). Anything
     else, or without vitkernels._C: :func:`linear`."""
     route = layer_linear_route(x, weight, bias)
+    if route == "autocast":
+        return autocast_linear(x, weight, bias)
     if route == "aten":
         return F.linear(x, weight, bias)
     if route == "onednn":
@@ -291,7 +329,10 @@ def layer_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def layer_linear_route(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> str:
     """Where :func:`layer_linear` sends this call: ``"aten"`` (``F.linear`` directly), ``"onednn"``
-    (``vitkernels::onednn_linear_eager`` directly) or ``"dispatch"`` (:func:`linear`, backend ``auto``)."""
+    (``vitkernels::onednn_linear_eager`` directly), ``"autocast"`` (:func:`autocast_linear`: CPU autocast where the
+    bf16 GEMM is emulated) or ``"dispatch"`` (:func:`linear`, backend ``auto``)."""
+    if CPU_BF16_GEMM_EMULATED and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return "autocast"
     if x.device.type != "cpu" or CPU_GEMM == "aten":
         return "aten"
     if (_layer_fast_path is not None and x.dtype is torch.float32 and weight.dtype is torch.float32
