@@ -457,6 +457,9 @@ def test_autocast_bf16_product_through_float32_gemm_where_bf16_is_emulated(monke
             assert rel(linear_op.layer_linear(x, w, b), ref) < 1e-4
         with torch.autocast("cpu", dtype=torch.float16):
             assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        x64, w64 = x.detach().double(), w.detach().double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 operands: autocast leaves them alone
+            assert torch.equal(linear(x64, w64), F.linear(x64, w64)) and linear(x64, w64).dtype == torch.float64
         compiled = torch.compile(lambda t: linear(t, w, b), backend="aot_eager", fullgraph=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(compiled(x), F.linear(x, w, b))

@@ -241,6 +241,8 @@ def _cpu_bf16_gemm_emulated() -> bool:
 
 
 CPU_BF16_GEMM_EMULATED = _cpu_bf16_gemm_emulated()
+# the dtypes bf16 autocast casts a Linear's operands from (float64 ones it leaves alone, and so does autocast_linear)
+_AUTOCAST_BF16_INPUTS = (torch.float32, torch.bfloat16)
 
 
 def autocast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -254,6 +256,7 @@ def autocast_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     autograd saves the activations in float32 instead of bfloat16. The activation runs on the bf16 output under
     the ambient autocast, as in the reference."""
     if not (CPU_BF16_GEMM_EMULATED and x.device.type == "cpu" and torch.get_autocast_dtype("cpu") is torch.bfloat16
+            and all(t is None or t.dtype in _AUTOCAST_BF16_INPUTS for t in (x, weight, bias))
             and not torch.compiler.is_compiling()):
         return reference.linear(x, weight, bias, activation)
     with torch.autocast("cpu", enabled=False):
