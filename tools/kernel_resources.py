@@ -99,6 +99,9 @@ def config_label(launch) -> str:
     return f"{dtype} {launch.config().label}".strip()
 
 
+TENSOR_CORE_PTX = re.compile(r"\b(wgmma\.mma_async|mma\.sync)")  # Hopper / Ampere matrix instructions
+
+
 @contextlib.contextmanager
 def _llvm_optimization_skipped():
     """Within it, Triton's call of LLVM's O3 pipeline (``llvm.optimize_module`` in the backend's "llir" stage) does
@@ -177,18 +180,16 @@ def compile_launch(launch, arch: str, keep_dir: Optional[str] = None, sass: bool
         row["problem"] = f"compile: {type(exc).__name__}: {last}"
         return row
     ptx = compiled.asm["ptx"]
+    # the tensor-core instructions, in the PTX or, for a compile that stopped at LLVM IR, its inline PTX
+    tensor_core = bool(TENSOR_CORE_PTX.search(ptx if assemble else compiled.asm["llir"]))
     launch_options = dict(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
     if not assemble:
-        llir = compiled.asm["llir"]
-        if not llir.strip() or compiled.metadata.shared is None:
+        if not compiled.asm["llir"].strip() or compiled.metadata.shared is None:
             row["problem"] = "no LLVM IR / shared memory size from the compile"
             return row
-        # the tensor-core instructions are inline PTX in the IR already
-        tensor_core = bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", llir))
         row.update(shared_bytes=int(compiled.metadata.shared), tensor_core=tensor_core, status="ok")
         row["extra"] = dict(**launch_options, assembled=False)
         return row
-    tensor_core = bool(re.search(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
     cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")

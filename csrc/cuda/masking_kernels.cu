@@ -136,7 +136,6 @@ cudaError_t launch_unshuffle_bwd(const T* grad, const int64_t* ids, T* grad_x, t
   return cudaGetLastError();
 }
 
-
 #define VK_INSTANTIATE(T)                                                                                         \
   template cudaError_t launch_gather_rows<T>(const T*, const int64_t*, const T*, T*, int64_t, int64_t, int64_t,   \
                                              int64_t, int64_t, int64_t, cudaStream_t);                            \

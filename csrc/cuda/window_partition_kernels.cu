@@ -57,7 +57,7 @@ cudaError_t dispatch_unit(int unit, Launch&& launch) {
 }
 
 cudaError_t launch_window_partition(const void* x, void* out, const WindowGeometry& g, int64_t row_bytes,
-                                           cudaStream_t stream) {
+                                   cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int unit = copy_unit_bytes(x, out, row_bytes);
   const int64_t units = row_bytes / unit;
@@ -71,7 +71,7 @@ cudaError_t launch_window_partition(const void* x, void* out, const WindowGeomet
 }
 
 cudaError_t launch_window_reverse(const void* windows, void* out, const WindowGeometry& g, int64_t row_bytes,
-                                         cudaStream_t stream) {
+                                  cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int unit = copy_unit_bytes(windows, out, row_bytes);
   const int64_t units = row_bytes / unit;
