@@ -3,10 +3,11 @@
 // allocator and (with the per-item minimum) most interference from other work on the machine.
 //
 // Build and run from the repository root (AVX-512 shown; for AVX2: -mavx2 -mfma -mf16c, VECTOR_BYTES 32, TILE4 0,
-// TILE2 6, TILE1 8 -- the values of csrc/cpu/cpu_isa_each.h):
-//   g++ -O3 -std=c++17 -Wno-psabi -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx2 -mfma -mf16c \
-//       -DVK_CPU_VECTOR_BYTES=64 -DVK_CPU_TILE4_MR=6 -DVK_CPU_TILE2_MR=6 -DVK_CPU_TILE1_MR=8 \
-//       -Icsrc/include -Icsrc/cpu benchmarks/cpu/window_attention_items.cpp -o /tmp/wa_items
+// TILE2 6, TILE1 8 -- the values of csrc/cpu/cpu_isa_each.h; TORCH_INC: torch's include directories, for the
+// bfloat16 type cpu_simd.h names, e.g. the -I flags of torch.utils.cpp_extension.include_paths()):
+//   g++ -O3 -std=c++17 -Wno-psabi -mavx512f -mavx512vl -mavx512bw -mavx512dq -mavx2 -mfma -mf16c
+//       -DVK_CPU_VECTOR_BYTES=64 -DVK_CPU_TILE4_MR=6 -DVK_CPU_TILE2_MR=6 -DVK_CPU_TILE1_MR=8
+//       -Icsrc/include -Icsrc/cpu $TORCH_INC benchmarks/cpu/window_attention_items.cpp -o /tmp/wa_items
 //   /tmp/wa_items B H heads head_dim reps [probs]   e.g. /tmp/wa_items 4 56 3 32 30   (Swin-T stage 1, batch 4)
 // `probs`: the forward saves the softmax and the backward reads it (the training path), instead of the lse.
 // Window 7; shift 3 when H > 7. Prints two timings per pass: whole runs over all items with the caches flushed
@@ -25,6 +26,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <c10/util/BFloat16.h>  // cpu_simd.h's bfloat16 loads and stores name the type
 
 #include "window_attention_cpu.h"
 
