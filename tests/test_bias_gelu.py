@@ -41,6 +41,23 @@ def test_every_instruction_set(isa, monkeypatch):
                                 make_inputs((5, 53), approximate), torch.float32)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_tanh_gelu_far_from_zero(isa, monkeypatch):
+    """The tanh GELU and its derivative where tanh saturates: gelu'(x) -> 0 (x -> -inf) and -> 1 (x -> +inf). Its
+    tanh was -0.99999994 at -10 and beyond, which the derivative's ~x^3 factor turned into -2.8e-3 at x = -60."""
+    native_or_skip("bias_gelu")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    x = torch.tensor([-60.0, -30.0, -13.0, -10.0, -9.0, -6.0, 6.0, 9.0, 10.0, 13.0, 30.0, 60.0] * 2).reshape(2, 12)
+    bias = torch.zeros(12)
+    xd = x.double().requires_grad_()
+    expected = torch.nn.functional.gelu(xd, approximate="tanh")
+    (grad,) = torch.autograd.grad(expected.sum(), xd)
+    got = bias_gelu(x, bias, "tanh", backend="native")
+    dx, _ = torch.ops.vitkernels.bias_gelu_backward(torch.ones_like(x), x, bias, "tanh")
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dx.double(), grad, rtol=1e-6, atol=1e-7)
+
+
 def test_rows_split_across_threads():
     """200 rows of 512 are two tasks of the backward's column sums (Swin-T's deep stages are a few hundred rows)."""
     native_or_skip("bias_gelu")
