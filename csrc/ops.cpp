@@ -125,6 +125,10 @@ TORCH_LIBRARY(vitkernels, m) {
         "int block_rows=0, bool own_gemm=False) -> (Tensor, Tensor)");
   m.def("gelu_mlp_backward(Tensor grad, Tensor x, Tensor pre, Tensor w1, Tensor? b1, Tensor w2, str approximate, "
         "int block_rows=0, bool own_gemm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same MLP unblocked, float32 CPU, eager only (a C++ autograd Function, CompositeImplicitAutograd): its three
+  // GEMMs per direction through vitkernels' own GEMM, bias + GELU in fc1's GEMM epilogue, gelu' and b1's gradient
+  // in the epilogue of the backward's g W2 (csrc/cpu/gelu_mlp.cpp).
+  m.def("gelu_mlp_eager(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> Tensor");
 
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.

@@ -535,6 +535,78 @@ def test_fuzz_gelu_mlp(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_gelu_mlp_eager(seed, monkeypatch):
+    """gelu_mlp_eager (the unblocked MLP on vitkernels' own GEMM, the GELU in its epilogues) on random widths (0
+    included in M, C, H and N; at times one of C, N past the 384-deep K pass or H past the 2048-column block), leading
+    dims, strided or transposed operands, optional biases, either GELU, every instruction set, one or two threads;
+    some operands of the wrong size or dtype: a clear error naming the argument, or the reference's values and
+    gradients (and inference bitwise the training forward)."""
+    from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
+
+    if not hasattr(ops, "gelu_mlp_eager"):
+        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", rng.choice(CPU_ISAS))
+    lead = [rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
+    C, H, N = rng.randint(0, 24), rng.randint(0, 40), rng.randint(0, 24)
+    large = rng.choice([None, None, None, "C", "H", "N"])  # one width past a blocking threshold, the others small
+    if large == "C":
+        C = rng.randint(385, 420)
+    elif large == "H":
+        H, C, N = rng.randint(2049, 2080), rng.randint(0, 8), rng.randint(0, 8)
+    elif large == "N":
+        N = rng.randint(385, 420)
+    approximate = rng.choice(["none", "tanh"])
+    wrong = None
+    if rng.random() < 0.15:
+        wrong = (rng.choice(["x", "w1", "b1", "w2", "b2"]), rng.choice(["size", "dtype"]))
+
+    def operand(name, shape):
+        if wrong is not None and wrong[0] == name and name != "x":
+            return torch.randn([s + 1 for s in shape]) if wrong[1] == "size" else torch.randn(shape).double()
+        if len(shape) == 2 and rng.random() < 0.3:
+            return strided(rng, torch.randn(shape[::-1])).t()  # transposed
+        return strided(rng, torch.randn(shape))
+
+    x = strided(rng, torch.randn(*lead, C))
+    if wrong is not None and wrong[0] == "x":  # float64 x: alone ("size"), or with every operand float64 ("dtype")
+        x = x.double()
+    w1, w2 = operand("w1", [H, C]), operand("w2", [N, H])
+    b1 = operand("b1", [H]) if rng.random() < 0.7 or (wrong and wrong[0] == "b1") else None
+    b2 = operand("b2", [N]) if rng.random() < 0.7 or (wrong and wrong[0] == "b2") else None
+    if wrong == ("x", "dtype"):
+        w1, b1, w2, b2 = [t.double() if t is not None else None for t in (w1, b1, w2, b2)]
+    args = [leaf(t) if t is not None else None for t in (x, w1, b1, w2, b2)]
+    describe = (f"seed {seed}: x {tuple(x.shape)} {x.dtype}, H {H}, N {N}, b1 {b1 is not None}, b2 {b2 is not None}, "
+                f"{approximate}, wrong {wrong}")
+    threads = rng.choice([1, 2])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = raises_or(lambda: ops.gelu_mlp_eager(*args, approximate),
+                        ["w1 must be", "w2 must be", "b1 must be", "b2 must be", "must be float32"])
+        valid = all(t is None or t.dtype == torch.float32 for t in args) and w1.shape == (H, C) \
+            and w2.shape == (N, H) and (b1 is None or b1.shape == (H,)) and (b2 is None or b2.shape == (N,))
+        ran = out is not None
+        assert ran == valid, f"{describe}: valid={valid} but the op {'ran' if ran else 'raised'}"
+        if not ran:
+            return
+        ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in args]
+        want = reference_gelu_mlp(*ref_args, approximate)
+        compare("gelu_mlp_eager", out, want, torch.float32, describe)
+        with torch.no_grad():
+            assert torch.equal(ops.gelu_mlp_eager(*args, approximate), out.detach()), describe
+        grad = torch.randn_like(want)
+        got = torch.autograd.grad(out, [t for t in args if t is not None], grad.float())
+        wanted = torch.autograd.grad(want, [t for t in ref_args if t is not None], grad)
+    finally:
+        torch.set_num_threads(before)
+    for name, g, w in zip([n for n, t in zip(("x", "w1", "b1", "w2", "b2"), args) if t is not None], got, wanted):
+        compare(f"gelu_mlp_eager grad_{name}", g, w, torch.float32, describe)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_fuzz_row_ops_bfloat16(seed, monkeypatch):
     """The row ops on bfloat16 (chunks of rows through float scratch, a chunk inside one sample; the post-norm op
     through a float copy) and patch merging

@@ -11,7 +11,7 @@ from vitkernels.ops import gelu_mlp as gelu_mlp_module
 from vitkernels.ops.gelu_mlp import gelu_mlp
 from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
 
-from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import CPU_ISAS, check_against_reference, check_split_across_threads, leaf, native_or_skip
 from helpers import OpCalls, assert_close
 
 NATIVE_DTYPES = [torch.float32, torch.float64]
@@ -255,3 +255,196 @@ def test_native_op_checks_its_arguments():
 def test_reference_backend_on_request():
     x, w1, w2 = torch.randn(2, 8), torch.randn(16, 8), torch.randn(8, 16)
     assert torch.equal(gelu_mlp(x, w1, None, w2, None, backend="reference"), reference_gelu_mlp(x, w1, None, w2, None))
+
+
+# --- gelu_mlp_eager: the unblocked MLP on vitkernels' own GEMM, the GELU in its epilogues (float32, CPU, eager) -----
+
+def eager_or_skip():
+    native_or_skip("gelu_mlp")
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
+        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+
+
+def eager(x, w1, b1, w2, b2, approximate):
+    return torch.ops.vitkernels.gelu_mlp_eager(x, w1, b1, w2, b2, approximate)
+
+
+def float32_inputs(shape, hidden, out, approximate, biases=(True, True), grads=("x", "w1", "b1", "w2", "b2")):
+    """make_inputs' draws rounded to float32, as float32 leaves (those named in ``grads`` requiring grad) and, for the
+    reference, the same values in float64 (every one requiring grad)."""
+    *tensors, _ = make_inputs(shape, hidden, out, approximate, biases)(torch.float32)
+    names = ("x", "w1", "b1", "w2", "b2")
+    ours = [None if t is None else t.detach().requires_grad_(n in grads) for n, t in zip(names, tensors)]
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    return ours + [approximate], ref + [approximate]
+
+
+def assert_close_to_scale(got, want, rel=1e-5, msg=None):
+    """float32 ``got`` vs float64 ``want``: within ``rel`` of want's largest magnitude (at least 1), elementwise."""
+    assert got.dtype == torch.float32 and got.shape == want.shape, msg
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel * scale, msg=msg)
+
+
+def check_eager_against_reference(ours, ref, seed=2):
+    """Output and the gradients of the inputs that require grad (the others: None) against the float64 reference
+    on the same values, for a random output gradient."""
+    out = eager(*ours)
+    want = reference_gelu_mlp(*ref)
+    assert_close_to_scale(out, want, msg="output")
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+    out.backward(g)
+    want.backward(g.double())
+    for name, t, r in zip(("x", "w1", "b1", "w2", "b2"), ours, ref):
+        if t is None:
+            continue
+        if t.requires_grad:
+            assert t.grad is not None, name
+            assert_close_to_scale(t.grad, r.grad, msg=f"grad of {name}")
+        else:
+            assert t.grad is None, name
+    return out
+
+
+# (x shape, H, N) for the own GEMM's blocking (register tile 6 x 16 on AVX2, K in passes of <= 384, N in blocks of
+# <= 2048, a half-width tile for an 8-column panel, rows split between threads past 2^18 multiply-adds)
+EAGER_SHAPES = [
+    ((1, 20), 40, 16),       # one row
+    ((7, 20), 33, 8),        # M = 6 + 1; H ragged (two tiles and a column); N one half-width tile
+    ((8, 12), 8, 70),        # H one half-width tile (fc1's GELU and the backward's grad epilogue); N ragged
+    ((2, 3, 24), 70, 33),    # leading dims
+    ((50, 400), 70, 33),     # C > 384: fc1's K in two passes (GELU on the last); fc1 split between threads
+    ((50, 24), 70, 400),     # N > 384: g W2's K in two passes (grad epilogue on the last), b1's sums per thread
+    ((13, 5), 2100, 8),      # H > 2048: fc1 and g W2 in two column blocks (side matrix, b1's sums), fc2's K 6 passes
+    ((0, 16), 32, 16),       # M = 0
+    ((2, 0, 16), 24, 8),     # M = 0 with leading dims
+]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape, hidden, out", EAGER_SHAPES, ids=str)
+def test_eager_matches_reference(shape, hidden, out, approximate):
+    eager_or_skip()
+    ours, ref = float32_inputs(shape, hidden, out, approximate)
+    y = check_eager_against_reference(ours, ref)
+    assert y.shape == (*shape[:-1], out)
+
+
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False), (False, False)], ids=str)
+def test_eager_with_and_without_biases(biases):
+    eager_or_skip()
+    for approximate in ("none", "tanh"):
+        check_eager_against_reference(*float32_inputs((13, 40), 33, 24, approximate, biases))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_eager_every_instruction_set(isa, monkeypatch):
+    eager_or_skip()
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    check_eager_against_reference(*float32_inputs((13, 400), 40, 24, "tanh"))
+    check_eager_against_reference(*float32_inputs((9, 20), 2100, 8, "none"))
+
+
+@pytest.mark.parametrize("shape, hidden, out", EAGER_SHAPES, ids=str)
+def test_eager_inference_is_bitwise_the_training_forward(shape, hidden, out):
+    """Without autograd the op runs its forward alone (no pre-activation kept): the same tiles, the same numbers."""
+    eager_or_skip()
+    for approximate in ("none", "tanh"):
+        ours, _ = float32_inputs(shape, hidden, out, approximate)
+        trained = eager(*ours)
+        assert trained.requires_grad and "EagerGeluMlp" in trained.grad_fn.name()
+        with torch.no_grad():
+            inferred = eager(*ours)
+        assert not inferred.requires_grad and torch.equal(inferred, trained.detach())
+        with torch.inference_mode():
+            assert torch.equal(eager(*ours), inferred)
+        plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in ours]  # nothing requires grad
+        untracked = eager(*plain)
+        assert not untracked.requires_grad and torch.equal(untracked, inferred)
+
+
+@pytest.mark.parametrize("grads, biases", [
+    (("x",), (True, True)),
+    (("w1", "w2"), (True, True)),
+    (("b1",), (True, True)),
+    (("w2",), (False, True)),   # no b1: w2 is the op's third tensor input (autograd edge 2)
+    (("b2",), (False, True)),   # no b1: b2 is edge 3
+    (("x", "b2"), (True, True)),
+], ids=str)
+def test_eager_some_inputs_requiring_grad(grads, biases):
+    eager_or_skip()
+    for approximate in ("none", "tanh"):
+        check_eager_against_reference(*float32_inputs((2, 7, 20), 33, 24, approximate, biases, grads))
+
+
+def test_eager_non_contiguous_operands():
+    """The own GEMM reads x, w1 and w2 in place, any strides; the output gradient of a sum is an expanded tensor."""
+    eager_or_skip()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 3, 7, generator=gen).transpose(0, 2)  # (7, 3, 20)
+    w1 = torch.randn(20, 33, generator=gen).t() / 20 ** 0.5  # (33, 20) transposed
+    w2 = torch.randn(24, 66, generator=gen)[:, ::2] / 33 ** 0.5  # (24, 33), column stride 2
+    b1, b2 = torch.randn(66, generator=gen)[::2], torch.randn(24, generator=gen)
+    ours = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    ref = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    out, want = eager(*ours, "none"), reference_gelu_mlp(*ref, "none")
+    assert_close_to_scale(out, want)
+    out.sum().backward()
+    want.sum().backward()
+    for t, r in zip(ours, ref):
+        assert_close_to_scale(t.grad, r.grad)
+
+
+def test_eager_rows_split_between_threads():
+    """Past 2^18 multiply-adds the own GEMM splits C's rows between the threads: every output row and the gradients
+    of x, w1 and w2 are one thread's numbers, bitwise; b1's gradient (column sums per thread's rows, added in
+    double) within float rounding."""
+    eager_or_skip()
+    check_split_across_threads(eager, lambda dtype: float32_inputs((60, 400), 70, 400, "tanh")[0])
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_eager_double_backward(approximate):
+    """Under create_graph the backward is differentiable ATen ops: the gradient of (grad_x * v).sum() with respect
+    to x, w1, b1 and w2 is the reference's (float64 on the same values)."""
+    eager_or_skip()
+    ours, ref = float32_inputs((2, 7, 20), 33, 24, approximate)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(2, 7, 24, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 7, 20, generator=gen, dtype=torch.float64)
+    results = []
+    for fn, args, dtype in ((eager, ours, torch.float32), (reference_gelu_mlp, ref, torch.float64)):
+        x, w1, b1, w2, _, _ = args
+        (grad_x,) = torch.autograd.grad(fn(*args), x, g.to(dtype), create_graph=True)
+        assert grad_x.requires_grad
+        second = torch.autograd.grad((grad_x * v.to(dtype)).sum(), (x, w1, b1, w2))
+        results.append((grad_x.detach(), *second))
+    for name, got, want in zip(("grad_x", "x", "w1", "b1", "w2"), *results):
+        assert_close_to_scale(got, want, rel=1e-4, msg=name)
+
+
+def test_eager_refuses_bad_arguments():
+    """check_mlp_args (csrc/cpu/gelu_mlp.cpp) names the argument; the op is float32 only."""
+    eager_or_skip()
+    x, w1, b1, w2, b2 = torch.randn(3, 4), torch.randn(8, 4), torch.randn(8), torch.randn(5, 8), torch.randn(5)
+    cases = [
+        ((x.double(), w1.double(), b1.double(), w2.double(), b2.double(), "none"), "x must be float32"),
+        ((torch.randn(()), w1, b1, w2, b2, "none"), "x must be a float32 or float64 \\(\\.\\.\\., C\\)"),
+        ((x.int(), w1, b1, w2, b2, "none"), "x must be a float32 or float64"),
+        ((x, torch.randn(8, 5), b1, w2, b2, "none"), "gelu_mlp_eager: w1 must be \\(H, 4\\)"),
+        ((x, torch.randn(8), b1, w2, b2, "none"), "gelu_mlp_eager: w1 must be \\(H, 4\\)"),
+        ((x, w1, b1, torch.randn(5, 7), b2, "none"), "gelu_mlp_eager: w2 must be \\(N, 8\\)"),
+        ((x, w1, b1, torch.randn(5, 8, 1), b2, "none"), "gelu_mlp_eager: w2 must be \\(N, 8\\)"),
+        ((x, w1, torch.randn(9), w2, b2, "none"), "gelu_mlp_eager: b1 must be \\[8\\]"),
+        ((x, w1, torch.randn(1, 8), w2, b2, "none"), "gelu_mlp_eager: b1 must be \\[8\\]"),
+        ((x, w1, b1, w2, torch.randn(4), "none"), "gelu_mlp_eager: b2 must be \\[5\\]"),
+        ((x, w1, b1.double(), w2, b2, "none"), "gelu_mlp_eager: b1 must be Float like x"),
+        ((x, w1, b1, w2.double(), b2, "none"), "gelu_mlp_eager: w2 must be Float like x"),
+        ((x, w1, b1, w2, b2, "erf"), "gelu_mlp_eager: approximate must be 'none' or 'tanh', got 'erf'"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            eager(*args)
+        with pytest.raises(RuntimeError, match=match):  # the same checks where autograd records
+            eager(*[t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                    for t in args])

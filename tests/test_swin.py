@@ -428,6 +428,9 @@ def test_stage_one_mlp_runs_blocked_where_it_pays_beside_the_cpu_gemm(monkeypatc
         pytest.skip("this PyTorch build has no oneDNN")
     monkeypatch.setattr(linear_module, "CPU_GEMM", library)
     monkeypatch.setattr(linear_module, "_AVX2_CPU", avx2)
+    # the own GEMM as its rule would take it on that machine (unblocked, it runs the MLP as gelu_mlp_eager instead)
+    monkeypatch.setattr(linear_module, "OWN_GEMM", linear_module.own_gemm_takes_it(
+        env="", capability="AVX2" if avx2 else "AVX512", cpu_gemm=library)[0])
     theirs = timm_block(96, (56, 56), 3, window_size=7, shift_size=3)
     ours = vitkernels.SwinBlock(96, (56, 56), 3, window_size=7, shift_size=3)
     ours.load_state_dict(theirs.state_dict())
@@ -451,6 +454,76 @@ def test_stage_one_mlp_runs_blocked_where_it_pays_beside_the_cpu_gemm(monkeypatc
     torch.testing.assert_close(inferred, expected.detach(), rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(trained.detach(), expected.detach(), rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(xg.grad, xt.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(monkeypatch):
+    """At a stage-3-like block (weights too large beside the hidden activation for the blocks to pay) where the
+    Linears run vitkernels' own GEMM (OWN_GEMM, oneDNN as the CPU GEMM: an AVX2-only AMD CPU) the fused path runs
+    the MLP as vitkernels::gelu_mlp_eager (eager_takes_it), recording for autograd in training and not in inference:
+    timm's numbers (float64) to float32 rounding, outputs and every gradient, and inference bitwise training's
+    forward; with eager_takes_it False the unblocked fc1 + bias_gelu + fc2 path, timm's numbers too."""
+    _fused_cpu_or_skip()
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
+        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    import vitkernels.modules.swin as swin_module
+    from vitkernels.ops import gelu_mlp as gelu_mlp_module
+    from vitkernels.ops import linear as linear_module
+
+    if not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    theirs = timm_block(96, (14, 14), 3, window_size=7, shift_size=3)
+    ours = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.double()
+    fc1, fc2 = ours.mlp.fc1, ours.mlp.fc2
+    tokens = torch.empty(2 * 14 * 14, 96)
+    assert not swin_module._blocked_mlp_pays(tokens, ours.mlp)
+    assert gelu_mlp_module.eager_takes_it(tokens, fc1.weight, fc1.bias, fc2.weight)
+
+    calls = []
+    op = torch.ops.vitkernels.gelu_mlp_eager
+
+    def counting(*args):
+        out = op(*args)
+        calls.append(out.grad_fn.name() if out.grad_fn is not None else None)
+        return out
+
+    monkeypatch.setattr(torch.ops.vitkernels, "gelu_mlp_eager", counting)
+    x = torch.randn(2, 14, 14, 96)
+    xt = x.double().requires_grad_()
+    expected = theirs.train()(xt)
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    expected.backward(grad)
+
+    def check(eager):
+        calls.clear()
+        xg = x.clone().requires_grad_()
+        ours.zero_grad()
+        trained = ours.train()(xg)
+        trained.backward(grad.float())
+        if eager:  # recorded by the op's C++ autograd Function
+            assert len(calls) == 1 and "EagerGeluMlp" in calls[0], calls
+        else:
+            assert calls == []
+        torch.testing.assert_close(trained.detach().double(), expected.detach(), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(xg.grad.double(), xt.grad, rtol=1e-4, atol=1e-4)
+        ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+        for name, p in theirs.named_parameters():
+            want = p.grad
+            torch.testing.assert_close(ours_grads[name].double(), want, rtol=1e-4,
+                                       atol=1e-4 * want.abs().max().item(), msg=name)
+        calls.clear()
+        with torch.no_grad():
+            inferred = ours.eval()(x)
+        assert calls == ([None] if eager else [])  # the forward alone, nothing recorded
+        torch.testing.assert_close(inferred.double(), expected.detach(), rtol=1e-4, atol=2e-5)
+        assert torch.equal(inferred, trained.detach())
+
+    check(eager=True)
+    monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
+    check(eager=False)
 
 
 def test_fused_cpu_path_is_skipped_where_it_cannot_serve():

@@ -13,6 +13,12 @@
 // blocks' GEMMs are vitkernels' own (csrc/cpu/gemm.cpp), as the layers' Linears then are, instead of ATen's.
 // gelu_mlp_train is the same forward keeping fc1's output for gelu_mlp_backward, which runs by blocks too.
 // Autograd: vitkernels/ops/gelu_mlp.py.
+//
+// gelu_mlp_eager (below) is the same MLP unblocked, where the blocks do not pay (weights too large to re-read per
+// block: Swin-T stages 2-4), on vitkernels' own GEMM with the GELU in its epilogues: fc1's GEMM applies bias + GELU
+// as it stores its tiles (and, under autograd, stores the pre-activation beside), and the backward's g W2 multiplies
+// by gelu'(pre) and sums b1's gradient as it stores its tiles, so neither direction spends a pass of its own on the
+// (M, H) hidden activation or its gradient. Eager only (a C++ autograd Function, like onednn_linear_eager).
 #include <vitkernels/precompiled.h>  // first: precompiled by setup.py
 
 #include <ATen/Dispatch.h>
@@ -20,9 +26,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -276,10 +288,145 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gelu_mlp_
   return {grad_x.view(x.sizes()), acc_w1.sum(0), to_tensor(b1_total), acc_w2.sum(0), to_tensor(b2_total)};
 }
 
+// --- gelu_mlp_eager: unblocked, the GELU in the own GEMM's epilogues ------------------------------------------------
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// out (M, N) = a (M, K) b^T [+ bias] for a 2D `a` and a (N, K) weight `w`, any strides (the GEMM reads them in
+// place), through vitkernels' own GEMM with the epilogue `ep`; out contiguous, row stride N.
+void own_product(const at::Tensor& a, const at::Tensor& w, const float* bias, at::Tensor& out,
+                 const GemmEpilogue& ep = GemmEpilogue{}) {
+  gemm_f32(a.size(0), w.size(0), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+           w.const_data_ptr<float>(), w.stride(1), w.stride(0), out.mutable_data_ptr<float>(), out.size(1), bias,
+           false, ep);
+}
+
+// h (M, H) = gelu(x2 W1^T + b1), the GELU in fc1's GEMM epilogue; with pre, also pre (M, H) = x2 W1^T + b1.
+at::Tensor fc1_gelu(const at::Tensor& x2, const at::Tensor& w1, const at::Tensor& b1c, bool tanh_approx,
+                    at::Tensor* pre) {
+  const at::TensorOptions opt = x2.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor h = at::empty({x2.size(0), w1.size(0)}, opt);
+  GemmEpilogue ep;
+  ep.gelu = true;
+  ep.tanh = tanh_approx;
+  if (pre != nullptr) {
+    *pre = at::empty({x2.size(0), w1.size(0)}, opt);
+    ep.side = pre->mutable_data_ptr<float>();
+    ep.ld_side = w1.size(0);
+  }
+  own_product(x2, w1, b1c.defined() ? b1c.const_data_ptr<float>() : nullptr, h, ep);
+  return h;
+}
+
+// y (..., N) = h W2^T + b2: allocated in x's leading shape (not a view of a tensor made here: autograd would forbid
+// modifying it in place afterwards).
+at::Tensor fc2(const at::Tensor& h, const at::Tensor& w2, const at::Tensor& b2c, const at::Tensor& x) {
+  at::Tensor y = at::empty(with_last(x.sizes(), w2.size(0)), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y2 = y.view({h.size(0), w2.size(0)});
+  own_product(h, w2, b2c.defined() ? b2c.const_data_ptr<float>() : nullptr, y2);
+  return y;
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->detach().contiguous() : at::Tensor();
+}
+
+struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                            const std::optional<at::Tensor>& b2, c10::string_view approximate) {
+    const MlpShape s = check_mlp_args("gelu_mlp_eager", x, w1, b1, w2, b2, approximate, 0);
+    const at::Tensor x2 = x.reshape({s.M, s.C});
+    at::Tensor pre;
+    const at::Tensor h = fc1_gelu(x2, w1, contiguous_or_undefined(b1), approximate == "tanh", &pre);
+    // the inputs through save_for_backward (version-checked: an in-place change before the backward raises; b1
+    // undefined where absent); pre and h are this Function's own
+    ctx->save_for_backward({x, w1, w2, b1.has_value() ? *b1 : at::Tensor()});
+    ctx->saved_data["pre"] = pre;
+    ctx->saved_data["h"] = h;
+    ctx->saved_data["has_b2"] = b2.has_value();
+    ctx->saved_data["tanh"] = approximate == "tanh";
+    return fc2(h, w2, contiguous_or_undefined(b2), x);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w1 = saved[1], &w2 = saved[2], &b1 = saved[3];
+    const at::Tensor pre = ctx->saved_data["pre"].toTensor(), h = ctx->saved_data["h"].toTensor();
+    const bool has_b1 = b1.defined(), has_b2 = ctx->saved_data["has_b2"].toBool();
+    const bool tanh_approx = ctx->saved_data["tanh"].toBool();
+    const int64_t M = pre.size(0), C = w1.size(1), H = w1.size(0), N = w2.size(0);
+    const at::Tensor g = grads[0].reshape({M, N});
+    const at::Tensor x2 = x.reshape({M, C});
+    // needs_input_grad counts the tensor inputs given (an absent bias has no edge); the returned list, every argument
+    const bool need_x = ctx->needs_input_grad(0), need_w1 = ctx->needs_input_grad(1);
+    const bool need_b1 = has_b1 && ctx->needs_input_grad(2), need_w2 = ctx->needs_input_grad(has_b1 ? 3 : 2);
+    const bool need_b2 = has_b2 && ctx->needs_input_grad(has_b1 ? 4 : 3);
+    const bool need_pre = need_x || need_w1 || need_b1;
+    at::Tensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2;
+    if (at::GradMode::is_enabled()) {
+      // create_graph: differentiable ATen ops, fc1 recomputed from the inputs (pre and h are not in the graph)
+      const c10::string_view approx = tanh_approx ? "tanh" : "none";
+      const at::Tensor pre_d = at::linear(x2, w1, has_b1 ? std::optional<at::Tensor>(b1) : std::nullopt);
+      const at::Tensor grad_pre = at::gelu_backward(at::mm(g, w2), pre_d, approx);
+      if (need_x) grad_x = at::mm(grad_pre, w1).view(x.sizes());
+      if (need_w1) grad_w1 = at::mm(grad_pre.t(), x2);
+      if (need_b1) grad_b1 = grad_pre.sum(0);
+      if (need_w2) grad_w2 = at::mm(g.t(), at::gelu(pre_d, approx));
+    } else {
+      if (need_w2) grad_w2 = gemm_f32(g.t(), h, std::nullopt, "gelu_mlp_eager backward");
+      if (need_pre) {
+        // grad_pre = (g W2) * gelu'(pre), b1's gradient summed as the tiles are stored
+        at::Tensor grad_pre = at::empty({M, H}, pre.options());
+        at::Tensor sums = at::empty({H}, pre.options());
+        GemmEpilogue ep;
+        ep.gelu = ep.grad = true;
+        ep.tanh = tanh_approx;
+        ep.side = const_cast<float*>(pre.const_data_ptr<float>());  // read only (a grad epilogue)
+        ep.ld_side = H;
+        ep.col_sums = sums.mutable_data_ptr<float>();
+        gemm_f32(M, H, N, g.const_data_ptr<float>(), g.stride(0), g.stride(1), w2.const_data_ptr<float>(),
+                 w2.stride(0), w2.stride(1), grad_pre.mutable_data_ptr<float>(), H, nullptr, false, ep);
+        if (need_x) grad_x = gemm_f32(grad_pre, w1, std::nullopt, "gelu_mlp_eager backward").view(x.sizes());
+        if (need_w1) grad_w1 = gemm_f32(grad_pre.t(), x2, std::nullopt, "gelu_mlp_eager backward");
+        if (need_b1) grad_b1 = sums;
+      }
+    }
+    if (need_b2) grad_b2 = g.sum(0);
+    return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// y = gelu(x W1^T + b1) W2^T + b2, float32 CPU, unblocked on vitkernels' own GEMM (the header comment); records for
+// autograd where autograd is recording, else runs the forward alone (no pre-activation kept).
+at::Tensor gelu_mlp_eager(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                          const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate) {
+  const char* op = "gelu_mlp_eager";
+  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, 0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (vitkernels' own GEMM), got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const bool recording = at::GradMode::is_enabled() &&
+                         (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
+                          (b1.has_value() && b1->requires_grad()) || (b2.has_value() && b2->requires_grad()));
+  if (recording) return EagerGeluMlp::apply(x, w1, b1, w2, b2, approximate);
+  const at::Tensor h = fc1_gelu(x.reshape({s.M, s.C}), w1, contiguous_or_undefined(b1), approximate == "tanh",
+                                nullptr);
+  return fc2(h, w2, contiguous_or_undefined(b2), x);
+}
+
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
   m.impl("gelu_mlp", &gelu_mlp_cpu);
   m.impl("gelu_mlp_train", &gelu_mlp_train_cpu);
   m.impl("gelu_mlp_backward", &gelu_mlp_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CompositeImplicitAutograd, m) {
+  m.impl("gelu_mlp_eager", &gelu_mlp_eager);
 }
 
 }  // namespace cpu

@@ -69,10 +69,13 @@ float* scratch(int slot, int64_t n) {
   return buf.data;
 }
 
+// The epilogue ep (gemm.h) is applied by the last pass over K; its column sums go to chunk_sums, one row of N
+// floats per thread's chunk of C's rows (threads x N, zeroed by the caller), instead of ep.col_sums.
 template <int MR, int NR, typename PackB, typename PackA, typename Block>
 void run_blocked(int64_t M, int64_t N, int64_t K, const float* B, int64_t b_row, int64_t b_col, float* C,
                  int64_t ldc, const float* bias, bool accumulate, int threads, PackB pack_b, PackA pack_a,
-                 Block block, const float* A, int64_t a_row, int64_t a_col) {
+                 Block block, const float* A, int64_t a_row, int64_t a_col, const GemmEpilogue& ep,
+                 float* chunk_sums) {
   const int64_t k_passes = std::max<int64_t>(1, (K + kMaxKC - 1) / kMaxKC);
   const int64_t kc_max = std::max<int64_t>(1, (K + k_passes - 1) / k_passes);
   const int64_t groups = (M + MR - 1) / MR;  // rows in groups of MR, split evenly between the threads
@@ -83,7 +86,7 @@ void run_blocked(int64_t M, int64_t N, int64_t K, const float* B, int64_t b_row,
     const int64_t panels = (nc + NR - 1) / NR;
     for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kc_max) {
       const int64_t kc = std::min<int64_t>(kc_max, K - k0);
-      const bool first = k0 == 0;
+      const bool first = k0 == 0, last = k0 + kc >= K;
       const float* b_block = B + k0 * b_row + j0 * b_col;
       auto pack_panels = [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
@@ -100,8 +103,11 @@ void run_blocked(int64_t M, int64_t N, int64_t K, const float* B, int64_t b_row,
             const int64_t mc = std::min<int64_t>(kMaxMC, r1 - i0);
             float* packed_a = scratch(1, round_up(mc, MR) * std::max<int64_t>(kc, 1) + kPackSlack);
             pack_a(mc, kc, A + i0 * a_row + k0 * a_col, a_row, a_col, packed_a);
+            GemmEpilogue block_ep = ep;  // at this block's origin
+            if (ep.side != nullptr) block_ep.side = ep.side + i0 * ep.ld_side + j0;
+            block_ep.col_sums = chunk_sums != nullptr ? chunk_sums + t * N + j0 : nullptr;
             block(mc, nc, kc, packed_a, packed_b, C + i0 * ldc + j0, ldc, accumulate || !first,
-                  first && bias != nullptr ? bias + j0 : nullptr);
+                  first && bias != nullptr ? bias + j0 : nullptr, last && ep.gelu ? &block_ep : nullptr);
           }
         }
       };
@@ -112,15 +118,15 @@ void run_blocked(int64_t M, int64_t N, int64_t K, const float* B, int64_t b_row,
   }
 }
 
-// The product split over K between the threads where kSplitKMin / kSplitKMaxC say, else run_blocked's split over
-// C's rows.
+// The product split over K between the threads where kSplitKMin / kSplitKMaxC say and there is no epilogue (it
+// needs the whole sum), else run_blocked's split over C's rows (ep and chunk_sums: run_blocked's).
 template <int MR, int NR, typename PackB, typename PackA, typename Block>
 void run_split(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_col, const float* B,
                int64_t b_row, int64_t b_col, float* C, int64_t ldc, const float* bias, bool accumulate, int threads,
-               PackB pack_b, PackA pack_a, Block block) {
-  if (threads == 1 || K < kSplitKMin || M * N > kSplitKMaxC) {
+               PackB pack_b, PackA pack_a, Block block, const GemmEpilogue& ep, float* chunk_sums) {
+  if (threads == 1 || K < kSplitKMin || M * N > kSplitKMaxC || ep.gelu) {
     run_blocked<MR, NR>(M, N, K, B, b_row, b_col, C, ldc, bias, accumulate, threads, pack_b, pack_a, block, A, a_row,
-                        a_col);
+                        a_col, ep, chunk_sums);
     return;
   }
   // partial sums of threads 1.. in one buffer of the calling thread, (threads - 1) x M x N
@@ -130,7 +136,8 @@ void run_split(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, i
       const int64_t k0 = K * t / threads, k1 = K * (t + 1) / threads;
       float* c = t == 0 ? C : partial + (t - 1) * M * N;
       run_blocked<MR, NR>(M, N, k1 - k0, B + k0 * b_row, b_row, b_col, c, t == 0 ? ldc : N, t == 0 ? bias : nullptr,
-                          t == 0 && accumulate, 1, pack_b, pack_a, block, A + k0 * a_col, a_row, a_col);
+                          t == 0 && accumulate, 1, pack_b, pack_a, block, A + k0 * a_col, a_row, a_col, GemmEpilogue{},
+                          nullptr);
     }
   });
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / N), [&](int64_t i0, int64_t i1) {
@@ -147,17 +154,24 @@ void run_split(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, i
 }  // namespace
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_col, const float* B,
-              int64_t b_row, int64_t b_col, float* C, int64_t ldc, const float* bias, bool accumulate) {
+              int64_t b_row, int64_t b_col, float* C, int64_t ldc, const float* bias, bool accumulate,
+              const GemmEpilogue& epilogue) {
+  const bool sums = epilogue.gelu && epilogue.grad && epilogue.col_sums != nullptr;
+  if (sums) std::fill(epilogue.col_sums, epilogue.col_sums + std::max<int64_t>(N, 0), 0.0f);
   if (M <= 0 || N <= 0) return;
   // (in double: the product of three sizes may overflow int64 where none of them does)
   const double macs = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(std::max<int64_t>(K, 1));
   const int threads = at::in_parallel_region() || macs < static_cast<double>(kSerialMacs)
                           ? 1
                           : static_cast<int>(std::max<int64_t>(1, at::get_num_threads()));
+  // the column sums per thread's chunk of rows (each chunk is one thread's), added in chunk order in double below
+  std::vector<float> chunk_sums(sums ? static_cast<size_t>(threads * N) : 0, 0.0f);
+  float* chunks = sums ? chunk_sums.data() : nullptr;
 #define VK_GEMM_RUN(ns)                                                                                      \
   static_assert(ns::kGemmPackSlack <= kPackSlack, "gemm_pack_a's stores need more room past the block");        \
   run_split<ns::kGemmMR, ns::kGemmNR>(M, N, K, A, a_row, a_col, B, b_row, b_col, C, ldc, bias, accumulate, \
-                                      threads, ns::gemm_pack_b, ns::gemm_pack_a, ns::gemm_packed_block)
+                                      threads, ns::gemm_pack_b, ns::gemm_pack_a, ns::gemm_packed_block, epilogue,  \
+                                      chunks)
   switch (selected_isa()) {
 #if defined(VK_CPU_X86) && !defined(VK_CPU_NO_AVX512)
     case Isa::kAvx512: VK_GEMM_RUN(avx512); break;
@@ -169,6 +183,13 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, in
     default: VK_GEMM_RUN(baseline);
   }
 #undef VK_GEMM_RUN
+  if (sums) {
+    for (int64_t j = 0; j < N; ++j) {
+      double total = 0.0;
+      for (int t = 0; t < threads; ++t) total += static_cast<double>(chunk_sums[t * N + j]);
+      epilogue.col_sums[j] = static_cast<float>(total);
+    }
+  }
 }
 
 at::Tensor gemm_f32(const at::Tensor& a_in, const at::Tensor& b, const std::optional<at::Tensor>& bias,

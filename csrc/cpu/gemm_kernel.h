@@ -14,15 +14,53 @@ namespace VK_CPU_ISA {
 constexpr int kGemmMR = VK_CPU_TILE2_MR;
 constexpr int kGemmNR = 2 * Vec<float>::lanes;
 
+// The GELU epilogue (gemm.h GemmEpilogue) of a finished tile's first `rows` rows, given as `tile` (rows of kVectors
+// vectors: the product plus the bias), into C: gelu(tile), tile also stored to side where it is not null; or, for
+// a grad epilogue, tile * gelu'(side), its column sums added into col_sums where that is not null. side at the
+// tile's origin, row stride ep.ld_side.
+template <int kVectors>
+VK_INLINE void gemm_epilogue_rows(const float* tile, int rows, float* C, int64_t ldc, const GemmEpilogue& ep,
+                                  float* side, float* col_sums) {
+  using V = Vec<float>::type;
+  constexpr int L = Vec<float>::lanes;
+  if (!ep.grad) {
+    for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) {
+        const V pre = load(tile + (r * kVectors + v) * L);
+        if (side != nullptr) store(side + r * ep.ld_side + v * L, pre);
+        store(C + r * ldc + v * L, vgelu<float>(pre, ep.tanh));
+      }
+    }
+    return;
+  }
+  V sums[kVectors] = {};
+  for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) {
+      const V g = load(tile + (r * kVectors + v) * L) * vgelu_grad<float>(load(side + r * ep.ld_side + v * L), ep.tanh);
+      store(C + r * ldc + v * L, g);
+      sums[v] += g;
+    }
+  }
+  if (col_sums != nullptr) {
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) store(col_sums + v * L, load(col_sums + v * L) + sums[v]);
+  }
+}
+
 // The kMR x (kVectors vectors) tile C = init + sum_k a[k] b[k]^T over packed panels a (K x kMR) and b (K x kNR, its
 // first kVectors vectors read); init: C's own values (add_c) plus the bias row (bias, kVectors vectors, or none).
 // C's rows are ldc apart. kVectors = 2 is the whole tile (12 accumulators); 1 serves a last panel of at most one
 // vector's columns (out_features 24 = 16 + 8, 72 = 64 + 8 on AVX2), which reads the first half of its packed panel
 // only instead of a whole tile's multiply-adds over zero columns (six accumulators do not hide the FMA latency as
 // twelve do, but a half-width panel is one of several).
+// ep: the product's epilogue (gemm.h) where this is its last pass over K, else null; side and col_sums: ep's side
+// matrix and column sums at the tile's origin (col_sums null: none summed).
 template <int kVectors>
 VK_INLINE void gemm_packed_tile(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
-                                const float* bias) {
+                                const float* bias, const GemmEpilogue* ep = nullptr, float* side = nullptr,
+                                float* col_sums = nullptr) {
   static_assert(kVectors == 1 || kVectors == 2, "a tile is one or two vectors wide");
   using V = Vec<float>::type;
   constexpr int L = Vec<float>::lanes;
@@ -47,21 +85,37 @@ VK_INLINE void gemm_packed_tile(int64_t K, const float* a, const float* b, float
       for (int v = 0; v < kVectors; ++v) acc[r][v] += x * bk[v];
     }
   }
+  if (ep == nullptr || !ep->gelu) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kGemmMR; ++r) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) store(C + r * ldc + v * L, acc[r][v]);
+    }
+    return;
+  }
+  // the epilogue reads the tile from memory: handing it the accumulator array itself made GCC keep that array in
+  // memory through the K loop (half the GEMM's speed)
+  alignas(64) float tile[kGemmMR * kVectors * L];
 #pragma GCC unroll 16
   for (int r = 0; r < kGemmMR; ++r) {
 #pragma GCC unroll 2
-    for (int v = 0; v < kVectors; ++v) store(C + r * ldc + v * L, acc[r][v]);
+    for (int v = 0; v < kVectors; ++v) store(tile + (r * kVectors + v) * L, acc[r][v]);
   }
+  gemm_epilogue_rows<kVectors>(tile, kGemmMR, C, ldc, *ep, side, col_sums);
 }
 
 // A tile on C's ragged edge (rows < kMR or cols < kNR): a whole half-width tile straight into C where it fits,
 // otherwise through a tile in scratch (the half-width one when cols <= one vector).
+// With an epilogue (ep, side and col_sums as gemm_packed_tile's), the scratch tile reads and writes a scratch side
+// tile (the real side's rows x cols, zeros elsewhere) and the column sums are taken over the real rows as they are
+// copied out (a padded row holds the bias alone, which must not be summed).
 VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float* C, int64_t ldc, bool add_c,
-                                const float* bias, int rows, int cols) {
+                                const float* bias, int rows, int cols, const GemmEpilogue* ep = nullptr,
+                                float* side = nullptr, float* col_sums = nullptr) {
   constexpr int L = Vec<float>::lanes;
   const bool half = cols <= L;
   if (half && rows == kGemmMR && cols == L) {
-    gemm_packed_tile<1>(K, a, b, C, ldc, add_c, bias);
+    gemm_packed_tile<1>(K, a, b, C, ldc, add_c, bias, ep, side, col_sums);
     return;
   }
   alignas(64) float tile[kGemmMR * kGemmNR];
@@ -73,10 +127,36 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
     for (int c = 0; c < cols; ++c) bias_tile[c] = bias[c];
   }
   const float* tile_bias = bias != nullptr ? bias_tile : nullptr;
-  if (half) gemm_packed_tile<1>(K, a, b, tile, kGemmNR, add_c, tile_bias);
-  else gemm_packed_tile<2>(K, a, b, tile, kGemmNR, add_c, tile_bias);
+  const bool gelu = ep != nullptr && ep->gelu;
+  alignas(64) float side_tile[kGemmMR * kGemmNR] = {};
+  GemmEpilogue tile_ep;
+  if (gelu) {
+    tile_ep = *ep;
+    tile_ep.ld_side = kGemmNR;
+    if (ep->grad) {
+      for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) side_tile[r * kGemmNR + c] = side[r * ep->ld_side + c];
+      }
+    }
+  }
+  float* tile_side = gelu && (ep->grad || side != nullptr) ? side_tile : nullptr;
+  const GemmEpilogue* tile_epilogue = gelu ? &tile_ep : nullptr;
+  if (half) gemm_packed_tile<1>(K, a, b, tile, kGemmNR, add_c, tile_bias, tile_epilogue, tile_side);
+  else gemm_packed_tile<2>(K, a, b, tile, kGemmNR, add_c, tile_bias, tile_epilogue, tile_side);
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) C[r * ldc + c] = tile[r * kGemmNR + c];
+  }
+  if (gelu && !ep->grad && side != nullptr) {
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < cols; ++c) side[r * ep->ld_side + c] = side_tile[r * kGemmNR + c];
+    }
+  }
+  if (gelu && ep->grad && col_sums != nullptr) {
+    for (int c = 0; c < cols; ++c) {
+      float sum = 0.0f;
+      for (int r = 0; r < rows; ++r) sum += tile[r * kGemmNR + c];
+      col_sums[c] += sum;
+    }
   }
 }
 
@@ -178,18 +258,21 @@ inline void gemm_pack_b(int64_t kc, int64_t cols, const float* B, int64_t b_row,
 }
 
 // C rows [0, rows) x columns [0, cols) from a packed A block (rows x kc) and packed B block (kc x cols): the tiles,
-// B's panels outer (one kc x kNR panel stays in L1 while the A block, in L2, streams past it).
+// B's panels outer (one kc x kNR panel stays in L1 while the A block, in L2, streams past it). ep: the product's
+// epilogue where this is its last pass over K (else null), its side and col_sums at this block's origin.
 inline void gemm_packed_block(int64_t rows, int64_t cols, int64_t kc, const float* a, const float* b, float* C,
-                              int64_t ldc, bool add_c, const float* bias) {
+                              int64_t ldc, bool add_c, const float* bias, const GemmEpilogue* ep) {
   for (int64_t j = 0; j < cols; j += kGemmNR) {
     const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, cols - j));
     const float* bp = b + j * kc;  // panel j / kNR
     const float* bj = bias != nullptr ? bias + j : nullptr;
+    float* sums = ep != nullptr && ep->col_sums != nullptr ? ep->col_sums + j : nullptr;
     for (int64_t i = 0; i < rows; i += kGemmMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kGemmMR, rows - i));
       float* c = C + i * ldc + j;
-      if (mr == kGemmMR && nr == kGemmNR) gemm_packed_tile<2>(kc, a + i * kc, bp, c, ldc, add_c, bj);
-      else gemm_packed_edge(kc, a + i * kc, bp, c, ldc, add_c, bj, mr, nr);
+      float* side = ep != nullptr && ep->side != nullptr ? ep->side + i * ep->ld_side + j : nullptr;
+      if (mr == kGemmMR && nr == kGemmNR) gemm_packed_tile<2>(kc, a + i * kc, bp, c, ldc, add_c, bj, ep, side, sums);
+      else gemm_packed_edge(kc, a + i * kc, bp, c, ldc, add_c, bj, mr, nr, ep, side, sums);
     }
   }
 }

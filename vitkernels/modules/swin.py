@@ -28,7 +28,10 @@ the row ops work in place on tensors the block created. Where the MLP's weights 
 (stage 1 of Swin-T at batch >= 2; with ATen's GEMM as the CPU GEMM, or on an AVX2-only CPU) the MLP's two GEMMs
 and bias + GELU run by blocks of rows (:func:`vitkernels.ops.gelu_mlp.gelu_mlp`), forward and backward, in
 inference and training alike: the hidden activation stays in cache, and only fc1's output is kept for the
-backward.
+backward. Elsewhere, where the patched Linears run vitkernels' own GEMM (AVX2-only CPUs), the MLP's two GEMMs run
+unblocked as one op with the bias + GELU in fc1's GEMM epilogue and the GELU's derivative (and b1's gradient) in the
+epilogue of the backward's input-gradient GEMM (:func:`vitkernels.ops.gelu_mlp.eager_takes_it`; eager only): no
+pass of its own over the hidden activation or its gradient.
 Every Linear runs through :func:`vitkernels.ops.linear.layer_linear`: on CPU float32 that is this machine's CPU
 GEMM (:data:`vitkernels.ops.linear.CPU_GEMM`: MKL's sgemm through ``F.linear`` on Intel CPUs, oneDNN's inner
 product elsewhere, where MKL takes its slower generic code path). Patch merging's gather + LayerNorm is one op too
@@ -111,6 +114,20 @@ def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
     ``auto`` would pick it (small weights, a large hidden activation: Swin-T stage 1 at batch >= 2)."""
     return (a2.dtype == torch.float32 and _gelu_mlp_op.layers_take_it()
             and _gelu_mlp_op.native_preferred(a2, mlp.fc1.weight, mlp.fc2.weight))
+
+
+def _mlp_without_fc2_bias(a2: torch.Tensor, mlp: nn.Module, approximate: str) -> torch.Tensor:
+    """``gelu(a2 W1^T + b1) W2^T``, the fused CPU path's MLP before fc2's bias (which the residual op after it adds):
+    by blocks of rows where :func:`_blocked_mlp_pays`, else as ``vitkernels::gelu_mlp_eager`` (the GELU in the own
+    GEMM's epilogues) where :func:`vitkernels.ops.gelu_mlp.eager_takes_it`, else fc1's GEMM, bias + GELU as one row
+    op, fc2's GEMM. The choice depends on the shapes and the machine only, so inference and training take the same
+    one (and give the same forward numbers)."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
+        return _gelu_mlp_op.run_native(a2, fc1.weight, fc1.bias, fc2.weight, None, approximate, 0)
+    if _gelu_mlp_op.eager_takes_it(a2, fc1.weight, fc1.bias, fc2.weight):
+        return torch.ops.vitkernels.gelu_mlp_eager(a2, fc1.weight, fc1.bias, fc2.weight, None, approximate)
+    return _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight)
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:
@@ -358,11 +375,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
             _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
         )
-        approximate = _gelu_approximate(mlp.act)
-        if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
-            y = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
-        else:
-            y = _gemm(_linear_gelu(a2, mlp.fc1, approximate), mlp.fc2.weight)
+        y = _mlp_without_fc2_bias(a2, mlp, _gelu_approximate(mlp.act))
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
@@ -385,13 +398,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         torch.ops.vitkernels.bias_residual_layernorm_(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
                                                       n2.weight, n2.bias, n2.eps, o)  # y := x1, o := LayerNorm2(x1)
         x1, a2 = y, o
-        approximate = _gelu_approximate(mlp.act)
-        if _blocked_mlp_pays(a2, mlp):
-            # fc1, its bias + GELU and fc2 by blocks of rows: the hidden activation never leaves the cache and is
-            # never allocated whole (vitkernels/ops/gelu_mlp.py); fc2's bias stays with the tail below
-            out = _gelu_mlp_op.run_native(a2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, None, approximate, 0)
-        else:
-            out = _gemm(_linear_gelu(a2, mlp.fc1, approximate), mlp.fc2.weight)
+        out = _mlp_without_fc2_bias(a2, mlp, _gelu_approximate(mlp.act))  # fc2's bias: with the tail below
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             torch.ops.vitkernels.bias_residual_(out, mlp.fc2.bias, x1, factors)
