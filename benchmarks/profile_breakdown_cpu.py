@@ -92,8 +92,11 @@ def step_fn(model, mode: str, x: torch.Tensor):
 # The patched model's Linears on vitkernels' own GEMM (vitkernels.ops.linear.OWN_GEMM: AVX2-only AMD CPUs): the
 # products run inside vitkernels::onednn_linear_eager (forward), its C++ autograd node (backward) and
 # vitkernels::cpu_gemm (compiled code), no GEMM op of their own; profiled names containing these count as GEMM (on
-# the oneDNN / MKL route the first two hold only their wrapper, ~2-3 ms of a b4 step).
-OWN_GEMM_OPS = ("onednn_linear_eager", "EagerOneDnnLinear", "cpu_gemm")
+# the oneDNN / MKL route the first two hold only their wrapper, ~2-3 ms of a b4 step). So does the unblocked MLP
+# there (vitkernels::gelu_mlp_eager, Swin-T stages 2-4: matched by MLP_OPS; its backward's C++ autograd node,
+# EagerGeluMlp), whose self time holds its GEMMs and the bias + GELU (forward) / GELU derivative (backward) they
+# apply as they store their tiles.
+OWN_GEMM_OPS = ("onednn_linear_eager", "EagerOneDnnLinear", "cpu_gemm", "EagerGeluMlp")
 
 
 def _is_gemm(name: str) -> bool:
@@ -393,8 +396,10 @@ def main(argv=None) -> int:
             print(timing_lines[-1], flush=True)
         del fns, floor
         gc.collect()
-        own_note = (" and its Linears' ops (vk::onednn_linear_eager and its autograd node), whose self time holds "
-                    "vitkernels' own GEMM" if linear_op.OWN_GEMM else "")
+        own_note = (" and its Linears' ops (vk::onednn_linear_eager and its autograd node) and unblocked MLP's "
+                    "(vk::gelu_mlp_eager and its autograd node EagerGeluMlp, stages 2-4), whose self time holds "
+                    "vitkernels' own GEMM (the MLP's: with the bias + GELU, or its derivative, in its epilogues)"
+                    if linear_op.OWN_GEMM else "")
         lines += [f"## {mode}", "", "Profile (self time per op, minimum over the profiled steps; the patched "
                   "model's blocked MLP ops (vk::gelu_mlp*, Swin stage 1), whose self time holds the MLP's GEMMs and "
                   f"its bias + GELU{own_note}, counted as GEMM):", "",
