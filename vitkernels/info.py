@@ -48,6 +48,9 @@ def versions() -> Dict[str, str]:
         mlp_gemm = "vitkernels' own GEMM" if linear_op.OWN_GEMM else "ATen's mm"
         info["CPU float32 GEMM"] += ("; MLPs with a large hidden activation (Swin-T stage 1) by blocks of rows "
                                      f"through {mlp_gemm} (an AVX2 CPU)")
+    if linear_op.OWN_GEMM and gelu_mlp_op.eager_op_built():
+        info["CPU float32 GEMM"] += ("; the Swin blocks' other MLPs unblocked, bias + GELU and its derivative in the "
+                                     "own GEMM's epilogues (gelu_mlp_eager)")
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()
         info["CUDA capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

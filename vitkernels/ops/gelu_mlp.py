@@ -159,6 +159,11 @@ def eager_takes_it(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
 _EAGER_OP = getattr(torch.ops.vitkernels, "gelu_mlp_eager", None) if _native.is_loaded() else None
 
 
+def eager_op_built() -> bool:
+    """Whether vitkernels._C has ``vitkernels::gelu_mlp_eager`` (what :func:`eager_takes_it` needs first)."""
+    return _EAGER_OP is not None
+
+
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it; a
     question, not a dispatch: nothing is selected)."""
