@@ -118,13 +118,30 @@ def test_block_matches_timm_float32(impl):
     compare_outputs_and_grads(ours, theirs, torch.randn(2, 9, 10, 32), rtol=1e-4, atol=1e-5)
 
 
-def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
-    """float32 on CPU: the fast block runs its Linears as the CPU GEMM, fc1's bias + GELU as the native bias_gelu and
-    each post-norm seam x + norm(linear(h)) as the native bias_layernorm_residual (in place in inference, with
-    their native backwards in training), timm's GELU module (``act_layer="gelu"``, V2's default) included; outputs
-    and gradients as timm's."""
+@pytest.mark.parametrize("eager_mlp", [False, True], ids=["bias-gelu", "gelu-mlp-eager"])
+def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops(eager_mlp, monkeypatch):
+    """float32 on CPU: the fast block runs its Linears as the CPU GEMM, fc1's bias + GELU as the native bias_gelu (or,
+    where the Linears run vitkernels' own GEMM, the MLP as gelu_mlp_eager, the GELU in the GEMM's epilogues: both
+    forced here) and each post-norm seam x + norm(linear(h)) as the native bias_layernorm_residual (in place in
+    inference, with their native backwards in training), timm's GELU module (``act_layer="gelu"``, V2's default)
+    included; outputs and gradients as timm's."""
     if not vitkernels._native.has_kernel("bias_gelu", "CPU"):
         pytest.skip("vitkernels._C is not built")
+    from vitkernels.ops import gelu_mlp as gelu_mlp_module, linear as linear_module
+
+    if eager_mlp:
+        if not (gelu_mlp_module.eager_op_built() and linear_module.onednn_available()):
+            pytest.skip("needs vitkernels::gelu_mlp_eager and oneDNN (the Linears' direct path)")
+        monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
+        monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    else:
+        monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
+    # gelu_mlp_eager is CompositeImplicitAutograd, which a dispatch mode does not see: its calls counted by a wrapper
+    eager_calls = []
+    if gelu_mlp_module.eager_op_built():
+        eager_op = torch.ops.vitkernels.gelu_mlp_eager
+        monkeypatch.setattr(torch.ops.vitkernels, "gelu_mlp_eager",
+                            lambda *args: eager_calls.append(1) or eager_op(*args))
     kwargs = dict(dim=32, input_resolution=(16, 16), num_heads=2, window_size=8, shift_size=4)
     theirs = randomize(timm_v2().SwinTransformerV2Block(**kwargs))
     assert type(theirs.mlp.act).__module__ == "timm.layers.activations"
@@ -137,18 +154,25 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
         theirs.train(training)
         with torch.no_grad(), OpCalls() as calls:
             out = ours(x)
-        # eval without autograd: in place on the fc1 GEMM's output; in training mode the autograd path's op
+        # eval without autograd: in place on the fc1 GEMM's output; in training mode the autograd path's ops (bias +
+        # GELU in place there too, on the GEMM's fresh output, as _linear_gelu does without autograd)
         suffix = "" if training else "_"
-        assert "vitkernels::bias_gelu" + suffix in calls.names
+        assert ("vitkernels::bias_gelu_" in calls.names) != eager_mlp and len(eager_calls) == int(eager_mlp)
+        eager_calls.clear()
         assert calls.names.count("vitkernels::bias_layernorm_residual" + suffix) == 2
         assert "aten::gelu" not in calls.names and "aten::native_layer_norm" not in calls.names
         torch.testing.assert_close(out, theirs(x).detach(), rtol=1e-4, atol=1e-5)
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
         compare_outputs_and_grads(ours, theirs, x, rtol=1e-4, atol=1e-5)
+        eager_calls.clear()  # (compare_outputs_and_grads ran the block too)
         with OpCalls() as calls:
             ours(x.clone().requires_grad_()).sum().backward()
-        assert "vitkernels::bias_gelu" in calls.names and "vitkernels::bias_gelu_backward" in calls.names
+        if eager_mlp:  # its backward: a C++ autograd node on the own GEMM, no bias_gelu_backward
+            assert len(eager_calls) == 1 and "vitkernels::bias_gelu_backward" not in calls.names
+        else:
+            assert "vitkernels::bias_gelu" in calls.names and "vitkernels::bias_gelu_backward" in calls.names
+        eager_calls.clear()
         assert calls.names.count("vitkernels::bias_layernorm_residual_backward") == 2
         assert "aten::gelu" not in calls.names and "aten::gelu_backward" not in calls.names
         assert "aten::native_layer_norm_backward" not in calls.names
@@ -157,7 +181,7 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops():
     ours.mlp.fc1.register_forward_hook(lambda *_: fired.append(1))
     with torch.no_grad(), OpCalls() as calls:
         ours.eval()(x)
-    assert fired and "vitkernels::bias_gelu_" not in calls.names
+    assert fired and "vitkernels::bias_gelu_" not in calls.names and not eager_calls
 
 
 @pytest.mark.parametrize("attn_drop", [0.0, 0.25], ids=["no-attn-drop", "attn-drop"])

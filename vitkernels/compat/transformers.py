@@ -76,6 +76,7 @@ from vitkernels.modules.swin import (
     _is_layernorm,
     _linear_gelu,
     _linear_post_norm,
+    _unblocked_mlp_without_fc2_bias,
 )
 from vitkernels.modules.vit import fused_block_cpu
 
@@ -304,8 +305,8 @@ class _FusedSwinLayer(_FusedLayer):
             x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
                 _gemm(out.reshape(batch, length, -1), o_proj.weight), o_proj.bias, x, None, norm.weight, norm.bias,
                 norm.eps)
-            h = _linear_gelu(a2, fc1, approximate)
-            return torch.ops.vitkernels.bias_residual(_gemm(h, fc2.weight), fc2.bias, x1, None)
+            y = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate)
+            return torch.ops.vitkernels.bias_residual(y, fc2.bias, x1, None)
         weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
         window, shift = _window(self, position_bias.window_size), (int(self.shift_size),) * 2
 

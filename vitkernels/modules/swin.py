@@ -96,10 +96,14 @@ def _linear_gelu(x: torch.Tensor, linear: nn.Linear, approximate: str) -> torch.
 
 def _linear_post_norm(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """``residual + norm(linear(x))`` (a res-post-norm seam, Swin V2's, its drop path the identity) as the fused paths
-    compute it: the Linear's GEMM without its bias (:func:`_gemm`), then bias + LayerNorm + residual as one native
-    pass, ``bias_layernorm_residual`` (with its backward) under autograd, else ``bias_layernorm_residual_`` in place
-    on the GEMM's fresh output."""
-    y = _gemm(x, linear.weight)
+    compute it: the Linear's GEMM without its bias (:func:`_gemm`), then :func:`_post_norm`."""
+    return _post_norm(_gemm(x, linear.weight), linear, residual, norm)
+
+
+def _post_norm(y: torch.Tensor, linear: nn.Linear, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """``residual + norm(y + linear.bias)`` for ``y`` a fresh GEMM output of ``linear`` without its bias: bias +
+    LayerNorm + residual as one native pass, ``bias_layernorm_residual`` (with its backward) under autograd, else
+    ``bias_layernorm_residual_`` in place on ``y``."""
     if torch.is_grad_enabled():
         return torch.ops.vitkernels.bias_layernorm_residual(y, linear.bias, residual, None, norm.weight, norm.bias,
                                                             norm.eps)[0]
@@ -118,13 +122,20 @@ def _blocked_mlp_pays(a2: torch.Tensor, mlp: nn.Module) -> bool:
 
 def _mlp_without_fc2_bias(a2: torch.Tensor, mlp: nn.Module, approximate: str) -> torch.Tensor:
     """``gelu(a2 W1^T + b1) W2^T``, the fused CPU path's MLP before fc2's bias (which the residual op after it adds):
-    by blocks of rows where :func:`_blocked_mlp_pays`, else as ``vitkernels::gelu_mlp_eager`` (the GELU in the own
-    GEMM's epilogues) where :func:`vitkernels.ops.gelu_mlp.eager_takes_it`, else fc1's GEMM, bias + GELU as one row
-    op, fc2's GEMM. The choice depends on the shapes and the machine only, so inference and training take the same
-    one (and give the same forward numbers)."""
+    by blocks of rows where :func:`_blocked_mlp_pays`, else :func:`_unblocked_mlp_without_fc2_bias`. The choice
+    depends on the shapes and the machine only, so inference and training take the same one (and give the same
+    forward numbers)."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     if _blocked_mlp_pays(a2, mlp):  # by blocks of rows, forward and backward (vitkernels/ops/gelu_mlp.py)
         return _gelu_mlp_op.run_native(a2, fc1.weight, fc1.bias, fc2.weight, None, approximate, 0)
+    return _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate)
+
+
+def _unblocked_mlp_without_fc2_bias(a2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, approximate: str) -> torch.Tensor:
+    """``gelu(a2 W1^T + b1) W2^T`` over all rows at once: ``vitkernels::gelu_mlp_eager`` (bias + GELU, and in the
+    backward the GELU's derivative and b1's gradient, in the own GEMM's epilogues) where
+    :func:`vitkernels.ops.gelu_mlp.eager_takes_it`, else fc1's GEMM, bias + GELU as one row op (:func:`_linear_gelu`),
+    fc2's GEMM. The fused paths of the Swin V1 / V2 blocks and of the Hugging Face Swin layers."""
     if _gelu_mlp_op.eager_takes_it(a2, fc1.weight, fc1.bias, fc2.weight):
         return torch.ops.vitkernels.gelu_mlp_eager(a2, fc1.weight, fc1.bias, fc2.weight, None, approximate)
     return _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight)

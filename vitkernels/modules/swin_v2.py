@@ -14,7 +14,6 @@ from itertools import islice
 from typing import Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitkernels.modules.swin import (
@@ -26,11 +25,12 @@ from vitkernels.modules.swin import (
     _gelu_approximate,
     _gemm,
     _global_hooks,
-    _linear_gelu,
     _linear_post_norm,
     _has_hooks,
     _inactive,
     _is_layernorm,
+    _post_norm,
+    _unblocked_mlp_without_fc2_bias,
 )
 from vitkernels.ops.window_attention_v2 import window_attention_v2
 from vitkernels.reference import swin_v2 as reference
@@ -102,9 +102,11 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with autograd on the fused CPU path (:meth:`_fused_cpu_ready`): the Linears as the CPU
-        GEMM (the qkv one too), fc1's bias + GELU as the native ``bias_gelu`` and each post-norm seam,
-        ``x + drop_path(norm(linear(h)))``, as the native ``bias_layernorm_residual`` after the Linear's GEMM
-        without its bias (their backwards native too; drop path's per-sample factors drawn as timm draws them)."""
+        GEMM (the qkv one too), fc1's bias + GELU as the native ``bias_gelu`` (or the whole MLP as
+        ``gelu_mlp_eager``, the GELU in the own GEMM's epilogues: V1's ``_unblocked_mlp_without_fc2_bias``) and each
+        post-norm seam, ``x + drop_path(norm(linear(h)))``, as the native ``bias_layernorm_residual`` after the
+        Linear's GEMM without its bias (their backwards native too; drop path's per-sample factors drawn as timm
+        draws them)."""
         B, H, W, C = x.shape
         ops = torch.ops.vitkernels
         attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
@@ -115,13 +117,9 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
             x = ops.bias_layernorm_residual(y, attn.proj.bias, x, _drop_path_factors(self.drop_path1, x),
                                             norm1.weight, norm1.bias, norm1.eps)[0]
         x = x.reshape(B, -1, C)
-        h = _gemm(x, mlp.fc1.weight)  # the functional bias_gelu here: this path runs in training mode, grad on or off
-        if mlp.fc1.bias is not None:
-            h = ops.bias_gelu(h, mlp.fc1.bias, _gelu_approximate(mlp.act))
-        else:
-            h = F.gelu(h, approximate=_gelu_approximate(mlp.act))
-        x = ops.bias_layernorm_residual(_gemm(h, mlp.fc2.weight), mlp.fc2.bias, x,
-                                        _drop_path_factors(self.drop_path2, x), norm2.weight, norm2.bias, norm2.eps)[0]
+        y = _unblocked_mlp_without_fc2_bias(x, mlp.fc1, mlp.fc2, _gelu_approximate(mlp.act))
+        x = ops.bias_layernorm_residual(y, mlp.fc2.bias, x, _drop_path_factors(self.drop_path2, x), norm2.weight,
+                                        norm2.bias, norm2.eps)[0]
         return x.reshape(B, H, W, C)
 
     def _fused_cpu_ready(self, x: torch.Tensor) -> bool:
@@ -163,13 +161,14 @@ class SwinTransformerV2Block(_BackendAttribute, reference.SwinTransformerV2Block
     def _forward_inference_fused(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`_forward_inference` on the fused CPU path: each Linear as the CPU GEMM without its bias (the qkv
         one with its bias, which timm calls as ``F.linear``), then its bias + post-norm + residual
-        (``bias_layernorm_residual_``) or bias + GELU (``bias_gelu_``) in place on the GEMM's fresh output (eval
-        mode: drop paths and dropouts are the identity)."""
+        (``bias_layernorm_residual_``) or bias + GELU (``bias_gelu_``; or the MLP as ``gelu_mlp_eager``, as in
+        :meth:`_forward_fused`) in place on the GEMM's fresh output (eval mode: drop paths and dropouts are the
+        identity)."""
         B, H, W, C = x.shape
         attn, mlp = self.attn, self.mlp
         x = _linear_post_norm(self._attn_heads(x, cpu_gemm=True), attn.proj, x, self.norm1).reshape(B, -1, C)
-        h = _linear_gelu(x, mlp.fc1, _gelu_approximate(mlp.act))
-        return _linear_post_norm(h, mlp.fc2, x, self.norm2).reshape(B, H, W, C)
+        y = _unblocked_mlp_without_fc2_bias(x, mlp.fc1, mlp.fc2, _gelu_approximate(mlp.act))
+        return _post_norm(y, mlp.fc2, x, self.norm2).reshape(B, H, W, C)
 
 
 SwinV2Block = SwinTransformerV2Block
