@@ -128,12 +128,15 @@ VK_INLINE void gemm_packed_edge(int64_t K, const float* a, const float* b, float
   }
   const float* tile_bias = bias != nullptr ? bias_tile : nullptr;
   const bool gelu = ep != nullptr && ep->gelu;
-  alignas(64) float side_tile[kGemmMR * kGemmNR] = {};
+  // (zeroed only for a grad epilogue, which reads it past the real rows and columns: the plain edge tile, on
+  // every product's ragged edge, pays nothing for it)
+  alignas(64) float side_tile[kGemmMR * kGemmNR];
   GemmEpilogue tile_ep;
   if (gelu) {
     tile_ep = *ep;
     tile_ep.ld_side = kGemmNR;
     if (ep->grad) {
+      std::fill(side_tile, side_tile + kGemmMR * kGemmNR, 0.0f);
       for (int r = 0; r < rows; ++r) {
         for (int c = 0; c < cols; ++c) side_tile[r * kGemmNR + c] = side[r * ep->ld_side + c];
       }

@@ -150,18 +150,16 @@ def eager_takes_it(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
     ``vitkernels::gelu_mlp_eager``: where vitkernels._C has it, the operands are float32 and both Linears would run
     :func:`vitkernels.ops.linear.layer_linear`'s direct path (eager, CPU, no autocast) on vitkernels' own GEMM
     (:func:`vitkernels.ops.linear.runs_own_gemm`), which the op's three products per direction use."""
-    (H, C), N = w1.shape, w2.shape[0]
-    return (_EAGER_OP is not None and x.dtype is torch.float32 and w2.dtype is torch.float32
-            and linear_op.layer_linear_route(x, w1, b1) == "onednn"
-            and linear_op.runs_own_gemm(C, H) and linear_op.runs_own_gemm(H, N))
+    return (_EAGER_OP_BUILT and x.dtype is torch.float32 and w2.dtype is torch.float32
+            and linear_op.layer_linear_route(x, w1, b1) == "onednn" and _own_gemm(w1, w2))
 
 
-_EAGER_OP = getattr(torch.ops.vitkernels, "gelu_mlp_eager", None) if _native.is_loaded() else None
+_EAGER_OP_BUILT = _native.is_loaded() and hasattr(torch.ops.vitkernels, "gelu_mlp_eager")
 
 
 def eager_op_built() -> bool:
     """Whether vitkernels._C has ``vitkernels::gelu_mlp_eager`` (what :func:`eager_takes_it` needs first)."""
-    return _EAGER_OP is not None
+    return _EAGER_OP_BUILT
 
 
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -261,8 +259,8 @@ if _native.is_loaded():
         return _forward(x, w1, b1, w2, b2, approximate, block_rows, _own_gemm(w1, w2))
 
     def _own_gemm(w1: torch.Tensor, w2: torch.Tensor) -> bool:
-        """The blocks' GEMMs through vitkernels' own where the layers' Linears of these sizes take it
-        (linear_op.runs_own_gemm for fc1 and fc2)."""
+        """The blocks' GEMMs (and gelu_mlp_eager's, eager_takes_it) through vitkernels' own where the layers'
+        Linears of these sizes take it (linear_op.runs_own_gemm for fc1 and fc2)."""
         (H, C), (N, _) = w1.shape, w2.shape
         return linear_op.runs_own_gemm(C, H) and linear_op.runs_own_gemm(H, N)
 
