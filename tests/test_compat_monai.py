@@ -373,3 +373,54 @@ def test_stage_compiles_fullgraph(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
     assert built == []
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(dims, monkeypatch):
+    """forward_part2 at a width whose Linears run vitkernels' own GEMM (OWN_GEMM, oneDNN as the CPU GEMM: an
+    AVX2-only AMD CPU; feature_size 32) runs the whole MLP, both biases included, as vitkernels::gelu_mlp_eager
+    (gelu_mlp.eager_takes_it), in inference and training: MONAI's numbers and every gradient, and no separate bias +
+    GELU pass; with eager_takes_it False the linear1 + bias_gelu + linear2 path, MONAI's numbers too."""
+    native_or_skip("native")
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
+        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    from vitkernels.ops import gelu_mlp as gelu_mlp_module
+    from vitkernels.ops import linear as linear_module
+
+    if not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    window = (4,) * dims
+    original = _stage(window, torch.float32, dim=32, heads=2).eval()
+    patched = vkm.patch_model(copy.deepcopy(original))
+    mlp = patched.blocks[0].mlp
+    x = torch.randn(2, 32, *(8,) * dims)
+    assert gelu_mlp_module.eager_takes_it(torch.empty(8, 32), mlp.linear1.weight, mlp.linear1.bias,
+                                          mlp.linear2.weight)
+    calls = []
+    op = torch.ops.vitkernels.gelu_mlp_eager
+
+    def counting(*args):  # a CompositeImplicitAutograd op, which a dispatch mode does not see
+        calls.append(args[4] is not None)  # linear2's bias goes into the op
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.vitkernels, "gelu_mlp_eager", counting)
+    with torch.no_grad(), OpCalls() as ops:
+        ours = patched(x)
+    assert calls == [True, True] and "vitkernels::bias_gelu_" not in ops.names and "aten::gelu" not in ops.names
+    with torch.no_grad():
+        theirs = original(x)
+    assert rel_err(ours, theirs) < 1e-5
+    calls.clear()
+    with OpCalls() as ops:
+        _run(patched.train(), x)
+    assert calls == [True, True] and "vitkernels::bias_gelu_backward" not in ops.names
+    _run(original.train(), x)
+    assert_grads_close(patched, original, 1e-4)
+    monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
+    calls.clear()
+    with torch.no_grad(), OpCalls() as ops:
+        ours = patched.eval()(x)
+    assert calls == [] and ops.names.count("vitkernels::bias_gelu_") == 2
+    assert rel_err(ours, theirs) < 1e-5

@@ -305,3 +305,42 @@ def test_compiled_patched_vit_runs_the_fused_ops_fullgraph(case):
     ops = vitkernels_ops(graphs)
     # one graph (fullgraph) for both batch sizes (dynamic): two blocks' ops once
     assert ops["bias_residual_layernorm_"] == ops["bias_gelu_"] == ops["bias_residual_"] == 2, ops
+
+
+@pytest.mark.parametrize("layer_scale", [False, True], ids=["plain", "layer-scale"])
+def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(layer_scale, fused_calls, monkeypatch):
+    """Where the Linears run vitkernels' own GEMM (OWN_GEMM, oneDNN as the CPU GEMM: an AVX2-only AMD CPU) the fused
+    path runs a block's MLP without LayerScale as vitkernels::gelu_mlp_eager (bias + GELU in fc1's GEMM epilogue;
+    fc2's bias added by the residual op after it, gelu_mlp.eager_takes_it), timm's numbers; a LayerScale block
+    keeps fc1 + bias_gelu_ + fc2 (its gamma scales fc2's biased output, timm's product order); and with
+    eager_takes_it False a plain block does too, the same numbers bitwise (the same GEMM and GELU code)."""
+    _fused_cpu_or_skip()
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
+        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    from vitkernels.ops import gelu_mlp as gelu_mlp_module
+
+    if not linear_op.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_op, "OWN_GEMM", True)
+    kwargs = {"init_values": 0.5} if layer_scale else {}
+    original = _vit("deit3_small_patch16_224" if layer_scale else "deit_tiny_patch16_224", embed_dim=64,
+                    num_heads=2, **kwargs)
+    patched = patch_model(copy.deepcopy(original))
+    mlp = patched.blocks[0].mlp
+    assert gelu_mlp_module.eager_takes_it(torch.empty(8, 64), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight)
+    calls = []
+    op = torch.ops.vitkernels.gelu_mlp_eager
+    monkeypatch.setattr(torch.ops.vitkernels, "gelu_mlp_eager", lambda *args: calls.append(args[4]) or op(*args))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = patched(x), original(x)
+    assert len(fused_calls) == 2
+    assert calls == ([] if layer_scale else [None, None])  # fc2's bias: the residual op's
+    _assert_timms_numbers(ours, theirs, original, x)
+    monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
+    calls.clear()
+    with torch.no_grad():
+        unfused = patched(x)
+    assert calls == []
+    assert torch.equal(unfused, ours)

@@ -8,7 +8,10 @@ bias materialised, and no per-call mask rebuild. 3D blocks run :func:`vitkernels
 window_attention_3d` (fused: the native kernel on CPU, the Triton kernels on GPUs; head dims the Triton kernels do
 not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference there), 2D blocks the 2D op. On CPU its
 ``forward_part2`` (the MLP branch) runs linear1 without its bias, then the bias + GELU as one native pass (in place
-without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks. The rest of
+without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks; where both
+Linears run vitkernels' own GEMM (float32, AVX2-only AMD CPUs, feature_size >= 32:
+:func:`vitkernels.ops.gelu_mlp.eager_takes_it`) the whole MLP is ``vitkernels::gelu_mlp_eager``, its bias + GELU
+(and in training their gradients) in the GEMMs' epilogues. The rest of
 the block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict
 keys are unchanged. Each ``BasicLayer`` (a stage) is switched too, so that it no longer builds the shifted-window
 mask its fused blocks do not read (MONAI's ``compute_mask`` at every forward, tens of MB at 3D sizes): its blocks
@@ -55,6 +58,7 @@ from vitkernels.modules.swin import (
     _inactive,
     _linear_gelu,
 )
+from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops.window_attention_3d import window_attention_3d
 from vitkernels.reference.window_attention_3d import (
     effective_window_and_shift,
@@ -118,7 +122,11 @@ class _FusedSwinTransformerBlock(FusedModule):
                 or mlp.linear1.bias is None or not (_inactive(mlp.drop1) and _inactive(mlp.drop2))
                 or _global_hooks() or any(_has_hooks(m) for m in mlp.modules())):
             return super().forward_part2(x)
-        return self.drop_path(mlp.linear2(_linear_gelu(self.norm2(x), mlp.linear1, approximate)))
+        a, fc1, fc2 = self.norm2(x), mlp.linear1, mlp.linear2
+        if _gelu_mlp_op.eager_takes_it(a, fc1.weight, fc1.bias, fc2.weight):  # bias + GELU in the GEMMs' epilogues
+            return self.drop_path(torch.ops.vitkernels.gelu_mlp_eager(a, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                                                      approximate))
+        return self.drop_path(fc2(_linear_gelu(a, fc1, approximate)))
 
 
 class _FusedBasicLayer(FusedModule):

@@ -63,6 +63,7 @@ from vitkernels.modules.swin import (
     _has_hooks,
     _inactive,
     _is_layernorm,
+    _unblocked_mlp_without_fc2_bias,
 )
 
 
@@ -159,6 +160,9 @@ def fused_block_cpu(
     torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(drop_path1, x), norm2.weight,
                                                   norm2.bias, norm2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
     x1 = y
-    out, fc2_bias = _branch(gamma2, _linear_gelu(a2, fc1, approximate), fc2)
+    if gamma2 is None:  # fc2's bias goes to the residual op below
+        out, fc2_bias = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
+    else:
+        out, fc2_bias = _branch(gamma2, _linear_gelu(a2, fc1, approximate), fc2)
     torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
     return out
