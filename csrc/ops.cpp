@@ -129,6 +129,12 @@ TORCH_LIBRARY(vitkernels, m) {
   // GEMMs per direction through vitkernels' own GEMM, bias + GELU in fc1's GEMM epilogue, gelu' and b1's gradient
   // in the epilogue of the backward's g W2 (csrc/cpu/gelu_mlp.cpp).
   m.def("gelu_mlp_eager(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> Tensor");
+  // Its forward and its GELU-backward GEMM as plain ops, for torch.compile's graphs (autograd and fakes in
+  // vitkernels/ops/gelu_mlp.py): -> (y, h = gelu(x W1^T + b1) (M, H), pre = x W1^T + b1 (M, H) or empty), and
+  // (grad_pre = (grad W2) * gelu'(pre), b1's gradient).
+  m.def("gelu_mlp_own(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate, bool keep_pre) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("gelu_mlp_own_grad_pre(Tensor grad, Tensor w2, Tensor pre, str approximate) -> (Tensor, Tensor)");
 
   // Fused row ops between a transformer block's GEMMs (CPU; vitkernels/ops/<name>.py). The "_" variants work in
   // place, for inference.

@@ -540,11 +540,19 @@ def test_fuzz_gelu_mlp_eager(seed, monkeypatch):
     included in M, C, H and N; at times one of C, N past the 384-deep K pass or H past the 2048-column block), leading
     dims, strided or transposed operands, optional biases, either GELU, every instruction set, one or two threads;
     some operands of the wrong size or dtype: a clear error naming the argument, or the reference's values and
-    gradients (and inference bitwise the training forward)."""
+    gradients (and inference bitwise the training forward). Odd seeds run gelu_mlp_own instead (the same forward and
+    backward as plain ops, for torch.compile; its autograd in Python)."""
     from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
 
-    if not hasattr(ops, "gelu_mlp_eager"):
-        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    name = "gelu_mlp_own" if seed % 2 else "gelu_mlp_eager"
+    if not hasattr(ops, name):
+        pytest.skip(f"vitkernels._C has no {name}")
+
+    def run(*args, keep_pre=True):
+        if name == "gelu_mlp_eager":
+            return ops.gelu_mlp_eager(*args)
+        return ops.gelu_mlp_own(*args, keep_pre)[0]
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     monkeypatch.setenv("VITKERNELS_CPU_ISA", rng.choice(CPU_ISAS))
@@ -584,7 +592,7 @@ def test_fuzz_gelu_mlp_eager(seed, monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = raises_or(lambda: ops.gelu_mlp_eager(*args, approximate),
+        out = raises_or(lambda: run(*args, approximate),
                         ["w1 must be", "w2 must be", "b1 must be", "b2 must be", "must be float32"])
         valid = all(t is None or t.dtype == torch.float32 for t in args) and w1.shape == (H, C) \
             and w2.shape == (N, H) and (b1 is None or b1.shape == (H,)) and (b2 is None or b2.shape == (N,))
@@ -594,16 +602,16 @@ def test_fuzz_gelu_mlp_eager(seed, monkeypatch):
             return
         ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in args]
         want = reference_gelu_mlp(*ref_args, approximate)
-        compare("gelu_mlp_eager", out, want, torch.float32, describe)
+        compare(name, out, want, torch.float32, describe)
         with torch.no_grad():
-            assert torch.equal(ops.gelu_mlp_eager(*args, approximate), out.detach()), describe
+            assert torch.equal(run(*args, approximate, keep_pre=False), out.detach()), describe
         grad = torch.randn_like(want)
         got = torch.autograd.grad(out, [t for t in args if t is not None], grad.float())
         wanted = torch.autograd.grad(want, [t for t in ref_args if t is not None], grad)
     finally:
         torch.set_num_threads(before)
-    for name, g, w in zip([n for n, t in zip(("x", "w1", "b1", "w2", "b2"), args) if t is not None], got, wanted):
-        compare(f"gelu_mlp_eager grad_{name}", g, w, torch.float32, describe)
+    for arg, g, w in zip([n for n, t in zip(("x", "w1", "b1", "w2", "b2"), args) if t is not None], got, wanted):
+        compare(f"{name} grad_{arg}", g, w, torch.float32, describe)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -265,6 +265,12 @@ def eager_or_skip():
         pytest.skip("vitkernels._C has no gelu_mlp_eager")
 
 
+def own_or_skip():
+    native_or_skip("gelu_mlp")
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_own"):
+        pytest.skip("vitkernels._C has no gelu_mlp_own")
+
+
 def eager(x, w1, b1, w2, b2, approximate):
     return torch.ops.vitkernels.gelu_mlp_eager(x, w1, b1, w2, b2, approximate)
 
@@ -286,10 +292,17 @@ def assert_close_to_scale(got, want, rel=1e-5, msg=None):
     torch.testing.assert_close(got.double(), want, rtol=rel, atol=rel * scale, msg=msg)
 
 
-def check_eager_against_reference(ours, ref, seed=2):
+def own(x, w1, b1, w2, b2, approximate):
+    """gelu_mlp_own (the eager op's forward and backward as plain ops, for torch.compile), keeping the
+    pre-activation where a gradient is required, as vitkernels.ops.gelu_mlp.own_gemm_mlp calls it."""
+    keep_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return torch.ops.vitkernels.gelu_mlp_own(x, w1, b1, w2, b2, approximate, keep_pre)[0]
+
+
+def check_eager_against_reference(ours, ref, seed=2, fn=eager):
     """Output and the gradients of the inputs that require grad (the others: None) against the float64 reference
-    on the same values, for a random output gradient."""
-    out = eager(*ours)
+    on the same values, for a random output gradient; ``fn``: gelu_mlp_eager (default) or gelu_mlp_own."""
+    out = fn(*ours)
     want = reference_gelu_mlp(*ref)
     assert_close_to_scale(out, want, msg="output")
     g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
@@ -403,17 +416,19 @@ def test_eager_rows_split_between_threads():
     check_split_across_threads(eager, lambda dtype: float32_inputs((60, 400), 70, 400, "tanh")[0])
 
 
+@pytest.mark.parametrize("op", ["eager", "own"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_eager_double_backward(approximate):
+def test_eager_double_backward(approximate, op):
     """Under create_graph the backward is differentiable ATen ops: the gradient of (grad_x * v).sum() with respect
-    to x, w1, b1 and w2 is the reference's (float64 on the same values)."""
-    eager_or_skip()
+    to x, w1, b1 and w2 is the reference's (float64 on the same values); gelu_mlp_eager and gelu_mlp_own."""
+    own_or_skip() if op == "own" else eager_or_skip()
     ours, ref = float32_inputs((2, 7, 20), 33, 24, approximate)
     gen = torch.Generator().manual_seed(5)
     g = torch.randn(2, 7, 24, generator=gen, dtype=torch.float64)
     v = torch.randn(2, 7, 20, generator=gen, dtype=torch.float64)
     results = []
-    for fn, args, dtype in ((eager, ours, torch.float32), (reference_gelu_mlp, ref, torch.float64)):
+    for fn, args, dtype in ((eager if op == "eager" else own, ours, torch.float32),
+                            (reference_gelu_mlp, ref, torch.float64)):
         x, w1, b1, w2, _, _ = args
         (grad_x,) = torch.autograd.grad(fn(*args), x, g.to(dtype), create_graph=True)
         assert grad_x.requires_grad
@@ -448,3 +463,139 @@ def test_eager_refuses_bad_arguments():
         with pytest.raises(RuntimeError, match=match):  # the same checks where autograd records
             eager(*[t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                     for t in args])
+
+
+# --- gelu_mlp_own / gelu_mlp_own_grad_pre: gelu_mlp_eager's forward and GELU-backward GEMM as plain ops, for
+# torch.compile (fakes and autograd in vitkernels/ops/gelu_mlp.py) ------------------------------------------------
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape, hidden, out", EAGER_SHAPES, ids=str)
+def test_own_matches_reference_and_eager(shape, hidden, out, approximate):
+    """The output and every gradient against the float64 reference over the own GEMM's blocking edges; the forward
+    bitwise gelu_mlp_eager's (the same tiles), h and the pre-activation the reference's, the gradients within
+    float rounding of gelu_mlp_eager's (the same GEMMs, called through vitkernels::cpu_gemm)."""
+    own_or_skip()
+    ours, ref = float32_inputs(shape, hidden, out, approximate)
+    y = check_eager_against_reference(ours, ref, fn=own)
+    x, w1, b1, w2, b2, _ = ours
+    with torch.no_grad():
+        y_keep, h, pre = torch.ops.vitkernels.gelu_mlp_own(x, w1, b1, w2, b2, approximate, True)
+        want_pre = F.linear(ref[0].detach(), ref[1].detach(), ref[2].detach()).reshape(-1, hidden)
+    assert torch.equal(y_keep, y.detach()) and torch.equal(y_keep, eager(*ours).detach())
+    assert_close_to_scale(pre, want_pre, msg="pre")
+    assert_close_to_scale(h, F.gelu(want_pre, approximate=approximate), msg="h")
+    grads_own = [t.grad.clone() for t in ours[:5]]
+    for t in ours[:5]:
+        t.grad = None
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
+    eager(*ours).backward(g)
+    for name, a, t in zip(("x", "w1", "b1", "w2", "b2"), grads_own, ours[:5]):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("grads, biases", [
+    (("x",), (True, True)),
+    (("w1", "w2"), (True, True)),
+    (("b1",), (True, True)),
+    (("w2",), (False, True)),
+    (("w2",), (False, False)),
+    (("x", "b2"), (True, False)),
+], ids=str)
+def test_own_some_inputs_requiring_grad(grads, biases):
+    own_or_skip()
+    for approximate in ("none", "tanh"):
+        check_eager_against_reference(*float32_inputs((2, 7, 20), 33, 24, approximate, biases, grads), fn=own)
+
+
+def test_own_without_keep_pre():
+    """keep_pre=False (inference): the same output, an empty pre-activation, and a backward that raises instead of
+    differentiating without it."""
+    own_or_skip()
+    ours, _ = float32_inputs((5, 12), 40, 16, "none")
+    y_keep, _, pre = torch.ops.vitkernels.gelu_mlp_own(*ours, True)
+    y, h, empty = torch.ops.vitkernels.gelu_mlp_own(*ours, False)
+    assert pre.shape == (5, 40) and empty.shape == (0,) and h.shape == (5, 40)
+    assert torch.equal(y, y_keep)
+    with pytest.raises(RuntimeError, match="keep_pre=False"):
+        y.sum().backward()
+
+
+def test_own_opcheck():
+    own_or_skip()
+    for biases in ((True, True), (False, False)):
+        ours, _ = float32_inputs((2, 5, 12), 40, 16, "tanh", biases)
+        torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_own.default, (*ours, True))
+        torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_own.default, (*ours, False),
+                              test_utils=("test_schema", "test_faketensor"))
+    _, _, pre = torch.ops.vitkernels.gelu_mlp_own(*[t.detach() if isinstance(t, torch.Tensor) else t for t in ours],
+                                                  True)
+    torch.library.opcheck(torch.ops.vitkernels.gelu_mlp_own_grad_pre.default,
+                          (torch.randn(2, 5, 16), ours[3].detach(), pre, "tanh"))
+
+
+def test_own_grad_pre_refuses_bad_arguments():
+    """gelu_mlp_own_grad_pre checks every shape it indexes, naming the argument."""
+    own_or_skip()
+    op = torch.ops.vitkernels.gelu_mlp_own_grad_pre
+    g, w2, pre = torch.randn(6, 5), torch.randn(5, 8), torch.randn(6, 8)
+    cases = [
+        ((g, w2, pre, "erf"), "approximate must be 'none' or 'tanh'"),
+        ((g, w2, pre.t().contiguous().t(), "none"), "pre must be a contiguous float32 \\(M, H\\)"),
+        ((g, w2, pre.double(), "none"), "pre must be a contiguous float32"),
+        ((g, w2, pre[0], "none"), "pre must be a contiguous float32"),
+        ((g, torch.randn(5, 7), pre, "none"), "w2 must be a float32 \\(N, 8\\)"),
+        ((g, w2.double(), pre, "none"), "w2 must be a float32"),
+        ((g, torch.randn(5), pre, "none"), "w2 must be a float32"),
+        ((torch.randn(6, 4), w2, pre, "none"), "grad must be a float32 \\(\\.\\.\\., 5\\) tensor of 6 rows"),
+        ((torch.randn(7, 5), w2, pre, "none"), "grad must be a float32 \\(\\.\\.\\., 5\\) tensor of 6 rows"),
+        ((torch.randn(()), w2, pre, "none"), "grad must be a float32"),
+        ((g.double(), w2, pre, "none"), "grad must be a float32"),
+    ]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match="gelu_mlp_own_grad_pre: " + match):
+            op(*args)
+    with pytest.raises(RuntimeError, match="gelu_mlp_own: x must be float32"):
+        torch.ops.vitkernels.gelu_mlp_own(torch.randn(3, 4).double(), torch.randn(8, 4).double(), None,
+                                          torch.randn(5, 8).double(), None, "none", True)
+    with pytest.raises(RuntimeError, match="gelu_mlp_own: w2 must be \\(N, 8\\)"):
+        torch.ops.vitkernels.gelu_mlp_own(torch.randn(3, 4), torch.randn(8, 4), None, torch.randn(5, 7), None, "none",
+                                          True)
+
+
+def test_own_gemm_mlp_takes_gelu_mlp_own_under_torch_compile(monkeypatch):
+    """Where the Linears run vitkernels' own GEMM (OWN_GEMM, oneDNN as the CPU GEMM: an AVX2-only AMD CPU),
+    own_gemm_mlp runs gelu_mlp_eager in eager mode and gelu_mlp_own in a compiled graph (fullgraph), with the eager
+    op's output and gradients; under autocast or in float64 neither (None: the caller's unfused sequence)."""
+    own_or_skip()
+    eager_or_skip()
+    from vitkernels.ops import linear as linear_module
+
+    from helpers import compile_recording_graphs, vitkernels_ops
+
+    if not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    ours, _ = float32_inputs((2, 9, 32), 128, 32, "tanh")
+    x, w1, b1, w2, b2, approximate = ours
+    assert gelu_mlp_module.eager_takes_it(x, w1, b1, w2) and not gelu_mlp_module.compiled_takes_it(x, w1, b1, w2)
+
+    def mlp(x, w1, b1, w2, b2):
+        return gelu_mlp_module.own_gemm_mlp(x, w1, b1, w2, b2, approximate)
+
+    compiled, graphs = compile_recording_graphs(mlp)
+    for train in (False, True):
+        with torch.set_grad_enabled(train):
+            got, want = compiled(x, w1, b1, w2, b2), mlp(x, w1, b1, w2, b2)
+        assert torch.equal(got, want) and got.requires_grad == train
+        if train:
+            g = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
+            got_grads = torch.autograd.grad(got, ours[:5], g)
+            want_grads = torch.autograd.grad(want, ours[:5], g)
+            for name, a, b in zip(("x", "w1", "b1", "w2", "b2"), got_grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert vitkernels_ops(graphs)["gelu_mlp_own"] == 2, vitkernels_ops(graphs)  # an inference and a training graph
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mlp(x, w1, b1, w2, b2) is None
+    assert mlp(*[t.detach().double() for t in ours[:5]]) is None

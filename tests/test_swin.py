@@ -526,6 +526,42 @@ def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(monkeypatch)
     check(eager=False)
 
 
+def test_compiled_block_runs_gelu_mlp_own_where_the_linears_run_the_own_gemm(monkeypatch):
+    """torch.compile (fullgraph) of a stage-3-like block where the Linears run vitkernels' own GEMM (OWN_GEMM,
+    oneDNN as the CPU GEMM: an AVX2-only AMD CPU) traces the MLP as vitkernels::gelu_mlp_own (the GELU in the own
+    GEMM's epilogues, gelu_mlp.compiled_takes_it), in the inference and the training graph: the eager block's
+    outputs and every gradient (eager runs gelu_mlp_eager, the same GEMMs)."""
+    _fused_cpu_or_skip()
+    if not hasattr(torch.ops.vitkernels, "gelu_mlp_own"):
+        pytest.skip("vitkernels._C has no gelu_mlp_own")
+    from vitkernels.ops import linear as linear_module
+
+    if not linear_module.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    block = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3)
+    compiled, graphs = compile_recording_graphs(block)
+    x = torch.randn(2, 14, 14, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), block.eval()(x), rtol=1e-5, atol=1e-5)
+    assert vitkernels_ops(graphs)["gelu_mlp_own"] == 1 and not vitkernels_ops(graphs)["bias_gelu_"]
+    grad = torch.randn(x.shape)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    results = []
+    for module, xg in ((compiled, xs[0]), (block, xs[1])):
+        block.zero_grad()
+        out = module.train()(xg)
+        out.backward(grad)
+        results.append((out.detach(), xg.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    assert vitkernels_ops(graphs)["gelu_mlp_own"] == 2 and not vitkernels_ops(graphs)["bias_gelu"]
+    (out_c, gx_c, grads_c), (out_e, gx_e, grads_e) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-4, atol=1e-5)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=name)
+
+
 def test_fused_cpu_path_is_skipped_where_it_cannot_serve():
     _fused_cpu_or_skip()
     block = vitkernels.SwinBlock(24, (9, 10), 3, window_size=7, shift_size=3)

@@ -50,7 +50,7 @@ def versions() -> Dict[str, str]:
                                      f"through {mlp_gemm} (an AVX2 CPU)")
     if linear_op.OWN_GEMM and gelu_mlp_op.eager_op_built():
         info["CPU float32 GEMM"] += ("; the Swin blocks' other MLPs unblocked, bias + GELU and its derivative in the "
-                                     "own GEMM's epilogues (gelu_mlp_eager)")
+                                     "own GEMM's epilogues (gelu_mlp_eager; gelu_mlp_own under torch.compile)")
     if cuda_available:
         info["CUDA device"] = torch.cuda.get_device_name()
         info["CUDA capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

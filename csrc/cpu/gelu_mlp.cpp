@@ -18,7 +18,8 @@
 // block: Swin-T stages 2-4), on vitkernels' own GEMM with the GELU in its epilogues: fc1's GEMM applies bias + GELU
 // as it stores its tiles (and, under autograd, stores the pre-activation beside), and the backward's g W2 multiplies
 // by gelu'(pre) and sums b1's gradient as it stores its tiles, so neither direction spends a pass of its own on the
-// (M, H) hidden activation or its gradient. Eager only (a C++ autograd Function, like onednn_linear_eager).
+// (M, H) hidden activation or its gradient. Eager only (a C++ autograd Function, like onednn_linear_eager);
+// gelu_mlp_own and gelu_mlp_own_grad_pre are its forward and its GELU-backward GEMM as plain ops, for torch.compile.
 #include <vitkernels/precompiled.h>  // first: precompiled by setup.py
 
 #include <ATen/Dispatch.h>
@@ -330,6 +331,24 @@ at::Tensor fc2(const at::Tensor& h, const at::Tensor& w2, const at::Tensor& b2c,
   return y;
 }
 
+// (grad_pre (M, H), its column sums (H)): grad_pre = (g W2) * gelu'(pre) for g (M, N), W2 (N, H) and pre (M, H)
+// contiguous, the GELU's derivative applied and b1's gradient summed as the GEMM stores its tiles.
+std::tuple<at::Tensor, at::Tensor> grad_through_gelu(const at::Tensor& g, const at::Tensor& w2, const at::Tensor& pre,
+                                                     bool tanh_approx) {
+  const int64_t M = pre.size(0), H = pre.size(1), N = w2.size(0);
+  at::Tensor grad_pre = at::empty({M, H}, pre.options());
+  at::Tensor sums = at::empty({H}, pre.options());
+  GemmEpilogue ep;
+  ep.gelu = ep.grad = true;
+  ep.tanh = tanh_approx;
+  ep.side = const_cast<float*>(pre.const_data_ptr<float>());  // read only (a grad epilogue)
+  ep.ld_side = H;
+  ep.col_sums = sums.mutable_data_ptr<float>();
+  gemm_f32(M, H, N, g.const_data_ptr<float>(), g.stride(0), g.stride(1), w2.const_data_ptr<float>(), w2.stride(0),
+           w2.stride(1), grad_pre.mutable_data_ptr<float>(), H, nullptr, false, ep);
+  return {grad_pre, sums};
+}
+
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->detach().contiguous() : at::Tensor();
 }
@@ -379,17 +398,8 @@ struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
     } else {
       if (need_w2) grad_w2 = gemm_f32(g.t(), h, std::nullopt, "gelu_mlp_eager backward");
       if (need_pre) {
-        // grad_pre = (g W2) * gelu'(pre), b1's gradient summed as the tiles are stored
-        at::Tensor grad_pre = at::empty({M, H}, pre.options());
-        at::Tensor sums = at::empty({H}, pre.options());
-        GemmEpilogue ep;
-        ep.gelu = ep.grad = true;
-        ep.tanh = tanh_approx;
-        ep.side = const_cast<float*>(pre.const_data_ptr<float>());  // read only (a grad epilogue)
-        ep.ld_side = H;
-        ep.col_sums = sums.mutable_data_ptr<float>();
-        gemm_f32(M, H, N, g.const_data_ptr<float>(), g.stride(0), g.stride(1), w2.const_data_ptr<float>(),
-                 w2.stride(0), w2.stride(1), grad_pre.mutable_data_ptr<float>(), H, nullptr, false, ep);
+        at::Tensor grad_pre, sums;
+        std::tie(grad_pre, sums) = grad_through_gelu(g, w2, pre, tanh_approx);
         if (need_x) grad_x = gemm_f32(grad_pre, w1, std::nullopt, "gelu_mlp_eager backward").view(x.sizes());
         if (need_w1) grad_w1 = gemm_f32(grad_pre.t(), x2, std::nullopt, "gelu_mlp_eager backward");
         if (need_b1) grad_b1 = sums;
@@ -419,7 +429,49 @@ at::Tensor gelu_mlp_eager(const at::Tensor& x, const at::Tensor& w1, const std::
   return fc2(h, w2, contiguous_or_undefined(b2), x);
 }
 
+// gelu_mlp_own: the same forward as an op with its tensors out, for torch.compile's graphs (where a C++ autograd
+// Function cannot be traced; autograd: vitkernels/ops/gelu_mlp.py) -> (y (..., N), h (M, H) = gelu(x W1^T + b1), the
+// pre-activation (M, H) with keep_pre, else an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_own_cpu(const at::Tensor& x, const at::Tensor& w1,
+                                                                const std::optional<at::Tensor>& b1,
+                                                                const at::Tensor& w2,
+                                                                const std::optional<at::Tensor>& b2,
+                                                                c10::string_view approximate, bool keep_pre) {
+  const char* op = "gelu_mlp_own";
+  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, 0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (vitkernels' own GEMM), got ", x.scalar_type());
+  at::Tensor pre;
+  const at::Tensor h = fc1_gelu(x.reshape({s.M, s.C}), w1, contiguous_or_undefined(b1), approximate == "tanh",
+                                keep_pre ? &pre : nullptr);
+  if (!keep_pre) pre = at::empty({0}, h.options());
+  return {fc2(h, w2, contiguous_or_undefined(b2), x), h, pre};
+}
+
+// gelu_mlp_own's backward through the GELU: grad (..., N) of y, W2 (N, H), pre (M, H) as gelu_mlp_own kept it ->
+// (grad_pre = (grad W2) * gelu'(pre) (M, H), b1's gradient (H)).
+std::tuple<at::Tensor, at::Tensor> gelu_mlp_own_grad_pre_cpu(const at::Tensor& grad, const at::Tensor& w2,
+                                                             const at::Tensor& pre, c10::string_view approximate) {
+  const char* op = "gelu_mlp_own_grad_pre";
+  TORCH_CHECK(approximate == "none" || approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '",
+              std::string(approximate), "'");
+  TORCH_CHECK(pre.dim() == 2 && pre.scalar_type() == at::kFloat && pre.is_contiguous(), op,
+              ": pre must be a contiguous float32 (M, H) tensor, got ", pre.scalar_type(), " ", pre.sizes());
+  const int64_t M = pre.size(0), H = pre.size(1);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == H && w2.scalar_type() == at::kFloat, op,
+              ": w2 must be a float32 (N, ", H, ") tensor, got ", w2.scalar_type(), " ", w2.sizes());
+  const int64_t N = w2.size(0);
+  TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == N && grad.numel() == M * N && grad.scalar_type() == at::kFloat, op,
+              ": grad must be a float32 (..., ", N, ") tensor of ", M, " rows, got ", grad.scalar_type(), " ",
+              grad.sizes());
+  TORCH_CHECK(grad.device() == pre.device() && w2.device() == pre.device(), op,
+              ": grad, w2 and pre must be on one device, got ", grad.device(), ", ", w2.device(), ", ",
+              pre.device());
+  return grad_through_gelu(grad.reshape({M, N}), w2, pre, approximate == "tanh");
+}
+
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("gelu_mlp_own", &gelu_mlp_own_cpu);
+  m.impl("gelu_mlp_own_grad_pre", &gelu_mlp_own_grad_pre_cpu);
   m.impl("gelu_mlp", &gelu_mlp_cpu);
   m.impl("gelu_mlp_train", &gelu_mlp_train_cpu);
   m.impl("gelu_mlp_backward", &gelu_mlp_backward_cpu);

@@ -10,7 +10,8 @@ not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference the
 ``forward_part2`` (the MLP branch) runs linear1 without its bias, then the bias + GELU as one native pass (in place
 without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks; where both
 Linears run vitkernels' own GEMM (float32, AVX2-only AMD CPUs, feature_size >= 32:
-:func:`vitkernels.ops.gelu_mlp.eager_takes_it`) the whole MLP is ``vitkernels::gelu_mlp_eager``, its bias + GELU
+:func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`) the whole MLP is ``vitkernels::gelu_mlp_eager`` (``gelu_mlp_own``
+under torch.compile), its bias + GELU
 (and in training their gradients) in the GEMMs' epilogues. The rest of
 the block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict
 keys are unchanged. Each ``BasicLayer`` (a stage) is switched too, so that it no longer builds the shifted-window
@@ -123,10 +124,8 @@ class _FusedSwinTransformerBlock(FusedModule):
                 or _global_hooks() or any(_has_hooks(m) for m in mlp.modules())):
             return super().forward_part2(x)
         a, fc1, fc2 = self.norm2(x), mlp.linear1, mlp.linear2
-        if _gelu_mlp_op.eager_takes_it(a, fc1.weight, fc1.bias, fc2.weight):  # bias + GELU in the GEMMs' epilogues
-            return self.drop_path(torch.ops.vitkernels.gelu_mlp_eager(a, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                                                      approximate))
-        return self.drop_path(fc2(_linear_gelu(a, fc1, approximate)))
+        y = _gelu_mlp_op.own_gemm_mlp(a, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)  # GELU in epilogues
+        return self.drop_path(y if y is not None else fc2(_linear_gelu(a, fc1, approximate)))
 
 
 class _FusedBasicLayer(FusedModule):

@@ -162,6 +162,36 @@ def eager_op_built() -> bool:
     return _EAGER_OP_BUILT
 
 
+def compiled_takes_it(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor) -> bool:
+    """Whether a layer's fused path runs its MLP as ``vitkernels::gelu_mlp_own`` (:func:`own_gemm_mlp`) while
+    torch.compile traces it, :func:`eager_takes_it`'s twin: where vitkernels._C has the op, float32 CPU operands
+    without autocast, and both Linears would run on vitkernels' own GEMM in the compiled graph (the linear op's
+    native backend, ``vitkernels::cpu_gemm``: oneDNN as this machine's CPU GEMM and
+    :func:`vitkernels.ops.linear.runs_own_gemm`)."""
+    return (_OWN_OP_BUILT and torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype is torch.float32 and w1.dtype is torch.float32 and w2.dtype is torch.float32
+            and (b1 is None or b1.dtype is torch.float32) and not torch.is_autocast_enabled("cpu")
+            and linear_op.CPU_GEMM == "onednn" and _own_gemm(w1, w2))
+
+
+def own_gemm_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+                 b2: Optional[torch.Tensor], approximate: str) -> Optional[torch.Tensor]:
+    """``gelu(x W1^T + b1) W2^T + b2`` with the GELU (and in the backward its derivative and b1's gradient) in the
+    epilogues of vitkernels' own GEMM, where the layers' Linears run it: ``vitkernels::gelu_mlp_eager`` in eager
+    mode (:func:`eager_takes_it`), ``vitkernels::gelu_mlp_own`` under torch.compile (:func:`compiled_takes_it`);
+    None elsewhere (the caller runs its unfused sequence). The layers ask it without argument checks of their own:
+    the operands are a Linear pair's."""
+    if eager_takes_it(x, w1, b1, w2):
+        return torch.ops.vitkernels.gelu_mlp_eager(x, w1, b1, w2, b2, approximate)
+    if compiled_takes_it(x, w1, b1, w2):
+        keep_pre = needs_grad(x, w1, b1, w2, b2)
+        return torch.ops.vitkernels.gelu_mlp_own(x, w1, b1, w2, b2, approximate, keep_pre)[0]
+    return None
+
+
+_OWN_OP_BUILT = _native.is_loaded() and hasattr(torch.ops.vitkernels, "gelu_mlp_own")
+
+
 def native_preferred(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``auto`` would run the native op on these operands (a layer's fast path asks before calling it; a
     question, not a dispatch: nothing is selected)."""
@@ -268,3 +298,51 @@ if _native.is_loaded():
 
 else:
     op.mark_missing("native", _native.IMPORT_ERROR)
+
+if _OWN_OP_BUILT:
+    # vitkernels::gelu_mlp_own (csrc/cpu/gelu_mlp.cpp): gelu_mlp_eager's forward as an op with its tensors out, for
+    # torch.compile's graphs -> (y, h = gelu(pre) (M, H), pre = x W1^T + b1 (M, H) or empty without keep_pre). Its
+    # backward: W2's and W1's gradients and x's through vitkernels::cpu_gemm, the hidden gradient through the GELU
+    # (and b1's gradient) in the epilogue of the GEMM grad W2 (vitkernels::gelu_mlp_own_grad_pre).
+    @torch.library.register_fake("vitkernels::gelu_mlp_own")
+    def _gelu_mlp_own_fake(x, w1, b1, w2, b2, approximate, keep_pre):
+        rows, hidden = math.prod(x.shape[:-1]), w1.shape[0]
+        return (x.new_empty((*x.shape[:-1], w2.shape[0])), x.new_empty((rows, hidden)),
+                x.new_empty((rows, hidden) if keep_pre else (0,)))
+
+    @torch.library.register_fake("vitkernels::gelu_mlp_own_grad_pre")
+    def _gelu_mlp_own_grad_pre_fake(grad, w2, pre, approximate):
+        return pre.new_empty(pre.shape), pre.new_empty(pre.shape[1:])
+
+    def _own_setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, ctx.approximate, ctx.keep_pre = inputs
+        ctx.has_b2 = b2 is not None
+        _, h, pre = output
+        ctx.save_for_backward(x, w1, b1, w2, h, pre)
+        ctx.mark_non_differentiable(h, pre)  # the backward's inputs, not results
+        ctx.set_materialize_grads(False)
+
+    def _own_backward(ctx, grad, _grad_h, _grad_pre):
+        if grad is None:  # the output was not used
+            return (None,) * 7
+        if not ctx.keep_pre:
+            raise RuntimeError("gelu_mlp_own: the forward ran with keep_pre=False (no gradient was required), so it "
+                               "cannot be differentiated")
+        x, w1, b1, w2, h, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a formula autograd can differentiate again
+            return _recomputing_backward(grad, x, w1, b1, w2, ctx.has_b2, ctx.approximate, need)[:5] + (None, None)
+        gemm = torch.ops.vitkernels.cpu_gemm
+        g2 = grad.reshape(pre.shape[0], w2.shape[0])
+        grad_x = grad_w1 = grad_b1 = None
+        if need[0] or need[1] or (b1 is not None and need[2]):
+            grad_pre, grad_b1 = torch.ops.vitkernels.gelu_mlp_own_grad_pre(g2, w2, pre, ctx.approximate)
+            grad_x = gemm(grad_pre, w1).view(x.shape) if need[0] else None
+            grad_w1 = gemm(grad_pre.t(), _rows(x)) if need[1] else None
+        return (grad_x, grad_w1, grad_b1 if b1 is not None and need[2] else None,
+                gemm(g2.t(), h) if need[3] else None, g2.sum(0) if ctx.has_b2 and need[4] else None, None, None)
+
+    torch.library.register_autograd(torch.ops.vitkernels.gelu_mlp_own.default, _own_backward,
+                                    setup_context=_own_setup_context)
+    # create_graph takes the recomputing formula above; the GELU-backward GEMM itself is never differentiated
+    refuse_double_backward(torch.ops.vitkernels.gelu_mlp_own_grad_pre.default, "gelu_mlp_own", "native")
