@@ -161,8 +161,10 @@ def test_drop_path_under_no_grad_in_train_mode_draws_as_timm(fused_calls):
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
 
 
-def test_training_runs_timm_code_bitwise(fused_calls):
-    """With grad mode on the blocks run timm's own code: the same outputs and parameter gradients, bitwise."""
+def test_training_runs_timm_code_bitwise(fused_calls, monkeypatch):
+    """With grad mode on where MKL (ATen) is the CPU GEMM (Intel CPUs) the blocks run timm's own code: the same
+    outputs and parameter gradients, bitwise."""
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "aten")
     original = _vit().train()
     patched = patch_model(copy.deepcopy(original), linear=False)
     x = torch.randn(2, 3, 32, 32)
@@ -174,6 +176,46 @@ def test_training_runs_timm_code_bitwise(fused_calls):
     theirs = dict(original.named_parameters())
     for name, p in patched.named_parameters():
         assert torch.equal(p.grad, theirs[name].grad), name
+
+
+@pytest.mark.parametrize("own_gemm", [True, False], ids=["own-gemm", "onednn"])
+@pytest.mark.parametrize("case", ["deit-drop-path", "deit3-layer-scale"])
+def test_training_runs_fused_where_the_linears_run_the_fast_path(case, own_gemm, fused_calls, monkeypatch):
+    """With grad mode on where the Linears run the layers' eager fast path (oneDNN as the CPU GEMM, vitkernels' own
+    GEMM where it takes them: AMD CPUs) every block runs the fused ops with their backwards: timm's outputs and
+    every parameter's and the input's gradients (drop path drawn as timm draws it), to float32 rounding of a
+    float64 run; eval mode under no_grad gives the training forward's numbers (drop path off) bitwise."""
+    _fused_cpu_or_skip()
+    if not linear_op.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_op, "OWN_GEMM", own_gemm)
+    if case == "deit-drop-path":
+        original = _vit("deit_tiny_patch16_224", embed_dim=64, num_heads=2, drop_path_rate=0.2)
+    else:
+        original = _vit("deit3_small_patch16_224", embed_dim=64, num_heads=2, init_values=0.5)
+    patched = patch_model(copy.deepcopy(original)).train()
+    exact = copy.deepcopy(original).double().train()
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model, inp in ((patched, x), (exact, x.double())):
+        inp = inp.clone().requires_grad_()
+        torch.manual_seed(3)  # the same drop-path draws
+        out = model(inp)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append({"input": inp.grad, **{n: p.grad for n, p in model.named_parameters()}})
+    assert len(fused_calls) == 2
+    torch.testing.assert_close(outs[0].double(), outs[1].detach(), rtol=1e-4, atol=1e-4)
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name].double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item(),
+                                   msg=name)
+    fused_calls.clear()
+    with torch.no_grad():
+        eval_out = patched.eval()(x)
+    torch.manual_seed(3)
+    no_drop = copy.deepcopy(patched).eval()  # eval: drop path off, training forward's ops (grad mode on)
+    assert torch.equal(no_drop(x).detach(), eval_out) and len(fused_calls) == 4
 
 
 def test_patch_keeps_the_objects_and_unpatch_restores_the_class():

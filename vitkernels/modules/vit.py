@@ -29,13 +29,16 @@ bias copies, the residual adds and the GELU make no passes of their own. The att
 stays ATen's ``scaled_dot_product_attention`` (timm's ``fused_attn`` path; with ``fused_attn`` off timm computes
 the same softmax unfused, equal within float rounding).
 
-Inference only (grad mode off, as under ``torch.no_grad`` / ``torch.inference_mode``): in a training step the same
-ops with their backwards measured no faster than timm's ATen ops (DeiT-S, batch 2, 2-core Xeon: 0.98-1.00x; the
-GEMMs, SDPA and the GELU's backward are the step, and ATen's GELU and LayerNorm backwards are as fast as ours at
-these shapes), so with grad mode on the block runs timm's code, numbers and autograd graph unchanged.
+In training (grad mode on) the same ops with their backwards (``bias_residual_layernorm``, the MLP op or
+``bias_gelu``, ``bias_residual``) serve the block where its Linears run the layers' eager fast path, oneDNN's or
+vitkernels' own GEMM (:func:`vitkernels.ops.linear.layer_linear_route` ``"onednn"``: float32, eager, AMD CPUs),
+which timm's ``F.linear`` (MKL, on its generic code path off Intel CPUs) does not reach. Elsewhere (Intel CPUs: MKL
+is the CPU GEMM, and the ops with their backwards measured no faster than timm's ATen ops: DeiT-S, batch 2, 2-core
+Xeon, 0.98-1.00x; the GEMMs, SDPA and the GELU's backward are the step) a training call runs timm's code, numbers
+and autograd graph unchanged.
 
-Served: grad mode off, CPU tensors (B, N, C), backend ``auto`` or ``native``, the dtypes and autocast cases of the
-Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only bfloat16 blocks on a
+Served: grad mode off (or on, as above), CPU tensors (B, N, C), backend ``auto`` or ``native``, the dtypes and
+autocast cases of the Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only bfloat16 blocks on a
 bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add promotes it, so its
 blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``),
 timm's ``Attention`` without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias,
@@ -65,14 +68,17 @@ from vitkernels.modules.swin import (
     _is_layernorm,
     _unblocked_mlp_without_fc2_bias,
 )
+from vitkernels.ops import linear as linear_op
 
 
 def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
     """Whether :func:`forward_fused_cpu` serves ``block(x)`` (module docstring: the call, the backend, the block's
     parts), for a timm ``vision_transformer.Block`` ``block`` and tokens ``x`` (B, N, C)."""
-    if torch.is_grad_enabled() or x.ndim != 3 or not _fused_cpu_allowed(backend, x):
+    if x.ndim != 3 or not _fused_cpu_allowed(backend, x):
         return False
     attn, mlp, C = block.attn, block.mlp, x.shape[-1]
+    if torch.is_grad_enabled() and not _training_pays(attn.qkv, x):
+        return False
     norms_ok = all(_is_layernorm(n, C) and not getattr(n, "_fast_norm", False) for n in (block.norm1, block.norm2))
     return (
         norms_ok
@@ -87,6 +93,15 @@ def fused_cpu_ready(block: nn.Module, x: torch.Tensor, backend=None) -> bool:
         and _fusable_drop_path(block.drop_path1) and _fusable_drop_path(block.drop_path2)
         and not _global_hooks() and not any(_has_hooks(m) for m in islice(block.modules(), 1, None))
     )
+
+
+def _training_pays(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether the fused path serves a call with grad mode on (training): where the block's Linears run the layers'
+    eager fast path (:func:`vitkernels.ops.linear.layer_linear_route` ``"onednn"``: float32, no autocast, not
+    compiling, oneDNN as this machine's CPU GEMM, vitkernels' own GEMM where it takes the Linears: AMD CPUs), which
+    timm's ``F.linear`` does not take (MKL, on its generic code path off Intel CPUs). Elsewhere (Intel CPUs: MKL is
+    the CPU GEMM) the fused ops with their backwards measured no faster than timm's code (module docstring)."""
+    return linear_op.layer_linear_route(x, linear.weight, linear.bias) == "onednn"
 
 
 def _layer_scale_ok(ls: nn.Module, x: torch.Tensor) -> bool:
@@ -150,7 +165,11 @@ def fused_block_cpu(
     (:mod:`vitkernels.compat.transformers`). ``attend``: LayerNorm1's output (B, N, C) -> the attention's heads
     before ``proj`` (B, N, C'), a fresh contiguous tensor; ``gamma1`` / ``gamma2``: LayerScale's (C,) gammas or
     None; ``drop_path1`` / ``drop_path2``: timm ``DropPath`` modules (their per-sample factors drawn with timm's
-    calls) or None / ``nn.Identity``; fc1 has a bias, GELU's ``approximate`` is ``"none"`` or ``"tanh"``."""
+    calls) or None / ``nn.Identity``; fc1 has a bias, GELU's ``approximate`` is ``"none"`` or ``"tanh"``. With grad
+    mode on, the same ops with their autograd (:func:`_fused_block_cpu_autograd`)."""
+    if torch.is_grad_enabled():
+        return _fused_block_cpu_autograd(x, norm1, attend, proj, gamma1, drop_path1, norm2, fc1, approximate, fc2,
+                                         gamma2, drop_path2)
     a = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
     o = attend(a)
     y, proj_bias = _branch(gamma1, o, proj)
@@ -166,3 +185,25 @@ def fused_block_cpu(
         out, fc2_bias = _branch(gamma2, _linear_gelu(a2, fc1, approximate), fc2)
     torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
     return out
+
+
+def _fused_block_cpu_autograd(x, norm1, attend, proj, gamma1, drop_path1, norm2, fc1, approximate, fc2, gamma2,
+                              drop_path2) -> torch.Tensor:
+    """:func:`fused_block_cpu` with autograd (training): the same GEMMs and row ops, the functional variants with
+    their backwards (``bias_residual_layernorm``, ``bias_residual``, the MLP of
+    :func:`vitkernels.modules.swin._unblocked_mlp_without_fc2_bias` or with a LayerScale fc1 + ``bias_gelu`` + fc2),
+    so the forward's numbers are the inference path's. A LayerScale gamma multiplies out of place (its gradient
+    reads the GEMM's output)."""
+    a = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+    o = attend(a)
+    if gamma1 is None:
+        y, proj_bias = _gemm(o, proj.weight), proj.bias
+    else:
+        y, proj_bias = _gemm(o, proj.weight, proj.bias) * gamma1, None
+    x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, proj_bias, x, _drop_path_factors(drop_path1, x),
+                                                                norm2.weight, norm2.bias, norm2.eps)
+    if gamma2 is None:
+        h, fc2_bias = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
+    else:
+        h, fc2_bias = _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight, fc2.bias) * gamma2, None
+    return torch.ops.vitkernels.bias_residual(h, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
