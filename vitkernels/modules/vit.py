@@ -38,12 +38,12 @@ Xeon, 0.98-1.00x; the GEMMs, SDPA and the GELU's backward are the step) a traini
 and autograd graph unchanged.
 
 Served: grad mode off (or on, as above), CPU tensors (B, N, C), backend ``auto`` or ``native``, the dtypes and
-autocast cases of the Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only bfloat16 blocks on a
-bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add promotes it, so its
-blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's ``fast_norm``),
-timm's ``Attention`` without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU, fc1 with a bias,
-no hidden norm, dropouts inactive, timm's ``LayerScale`` (gamma of shape (C,)) or none, drop paths, no attention
-mask, and no hooks on the block's submodules (they would not fire) nor global module hooks.
+autocast cases of the Swin path (:func:`vitkernels.modules.swin._fused_cpu_allowed`: under CPU autocast only
+bfloat16 blocks on a bfloat16 input; a ViT's residual stream is float32 there, as timm's position-embedding add
+promotes it, so its blocks run timm's code), a block with timm's standard parts: ``nn.LayerNorm`` norms (not timm's
+``fast_norm``), timm's ``Attention`` without q/k norms, attention-output norm or gate, timm's ``Mlp`` with a GELU,
+fc1 with a bias, no hidden norm, dropouts inactive, timm's ``LayerScale`` (gamma of shape (C,)) or none, drop paths,
+no attention mask, and no hooks on the block's submodules (they would not fire) nor global module hooks.
 """
 from __future__ import annotations
 
