@@ -236,6 +236,24 @@ def native_or_skip(backend: str) -> None:
         pytest.skip(vitkernels._native.IMPORT_ERROR)
 
 
+def vitkernels_op_or_skip(name: str) -> None:
+    """Skip when vitkernels._C has no op ``torch.ops.vitkernels.<name>``."""
+    if not hasattr(torch.ops.vitkernels, name):
+        pytest.skip(f"vitkernels._C has no {name}")
+
+
+def linears_on_own_gemm(monkeypatch, own_gemm: bool = True) -> None:
+    """Make the layers' float32 CPU Linears run as on an AVX2-only AMD CPU: oneDNN as the CPU GEMM and, with
+    ``own_gemm``, vitkernels' own GEMM (``vitkernels.ops.linear.CPU_GEMM`` / ``OWN_GEMM``, read at call time);
+    skips where this PyTorch build has no oneDNN."""
+    from vitkernels.ops import linear as linear_op
+
+    if not linear_op.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
+    monkeypatch.setattr(linear_op, "OWN_GEMM", own_gemm)
+
+
 class OpCalls:
     """Context manager recording the names of the ops dispatched inside it (``aten::mm``,
     ``vitkernels::gelu_mlp``, ...): which kernels a fast path actually called."""

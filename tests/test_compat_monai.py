@@ -13,10 +13,12 @@ from vitkernels.compat import monai as vkm
 from helpers import (
     OpCalls,
     assert_grads_close,
+    linears_on_own_gemm,
     native_or_skip,
     perturb_parameters,
     rel_err,
     triton_interpreter_or_cuda,
+    vitkernels_op_or_skip,
 )
 
 swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
@@ -382,15 +384,10 @@ def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(dims, monkey
     (gelu_mlp.eager_takes_it), in inference and training: MONAI's numbers and every gradient, and no separate bias +
     GELU pass; with eager_takes_it False the linear1 + bias_gelu + linear2 path, MONAI's numbers too."""
     native_or_skip("native")
-    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
-        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    vitkernels_op_or_skip("gelu_mlp_eager")
     from vitkernels.ops import gelu_mlp as gelu_mlp_module
-    from vitkernels.ops import linear as linear_module
 
-    if not linear_module.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    linears_on_own_gemm(monkeypatch)
     window = (4,) * dims
     original = _stage(window, torch.float32, dim=32, heads=2).eval()
     patched = vkm.patch_model(copy.deepcopy(original))

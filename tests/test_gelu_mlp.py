@@ -569,14 +569,9 @@ def test_own_gemm_mlp_takes_gelu_mlp_own_under_torch_compile(monkeypatch):
     op's output and gradients; under autocast or in float64 neither (None: the caller's unfused sequence)."""
     own_or_skip()
     eager_or_skip()
-    from vitkernels.ops import linear as linear_module
+    from helpers import compile_recording_graphs, linears_on_own_gemm, vitkernels_ops
 
-    from helpers import compile_recording_graphs, vitkernels_ops
-
-    if not linear_module.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    linears_on_own_gemm(monkeypatch)
     ours, _ = float32_inputs((2, 9, 32), 128, 32, "tanh")
     x, w1, b1, w2, b2, approximate = ours
     assert gelu_mlp_module.eager_takes_it(x, w1, b1, w2) and not gelu_mlp_module.compiled_takes_it(x, w1, b1, w2)

@@ -5,7 +5,14 @@ import torch
 import vitkernels
 from vitkernels.reference import swin as reference
 
-from helpers import OpCalls, compile_recording_graphs, import_timm, vitkernels_ops
+from helpers import (
+    OpCalls,
+    compile_recording_graphs,
+    import_timm,
+    linears_on_own_gemm,
+    vitkernels_op_or_skip,
+    vitkernels_ops,
+)
 
 pytestmark = pytest.mark.timm
 
@@ -463,16 +470,11 @@ def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(monkeypatch)
     timm's numbers (float64) to float32 rounding, outputs and every gradient, and inference bitwise training's
     forward; with eager_takes_it False the unblocked fc1 + bias_gelu + fc2 path, timm's numbers too."""
     _fused_cpu_or_skip()
-    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
-        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    vitkernels_op_or_skip("gelu_mlp_eager")
     import vitkernels.modules.swin as swin_module
     from vitkernels.ops import gelu_mlp as gelu_mlp_module
-    from vitkernels.ops import linear as linear_module
 
-    if not linear_module.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    linears_on_own_gemm(monkeypatch)
     theirs = timm_block(96, (14, 14), 3, window_size=7, shift_size=3)
     ours = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3)
     ours.load_state_dict(theirs.state_dict())
@@ -532,14 +534,8 @@ def test_compiled_block_runs_gelu_mlp_own_where_the_linears_run_the_own_gemm(mon
     GEMM's epilogues, gelu_mlp.compiled_takes_it), in the inference and the training graph: the eager block's
     outputs and every gradient (eager runs gelu_mlp_eager, the same GEMMs)."""
     _fused_cpu_or_skip()
-    if not hasattr(torch.ops.vitkernels, "gelu_mlp_own"):
-        pytest.skip("vitkernels._C has no gelu_mlp_own")
-    from vitkernels.ops import linear as linear_module
-
-    if not linear_module.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+    vitkernels_op_or_skip("gelu_mlp_own")
+    linears_on_own_gemm(monkeypatch)
     block = vitkernels.SwinBlock(96, (14, 14), 3, window_size=7, shift_size=3)
     compiled, graphs = compile_recording_graphs(block)
     x = torch.randn(2, 14, 14, 96)

@@ -10,7 +10,15 @@ import vitkernels
 from vitkernels.modules.swin import _drop_path_factors
 from vitkernels.reference import swin_v2 as reference
 
-from helpers import OpCalls, build_timm_swinv2_or_skip, import_timm, needs_padded_shift, skip_unless_timm_swinv2_pads
+from helpers import (
+    OpCalls,
+    build_timm_swinv2_or_skip,
+    import_timm,
+    linears_on_own_gemm,
+    needs_padded_shift,
+    skip_unless_timm_swinv2_pads,
+    vitkernels_op_or_skip,
+)
 
 pytestmark = pytest.mark.timm
 
@@ -127,13 +135,11 @@ def test_block_fused_cpu_path_matches_timm_and_runs_the_native_ops(eager_mlp, mo
     included; outputs and gradients as timm's."""
     if not vitkernels._native.has_kernel("bias_gelu", "CPU"):
         pytest.skip("vitkernels._C is not built")
-    from vitkernels.ops import gelu_mlp as gelu_mlp_module, linear as linear_module
+    from vitkernels.ops import gelu_mlp as gelu_mlp_module
 
     if eager_mlp:
-        if not (gelu_mlp_module.eager_op_built() and linear_module.onednn_available()):
-            pytest.skip("needs vitkernels::gelu_mlp_eager and oneDNN (the Linears' direct path)")
-        monkeypatch.setattr(linear_module, "CPU_GEMM", "onednn")
-        monkeypatch.setattr(linear_module, "OWN_GEMM", True)
+        vitkernels_op_or_skip("gelu_mlp_eager")
+        linears_on_own_gemm(monkeypatch)
     else:
         monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
     # gelu_mlp_eager is CompositeImplicitAutograd, which a dispatch mode does not see: its calls counted by a wrapper

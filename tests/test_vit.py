@@ -15,7 +15,7 @@ from vitkernels.modules import swin as fast_swin
 from vitkernels.modules import vit as fast_vit
 from vitkernels.ops import linear as linear_op
 
-from helpers import compile_recording_graphs, import_timm, vitkernels_ops
+from helpers import compile_recording_graphs, import_timm, linears_on_own_gemm, vitkernels_op_or_skip, vitkernels_ops
 
 pytestmark = pytest.mark.timm
 
@@ -186,10 +186,7 @@ def test_training_runs_fused_where_the_linears_run_the_fast_path(case, own_gemm,
     every parameter's and the input's gradients (drop path drawn as timm draws it), to float32 rounding of a
     float64 run; eval mode under no_grad gives the training forward's numbers (drop path off) bitwise."""
     _fused_cpu_or_skip()
-    if not linear_op.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_op, "OWN_GEMM", own_gemm)
+    linears_on_own_gemm(monkeypatch, own_gemm)
     if case == "deit-drop-path":
         original = _vit("deit_tiny_patch16_224", embed_dim=64, num_heads=2, drop_path_rate=0.2)
     else:
@@ -358,14 +355,10 @@ def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(layer_scale,
     keeps fc1 + bias_gelu_ + fc2 (its gamma scales fc2's biased output, timm's product order); and with
     eager_takes_it False a plain block does too, the same numbers bitwise (the same GEMM and GELU code)."""
     _fused_cpu_or_skip()
-    if not hasattr(torch.ops.vitkernels, "gelu_mlp_eager"):
-        pytest.skip("vitkernels._C has no gelu_mlp_eager")
+    vitkernels_op_or_skip("gelu_mlp_eager")
     from vitkernels.ops import gelu_mlp as gelu_mlp_module
 
-    if not linear_op.onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN")
-    monkeypatch.setattr(linear_op, "CPU_GEMM", "onednn")
-    monkeypatch.setattr(linear_op, "OWN_GEMM", True)
+    linears_on_own_gemm(monkeypatch)
     kwargs = {"init_values": 0.5} if layer_scale else {}
     original = _vit("deit3_small_patch16_224" if layer_scale else "deit_tiny_patch16_224", embed_dim=64,
                     num_heads=2, **kwargs)

@@ -349,6 +349,17 @@ std::tuple<at::Tensor, at::Tensor> grad_through_gelu(const at::Tensor& g, const 
   return {grad_pre, sums};
 }
 
+// check_mlp_args, and x float32 on the CPU: the operands of the unblocked ops on vitkernels' own GEMM
+// (gelu_mlp_eager, gelu_mlp_own).
+MlpShape check_own_mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                            const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                            const std::optional<at::Tensor>& b2, c10::string_view approximate) {
+  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, 0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (vitkernels' own GEMM), got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  return s;
+}
+
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->detach().contiguous() : at::Tensor();
 }
@@ -416,10 +427,7 @@ struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
 // autograd where autograd is recording, else runs the forward alone (no pre-activation kept).
 at::Tensor gelu_mlp_eager(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                           const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate) {
-  const char* op = "gelu_mlp_eager";
-  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, 0);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (vitkernels' own GEMM), got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const MlpShape s = check_own_mlp_args("gelu_mlp_eager", x, w1, b1, w2, b2, approximate);
   const bool recording = at::GradMode::is_enabled() &&
                          (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
                           (b1.has_value() && b1->requires_grad()) || (b2.has_value() && b2->requires_grad()));
@@ -437,9 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_own_cpu(const at::Tensor
                                                                 const at::Tensor& w2,
                                                                 const std::optional<at::Tensor>& b2,
                                                                 c10::string_view approximate, bool keep_pre) {
-  const char* op = "gelu_mlp_own";
-  const MlpShape s = check_mlp_args(op, x, w1, b1, w2, b2, approximate, 0);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32 (vitkernels' own GEMM), got ", x.scalar_type());
+  const MlpShape s = check_own_mlp_args("gelu_mlp_own", x, w1, b1, w2, b2, approximate);
   at::Tensor pre;
   const at::Tensor h = fc1_gelu(x.reshape({s.M, s.C}), w1, contiguous_or_undefined(b1), approximate == "tanh",
                                 keep_pre ? &pre : nullptr);

@@ -11,10 +11,9 @@ not take, e.g. feature_size 24's head_dim 8, fall back to the op's reference the
 without autograd), where the ``MLPBlock`` has a GELU, a biased linear1, inactive dropouts and no hooks; where both
 Linears run vitkernels' own GEMM (float32, AVX2-only AMD CPUs, feature_size >= 32:
 :func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`) the whole MLP is ``vitkernels::gelu_mlp_eager`` (``gelu_mlp_own``
-under torch.compile), its bias + GELU
-(and in training their gradients) in the GEMMs' epilogues. The rest of
-the block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict
-keys are unchanged. Each ``BasicLayer`` (a stage) is switched too, so that it no longer builds the shifted-window
+under torch.compile), its bias + GELU (and in training their gradients) in the GEMMs' epilogues. The rest of the
+block (residuals, drop path, ``use_checkpoint``) is MONAI's own code, and parameters, buffers and state-dict keys
+are unchanged. Each ``BasicLayer`` (a stage) is switched too, so that it no longer builds the shifted-window
 mask its fused blocks do not read (MONAI's ``compute_mask`` at every forward, tens of MB at 3D sizes): its blocks
 get a deferred mask, built only for a block that runs MONAI's attention code. ``SwinUNETR(use_v2=True)`` has the
 same (V1-style) window attention -- its "v2" adds residual conv blocks before the stages -- and is patched the same
