@@ -350,10 +350,10 @@ def test_compiled_patched_vit_runs_the_fused_ops_fullgraph(case):
 @pytest.mark.parametrize("layer_scale", [False, True], ids=["plain", "layer-scale"])
 def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(layer_scale, fused_calls, monkeypatch):
     """Where the Linears run vitkernels' own GEMM (OWN_GEMM, oneDNN as the CPU GEMM: an AVX2-only AMD CPU) the fused
-    path runs a block's MLP without LayerScale as vitkernels::gelu_mlp_eager (bias + GELU in fc1's GEMM epilogue;
-    fc2's bias added by the residual op after it, gelu_mlp.eager_takes_it), timm's numbers; a LayerScale block
-    keeps fc1 + bias_gelu_ + fc2 (its gamma scales fc2's biased output, timm's product order); and with
-    eager_takes_it False a plain block does too, the same numbers bitwise (the same GEMM and GELU code)."""
+    path runs a block's MLP as vitkernels::gelu_mlp_eager (bias + GELU in fc1's GEMM epilogue, gelu_mlp.eager_takes_it;
+    fc2's bias added by the residual op after it, or with LayerScale in fc2's GEMM, whose biased output its gamma
+    scales: timm's product order), timm's numbers; with eager_takes_it False the block runs fc1 + bias_gelu_ + fc2,
+    the same numbers bitwise (the same GEMM and GELU code)."""
     _fused_cpu_or_skip()
     vitkernels_op_or_skip("gelu_mlp_eager")
     from vitkernels.ops import gelu_mlp as gelu_mlp_module
@@ -372,7 +372,9 @@ def test_mlp_runs_gelu_mlp_eager_where_the_linears_run_the_own_gemm(layer_scale,
     with torch.no_grad():
         ours, theirs = patched(x), original(x)
     assert len(fused_calls) == 2
-    assert calls == ([] if layer_scale else [None, None])  # fc2's bias: the residual op's
+    # fc2's bias: the residual op's, or with LayerScale the MLP op's
+    fc2_biases = [block.mlp.fc2.bias for block in patched.blocks] if layer_scale else [None, None]
+    assert len(calls) == 2 and all(b is want for b, want in zip(calls, fc2_biases))
     _assert_timms_numbers(ours, theirs, original, x)
     monkeypatch.setattr(gelu_mlp_module, "eager_takes_it", lambda *args: False)
     calls.clear()

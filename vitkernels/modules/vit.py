@@ -21,7 +21,10 @@ and each bias goes where the next row op reads the GEMM's output anyway:
     out = x1 + dp2 * (h W2^T + b2)                              (bias_residual)
 
 With LayerScale the branch's GEMM keeps its bias (``addmm``, as timm) and is scaled in place by gamma, and the row op
-adds no bias: ``x + dp * (gamma * (o Wproj^T + bproj))``, timm's products in timm's order.
+adds no bias: ``x + dp * (gamma * (o Wproj^T + bproj))``, timm's products in timm's order. Where the Linears run
+vitkernels' own GEMM (AVX2-only AMD CPUs) the MLP is one op, ``gelu_mlp_eager``: bias + GELU in fc1's GEMM epilogue
+(and in the backward the GELU's derivative in the epilogue of the GEMM before it), fc2's bias in its GEMM with
+LayerScale, else added by ``bias_residual``.
 
 (dp1, dp2: the per-sample drop-path factors, drawn with timm's calls), the row ops in place on tensors the block
 created (the attention output, the GEMM outputs): no fresh LayerNorm2, GELU or residual outputs, and ``addmm``'s
@@ -68,6 +71,7 @@ from vitkernels.modules.swin import (
     _is_layernorm,
     _unblocked_mlp_without_fc2_bias,
 )
+from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import linear as linear_op
 
 
@@ -120,12 +124,32 @@ def _gamma(ls: nn.Module):
     return None if isinstance(ls, nn.Identity) else ls.gamma
 
 
-def _branch(gamma: Optional[torch.Tensor], x: torch.Tensor, linear: nn.Linear):
+def _scaled(y: torch.Tensor, gamma: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """LayerScale's ``gamma * y`` on a fresh GEMM output ``y``: in place without autograd; out of place under it
+    (the gradient of gamma reads ``y``)."""
+    return y.mul_(gamma) if in_place else y * gamma
+
+
+def _branch(gamma: Optional[torch.Tensor], x: torch.Tensor, linear: nn.Linear, in_place: bool):
     """A residual branch's output Linear before the row op that adds it: ``(x W^T, bias)`` for the row op to add
     the bias; with a LayerScale ``gamma``: ``(gamma * (x W^T + bias), None)``, timm's products in its order."""
     if gamma is None:
         return _gemm(x, linear.weight), linear.bias
-    return _gemm(x, linear.weight, linear.bias).mul_(gamma), None
+    return _scaled(_gemm(x, linear.weight, linear.bias), gamma, in_place), None
+
+
+def _mlp_branch(gamma: Optional[torch.Tensor], a2: torch.Tensor, fc1: nn.Linear, approximate: str, fc2: nn.Linear,
+                in_place: bool):
+    """The MLP branch before the row op that adds it, as :func:`_branch`: ``(gelu(a2 W1^T + b1) W2^T, b2)``, or
+    with a LayerScale ``gamma`` ``(gamma * (gelu(a2 W1^T + b1) W2^T + b2), None)``. The MLP runs with the GELU (and
+    in the backward its derivative) in the own GEMM's epilogues where the Linears run it
+    (:func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`), else as fc1's GEMM, bias + GELU as one row op, fc2's GEMM."""
+    if gamma is None:
+        return _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
+    y = _gelu_mlp_op.own_gemm_mlp(a2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)
+    if y is None:
+        y = _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight, fc2.bias)
+    return _scaled(y, gamma, in_place), None
 
 
 def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -160,50 +184,32 @@ def fused_block_cpu(
     gamma2: Optional[torch.Tensor],
     drop_path2: Optional[nn.Module],
 ) -> torch.Tensor:
-    """A pre-norm ViT block on (B, N, C) tokens ``x`` without autograd, as the module docstring computes it; shared
-    by timm's block (:func:`forward_fused_cpu`) and the Hugging Face ViT-family layers
-    (:mod:`vitkernels.compat.transformers`). ``attend``: LayerNorm1's output (B, N, C) -> the attention's heads
-    before ``proj`` (B, N, C'), a fresh contiguous tensor; ``gamma1`` / ``gamma2``: LayerScale's (C,) gammas or
-    None; ``drop_path1`` / ``drop_path2``: timm ``DropPath`` modules (their per-sample factors drawn with timm's
-    calls) or None / ``nn.Identity``; fc1 has a bias, GELU's ``approximate`` is ``"none"`` or ``"tanh"``. With grad
-    mode on, the same ops with their autograd (:func:`_fused_block_cpu_autograd`)."""
-    if torch.is_grad_enabled():
-        return _fused_block_cpu_autograd(x, norm1, attend, proj, gamma1, drop_path1, norm2, fc1, approximate, fc2,
-                                         gamma2, drop_path2)
+    """A pre-norm ViT block on (B, N, C) tokens ``x``, as the module docstring computes it; shared by timm's block
+    (:func:`forward_fused_cpu`) and the Hugging Face ViT-family layers (:mod:`vitkernels.compat.transformers`).
+    ``attend``: LayerNorm1's output (B, N, C) -> the attention's heads before ``proj`` (B, N, C'), a fresh
+    contiguous tensor; ``gamma1`` / ``gamma2``: LayerScale's (C,) gammas or None; ``drop_path1`` / ``drop_path2``:
+    timm ``DropPath`` modules (their per-sample factors drawn with timm's calls) or None / ``nn.Identity``; fc1 has a
+    bias, GELU's ``approximate`` is ``"none"`` or ``"tanh"``. Without autograd the row ops run in place on tensors
+    this call created; with grad mode on (training) their functional variants with their backwards
+    (``bias_residual_layernorm``, ``bias_residual``), the same numbers."""
+    in_place = not torch.is_grad_enabled()
     a = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
     o = attend(a)
-    y, proj_bias = _branch(gamma1, o, proj)
-    # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it; a fresh one where the
-    # heads' width is not C
-    a2 = o if o.shape == y.shape else torch.empty_like(y)
-    torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, _drop_path_factors(drop_path1, x), norm2.weight,
-                                                  norm2.bias, norm2.eps, a2)  # y := x1, a2 := LayerNorm2(x1)
-    x1 = y
-    if gamma2 is None:  # fc2's bias goes to the residual op below
-        out, fc2_bias = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
+    y, proj_bias = _branch(gamma1, o, proj, in_place)
+    factors1 = _drop_path_factors(drop_path1, x)
+    if in_place:
+        # LayerNorm2's output goes to the attention output's buffer, dead once proj has read it; a fresh one where
+        # the heads' width is not C
+        a2 = o if o.shape == y.shape else torch.empty_like(y)
+        torch.ops.vitkernels.bias_residual_layernorm_(y, proj_bias, x, factors1, norm2.weight, norm2.bias, norm2.eps,
+                                                      a2)  # y := x1, a2 := LayerNorm2(x1)
+        x1 = y
     else:
-        out, fc2_bias = _branch(gamma2, _linear_gelu(a2, fc1, approximate), fc2)
-    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
+        x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, proj_bias, x, factors1, norm2.weight,
+                                                                    norm2.bias, norm2.eps)
+    out, fc2_bias = _mlp_branch(gamma2, a2, fc1, approximate, fc2, in_place)
+    factors2 = _drop_path_factors(drop_path2, x1)
+    if not in_place:
+        return torch.ops.vitkernels.bias_residual(out, fc2_bias, x1, factors2)
+    torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, factors2)
     return out
-
-
-def _fused_block_cpu_autograd(x, norm1, attend, proj, gamma1, drop_path1, norm2, fc1, approximate, fc2, gamma2,
-                              drop_path2) -> torch.Tensor:
-    """:func:`fused_block_cpu` with autograd (training): the same GEMMs and row ops, the functional variants with
-    their backwards (``bias_residual_layernorm``, ``bias_residual``, the MLP of
-    :func:`vitkernels.modules.swin._unblocked_mlp_without_fc2_bias` or with a LayerScale fc1 + ``bias_gelu`` + fc2),
-    so the forward's numbers are the inference path's. A LayerScale gamma multiplies out of place (its gradient
-    reads the GEMM's output)."""
-    a = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
-    o = attend(a)
-    if gamma1 is None:
-        y, proj_bias = _gemm(o, proj.weight), proj.bias
-    else:
-        y, proj_bias = _gemm(o, proj.weight, proj.bias) * gamma1, None
-    x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, proj_bias, x, _drop_path_factors(drop_path1, x),
-                                                                norm2.weight, norm2.bias, norm2.eps)
-    if gamma2 is None:
-        h, fc2_bias = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
-    else:
-        h, fc2_bias = _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight, fc2.bias) * gamma2, None
-    return torch.ops.vitkernels.bias_residual(h, fc2_bias, x1, _drop_path_factors(drop_path2, x1))
