@@ -13,13 +13,13 @@ machine does not skew as it does the ratio of separate medians. Modes: ``inferen
 checked against the unpatched model's before timing. Random weights, seeded; configs built here.
 
 Shapes: Swin-T 224x224 (batch 64 / 32 on a GPU in bf16; 2 / 1 on CPU in fp32); DINOv2 ViT-S/14 224x224 (257
-tokens; batch 128 / 64 on a GPU, 4 / 2 on CPU; the patched layers run the fused CPU row ops in inference, the
-Hugging Face code in training and on GPUs); SwinUNETR 2D feature_size 24 on
-256x256 (GPU batch 8 / 4) or 128x128 (CPU, batch 1); SwinUNETR 3D feature_size 48 on 96^3 (GPU, batch 2 / 1) or
-feature_size 24 on CPU, batch 1: inference on 64x64x32, a training step on 64x32x32. The patched 3D model runs the
-fused 3D window attention (``vitkernels.window_attention_3d``): the native kernel on CPU, the Triton kernels on a GPU
-(feature_size 48: head_dim 16; the stages whose window MONAI shrinks along H or W run MONAI's code). On CPU the
-compiled peers run inference only (compiling a
+tokens; batch 128 / 64 on a GPU, 4 / 2 on CPU; the patched layers run the fused CPU row ops in inference, and in
+training where the Linears run oneDNN's or vitkernels' own GEMM (AMD CPUs), else the Hugging Face code, as on
+GPUs); SwinUNETR 2D feature_size 24 on 256x256 (GPU batch 8 / 4) or 128x128 (CPU, batch 1); SwinUNETR 3D
+feature_size 48 on 96^3 (GPU, batch 2 / 1) or feature_size 24 on CPU, batch 1: inference on 64x64x32, a training
+step on 64x32x32. The patched 3D model runs the fused 3D window attention (``vitkernels.window_attention_3d``): the
+native kernel on CPU, the Triton kernels on a GPU (feature_size 48: head_dim 16; the stages whose window MONAI
+shrinks along H or W run MONAI's code). On CPU the compiled peers run inference only (compiling a
 whole model's backward takes minutes on 2 cores), and not for the 3D model (over 10 minutes). A smoke run
 (``--benchmark-disable``, CI) on CPU uses smaller inputs (MONAI 2D 64x64, 3D 64x32x32), batch 1, and compiles
 only the HF Swin.

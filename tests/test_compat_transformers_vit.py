@@ -1,7 +1,8 @@
 """vitkernels.compat.transformers on the Hugging Face ViT family (ViT, DeiT, ViT-MAE, ViT-MSN, I-JEPA, DINOv2,
 DINOv2 with registers; configs built here, random perturbed weights, nothing downloaded): in inference each layer
-runs the fused CPU row ops (vitkernels.modules.vit.fused_block_cpu) with the unpatched model's numbers; everything
-it does not serve, training included, runs the Hugging Face code bitwise."""
+runs the fused CPU row ops (vitkernels.modules.vit.fused_block_cpu) with the unpatched model's numbers, and in
+training too where the Linears run the fast path (AMD CPUs); everything it does not serve runs the Hugging Face code
+bitwise."""
 import copy
 import io
 
@@ -10,8 +11,9 @@ import torch
 
 from vitkernels.compat import transformers as vkt
 from vitkernels.modules import swin as fast_swin
+from vitkernels.ops import linear as linear_op
 
-from helpers import compile_recording_graphs, perturb_parameters, rel_err, vitkernels_ops
+from helpers import compile_recording_graphs, linears_on_own_gemm, perturb_parameters, rel_err, vitkernels_ops
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.transformers
@@ -92,12 +94,25 @@ def test_inference_runs_fused_with_the_unpatched_numbers(kind, dtype, attn, fuse
         assert our_error <= 2 * their_error + 1e-6, (our_error, their_error)
 
 
-@pytest.mark.parametrize("kind", ["vit", "dinov2"])
-def test_training_runs_the_hugging_face_code_bitwise(kind, fused_calls):
-    """With grad mode on (training, or a no-grad-less eval call) the layers run their own code: outputs and every
-    gradient bitwise the unpatched model's."""
-    original = build(kind, torch.float32, drop_path_rate=0.2 if kind == "dinov2" else 0.0,
-                     hidden_dropout_prob=0.0 if kind == "dinov2" else 0.1).train()
+TRAINING_ON_LAYER_CODE = {  # case -> (kind, build overrides, the CPU GEMM)
+    "vit-mkl": ("vit", {}, "aten"),
+    "dinov2-mkl": ("dinov2", {}, "aten"),
+    "vit-hidden-dropout": ("vit", {"hidden_dropout_prob": 0.1}, "onednn"),
+    "dinov2-drop-path": ("dinov2", {"drop_path_rate": 0.2}, "onednn"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_ON_LAYER_CODE))
+def test_training_runs_the_hugging_face_code_bitwise(case, fused_calls, monkeypatch):
+    """With grad mode on (training, or a no-grad-less eval call) where MKL (ATen) is the CPU GEMM (Intel CPUs), or
+    anywhere with an active hidden dropout or drop path, the layers run their own code: outputs and every gradient
+    bitwise the unpatched model's."""
+    kind, overrides, gemm = TRAINING_ON_LAYER_CODE[case]
+    if gemm == "onednn":
+        linears_on_own_gemm(monkeypatch)
+    else:
+        monkeypatch.setattr(linear_op, "CPU_GEMM", gemm)
+    original = build(kind, torch.float32, **overrides).train()
     patched = vkt.patch_model(copy.deepcopy(original), linear=False)
     x = torch.randn(2, 3, 16, 16)
     results = []
@@ -109,6 +124,43 @@ def test_training_runs_the_hugging_face_code_bitwise(kind, fused_calls):
     assert torch.equal(results[0][0], results[1][0])
     assert all(g is None and results[0][1][n] is None or torch.equal(results[0][1][n], g)
                for n, g in results[1][1].items())
+
+
+@pytest.mark.parametrize("own_gemm", [True, False], ids=["own-gemm", "onednn"])
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "vit-mae"])
+def test_training_runs_fused_where_the_linears_run_the_fast_path(kind, own_gemm, fused_calls, monkeypatch):
+    """With grad mode on where the Linears run the layers' eager fast path (oneDNN as the CPU GEMM, vitkernels' own
+    GEMM where it takes them: AMD CPUs) every layer runs the fused ops with their backwards (DINOv2: LayerScale;
+    ViT-MAE: encoder and decoder): the unpatched model's outputs and every parameter's and the input's gradients
+    (the q, k, v weights through their per-call concatenation) to float32 rounding of a float64 run; the same
+    model in eval mode with grad mode on is served too."""
+    _fused_cpu_or_skip()
+    linears_on_own_gemm(monkeypatch, own_gemm)
+    original = build(kind, torch.float32).train()
+    patched = vkt.patch_model(copy.deepcopy(original))
+    exact = copy.deepcopy(original).double()
+    x = torch.randn(2, 3, 16, 16)
+    outs, grads = [], []
+    for model, inp in ((patched, x), (exact, x.double())):
+        inp = inp.clone().requires_grad_()
+        out = output(model, inp)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append({"input": inp.grad, **{n: p.grad for n, p in model.named_parameters()}})
+    assert len(fused_calls) == LAYERS.get(kind, 2)
+    torch.testing.assert_close(outs[0].double(), outs[1], rtol=1e-4, atol=1e-4)
+    for name, want in grads[1].items():
+        if want is None:  # parameters the loss does not reach (ViT-MAE's mask token, ...)
+            assert grads[0][name] is None, name
+            continue
+        # the key bias's gradient is zero but for rounding (each softmax row is invariant to a shift): its float32
+        # noise is measured on the scale of the query bias's
+        scale = grads[1][name.replace("k_proj", "q_proj")] if name.endswith("k_proj.bias") else want
+        torch.testing.assert_close(grads[0][name].double(), want, rtol=1e-3, atol=1e-4 * scale.abs().max().item(),
+                                   msg=name)
+    fused_calls.clear()
+    output(patched.eval(), x).sum().backward()
+    assert len(fused_calls) == LAYERS.get(kind, 2)
 
 
 FALLBACKS = {  # case -> (kind, build overrides)
