@@ -364,12 +364,12 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->detach().contiguous() : at::Tensor();
 }
 
+// Called by gelu_mlp_eager only, after its argument checks: M, C are x's rows and width as they found them.
 struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                            const std::optional<at::Tensor>& b2, c10::string_view approximate) {
-    const MlpShape s = check_mlp_args("gelu_mlp_eager", x, w1, b1, w2, b2, approximate, 0);
-    const at::Tensor x2 = x.reshape({s.M, s.C});
+                            const std::optional<at::Tensor>& b2, c10::string_view approximate, int64_t M, int64_t C) {
+    const at::Tensor x2 = x.reshape({M, C});
     at::Tensor pre;
     const at::Tensor h = fc1_gelu(x2, w1, contiguous_or_undefined(b1), approximate == "tanh", &pre);
     // the inputs through save_for_backward (version-checked: an in-place change before the backward raises; b1
@@ -417,7 +417,7 @@ struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
       }
     }
     if (need_b2) grad_b2 = g.sum(0);
-    return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, at::Tensor()};
+    return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -431,7 +431,7 @@ at::Tensor gelu_mlp_eager(const at::Tensor& x, const at::Tensor& w1, const std::
   const bool recording = at::GradMode::is_enabled() &&
                          (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
                           (b1.has_value() && b1->requires_grad()) || (b2.has_value() && b2->requires_grad()));
-  if (recording) return EagerGeluMlp::apply(x, w1, b1, w2, b2, approximate);
+  if (recording) return EagerGeluMlp::apply(x, w1, b1, w2, b2, approximate, s.M, s.C);
   const at::Tensor h = fc1_gelu(x.reshape({s.M, s.C}), w1, contiguous_or_undefined(b1), approximate == "tanh",
                                 nullptr);
   return fc2(h, w2, contiguous_or_undefined(b2), x);
