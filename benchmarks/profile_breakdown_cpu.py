@@ -309,6 +309,18 @@ def cpu_label() -> str:
             f"{fields.get('model', '?')}, {simd}")
 
 
+def rerun_under_allocator(allocator: str, script: str, argv) -> int:
+    """Run ``script`` with ``argv`` plus ``--allocator inherit`` in a fresh process under glibc's default allocator
+    (``glibc``) or the benchmarks' glibc caching settings (``caching``: publish.py's); glibc reads them at process
+    start. Returns the child's exit status."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
+    if allocator == "caching":
+        env.update(GLIBC_CACHING)
+    child = argv if argv is not None else sys.argv[1:]
+    return subprocess.run([sys.executable, os.path.abspath(script), *child, "--allocator", "inherit"],
+                          env=env).returncode
+
+
 def interleaved(fns, rounds):
     """name -> step times (ms), the functions run in turn for ``rounds`` rounds after one warm-up each."""
     for fn in fns.values():
@@ -336,12 +348,7 @@ def main(argv=None) -> int:
                              "(default: the allocator this process was started with)")
     args = parser.parse_args(argv)
     if args.allocator != "inherit":  # glibc reads its settings at process start: run again in a fresh process
-        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARS}
-        if args.allocator == "caching":
-            env.update(GLIBC_CACHING)
-        child = argv if argv is not None else sys.argv[1:]
-        return subprocess.run([sys.executable, os.path.abspath(__file__), *child, "--allocator", "inherit"],
-                              env=env).returncode
+        return rerun_under_allocator(args.allocator, __file__, argv)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, 224, 224)
     lines = [f"# Swin-T CPU time breakdown: GEMMs vs the rest (batch {args.batch}, {args.threads} threads, "
