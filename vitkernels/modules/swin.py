@@ -132,13 +132,20 @@ def _mlp_without_fc2_bias(a2: torch.Tensor, mlp: nn.Module, approximate: str) ->
 
 
 def _unblocked_mlp_without_fc2_bias(a2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, approximate: str) -> torch.Tensor:
-    """``gelu(a2 W1^T + b1) W2^T`` over all rows at once: bias + GELU, and in the backward the GELU's derivative and
-    b1's gradient, in the own GEMM's epilogues where the Linears run it (:func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`:
-    ``gelu_mlp_eager`` in eager mode, ``gelu_mlp_own`` under torch.compile), else fc1's GEMM, bias + GELU as one row
-    op (:func:`_linear_gelu`), fc2's GEMM. The fused paths of the Swin V1 / V2 blocks, the Hugging Face Swin layers
-    and the ViT blocks."""
-    y = _gelu_mlp_op.own_gemm_mlp(a2, fc1.weight, fc1.bias, fc2.weight, None, approximate)
-    return y if y is not None else _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight)
+    """``gelu(a2 W1^T + b1) W2^T`` (:func:`_unblocked_mlp` without fc2's bias, which the caller's row op adds). The
+    fused paths of the Swin V1 / V2 blocks, the Hugging Face Swin layers and the ViT blocks."""
+    return _unblocked_mlp(a2, fc1, fc2, approximate, None)
+
+
+def _unblocked_mlp(a2: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, approximate: str,
+                   fc2_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``gelu(a2 W1^T + b1) W2^T [+ fc2_bias]`` over all rows at once: bias + GELU, and in the backward the GELU's
+    derivative and b1's gradient, in the own GEMM's epilogues where the Linears run it
+    (:func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`: ``gelu_mlp_eager`` in eager mode, ``gelu_mlp_own`` under
+    torch.compile), else fc1's GEMM, bias + GELU as one row op (:func:`_linear_gelu`), fc2's GEMM (with
+    ``fc2_bias``: the LayerScale ViT blocks, whose gamma scales fc2's biased output)."""
+    y = _gelu_mlp_op.own_gemm_mlp(a2, fc1.weight, fc1.bias, fc2.weight, fc2_bias, approximate)
+    return y if y is not None else _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight, fc2_bias)
 
 
 def _fused_cpu_allowed(backend: Optional[str], x: torch.Tensor) -> bool:

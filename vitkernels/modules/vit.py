@@ -65,13 +65,12 @@ from vitkernels.modules.swin import (
     _gelu_approximate,
     _gemm,
     _global_hooks,
-    _linear_gelu,
     _has_hooks,
     _inactive,
     _is_layernorm,
+    _unblocked_mlp,
     _unblocked_mlp_without_fc2_bias,
 )
-from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import linear as linear_op
 
 
@@ -141,15 +140,11 @@ def _branch(gamma: Optional[torch.Tensor], x: torch.Tensor, linear: nn.Linear, i
 def _mlp_branch(gamma: Optional[torch.Tensor], a2: torch.Tensor, fc1: nn.Linear, approximate: str, fc2: nn.Linear,
                 in_place: bool):
     """The MLP branch before the row op that adds it, as :func:`_branch`: ``(gelu(a2 W1^T + b1) W2^T, b2)``, or
-    with a LayerScale ``gamma`` ``(gamma * (gelu(a2 W1^T + b1) W2^T + b2), None)``. The MLP runs with the GELU (and
-    in the backward its derivative) in the own GEMM's epilogues where the Linears run it
-    (:func:`vitkernels.ops.gelu_mlp.own_gemm_mlp`), else as fc1's GEMM, bias + GELU as one row op, fc2's GEMM."""
+    with a LayerScale ``gamma`` ``(gamma * (gelu(a2 W1^T + b1) W2^T + b2), None)``
+    (:func:`vitkernels.modules.swin._unblocked_mlp`: the GELU in the own GEMM's epilogues where the Linears run it)."""
     if gamma is None:
         return _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate), fc2.bias
-    y = _gelu_mlp_op.own_gemm_mlp(a2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate)
-    if y is None:
-        y = _gemm(_linear_gelu(a2, fc1, approximate), fc2.weight, fc2.bias)
-    return _scaled(y, gamma, in_place), None
+    return _scaled(_unblocked_mlp(a2, fc1, fc2, approximate, fc2.bias), gamma, in_place), None
 
 
 def _attention(attn: nn.Module, a: torch.Tensor) -> torch.Tensor:
