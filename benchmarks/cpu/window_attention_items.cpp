@@ -115,12 +115,13 @@ int main(int argc, char** argv) {
     bench::backward_items(a, 0, items, scratch.data(), tokens.data(), d_bias.data(), d_qkv_bias.data());
   });
   bench::ItemScratch<float> s(scratch.data(), N, hd, tokens.data());
+  const bench::ItemCall<float> call = bench::item_call(a);
   auto next_w = [&](int64_t i) { return i + 1 < items ? (i + 1) / nH : -1; };
   const double fwd_best = best_items([&](int64_t i) {
-    bench::forward_item(a, i / nH, i % nH, s, next_w(i), (i + 1) % nH);
+    bench::forward_item(a, call, i / nH, i % nH, s, next_w(i), (i + 1) % nH);
   });
   const double bwd_best = best_items([&](int64_t i) {
-    bench::backward_item(a, i / nH, i % nH, s, d_bias.data(), d_qkv_bias.data(), next_w(i), (i + 1) % nH);
+    bench::backward_item(a, call, i / nH, i % nH, s, d_bias.data(), d_qkv_bias.data(), next_w(i), (i + 1) % nH);
   });
   std::printf("B%ld %ldx%ld heads %ld head_dim %ld: %ld items%s\n", (long)B, (long)H, (long)H, (long)nH, (long)hd,
               (long)items, save_probs ? ", softmax saved" : "");

@@ -124,3 +124,17 @@ class FlushDenormals {
 #else
 #define VK_CPU_CALL(isa, fn, ...) ::vitkernels::cpu::baseline::fn(__VA_ARGS__)
 #endif
+
+// VK_CPU_CALL_COMPUTE(T, isa, fn, args...): VK_CPU_CALL for a kernel compiled per compute type T, where T = double
+// (the tests' float64 references and gradcheck; no model runs it for speed) always runs the baseline instruction
+// set's code, so that no AVX2 / AVX-512 copy of its double instantiation is compiled (a third of a window-attention
+// unit's compile time went to double). Use it in a template (T dependent, or inside a function template: the branch
+// not taken is then not instantiated).
+#define VK_CPU_CALL_COMPUTE(T, isa, fn, ...)                                         \
+  do {                                                                               \
+    if constexpr (std::is_same<T, double>::value) {                                  \
+      ::vitkernels::cpu::baseline::fn(__VA_ARGS__);                                  \
+    } else {                                                                         \
+      VK_CPU_CALL(isa, fn, __VA_ARGS__);                                             \
+    }                                                                                \
+  } while (0)

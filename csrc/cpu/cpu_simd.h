@@ -18,6 +18,9 @@ namespace VK_CPU_ISA {
 #ifndef VK_INLINE
 #define VK_INLINE inline __attribute__((always_inline))
 #endif
+#ifndef VK_NOINLINE
+#define VK_NOINLINE __attribute__((noinline))
+#endif
 
 template <typename T> struct Vec;
 template <> struct Vec<float> {
@@ -418,24 +421,26 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
   }
 }
 
-// Prefetch head slice [off, off + bytes) of token `token`'s rows, where the window attention kernels' next item /
+// Prefetch head slice [off, off + hd) of token `token`'s rows, where the window attention kernels' next item /
 // window will read and write them: its q, k, v in qkv (rows of 3C); in the forward its output (rows of C, for
-// writing); in the backward its output gradient and its q, k, v gradients (for writing).
-template <typename S>
-VK_INLINE void prefetch_token_slices(const S* qkv, const S* out, const S* grad_out, const S* grad_qkv, int64_t token,
-                                     int64_t C, int64_t off, int64_t bytes, bool backward) {
-  const S* q = qkv + token * 3 * C + off;
+// writing); in the backward its output gradient and its q, k, v gradients (for writing). The arrays hold elements
+// of `element_bytes` bytes (the storage type, which the kernels' compute-type code does not know).
+VK_INLINE void prefetch_token_slices(const void* qkv, const void* out, const void* grad_out, const void* grad_qkv,
+                                     int64_t token, int64_t C, int64_t off, int64_t hd, int64_t element_bytes,
+                                     bool backward) {
+  const int64_t bytes = hd * element_bytes, row = C * element_bytes;
+  const char* q = static_cast<const char*>(qkv) + (token * 3 * C + off) * element_bytes;
   prefetch_span(q, bytes, false);
-  prefetch_span(q + C, bytes, false);
-  prefetch_span(q + 2 * C, bytes, false);
+  prefetch_span(q + row, bytes, false);
+  prefetch_span(q + 2 * row, bytes, false);
   if (backward) {
-    prefetch_span(grad_out + token * C + off, bytes, false);
-    const S* grad = grad_qkv + token * 3 * C + off;
+    prefetch_span(static_cast<const char*>(grad_out) + (token * C + off) * element_bytes, bytes, false);
+    const char* grad = static_cast<const char*>(grad_qkv) + (token * 3 * C + off) * element_bytes;
     prefetch_span(grad, bytes, true);
-    prefetch_span(grad + C, bytes, true);
-    prefetch_span(grad + 2 * C, bytes, true);
+    prefetch_span(grad + row, bytes, true);
+    prefetch_span(grad + 2 * row, bytes, true);
   } else {
-    prefetch_span(out + token * C + off, bytes, true);
+    prefetch_span(static_cast<const char*>(out) + (token * C + off) * element_bytes, bytes, true);
   }
 }
 

@@ -186,6 +186,31 @@ struct ItemScratch {
   }
 };
 
+// What the middle of an item reads of the call (the args less the storage type S): the middle (its GEMMs, the
+// softmax and dS passes, most of an item's code) is compiled once per compute type T and instruction set, not once
+// per storage type as well; bf16 and fp16 storage run the float code. Compiled per storage type it was ~40% of the
+// window-attention units' compile time, each built twice in CI (-O3, and -O0 under the sanitizers). The rows
+// prefetched for the next item are addressed in bytes.
+template <typename T>
+struct ItemCall {
+  int64_t N, nH, hd, C;
+  bool bias_every_token;
+  const T* bias_rows;
+  T* lse;
+  T* probs;
+  const void* qkv;  // the args' S arrays, for prefetching only
+  const void* out;
+  const void* grad_out;
+  const void* grad_qkv;
+  int64_t element_bytes;  // sizeof(S)
+};
+
+template <typename S, typename T, typename G>
+ItemCall<T> item_call(const WindowAttentionArgs<S, T, G>& a) {
+  return ItemCall<T>{a.N, a.nH, a.hd, a.C, a.bias_every_token, a.bias_rows, a.lse, a.probs,
+                     a.qkv, a.out, a.grad_out, a.grad_qkv, static_cast<int64_t>(sizeof(S))};
+}
+
 // Prefetch what the next item (w, h) reads of its token row t (head h's q, k, v slices; in the backward also its
 // grad_out slice and its saved softmax row) and writes (its output slice, or its q, k, v gradient slices): the rows
 // are scattered over the image, so the hardware prefetchers do not see them coming. The current item calls it for
@@ -194,39 +219,30 @@ struct ItemScratch {
 // they stalled the core while the misses queued, and gained little (on a 2-core AMD Zen 2, qkv just written by its
 // GEMM, A/B: the spread prefetch makes Swin-T's stage-1 attention at b4 1.43x faster forward and 1.21x backward,
 // stage 2 1.33 / 1.16x, stage 3 1.18 / 1.12x, stage 4 1.05 / 1.04x, stage 1 at b1 (cache-resident) 1.10 / 1.12x;
-// the same numbers). Args: WindowAttentionArgs or a struct with the same members (N, nH, C, hd, qkv, out,
-// grad_out, grad_qkv, probs); `next` is the next item's tokens (null: no next item).
-template <typename Args>
-VK_INLINE void prefetch_row_of_next(const Args& a, const int64_t* next, int64_t w, int64_t h, int64_t t,
+// the same numbers). `next` is the next item's tokens (null: no next item).
+template <typename T>
+VK_INLINE void prefetch_row_of_next(const ItemCall<T>& a, const int64_t* next, int64_t w, int64_t h, int64_t t,
                                     bool backward) {
-  using T = typename std::remove_pointer<decltype(a.probs)>::type;
   if (next == nullptr) return;
-  const int64_t C = a.C, off = h * a.hd, bytes = a.hd * static_cast<int64_t>(sizeof(*a.qkv));
   if (backward && a.probs != nullptr) {  // row t of the item's saved softmax (NP values)
     const int64_t NP = round_to_vector(a.N);
     prefetch_span(a.probs + ((w * a.nH + h) * a.N + t) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
   }
   if (next[t] < 0) return;  // a padded token: read from pad_row, which stays cached
-  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], C, off, bytes, backward);
+  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd, a.hd, a.element_bytes,
+                        backward);
 }
 
-// Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows;
-// prefetches for the next item (next_w, next_h) (next_w < 0: none).
-template <typename S, typename T, typename G>
-void forward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, ItemScratch<T>& s, int64_t next_w,
-                  int64_t next_h) {
+// The middle of item (w, h)'s forward, from its gathered scale q, k^T and v: S = bias + (scale q) k^T (-inf in the
+// padding columns, from the bias rows), its softmax (saved as P, or as the log-sum-exp rows), and the unnormalised
+// O = exp(S - max) v into s.o with 1 / sum in s.rowstat (the row scales the caller stores O with); prefetches for
+// the next item (next: its tokens; null: none). Not inlined: one copy per compute type (ItemCall).
+template <typename T>
+VK_NOINLINE void forward_item_middle(const ItemCall<T>& a, int64_t w, int64_t h, ItemScratch<T>& s,
+                                     const int64_t* next, int64_t next_w, int64_t next_h) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
-  const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
-  const int64_t stride = 3 * C, off = h * hd;
-  s.use_window(a, w);
-  const S* pad = a.pad_row + off;
-  const S* add = a.bias_every_token ? pad : nullptr;
-  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, static_cast<T>(a.scale), s.q, HDP);
-  gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
-  gather_rows(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, T(1), s.v, HDP);
-  const int64_t* next = next_w >= 0 ? s.tokens_of(a, next_w) : nullptr;  // prefetched row by row, below
-  // S = bias + (scale q) k^T; -inf in the padding columns (from the bias rows)
+  const int64_t N = a.N, hd = a.hd, NP = round_to_vector(N), HDP = round_to_vector(hd);
   gemm<T>(N, NP, hd, s.q, HDP, 1, s.kt, NP, s.p, NP, a.bias_rows + h * N * NP);
   // unnormalised softmax rows: exp(S - max); then, for all rows at once, 1 / sum (to scale O's rows) and the lse
   T* row_max = s.rowstat + NP;
@@ -268,41 +284,39 @@ void forward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, I
     T* lse = a.lse + (w * a.nH + h) * N;
     for (int64_t i = 0; i < N; ++i) lse[i] = row_max[i];
   }
-  // O = P v, each row scaled by 1 / sum as it is stored
-  gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);
-  scatter_rows(a.out + off, C, s.source, N, hd, s.o, HDP, s.rowstat);
+  gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);  // O = P v, unnormalised
 }
 
-// Backward of item (w, h): writes head h's q, k, v gradient columns of the window's real tokens; adds dS into this
-// thread's d_bias (nH, N, NP) and what the qkv bias receives into its d_qkv_bias (nH, 3, hd); prefetches for the
-// next item (next_w, next_h) (next_w < 0: none).
+// Forward of item (w, h): writes head h's output columns of the window's real tokens and its log-sum-exp rows;
+// prefetches for the next item (next_w, next_h) (next_w < 0: none).
 template <typename S, typename T, typename G>
-void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, ItemScratch<T>& s, T* d_bias,
-                   double* d_qkv_bias, int64_t next_w, int64_t next_h) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
+void forward_item(const WindowAttentionArgs<S, T, G>& a, const ItemCall<T>& call, int64_t w, int64_t h,
+                  ItemScratch<T>& s, int64_t next_w, int64_t next_h) {
   const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
   const int64_t stride = 3 * C, off = h * hd;
-  const T scale = static_cast<T>(a.scale);
   s.use_window(a, w);
   const S* pad = a.pad_row + off;
   const S* add = a.bias_every_token ? pad : nullptr;
-  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, scale, s.q, HDP);
-  gather_rows(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, T(1), s.k, HDP);
-  if (a.probs == nullptr) {  // k^T: only for recomputing S
-    gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
-  }
-  gather_columns(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, s.vt, NP);
-  // dO rows (a padded query was cropped from the output: dO = 0)
-  for (int64_t t = 0; t < N; ++t) {
-    T* dout = s.dout + t * HDP;
-    if (s.source[t] >= 0) {
-      convert_scaled(dout, a.grad_out + s.source[t] * C + off, hd, T(1));
-    } else {
-      for (int64_t d = 0; d < hd; ++d) dout[d] = 0;
-    }
-  }
-  const int64_t* next = next_w >= 0 ? s.tokens_of(a, next_w) : nullptr;  // prefetched row by row, below
+  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, static_cast<T>(a.scale), s.q, HDP);
+  gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  gather_rows(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, T(1), s.v, HDP);
+  const int64_t* next = next_w >= 0 ? s.tokens_of(a, next_w) : nullptr;  // prefetched row by row, in the middle
+  forward_item_middle(call, w, h, s, next, next_w, next_h);
+  // O's rows scaled by 1 / sum as they are stored
+  scatter_rows(a.out + off, C, s.source, N, hd, s.o, HDP, s.rowstat);
+}
+
+// The middle of item (w, h)'s backward, from its gathered scale q, k, k^T (without a saved P), v^T and dO: P (read
+// where the forward saved it, else recomputed), dV into s.dv, dS into s.dp (added to this thread's d_bias), dQ /
+// scale into s.o, dK into s.dk; what the padded tokens (and, with bias_every_token, all tokens) pass to the qkv
+// bias added to d_qkv_bias (nH, 3, hd); prefetches for the next item. Not inlined: one copy per compute type.
+template <typename T>
+VK_NOINLINE void backward_item_middle(const ItemCall<T>& a, T scale, int64_t w, int64_t h, ItemScratch<T>& s,
+                                      T* d_bias, double* d_qkv_bias, const int64_t* next, int64_t next_w,
+                                      int64_t next_h) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = a.N, hd = a.hd, NP = round_to_vector(N), HDP = round_to_vector(hd);
   // P: as the forward saved it (rows of NP values, zeros past N), read where it is (the previous item prefetched
   // its rows; the copy into scratch it replaces cost 0-2% of the backward, A/B on a Zen 2); else recomputed
   const T* P = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : s.p;
@@ -338,20 +352,10 @@ void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, 
   }
   gemm<T>(N, HDP, N, s.dp, NP, 1, s.k, HDP, s.o, HDP);   // dQ / scale = dS k
   gemm<T>(N, HDP, N, s.dp, 1, NP, s.q, HDP, s.dk, HDP);  // dK = dS^T (scale q)
-  // q, k, v gradients: into grad_qkv for real tokens; into the qkv bias's gradient d_qkv_bias (nH, 3, hd) for the
-  // padded tokens (whose k, v are the bias; their q gets none: dO = 0), and for every token if the bias was added to
-  // every token.
+  // What the qkv bias receives: the padded tokens' k, v gradients (their k, v are the bias; their q gets none:
+  // dO = 0), and with the bias added to every token, every token's q, k, v gradients.
   bool any_to_bias = a.bias_every_token;
-  for (int64_t t = 0; t < N; ++t) {
-    if (s.source[t] >= 0) {
-      S* g = a.grad_qkv + s.source[t] * stride + off;
-      convert_scaled(g, s.o + t * HDP, hd, scale);
-      convert_scaled(g + C, s.dk + t * HDP, hd, T(1));
-      convert_scaled(g + 2 * C, s.dv + t * HDP, hd, T(1));
-    } else {
-      any_to_bias = true;
-    }
-  }
+  for (int64_t t = 0; t < N && !any_to_bias; ++t) any_to_bias = s.source[t] < 0;
   if (any_to_bias) {
     // summed over the item's tokens in T, a vector of channels at a time over all tokens: the sums stay in
     // registers (accumulated into scratch token by token, each token's pass reloaded and stored them all: 6% of the
@@ -376,6 +380,45 @@ void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, 
   }
 }
 
+// Backward of item (w, h): writes head h's q, k, v gradient columns of the window's real tokens; adds dS into this
+// thread's d_bias (nH, N, NP) and what the qkv bias receives into its d_qkv_bias (nH, 3, hd); prefetches for the
+// next item (next_w, next_h) (next_w < 0: none).
+template <typename S, typename T, typename G>
+void backward_item(const WindowAttentionArgs<S, T, G>& a, const ItemCall<T>& call, int64_t w, int64_t h,
+                   ItemScratch<T>& s, T* d_bias, double* d_qkv_bias, int64_t next_w, int64_t next_h) {
+  const int64_t N = a.N, hd = a.hd, C = a.C, NP = round_to_vector(N), HDP = round_to_vector(hd);
+  const int64_t stride = 3 * C, off = h * hd;
+  const T scale = static_cast<T>(a.scale);
+  s.use_window(a, w);
+  const S* pad = a.pad_row + off;
+  const S* add = a.bias_every_token ? pad : nullptr;
+  gather_rows(a.qkv + off, stride, pad, add, s.source, N, hd, scale, s.q, HDP);
+  gather_rows(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, T(1), s.k, HDP);
+  if (a.probs == nullptr) {  // k^T: only for recomputing S
+    gather_columns(a.qkv + C + off, stride, pad + C, add ? add + C : nullptr, s.source, N, hd, s.kt, NP);
+  }
+  gather_columns(a.qkv + 2 * C + off, stride, pad + 2 * C, add ? add + 2 * C : nullptr, s.source, N, hd, s.vt, NP);
+  // dO rows (a padded query was cropped from the output: dO = 0)
+  for (int64_t t = 0; t < N; ++t) {
+    T* dout = s.dout + t * HDP;
+    if (s.source[t] >= 0) {
+      convert_scaled(dout, a.grad_out + s.source[t] * C + off, hd, T(1));
+    } else {
+      for (int64_t d = 0; d < hd; ++d) dout[d] = 0;
+    }
+  }
+  const int64_t* next = next_w >= 0 ? s.tokens_of(a, next_w) : nullptr;  // prefetched row by row, in the middle
+  backward_item_middle(call, scale, w, h, s, d_bias, d_qkv_bias, next, next_w, next_h);
+  // the q, k, v gradients of the real tokens into grad_qkv
+  for (int64_t t = 0; t < N; ++t) {
+    if (s.source[t] < 0) continue;
+    S* g = a.grad_qkv + s.source[t] * stride + off;
+    convert_scaled(g, s.o + t * HDP, hd, scale);
+    convert_scaled(g + C, s.dk + t * HDP, hd, T(1));
+    convert_scaled(g + 2 * C, s.dv + t * HDP, hd, T(1));
+  }
+}
+
 // --- a thread's run of items -----------------------------------------------------------------------------------------
 // Item i is (window i / nH, head i % nH): consecutive items share windows, whose tokens are found once. `scratch`
 // holds ItemScratch<T>::size(N, hd) zeros, `tokens` ItemScratch<T>::token_size(N) integers.
@@ -383,9 +426,10 @@ void backward_item(const WindowAttentionArgs<S, T, G>& a, int64_t w, int64_t h, 
 template <typename S, typename T, typename G>
 void forward_items(const WindowAttentionArgs<S, T, G>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens) {
   ItemScratch<T> s(scratch, a.N, a.hd, tokens);
+  const ItemCall<T> call = item_call(a);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t next = i + 1;
-    forward_item(a, i / a.nH, i % a.nH, s, next < end ? next / a.nH : -1, next % a.nH);
+    forward_item(a, call, i / a.nH, i % a.nH, s, next < end ? next / a.nH : -1, next % a.nH);
   }
   if (a.probs != nullptr) streaming_fence();
 }
@@ -394,9 +438,10 @@ template <typename S, typename T, typename G>
 void backward_items(const WindowAttentionArgs<S, T, G>& a, int64_t begin, int64_t end, T* scratch, int64_t* tokens,
                     T* d_bias, double* d_qkv_bias) {
   ItemScratch<T> s(scratch, a.N, a.hd, tokens);
+  const ItemCall<T> call = item_call(a);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t next = i + 1;
-    backward_item(a, i / a.nH, i % a.nH, s, d_bias, d_qkv_bias, next < end ? next / a.nH : -1, next % a.nH);
+    backward_item(a, call, i / a.nH, i % a.nH, s, d_bias, d_qkv_bias, next < end ? next / a.nH : -1, next % a.nH);
   }
 }
 

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tenso
     at::parallel_for(0, p.windows() * p.nH, 1, [&](int64_t begin, int64_t end) {
       const FlushDenormals ftz(std::is_same<T, float>::value);
       ThreadScratch<T> t(p.N, p.hd);
-      VK_CPU_CALL(isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
+      VK_CPU_CALL_COMPUTE(T, isa, forward_items, a, begin, end, t.values.data(), t.tokens.data());
     });
   });
   return {out, state};
@@ -127,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const char* op, cons
         TORCH_CHECK(tid < threads, op, ": thread ", tid, " beyond the ", threads, " expected");
         const FlushDenormals ftz(std::is_same<T, float>::value);
         ThreadScratch<T> t(p.N, p.hd);
-        VK_CPU_CALL(isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
-                    d_bias.data() + tid * p.nH * p.N * NP, d_qkv_bias.data() + tid * p.nH * 3 * p.hd);
+        VK_CPU_CALL_COMPUTE(T, isa, backward_items, a, begin, end, t.values.data(), t.tokens.data(),
+                                d_bias.data() + tid * p.nH * p.N * NP, d_qkv_bias.data() + tid * p.nH * 3 * p.hd);
       });
       // Reduce the threads' sums and scatter d_bias into the table by relative position.
       grad_table = reduce_table_grad_double(p, d_bias.data(), NP, threads, table);

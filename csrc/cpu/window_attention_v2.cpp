@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_v2_cpu(const at::Tensor& qkv
       const FlushDenormals ftz(std::is_same<T, float>::value);
       std::vector<T> scratch(baseline::ScratchV2<T>::size(p.N, p.nH, p.hd), T(0));  // zero: padding stays zero
       std::vector<int64_t> source(2 * p.N);  // this window's tokens, then the next one's
-      VK_CPU_CALL(isa, forward_windows_v2, a, begin, end, scratch.data(), source.data());
+      VK_CPU_CALL_COMPUTE(T, isa, forward_windows_v2, a, begin, end, scratch.data(), source.data());
     });
   });
   return {out, state};
@@ -181,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_v2_b
         T* bias_acc = d_bias.data() + tid * p.nH * p.N * NP;
         double* scale_acc = d_scale.data() + tid * p.nH;
         double* pad_acc = d_pad.data() + tid * p.nH * 2 * p.hd;
-        VK_CPU_CALL(isa, backward_windows_v2, a, begin, end, scratch.data(), source.data(), bias_acc, scale_acc,
-                    pad_acc);
+        VK_CPU_CALL_COMPUTE(T, isa, backward_windows_v2, a, begin, end, scratch.data(), source.data(), bias_acc,
+                            scale_acc, pad_acc);
       });
       grad_table = reduce_table_grad_double(p, d_bias.data(), NP, threads, bias_table);
     });

@@ -48,6 +48,30 @@ struct ScratchV2 {
   }
 };
 
+// What a head's work reads of the call (the args less the storage type S): the per-head middle of the forward and
+// backward (normalisation, GEMMs, softmax, dS) is compiled once per compute type T and instruction set, not once per
+// storage type as well (V1's ItemCall); the rows prefetched for the next window are addressed in bytes.
+template <typename T>
+struct V2Call {
+  int64_t N, nH, hd, C;
+  bool shifted;
+  const T* bias_rows;
+  const T* scale;
+  T* lse;
+  T* probs;
+  const void* qkv;  // the args' S arrays, for prefetching only
+  const void* out;
+  const void* grad_out;
+  const void* grad_qkv;
+  int64_t element_bytes;  // sizeof(S)
+};
+
+template <typename S, typename T>
+V2Call<T> v2_call(const WindowAttentionV2Args<S, T>& a) {
+  return V2Call<T>{a.N, a.nH, a.hd, a.C, a.shifted, a.bias_rows, a.scale, a.lse, a.probs,
+                   a.qkv, a.out, a.grad_out, a.grad_qkv, static_cast<int64_t>(sizeof(S))};
+}
+
 // Window w: each token's source token (-1 for padding, WindowGeometry's addressing) and mask region, and its qkv
 // rows (a padded token's are `pad_row`), gathered once for all heads.
 template <typename S, typename T>
@@ -79,12 +103,12 @@ VK_INLINE void window_sources_v2(const WindowAttentionV2Args<S, T>& a, int64_t w
 // rows: V1's prefetch_row_of_next, for a kernel that gathers whole rows once per window (A/B on a 2-core AMD Zen 2,
 // Swin V2-T shapes: forward 1.04-1.09x at stage 1 b2 / b4 and stage 3 b8, 0.98-1.01x where qkv stays in cache (stage
 // 1 b1, stage 3 b4); forward + backward 1.07-1.11x). `next` null: no next window.
-template <typename S, typename T>
-VK_INLINE void prefetch_row_of_next_window(const WindowAttentionV2Args<S, T>& a, const int64_t* next, int64_t h,
-                                           int64_t t, bool backward) {
+template <typename T>
+VK_INLINE void prefetch_row_of_next_window(const V2Call<T>& a, const int64_t* next, int64_t h, int64_t t,
+                                           bool backward) {
   if (next == nullptr || next[t] < 0) return;  // a padded token reads pad_row, which stays cached
-  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd,
-                        a.hd * static_cast<int64_t>(sizeof(S)), backward);
+  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd, a.hd, a.element_bytes,
+                        backward);
 }
 
 // sum_d x[d] y[d] over n values: whole vectors into one vector of partial sums (lane l sums d = l mod L), then the
@@ -113,8 +137,8 @@ VK_INLINE T normalize_row(const T* x, int64_t hd, T* dst) {
 }
 
 // Head h's normalised q and k (rows; k also transposed), v as rows (v_rows) or transposed, and the norms |q_t|, |k_t|.
-template <typename S, typename T>
-VK_INLINE void load_head_v2(const WindowAttentionV2Args<S, T>& a, int64_t h, ScratchV2<T>& s, bool v_rows) {
+template <typename T>
+VK_INLINE void load_head_v2(const V2Call<T>& a, int64_t h, ScratchV2<T>& s, bool v_rows) {
   const int64_t HDP = s.round(a.hd), NP = s.round(a.N), stride = s.round(3 * a.C), hd = a.hd;
   for (int64_t t = 0; t < a.N; ++t) {
     const T* row = s.rows + t * stride + h * hd;
@@ -133,9 +157,8 @@ VK_INLINE void load_head_v2(const WindowAttentionV2Args<S, T>& a, int64_t h, Scr
 }
 
 // Row i of S (NP entries; q^ k^T on entry) = tau * row + bias + mask; -inf past N (the bias rows carry it).
-template <typename S, typename T>
-VK_INLINE void scale_add_bias_and_mask(const WindowAttentionV2Args<S, T>& a, int64_t h, int64_t i, T tau, T* row,
-                                       const ScratchV2<T>& s) {
+template <typename T>
+VK_INLINE void scale_add_bias_and_mask(const V2Call<T>& a, int64_t h, int64_t i, T tau, T* row, const ScratchV2<T>& s) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   const int64_t NP = s.round(a.N);
@@ -168,55 +191,65 @@ VK_INLINE T normalize_backward_row(const T* x_hat, T* g, T norm, T tau, int64_t 
   return dot;
 }
 
+// Head h of window w's forward, from the window's gathered rows: q^, k^, v, S = tau q^ k^T + bias + mask, its
+// softmax (saved as P, or as the log-sum-exp rows) and O = P v into s.o; prefetches what the next window's tokens
+// (next; null: none) hold for head h. Not inlined: one copy per compute type (V2Call).
+template <typename T>
+VK_NOINLINE void forward_head_v2(const V2Call<T>& a, int64_t w, int64_t h, ScratchV2<T>& s, const int64_t* next) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd);
+  const V neg_inf = splat(-std::numeric_limits<T>::infinity()), zero = V{};
+  load_head_v2(a, h, s, /*v_rows=*/true);
+  gemm<T>(N, NP, a.hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);  // q^ k^T
+  const T tau = a.scale[h];
+  T* lse = a.lse != nullptr ? a.lse + (w * a.nH + h) * N : nullptr;
+  // with save_probs, P (rows of NP values, zeros past N) streamed to memory for the backward instead of the lse:
+  // it is read back only there, and caching its lines would only evict the forward's working set
+  T* probs = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : nullptr;
+  for (int64_t i = 0; i < N; ++i) {
+    prefetch_row_of_next_window(a, next, h, i, /*backward=*/false);
+    T* row = s.p + i * NP;
+    scale_add_bias_and_mask(a, h, i, tau, row, s);
+    V vmax = neg_inf;
+    for (int64_t j = 0; j < NP; j += L) { const V x = load(row + j); vmax = x > vmax ? x : vmax; }
+    const T m = hmax<T>(vmax);
+    V vsum = zero;
+    for (int64_t j = 0; j < NP; j += L) {
+      const V e = vexp(load(row + j) - m);  // 0 for the -inf padding columns
+      store(row + j, e);
+      vsum += e;
+    }
+    const T sum = hsum<T>(vsum);
+    const V inv = splat(T(1) / sum);
+    if (probs != nullptr) {
+      for (int64_t j = 0; j < NP; j += L) {
+        const V pij = load(row + j) * inv;
+        store(row + j, pij);
+        store_streaming(probs + i * NP + j, pij);
+      }
+    } else {
+      for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
+      lse[i] = m + std::log(sum);
+    }
+  }
+  gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);  // O = P v
+}
+
 // Forward of windows [begin, end). `source` holds 2 N tokens: the current window's and the next one's.
 template <typename S, typename T>
 void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
                         int64_t* source) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
   ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
-  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd);
-  const V neg_inf = splat(-std::numeric_limits<T>::infinity()), zero = V{};
+  const V2Call<T> call = v2_call(a);
+  const int64_t N = a.N, HDP = s.round(a.hd);
   int64_t* next_source = source + N;
   for (int64_t w = begin; w < end; ++w) {
     gather_window_v2(a, w, s);
-    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, below
+    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, in the heads
     if (next != nullptr) window_sources_v2(a, w + 1, next_source);
     for (int64_t h = 0; h < a.nH; ++h) {
-      load_head_v2(a, h, s, /*v_rows=*/true);
-      gemm<T>(N, NP, a.hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);  // q^ k^T
-      const T tau = a.scale[h];
-      T* lse = a.lse != nullptr ? a.lse + (w * a.nH + h) * N : nullptr;
-      // with save_probs, P (rows of NP values, zeros past N) streamed to memory for the backward instead of the lse:
-      // it is read back only there, and caching its lines would only evict the forward's working set
-      T* probs = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : nullptr;
-      for (int64_t i = 0; i < N; ++i) {
-        prefetch_row_of_next_window(a, next, h, i, /*backward=*/false);
-        T* row = s.p + i * NP;
-        scale_add_bias_and_mask(a, h, i, tau, row, s);
-        V vmax = neg_inf;
-        for (int64_t j = 0; j < NP; j += L) { const V x = load(row + j); vmax = x > vmax ? x : vmax; }
-        const T m = hmax<T>(vmax);
-        V vsum = zero;
-        for (int64_t j = 0; j < NP; j += L) {
-          const V e = vexp(load(row + j) - m);  // 0 for the -inf padding columns
-          store(row + j, e);
-          vsum += e;
-        }
-        const T sum = hsum<T>(vsum);
-        const V inv = splat(T(1) / sum);
-        if (probs != nullptr) {
-          for (int64_t j = 0; j < NP; j += L) {
-            const V pij = load(row + j) * inv;
-            store(row + j, pij);
-            store_streaming(probs + i * NP + j, pij);
-          }
-        } else {
-          for (int64_t j = 0; j < NP; j += L) store(row + j, load(row + j) * inv);
-          lse[i] = m + std::log(sum);
-        }
-      }
-      gemm<T>(N, HDP, N, s.p, NP, 1, s.v, HDP, s.o, HDP);  // O = P v
+      forward_head_v2(call, w, h, s, next);
       for (int64_t t = 0; t < N; ++t) {
         if (s.source[t] < 0) continue;
         S* out = a.out + s.source[t] * a.C + h * a.hd;
@@ -227,20 +260,93 @@ void forward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int
   }
 }
 
+// Head h of window w's backward, from the window's gathered rows and dO rows: P (as the forward saved it, else
+// recomputed), dV into s.dv, dS (added to d_bias (nH, N, NP), this thread's, in T), then dq into s.o and dk into
+// s.gk (through F.normalize's backward), each token's sum_i q^_i . G_i into d_scale[h] and the padded tokens' dk, dv
+// into d_pad (nH, 2, hd) (double). next_item: another (window, head) follows in this run (its saved P is
+// prefetched). Not inlined: one copy per compute type (V2Call).
+template <typename T>
+VK_NOINLINE void backward_head_v2(const V2Call<T>& a, int64_t w, int64_t h, ScratchV2<T>& s, const int64_t* next,
+                                  bool next_item, T* d_bias, double* d_scale, double* d_pad) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
+  load_head_v2(a, h, s, /*v_rows=*/false);
+  for (int64_t t = 0; t < N; ++t) {
+    const T* g = s.grad_rows + t * grad_stride + h * hd;
+    T* dout = s.dout + t * HDP;
+    for (int64_t d = 0; d < hd; ++d) dout[d] = g[d];
+  }
+  const T tau = a.scale[h];
+  // P: as the forward saved it (the next item's, the next block of the same array, is prefetched row by row in
+  // the dS loop below), else recomputed, exp(S - lse)
+  const T* P = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : s.p;
+  const bool next_probs = a.probs != nullptr && next_item;
+  if (a.probs == nullptr) {
+    gemm<T>(N, NP, hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);
+    const T* lse = a.lse + (w * a.nH + h) * N;
+    for (int64_t i = 0; i < N; ++i) {
+      T* row = s.p + i * NP;
+      scale_add_bias_and_mask(a, h, i, tau, row, s);
+      for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
+    }
+  }
+  // dV = P^T dO
+  gemm<T>(N, HDP, N, P, 1, NP, s.dout, HDP, s.dv, HDP);  // P read transposed
+  // dP = dO v^T;  dS = P * (dP - delta), into dp;  d_bias += dS
+  gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);
+  // V1's scheme: dS added into (nH, N, NP) rows of T in whole vectors, reduced over the threads in double
+  // afterwards (reduce_table_grad_double); the per-element double sums it replaced measured the same speed
+  T* d_bias_h = d_bias + h * N * NP;
+  for (int64_t i = 0; i < N; ++i) {
+    prefetch_row_of_next_window(a, next, h, i, /*backward=*/true);
+    if (next_probs) prefetch_span(P + (N + i) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
+    T* dp = s.dp + i * NP;
+    const T* p = P + i * NP;
+    T* acc = d_bias_h + i * NP;
+    V dot = V{};
+    for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
+    const V delta = all_sum<T>(dot);
+    for (int64_t j = 0; j < NP; j += L) {
+      const V ds = load(p + j) * (load(dp + j) - delta);  // 0 in the padding columns (P is 0 there)
+      store(dp + j, ds);
+      store(acc + j, load(acc + j) + ds);
+    }
+  }
+  // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
+  gemm<T>(N, HDP, N, s.dp, NP, 1, s.kn, HDP, s.o, HDP);
+  gemm<T>(N, HDP, N, s.dp, 1, NP, s.qn, HDP, s.gk, HDP);  // dS read transposed
+  double scale_acc = 0;
+  for (int64_t t = 0; t < N; ++t) {
+    T* dq = s.o + t * HDP;  // G_t, turned into dq_t in place
+    T* dk = s.gk + t * HDP;
+    scale_acc += static_cast<double>(normalize_backward_row(s.qn + t * HDP, dq, s.norm_q[t], tau, hd));
+    normalize_backward_row(s.kn + t * HDP, dk, s.norm_k[t], tau, hd);
+    if (s.source[t] < 0) {  // a padded token's k and v are the qkv bias: their gradients go to it (its q gets none)
+      const T* dv = s.dv + t * HDP;
+      double* pad = d_pad + h * 2 * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        pad[d] += static_cast<double>(dk[d]);
+        pad[hd + d] += static_cast<double>(dv[d]);
+      }
+    }
+  }
+  d_scale[h] += scale_acc;
+}
+
 // Backward of windows [begin, end): writes dq, dk, dv of real tokens; adds dS into d_bias (nH, N, NP) (in T, whole
 // vectors, as V1's), each head's sum_i q^_i . G_i into d_scale (nH) and padded tokens' dk, dv into d_pad (nH, 2, hd)
 // (double): this thread's own accumulators.
 template <typename S, typename T>
 void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, int64_t end, T* scratch,
                          int64_t* source, T* d_bias, double* d_scale, double* d_pad) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
   ScratchV2<T> s(scratch, a.N, a.nH, a.hd, source);
-  const int64_t N = a.N, NP = s.round(N), HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
+  const V2Call<T> call = v2_call(a);
+  const int64_t N = a.N, HDP = s.round(a.hd), C = a.C, hd = a.hd, grad_stride = s.round(C);
   int64_t* next_source = source + N;
   for (int64_t w = begin; w < end; ++w) {
     gather_window_v2(a, w, s);
-    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, below
+    const int64_t* next = w + 1 < end ? next_source : nullptr;  // prefetched row by row, in the heads
     if (next != nullptr) window_sources_v2(a, w + 1, next_source);
     // dO rows of all heads; padded queries were cropped from the output: dO = 0.
     for (int64_t t = 0; t < N; ++t) {
@@ -253,75 +359,17 @@ void backward_windows_v2(const WindowAttentionV2Args<S, T>& a, int64_t begin, in
       }
     }
     for (int64_t h = 0; h < a.nH; ++h) {
-      load_head_v2(a, h, s, /*v_rows=*/false);
+      backward_head_v2(call, w, h, s, next, h + 1 < a.nH || w + 1 < end, d_bias, d_scale, d_pad);
+      // the real tokens' q, k, v gradients; in whole vectors where S is T: one scalar loop over the three
+      // destinations (which the compiler cannot prove apart from the sources) took ~14% of the backward's samples
+      // (Swin V2-T stage 1, b4, 2-core Zen 2; A/B forward + backward 1.05-1.11x at stage 1 b1 / b4 and stage 3 b4)
       for (int64_t t = 0; t < N; ++t) {
-        const T* g = s.grad_rows + t * grad_stride + h * hd;
-        T* dout = s.dout + t * HDP;
-        for (int64_t d = 0; d < hd; ++d) dout[d] = g[d];
+        if (s.source[t] < 0) continue;
+        S* g = a.grad_qkv + s.source[t] * 3 * C + h * hd;
+        convert_scaled(g, s.o + t * HDP, hd, T(1));
+        convert_scaled(g + C, s.gk + t * HDP, hd, T(1));
+        convert_scaled(g + 2 * C, s.dv + t * HDP, hd, T(1));
       }
-      const T tau = a.scale[h];
-      // P: as the forward saved it (the next item's, the next block of the same array, is prefetched row by row in
-      // the dS loop below), else recomputed, exp(S - lse)
-      const T* P = a.probs != nullptr ? a.probs + (w * a.nH + h) * N * NP : s.p;
-      const bool next_probs = a.probs != nullptr && (h + 1 < a.nH || w + 1 < end);
-      if (a.probs == nullptr) {
-        gemm<T>(N, NP, hd, s.qn, HDP, 1, s.knt, NP, s.p, NP);
-        const T* lse = a.lse + (w * a.nH + h) * N;
-        for (int64_t i = 0; i < N; ++i) {
-          T* row = s.p + i * NP;
-          scale_add_bias_and_mask(a, h, i, tau, row, s);
-          for (int64_t j = 0; j < NP; j += L) store(row + j, vexp(load(row + j) - lse[i]));
-        }
-      }
-      // dV = P^T dO
-      gemm<T>(N, HDP, N, P, 1, NP, s.dout, HDP, s.dv, HDP);  // P read transposed
-      // dP = dO v^T;  dS = P * (dP - delta), into dp;  d_bias += dS
-      gemm<T>(N, NP, hd, s.dout, HDP, 1, s.vt, NP, s.dp, NP);
-      // V1's scheme: dS added into (nH, N, NP) rows of T in whole vectors, reduced over the threads in double
-      // afterwards (reduce_table_grad_double); the per-element double sums it replaced measured the same speed
-      T* d_bias_h = d_bias + h * N * NP;
-      for (int64_t i = 0; i < N; ++i) {
-        prefetch_row_of_next_window(a, next, h, i, /*backward=*/true);
-        if (next_probs) prefetch_span(P + (N + i) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
-        T* dp = s.dp + i * NP;
-        const T* p = P + i * NP;
-        T* acc = d_bias_h + i * NP;
-        V dot = V{};
-        for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
-        const V delta = all_sum<T>(dot);
-        for (int64_t j = 0; j < NP; j += L) {
-          const V ds = load(p + j) * (load(dp + j) - delta);  // 0 in the padding columns (P is 0 there)
-          store(dp + j, ds);
-          store(acc + j, load(acc + j) + ds);
-        }
-      }
-      // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
-      gemm<T>(N, HDP, N, s.dp, NP, 1, s.kn, HDP, s.o, HDP);
-      gemm<T>(N, HDP, N, s.dp, 1, NP, s.qn, HDP, s.gk, HDP);  // dS read transposed
-      double scale_acc = 0;
-      for (int64_t t = 0; t < N; ++t) {
-        T* dq = s.o + t * HDP;  // G_t, turned into dq_t in place
-        T* dk = s.gk + t * HDP;
-        scale_acc += static_cast<double>(normalize_backward_row(s.qn + t * HDP, dq, s.norm_q[t], tau, hd));
-        normalize_backward_row(s.kn + t * HDP, dk, s.norm_k[t], tau, hd);
-        const T* dv = s.dv + t * HDP;
-        if (s.source[t] >= 0) {
-          S* g = a.grad_qkv + s.source[t] * 3 * C + h * hd;
-          // in whole vectors where S is T: one scalar loop over the three destinations (which the compiler cannot
-          // prove apart from the sources) took ~14% of the backward's samples (Swin V2-T stage 1, b4, 2-core Zen 2;
-          // A/B forward + backward 1.05-1.11x at stage 1 b1 / b4 and stage 3 b4)
-          convert_scaled(g, dq, hd, T(1));
-          convert_scaled(g + C, dk, hd, T(1));
-          convert_scaled(g + 2 * C, dv, hd, T(1));
-        } else {  // a padded token's k and v are the qkv bias: their gradients go to it (its q gets none: dO = 0)
-          double* pad = d_pad + h * 2 * hd;
-          for (int64_t d = 0; d < hd; ++d) {
-            pad[d] += static_cast<double>(dk[d]);
-            pad[hd + d] += static_cast<double>(dv[d]);
-          }
-        }
-      }
-      d_scale[h] += scale_acc;
     }
   }
 }
