@@ -64,7 +64,9 @@ def build(workdir, sanitize=None):
     units.append(os.path.join(HERE, "emulate_window_attention.cpp"))
     lib = os.path.join(workdir, "libvk_emu.so")
     cxx = os.environ.get("CXX", "g++")
-    flags = ["-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unused-function",
+    # -g1: line tables, enough for the stacks of a crash or an AddressSanitizer report, in three quarters of -g's
+    # build time (32 vs 43 s here); -O0 builds in 22 s but runs the cases twice as long (same total)
+    flags = ["-std=c++20", "-O1", "-g1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unused-function",
              "-I", src, "-I", os.path.join(HERE, "emulate"), "-I", os.path.join(ROOT, "csrc", "include")]
     if sanitize:
         flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]

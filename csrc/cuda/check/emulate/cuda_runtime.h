@@ -1,12 +1,17 @@
 // CPU emulation of the CUDA runtime for the runtime-only kernel headers (csrc/cuda/*.cuh), for
 // csrc/cuda/check/emulate_cuda.py: compiled with g++ instead of the real <cuda_runtime.h>, so the kernel bodies run
-// on the CPU. A block's threads are fibers (ucontext) of one OS thread, blocks run one after another; __shared__
+// on the CPU. A block's threads are fibers of one OS thread, blocks run one after another; __shared__
 // arrays are function statics (one block runs at a time). __syncthreads / __syncthreads_or park the fiber until every
 // live thread of the block has arrived, __shfl_xor_sync exchanges through a per-warp buffer between two warp
 // barriers, so the kernels' synchronisation is exercised as written; a barrier that can never complete (divergent
 // __syncthreads, a partial warp in a shuffle) aborts with a message instead of hanging. Deterministic: the fibers of
 // a block run round-robin in thread order. Launches `kernel<<<grid, block, smem, stream>>>(args)` are rewritten by
 // emulate_cuda.py into `::vk_emu::launch(grid, block, smem, stream, kernel, args)`. Never part of the extension.
+//
+// Fiber switches: on x86-64 a few instructions of our own (vk_emu_switch below: the callee-saved registers, the
+// stack pointer, MXCSR and the x87 control word, as a function call leaves them); elsewhere ucontext. glibc's
+// swapcontext also saves and restores the signal mask, a system call per switch: the switches (every barrier and
+// shuffle of every thread) made a fifth of the emulation's time system time.
 #pragma once
 
 #include <cmath>
@@ -20,7 +25,11 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__)
+#define VK_EMU_OWN_SWITCH 1
+#else
 #include <ucontext.h>
+#endif
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>  // fiber switches announced to AddressSanitizer
@@ -55,8 +64,17 @@ namespace vk_emu {
 
 enum Wait { kRunnable = 0, kBlockBarrier = 1, kWarpBarrier = 2, kDone = 3 };
 
+#if VK_EMU_OWN_SWITCH
+// A saved context: the stack pointer of a suspended fiber (or of the scheduler), its registers on its stack.
+struct Context {
+  void* sp = nullptr;
+};
+#else
+using Context = ucontext_t;
+#endif
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   void* stack = nullptr;
   uint3 tid{0, 0, 0};
   Wait wait = kRunnable;
@@ -70,7 +88,7 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::vector<double> lanes;  // one 8-byte slot per thread for shuffles
   int vote = 0;               // __syncthreads_or
-  ucontext_t scheduler;
+  Context scheduler;
   const void* scheduler_stack = nullptr;  // for AddressSanitizer: the scheduler's stack, learnt on the first switch
   std::size_t scheduler_stack_size = 0;
   std::function<void()> body;
@@ -85,6 +103,72 @@ inline void fail(const char* what) {
   std::abort();
 }
 
+#if VK_EMU_OWN_SWITCH
+// vk_emu_switch(&from, to): pushes the callee-saved registers (rbp, rbx, r12-r15) and MXCSR / the x87 control word,
+// saves the stack pointer into *from, loads `to` and pops the same from there: a function call that returns in the
+// other context (the caller-saved registers are the compiler's to save, as around any call).
+extern "C" void vk_emu_switch(void** from, void* to);
+// (In a COMDAT group, as the compiler emits an inline function: every unit that includes this header defines it.)
+asm(R"(
+  .pushsection .text.vk_emu_switch, "axG", @progbits, vk_emu_switch, comdat
+  .p2align 4
+  .weak vk_emu_switch
+  .hidden vk_emu_switch
+  .type vk_emu_switch, @function
+vk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size vk_emu_switch, .-vk_emu_switch
+  .popsection
+)");
+
+inline void switch_context(Context& from, Context& to) { vk_emu_switch(&from.sp, to.sp); }
+
+// A fiber's first switch lands in `entry` on the top of its stack: the frame vk_emu_switch pops (MXCSR and the x87
+// control word at their defaults, zero registers), `entry` as the return address, and below it a null return address
+// for entry itself, which never returns (its fiber parks for good), so that it starts with the stack alignment of a
+// called function.
+inline void start_context(Context& ctx, void* stack, std::size_t size, void (*entry)()) {
+  auto top = reinterpret_cast<std::uintptr_t>(stack) + size;
+  top &= ~static_cast<std::uintptr_t>(15);
+  auto* slot = reinterpret_cast<std::uint64_t*>(top);
+  *--slot = 0;                                           // entry's return address (never used)
+  *--slot = reinterpret_cast<std::uint64_t>(entry);      // vk_emu_switch returns here
+  for (int r = 0; r < 6; ++r) *--slot = 0;               // rbp, rbx, r12-r15
+  *--slot = std::uint64_t{0x037F} << 32 | 0x1F80;        // the x87 control word, MXCSR
+  ctx.sp = slot;
+}
+#else
+inline void switch_context(Context& from, Context& to) { swapcontext(&from, &to); }
+
+inline void start_context(Context& ctx, void* stack, std::size_t size, void (*entry)()) {
+  getcontext(&ctx);
+  ctx.uc_stack.ss_sp = stack;
+  ctx.uc_stack.ss_size = size;
+  ctx.uc_link = nullptr;
+  makecontext(&ctx, entry, 0);
+}
+#endif
+
 // Parks the running fiber until the scheduler releases it.
 inline void park(Wait why) {
   Launch* l = current;
@@ -92,7 +176,7 @@ inline void park(Wait why) {
   f.wait = why;
   // A finished fiber never comes back: no fake-stack slot, so AddressSanitizer releases it.
   VK_EMU_SWITCH_START(why == kDone ? nullptr : &f.fake_stack, l->scheduler_stack, l->scheduler_stack_size);
-  swapcontext(&f.ctx, &l->scheduler);
+  switch_context(f.ctx, l->scheduler);
   VK_EMU_SWITCH_FINISH(f.fake_stack, nullptr, nullptr);
 }
 
@@ -155,13 +239,9 @@ inline dim3 as_dim3(int x) { return dim3(static_cast<unsigned int>(x)); }
 inline void run_block(Launch& l) {
   for (unsigned int t = 0; t < l.threads; ++t) {
     Fiber& f = l.fibers[t];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kFiberStack;
-    f.ctx.uc_link = nullptr;
     f.wait = kRunnable;
     f.tid = uint3{t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
-    makecontext(&f.ctx, fiber_entry, 0);
+    start_context(f.ctx, f.stack, kFiberStack, fiber_entry);
   }
   for (;;) {
     for (unsigned int t = 0; t < l.threads; ++t) {
@@ -169,7 +249,7 @@ inline void run_block(Launch& l) {
       l.running = t;
       void* fake_stack = nullptr;
       VK_EMU_SWITCH_START(&fake_stack, l.fibers[t].stack, kFiberStack);
-      swapcontext(&l.scheduler, &l.fibers[t].ctx);
+      switch_context(l.scheduler, l.fibers[t].ctx);
       VK_EMU_SWITCH_FINISH(fake_stack, nullptr, nullptr);
     }
     // Everyone is parked or done: release whole warps parked at a shuffle, else the whole block at __syncthreads.
