@@ -1,6 +1,8 @@
 """Checks shared by the tests of the fused CPU row ops (bias_gelu, bias_residual, bias_residual_layernorm,
 patch_merging_norm, window_attention_add_bias): a backend's forward and gradients against the reference computed in
 float64 (float32 for half inputs), on random inputs, with the per-dtype tolerances of helpers.py."""
+import os
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from vitkernels import _native
 
 from helpers import assert_close_scaled, reference_dtype
 
-CPU_ISAS = ["avx512", "avx2", "baseline"]
+CPU_ISAS = ["avx512", "avx2", "baseline"]  # the native kernels' instruction-set builds, best first
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -16,6 +18,32 @@ def native_or_skip(op_name: str) -> None:
     reason = _native.native_unavailable_reason(op_name, torch.device("cpu"))
     if reason is not None:
         pytest.skip(reason)
+
+
+def best_cpu_isa() -> str:
+    """The best instruction-set build of the native kernels this CPU runs (what they run without a
+    VITKERNELS_CPU_ISA cap)."""
+    saved = os.environ.pop("VITKERNELS_CPU_ISA", None)
+    try:
+        info = torch.ops.vitkernels.build_info()
+    finally:
+        if saved is not None:
+            os.environ["VITKERNELS_CPU_ISA"] = saved
+    return dict(item.split("=") for item in info.split(";") if "=" in item)["cpu_isa"]
+
+
+def runnable_cpu_isas() -> list:
+    """The builds of CPU_ISAS this CPU runs: a cap above them runs the best one, the same code as its own case."""
+    return CPU_ISAS[CPU_ISAS.index(best_cpu_isa()):]
+
+
+def use_cpu_isa(monkeypatch, isa: str) -> None:
+    """Caps the native kernels at the ``isa`` build (VITKERNELS_CPU_ISA) for the test; skips where this CPU cannot
+    run it (an AVX-512 cap on an AVX2 CPU runs the AVX2 build: that build's own case, on the same inputs)."""
+    if isa not in runnable_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build (capped there the kernels run the {best_cpu_isa()} build, "
+                    "which its own case checks)")
+    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
 
 
 def forward_and_grads(fn, inputs, grads_out=None, seed=2):

@@ -8,7 +8,7 @@ from vitkernels.ops.bias_gelu import bias_gelu
 from vitkernels.reference.bias_gelu import bias_gelu as reference_bias_gelu
 
 from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
-                               check_split_across_threads, leaf, native_or_skip, widen)
+                               check_split_across_threads, leaf, native_or_skip, widen, use_cpu_isa)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 37), (1, 4, 5, 16), (7, 1)]  # C: a multiple of 16, odd, one vector, one value
@@ -35,7 +35,7 @@ def test_native_matches_reference(shape, dtype, approximate):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("bias_gelu")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     for approximate in ("none", "tanh"):
         check_against_reference(lambda x, b, a: bias_gelu(x, b, a, backend="native"), reference_bias_gelu,
                                 make_inputs((5, 53), approximate), torch.float32)
@@ -46,7 +46,7 @@ def test_tanh_gelu_far_from_zero(isa, monkeypatch):
     """The tanh GELU and its derivative where tanh saturates: gelu'(x) -> 0 (x -> -inf) and -> 1 (x -> +inf). Its
     tanh was -0.99999994 at -10 and beyond, which the derivative's ~x^3 factor turned into -2.8e-3 at x = -60."""
     native_or_skip("bias_gelu")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     x = torch.tensor([-60.0, -30.0, -13.0, -10.0, -9.0, -6.0, 6.0, 9.0, 10.0, 13.0, 30.0, 60.0] * 2).reshape(2, 12)
     bias = torch.zeros(12)
     xd = x.double().requires_grad_()
@@ -97,7 +97,7 @@ def test_native_bfloat16_is_the_float_op_rounded(shape, bias_dtype, isa, monkeyp
     every vector tail); the bias gradient (summed in float per block of rows, in double across) within float rounding
     of it. An fp32 bias beside bf16 activations is the autocast case."""
     native_or_skip("bias_gelu")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     x = (4 * torch.randn(shape)).bfloat16()
     x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])[: x.numel()]
     b = torch.randn(shape[-1]).to(bias_dtype)

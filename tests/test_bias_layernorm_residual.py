@@ -8,7 +8,7 @@ from vitkernels.ops.bias_layernorm_residual import bias_layernorm_residual
 from vitkernels.reference.bias_layernorm_residual import bias_layernorm_residual as reference_blnr
 
 from fused_ops_helpers import (CPU_ISAS, DTYPES, check_against_reference, check_split_across_threads, native_or_skip,
-                               residual_layernorm_inputs)
+                               residual_layernorm_inputs, use_cpu_isa)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -41,7 +41,7 @@ def test_native_rows_split_across_threads():
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_native_every_instruction_set(isa, monkeypatch):
     native_or_skip("bias_layernorm_residual")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(native, reference_blnr, make_inputs((3, 4, 53)), torch.float32)
 
 

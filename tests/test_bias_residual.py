@@ -7,7 +7,7 @@ from vitkernels.ops.bias_residual import bias_residual
 from vitkernels.reference.bias_residual import bias_residual as reference_bias_residual
 
 from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference, leaf, native_or_skip,
-                               widen)
+                               widen, use_cpu_isa)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -40,7 +40,7 @@ def test_native_matches_reference(shape, dtype, with_bias, with_scale):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("bias_residual")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(native, reference_bias_residual, make_inputs((3, 4, 53)), torch.float32)
 
 

@@ -8,7 +8,8 @@ from vitkernels.ops.bias_residual_layernorm import bias_residual_layernorm
 from vitkernels.reference.bias_residual_layernorm import bias_residual_layernorm as reference_brln
 
 from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
-                               check_split_across_threads, native_or_skip, residual_layernorm_inputs, widen)
+                               check_split_across_threads, native_or_skip, residual_layernorm_inputs, use_cpu_isa,
+                               widen)
 from helpers import assert_close
 
 SHAPES = [(2, 9, 96), (3, 5, 37), (4, 2, 3, 16)]
@@ -48,7 +49,7 @@ def test_gradient_through_the_normalised_output_only():
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("bias_residual_layernorm")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(native, reference_brln, make_inputs((3, 4, 53)), torch.float32)
 
 

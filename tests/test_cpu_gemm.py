@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fused_ops_helpers import CPU_ISAS
+from fused_ops_helpers import CPU_ISAS, use_cpu_isa
 from helpers import OpCalls
 from helpers import assert_close_scaled
 from vitkernels import _native
@@ -72,7 +72,7 @@ def test_native_gemm_empty_products(shape):
 def test_native_gemm_every_instruction_set(isa, monkeypatch):
     """Each instruction set's tile (AVX-512: 6 x 32, AVX2: 6 x 16, baseline: 6 x 8; a CPU without one runs its best)
     on ragged, half-width, multi-pass and split-K shapes."""
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(7)
     for M, K, N in [(7, 17, 33), (13, 385, 70), (20, 1600, 24), (12, 20, 24), (13, 20, 48), (12, 9, 12)]:
         a, b, c = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen).t(), torch.randn(N, generator=gen)

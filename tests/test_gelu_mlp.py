@@ -11,7 +11,8 @@ from vitkernels.ops import gelu_mlp as gelu_mlp_module
 from vitkernels.ops.gelu_mlp import gelu_mlp
 from vitkernels.reference.gelu_mlp import gelu_mlp as reference_gelu_mlp
 
-from fused_ops_helpers import CPU_ISAS, check_against_reference, check_split_across_threads, leaf, native_or_skip
+from fused_ops_helpers import (CPU_ISAS, check_against_reference, check_split_across_threads, leaf, native_or_skip,
+                               use_cpu_isa)
 from helpers import OpCalls, assert_close
 
 NATIVE_DTYPES = [torch.float32, torch.float64]
@@ -55,7 +56,7 @@ def test_without_biases(biases):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("gelu_mlp")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     for approximate in ("none", "tanh"):
         check_against_reference(
             lambda x, w1, b1, w2, b2, a: gelu_mlp(x, w1, b1, w2, b2, a, block_rows=5, backend="native"),
@@ -353,7 +354,7 @@ def test_eager_with_and_without_biases(biases):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_eager_every_instruction_set(isa, monkeypatch):
     eager_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_eager_against_reference(*float32_inputs((13, 400), 40, 24, "tanh"))
     check_eager_against_reference(*float32_inputs((9, 20), 2100, 8, "none"))
 

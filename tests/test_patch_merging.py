@@ -7,7 +7,7 @@ from vitkernels.ops.patch_merging import patch_merging_norm
 from vitkernels.reference.patch_merging import patch_merging_norm as reference_pmn
 
 from fused_ops_helpers import (CPU_ISAS, DTYPES, assert_bf16_bitwise, check_against_reference,
-                               check_split_across_threads, leaf, native_or_skip, widen)
+                               check_split_across_threads, leaf, native_or_skip, widen, use_cpu_isa)
 from helpers import assert_close, import_timm
 
 SHAPES = [(2, 8, 8, 16), (1, 7, 9, 5), (3, 1, 4, 8), (1, 5, 1, 3)]  # even, odd both, one row, one column
@@ -38,7 +38,7 @@ def test_native_matches_reference(shape, dtype, affine):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("patch_merging_norm")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(native, reference_pmn, make_inputs((2, 7, 6, 24)), torch.float32)
 
 
@@ -59,7 +59,7 @@ def test_native_bfloat16_is_the_float_op_rounded(shape, param_dtype, isa, monkey
     edges padded); the LayerNorm parameter gradients within float rounding of it. fp32 affine beside bf16 tokens
     is the autocast case."""
     native_or_skip("patch_merging_norm")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     ops = torch.ops.vitkernels
     x = (3 * torch.randn(shape) + 1).bfloat16()
     C4 = 4 * shape[-1]

@@ -352,7 +352,7 @@ NATIVE_CASES = CASES + TRITON_CASES + [
     (1, 17, 16, 1, 8, (16, 16), (8, 8)),   # N = 256, the largest window the Triton kernel takes
     (3, 4, 4, 2, 24, (4, 4), (0, 0)),      # one window per image, head_dim not a multiple of 16
 ]
-CPU_ISAS = ["avx512", "avx2", "baseline"]
+from fused_ops_helpers import CPU_ISAS, use_cpu_isa  # noqa: E402
 
 
 def native_or_skip(device="cpu"):
@@ -375,7 +375,7 @@ def test_native_every_instruction_set_matches_reference(case, isa, monkeypatch):
     """The kernel body is compiled for AVX-512, AVX2 and the baseline; VITKERNELS_CPU_ISA caps the choice, so every
     build this CPU can run is checked (a cap above what the CPU has runs the best it has)."""
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     chosen = dict(i.split("=") for i in torch.ops.vitkernels.build_info().split(";") if "=" in i)["cpu_isa"]
     assert CPU_ISAS.index(chosen) >= CPU_ISAS.index(isa)
     check_against_reference(case, torch.float32, "native")
@@ -408,7 +408,7 @@ def test_native_without_qkv_bias():
                          ids=["pad-shift", "pad-noshift"])
 def test_native_gradcheck_float64(case, isa, monkeypatch):
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     B, H, W, nH, hd, window, shift = case
     qkv, table, bias = make_inputs(case)
     inputs = tuple(t.requires_grad_() for t in (qkv, table, bias))

@@ -28,7 +28,7 @@ from vitkernels.reference.window_attention_3d import (
     window_reverse_3d,
 )
 
-CPU_ISAS = ["avx512", "avx2", "baseline"]
+from fused_ops_helpers import CPU_ISAS, use_cpu_isa  # noqa: E402
 
 
 def native_window_attention_3d(qkv, table, window, shift, num_heads, scale, qkv_bias=None, *, pad_before_shift=True):
@@ -356,7 +356,7 @@ def native_or_skip():
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=[CASE_IDS[0], CASE_IDS[2], CASE_IDS[5]])
 def test_native_every_isa_matches_the_dense_formulation(case, isa, monkeypatch):
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     B, size, window, shift, heads, hd, pad_first = case
     qkv, table, qkv_bias = _case_inputs(case)
     out = native_window_attention_3d(qkv, table, window, shift, heads, hd ** -0.5, qkv_bias, pad_before_shift=pad_first)
@@ -375,7 +375,7 @@ GRADCHECK_CASES = [  # tiny: (B, (D, H, W), window, shift, heads, head_dim, pad_
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=["padfirst", "rollfirst", "shift-past-depth"])
 def test_native_gradcheck_float64(case, isa, monkeypatch):
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     B, size, window, shift, heads, hd, pad_first = case
     inputs = tuple(t.requires_grad_() for t in _case_inputs(case))
     assert torch.autograd.gradcheck(

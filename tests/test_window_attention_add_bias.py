@@ -5,7 +5,7 @@ import torch
 
 from vitkernels.ops.window_attention import window_attention_add_bias
 
-from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip
+from fused_ops_helpers import CPU_ISAS, check_against_reference, leaf, native_or_skip, use_cpu_isa
 
 CASES = [  # (B, H, W, num_heads, head_dim, window, shift)
     (2, 14, 14, 2, 16, (7, 7), (3, 3)),
@@ -45,7 +45,7 @@ def test_native_matches_reference(case, dtype):
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_instruction_set(isa, monkeypatch):
     native_or_skip("window_attention_add_bias")
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(native, reference, make_inputs((1, 9, 10, 2, 16, (7, 7), (3, 3))), torch.float32)
 
 
@@ -86,7 +86,7 @@ def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa
     P by 1 / sum, the other recomputes exp(S - lse)). Both native CPU ops (window_attention's qkv_bias is the padded
     tokens' qkv only). Gradients against the reference: the tests above and test_window_attention.py."""
     native_or_skip(op_name)
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     forward = getattr(torch.ops.vitkernels, op_name)
     backward = getattr(torch.ops.vitkernels, op_name + "_backward")
     B, H, W, nH, hd, window, shift = 2, 9, 10, 3, 16, [7, 7], [3, 3]

@@ -181,7 +181,7 @@ NATIVE_CASES = CASES + [
     (1, 13, 12, 1, 16, (12, 12), (6, 6)),  # window 12, padding
     (3, 4, 4, 2, 24, (4, 4), (0, 0)),      # head_dim not a multiple of 16
 ]
-CPU_ISAS = ["avx512", "avx2", "baseline"]
+from fused_ops_helpers import CPU_ISAS, use_cpu_isa  # noqa: E402
 
 
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=[f"b{c[0]}-{c[1]}x{c[2]}w{c[5]}s{c[6]}h{c[3]}hd{c[4]}"
@@ -197,7 +197,7 @@ def test_native_fp32_matches_reference(case):
 def test_native_every_instruction_set_matches_reference(case, isa, monkeypatch):
     """Compiled for AVX-512, AVX2 and the baseline as V1; VITKERNELS_CPU_ISA caps the choice for both ops."""
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     check_against_reference(case, torch.float32, "native")
 
 
@@ -226,7 +226,7 @@ def test_native_float64_matches_reference_tightly():
                          ids=["pad-shift", "pad-noshift"])
 def test_native_gradcheck_float64(case, isa, monkeypatch):
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     B, H, W, nH, hd, window, shift = case
     inputs = tuple(t.requires_grad_() for t in make_inputs(case, zero_k_bias=False))
     assert torch.autograd.gradcheck(  # full Jacobians for the best ISA, random projections (fast mode) for the rest
@@ -277,7 +277,7 @@ def test_native_saved_softmax_and_recomputed_softmax_give_the_same_gradients(isa
     the lse path recomputes P: the same output and softmax rows, the same gradients (to rounding: one path normalises
     P by 1 / sum, the other recomputes exp(S - lse)). Gradients against the reference: the tests above."""
     native_or_skip()
-    monkeypatch.setenv("VITKERNELS_CPU_ISA", isa)
+    use_cpu_isa(monkeypatch, isa)
     case = (2, 9, 10, 3, 16, (7, 7), (3, 3))
     qkv, table, scale, bias = make_inputs(case, dtype=dtype, with_bias=with_bias, zero_k_bias=False)
     grad_out = torch.randn(2, 9, 10, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
