@@ -421,26 +421,56 @@ VK_INLINE void prefetch_span(const void* p, int64_t bytes, bool write) {
   }
 }
 
-// Prefetch head slice [off, off + hd) of token `token`'s rows, where the window attention kernels' next item /
-// window will read and write them: its q, k, v in qkv (rows of 3C); in the forward its output (rows of C, for
-// writing); in the backward its output gradient and its q, k, v gradients (for writing). The arrays hold elements
-// of `element_bytes` bytes (the storage type, which the kernels' compute-type code does not know).
-VK_INLINE void prefetch_token_slices(const void* qkv, const void* out, const void* grad_out, const void* grad_qkv,
-                                     int64_t token, int64_t C, int64_t off, int64_t hd, int64_t element_bytes,
+// The token rows a window attention kernel's next item / window reads and writes, for prefetching: its q, k, v in
+// qkv (rows of 3C); in the forward its output (rows of C, for writing); in the backward its output gradient and its
+// q, k, v gradients (for writing). Elements of `element_bytes` bytes: the storage type, which the kernels'
+// compute-type code does not know (their middles are compiled once per compute type).
+struct TokenRows {
+  const void* qkv;
+  const void* out;
+  const void* grad_out;
+  const void* grad_qkv;
+  int64_t element_bytes;
+};
+
+template <typename S>
+VK_INLINE TokenRows token_rows(const S* qkv, const S* out, const S* grad_out, const S* grad_qkv) {
+  return TokenRows{qkv, out, grad_out, grad_qkv, static_cast<int64_t>(sizeof(S))};
+}
+
+// Prefetch head slice [off, off + hd) of token `token`'s rows (TokenRows).
+VK_INLINE void prefetch_token_slices(const TokenRows& rows, int64_t token, int64_t C, int64_t off, int64_t hd,
                                      bool backward) {
-  const int64_t bytes = hd * element_bytes, row = C * element_bytes;
-  const char* q = static_cast<const char*>(qkv) + (token * 3 * C + off) * element_bytes;
+  const int64_t es = rows.element_bytes, bytes = hd * es, row = C * es;
+  const char* q = static_cast<const char*>(rows.qkv) + (token * 3 * C + off) * es;
   prefetch_span(q, bytes, false);
   prefetch_span(q + row, bytes, false);
   prefetch_span(q + 2 * row, bytes, false);
   if (backward) {
-    prefetch_span(static_cast<const char*>(grad_out) + (token * C + off) * element_bytes, bytes, false);
-    const char* grad = static_cast<const char*>(grad_qkv) + (token * 3 * C + off) * element_bytes;
+    prefetch_span(static_cast<const char*>(rows.grad_out) + (token * C + off) * es, bytes, false);
+    const char* grad = static_cast<const char*>(rows.grad_qkv) + (token * 3 * C + off) * es;
     prefetch_span(grad, bytes, true);
     prefetch_span(grad + row, bytes, true);
     prefetch_span(grad + 2 * row, bytes, true);
   } else {
-    prefetch_span(static_cast<const char*>(out) + (token * C + off) * element_bytes, bytes, true);
+    prefetch_span(static_cast<const char*>(rows.out) + (token * C + off) * es, bytes, true);
+  }
+}
+
+// The softmax backward of one attention row, in place, and the bias table's share: dS = P * (dP - delta), delta =
+// sum_j P_j dP_j (which equals dO . O: O = P v, dP = dO v^T), over np values (whole vectors; P is 0 in the padding
+// columns, so dS is too); dp becomes dS and acc += dS.
+template <typename T>
+VK_INLINE void softmax_backward_row(const T* p, T* dp, T* acc, int64_t np) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V dot = V{};
+  for (int64_t j = 0; j < np; j += L) dot += load(p + j) * load(dp + j);
+  const V delta = all_sum<T>(dot);
+  for (int64_t j = 0; j < np; j += L) {
+    const V ds = load(p + j) * (load(dp + j) - delta);
+    store(dp + j, ds);
+    store(acc + j, load(acc + j) + ds);
   }
 }
 

@@ -198,17 +198,13 @@ struct ItemCall {
   const T* bias_rows;
   T* lse;
   T* probs;
-  const void* qkv;  // the args' S arrays, for prefetching only
-  const void* out;
-  const void* grad_out;
-  const void* grad_qkv;
-  int64_t element_bytes;  // sizeof(S)
+  TokenRows rows;  // the args' S arrays, for prefetching only
 };
 
 template <typename S, typename T, typename G>
 ItemCall<T> item_call(const WindowAttentionArgs<S, T, G>& a) {
   return ItemCall<T>{a.N, a.nH, a.hd, a.C, a.bias_every_token, a.bias_rows, a.lse, a.probs,
-                     a.qkv, a.out, a.grad_out, a.grad_qkv, static_cast<int64_t>(sizeof(S))};
+                     token_rows(a.qkv, a.out, a.grad_out, a.grad_qkv)};
 }
 
 // Prefetch what the next item (w, h) reads of its token row t (head h's q, k, v slices; in the backward also its
@@ -229,8 +225,7 @@ VK_INLINE void prefetch_row_of_next(const ItemCall<T>& a, const int64_t* next, i
     prefetch_span(a.probs + ((w * a.nH + h) * a.N + t) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
   }
   if (next[t] < 0) return;  // a padded token: read from pad_row, which stays cached
-  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd, a.hd, a.element_bytes,
-                        backward);
+  prefetch_token_slices(a.rows, next[t], a.C, h * a.hd, a.hd, backward);
 }
 
 // The middle of item (w, h)'s forward, from its gathered scale q, k^T and v: S = bias + (scale q) k^T (-inf in the
@@ -338,17 +333,7 @@ VK_NOINLINE void backward_item_middle(const ItemCall<T>& a, T scale, int64_t w, 
   T* d_bias_h = d_bias + h * N * NP;
   for (int64_t i = 0; i < N; ++i) {
     prefetch_row_of_next(a, next, next_w, next_h, i, /*backward=*/true);
-    T* dp = s.dp + i * NP;
-    const T* p = P + i * NP;
-    T* acc = d_bias_h + i * NP;
-    V dot = V{};
-    for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
-    const V di = all_sum<T>(dot);
-    for (int64_t j = 0; j < NP; j += L) {
-      const V ds = load(p + j) * (load(dp + j) - di);
-      store(dp + j, ds);
-      store(acc + j, load(acc + j) + ds);
-    }
+    softmax_backward_row(P + i * NP, s.dp + i * NP, d_bias_h + i * NP, NP);
   }
   gemm<T>(N, HDP, N, s.dp, NP, 1, s.k, HDP, s.o, HDP);   // dQ / scale = dS k
   gemm<T>(N, HDP, N, s.dp, 1, NP, s.q, HDP, s.dk, HDP);  // dK = dS^T (scale q)

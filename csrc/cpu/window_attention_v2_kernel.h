@@ -59,17 +59,13 @@ struct V2Call {
   const T* scale;
   T* lse;
   T* probs;
-  const void* qkv;  // the args' S arrays, for prefetching only
-  const void* out;
-  const void* grad_out;
-  const void* grad_qkv;
-  int64_t element_bytes;  // sizeof(S)
+  TokenRows rows;  // the args' S arrays, for prefetching only
 };
 
 template <typename S, typename T>
 V2Call<T> v2_call(const WindowAttentionV2Args<S, T>& a) {
   return V2Call<T>{a.N, a.nH, a.hd, a.C, a.shifted, a.bias_rows, a.scale, a.lse, a.probs,
-                   a.qkv, a.out, a.grad_out, a.grad_qkv, static_cast<int64_t>(sizeof(S))};
+                   token_rows(a.qkv, a.out, a.grad_out, a.grad_qkv)};
 }
 
 // Window w: each token's source token (-1 for padding, WindowGeometry's addressing) and mask region, and its qkv
@@ -107,8 +103,7 @@ template <typename T>
 VK_INLINE void prefetch_row_of_next_window(const V2Call<T>& a, const int64_t* next, int64_t h, int64_t t,
                                            bool backward) {
   if (next == nullptr || next[t] < 0) return;  // a padded token reads pad_row, which stays cached
-  prefetch_token_slices(a.qkv, a.out, a.grad_out, a.grad_qkv, next[t], a.C, h * a.hd, a.hd, a.element_bytes,
-                        backward);
+  prefetch_token_slices(a.rows, next[t], a.C, h * a.hd, a.hd, backward);
 }
 
 // sum_d x[d] y[d] over n values: whole vectors into one vector of partial sums (lane l sums d = l mod L), then the
@@ -301,17 +296,7 @@ VK_NOINLINE void backward_head_v2(const V2Call<T>& a, int64_t w, int64_t h, Scra
   for (int64_t i = 0; i < N; ++i) {
     prefetch_row_of_next_window(a, next, h, i, /*backward=*/true);
     if (next_probs) prefetch_span(P + (N + i) * NP, NP * static_cast<int64_t>(sizeof(T)), false);
-    T* dp = s.dp + i * NP;
-    const T* p = P + i * NP;
-    T* acc = d_bias_h + i * NP;
-    V dot = V{};
-    for (int64_t j = 0; j < NP; j += L) dot += load(p + j) * load(dp + j);
-    const V delta = all_sum<T>(dot);
-    for (int64_t j = 0; j < NP; j += L) {
-      const V ds = load(p + j) * (load(dp + j) - delta);  // 0 in the padding columns (P is 0 there)
-      store(dp + j, ds);
-      store(acc + j, load(acc + j) + ds);
-    }
+    softmax_backward_row(P + i * NP, s.dp + i * NP, d_bias_h + i * NP, NP);
   }
   // G = dS k^ (rows: the queries' gradient before tau and the normalisation); Gk = dS^T q^
   gemm<T>(N, HDP, N, s.dp, NP, 1, s.kn, HDP, s.o, HDP);
