@@ -20,16 +20,21 @@ def native_or_skip(op_name: str) -> None:
         pytest.skip(reason)
 
 
+def selected_cpu_isa() -> str:
+    """The instruction-set build the native kernels run now (build_info's cpu_isa: VITKERNELS_CPU_ISA's cap applied)."""
+    info = torch.ops.vitkernels.build_info()
+    return dict(item.split("=") for item in info.split(";") if "=" in item)["cpu_isa"]
+
+
 def best_cpu_isa() -> str:
     """The best instruction-set build of the native kernels this CPU runs (what they run without a
     VITKERNELS_CPU_ISA cap)."""
     saved = os.environ.pop("VITKERNELS_CPU_ISA", None)
     try:
-        info = torch.ops.vitkernels.build_info()
+        return selected_cpu_isa()
     finally:
         if saved is not None:
             os.environ["VITKERNELS_CPU_ISA"] = saved
-    return dict(item.split("=") for item in info.split(";") if "=" in item)["cpu_isa"]
 
 
 def runnable_cpu_isas() -> list:
