@@ -388,7 +388,7 @@ struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
     const at::Tensor pre = ctx->saved_data["pre"].toTensor(), h = ctx->saved_data["h"].toTensor();
     const bool has_b1 = b1.defined(), has_b2 = ctx->saved_data["has_b2"].toBool();
     const bool tanh_approx = ctx->saved_data["tanh"].toBool();
-    const int64_t M = pre.size(0), C = w1.size(1), H = w1.size(0), N = w2.size(0);
+    const int64_t M = pre.size(0), C = w1.size(1), N = w2.size(0);
     const at::Tensor g = grads[0].reshape({M, N});
     const at::Tensor x2 = x.reshape({M, C});
     // needs_input_grad counts the tensor inputs given (an absent bias has no edge); the returned list, every argument
