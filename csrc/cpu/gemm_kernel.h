@@ -184,6 +184,9 @@ inline void gemm_pack_a(int64_t rows, int64_t kc, const float* A, int64_t a_row,
       // row-major A (x, g): kMR rows read side by side, each with unit stride
       const float* row[kGemmMR];
       for (int r = 0; r < kGemmMR; ++r) row[r] = src + r * a_row;
+      // the next panel's rows (when they are the block's) are prefetched a panel ahead, a line per row per vector
+      // of k: A comes from L3 or memory (a fresh activation or gradient) and the pack otherwise waits on every line
+      const float* ahead = i0 + 2 * kGemmMR <= rows ? src + kGemmMR * a_row : nullptr;
       int64_t k = 0;
       if constexpr (L >= kGemmMR) {
         // L values of each row at a time, transposed in registers (rows past kMR zero); each transposed vector
@@ -191,6 +194,10 @@ inline void gemm_pack_a(int64_t rows, int64_t kc, const float* A, int64_t a_row,
         // the next store (or the scalar tail, or the next panel) overwrites, and past the last panel on the
         // kGemmPackSlack floats the caller leaves there
         for (; k + L <= kc; k += L) {
+          if (ahead != nullptr) {
+#pragma GCC unroll 16
+            for (int i = 0; i < kGemmMR; ++i) __builtin_prefetch(ahead + i * a_row + k, 0, 3);
+          }
           V r[L];
 #pragma GCC unroll 16
           for (int i = 0; i < L; ++i) r[i] = i < kGemmMR ? load(row[i] + k) : V{};
