@@ -85,6 +85,11 @@ TORCH_LIBRARY(vitkernels, m) {
   m.def("window_attention_add_bias_backward(Tensor grad_out, Tensor qkv, Tensor table, Tensor qkv_bias, Tensor out, "
         "Tensor softmax_state, int[2] window_size, int[2] shift_size, int num_heads, float scale) -> "
         "(Tensor, Tensor, Tensor)");
+  // The attention output of window_attention_add_bias, recorded for autograd by a C++ autograd Function (the softmax
+  // saved) where autograd is recording: the fused Swin block's eager path (csrc/cpu/window_attention.cpp;
+  // torch.compile keeps the op above).
+  m.def("window_attention_add_bias_eager(Tensor qkv, Tensor table, Tensor qkv_bias, int[2] window_size, "
+        "int[2] shift_size, int num_heads, float scale) -> Tensor");
 
   // 3D (volumetric / video) shifted-window attention, qkv (B, D, H, W, 3C) in original token order -> (out
   // (B, D, H, W, C), row log-sum-exp (B * nW, nH, N), fp32 or fp64 for fp64 inputs); windows and shifts are
@@ -154,6 +159,10 @@ TORCH_LIBRARY(vitkernels, m) {
         "Tensor? ln_bias, float eps, Tensor(b!) out) -> ()");
   m.def("bias_residual_layernorm_backward(Tensor? grad_x1, Tensor grad_out, Tensor x1, Tensor mean, Tensor rstd, "
         "Tensor? weight, Tensor? scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (x1, out) of bias_residual_layernorm, float CPU, recorded for autograd by a C++ autograd Function: the fused
+  // blocks' eager training path (csrc/cpu/bias_residual_layernorm.cpp; torch.compile keeps the op above).
+  m.def("bias_residual_layernorm_eager(Tensor y, Tensor? bias, Tensor residual, Tensor? scale, Tensor? weight, "
+        "Tensor? ln_bias, float eps) -> (Tensor, Tensor)");
   // Post-norm (Swin V2's res-post-norm blocks): out = residual + scale[sample] * LayerNorm(y + bias) -> (out, mean,
   // rstd); the in-place variant leaves out in y. Backward -> (grad_y, grad_bias, grad_weight, grad_ln_bias); the
   // residual's gradient is grad_out. x1 = y + bias is recomputed from y, not saved.

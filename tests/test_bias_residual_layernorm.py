@@ -190,3 +190,116 @@ def test_native_op_checks_its_arguments():
     x1, out, mean, rstd = torch.ops.vitkernels.bias_residual_layernorm(y, None, y, None, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="mean and rstd must be"):
         torch.ops.vitkernels.bias_residual_layernorm_backward(None, out, x1, mean[:2], rstd, None, None)
+
+
+# --- vitkernels::bias_residual_layernorm_eager: the eager CPU path (a C++ autograd Function) ---------------------------
+
+def _op_with_registered_autograd(y, b, r, s, w, lb, eps):
+    x1, out, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, b, r, s, w, lb, eps)
+    return x1, out
+
+
+def _leaves(tensors, requires):
+    return [None if t is None else t.detach().clone().requires_grad_(req) for t, req in zip(tensors, requires)]
+
+
+@pytest.mark.parametrize("grads_to", ["both", "x1", "out"])
+@pytest.mark.parametrize("with_bias, with_scale, affine", [
+    (True, True, True), (True, False, True), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eager_op_matches_the_op_with_its_registered_autograd(dtype, with_bias, with_scale, affine, grads_to):
+    """The same kernels, so the same bits: both outputs and every input's gradient, with each optional argument given
+    or not, the gradient reaching x1, the normalised output, or both."""
+    native_or_skip("bias_residual_layernorm")
+    y, b, r, w, lb, eps, s = make_inputs((3, 5, 40), with_bias, with_scale, affine)(dtype)
+    gen = torch.Generator().manual_seed(1)
+    g1, g2 = (torch.randn(3, 5, 40, generator=gen).to(dtype) for _ in range(2))
+    results = []
+    for fn in (torch.ops.vitkernels.bias_residual_layernorm_eager, _op_with_registered_autograd):
+        leaves = _leaves((y, b, r, w, lb), (True,) * 5)
+        x1, out = fn(leaves[0], leaves[1], leaves[2], s, leaves[3], leaves[4], eps)
+        outputs, grads = {"both": ((x1, out), (g1, g2)), "x1": ((x1,), (g1,)), "out": ((out,), (g2,))}[grads_to]
+        torch.autograd.backward(outputs, grads)
+        results.append([x1, out] + [t.grad for t in leaves if t is not None])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("requires", [(False, False, True, False, False), (True, False, False, False, False),
+                                      (False, True, False, True, False)], ids=["residual", "y", "bias+weight"])
+def test_eager_op_gives_only_the_gradients_asked_for(requires):
+    native_or_skip("bias_residual_layernorm")
+    y, b, r, w, lb, eps, s = make_inputs((2, 6, 24))(torch.float32)
+    results = []
+    for fn in (torch.ops.vitkernels.bias_residual_layernorm_eager, _op_with_registered_autograd):
+        leaves = _leaves((y, b, r, w, lb), requires)
+        x1, out = fn(leaves[0], leaves[1], leaves[2], s, leaves[3], leaves[4], eps)
+        (x1.sum() + out.pow(2).sum()).backward()
+        results.append([t.grad for t in leaves])
+    for got, want, req in zip(*results, requires):
+        assert (got is None) == (not req) and (got is None or torch.equal(got, want))
+
+
+def test_eager_op_records_nothing_without_autograd():
+    native_or_skip("bias_residual_layernorm")
+    y, b, r, w, lb, eps, s = make_inputs((2, 6, 24))(torch.float32)
+    with torch.no_grad():
+        x1, out = torch.ops.vitkernels.bias_residual_layernorm_eager(y, b, r, s, w, lb, eps)
+    want = _op_with_registered_autograd(*(t.detach() if t is not None else None for t in (y, b, r, s, w, lb)), eps)
+    assert x1.grad_fn is None and out.grad_fn is None
+    assert torch.equal(x1, want[0]) and torch.equal(out, want[1])
+
+
+def test_eager_op_checks_its_arguments():
+    native_or_skip("bias_residual_layernorm")
+    op = torch.ops.vitkernels.bias_residual_layernorm_eager
+    y = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight and ln_bias must be"):
+        op(y, None, y, None, torch.randn(5), None, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        op(y, None, torch.randn(3, 5), None, None, None, 1e-5)
+
+
+
+def test_eager_op_dispatches_the_op():
+    """The Function runs vitkernels::bias_residual_layernorm (and its backward) through the dispatcher: a dispatch mode
+    sees them, and meta tensors get the op's fake kernel."""
+    native_or_skip("bias_residual_layernorm")
+    from helpers import OpCalls
+
+    op = torch.ops.vitkernels.bias_residual_layernorm_eager
+    y, b, r, w, lb, eps, s = make_inputs((2, 6, 24))(torch.float32)
+    with OpCalls() as calls:
+        x1, out = op(y, b, r, s, w, lb, eps)
+        (x1.sum() + out.sum()).backward()
+    assert calls.names.count("vitkernels::bias_residual_layernorm") == 1
+    assert calls.names.count("vitkernels::bias_residual_layernorm_backward") == 1
+    meta = torch.empty(3, 5, 8, device="meta")
+    x1, out = op(meta, None, meta, None, torch.empty(8, device="meta"), None, 1e-5)
+    assert x1.device.type == "meta" and out.shape == (3, 5, 8)
+
+
+def test_fused_blocks_take_the_eager_op_in_eager_training(monkeypatch):
+    """A fused Swin block's training step records its two seams through the C++ autograd Function (eager CPU); the
+    block's gradients are the ones the op's registered autograd gives."""
+    native_or_skip("bias_residual_layernorm")
+    import vitkernels.ops.bias_residual_layernorm as module
+    from vitkernels.modules.swin import SwinTransformerStage
+
+    torch.manual_seed(0)
+    stage = SwinTransformerStage(dim=32, out_dim=32, input_resolution=(8, 8), depth=2, downsample=False, num_heads=2,
+                                 window_size=4)
+    x = torch.randn(2, 8, 8, 32)
+    calls = []
+    eager = module._eager
+    monkeypatch.setattr(module, "_eager", lambda *a: calls.append(1) or eager(*a))
+    stage(x.requires_grad_()).pow(2).sum().backward()
+    assert len(calls) == 3  # block 1: its two seams (the second with block 2's norm1); block 2: its first
+    grads = [p.grad.clone() for p in stage.parameters()] + [x.grad.clone()]
+    stage.zero_grad()
+    x.grad = None
+    monkeypatch.setattr(module, "_eager", lambda y, b, r, s, w, lb, eps: _op_with_registered_autograd(y, b, r, s, w,
+                                                                                                         lb, eps))
+    stage(x).pow(2).sum().backward()
+    for got, want in zip(grads, [p.grad for p in stage.parameters()] + [x.grad]):
+        assert torch.equal(got, want)

@@ -140,3 +140,85 @@ def test_compiles_fullgraph():
 def test_requires_the_bias():
     with pytest.raises(ValueError, match="qkv_bias is required"):
         window_attention_add_bias(torch.randn(1, 7, 7, 12), torch.randn(169, 2), 7, 0, 2, None, None)
+
+
+# --- vitkernels::window_attention_add_bias_eager: the eager CPU path (a C++ autograd Function) -------------------------
+
+def _op_with_registered_autograd(qkv, table, bias, window, shift, nH, scale):
+    out, _ = torch.ops.vitkernels.window_attention_add_bias(qkv, table, bias, window, shift, nH, scale, True)
+    return out
+
+
+def _eager_args(case, dtype, requires=(True, True, True)):
+    qkv, table, window, shift, nH, _, bias = make_inputs(case)(dtype)
+    qkv, table, bias = (t.detach().clone().requires_grad_(r) for t, r in zip((qkv, table, bias), requires))
+    return qkv, table, bias, list(window), list(shift), nH, (qkv.shape[-1] // 3 // nH) ** -0.5
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=["14x14s3", "9x10pad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eager_op_matches_the_op_with_its_registered_autograd(case, dtype):
+    """The same kernels, so the same bits: the output and the gradients of qkv, table and bias."""
+    native_or_skip("window_attention_add_bias")
+    results = []
+    for fn in (torch.ops.vitkernels.window_attention_add_bias_eager, _op_with_registered_autograd):
+        args = _eager_args(case, dtype)
+        out = fn(*args)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+        results.append([out] + [t.grad for t in args[:3]])
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("requires", [(True, False, False), (False, True, True)], ids=["qkv", "table+bias"])
+def test_eager_op_gives_the_gradients_asked_for(requires):
+    native_or_skip("window_attention_add_bias")
+    results = []
+    for fn in (torch.ops.vitkernels.window_attention_add_bias_eager, _op_with_registered_autograd):
+        args = _eager_args(CASES[0], torch.float32, requires)
+        fn(*args).pow(2).sum().backward()
+        results.append([t.grad for t in args[:3]])
+    for got, want, req in zip(*results, requires):
+        assert (got is None) == (not req) and (got is None or torch.equal(got, want))
+
+
+def test_eager_op_without_autograd_runs_the_forward_alone():
+    """No graph, the forward without the saved softmax (the lse path): the same output."""
+    native_or_skip("window_attention_add_bias")
+    from helpers import OpCalls
+
+    qkv, table, bias, window, shift, nH, scale = _eager_args(CASES[1], torch.float32)
+    with torch.no_grad(), OpCalls() as calls:
+        out = torch.ops.vitkernels.window_attention_add_bias_eager(qkv, table, bias, window, shift, nH, scale)
+    assert out.grad_fn is None and calls.names == ["vitkernels::window_attention_add_bias"]
+    with torch.no_grad():
+        want, _ = torch.ops.vitkernels.window_attention_add_bias(qkv, table, bias, window, shift, nH, scale, False)
+    assert torch.equal(out, want)
+
+
+def test_eager_op_dispatches_the_op():
+    """The Function runs the op and its backward through the dispatcher (a dispatch mode sees them; meta tensors get
+    the fakes), and a second-order gradient is refused as the op's registered autograd refuses it."""
+    native_or_skip("window_attention_add_bias")
+    from helpers import OpCalls
+
+    op = torch.ops.vitkernels.window_attention_add_bias_eager
+    qkv, table, bias, window, shift, nH, scale = _eager_args(CASES[1], torch.float32)
+    with OpCalls() as calls:
+        op(qkv, table, bias, window, shift, nH, scale).sum().backward()
+    assert calls.names.count("vitkernels::window_attention_add_bias") == 1
+    assert calls.names.count("vitkernels::window_attention_add_bias_backward") == 1
+    meta = op(qkv.to("meta"), table.to("meta"), bias.to("meta"), window, shift, nH, scale)
+    assert meta.device.type == "meta" and meta.shape == (*qkv.shape[:-1], qkv.shape[-1] // 3)
+    (grad,) = torch.autograd.grad(op(qkv, table, bias, window, shift, nH, scale).pow(2).sum(), qkv, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward .* native backend of window_attention_add_bias"):
+        torch.autograd.grad(grad.pow(2).sum(), qkv)
+
+
+def test_eager_op_checks_its_arguments():
+    native_or_skip("window_attention_add_bias")
+    qkv, table, bias, window, shift, nH, scale = _eager_args(CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match="window_attention_add_bias"):
+        torch.ops.vitkernels.window_attention_add_bias_eager(qkv, table[:5], bias, window, shift, nH, scale)
+    with pytest.raises(RuntimeError, match="window_attention_add_bias"):
+        torch.ops.vitkernels.window_attention_add_bias_eager(qkv, table, bias[:4], window, shift, nH, scale)

@@ -80,6 +80,7 @@ from vitkernels.modules.swin import (
     _unblocked_mlp_without_fc2_bias,
 )
 from vitkernels.modules.vit import _training_pays, fused_block_cpu
+from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
@@ -303,7 +304,7 @@ class _FusedSwinLayer(_FusedLayer):
                                          position_bias.relative_position_bias_table, position_bias.window_size,
                                          attention.num_attention_heads, attention.scaling)
             o_proj, norm, fc1, fc2 = attention.o_proj, self.layernorm_after, mlp.fc1, mlp.fc2
-            x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+            x1, a2 = bias_residual_layernorm_op.fused_bias_residual_layernorm(
                 _gemm(out.reshape(batch, length, -1), o_proj.weight), o_proj.bias, x, None, norm.weight, norm.bias,
                 norm.eps)
             y = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate)

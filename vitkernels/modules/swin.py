@@ -59,11 +59,12 @@ from vitkernels import _native, dispatch
 from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers the fake / autograd of the ops)
 from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_op  # noqa: F401
 from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
-from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op  # noqa: F401
+from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op
 from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
 from vitkernels.ops import linear as _linear_op
 from vitkernels.ops._library import needs_grad
+from vitkernels.ops import window_attention as _window_attention_op
 from vitkernels.ops.window_attention import window_attention
 from vitkernels.reference import swin as reference
 
@@ -374,9 +375,8 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
                 qkv, table, None, window, shift, attn.num_heads, attn.scale, needs_grad(qkv, table),
             )
         else:
-            out, _ = torch.ops.vitkernels.window_attention_add_bias(
+            out = _window_attention_op.fused_window_attention_add_bias(
                 qkv, table, attn.qkv.bias, window, shift, attn.num_heads, attn.scale,
-                needs_grad(qkv, table, attn.qkv.bias),
             )
         return out
 
@@ -389,7 +389,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         if a is None:
             a = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
         o = self._attention_fused_cpu(a)
-        x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+        x1, a2 = _bias_residual_layernorm_op.fused_bias_residual_layernorm(
             _gemm(o, attn.proj.weight), attn.proj.bias, x, _drop_path_factors(self.drop_path1, x), n2.weight,
             n2.bias, n2.eps,
         )
@@ -397,7 +397,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
             return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
-        out, a_next, _, _ = torch.ops.vitkernels.bias_residual_layernorm(
+        out, a_next = _bias_residual_layernorm_op.fused_bias_residual_layernorm(
             y, mlp.fc2.bias, x1, factors, next_norm.weight, next_norm.bias, next_norm.eps
         )
         return out, a_next

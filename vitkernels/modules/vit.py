@@ -71,6 +71,7 @@ from vitkernels.modules.swin import (
     _unblocked_mlp,
     _unblocked_mlp_without_fc2_bias,
 )
+from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
 from vitkernels.ops import linear as linear_op
 
 
@@ -200,8 +201,8 @@ def fused_block_cpu(
                                                       a2)  # y := x1, a2 := LayerNorm2(x1)
         x1 = y
     else:
-        x1, a2, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, proj_bias, x, factors1, norm2.weight,
-                                                                    norm2.bias, norm2.eps)
+        x1, a2 = bias_residual_layernorm_op.fused_bias_residual_layernorm(y, proj_bias, x, factors1, norm2.weight,
+                                                                          norm2.bias, norm2.eps)
     out, fc2_bias = _mlp_branch(gamma2, a2, fc1, approximate, fc2, in_place)
     factors2 = _drop_path_factors(drop_path2, x1)
     if not in_place:
