@@ -150,6 +150,9 @@ TORCH_LIBRARY(vitkernels, m) {
   // out = residual + scale[sample] * (y + bias), y and residual (N, ..., C), scale (N) per sample (drop path).
   m.def("bias_residual(Tensor y, Tensor? bias, Tensor residual, Tensor? scale) -> Tensor");
   m.def("bias_residual_(Tensor(a!) y, Tensor? bias, Tensor residual, Tensor? scale) -> ()");
+  // bias_residual recorded for autograd by a C++ autograd Function: the fused blocks' eager path
+  // (csrc/cpu/bias_residual.cpp; torch.compile keeps the op above).
+  m.def("bias_residual_eager(Tensor y, Tensor? bias, Tensor residual, Tensor? scale) -> Tensor");
   // x1 = residual + scale[sample] * (y + bias), out = LayerNorm(x1) -> (x1, out, mean, rstd); the in-place variant
   // leaves x1 in y and writes out. Backward -> (grad_residual, grad_y (empty without scale: it is grad_residual),
   // grad_bias, grad_weight, grad_ln_bias).

@@ -132,3 +132,46 @@ def test_native_op_checks_its_arguments():
         torch.ops.vitkernels.bias_residual(torch.randn(3, 4), None, torch.randn(3, 5), None)
     with pytest.raises(RuntimeError, match="scale must hold"):
         torch.ops.vitkernels.bias_residual(torch.randn(3, 4), None, torch.randn(3, 4), torch.ones(5))
+
+
+# --- vitkernels::bias_residual_eager: the eager CPU path (a C++ autograd Function) ------------------------------------
+
+def _leaves(args, requires):
+    y, b, r, s = args
+    y, b, r = (None if t is None else t.detach().clone().requires_grad_(q) for t, q in zip((y, b, r), requires))
+    return y, b, r, s
+
+
+@pytest.mark.parametrize("requires", [(True, True, True), (False, False, True), (True, False, False)],
+                         ids=["all", "residual", "y"])
+@pytest.mark.parametrize("with_bias, with_scale", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eager_op_matches_the_op_with_its_registered_autograd(dtype, with_bias, with_scale, requires):
+    """The same kernel and gradient formula, so the same bits: the output and the gradients asked for."""
+    native_or_skip("bias_residual")
+    results = []
+    for fn in (torch.ops.vitkernels.bias_residual_eager, torch.ops.vitkernels.bias_residual):
+        args = _leaves(make_inputs((3, 5, 40), with_bias, with_scale)(dtype), requires)
+        out = fn(*args)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+        results.append([out] + [t.grad if t is not None else None for t in args[:3]])
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        assert got is None or (got.dtype == want.dtype and torch.equal(got, want))
+
+
+def test_eager_op_dispatches_the_op_and_differentiates_twice():
+    """The op through the dispatcher (a dispatch mode sees it; meta tensors get its fake); the gradient is ATen ops,
+    so a second-order gradient flows (through the scale's product)."""
+    native_or_skip("bias_residual")
+    from helpers import OpCalls
+
+    op = torch.ops.vitkernels.bias_residual_eager
+    y, b, r, s = _leaves(make_inputs((3, 4, 8))(torch.float64), (True, True, True))
+    with torch.no_grad(), OpCalls() as calls:
+        out = op(y, b, r, s)
+    assert calls.names == ["vitkernels::bias_residual"] and out.grad_fn is None
+    meta = op(y.to("meta"), None, r.to("meta"), None)
+    assert meta.device.type == "meta" and meta.shape == y.shape
+    assert torch.autograd.gradcheck(lambda y, b, r: op(y, b, r, s), (y, b, r))
+    assert torch.autograd.gradgradcheck(lambda y, b, r: op(y, b, r, s), (y, b, r))

@@ -80,6 +80,7 @@ from vitkernels.modules.swin import (
     _unblocked_mlp_without_fc2_bias,
 )
 from vitkernels.modules.vit import _training_pays, fused_block_cpu
+from vitkernels.ops import bias_residual as bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
@@ -308,7 +309,7 @@ class _FusedSwinLayer(_FusedLayer):
                 _gemm(out.reshape(batch, length, -1), o_proj.weight), o_proj.bias, x, None, norm.weight, norm.bias,
                 norm.eps)
             y = _unblocked_mlp_without_fc2_bias(a2, fc1, fc2, approximate)
-            return torch.ops.vitkernels.bias_residual(y, fc2.bias, x1, None)
+            return bias_residual_op.fused_bias_residual(y, fc2.bias, x1, None)
         weight, bias = self._qkv_parameters(attention.q_proj, attention.k_proj, attention.v_proj)
         window, shift = _window(self, position_bias.window_size), (int(self.shift_size),) * 2
 

@@ -58,7 +58,7 @@ from torch import nn
 from vitkernels import _native, dispatch
 from vitkernels.ops import bias_gelu as _bias_gelu_op  # noqa: F401  (registers the fake / autograd of the ops)
 from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_op  # noqa: F401
-from vitkernels.ops import bias_residual as _bias_residual_op  # noqa: F401
+from vitkernels.ops import bias_residual as _bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op
 from vitkernels.ops import gelu_mlp as _gelu_mlp_op
 from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
@@ -396,7 +396,7 @@ class SwinTransformerBlock(_BackendAttribute, reference.SwinTransformerBlock):
         y = _mlp_without_fc2_bias(a2, mlp, _gelu_approximate(mlp.act))
         factors = _drop_path_factors(self.drop_path2, x1)
         if next_norm is None:
-            return torch.ops.vitkernels.bias_residual(y, mlp.fc2.bias, x1, factors), None
+            return _bias_residual_op.fused_bias_residual(y, mlp.fc2.bias, x1, factors), None
         out, a_next = _bias_residual_layernorm_op.fused_bias_residual_layernorm(
             y, mlp.fc2.bias, x1, factors, next_norm.weight, next_norm.bias, next_norm.eps
         )

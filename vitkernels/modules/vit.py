@@ -71,6 +71,7 @@ from vitkernels.modules.swin import (
     _unblocked_mlp,
     _unblocked_mlp_without_fc2_bias,
 )
+from vitkernels.ops import bias_residual as bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
 from vitkernels.ops import linear as linear_op
 
@@ -206,6 +207,6 @@ def fused_block_cpu(
     out, fc2_bias = _mlp_branch(gamma2, a2, fc1, approximate, fc2, in_place)
     factors2 = _drop_path_factors(drop_path2, x1)
     if not in_place:
-        return torch.ops.vitkernels.bias_residual(out, fc2_bias, x1, factors2)
+        return bias_residual_op.fused_bias_residual(out, fc2_bias, x1, factors2)
     torch.ops.vitkernels.bias_residual_(out, fc2_bias, x1, factors2)
     return out

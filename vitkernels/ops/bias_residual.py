@@ -92,9 +92,22 @@ if _native.is_loaded():
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
 
+    _eager = getattr(torch.ops.vitkernels, "bias_residual_eager", None)  # (None: a vitkernels._C built before it)
+
+    def fused_bias_residual(y, bias, residual, scale):
+        """``residual + scale * (y + bias)`` through the native op: in eager mode on CPU through
+        ``vitkernels::bias_residual_eager`` (the same kernel and gradient formula recorded by a C++ autograd
+        Function, without the registered autograd's Python per call), else (torch.compile, which traces the op and
+        its registered autograd; functorch transforms; other devices) through ``vitkernels::bias_residual``. The
+        fused blocks' and the native backend's call."""
+        if (_eager is not None and y.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()):
+            return _eager(y, bias, residual, scale)
+        return _forward(y, bias, residual, scale)
+
     @op.register("native", lambda call: _native.native_unavailable_reason("bias_residual", call.device))
     def _bias_residual_native(y, bias, residual, scale):
-        return _forward(y, bias, residual, scale)
+        return fused_bias_residual(y, bias, residual, scale)
 
 else:
     op.mark_missing("native", _native.IMPORT_ERROR)
