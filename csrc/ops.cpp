@@ -178,6 +178,9 @@ TORCH_LIBRARY(vitkernels, m) {
   // Swin patch merging's 2x2 gather + LayerNorm(4C): x (B, H, W, C) -> (out (B, ceil(H/2), ceil(W/2), 4C), mean,
   // rstd); backward -> (grad_x, grad_weight, grad_bias).
   m.def("patch_merging_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // patch_merging_norm's merged, normalised map, recorded for autograd by a C++ autograd Function: the fused
+  // PatchMerging's eager path (csrc/cpu/patch_merging.cpp; torch.compile keeps the op above).
+  m.def("patch_merging_norm_eager(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   m.def("patch_merging_norm_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight) -> "
         "(Tensor, Tensor, Tensor)");
 

@@ -143,3 +143,50 @@ def test_native_op_checks_its_arguments():
     out, mean, rstd = torch.ops.vitkernels.patch_merging_norm(x, None, None, 1e-5)
     with pytest.raises(RuntimeError, match="grad must be"):
         torch.ops.vitkernels.patch_merging_norm_backward(out[:, :1], x, mean, rstd, None)
+
+
+# --- vitkernels::patch_merging_norm_eager: the eager CPU path (a C++ autograd Function) -------------------------------
+
+def _op_with_registered_autograd(x, w, b, eps):
+    return torch.ops.vitkernels.patch_merging_norm(x, w, b, eps)[0]
+
+
+@pytest.mark.parametrize("affine, requires", [(True, (True, True, True)), (True, (False, True, True)),
+                                               (True, (True, False, False)), (False, (True, False, False))],
+                         ids=["all", "params", "x", "x-no-affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eager_op_matches_the_op_with_its_registered_autograd(dtype, affine, requires):
+    """The same kernels, so the same bits: the output and the gradients asked for."""
+    native_or_skip("patch_merging_norm")
+    results = []
+    for fn in (torch.ops.vitkernels.patch_merging_norm_eager, _op_with_registered_autograd):
+        x, w, b, eps = make_inputs((2, 7, 9, 8), affine)(dtype)
+        x, w, b = (None if t is None else t.detach().clone().requires_grad_(q) for t, q in zip((x, w, b), requires))
+        out = fn(x, w, b, eps)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+        results.append([out] + [None if t is None else t.grad for t in (x, w, b)])
+    for got, want in zip(*results):
+        assert (got is None) == (want is None)
+        assert got is None or (got.dtype == want.dtype and torch.equal(got, want))
+
+
+def test_eager_op_dispatches_the_op():
+    """The ops through the dispatcher (a dispatch mode sees them; meta tensors get the fake); a second-order
+    gradient is refused as the op's registered autograd refuses it."""
+    native_or_skip("patch_merging_norm")
+    from helpers import OpCalls
+
+    op = torch.ops.vitkernels.patch_merging_norm_eager
+    x, w, b, eps = make_inputs((2, 8, 8, 16))(torch.float32)
+    with OpCalls() as calls:
+        op(x, w, b, eps).pow(2).sum().backward()
+    assert calls.names.count("vitkernels::patch_merging_norm") == 1
+    assert calls.names.count("vitkernels::patch_merging_norm_backward") == 1
+    with torch.no_grad(), OpCalls() as calls:
+        out = op(x, w, b, eps)
+    assert calls.names == ["vitkernels::patch_merging_norm"] and out.grad_fn is None
+    meta = op(x.to("meta"), None, None, eps)
+    assert meta.device.type == "meta" and meta.shape == (2, 4, 4, 64)
+    (grad,) = torch.autograd.grad(op(x, w, b, eps).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward .* native backend of patch_merging_norm"):
+        torch.autograd.grad(grad.pow(2).sum(), x)

@@ -7,9 +7,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -168,6 +171,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_merging_norm_backward_cpu(
   }
   return {dx.to(x.scalar_type()), column_sums_tensor(sums, 0, 4 * C, x, param_type),
           column_sums_tensor(sums, 1, 4 * C, x, param_type)};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The ops through the dispatcher (dispatch modes, fake tensors and other devices see them), below autograd except
+// where a graph must be recorded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vitkernels::patch_merging_norm", "")
+                             .typed<decltype(patch_merging_norm_cpu)>();
+  return op.call(x, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                           const std::optional<at::Tensor>& weight) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vitkernels::patch_merging_norm_backward", "")
+                             .typed<decltype(patch_merging_norm_backward_cpu)>();
+  return op.call(grad, x, mean, rstd, weight);
+}
+
+// patch_merging_norm and its backward as a C++ autograd Function: patch_merging_norm_eager's training path, the
+// same kernels and gradients as the op's registered (Python) autograd without its Python per call.
+struct EagerPatchMergingNorm : public torch::autograd::Function<EagerPatchMergingNorm> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, double eps) {
+    auto [out, mean, rstd] = forward_op(x, weight, bias, eps);  // (Function::apply runs this below autograd)
+    ctx->save_for_backward({x, mean, rstd, weight.value_or(at::Tensor())});
+    ctx->saved_data["weight"] = weight.has_value();
+    ctx->saved_data["bias"] = bias.has_value();
+    if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[3];
+    const bool has_weight = ctx->saved_data["weight"].toBool(), has_bias = ctx->saved_data["bias"].toBool();
+    // under create_graph through the backward op's registered autograd (it refuses a second-order gradient, as the
+    // op's own Python backward does); else below autograd
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();
+    auto [grad_x, grad_weight, grad_bias] = backward_op(grads[0], saved[0], saved[1], saved[2],
+                                                        weight.defined() ? std::optional<at::Tensor>(weight)
+                                                                         : std::nullopt);
+    below.reset();
+    // needs_input_grad counts the tensor inputs given (an absent optional has no edge)
+    const bool need_weight = has_weight && ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+    return {grad_x, need_weight ? grad_weight.to(weight.scalar_type()) : at::Tensor(),
+            need_bias ? grad_bias.to(ctx->saved_data["bias_dtype"].toScalarType()) : at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+// The merged, normalised map of vitkernels::patch_merging_norm, recorded for autograd by EagerPatchMergingNorm where
+// autograd is recording, else the op alone (below autograd): the fused PatchMerging's eager path on CPU
+// (torch.compile traces the op and its registered autograd, vitkernels/ops/patch_merging.py).
+at::Tensor patch_merging_norm_eager(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, double eps) {
+  const bool recording = at::GradMode::is_enabled() &&
+                         (x.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
+                          (bias.has_value() && bias->requires_grad()));
+  if (!recording) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return std::get<0>(forward_op(x, weight, bias, eps));
+  }
+  return EagerPatchMergingNorm::apply(x, weight, bias, eps);
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CompositeImplicitAutograd, m) {
+  m.impl("patch_merging_norm_eager", &patch_merging_norm_eager);
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {

@@ -61,7 +61,7 @@ from vitkernels.ops import bias_layernorm_residual as _bias_layernorm_residual_o
 from vitkernels.ops import bias_residual as _bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as _bias_residual_layernorm_op
 from vitkernels.ops import gelu_mlp as _gelu_mlp_op
-from vitkernels.ops import patch_merging as _patch_merging_op  # noqa: F401
+from vitkernels.ops import patch_merging as _patch_merging_op
 from vitkernels.ops import linear as _linear_op
 from vitkernels.ops._library import needs_grad
 from vitkernels.ops import window_attention as _window_attention_op
@@ -462,7 +462,7 @@ class PatchMerging(_BackendAttribute, reference.PatchMerging):
         if not (_fused_cpu_allowed(self._backend, x) and _is_layernorm(norm, 4 * x.shape[-1])
                 and isinstance(self.reduction, nn.Linear)):
             return super().forward(x)
-        merged, _, _ = torch.ops.vitkernels.patch_merging_norm(x, norm.weight, norm.bias, norm.eps)
+        merged = _patch_merging_op.fused_patch_merging_norm(x, norm.weight, norm.bias, norm.eps)
         return _gemm(merged, self.reduction.weight, self.reduction.bias)
 
 

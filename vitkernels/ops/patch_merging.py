@@ -93,9 +93,22 @@ if _native.is_loaded():
     # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
     refuse_double_backward(torch.ops.vitkernels.patch_merging_norm_backward.default, "patch_merging_norm", "native")
 
+    _eager = getattr(torch.ops.vitkernels, "patch_merging_norm_eager", None)  # (None: a vitkernels._C built before it)
+
+    def fused_patch_merging_norm(x, weight, bias, eps):
+        """The merged, normalised map through the native op: in eager mode on CPU through
+        ``vitkernels::patch_merging_norm_eager`` (the same kernels recorded by a C++ autograd Function, without the
+        registered autograd's Python per call), else (torch.compile, which traces the op and its registered
+        autograd; functorch transforms; other devices) through ``vitkernels::patch_merging_norm``. The fused
+        PatchMerging's and the native backend's call."""
+        if (_eager is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()):
+            return _eager(x, weight, bias, eps)
+        return _forward(x, weight, bias, eps)[0]
+
     @op.register("native", lambda call: _native.native_unavailable_reason("patch_merging_norm", call.device))
     def _native_impl(x, weight, bias, eps):
-        return _forward(x, weight, bias, eps)[0]
+        return fused_patch_merging_norm(x, weight, bias, eps)
 
 else:
     op.mark_missing("native", _native.IMPORT_ERROR)
