@@ -192,7 +192,7 @@ def test_native_op_checks_its_arguments():
         torch.ops.vitkernels.bias_residual_layernorm_backward(None, out, x1, mean[:2], rstd, None, None)
 
 
-# --- vitkernels::bias_residual_layernorm_eager: the eager CPU path (a C++ autograd Function) ---------------------------
+# --- vitkernels::bias_residual_layernorm_eager: the eager CPU path (a C++ autograd Function) -------------------------
 
 def _op_with_registered_autograd(y, b, r, s, w, lb, eps):
     x1, out, _, _ = torch.ops.vitkernels.bias_residual_layernorm(y, b, r, s, w, lb, eps)

@@ -142,7 +142,7 @@ def test_requires_the_bias():
         window_attention_add_bias(torch.randn(1, 7, 7, 12), torch.randn(169, 2), 7, 0, 2, None, None)
 
 
-# --- vitkernels::window_attention_add_bias_eager: the eager CPU path (a C++ autograd Function) -------------------------
+# --- vitkernels::window_attention_add_bias_eager: the eager CPU path (a C++ autograd Function) -----------------------
 
 def _op_with_registered_autograd(qkv, table, bias, window, shift, nH, scale):
     out, _ = torch.ops.vitkernels.window_attention_add_bias(qkv, table, bias, window, shift, nH, scale, True)

@@ -115,8 +115,9 @@ using torch::autograd::variable_list;
 // vitkernels::bias_residual through the dispatcher (dispatch modes, fake tensors and other devices see the op).
 at::Tensor forward_op(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                       const std::optional<at::Tensor>& scale) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("vitkernels::bias_residual", "").typed<decltype(bias_residual_cpu)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vitkernels::bias_residual", "")
+                             .typed<decltype(bias_residual_cpu)>();
   return op.call(y, bias, residual, scale);
 }
 
@@ -160,9 +161,10 @@ struct EagerBiasResidual : public torch::autograd::Function<EagerBiasResidual> {
 // (below autograd): the fused blocks' eager path on CPU (torch.compile traces the op and its registered autograd).
 at::Tensor bias_residual_eager(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                                const std::optional<at::Tensor>& scale) {
-  const bool recording = at::GradMode::is_enabled() &&
-                         (y.requires_grad() || residual.requires_grad() || (bias.has_value() && bias->requires_grad()) ||
-                          (scale.has_value() && scale->requires_grad()));
+  const bool recording =
+      at::GradMode::is_enabled() && (y.requires_grad() || residual.requires_grad() ||
+                                     (bias.has_value() && bias->requires_grad()) ||
+                                     (scale.has_value() && scale->requires_grad()));
   if (!recording) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op(y, bias, residual, scale);

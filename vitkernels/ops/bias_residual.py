@@ -92,7 +92,8 @@ if _native.is_loaded():
 
     torch.library.register_autograd(_forward, _backward, setup_context=_setup_context)
 
-    _eager = getattr(torch.ops.vitkernels, "bias_residual_eager", None)  # (None: a vitkernels._C built before it)
+    # None: a vitkernels._C built before the op existed
+    _eager = getattr(torch.ops.vitkernels, "bias_residual_eager", None)
 
     def fused_bias_residual(y, bias, residual, scale):
         """``residual + scale * (y + bias)`` through the native op: in eager mode on CPU through

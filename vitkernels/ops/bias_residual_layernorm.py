@@ -129,7 +129,8 @@ if _native.is_loaded():
     refuse_double_backward(torch.ops.vitkernels.bias_residual_layernorm_backward.default, "bias_residual_layernorm",
                            "native")
 
-    _eager = getattr(torch.ops.vitkernels, "bias_residual_layernorm_eager", None)  # (None: a vitkernels._C built before it)
+    # None: a vitkernels._C built before the op existed
+    _eager = getattr(torch.ops.vitkernels, "bias_residual_layernorm_eager", None)
 
     def fused_bias_residual_layernorm(y, bias, residual, scale, weight, ln_bias, eps):
         """``(x1, LayerNorm(x1))`` through the native op, argument order as the op's: in eager mode on CPU through

@@ -93,7 +93,8 @@ if _native.is_loaded():
     # second-order gradients would need the backward of the backward kernel: refused clearly, never silent zeros
     refuse_double_backward(torch.ops.vitkernels.patch_merging_norm_backward.default, "patch_merging_norm", "native")
 
-    _eager = getattr(torch.ops.vitkernels, "patch_merging_norm_eager", None)  # (None: a vitkernels._C built before it)
+    # None: a vitkernels._C built before the op existed
+    _eager = getattr(torch.ops.vitkernels, "patch_merging_norm_eager", None)
 
     def fused_patch_merging_norm(x, weight, bias, eps):
         """The merged, normalised map through the native op: in eager mode on CPU through

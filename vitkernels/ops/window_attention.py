@@ -345,7 +345,8 @@ if _native.is_loaded():
             return "window_attention_add_bias has a CPU kernel only"
         return _native.native_unavailable_reason("window_attention_add_bias", call.device)
 
-    _add_bias_eager = getattr(torch.ops.vitkernels, "window_attention_add_bias_eager", None)  # (None: a vitkernels._C built before it)
+    # None: a vitkernels._C built before the op existed
+    _add_bias_eager = getattr(torch.ops.vitkernels, "window_attention_add_bias_eager", None)
 
     def fused_window_attention_add_bias(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
         """The attention output of the native op, argument order as the op's; in training the forward saves the
