@@ -10,7 +10,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -18,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "eager_autograd.h"
 #include "row_ops.h"
 
 #define VK_CPU_BODY "bias_residual_kernel.h"
@@ -161,11 +161,7 @@ struct EagerBiasResidual : public torch::autograd::Function<EagerBiasResidual> {
 // (below autograd): the fused blocks' eager path on CPU (torch.compile traces the op and its registered autograd).
 at::Tensor bias_residual_eager(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                                const std::optional<at::Tensor>& scale) {
-  const bool recording =
-      at::GradMode::is_enabled() && (y.requires_grad() || residual.requires_grad() ||
-                                     (bias.has_value() && bias->requires_grad()) ||
-                                     (scale.has_value() && scale->requires_grad()));
-  if (!recording) {
+  if (!records_autograd(y, bias, residual, scale)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op(y, bias, residual, scale);
   }

@@ -12,7 +12,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -23,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "eager_autograd.h"
 #include "row_ops.h"
 
 #define VK_CPU_BODY "bias_residual_layernorm_kernel.h"
@@ -283,13 +283,9 @@ struct EagerBiasResidualLayerNorm : public torch::autograd::Function<EagerBiasRe
     const bool has_weight = ctx->saved_data["weight"].toBool(), has_ln_bias = ctx->saved_data["ln_bias"].toBool();
     const at::Tensor grad_out = grads[1].defined() ? grads[1] : at::zeros_like(x1);
     const std::optional<at::Tensor> grad_x1 = defined_or_none(grads[0]);
-    // under create_graph through the backward op's registered autograd, which records the node that refuses a
-    // second-order gradient (as the op's own Python backward does); else below autograd
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-    if (!at::GradMode::is_enabled()) below.emplace();
+    const BelowAutogradUnlessCreatingGraph below;
     auto [grad_res, grad_y, grad_bias, grad_weight, grad_ln_bias] =
         backward_op(grad_x1, grad_out, x1, mean, rstd, defined_or_none(weight), defined_or_none(scale));
-    below.reset();
     if (!has_scale) grad_y = grad_res;
     // needs_input_grad counts the tensor inputs given (an absent optional has no edge); the returned list has an
     // entry for every argument
@@ -308,13 +304,6 @@ struct EagerBiasResidualLayerNorm : public torch::autograd::Function<EagerBiasRe
   }
 };
 
-bool any_requires_grad(std::initializer_list<const std::optional<at::Tensor>*> ts) {
-  for (const auto* t : ts) {
-    if (t->has_value() && (*t)->requires_grad()) return true;
-  }
-  return false;
-}
-
 }  // namespace
 
 // (x1, LayerNorm(x1)) of vitkernels::bias_residual_layernorm, recorded for autograd by EagerBiasResidualLayerNorm
@@ -324,10 +313,7 @@ std::tuple<at::Tensor, at::Tensor> bias_residual_layernorm_eager(
     const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& ln_bias, double eps) {
-  const std::optional<at::Tensor> y_opt(y), residual_opt(residual);
-  const bool recording =
-      at::GradMode::is_enabled() && any_requires_grad({&y_opt, &bias, &residual_opt, &scale, &weight, &ln_bias});
-  if (!recording) {
+  if (!records_autograd(y, bias, residual, scale, weight, ln_bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [x1, out, mean, rstd] = forward_op(y, bias, residual, scale, weight, ln_bias, eps);
     return {x1, out};

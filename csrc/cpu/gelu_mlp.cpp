@@ -44,6 +44,7 @@
 #include <tuple>
 #include <vector>
 
+#include "eager_autograd.h"
 #include "gemm.h"
 #include "row_ops.h"
 
@@ -428,10 +429,7 @@ struct EagerGeluMlp : public torch::autograd::Function<EagerGeluMlp> {
 at::Tensor gelu_mlp_eager(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                           const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view approximate) {
   const MlpShape s = check_own_mlp_args("gelu_mlp_eager", x, w1, b1, w2, b2, approximate);
-  const bool recording = at::GradMode::is_enabled() &&
-                         (x.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
-                          (b1.has_value() && b1->requires_grad()) || (b2.has_value() && b2->requires_grad()));
-  if (recording) return EagerGeluMlp::apply(x, w1, b1, w2, b2, approximate, s.M, s.C);
+  if (records_autograd(x, w1, b1, w2, b2)) return EagerGeluMlp::apply(x, w1, b1, w2, b2, approximate, s.M, s.C);
   const at::Tensor h = fc1_gelu(x.reshape({s.M, s.C}), w1, contiguous_or_undefined(b1), approximate == "tanh",
                                 nullptr);
   return fc2(h, w2, contiguous_or_undefined(b2), x);

@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -22,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "eager_autograd.h"
 #include "row_ops.h"
 
 #define VK_CPU_BODY "patch_merging_kernel.h"
@@ -214,14 +214,10 @@ struct EagerPatchMergingNorm : public torch::autograd::Function<EagerPatchMergin
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& weight = saved[3];
     const bool has_weight = ctx->saved_data["weight"].toBool(), has_bias = ctx->saved_data["bias"].toBool();
-    // under create_graph through the backward op's registered autograd (it refuses a second-order gradient, as the
-    // op's own Python backward does); else below autograd
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-    if (!at::GradMode::is_enabled()) below.emplace();
+    const BelowAutogradUnlessCreatingGraph below;
     auto [grad_x, grad_weight, grad_bias] = backward_op(grads[0], saved[0], saved[1], saved[2],
                                                         weight.defined() ? std::optional<at::Tensor>(weight)
                                                                          : std::nullopt);
-    below.reset();
     // needs_input_grad counts the tensor inputs given (an absent optional has no edge)
     const bool need_weight = has_weight && ctx->needs_input_grad(1);
     const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
@@ -237,10 +233,7 @@ struct EagerPatchMergingNorm : public torch::autograd::Function<EagerPatchMergin
 // (torch.compile traces the op and its registered autograd, vitkernels/ops/patch_merging.py).
 at::Tensor patch_merging_norm_eager(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                    const std::optional<at::Tensor>& bias, double eps) {
-  const bool recording = at::GradMode::is_enabled() &&
-                         (x.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
-                          (bias.has_value() && bias->requires_grad()));
-  if (!recording) {
+  if (!records_autograd(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return std::get<0>(forward_op(x, weight, bias, eps));
   }

@@ -25,7 +25,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -42,6 +41,7 @@
 
 #include "vitkernels/window_attention_args.h"
 #include "vitkernels/window_geometry.h"
+#include "eager_autograd.h"
 #include "window_attention_cpu.h"
 #include "window_attention_host.h"
 
@@ -168,10 +168,7 @@ struct EagerWindowAttentionAddBias : public torch::autograd::Function<EagerWindo
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> window = ctx->saved_data["window_size"].toIntVector();
     const std::vector<int64_t> shift = ctx->saved_data["shift_size"].toIntVector();
-    // under create_graph through the backward op's registered autograd, which records the node that refuses a
-    // second-order gradient (as the op's own Python backward does); else below autograd
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-    if (!at::GradMode::is_enabled()) below.emplace();
+    const BelowAutogradUnlessCreatingGraph below;
     auto [grad_qkv, grad_table, grad_bias] =
         add_bias_backward_op(grads[0].contiguous(), saved[0], saved[1], saved[2], saved[3], saved[4], window, shift,
                              ctx->saved_data["num_heads"].toInt(), ctx->saved_data["scale"].toDouble());
@@ -188,9 +185,7 @@ struct EagerWindowAttentionAddBias : public torch::autograd::Function<EagerWindo
 at::Tensor window_attention_add_bias_eager(const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& qkv_bias,
                                            at::IntArrayRef window_size, at::IntArrayRef shift_size,
                                            int64_t num_heads, double scale) {
-  const bool recording =
-      at::GradMode::is_enabled() && (qkv.requires_grad() || table.requires_grad() || qkv_bias.requires_grad());
-  if (!recording) {
+  if (!records_autograd(qkv, table, qkv_bias)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return std::get<0>(add_bias_forward_op(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, false));
   }

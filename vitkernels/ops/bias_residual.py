@@ -13,6 +13,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_same_device, check_shape, check_tensor
+from vitkernels.ops._library import takes_eager_autograd
 from vitkernels.reference import bias_residual as reference
 
 op = dispatch.op("bias_residual", "residual + scale * (y + bias) (a residual branch's bias, drop path and add)")
@@ -96,13 +97,10 @@ if _native.is_loaded():
     _eager = getattr(torch.ops.vitkernels, "bias_residual_eager", None)
 
     def fused_bias_residual(y, bias, residual, scale):
-        """``residual + scale * (y + bias)`` through the native op: in eager mode on CPU through
-        ``vitkernels::bias_residual_eager`` (the same kernel and gradient formula recorded by a C++ autograd
-        Function, without the registered autograd's Python per call), else (torch.compile, which traces the op and
-        its registered autograd; functorch transforms; other devices) through ``vitkernels::bias_residual``. The
-        fused blocks' and the native backend's call."""
-        if (_eager is not None and y.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active()):
+        """``residual + scale * (y + bias)`` through ``vitkernels::bias_residual_eager`` where
+        :func:`takes_eager_autograd` says, else ``vitkernels::bias_residual``: the fused blocks' and the native
+        backend's call."""
+        if takes_eager_autograd(_eager, y):
             return _eager(y, bias, residual, scale)
         return _forward(y, bias, residual, scale)
 

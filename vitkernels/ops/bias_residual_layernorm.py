@@ -14,7 +14,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_shape, check_tensor
-from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops._library import refuse_double_backward, takes_eager_autograd
 from vitkernels.ops.bias_residual import check_bias_residual_args
 from vitkernels.reference import bias_residual_layernorm as reference
 
@@ -133,13 +133,10 @@ if _native.is_loaded():
     _eager = getattr(torch.ops.vitkernels, "bias_residual_layernorm_eager", None)
 
     def fused_bias_residual_layernorm(y, bias, residual, scale, weight, ln_bias, eps):
-        """``(x1, LayerNorm(x1))`` through the native op, argument order as the op's: in eager mode on CPU through
-        ``vitkernels::bias_residual_layernorm_eager`` (the same kernels recorded by a C++ autograd Function, ~0.2-0.3
-        ms of Python less per forward + backward than the op's registered autograd), else (torch.compile, which
-        traces the op and its registered autograd; functorch transforms; other devices) through
-        ``vitkernels::bias_residual_layernorm``. The fused blocks' and the native backend's call."""
-        if (_eager is not None and y.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active()):
+        """``(x1, LayerNorm(x1))``, argument order as the op's, through ``vitkernels::bias_residual_layernorm_eager``
+        where :func:`takes_eager_autograd` says, else ``vitkernels::bias_residual_layernorm``: the fused blocks' and
+        the native backend's call."""
+        if takes_eager_autograd(_eager, y):
             return _eager(y, bias, residual, scale, weight, ln_bias, eps)
         x1, out, _, _ = _forward(y, bias, residual, scale, weight, ln_bias, eps)
         return x1, out

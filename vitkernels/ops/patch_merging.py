@@ -13,7 +13,7 @@ import torch
 
 from vitkernels import _native, dispatch
 from vitkernels._validation import check_shape, check_tensor
-from vitkernels.ops._library import refuse_double_backward
+from vitkernels.ops._library import refuse_double_backward, takes_eager_autograd
 from vitkernels.reference import patch_merging as reference
 
 op = dispatch.op("patch_merging_norm", "Swin patch merging: 2x2 neighbours -> 4C channels, LayerNorm")
@@ -97,13 +97,10 @@ if _native.is_loaded():
     _eager = getattr(torch.ops.vitkernels, "patch_merging_norm_eager", None)
 
     def fused_patch_merging_norm(x, weight, bias, eps):
-        """The merged, normalised map through the native op: in eager mode on CPU through
-        ``vitkernels::patch_merging_norm_eager`` (the same kernels recorded by a C++ autograd Function, without the
-        registered autograd's Python per call), else (torch.compile, which traces the op and its registered
-        autograd; functorch transforms; other devices) through ``vitkernels::patch_merging_norm``. The fused
-        PatchMerging's and the native backend's call."""
-        if (_eager is not None and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active()):
+        """The merged, normalised map through ``vitkernels::patch_merging_norm_eager`` where
+        :func:`takes_eager_autograd` says, else ``vitkernels::patch_merging_norm``: the fused PatchMerging's and the
+        native backend's call."""
+        if takes_eager_autograd(_eager, x):
             return _eager(x, weight, bias, eps)
         return _forward(x, weight, bias, eps)[0]
 

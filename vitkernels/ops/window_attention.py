@@ -32,7 +32,8 @@ from vitkernels._validation import (
     check_window_sizes,
     to_pair,
 )
-from vitkernels.ops._library import keep_softmax_state_out_of_autograd, needs_grad, refuse_double_backward
+from vitkernels.ops._library import (keep_softmax_state_out_of_autograd, needs_grad, refuse_double_backward,
+                                     takes_eager_autograd)
 from vitkernels.reference import window_attention as reference
 from vitkernels.triton import HAS_TRITON, triton_unavailable_reason
 
@@ -351,13 +352,9 @@ if _native.is_loaded():
     def fused_window_attention_add_bias(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale):
         """The attention output of the native op, argument order as the op's; in training the forward saves the
         softmax and the backward reads it instead of recomputing it (timm's attention keeps its softmax for its
-        backward too). In eager mode on CPU through ``vitkernels::window_attention_add_bias_eager`` (the same
-        kernels recorded by a C++ autograd Function, ~0.2 ms of Python less per forward + backward than the op's
-        registered autograd), else (torch.compile, which traces the op and its registered autograd; functorch
-        transforms) through ``vitkernels::window_attention_add_bias``. The fused Swin block's and the native
-        backend's call."""
-        if (_add_bias_eager is not None and qkv.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active()):
+        backward too). Through ``vitkernels::window_attention_add_bias_eager`` where :func:`takes_eager_autograd`
+        says, else ``vitkernels::window_attention_add_bias``: the fused Swin block's and the native backend's call."""
+        if takes_eager_autograd(_add_bias_eager, qkv):
             return _add_bias_eager(qkv, table, qkv_bias, window_size, shift_size, num_heads, scale)
         out, _ = torch.ops.vitkernels.window_attention_add_bias(
             qkv, table, qkv_bias, window_size, shift_size, num_heads, scale, needs_grad(qkv, table, qkv_bias)
