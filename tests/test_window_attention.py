@@ -6,6 +6,7 @@ import torch
 import vitkernels
 from vitkernels.reference import window_attention as reference
 
+from fused_ops_helpers import CPU_ISAS, selected_cpu_isa, use_cpu_isa
 from helpers import assert_close_scaled, import_timm
 
 CASES = [  # (B, H, W, num_heads, head_dim, window, shift)
@@ -352,7 +353,6 @@ NATIVE_CASES = CASES + TRITON_CASES + [
     (1, 17, 16, 1, 8, (16, 16), (8, 8)),   # N = 256, the largest window the Triton kernel takes
     (3, 4, 4, 2, 24, (4, 4), (0, 0)),      # one window per image, head_dim not a multiple of 16
 ]
-from fused_ops_helpers import CPU_ISAS, selected_cpu_isa, use_cpu_isa  # noqa: E402
 
 
 def native_or_skip(device="cpu"):
