@@ -587,6 +587,113 @@ def test_patch_model_swaps_patch_merging_and_it_matches_timm():
     _same_outputs_and_gradients(patched, original, torch.randn(2, 3, 32, 48, dtype=torch.float64), seed=4)
 
 
+# --- the Swin stem: timm's PatchEmbed (NHWC output) projecting through the fused patch-embedding op ----------------
+
+def _stem_op_calls(monkeypatch):
+    """The calls of the patch-embedding op (vitkernels.ops.patch_embed.patch_embed) while the test runs."""
+    from vitkernels.ops import patch_embed as patch_embed_ops
+
+    calls = []
+    original = patch_embed_ops.patch_embed
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patch_embed_ops, "patch_embed", spy)
+    return calls
+
+
+def test_patch_model_switches_the_swin_stem_and_it_matches_timm(monkeypatch):
+    """The stem keeps its object, submodules, parameters and state-dict keys, runs the op (its tokens contiguous,
+    NHWC a view of them) and gives timm's outputs and gradients; unpatch_model switches it back; a pickled or
+    deep-copied patched model keeps the class."""
+    _fused_cpu_or_skip()
+    import copy
+    import io
+    import pickle
+
+    from vitkernels.compat._patching import is_patched, unpatch_model
+
+    import_timm()
+    from timm.layers.patch_embed import PatchEmbed as TimmPatchEmbed
+
+    original = _small_timm_swin().train()
+    patched = copy.deepcopy(original)
+    stem, proj, norm = patched.patch_embed, patched.patch_embed.proj, patched.patch_embed.norm
+    patched = patch_model(patched)
+    assert patched.patch_embed is stem and stem.proj is proj and stem.norm is norm
+    assert isinstance(stem, TimmPatchEmbed) and type(stem) is not TimmPatchEmbed and is_patched(stem)
+    assert list(patched.state_dict()) == list(original.state_dict())
+    calls = _stem_op_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    with torch.no_grad():
+        tokens = stem(x)
+    assert calls == [None] and tokens.shape == (2, 8, 12, 16) and tokens.is_contiguous()
+    _same_outputs_and_gradients(stem, original.patch_embed, x, seed=0)
+    _same_outputs_and_gradients(patched, original, x, seed=5)
+    for other in (copy.deepcopy(patched), pickle.loads(pickle.dumps(patched))):
+        assert type(other.patch_embed) is type(stem)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False).patch_embed) is type(stem)
+    unpatch_model(patched)
+    assert type(stem) is TimmPatchEmbed and not hasattr(stem, "vitkernels_backend")
+
+
+def test_the_patched_swin_stem_leaves_what_the_op_cannot_serve_to_timm(monkeypatch):
+    """timm's forward (and its errors, its hooks) wherever the op would not compute what timm does: a hook on the
+    projection, an image size timm rejects, a dtype the weights do not have; on a device other than the CPU the
+    backend left to auto keeps timm's convolution, a pinned backend runs the op."""
+    _fused_cpu_or_skip()
+    import copy
+
+    from vitkernels.compat.timm import _patch_embed_serves
+
+    original = _small_timm_swin()
+    patched = patch_model(copy.deepcopy(original))
+    stem, theirs = patched.patch_embed, original.patch_embed
+    calls = _stem_op_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    with torch.no_grad():
+        seen = []
+        handle = stem.proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        torch.testing.assert_close(stem(x), theirs(x), rtol=1e-12, atol=1e-12)
+        handle.remove()
+        assert seen == [(2, 16, 8, 12)] and calls == []
+        for bad in (torch.randn(2, 3, 32, 40, dtype=torch.float64), x.float()):
+            with pytest.raises(Exception) as ours_error:
+                stem(bad)
+            with pytest.raises(Exception) as their_error:
+                theirs(bad)
+            assert type(ours_error.value) is type(their_error.value)
+        assert calls == []
+        stem(x)
+        assert calls == [None]
+    meta = copy.deepcopy(stem).to("meta")
+    x_meta = x.to("meta")
+    assert not _patch_embed_serves(meta, x_meta, None) and _patch_embed_serves(meta, x_meta, "reference")
+    patch_model(patched, backend="reference")
+    assert stem.vitkernels_backend == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(stem(x), theirs(x), rtol=1e-12, atol=1e-12)
+    assert calls == [None, "reference"]
+
+
+def test_the_patched_swin_stem_under_bf16_autocast_gives_timms_dtype():
+    _fused_cpu_or_skip()
+    import copy
+
+    original = _small_timm_swin(torch.float32)
+    patched = patch_model(copy.deepcopy(original))
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = patched.patch_embed(x), original.patch_embed(x)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
 # --- the chained stage: each block's tail also computes the next block's LayerNorm1 --------------------------------
 
 # Chained vs the blocks one by one, |difference| / max |value| of each output / gradient tensor (measured worst in

@@ -21,7 +21,7 @@ from vitkernels.ops import patch_embed as ops
 from vitkernels.reference import patch_embed as reference
 from vitkernels.reference.layers import Format
 
-__all__ = ["PatchEmbed", "ViTEmbedding", "embed"]
+__all__ = ["PatchEmbed", "ViTEmbedding", "embed", "patch_embed_forward"]
 
 
 def _autocast(*tensors: Optional[torch.Tensor]):
@@ -82,6 +82,27 @@ def embed(
     return ops.pos_embed(tokens.to(dtype), pos, prefix_tokens, no_embed_class)
 
 
+def patch_embed_forward(module: nn.Module, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """A timm-style ``PatchEmbed``'s forward through the fused op: ``module`` is a
+    :class:`vitkernels.reference.patch_embed.PatchEmbed` or timm's own (the same attributes: ``img_size``,
+    ``patch_size``, ``strict_img_size``, ``dynamic_img_pad``, ``flatten``, ``output_fmt``, ``proj``, ``norm``).
+
+    x (B, C, H, W) -> ``norm(tokens)`` in the module's output layout, tokens[b, l] = patch_l @ W^T + bias. The op
+    writes the tokens as (B, L, D) rows, so the NHWC layout (Swin) is a view of them: timm's permuted conv output
+    made the norm copy it first. ``backend``: the op's (None: ``$VITKERNELS_BACKEND`` or auto).
+    """
+    error = reference.PatchEmbed.input_size_error(module, x)  # (not module.check_input: timm's has none)
+    if error is not None:
+        raise ValueError(error)
+    x = _whole_patches(module, x)
+    grid = reference.PatchEmbed.dynamic_feat_size(module, tuple(x.shape[-2:]))
+    x, weight, bias = _autocast(x, module.proj.weight, module.proj.bias)
+    tokens = ops.patch_embed(x, weight, bias, dynamic_img_pad=module.dynamic_img_pad, backend=backend)
+    if module.flatten or module.output_fmt == Format.NLC:
+        return module.norm(tokens)
+    return module.norm(reference.PatchEmbed.format_tokens(module, tokens, grid))
+
+
 def _promoted(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> torch.dtype:
     for t in tensors:
         if t is not None:
@@ -97,14 +118,7 @@ class PatchEmbed(reference.PatchEmbed):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = _whole_patches(self, x)
-        grid = self.dynamic_feat_size(tuple(x.shape[-2:]))
-        x, weight, bias = _autocast(x, self.proj.weight, self.proj.bias)
-        tokens = ops.patch_embed(x, weight, bias, dynamic_img_pad=self.dynamic_img_pad)
-        if self.flatten or self.output_fmt == Format.NLC:
-            return self.norm(tokens)
-        return self.norm(self.format_tokens(tokens, grid))
+        return patch_embed_forward(self, x)
 
 
 class ViTEmbedding(reference.ViTEmbedding):

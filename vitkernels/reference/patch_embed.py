@@ -271,16 +271,23 @@ class PatchEmbed(nn.Module):
         """The token grid (gh, gw) for an image of ``img_size``, taking ``dynamic_img_pad`` into account."""
         return grid_size(img_size[0], img_size[1], self.patch_size, self.dynamic_img_pad)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """timm's assertions on the image size (raised as ValueError naming ``x``)."""
+    def input_size_error(self, x: torch.Tensor) -> Optional[str]:
+        """What timm's assertions on the image size say about ``x`` (None: they pass)."""
         H, W = x.shape[-2:]
         if self.img_size is None:
-            return
+            return None
         if self.strict_img_size:
             if (H, W) != tuple(self.img_size):
-                raise ValueError(f"x: input size ({H}, {W}) doesn't match the model's img_size {tuple(self.img_size)}")
+                return f"x: input size ({H}, {W}) doesn't match the model's img_size {tuple(self.img_size)}"
         elif not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
-            raise ValueError(f"x: input size ({H}, {W}) should be divisible by the patch size {self.patch_size}")
+            return f"x: input size ({H}, {W}) should be divisible by the patch size {self.patch_size}"
+        return None
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """timm's assertions on the image size (raised as ValueError naming ``x``)."""
+        error = self.input_size_error(x)
+        if error is not None:
+            raise ValueError(error)
 
     def format_tokens(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """(B, L, D) tokens -> this module's output layout."""
