@@ -47,6 +47,11 @@ def build(kind: str, geometry: str, dtype=torch.float32, **overrides):
     return perturb_parameters(model, 0.3).to(dtype), torch.randn(2, 3, image, image, dtype=dtype)
 
 
+def _patched_layers(model):
+    """The patched Swin / ViT layers of ``model`` (the patch embeddings, patched too, left out)."""
+    return [m for m in model.modules() if vkt.is_patched(m) and not type(m).__name__.endswith("PatchEmbeddings")]
+
+
 def _output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
@@ -61,7 +66,7 @@ def _run(model, x, seed=1):
 def _check_patched_matches(original, x, backend, out_tol, grad_tol, train=True):
     original.train(train)
     patched = vkt.patch_model(copy.deepcopy(original), backend=backend)
-    layers = [m for m in patched.modules() if vkt.is_patched(m)]
+    layers = _patched_layers(patched)
     assert len(layers) == 4 and all(m.vitkernels_backend == backend for m in layers)
     assert list(patched.state_dict()) == list(original.state_dict())
     xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -157,7 +162,7 @@ def test_swin_layers_run_whole_on_the_fused_path(geometry, dtype, monkeypatch):
     assert rel_err(out_p, out_o) < tol and rel_err(xp.grad, xo.grad) < tol
     assert_grads_close(patched, model, tol)
     # drop_path_rate 0.1, linearly from 0 over the layers: the layers whose drop path draws fall back
-    layers = [m for m in patched.modules() if vkt.is_patched(m)]
+    layers = _patched_layers(patched)
     quiet = sum(getattr(m.drop_path, "drop_prob", 0.0) == 0.0 for m in layers)
     assert 0 < quiet < len(layers) == 4
     with torch.no_grad(), OpCalls() as calls:
@@ -173,13 +178,14 @@ def _forbid_the_op(monkeypatch):
 
 
 # The fallback tests compare with the unpatched model bitwise: linear=False keeps the Linears on F.linear (the swap
-# to vitkernels.linear changes GEMM rounding; tested on its own in tests/test_linear.py and below with tolerances).
+# to vitkernels.linear changes GEMM rounding; tested on its own in tests/test_linear.py and below with tolerances),
+# embeddings=False the patch embeddings on their convolution (the same; tested below).
 @pytest.mark.parametrize("how", ["argument", "config"])
 def test_output_attentions_falls_back_and_returns_the_weights(monkeypatch, how):
     model, x = build("swin", "divisible")
     model.set_attn_implementation("eager")
     model.eval()
-    patched = vkt.patch_model(copy.deepcopy(model), linear=False)
+    patched = vkt.patch_model(copy.deepcopy(model), linear=False, embeddings=False)
     _forbid_the_op(monkeypatch)
     if how == "config":
         model.config.output_attentions = patched.config.output_attentions = True
@@ -194,7 +200,7 @@ def test_output_attentions_falls_back_and_returns_the_weights(monkeypatch, how):
 
 def test_donut_output_attentions_falls_back(monkeypatch):
     model, x = build("donut", "divisible")
-    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False)
+    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False, embeddings=False)
     _forbid_the_op(monkeypatch)
     out_o, out_p = model(x, output_attentions=True), patched(x, output_attentions=True)
     assert len(out_p.attentions) == 2
@@ -204,7 +210,7 @@ def test_donut_output_attentions_falls_back(monkeypatch):
 @pytest.mark.parametrize("kind", ["swin", "donut"])
 def test_attention_dropout_in_training_falls_back(monkeypatch, kind):
     model, x = build(kind, "divisible", attention_probs_dropout_prob=0.3)
-    patched = vkt.patch_model(copy.deepcopy(model), linear=False)
+    patched = vkt.patch_model(copy.deepcopy(model), linear=False, embeddings=False)
     _forbid_the_op(monkeypatch)
     torch.testing.assert_close(_run(patched.train(), x), _run(model.train(), x), rtol=0, atol=0)
 
@@ -222,7 +228,7 @@ def test_a_registered_attention_function_falls_back(monkeypatch):
     AttentionInterface.register("vitkernels_test_attention", custom)
     model, x = build("swin", "divisible")
     model.set_attn_implementation("vitkernels_test_attention")
-    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False)
+    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False, embeddings=False)
     expected = model(x).logits
     used.clear()
     _forbid_the_op(monkeypatch)
@@ -360,7 +366,7 @@ def test_patched_swin_v2_matches_unpatched(kind, geometry, dtype, backend):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patched = vkt.patch_model(copy.deepcopy(original), backend=backend)
-    assert sum(vkt.is_patched(m) for m in patched.modules()) == (4 if kind == "swinv2" else 2)
+    assert len(_patched_layers(patched)) == (4 if kind == "swinv2" else 2)
     out_tol, grad_tol = (1e-4, 1e-3) if dtype == torch.float32 else (1e-10, 1e-9)
     xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     outs = []
@@ -377,7 +383,7 @@ def test_patched_swin_v2_matches_unpatched(kind, geometry, dtype, backend):
 
 def test_swin_v2_output_attentions_falls_back(monkeypatch):
     model, x = build_v2("swinv2")
-    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False)
+    patched = vkt.patch_model(copy.deepcopy(model.eval()), linear=False, embeddings=False)
     monkeypatch.setattr(vkt, "window_attention_v2_pad_first",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("the fused op ran")))
     out_o, out_p = model(x, output_attentions=True), patched(x, output_attentions=True)
@@ -391,7 +397,7 @@ def test_clap_audio_encoder():
                                           patch_embeds_hidden_size=16, enable_fusion=False, hidden_dropout_prob=0.0)
     model = perturb_parameters(transformers.ClapAudioModel(config), 0.3).eval()
     patched = vkt.patch_model(copy.deepcopy(model))
-    assert sum(vkt.is_patched(m) for m in patched.modules()) == 4
+    assert len(_patched_layers(patched)) == 4
     x = torch.randn(2, 1, 64, 16)
     assert rel_err(patched(x).last_hidden_state, model(x).last_hidden_state) < 1e-4
 
@@ -450,7 +456,7 @@ def test_other_swin_heads(head):
         model, outputs = transformers.SwinForMaskedImageModeling(config), lambda out: (out.reconstruction,)
     model = perturb_parameters(model, 0.3).eval()
     patched = vkt.patch_model(copy.deepcopy(model))
-    assert sum(vkt.is_patched(m) for m in patched.modules()) == 4
+    assert len(_patched_layers(patched)) == 4
     x = torch.randn(2, 3, 32, 32)
     for ours, theirs in zip(outputs(patched(x)), outputs(model(x))):
         assert rel_err(ours, theirs) < 1e-4
@@ -496,3 +502,78 @@ def test_patched_swin_v2_triton():
     out_p.sum().backward()
     assert rel_err(xp.grad, xo.grad) < 1e-3
     assert_grads_close(patched, original, 1e-3)
+
+
+# --- the patch embeddings: the projection through the fused patch-embedding op --------------------------------------
+
+def _patch_embeddings(model):
+    return next(m for m in model.modules() if type(m).__name__.endswith("PatchEmbeddings"))
+
+
+@pytest.mark.parametrize("kind", ["swin", "donut", "maskformer", "swinv2"])
+@pytest.mark.parametrize("size", [(32, 32), (45, 42)], ids=["whole-patches", "padded"])
+def test_patch_embeddings_run_the_op_and_match(kind, size, monkeypatch):
+    """Each Swin-family patch embedding switches class (same object and projection) and runs the op: tokens and
+    output dimensions as the library's, in float64, the image padded at the bottom / right to whole patches as
+    ``maybe_pad`` does; the input's and the projection's gradients agree."""
+    native_or_skip("native")
+    if kind == "swinv2":
+        model = transformers.Swinv2Model(transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=16,
+                                                                   depths=[2], num_heads=[1], window_size=4))
+        model = perturb_parameters(model, 0.3).double()
+    else:
+        model, _ = build(kind, "pad+shift", torch.float64)
+    theirs = _patch_embeddings(model)
+    patched = vkt.patch_model(copy.deepcopy(model))
+    ours = _patch_embeddings(patched)
+    assert type(ours).__mro__[1:].count(type(theirs)) == 1 and vkt.is_patched(ours)
+    calls = []
+    original_op = vkt.patch_tokens
+    monkeypatch.setattr(vkt, "patch_tokens", lambda *a, **k: calls.append(1) or original_op(*a, **k))
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    xo, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (tokens_o, dims_o), (tokens_p, dims_p) = theirs(xo), ours(xp)
+    assert calls == [1] and dims_p == dims_o and tokens_p.is_contiguous()
+    torch.testing.assert_close(tokens_p, tokens_o, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(tokens_o)
+    tokens_o.backward(grad)
+    tokens_p.backward(grad)
+    torch.testing.assert_close(xp.grad, xo.grad, rtol=1e-12, atol=1e-12)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours.projection, name).grad, getattr(theirs.projection, name).grad,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_patch_embeddings_fall_back_opt_out_unpatch_and_pickle(monkeypatch):
+    """A hook on the projection (it would not fire) and a dtype the weights do not have leave the call to the
+    library's forward (its error, its hook); ``embeddings=False`` leaves the class; ``unpatch_model`` restores it;
+    a patched model pickles."""
+    model, x = build("swin", "divisible")
+    model.eval()
+    theirs = _patch_embeddings(model)
+    assert type(_patch_embeddings(vkt.patch_model(copy.deepcopy(model), embeddings=False))) is type(theirs)
+    patched = vkt.patch_model(copy.deepcopy(model))
+    ours = _patch_embeddings(patched)
+    calls = []
+    original_op = vkt.patch_tokens
+    monkeypatch.setattr(vkt, "patch_tokens", lambda *a, **k: calls.append(1) or original_op(*a, **k))
+    seen = []
+    handle = ours.projection.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=0, atol=0)
+        handle.remove()
+        with pytest.raises(RuntimeError):
+            theirs(x.double())
+        with pytest.raises(RuntimeError):
+            ours(x.double())
+        assert seen == [(2, 16, 16, 16)] and calls == []
+        ours(x)
+        assert calls == [1]
+        buffer = io.BytesIO()
+        torch.save(patched, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert type(_patch_embeddings(loaded)) is vkt.FusedSwinPatchEmbeddings
+        torch.testing.assert_close(loaded(x).logits, patched(x).logits, rtol=0, atol=0)
+    vkt.unpatch_model(patched)
+    assert type(ours) is type(theirs) and "vitkernels_backend" not in vars(ours)

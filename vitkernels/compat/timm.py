@@ -12,11 +12,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from vitkernels import _native, dispatch
 from vitkernels.compat._patching import FusedClasses, FusedModule, patch_linears, switch_class
 from vitkernels.modules import vit as _vit
-from vitkernels.modules.patch_embed import PatchEmbed, embed, patch_embed_forward
-from vitkernels.modules.swin import _global_hooks, _has_hooks
+from vitkernels.modules.patch_embed import PatchEmbed, embed, patch_embed_forward, projection_served
 from vitkernels.reference import patch_embed as _reference_patch_embed
 from vitkernels.reference.patch_embed import resample_abs_pos_embed
 
@@ -146,30 +144,12 @@ class _FusedPatchEmbed(FusedModule):
         return super().forward(x)
 
 
-_NATIVE_PATCH_EMBED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
 def _patch_embed_serves(module: nn.Module, x: torch.Tensor, backend: Optional[str]) -> bool:
-    """Whether the fused op computes ``module(x)`` as timm would: a plain stride = kernel = patch Conv2d without
-    padding, dilation or groups and without hooks of its own (the op does not call it), an image timm accepts (a
-    bad one goes to timm's forward for timm's error), matching device and dtype (or autocast); with the backend
-    left to auto, CPU tensors where the native op runs (on GPUs cuDNN's convolution is kept: the Triton op has not
-    been measured against it there)."""
-    proj = module.proj
-    if type(proj) is not nn.Conv2d or x.ndim != 4 or x.shape[1] != proj.in_channels:
-        return False
-    patch = tuple(module.patch_size)
-    if (tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch or proj.padding not in ((0, 0), "valid")
-            or tuple(proj.dilation) != (1, 1) or proj.groups != 1):
-        return False
-    if _global_hooks() or _has_hooks(proj) or _reference_patch_embed.PatchEmbed.input_size_error(module, x):
-        return False
-    weight = proj.weight
-    if x.device != weight.device or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
-        return False
-    if dispatch.resolve_backend_name(backend) != "auto":
-        return True
-    return x.device.type == "cpu" and _native.is_loaded() and x.dtype in _NATIVE_PATCH_EMBED_DTYPES
+    """Whether the fused op computes timm ``PatchEmbed`` ``module``'s ``module(x)``: its projection served
+    (:func:`vitkernels.modules.patch_embed.projection_served`) and an image size timm accepts (a bad one goes to
+    timm's forward, for timm's error)."""
+    return (projection_served(module.proj, module.patch_size, x, backend)
+            and _reference_patch_embed.PatchEmbed.input_size_error(module, x) is None)
 
 
 _PATCH_EMBEDS = FusedClasses(__name__, {"PatchEmbed": "timm.layers.patch_embed"},

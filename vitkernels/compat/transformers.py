@@ -79,7 +79,9 @@ from vitkernels.modules.swin import (
     _linear_post_norm,
     _unblocked_mlp_without_fc2_bias,
 )
+from vitkernels.modules.patch_embed import patch_tokens, projection_served
 from vitkernels.modules.vit import _training_pays, fused_block_cpu
+from vitkernels.reference.patch_embed import grid_size
 from vitkernels.ops import bias_residual as bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
 
@@ -132,14 +134,50 @@ def _make_fused(cls: type):
 _FUSED = FusedClasses(__name__, {name: module for name, (module, _) in _LAYOUTS.items()}, _make_fused)
 
 
-def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True) -> nn.Module:
-    """Switch every supported Swin layer inside ``model`` (or ``model`` itself) to the fused attention, in place.
+class _FusedSwinPatchEmbeddings(FusedModule):
+    """The Swin family's patch embeddings (``SwinPatchEmbeddings`` and its copies) with the projection through the
+    fused patch-embedding op where it serves the call (:func:`vitkernels.modules.patch_embed.projection_served`),
+    the library's forward everywhere else: -> (tokens (B, L, D), (gh, gw)), the image zero-padded at the bottom /
+    right to whole patches as ``maybe_pad`` does. The op writes the tokens as rows; the library's are a transposed
+    view of the convolution's NCHW output, which the embeddings' LayerNorm copied first."""
+
+    def forward(self, pixel_values):
+        backend = self.vitkernels_backend
+        if not projection_served(self.projection, self.patch_size, pixel_values, backend):
+            return super().forward(pixel_values)
+        height, width = pixel_values.shape[-2:]
+        tokens = patch_tokens(pixel_values, self.projection, dynamic_img_pad=True, backend=backend)
+        return tokens, grid_size(height, width, tuple(self.patch_size), dynamic_img_pad=True)
+
+
+def _make_fused_patch_embeddings(cls: type):
+    params = list(inspect.signature(cls.forward).parameters)
+    if params != ["self", "pixel_values"] or not callable(getattr(cls, "maybe_pad", None)):
+        return f"unexpected {cls.__name__}.forward signature {params}"
+    return _FusedSwinPatchEmbeddings, {}
+
+
+# The Swin family's patch embeddings, all one forward (maybe_pad, projection, flatten + transpose).
+_PATCH_EMBEDDINGS = FusedClasses(__name__, {
+    "SwinPatchEmbeddings": "transformers.models.swin.modeling_swin",
+    "Swinv2PatchEmbeddings": "transformers.models.swinv2.modeling_swinv2",
+    "DonutSwinPatchEmbeddings": "transformers.models.donut.modeling_donut_swin",
+    "MaskFormerSwinPatchEmbeddings": "transformers.models.maskformer.modeling_maskformer_swin",
+}, _make_fused_patch_embeddings)
+
+
+def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = True,
+                embeddings: bool = True) -> nn.Module:
+    """Switch every supported Swin layer inside ``model`` (or ``model`` itself) to the fused attention, in place;
+    the Swin family's patch embeddings project through the fused patch-embedding op.
 
     ``backend`` is the op's backend (None: ``$VITKERNELS_BACKEND`` or ``auto``); it is stored on each layer as
     ``layer.vitkernels_backend`` and can be changed there. Layers that cannot be patched are listed in a
     :class:`NotPatchedWarning`. Patching twice is harmless (only the backend is updated). With ``linear=True``
     (default) the model's plain ``nn.Linear`` layers also become :class:`vitkernels.modules.Linear` (a class swap,
-    :func:`vitkernels.compat._patching.patch_linears`; ``unpatch_model`` swaps them back). Returns ``model``.
+    :func:`vitkernels.compat._patching.patch_linears`; ``unpatch_model`` swaps them back). ``embeddings=False``
+    leaves the patch embeddings on their convolution (as ``linear=False`` the Linears: each changes the rounding of
+    the products). Returns ``model``.
     """
 
     def patch_one(module: nn.Module) -> Optional[str]:
@@ -147,9 +185,11 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
         if isinstance(module, FusedModule):
             module.vitkernels_backend = backend
             return None
-        if not _FUSED.matches(cls):
+        stem = embeddings and _PATCH_EMBEDDINGS.matches(cls)
+        classes = _FUSED if _FUSED.matches(cls) else _PATCH_EMBEDDINGS if stem else None
+        if classes is None:
             return None
-        fused = _FUSED.fused(cls)
+        fused = classes.fused(cls)
         if isinstance(fused, str):
             return fused
         switch_class(module, fused, backend)
@@ -162,8 +202,9 @@ def patch_model(model: nn.Module, backend: Optional[str] = None, linear: bool = 
 
 
 def __getattr__(name: str):
-    """``FusedSwinLayer`` etc.: the fused classes, resolved on demand (for unpickling)."""
-    return _FUSED.resolve(name)
+    """``FusedSwinLayer``, ``FusedSwinPatchEmbeddings`` etc.: the fused classes, resolved on demand (for
+    unpickling)."""
+    return (_PATCH_EMBEDDINGS if name.endswith("PatchEmbeddings") else _FUSED).resolve(name)
 
 
 # --- the patched forwards ------------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from vitkernels import _native, dispatch
+from vitkernels.modules.swin import _global_hooks, _has_hooks
 from vitkernels.ops import patch_embed as ops
 from vitkernels.reference import patch_embed as reference
 from vitkernels.reference.layers import Format
 
-__all__ = ["PatchEmbed", "ViTEmbedding", "embed", "patch_embed_forward"]
+__all__ = ["PatchEmbed", "ViTEmbedding", "embed", "patch_embed_forward", "projection_served"]
 
 
 def _autocast(*tensors: Optional[torch.Tensor]):
@@ -96,11 +98,45 @@ def patch_embed_forward(module: nn.Module, x: torch.Tensor, backend: Optional[st
         raise ValueError(error)
     x = _whole_patches(module, x)
     grid = reference.PatchEmbed.dynamic_feat_size(module, tuple(x.shape[-2:]))
-    x, weight, bias = _autocast(x, module.proj.weight, module.proj.bias)
-    tokens = ops.patch_embed(x, weight, bias, dynamic_img_pad=module.dynamic_img_pad, backend=backend)
+    tokens = patch_tokens(x, module.proj, module.dynamic_img_pad, backend)
     if module.flatten or module.output_fmt == Format.NLC:
         return module.norm(tokens)
     return module.norm(reference.PatchEmbed.format_tokens(module, tokens, grid))
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def projection_served(proj: nn.Module, patch_size: Tuple[int, int], x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether the fused op may stand in for another library's patch projection ``proj`` on image ``x`` (B, C, H,
+    W) -- the adapters' patched stems call it: a plain Conv2d with kernel = stride = ``patch_size``, no padding,
+    dilation or groups and no hooks of its own (the op does not call it), ``x`` on its device with its channels and
+    its dtype (or autocast; else the library's forward gives the library's error); with ``backend`` left to auto,
+    CPU tensors where the native op runs (on GPUs the library's cuDNN convolution is kept: the Triton op has not
+    been measured against it there)."""
+    if type(proj) is not nn.Conv2d or x.ndim != 4 or x.shape[1] != proj.in_channels:
+        return False
+    patch = tuple(patch_size)
+    if (tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch or proj.padding not in ((0, 0), "valid")
+            or tuple(proj.dilation) != (1, 1) or proj.groups != 1):
+        return False
+    if _global_hooks() or _has_hooks(proj):
+        return False
+    weight = proj.weight
+    if x.device != weight.device or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return False
+    if dispatch.resolve_backend_name(backend) != "auto":
+        return True
+    return x.device.type == "cpu" and _native.is_loaded() and x.dtype in _NATIVE_DTYPES
+
+
+def patch_tokens(x: torch.Tensor, proj: nn.Module, dynamic_img_pad: bool, backend: Optional[str] = None):
+    """``proj``'s stride = kernel = patch convolution of image ``x`` (B, C, H, W) as (B, L, D) tokens through the
+    op (under autocast in its dtype, as the convolution): tokens[b, l] = patch_l @ W^T + bias, L = gh * gw in
+    row-major order; ``dynamic_img_pad``: the image zero-padded at the bottom / right to whole patches, else the
+    incomplete patches dropped."""
+    x, weight, bias = _autocast(x, proj.weight, proj.bias)
+    return ops.patch_embed(x, weight, bias, dynamic_img_pad=dynamic_img_pad, backend=backend)
 
 
 def _promoted(dtype: torch.dtype, *tensors: Optional[torch.Tensor]) -> torch.dtype:
