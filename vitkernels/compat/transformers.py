@@ -81,9 +81,9 @@ from vitkernels.modules.swin import (
 )
 from vitkernels.modules.patch_embed import patch_tokens, projection_served
 from vitkernels.modules.vit import _training_pays, fused_block_cpu
-from vitkernels.reference.patch_embed import grid_size
 from vitkernels.ops import bias_residual as bias_residual_op
 from vitkernels.ops import bias_residual_layernorm as bias_residual_layernorm_op
+from vitkernels.reference.patch_embed import grid_size
 
 __all__ = ["NotPatchedWarning", "is_patched", "patch_model", "unpatch_model"]
 
