@@ -645,7 +645,8 @@ def test_patch_model_switches_the_swin_stem_and_it_matches_timm(monkeypatch):
 def test_the_patched_swin_stem_leaves_what_the_op_cannot_serve_to_timm(monkeypatch):
     """timm's forward (and its errors, its hooks) wherever the op would not compute what timm does: a hook on the
     projection, an image size timm rejects, a dtype the weights do not have; on a device other than the CPU the
-    backend left to auto keeps timm's convolution, a pinned backend runs the op."""
+    backend left to auto keeps timm's convolution, a pinned backend runs the op where it has an implementation for
+    the call."""
     _fused_cpu_or_skip()
     import copy
 
@@ -674,6 +675,8 @@ def test_the_patched_swin_stem_leaves_what_the_op_cannot_serve_to_timm(monkeypat
     meta = copy.deepcopy(stem).to("meta")
     x_meta = x.to("meta")
     assert not _patch_embed_serves(meta, x_meta, None) and _patch_embed_serves(meta, x_meta, "reference")
+    # a backend pinned where it has no implementation for the call (the native op is CPU-only): the convolution
+    assert not _patch_embed_serves(meta, x_meta, "native")
     patch_model(patched, backend="reference")
     assert stem.vitkernels_backend == "reference"
     with torch.no_grad():

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from vitkernels import _native, dispatch
+from vitkernels import dispatch
 from vitkernels.modules.swin import _global_hooks, _has_hooks
 from vitkernels.ops import patch_embed as ops
 from vitkernels.reference import patch_embed as reference
@@ -104,16 +104,15 @@ def patch_embed_forward(module: nn.Module, x: torch.Tensor, backend: Optional[st
     return module.norm(reference.PatchEmbed.format_tokens(module, tokens, grid))
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
 def projection_served(proj: nn.Module, patch_size: Tuple[int, int], x: torch.Tensor, backend: Optional[str]) -> bool:
     """Whether the fused op may stand in for another library's patch projection ``proj`` on image ``x`` (B, C, H,
     W) -- the adapters' patched stems call it: a plain Conv2d with kernel = stride = ``patch_size``, no padding,
     dilation or groups and no hooks of its own (the op does not call it), ``x`` on its device with its channels and
-    its dtype (or autocast; else the library's forward gives the library's error); with ``backend`` left to auto,
-    CPU tensors where the native op runs (on GPUs the library's cuDNN convolution is kept: the Triton op has not
-    been measured against it there)."""
+    its dtype (or autocast; else the library's forward gives the library's error), and an implementation of the op
+    for the call: with ``backend`` left to auto, CPU tensors where the native op runs (on GPUs the library's cuDNN
+    convolution is kept: the Triton op has not been measured against it there); a pinned backend where it can serve
+    the call (a model pinned to ``native`` for its CUDA attention kernels keeps its convolution: the native patch
+    embedding is CPU-only)."""
     if type(proj) is not nn.Conv2d or x.ndim != 4 or x.shape[1] != proj.in_channels:
         return False
     patch = tuple(patch_size)
@@ -122,12 +121,19 @@ def projection_served(proj: nn.Module, patch_size: Tuple[int, int], x: torch.Ten
         return False
     if _global_hooks() or _has_hooks(proj):
         return False
-    weight = proj.weight
-    if x.device != weight.device or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+    # (autocast asked about the devices the op runs on only: it raises for one it does not know, e.g. meta)
+    weight, autocast = proj.weight, x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if x.device != weight.device or (x.dtype != weight.dtype and not autocast):
         return False
-    if dispatch.resolve_backend_name(backend) != "auto":
-        return True
-    return x.device.type == "cpu" and _native.is_loaded() and x.dtype in _NATIVE_DTYPES
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # the op's, as the conv's
+    # (the details as the op's argument check reports them; the implementations' support checks read device and dtype)
+    gh, gw = reference.grid_size(x.shape[-2], x.shape[-1], patch, dynamic_img_pad=True)
+    call = dispatch.Call(x.device, dtype, {"patch_size": patch, "grid": (gh, gw), "embed_dim": weight.shape[0],
+                                           "num_prefix": 0})
+    name = dispatch.resolve_backend_name(backend)
+    if name == "auto":
+        return x.device.type == "cpu" and ops.embed_op.reasons(call)["native"] is None
+    return ops.embed_op.reasons(call)[name] is None
 
 
 def patch_tokens(x: torch.Tensor, proj: nn.Module, dynamic_img_pad: bool, backend: Optional[str] = None):
