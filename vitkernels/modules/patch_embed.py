@@ -125,11 +125,9 @@ def projection_served(proj: nn.Module, patch_size: Tuple[int, int], x: torch.Ten
     weight, autocast = proj.weight, x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
     if x.device != weight.device or (x.dtype != weight.dtype and not autocast):
         return False
-    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # the op's, as the conv's
-    # (the details as the op's argument check reports them; the implementations' support checks read device and dtype)
-    gh, gw = reference.grid_size(x.shape[-2], x.shape[-1], patch, dynamic_img_pad=True)
-    call = dispatch.Call(x.device, dtype, {"patch_size": patch, "grid": (gh, gw), "embed_dim": weight.shape[0],
-                                           "num_prefix": 0})
+    # the device and the dtype the op would run in (under autocast the autocast dtype, as the conv's): all that the
+    # op's implementations check
+    call = dispatch.Call(x.device, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
     name = dispatch.resolve_backend_name(backend)
     if name == "auto":
         return x.device.type == "cpu" and ops.embed_op.reasons(call)["native"] is None
